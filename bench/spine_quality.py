@@ -1,0 +1,130 @@
+"""WikiText-2 perplexity of SmolLM2-135M under the spine's weight quantizers, torch fake-quant and ONNX Runtime.
+
+Each variant is a built-in recipe plus overrides. For every variant: load, run the passes (on --device), measure
+torch fake-quant ppl on the test split; for variants named in --ort also export the ONNX folder, measure ppl
+through ORT (CPU) and torch-vs-ORT parity (|Δlogit| on two windows, greedy tokens on the prompt set).
+Results merge into --out (JSON) after every variant, so a run cut short keeps what it measured.
+
+    python bench/spine_quality.py --device cuda --variants all --ort rtn-w4-asym,gptq-w4-asym
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qcompile.data import resolve_text, token_stream, windows  # noqa: E402
+from qcompile.eval.parity import greedy_parity, logit_parity  # noqa: E402
+from qcompile.eval.perplexity import ort_logits_fn, perplexity, torch_logits_fn  # noqa: E402
+from qcompile.models import load  # noqa: E402
+from qcompile.pipeline import export, run_passes  # noqa: E402
+from qcompile.recipe import apply_overrides, load_recipe  # noqa: E402
+
+PLAIN = ["gptq.act_order=false", "gptq.true_sequential=false", "gptq.mse_clip=false"]
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "fp32": ("fp32", []),
+    "rtn-w4-asym": ("w4a16-g64-rtn", []),
+    "rtn-w4-sym": ("w4a16-g64-sym-rtn", []),
+    "rtn-w3-asym": ("w3a16-g64-rtn", []),
+    "rtn-w2-asym": ("w3a16-g64-rtn", ["rtn.bits=2"]),
+    "rtn-mse-w4-asym": ("w4a16-g64-rtn", ["rtn.mse_clip=true"]),
+    "rtn-mse-w4-sym": ("w4a16-g64-sym-rtn", ["rtn.mse_clip=true"]),
+    "rtn-mse-w3-asym": ("w3a16-g64-rtn", ["rtn.mse_clip=true"]),
+    "gptq-plain-w4-asym": ("w4a16-g64-gptq", PLAIN),
+    "gptq-ao-w4-asym": ("w4a16-g64-gptq", ["gptq.true_sequential=false", "gptq.mse_clip=false"]),
+    "gptq-mse-w4-asym": ("w4a16-g64-gptq", ["gptq.act_order=false", "gptq.true_sequential=false"]),
+    "gptq-w4-asym": ("w4a16-g64-gptq", []),
+    "gptq-plain-w4-sym": ("w4a16-g64-sym-gptq", PLAIN),
+    "gptq-w4-sym": ("w4a16-g64-sym-gptq", []),
+    "gptq-plain-w3-asym": ("w3a16-g64-gptq", PLAIN),
+    "gptq-w3-asym": ("w3a16-g64-gptq", []),
+    "gptq-plain-w2-asym": ("w2a16-g64-gptq", PLAIN),
+    "gptq-w2-asym": ("w2a16-g64-gptq", []),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variants", default="all", help="comma list of variant names, or 'all'")
+    ap.add_argument("--ort", default="", help="comma list of variants to export and evaluate through ORT")
+    ap.add_argument("--accuracy-levels", default="4", help="ORT MatMulNBits accuracy levels to evaluate, e.g. 4,1")
+    ap.add_argument("--limit", type=int, default=None, help="first N test windows only (default: all 148)")
+    ap.add_argument("--calib-samples", type=int, default=None)
+    ap.add_argument("--export-dir", default="out/bench")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--fp16-reference", action="store_true", help="also measure the float model in fp16 (torch)")
+    ap.add_argument("--out", default="bench/results/spine_quality.json")
+    args = ap.parse_args()
+
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    ort_names = [n for n in args.ort.split(",") if n]
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    results.setdefault("variants", {})
+    results["machine"] = {"platform": platform.platform(), "torch": torch.__version__,
+                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                          "cpu_count": os.cpu_count()}
+    results["command"] = " ".join(["python"] + sys.argv)
+
+    def save():
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(results, indent=2))
+
+    base = load(args.model, device=args.device)
+    test_windows = windows(token_stream(resolve_text(None, "test"), base.tokenizer), 2048, args.limit)
+    del base
+    if args.fp16_reference:
+        h = load(args.model, device=args.device, dtype=torch.float16)
+        with torch.inference_mode():
+            results["fp16_torch"] = perplexity(torch_logits_fn(h.model), test_windows, desc="fp16")
+        print(f"fp16 torch ppl {results['fp16_torch']['ppl']:.3f}", flush=True)
+        save()
+
+    for name in names:
+        recipe_name, sets = VARIANTS[name]
+        recipe = apply_overrides(load_recipe(recipe_name), sets, calib_samples=args.calib_samples or ...)
+        row = {"recipe": recipe.to_dict()}
+        h = load(args.model, device=args.device)
+        t0 = time.perf_counter()
+        row["passes"] = run_passes(h, recipe)
+        row["passes_seconds"] = time.perf_counter() - t0
+        with torch.inference_mode():
+            row["torch"] = perplexity(torch_logits_fn(h.model), test_windows, desc=f"{name} torch")
+        print(f"{name}: torch ppl {row['torch']['ppl']:.3f} (passes {row['passes_seconds']:.1f}s)", flush=True)
+        if name in ort_names:
+            from qcompile.runtime.ort import OrtCausalLM
+
+            h.model.to("cpu", torch.float32)
+            for qname, qw in h.quant_state.items():
+                h.set_quantized(qname, qw)
+            folder = Path(args.export_dir) / name
+            rep = export(h, folder, recipe, overwrite=True)
+            row["files"] = rep["files"]
+            for level in [int(x) for x in args.accuracy_levels.split(",")]:
+                runner = OrtCausalLM.from_dir(folder, accuracy_level=level, threads=args.threads)
+                key = f"ort_acc{level}"
+                row[key] = perplexity(ort_logits_fn(runner), test_windows, desc=f"{name} ort acc{level}")
+                row[key]["parity_logits"] = logit_parity(h.model, runner, test_windows[:2, :512])
+                row[key]["parity_greedy"] = greedy_parity(h.model, runner, h.tokenizer, max_new_tokens=32)
+                g = row[key]["parity_greedy"]
+                print(f"{name}: ort(acc{level}) ppl {row[key]['ppl']:.3f}, max|dlogit| "
+                      f"{row[key]['parity_logits']['max_abs_logit_diff']:.4g}, greedy identical "
+                      f"{g['identical']}/{g['prompts']}", flush=True)
+        results["variants"][name] = row
+        save()
+        del h
+
+
+if __name__ == "__main__":
+    main()

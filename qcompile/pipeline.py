@@ -1,0 +1,138 @@
+"""The one straight line: load -> canonicalize -> model passes -> export -> graph passes -> save.
+
+Each stage has one home: ``models`` loads, ``passes`` change the torch model, ``export`` writes the float graph,
+``graph`` rewrites it (integer weights + DequantizeLinear), ``export.artifact`` saves the folder. Running and
+evaluating the result (``runtime``, ``eval``) read only the saved folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import qcompile
+from qcompile import passes
+from qcompile.fsutil import atomic_dir
+from qcompile.models import ModelHandle, load
+from qcompile.recipe import Recipe
+
+REPORT_FILE = "report.json"
+META_FILE = "qcompile.json"
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    handle: ModelHandle  # the torch model after the passes: the fake-quant reference for parity
+    report: dict = field(default_factory=dict)
+
+
+def run_passes(handle: ModelHandle, recipe: Recipe) -> dict:
+    """Apply the recipe's passes in order; returns per-pass statistics and seconds."""
+    stats = {}
+    for i, step in enumerate(recipe.passes):
+        t0 = time.perf_counter()
+        result = passes.get(step.name).apply(handle, step.config) or {}
+        handle.applied_passes.append(step.name)
+        stats[f"{i}:{step.name}"] = {**result, "seconds": round(time.perf_counter() - t0, 3)}
+    return stats
+
+
+def quantization_summary(handle: ModelHandle) -> dict:
+    """What the graph will hold: per-spec linear counts and bytes of quantized vs float weights."""
+    by_spec: dict[str, int] = {}
+    for qw in handle.quant_state.values():
+        by_spec[qw.spec.describe()] = by_spec.get(qw.spec.describe(), 0) + 1
+    quantized_params = sum(qw.qweight.numel() for qw in handle.quant_state.values())
+    total_params = sum(p.numel() for p in {id(p): p for p in handle.model.parameters()}.values())
+    return {
+        "linears_by_spec": by_spec,
+        "quantized_params": quantized_params,
+        "float_params": total_params - quantized_params,
+        "quantized_weight_bytes": sum(qw.nbytes for qw in handle.quant_state.values()),
+    }
+
+
+def export(handle: ModelHandle, out_dir: str | os.PathLike, recipe: Recipe, *, overwrite: bool = False,
+           extra_report: dict | None = None) -> dict:
+    """Export ``handle`` (after its passes) into ``out_dir`` atomically; returns the report written there."""
+    from qcompile.export.artifact import write_artifact
+    from qcompile.export.onnx_builder import build_graph
+    from qcompile.graph import weight_qdq
+
+    t0 = time.perf_counter()
+    graph = build_graph(handle, opset=recipe.export.opset)
+    t_build = time.perf_counter() - t0
+    qdq_stats = weight_qdq.apply(graph, handle.quant_state)
+    meta = {
+        "qcompile_version": qcompile.__version__,
+        "recipe": recipe.to_dict(),
+        "source": {"model": handle.source, "sha256": handle.source_sha256},
+        "quantization": quantization_summary(handle),
+        "ort_session_options": {"session.qdq_matmulnbits_accuracy_level": str(recipe.export.accuracy_level)},
+    }
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        sizes = write_artifact(handle, graph, tmp, meta)
+        report = {
+            **meta,
+            "files": sizes,
+            "timings_s": {**(extra_report or {}).pop("timings_s", {}), "export_graph": round(t_build, 3),
+                          "export_total": round(time.perf_counter() - t0, 3)},
+            "graph_pass": qdq_stats,
+            "machine": {"platform": platform.platform(), "torch": torch.__version__},
+            **(extra_report or {}),
+        }
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def compile_model(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    recipe: Recipe,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> CompileResult:
+    out = Path(out_dir)
+    if out.exists() and not overwrite:  # fail before minutes of calibration, not after
+        from qcompile.errors import QCompileError
+
+        raise QCompileError(f"output {out} already exists; choose another path or pass --overwrite")
+    t0 = time.perf_counter()
+    handle = load(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    t_load = time.perf_counter() - t0
+    pass_stats = run_passes(handle, recipe)
+    t_passes = time.perf_counter() - t0 - t_load
+    if handle.dtype != torch.float32 or handle.device.type != "cpu":
+        # the graph is float32; export from a float32 CPU copy of the (already quantized) weights
+        handle.model.to("cpu", torch.float32)
+        for name, qw in handle.quant_state.items():  # exact float32 values, not the low-precision copies
+            handle.set_quantized(name, qw)
+    report = export(
+        handle, out, recipe, overwrite=overwrite,
+        extra_report={"passes": pass_stats, "timings_s": {"load": round(t_load, 3), "passes": round(t_passes, 3)}},
+    )
+    return CompileResult(out_dir=out.resolve(), handle=handle, report=report)
+
+
+def update_report(out_dir: str | os.PathLike, section: str, value) -> None:
+    """Merge ``value`` under ``section`` into OUT/report.json (e.g. measured perplexity)."""
+    from qcompile.fsutil import atomic_write_text
+
+    path = Path(out_dir) / REPORT_FILE
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    report.setdefault(section, {})
+    if isinstance(value, dict):
+        report[section].update(value)
+    else:
+        report[section] = value
+    atomic_write_text(path, json.dumps(report, indent=2, default=str))

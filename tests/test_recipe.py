@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from qcompile.errors import RecipeError
+from qcompile.recipe import apply_overrides, builtin_recipes, load_recipe, recipe_from_dict
+
+
+def test_every_builtin_recipe_loads_and_round_trips():
+    names = builtin_recipes()
+    assert {"fp32", "w4a16-g64", "w4a16-g64-rtn", "w3a16-g64-gptq"} <= set(names)
+    for name in names:
+        r = load_recipe(name)
+        assert r.name == name and r.description
+        again = recipe_from_dict(json.loads(json.dumps(r.to_dict())))
+        assert again.to_dict() == r.to_dict()
+
+
+def test_recipe_from_json_file(tmp_path):
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps({"name": "mine", "passes": [{"pass": "rtn", "bits": 3, "group_size": 32}]}))
+    r = load_recipe(f)
+    assert r.step("rtn").config.bits == 3 and r.step("rtn").config.group_size == 32
+
+
+def test_overrides_set_and_shortcuts():
+    r = load_recipe("w4a16-g64-rtn")
+    r2 = apply_overrides(r, ["rtn.mse_clip=true", "export.accuracy_level=1"], bits=3, group_size=None,
+                         symmetric=..., calib_text=..., calib_samples=...)
+    cfg = r2.step("rtn").config
+    assert (cfg.bits, cfg.group_size, cfg.mse_clip, cfg.symmetric) == (3, None, True, False)
+    assert r2.export.accuracy_level == 1
+    assert r.step("rtn").config.bits == 4  # the original is untouched
+
+
+def test_calibration_shortcuts_reach_gptq():
+    r = apply_overrides(load_recipe("w4a16-g64-gptq"), [], calib_samples=8, calib_text="/x.txt")
+    assert r.step("gptq").config.calib_samples == 8 and r.step("gptq").config.calib_text == "/x.txt"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"passes": [{"pass": "rtn", "bitz": 4}]}, r"unknown field\(s\) \['bitz'\]"),
+        ({"passes": [{"pass": "magic"}]}, "unknown pass 'magic'"),
+        ({"passes": [{"pass": "rtn", "bits": 0}]}, "bits must be an integer from 2 to 8"),
+        ({"passes": [{"pass": "rtn", "bits": 9}]}, "bits must be an integer from 2 to 8"),
+        ({"passes": [{"pass": "rtn", "bits": "four"}]}, "bits must be int"),
+        ({"passes": [{"pass": "rtn", "group_size": 0}]}, "group_size must be a positive integer"),
+        ({"passes": []}, "'passes' must be a non-empty list"),
+        ({"passes": [{"pass": "rtn"}], "extra": 1}, r"unknown top-level key\(s\) \['extra'\]"),
+        ({"passes": [{"pass": "rtn"}], "export": {"opset": 17}}, "opset must be >= 21"),
+    ],
+)
+def test_bad_recipes_name_the_problem(data, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(data)
+
+
+def test_unknown_recipe_name_lists_builtins():
+    with pytest.raises(RecipeError, match="not a file and not a built-in .*w4a16-g64"):
+        load_recipe("w5a16-nonsense")
+
+
+def test_bad_set_syntax():
+    with pytest.raises(RecipeError, match="expected PASS.FIELD=VALUE"):
+        apply_overrides(load_recipe("fp32"), ["bits=3"])
+    with pytest.raises(RecipeError, match="has no pass 'gptq'"):
+        apply_overrides(load_recipe("w4a16-g64-rtn"), ["gptq.bits=3"])
+
+
+def test_invalid_yaml(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("passes: [\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(f)
