@@ -182,8 +182,23 @@ def gguf_to_folder(path: Path, sha: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # not model.save_pretrained: transformers 5 marks GGUF-loaded models as quantized and refuses to save them
+        from safetensors.torch import save_file
+
+        tensors, seen = {}, set()
+        for name, t in model.state_dict().items():  # a tied lm_head is stored once, under the embedding's name
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            tensors[name] = t.detach().contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # the converted tokenizer's "vocab file" is the whole GGUF: drop the copy, tokenizer.json is complete
+        (tmp / "tokenizer.model").unlink(missing_ok=True)
         (tmp / "qcompile_source.json").write_text(
             json.dumps({"gguf": str(path), "sha256": sha, "architecture": config_probe_arch}, indent=2)
         )

@@ -1,0 +1,1 @@
+"""Running exported folders (``ort``: ONNX Runtime on CPU); reads only the folder, never the passes."""

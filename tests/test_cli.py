@@ -1,0 +1,100 @@
+"""The qcompile command end to end on a tiny model: export, eval, run, and the errors a user sees."""
+
+import json
+
+import pytest
+
+from qcompile.cli import main
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 40 + "\n") * 10
+
+
+@pytest.fixture()
+def text_file(tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text(TEXT)
+    return f
+
+
+def _no_leftovers(parent):
+    return not [p for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_export_eval_run(tmp_path, tiny_model_dirs, text_file, capsys):
+    out = tmp_path / "w4"
+    rc = main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "w4a16-g64-rtn",
+               "--group-size", "16", "--eval", "--text", str(text_file), "--seq-len", "64", "--limit", "3"])
+    assert rc == 0
+    for name in ("model.onnx", "model.onnx_data", "config.json", "generation_config.json", "qcompile.json",
+                 "report.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["name"] == "w4a16-g64-rtn"
+    assert report["recipe"]["passes"][1]["group_size"] == 16
+    assert report["quantization"]["linears_by_spec"] == {"int4 asym g16": 14}
+    (key, ev), = report["eval"].items()
+    assert ev["windows"] == 3 and ev["seq_len"] == 64 and ev["ppl"] > 1
+    capsys.readouterr()
+
+    assert main(["eval", str(out), "--text", str(text_file), "--seq-len", "64", "--limit", "2",
+                 "--accuracy-level", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["backend"] == "ort" and res["windows"] == 2 and res["accuracy_level"] == 1
+
+    assert main(["eval", str(tiny_model_dirs["llama"]), "--backend", "torch", "--recipe", "w4a16-g64-rtn",
+                 "--group-size", "16", "--text", str(text_file), "--seq-len", "64", "--limit", "2"]) == 0
+    torch_res = json.loads(capsys.readouterr().out)
+    assert abs(torch_res["ppl"] - res["ppl"]) / res["ppl"] < 1e-3  # same fake-quant model, same windows
+
+    assert main(["run", str(out), "hello", "--max-new-tokens", "5"]) == 0
+    assert main(["run", str(out), "hello", "--max-new-tokens", "5", "--sample", "--seed", "1"]) == 0
+    assert _no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["export", "/no/such/model", "--recipe", "fp32"], "does not exist"),
+        (["export", "{llama}", "--recipe", "w4a16-g64-rtn", "--bits", "0"], "bits must be an integer from 2 to 8"),
+        (["export", "{llama}", "--recipe", "w4a16-g64-rtn", "--group-size", "48"], "does not divide in_features 64"),
+        (["export", "{llama}", "--recipe", "w4a16-g64-rtn", "--set", "rtn.bitz=3"], "unknown field"),
+        (["export", "{llama}", "--recipe", "nonsense"], "unknown recipe 'nonsense'"),
+        (["eval", "{llama}", "--backend", "ort"], "not an exported folder"),
+        (["run", "{llama}", "hi"], "not an exported folder"),
+    ],
+)
+def test_bad_input_one_message_nonzero_exit_no_output(argv, message, tmp_path, tiny_model_dirs, capsys):
+    out = tmp_path / "out"
+    argv = [a.replace("{llama}", str(tiny_model_dirs["llama"])) for a in argv]
+    if argv[0] == "export":
+        argv += ["-o", str(out)]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    errors = [line for line in err.splitlines() if line.startswith("qcompile: error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert not out.exists() and _no_leftovers(tmp_path)
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny_model_dirs, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "fp32"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "fp32", "--overwrite"]) == 0
+    assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
+
+
+def test_failure_during_export_leaves_nothing(tmp_path, tiny_model_dirs, monkeypatch):
+    import qcompile.export.artifact as artifact
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(artifact, "write_artifact", boom)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "fp32"])
+    assert not out.exists() and _no_leftovers(tmp_path)
