@@ -63,17 +63,17 @@ def main() -> None:
 
     folders = [Path(g) for g in args.graphs]
     prompt = prompt_tokens(folders[0], args.prompt_len)
-    runs = []  # (label, runner)
+    runs = []  # (label, runner, folder)
     for i, f in enumerate(folders):
         levels = [None] if i == 0 else [int(x) for x in args.levels.split(",")]
         for level in levels:
             runner = OrtCausalLM.from_dir(f, accuracy_level=level, threads=args.threads)
             label = f.name if level is None else f"{f.name}@acc{level}"
             timed_decode(runner, prompt, 8)  # warm-up
-            runs.append((label, runner))
-    samples: dict[str, dict[str, list[float]]] = {label: {"prefill": [], "decode": []} for label, _ in runs}
+            runs.append((label, runner, f))
+    samples: dict[str, dict[str, list[float]]] = {label: {"prefill": [], "decode": []} for label, _, _ in runs}
     for _ in range(args.repeats):  # interleaved so drift hits every graph alike
-        for label, runner in runs:
+        for label, runner, _ in runs:
             p, d = timed_decode(runner, prompt, args.new_tokens)
             samples[label]["prefill"].append(p)
             samples[label]["decode"].append(d)
@@ -87,8 +87,8 @@ def main() -> None:
             "prefill_tokens_per_s": args.prompt_len / statistics.median(s["prefill"]),
             "decode_speedup_vs_ref": tps / ref_tps,
         }
-    for label, runner in runs:
-        rows[label]["model_bytes"] = sum(p.stat().st_size for p in Path(runner.model_dir).glob("model.onnx*"))
+    for label, _, folder in runs:
+        rows[label]["model_bytes"] = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
         print(f"{label:32s} decode {rows[label]['decode_tokens_per_s']:8.1f} tok/s  "
               f"prefill {rows[label]['prefill_tokens_per_s']:8.1f} tok/s  x{rows[label]['decode_speedup_vs_ref']:.2f}  "
               f"{rows[label]['model_bytes'] / 1e6:.1f} MB")

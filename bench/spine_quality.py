@@ -43,6 +43,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "gptq-ao-w4-asym": ("w4a16-g64-gptq", ["gptq.true_sequential=false", "gptq.mse_clip=false"]),
     "gptq-mse-w4-asym": ("w4a16-g64-gptq", ["gptq.act_order=false", "gptq.true_sequential=false"]),
     "gptq-w4-asym": ("w4a16-g64-gptq", []),
+    "gptq-w4-asym-head4": ("w4a16-g64-gptq", ["gptq.quantize_lm_head=true", "gptq.lm_head_bits=4"]),
+    "gptq-w4-asym-head8": ("w4a16-g64-gptq", ["gptq.quantize_lm_head=true", "gptq.lm_head_bits=8"]),
     "gptq-plain-w4-sym": ("w4a16-g64-sym-gptq", PLAIN),
     "gptq-w4-sym": ("w4a16-g64-sym-gptq", []),
     "gptq-plain-w3-asym": ("w3a16-g64-gptq", PLAIN),
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--ort", default="", help="comma list of variants to export and evaluate through ORT")
     ap.add_argument("--accuracy-levels", default="4", help="ORT MatMulNBits accuracy levels to evaluate, e.g. 4,1")
     ap.add_argument("--limit", type=int, default=None, help="first N test windows only (default: all 148)")
+    ap.add_argument("--ort-limit", type=int, default=None, help="first N test windows for the ORT rows (default: --limit)")
     ap.add_argument("--calib-samples", type=int, default=None)
     ap.add_argument("--export-dir", default="out/bench")
     ap.add_argument("--threads", type=int, default=None)
@@ -105,6 +108,9 @@ def main() -> None:
         if name in ort_names:
             from qcompile.runtime.ort import OrtCausalLM
 
+            if args.ort_limit:  # torch on exactly the windows ORT sees, for a like-for-like comparison
+                with torch.inference_mode():
+                    row["torch_on_ort_windows"] = perplexity(torch_logits_fn(h.model), test_windows[: args.ort_limit])
             h.model.to("cpu", torch.float32)
             for qname, qw in h.quant_state.items():
                 h.set_quantized(qname, qw)
@@ -114,13 +120,15 @@ def main() -> None:
             for level in [int(x) for x in args.accuracy_levels.split(",")]:
                 runner = OrtCausalLM.from_dir(folder, accuracy_level=level, threads=args.threads)
                 key = f"ort_acc{level}"
-                row[key] = perplexity(ort_logits_fn(runner), test_windows, desc=f"{name} ort acc{level}")
+                row[key] = perplexity(ort_logits_fn(runner), test_windows[: args.ort_limit], desc=f"{name} ort acc{level}")
                 row[key]["parity_logits"] = logit_parity(h.model, runner, test_windows[:2, :512])
                 row[key]["parity_greedy"] = greedy_parity(h.model, runner, h.tokenizer, max_new_tokens=32)
                 g = row[key]["parity_greedy"]
                 print(f"{name}: ort(acc{level}) ppl {row[key]['ppl']:.3f}, max|dlogit| "
                       f"{row[key]['parity_logits']['max_abs_logit_diff']:.4g}, greedy identical "
-                      f"{g['identical']}/{g['prompts']}", flush=True)
+                      f"{g['identical']}/{g['prompts']} ({row[key]['windows']} windows)", flush=True)
+                results["variants"][name] = row
+                save()
         results["variants"][name] = row
         save()
         del h
