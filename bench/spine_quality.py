@@ -26,7 +26,7 @@ from qcompile.data import resolve_text, token_stream, windows  # noqa: E402
 from qcompile.eval.parity import greedy_parity, logit_parity  # noqa: E402
 from qcompile.eval.perplexity import ort_logits_fn, perplexity, torch_logits_fn  # noqa: E402
 from qcompile.models import load  # noqa: E402
-from qcompile.pipeline import export, run_passes  # noqa: E402
+from qcompile.pipeline import export, run_passes, to_export_precision  # noqa: E402
 from qcompile.recipe import apply_overrides, load_recipe  # noqa: E402
 
 PLAIN = ["gptq.act_order=false", "gptq.true_sequential=false", "gptq.mse_clip=false"]
@@ -111,9 +111,7 @@ def main() -> None:
             if args.ort_limit:  # torch on exactly the windows ORT sees, for a like-for-like comparison
                 with torch.inference_mode():
                     row["torch_on_ort_windows"] = perplexity(torch_logits_fn(h.model), test_windows[: args.ort_limit])
-            h.model.to("cpu", torch.float32)
-            for qname, qw in h.quant_state.items():
-                h.set_quantized(qname, qw)
+            to_export_precision(h)
             folder = Path(args.export_dir) / name
             rep = export(h, folder, recipe, overwrite=True)
             row["files"] = rep["files"]

@@ -51,7 +51,7 @@ def resolve_text(path: str | os.PathLike | None, default_split: str) -> Path:
 
 
 @lru_cache(maxsize=8)
-def _tokenize_file(path: str, tokenizer_key: int, tokenizer) -> torch.Tensor:
+def _tokenize_file(path: str, tokenizer) -> torch.Tensor:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -62,7 +62,7 @@ def _tokenize_file(path: str, tokenizer_key: int, tokenizer) -> torch.Tensor:
 
 def token_stream(path: Path, tokenizer) -> torch.Tensor:
     """All tokens of ``path`` (no BOS), tokenized once per (file, tokenizer) and cached in memory."""
-    return _tokenize_file(str(path), id(tokenizer), tokenizer)
+    return _tokenize_file(str(path), tokenizer)
 
 
 def windows(tokens: torch.Tensor, seq_len: int, limit: int | None = None) -> torch.Tensor:

@@ -44,6 +44,16 @@ def run_passes(handle: ModelHandle, recipe: Recipe) -> dict:
     return stats
 
 
+def to_export_precision(handle: ModelHandle) -> None:
+    """Move the model to float32 on the CPU, as the graph computes, re-setting quantized weights from their exact
+    integers and scales (an fp16 GPU copy would have rounded them)."""
+    if handle.dtype == torch.float32 and handle.device.type == "cpu":
+        return
+    handle.model.to("cpu", torch.float32)
+    for name, qw in handle.quant_state.items():
+        handle.set_quantized(name, qw)
+
+
 def quantization_summary(handle: ModelHandle) -> dict:
     """What the graph will hold: per-spec linear counts and bytes of quantized vs float weights."""
     by_spec: dict[str, int] = {}
@@ -112,11 +122,7 @@ def compile_model(
     t_load = time.perf_counter() - t0
     pass_stats = run_passes(handle, recipe)
     t_passes = time.perf_counter() - t0 - t_load
-    if handle.dtype != torch.float32 or handle.device.type != "cpu":
-        # the graph is float32; export from a float32 CPU copy of the (already quantized) weights
-        handle.model.to("cpu", torch.float32)
-        for name, qw in handle.quant_state.items():  # exact float32 values, not the low-precision copies
-            handle.set_quantized(name, qw)
+    to_export_precision(handle)
     report = export(
         handle, out, recipe, overwrite=overwrite,
         extra_report={"passes": pass_stats, "timings_s": {"load": round(t_load, 3), "passes": round(t_passes, 3)}},
