@@ -23,7 +23,6 @@ from qcompile.models import ModelHandle, load
 from qcompile.recipe import Recipe
 
 REPORT_FILE = "report.json"
-META_FILE = "qcompile.json"
 
 
 @dataclass
@@ -75,6 +74,7 @@ def export(handle: ModelHandle, out_dir: str | os.PathLike, recipe: Recipe, *, o
     from qcompile.export.artifact import write_artifact
     from qcompile.export.onnx_builder import build_graph
     from qcompile.graph import weight_qdq
+    from qcompile.runtime.ort import ACCURACY_KEY
 
     t0 = time.perf_counter()
     graph = build_graph(handle, opset=recipe.export.opset)
@@ -85,7 +85,7 @@ def export(handle: ModelHandle, out_dir: str | os.PathLike, recipe: Recipe, *, o
         "recipe": recipe.to_dict(),
         "source": {"model": handle.source, "sha256": handle.source_sha256},
         "quantization": quantization_summary(handle),
-        "ort_session_options": {"session.qdq_matmulnbits_accuracy_level": str(recipe.export.accuracy_level)},
+        "ort_session_options": {ACCURACY_KEY: str(recipe.export.accuracy_level)},
     }
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         sizes = write_artifact(handle, graph, tmp, meta)
