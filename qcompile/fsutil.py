@@ -12,13 +12,19 @@ from pathlib import Path
 from qcompile.errors import QCompileError
 
 
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
+def check_output(target: str | os.PathLike, overwrite: bool) -> Path:
+    """The resolved output folder, or a clear error if it may not be (over)written."""
     target = Path(target).expanduser().resolve()
     if target.exists() and not overwrite:
         raise QCompileError(f"output {target} already exists; choose another path or pass --overwrite")
     if target.exists() and not target.is_dir():
         raise QCompileError(f"output {target} exists and is not a folder")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
+    target = check_output(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -18,7 +18,7 @@ import torch
 
 import qcompile
 from qcompile import passes
-from qcompile.fsutil import atomic_dir
+from qcompile.fsutil import atomic_dir, check_output
 from qcompile.models import ModelHandle, load
 from qcompile.recipe import Recipe
 
@@ -87,16 +87,18 @@ def export(handle: ModelHandle, out_dir: str | os.PathLike, recipe: Recipe, *, o
         "quantization": quantization_summary(handle),
         "ort_session_options": {ACCURACY_KEY: str(recipe.export.accuracy_level)},
     }
+    extra = dict(extra_report or {})
+    earlier_timings = extra.pop("timings_s", {})
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         sizes = write_artifact(handle, graph, tmp, meta)
         report = {
             **meta,
             "files": sizes,
-            "timings_s": {**(extra_report or {}).pop("timings_s", {}), "export_graph": round(t_build, 3),
+            "timings_s": {**earlier_timings, "export_graph": round(t_build, 3),
                           "export_total": round(time.perf_counter() - t0, 3)},
             "graph_pass": qdq_stats,
             "machine": {"platform": platform.platform(), "torch": torch.__version__},
-            **(extra_report or {}),
+            **extra,
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
     return report
@@ -112,11 +114,7 @@ def compile_model(
     overwrite: bool = False,
     trust_remote_code: bool = False,
 ) -> CompileResult:
-    out = Path(out_dir)
-    if out.exists() and not overwrite:  # fail before minutes of calibration, not after
-        from qcompile.errors import QCompileError
-
-        raise QCompileError(f"output {out} already exists; choose another path or pass --overwrite")
+    out = check_output(out_dir, overwrite)  # fail before minutes of calibration, not after
     t0 = time.perf_counter()
     handle = load(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     t_load = time.perf_counter() - t0
@@ -127,7 +125,7 @@ def compile_model(
         handle, out, recipe, overwrite=overwrite,
         extra_report={"passes": pass_stats, "timings_s": {"load": round(t_load, 3), "passes": round(t_passes, 3)}},
     )
-    return CompileResult(out_dir=out.resolve(), handle=handle, report=report)
+    return CompileResult(out_dir=out, handle=handle, report=report)
 
 
 def update_report(out_dir: str | os.PathLike, section: str, value) -> None:
