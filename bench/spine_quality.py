@@ -29,7 +29,7 @@ from qcompile.models import load  # noqa: E402
 from qcompile.pipeline import export, run_passes, to_export_precision  # noqa: E402
 from qcompile.recipe import apply_overrides, load_recipe  # noqa: E402
 
-PLAIN = ["gptq.act_order=false", "gptq.true_sequential=false", "gptq.mse_clip=false"]
+PLAIN = ["gptq.act_order=false", "gptq.true_sequential=false", "gptq.mse_clip=false", "gptq.refit_scales=false"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "fp32": ("fp32", []),
     "rtn-w4-asym": ("w4a16-g64-rtn", []),
@@ -40,8 +40,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "rtn-mse-w4-sym": ("w4a16-g64-sym-rtn", ["rtn.mse_clip=true"]),
     "rtn-mse-w3-asym": ("w3a16-g64-rtn", ["rtn.mse_clip=true"]),
     "gptq-plain-w4-asym": ("w4a16-g64-gptq", PLAIN),
-    "gptq-ao-w4-asym": ("w4a16-g64-gptq", ["gptq.true_sequential=false", "gptq.mse_clip=false"]),
-    "gptq-mse-w4-asym": ("w4a16-g64-gptq", ["gptq.act_order=false", "gptq.true_sequential=false"]),
+    "gptq-ao-w4-asym": ("w4a16-g64-gptq", ["gptq.true_sequential=false", "gptq.mse_clip=false", "gptq.refit_scales=false"]),
+    "gptq-mse-w4-asym": ("w4a16-g64-gptq", ["gptq.act_order=false", "gptq.true_sequential=false", "gptq.refit_scales=false"]),
     "gptq-w4-asym": ("w4a16-g64-gptq", []),
     "gptq-w4-asym-head4": ("w4a16-g64-gptq", ["gptq.quantize_lm_head=true", "gptq.lm_head_bits=4"]),
     "gptq-w4-asym-head8": ("w4a16-g64-gptq", ["gptq.quantize_lm_head=true", "gptq.lm_head_bits=8"]),
@@ -51,6 +51,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "gptq-w3-asym": ("w3a16-g64-gptq", []),
     "gptq-plain-w2-asym": ("w2a16-g64-gptq", PLAIN),
     "gptq-w2-asym": ("w2a16-g64-gptq", []),
+    # the GPTQ recipes refit scales by least squares after rounding (gptq.refit_scales); without it:
+    "gptq-norefit-w4-asym": ("w4a16-g64-gptq", ["gptq.refit_scales=false"]),
+    "gptq-norefit-w4-sym": ("w4a16-g64-sym-gptq", ["gptq.refit_scales=false"]),
+    "gptq-norefit-w3-asym": ("w3a16-g64-gptq", ["gptq.refit_scales=false"]),
+    "gptq-norefit-w2-asym": ("w2a16-g64-gptq", ["gptq.refit_scales=false"]),
+    "gptq-refit-nomse-w4-asym": ("w4a16-g64-gptq", ["gptq.mse_clip=false"]),
 }
 
 
@@ -66,6 +72,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=None)
     ap.add_argument("--export-dir", default="out/bench")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-torch", action="store_true",
+                    help="no torch fake-quant ppl (e.g. ORT rows on a CPU where the torch rows were measured elsewhere)")
     ap.add_argument("--fp16-reference", action="store_true", help="also measure the float model in fp16 (torch)")
     ap.add_argument("--out", default="bench/results/spine_quality.json")
     args = ap.parse_args()
@@ -102,9 +110,10 @@ def main() -> None:
         t0 = time.perf_counter()
         row["passes"] = run_passes(h, recipe)
         row["passes_seconds"] = time.perf_counter() - t0
-        with torch.inference_mode():
-            row["torch"] = perplexity(torch_logits_fn(h.model), test_windows, desc=f"{name} torch")
-        print(f"{name}: torch ppl {row['torch']['ppl']:.3f} (passes {row['passes_seconds']:.1f}s)", flush=True)
+        if not args.skip_torch:
+            with torch.inference_mode():
+                row["torch"] = perplexity(torch_logits_fn(h.model), test_windows, desc=f"{name} torch")
+            print(f"{name}: torch ppl {row['torch']['ppl']:.3f} (passes {row['passes_seconds']:.1f}s)", flush=True)
         if name in ort_names:
             from qcompile.runtime.ort import OrtCausalLM
 

@@ -63,7 +63,7 @@ from qcompile.errors import RecipeError
 from qcompile.learn.capture import LayerwiseRunner, on_device, resolve_device
 from qcompile.models.adapters import LINEAR_ROLES
 from qcompile.models.handle import ModelHandle
-from qcompile.quant.grid import QuantizedWeight, QuantSpec, compute_qparams, search_clip
+from qcompile.quant.grid import QuantizedWeight, QuantSpec, compute_qparams, dequantize, search_clip
 from qcompile.quant.targets import WeightQuantConfig, targets
 
 # true-sequential order inside one decoder layer: each step is calibrated with the earlier steps quantized
@@ -81,6 +81,7 @@ class GPTQConfig(WeightQuantConfig, CalibrationConfig):
     batch_size: int = 1  # calibration windows per forward
     offload_activations: bool = False  # keep cached layer inputs on CPU
     mse_clip_source: str = "updated"  # with mse_clip and dynamic groups: "updated" or "original" weights
+    refit_scales: bool = False  # after rounding, least-squares scales for the chosen integers (see refit_scales)
 
     def __post_init__(self):
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
@@ -178,6 +179,7 @@ def gptq_quantize(
     act_order: bool = False,
     mse_clip: bool = False,
     clip_source: str = "updated",
+    refit: bool = False,
     name: str = "weight",
 ) -> GPTQResult:
     """GPTQ on one ``[out, in]`` weight given its ``[in, in]`` Hessian; computes on the Hessian's device.
@@ -269,10 +271,57 @@ def gptq_quantize(
     if perm is not None:
         inv = torch.argsort(perm)
         q_float, q_int = q_float[:, inv], q_int[:, inv]
+    if refit:
+        scale = refit_scales(w_orig, q_int, scale, zero, hessian.to(device, torch.float32))
+        q_float = dequantize(q_int, scale, zero)
     qw = QuantizedWeight(q_int.to(torch.int16), scale, zero, spec)
     if not torch.equal(qw.dequantize(), q_float.cpu()):  # would mean the stored grid differs from GPTQ's
         raise RuntimeError(f"GPTQ internal error: the stored quantized weight of {name} does not reproduce it")
     return GPTQResult(qw, q_float, relative_error(w_orig, q_float, hessian.to(device, torch.float32)), damp_used)
+
+
+@torch.no_grad()
+def refit_scales(
+    weight: torch.Tensor, qint: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, hessian: torch.Tensor,
+    ridge: float = 1e-6, chunk_rows: int = 4096,
+) -> torch.Tensor:
+    """Per-row least-squares group scales for fixed integers: ``min_s ||(W - s * (q - z)) X||^2``.
+
+    With the integers (and integer zero points) fixed, the layer output error is a quadratic in the row's group
+    scales, ``s^T M s - 2 b^T s + c`` with ``M[g, g'] = c_g H[g, g'] c_g'^T`` and ``b[g] = c_g H[g, :] w^T``
+    (``c_g`` = the row's codes ``q - z`` in group ``g``), solved exactly per row. GPTQ chose the integers with
+    scales fixed before the error feedback; re-solving the scales with the full Hessian (cross-group terms
+    included) can only lower the calibration error. A row keeps its old scales where the solve is not finite,
+    gives a non-positive scale, or does not lower the error. Returns float32 ``[out, groups]`` on the Hessian's device.
+    """
+    rows, columns = weight.shape
+    ng = scale.shape[1]
+    gs = columns // ng
+    h = hessian.float()
+    hg = h.reshape(ng, gs, columns)
+    out = scale.to(h.device, torch.float32).clone()
+    for r0 in range(0, rows, chunk_rows):  # bounded memory for wide layers (lm_head)
+        r1 = min(r0 + chunk_rows, rows)
+        w = weight[r0:r1].to(h.device, torch.float32)
+        codes = qint[r0:r1].to(h.device, torch.float32)
+        if zero is not None:
+            codes = codes - zero[r0:r1].to(h.device, torch.float32).repeat_interleave(gs, dim=1)
+        cg = codes.reshape(r1 - r0, ng, gs)
+        partial = torch.einsum("rgi,gij->rgj", cg, hg)  # partial[r, g, j] = sum_{i in g} codes[r, i] H[i, j]
+        m = torch.einsum("rgkj,rkj->rgk", partial.reshape(r1 - r0, ng, ng, gs), cg)
+        b = torch.einsum("rgj,rj->rg", partial, w)
+        del partial
+        diag_mean = torch.diagonal(m, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
+        m = m + (ridge * diag_mean)[:, None, None] * torch.eye(ng, device=m.device)
+        new = torch.linalg.solve(m, b.unsqueeze(-1)).squeeze(-1)
+        old = out[r0:r1]
+
+        def loss(s):  # the quadratic without its constant term
+            return torch.einsum("rg,rgk,rk->r", s, m, s) - 2 * (b * s).sum(-1)
+
+        ok = torch.isfinite(new).all(-1) & (new > 0).all(-1) & (loss(new) < loss(old))
+        out[r0:r1] = torch.where(ok.unsqueeze(-1), new, old)
+    return out
 
 
 # -- the pass -----------------------------------------------------------------------------------------------
@@ -339,7 +388,8 @@ def apply(handle: ModelHandle, config: GPTQConfig) -> dict:
         name, _, spec = wanted[id(module)]
         res = gptq_quantize(
             module.weight, acc.hessian(), spec, damp=config.damp, block_size=config.block_size,
-            act_order=config.act_order, mse_clip=config.mse_clip, clip_source=config.mse_clip_source, name=name,
+            act_order=config.act_order, mse_clip=config.mse_clip, clip_source=config.mse_clip_source,
+            refit=config.refit_scales, name=name,
         )
         handle.set_quantized(name, res.qweight)
         errors[name] = res.rel_error

@@ -115,6 +115,36 @@ def test_gptq_beats_rtn_and_stored_grid_reproduces_it(spec, act_order):
         assert other.rel_error == pytest.approx(res.rel_error, rel=1e-3)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(3, False, 16), QuantSpec(4, True, 32), QuantSpec(2, False, None)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_refit_scales_lowers_the_error_and_keeps_the_integers(spec, act_order):
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    h = _correlated_hessian()
+    base = gptq_quantize(w, h, spec, act_order=act_order)
+    refit = gptq_quantize(w, h, spec, act_order=act_order, refit=True)
+    assert torch.equal(refit.qweight.qweight, base.qweight.qweight)  # same integers, new scales
+    assert torch.equal(refit.qweight.dequantize(), refit.dequantized)
+    assert (refit.qweight.scale > 0).all()
+    assert refit.rel_error < base.rel_error
+
+
+def test_refit_scales_solves_the_least_squares_problem():
+    """The refit scales are a stationary point: perturbing any one of them raises the error."""
+    from qcompile.passes.gptq import refit_scales
+
+    spec = QuantSpec(3, False, 16)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
+    h = _correlated_hessian()
+    qw = QuantizedWeight.from_float(w, spec)
+    s = refit_scales(w, qw.qweight, qw.scale, qw.zero, h, ridge=0.0)
+    best = relative_error(w, QuantizedWeight(qw.qweight, s, qw.zero, spec).dequantize(), h)
+    assert best < relative_error(w, qw.dequantize(), h)
+    for r, g, f in [(0, 0, 1.01), (3, 2, 0.99), (7, 3, 1.02)]:
+        s2 = s.clone()
+        s2[r, g] *= f
+        assert relative_error(w, QuantizedWeight(qw.qweight, s2, qw.zero, spec).dequantize(), h) > best
+
+
 def _reference_gptq(w, h, spec, damp=0.01, blocksize=128):
     """A transcription of the reference implementation's fasterquant (no act_order, group size == block size, where
     its group parameters see the same weights as ours)."""
@@ -244,6 +274,7 @@ def test_3bit_model_closer_to_float_than_rtn(trained_llama, calib_file):
         dict(true_sequential=False, act_order=True, group_size=None),
         dict(mse_clip=True, block_size=8, batch_size=3, offload_activations=True),
         dict(mse_clip=True, mse_clip_source="original", group_size=32, block_size=24),
+        dict(act_order=True, mse_clip=True, refit_scales=True),
     ],
 )
 def test_variants_store_exact_quantized_weights(tiny_model_dirs, calib_file, options):
