@@ -57,7 +57,37 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "gptq-norefit-w3-asym": ("w3a16-g64-gptq", ["gptq.refit_scales=false"]),
     "gptq-norefit-w2-asym": ("w2a16-g64-gptq", ["gptq.refit_scales=false"]),
     "gptq-refit-nomse-w4-asym": ("w4a16-g64-gptq", ["gptq.mse_clip=false"]),
+    # rotations, activation and KV quantization (issue 4): the recipes, and each step's contribution
+    "rot-fp32": ("w4a4kv4", [], ["gptq", "act_quant", "kv_quant"]),
+    "w8a8": ("w8a8", []),
+    "w4a16-rot": ("w4a8", [], ["act_quant"]),
+    "w4a8": ("w4a8", []),
+    "w4a4kv4-rot-rtn": ("w4a4kv4", ["rtn"]),
+    "w4a4kv4": ("w4a4kv4", []),
+    "w4a4kv4-p32": ("w4a4kv4", ["kv_quant.prefix=32"]),
+    "w3a3-g64-rot-rtn": ("w3a3-g64", ["rtn"]),
+    "w3a3-g64": ("w3a3-g64", []),
 }
+
+
+def variant_recipe(name: str, calib_samples=...):
+    """A variant's recipe: built-in recipe + overrides; "rtn" in the overrides swaps GPTQ for RTN with the same
+    grid, a third element drops passes."""
+    recipe_name, sets, *drop = VARIANTS[name]
+    recipe = load_recipe(recipe_name)
+    if "rtn" in sets:
+        from qcompile.passes.rtn import RTNConfig
+        from qcompile.recipe import PassStep
+
+        sets = [x for x in sets if x != "rtn"]
+        for i, step in enumerate(recipe.passes):
+            if step.name == "gptq":
+                c = step.config
+                recipe.passes[i] = PassStep("rtn", RTNConfig(bits=c.bits, symmetric=c.symmetric,
+                                                             group_size=c.group_size, mse_clip=c.mse_clip))
+    if drop:
+        recipe.passes = [s for s in recipe.passes if s.name not in drop[0]]
+    return apply_overrides(recipe, sets, calib_samples=calib_samples)
 
 
 def main() -> None:
@@ -103,42 +133,52 @@ def main() -> None:
         save()
 
     for name in names:
-        recipe_name, sets = VARIANTS[name]
-        recipe = apply_overrides(load_recipe(recipe_name), sets, calib_samples=args.calib_samples or ...)
-        row = {"recipe": recipe.to_dict()}
-        h = load(args.model, device=args.device)
-        t0 = time.perf_counter()
-        row["passes"] = run_passes(h, recipe)
-        row["passes_seconds"] = time.perf_counter() - t0
-        if not args.skip_torch:
-            with torch.inference_mode():
-                row["torch"] = perplexity(torch_logits_fn(h.model), test_windows, desc=f"{name} torch")
-            print(f"{name}: torch ppl {row['torch']['ppl']:.3f} (passes {row['passes_seconds']:.1f}s)", flush=True)
-        if name in ort_names:
-            from qcompile.runtime.ort import OrtCausalLM
+        try:
+            measure(name, args, test_windows, ort_names, results, save)
+        except Exception as e:  # one broken variant must not cost the others' measurements
+            import traceback
 
-            if args.ort_limit:  # torch on exactly the windows ORT sees, for a like-for-like comparison
-                with torch.inference_mode():
-                    row["torch_on_ort_windows"] = perplexity(torch_logits_fn(h.model), test_windows[: args.ort_limit])
-            to_export_precision(h)
-            folder = Path(args.export_dir) / name
-            rep = export(h, folder, recipe, overwrite=True)
-            row["files"] = rep["files"]
-            for level in [int(x) for x in args.accuracy_levels.split(",")]:
-                runner = OrtCausalLM.from_dir(folder, accuracy_level=level, threads=args.threads)
-                key = f"ort_acc{level}"
-                row[key] = perplexity(ort_logits_fn(runner), test_windows[: args.ort_limit], desc=f"{name} ort acc{level}")
-                row[key]["parity_logits"] = logit_parity(h.model, runner, test_windows[:2, :512])
-                row[key]["parity_greedy"] = greedy_parity(h.model, runner, h.tokenizer, max_new_tokens=32)
-                g = row[key]["parity_greedy"]
-                print(f"{name}: ort(acc{level}) ppl {row[key]['ppl']:.3f}, max|dlogit| "
-                      f"{row[key]['parity_logits']['max_abs_logit_diff']:.4g}, greedy identical "
-                      f"{g['identical']}/{g['prompts']} ({row[key]['windows']} windows)", flush=True)
-                results["variants"][name] = row
-                save()
-        results["variants"][name] = row
-        save()
-        del h
+            traceback.print_exc()
+            results["variants"][name] = {"error": f"{type(e).__name__}: {e}"}
+            save()
+
+
+def measure(name, args, test_windows, ort_names, results, save) -> None:
+    recipe = variant_recipe(name, args.calib_samples or ...)
+    row = {"recipe": recipe.to_dict()}
+    h = load(args.model, device=args.device)
+    t0 = time.perf_counter()
+    row["passes"] = run_passes(h, recipe)
+    row["passes_seconds"] = time.perf_counter() - t0
+    if not args.skip_torch:
+        with torch.inference_mode():
+            row["torch"] = perplexity(torch_logits_fn(h.model), test_windows, desc=f"{name} torch")
+        print(f"{name}: torch ppl {row['torch']['ppl']:.3f} (passes {row['passes_seconds']:.1f}s)", flush=True)
+    if name in ort_names:
+        from qcompile.runtime.ort import OrtCausalLM
+
+        if args.ort_limit:  # torch on exactly the windows ORT sees, for a like-for-like comparison
+            with torch.inference_mode():
+                row["torch_on_ort_windows"] = perplexity(torch_logits_fn(h.model), test_windows[: args.ort_limit])
+        to_export_precision(h)
+        folder = Path(args.export_dir) / name
+        rep = export(h, folder, recipe, overwrite=True)
+        row["files"] = rep["files"]
+        for level in [int(x) for x in args.accuracy_levels.split(",")]:
+            runner = OrtCausalLM.from_dir(folder, accuracy_level=level, threads=args.threads)
+            key = f"ort_acc{level}"
+            row[key] = perplexity(ort_logits_fn(runner), test_windows[: args.ort_limit], desc=f"{name} ort acc{level}")
+            row[key]["parity_logits"] = logit_parity(h.model, runner, test_windows[:2, :512])
+            row[key]["parity_greedy"] = greedy_parity(h.model, runner, h.tokenizer, max_new_tokens=32)
+            g = row[key]["parity_greedy"]
+            print(f"{name}: ort(acc{level}) ppl {row[key]['ppl']:.3f}, max|dlogit| "
+                  f"{row[key]['parity_logits']['max_abs_logit_diff']:.4g}, greedy identical "
+                  f"{g['identical']}/{g['prompts']} ({row[key]['windows']} windows)", flush=True)
+            results["variants"][name] = row
+            save()
+    results["variants"][name] = row
+    save()
+    del h
 
 
 if __name__ == "__main__":

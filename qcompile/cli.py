@@ -35,13 +35,22 @@ def _add_recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False)
     p.add_argument("--calib-text", default=..., help="calibration text file (default: WikiText-2 validation split)")
     p.add_argument("--calib-samples", type=int, default=..., help="number of calibration windows")
+    p.add_argument("--kv-prefix", type=int, default=None, metavar="P",
+                   help="keep the first P KV-cache positions (a system prompt) in float; recipes with kv_quant")
 
 
 def _recipe_from_args(args):
     from qcompile.recipe import apply_overrides, load_recipe
 
     recipe = load_recipe(args.recipe)
-    return apply_overrides(recipe, args.sets, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+    sets = list(args.sets)
+    kv_prefix = getattr(args, "kv_prefix", None)
+    if kv_prefix is not None:
+        if not any(step.name == "kv_quant" for step in recipe.passes):
+            raise QCompileError(f"--kv-prefix needs a recipe that quantizes the KV cache (kv_quant); "
+                                f"{recipe.name!r} has none")
+        sets.append(f"kv_quant.prefix={kv_prefix}")
+    return apply_overrides(recipe, sets, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
                            calib_text=args.calib_text, calib_samples=args.calib_samples)
 
 
@@ -53,6 +62,10 @@ def cmd_export(args) -> int:
     from qcompile.pipeline import compile_model, update_report
 
     recipe = _recipe_from_args(args)
+    if args.report:
+        from qcompile.eval.report import require_matplotlib
+
+        require_matplotlib()
     print(f"qcompile: {args.model} -> {args.output} with recipe {recipe.name!r}", file=sys.stderr)
     result = compile_model(args.model, args.output, recipe, device=args.device, dtype=_torch_dtype(args.dtype),
                            overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
@@ -61,6 +74,10 @@ def cmd_export(args) -> int:
     if args.eval:
         res = _eval_export_dir(str(result.out_dir), args)
         update_report(result.out_dir, "eval", {res.pop("key"): res})
+    if args.report:
+        from qcompile.eval.report import write_report
+
+        print(f"qcompile: report: {write_report(result.out_dir)}", file=sys.stderr)
     return 0
 
 
@@ -120,14 +137,27 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from qcompile.bundle import opened
+
+    with opened(args.model_dir) as model_dir:  # a bundle is verified (and an archive extracted) first
+        return _run_folder(str(model_dir), args)
+
+
+def _run_folder(model_dir: str, args) -> int:
     from transformers import AutoTokenizer
 
     from qcompile.runtime.ort import OrtCausalLM
 
-    if not _is_export_dir(args.model_dir):
-        raise QCompileError(f"{args.model_dir} is not an exported folder (no model.onnx); run `qcompile export` first")
-    tok = AutoTokenizer.from_pretrained(args.model_dir)
-    runner = OrtCausalLM.from_dir(args.model_dir, accuracy_level=args.accuracy_level, threads=args.threads)
+    if not _is_export_dir(model_dir):
+        raise QCompileError(f"{args.model_dir} is not an exported folder or bundle (no model.onnx); run "
+                            "`qcompile export` first")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if args.device == "cuda":  # qcompile's Triton kernels (qcompile/runtime/triton); ONNX Runtime otherwise
+        from qcompile.runtime.triton.runner import TritonCausalLM, system_prefix_length
+
+        runner = TritonCausalLM.from_dir(model_dir, kv_bits=args.kv_bits)
+    else:
+        runner = OrtCausalLM.from_dir(model_dir, accuracy_level=args.accuracy_level, threads=args.threads)
     if tok.chat_template and not args.raw:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}]
@@ -147,9 +177,54 @@ def cmd_run(args) -> int:
             sys.stdout.flush()
             printed = text
 
+    _note_kv_prefix(model_dir, tok, args)
+    extra = {}
+    if args.device == "cuda" and args.system and not args.raw:  # BiSup: the system turn's KV cache stays float
+        extra["float_prefix"] = system_prefix_length(tok, args.system, list(ids))
     runner.generate(list(ids), args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                    top_p=args.top_p, seed=args.seed, eos_token_id=tok.eos_token_id, on_token=on_token)
+                    top_p=args.top_p, seed=args.seed, eos_token_id=tok.eos_token_id, on_token=on_token, **extra)
     sys.stdout.write("\n")
+    return 0
+
+
+def _note_kv_prefix(model_dir: str, tok, args) -> None:
+    """The float KV prefix is fixed at export (it is in the graph); say when the system turn does not fit in it."""
+    meta_path = Path(model_dir) / "qcompile.json"
+    kv = json.loads(meta_path.read_text()).get("runtime_quantization", {}).get("kv_cache") if meta_path.is_file() else None
+    if not kv or not args.system or args.raw or not tok.chat_template:
+        return
+    ids = tok.apply_chat_template([{"role": "system", "content": args.system}], tokenize=True)
+    n = len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    if n > kv["prefix"]:
+        print(f"qcompile: note: the system turn takes {n} tokens; the KV cache keeps only its first {kv['prefix']} "
+              f"positions in float (export with --kv-prefix {n} to keep all of it)", file=sys.stderr)
+
+
+def cmd_package(args) -> int:
+    from qcompile.bundle import package
+
+    manifest = package(args.model_dir, args.output, fmt=args.format, overwrite=args.overwrite)
+    note = manifest["runtime"]["onnxruntime_genai"].get("tokenizer_note")
+    if note:
+        print(f"qcompile: warning: {note}", file=sys.stderr)
+    files = manifest["files"]
+    print(json.dumps({"bundle": str(Path(args.output).expanduser().resolve()), "files": len(files),
+                      "bytes": sum(f["bytes"] for f in files.values())}, indent=2))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from qcompile.bundle import format_text, inspect
+
+    info = inspect(args.path, check=args.verify)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_text(info))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from qcompile.eval.report import write_report
+
+    print(write_report(args.out_dir, args.compare))
     return 0
 
 
@@ -186,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--eval", action="store_true", help="measure perplexity through ORT after export")
+    p.add_argument("--report", action="store_true", help="write OUT/report/ (HTML + PNG figures) after export/eval")
     _add_recipe_args(p, required=True)
     common_model(p)
     common_ort(p)
@@ -201,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     common_eval(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("run", help="generate text from an exported folder (streamed)")
+    p = sub.add_parser("run", help="generate text from an exported folder or a bundle (streamed)")
     p.add_argument("model_dir")
     p.add_argument("prompt")
     p.add_argument("--system", default=None, help="system prompt (chat template)")
@@ -211,8 +287,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: ONNX Runtime; cuda: qcompile's Triton kernels on an NVIDIA GPU")
+    p.add_argument("--kv-bits", type=int, choices=[16, 8, 4], default=16,
+                   help="KV cache bits with --device cuda (the system prompt's keys/values stay float)")
     common_ort(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("package", help="pack an exported folder into a bundle (folder, .zip or .tar.gz) with "
+                       "genai_config.json and a checksummed manifest.json")
+    p.add_argument("model_dir", help="exported folder")
+    p.add_argument("-o", "--output", required=True, help="bundle folder or archive (written atomically)")
+    p.add_argument("--format", choices=["dir", "zip", "tar.gz"], default=None,
+                   help="default: from the output name (.zip, .tar.gz/.tgz), else a folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_package)
+
+    p = sub.add_parser("inspect", help="show what an exported folder or bundle holds, without running it")
+    p.add_argument("path", help="exported folder, bundle folder, or .zip/.tar.gz bundle")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--verify", action="store_true", help="also check a bundle folder's checksums")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("report", help="HTML report with figures (perplexity, per-layer error, sizes, speed)")
+    p.add_argument("out_dir", help="exported folder; the report goes to OUT/report/")
+    p.add_argument("compare", nargs="*", help="other exported folders to compare with (e.g. the fp32 export)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=cmd_recipes)

@@ -7,6 +7,7 @@ evaluating the result (``runtime``, ``eval``) read only the saved folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -37,10 +38,37 @@ def run_passes(handle: ModelHandle, recipe: Recipe) -> dict:
     stats = {}
     for i, step in enumerate(recipe.passes):
         t0 = time.perf_counter()
-        result = passes.get(step.name).apply(handle, step.config) or {}
+        with recording_weight_errors(handle) as weight_errors:
+            result = passes.get(step.name).apply(handle, step.config) or {}
         handle.applied_passes.append(step.name)
+        if weight_errors:
+            result = {**result, "weight_rel_mse": weight_errors}
         stats[f"{i}:{step.name}"] = {**result, "seconds": round(time.perf_counter() - t0, 3)}
     return stats
+
+
+@contextlib.contextmanager
+def recording_weight_errors(handle: ModelHandle):
+    """Collect ``||W - Q||^2 / ||W||^2`` of every linear quantized meanwhile, keyed by name (for the report).
+
+    Measured in ``set_quantized``, the one moment both the float weight and its quantized form exist: the module
+    keeps only the dequantized weight afterwards and the exported graph only the integers.
+    """
+    errors: dict[str, float] = {}
+    set_quantized = handle.set_quantized
+
+    def recording(name, qw):
+        w = handle.model.get_submodule(name).weight.detach().float()
+        sq = w.pow(2).sum(dtype=torch.float64)
+        diff = (w - qw.dequantize().to(w.device, torch.float32)).pow(2).sum(dtype=torch.float64)
+        errors[name] = float(diff / sq) if sq > 0 else float(diff > 0)
+        set_quantized(name, qw)
+
+    handle.set_quantized = recording
+    try:
+        yield errors
+    finally:
+        del handle.set_quantized  # the class's method again
 
 
 def to_export_precision(handle: ModelHandle) -> None:
@@ -68,23 +96,38 @@ def quantization_summary(handle: ModelHandle) -> dict:
     }
 
 
+def runtime_summary(handle: ModelHandle) -> dict:
+    """What the graph computes at run time besides the weights: online rotations, activation and KV quantization
+    (the KV prefix here is what ``qcompile run`` reports against the system prompt's length)."""
+    specs: dict[str, int] = {}
+    for spec in handle.act_quant.values():
+        specs[spec.describe()] = specs.get(spec.describe(), 0) + 1
+    return {
+        "online_rotations": sorted(handle.online_rotations),
+        "activations": specs,
+        "kv_cache": None if handle.kv_quant is None else handle.kv_quant.to_dict(),
+    }
+
+
 def export(handle: ModelHandle, out_dir: str | os.PathLike, recipe: Recipe, *, overwrite: bool = False,
            extra_report: dict | None = None) -> dict:
     """Export ``handle`` (after its passes) into ``out_dir`` atomically; returns the report written there."""
     from qcompile.export.artifact import write_artifact
     from qcompile.export.onnx_builder import build_graph
-    from qcompile.graph import weight_qdq
+    from qcompile.graph import runtime_quant, weight_qdq
     from qcompile.runtime.ort import ACCURACY_KEY
 
     t0 = time.perf_counter()
     graph = build_graph(handle, opset=recipe.export.opset)
     t_build = time.perf_counter() - t0
     qdq_stats = weight_qdq.apply(graph, handle.quant_state)
+    runtime_stats = runtime_quant.apply(graph, handle, dense_hadamard=recipe.export.online_hadamard == "dense")
     meta = {
         "qcompile_version": qcompile.__version__,
         "recipe": recipe.to_dict(),
         "source": {"model": handle.source, "sha256": handle.source_sha256},
         "quantization": quantization_summary(handle),
+        "runtime_quantization": runtime_summary(handle),
         "ort_session_options": {ACCURACY_KEY: str(recipe.export.accuracy_level)},
     }
     extra = dict(extra_report or {})
@@ -96,7 +139,7 @@ def export(handle: ModelHandle, out_dir: str | os.PathLike, recipe: Recipe, *, o
             "files": sizes,
             "timings_s": {**earlier_timings, "export_graph": round(t_build, 3),
                           "export_total": round(time.perf_counter() - t0, 3)},
-            "graph_pass": qdq_stats,
+            "graph_pass": {**qdq_stats, "runtime_quant": runtime_stats},
             "machine": {"platform": platform.platform(), "torch": torch.__version__},
             **extra,
         }

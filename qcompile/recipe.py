@@ -43,8 +43,12 @@ class ExportConfig:
     # ORT session option `session.qdq_matmulnbits_accuracy_level` for fused int4 MatMuls: 4 = int8 activations
     # (ORT's default, fastest), 1 = float32 compute. Saved in qcompile.json; `qcompile run/eval` honour it.
     accuracy_level: int = 4
+    # online Hadamard rotations as "kron" (two small MatMuls per rotation, O(n(m+s))) or "dense" (one n x n MatMul)
+    online_hadamard: str = "kron"
 
     def __post_init__(self):
+        if self.online_hadamard not in ("kron", "dense"):
+            raise RecipeError(f"export.online_hadamard must be 'kron' or 'dense', got {self.online_hadamard!r}")
         if self.opset < 21:
             raise RecipeError(f"export.opset must be >= 21 (int4 DequantizeLinear with block_size), got {self.opset}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):

@@ -32,9 +32,15 @@ def test_builtin_recipe_parity_on_tiny_model(recipe_name, tiny_model_dirs, calib
     result = compile_model(tiny_model_dirs["qwen2"], tmp_path / "out", recipe)
     runner = OrtCausalLM.from_dir(result.out_dir)
     assert runner.accuracy_level == 1
-    ids = torch.randint(3, 300, (2, 48))
+    ids = torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     lp = logit_parity(result.handle.model, runner, ids)
-    assert lp["max_abs_logit_diff"] < LOGIT_BOUND, lp
+    if result.handle.act_quant or result.handle.kv_quant is not None:
+        # run-time quantizers: an activation within float rounding of a grid boundary can land one step apart in
+        # torch and ORT (their MatMuls sum in different orders), so the bound is a fraction of the logit scale
+        assert lp["max_abs_logit_diff"] < 0.05 * max(1.0, lp["max_abs_logit"]), lp
+        assert lp["argmax_agreement"] >= 0.98, lp
+    else:
+        assert lp["max_abs_logit_diff"] < LOGIT_BOUND, lp
     gp = greedy_parity(result.handle.model, runner, result.handle.tokenizer, prompts=("hello", "the sea"),
                        max_new_tokens=12)
     assert gp["identical"] == gp["prompts"], gp

@@ -157,6 +157,8 @@ class _DecoderWriter:
         q = self.rope(b.op("Transpose", q, perm=[0, 2, 1, 3]), cos, sin)  # [B, nh, S, D]
         k = self.rope(b.op("Transpose", k, perm=[0, 2, 1, 3]), cos, sin)  # [B, nkv, S, D]
         v = b.op("Transpose", v, perm=[0, 2, 1, 3])
+        # stable names for the graph passes that rotate/quantize queries, keys and values (graph.runtime_quant)
+        q.name, k.name, v.name = f"/layers.{i}/attn/q_rope", f"/layers.{i}/attn/k_rope", f"/layers.{i}/attn/v_heads"
         present_k = b.tape.op("Concat", [past_k, k], attributes={"axis": 2}, output=ir.val(f"present.{i}.key"))
         present_v = b.tape.op("Concat", [past_v, v], attributes={"axis": 2}, output=ir.val(f"present.{i}.value"))
         # GQA without repeating K/V: query head h = kv*rep + r reads kv head h // rep, so [B, nh, S, D] viewed as

@@ -94,6 +94,20 @@ class FamilyAdapter:
             (self.post_attn_norm(layer), [self.linear(layer, r) for r in ("gate", "up")]),
         ]
 
+    def residual_readers(self, layer: nn.Module) -> list[nn.Linear]:
+        """Linears whose input is a (normed) copy of the residual stream: what a rotation of it folds W <- W Q into."""
+        return [self.linear(layer, r) for r in ("q", "k", "v", "gate", "up")]
+
+    def residual_writers(self, layer: nn.Module) -> list[nn.Linear]:
+        """Linears whose output is added to the residual stream: what a rotation of it folds W <- Qᵀ W into."""
+        return [self.linear(layer, r) for r in ("o", "down")]
+
+    def residual_norms(self, model: nn.Module) -> list[nn.Module]:
+        """Every RMSNorm applied to the residual stream (per layer, then the final one)."""
+        return [n for layer in self.layers(model) for n in (self.input_norm(layer), self.post_attn_norm(layer))] + [
+            self.final_norm(model)
+        ]
+
     def linear_names(self, model: nn.Module, include_lm_head: bool = False) -> list[tuple[str, str, nn.Linear]]:
         """(qualified module name, role, module) for every quantizable linear, in execution order."""
         names = {m: n for n, m in model.named_modules()}

@@ -23,6 +23,16 @@ class ModelHandle:
     # so running ``model`` is running the fake-quant model that the exported graph computes.
     quant_state: dict[str, QuantizedWeight] = field(default_factory=dict)
     applied_passes: list[str] = field(default_factory=list)
+    # rotations the graph must apply at run time (set by the rotate pass), e.g. {"r4": {"kind": "hadamard",
+    # "size": 1536, ...}}: enough to rebuild the exact matrix with qcompile.quant.hadamard.hadamard_matrix.
+    online_rotations: dict = field(default_factory=dict)
+    # torch hooks that make ``model`` compute those online rotations (so it stays the graph's reference)
+    rotation_hooks: list = field(default_factory=list)
+    # run-time quantization the graph must do (act_quant / kv_quant passes): linear name -> its input's
+    # TokenQuantSpec, and the KV cache's (``KVQuantState``) or None
+    act_quant: dict = field(default_factory=dict)
+    kv_quant: object | None = None
+    quant_hooks: list = field(default_factory=list)
 
     @property
     def config(self):

@@ -11,8 +11,11 @@ from types import ModuleType
 
 PASSES: dict[str, str] = {
     "canonicalize": "qcompile.passes.canonicalize",
+    "rotate": "qcompile.passes.rotate",
     "rtn": "qcompile.passes.rtn",
     "gptq": "qcompile.passes.gptq",
+    "act_quant": "qcompile.passes.act_quant",
+    "kv_quant": "qcompile.passes.kv_quant",
 }
 
 

@@ -1,0 +1,274 @@
+"""Write a bundle from an exported folder, and check one before it is loaded."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import onnx
+
+import qcompile
+from qcompile.bundle.archive import FORMATS, archive_format, extract, write_archive
+from qcompile.bundle.genai import GENAI_CONFIG_FILE, genai_config, tokenizer_note
+from qcompile.errors import QCompileError
+from qcompile.fsutil import atomic_dir, check_output
+from qcompile.runtime.ort import META_FILE, MODEL_FILE
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_NAME = "qcompile-bundle"
+FORMAT_VERSION = 1
+REPORT_FILE = "report.json"  # qcompile.pipeline's, not imported: it pulls in torch
+REQUIRED = (MODEL_FILE, "config.json")
+OPTIONAL = (META_FILE, "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+            "chat_template.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# The oldest ONNX Runtime that runs our graphs: opset-21 DequantizeLinear on int4/uint4 blocks. Checked on a tiny
+# uint4 export: 1.19.0 gives the same logits as 1.32.0; 1.18.0 refuses the uint4 type.
+MIN_ORT_VERSION = "1.19.0"
+_CHUNK = 1 << 20
+
+
+class BundleError(QCompileError):
+    """A bundle that must not be loaded: missing, truncated or altered files, or an unreadable manifest."""
+
+
+def sha256_file(path: Path) -> str:
+    """As qcompile.models.loader's, without importing torch (inspect and verify need none)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _copy_hashed(src: Path, dest: Path) -> dict:
+    """Copy one file, hashing it on the way (one read of each byte)."""
+    h, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        while block := fin.read(_CHUNK):
+            h.update(block)
+            fout.write(block)
+            size += len(block)
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and tensor attributes, subgraphs included: everything that may hold external data."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+                yield from _all_tensors(sub)
+
+
+def external_data_files(model_path: Path) -> list[str]:
+    """The files the graph's initializers live in (names relative to the graph's folder)."""
+    graph = onnx.load(str(model_path), load_external_data=False)
+    names = set()
+    for tensor in _all_tensors(graph.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            parts = PurePosixPath(location.replace("\\", "/")).parts
+            if not location or location.startswith(("/", "\\")) or ".." in parts or len(parts) != 1:
+                raise QCompileError(f"{model_path} keeps weights in {location!r}, outside its folder; "
+                                    "re-export it")
+            names.add(location)
+    return sorted(names)
+
+
+def _measured(report: dict) -> dict:
+    """Quality and speed figures from report.json, without machine-local paths."""
+    quality = {}
+    for key, res in (report.get("eval") or {}).items():
+        res = dict(res)
+        if "text" in res:
+            res["text"] = Path(str(res["text"])).name
+        quality[key] = res
+    return {"quality": quality or None, "speed": report.get("speed") or None}
+
+
+def _runtime_versions() -> dict:
+    import onnxruntime
+
+    try:
+        import onnxruntime_genai
+
+        genai = onnxruntime_genai.__version__
+    except ImportError:
+        genai = None
+    return {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": genai}
+
+
+def _write_bundle(src: Path, out: Path) -> dict:
+    """Fill the empty folder ``out`` with the bundle of the exported folder ``src``; returns the manifest."""
+    for name in REQUIRED:
+        if not (src / name).is_file():
+            raise QCompileError(f"{src} has no {name}: not an exported folder; run `qcompile export` first")
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        raise QCompileError(f"{src} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); re-export it")
+    names = [MODEL_FILE] + external_data_files(src / MODEL_FILE)
+    names += [n for n in REQUIRED + OPTIONAL if n not in names and (src / n).is_file()]
+    for name in names:
+        if not (src / name).is_file():
+            raise QCompileError(f"{src} is incomplete: the graph's weights file {name} is missing; re-export it")
+    files = {name: _copy_hashed(src / name, out / name) for name in names}
+
+    graph = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    (out / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(out, graph, MODEL_FILE), indent=2))
+    files[GENAI_CONFIG_FILE] = {"sha256": sha256_file(out / GENAI_CONFIG_FILE),
+                                "bytes": (out / GENAI_CONFIG_FILE).stat().st_size}
+
+    meta = json.loads((src / META_FILE).read_text()) if (src / META_FILE).is_file() else {}
+    report = json.loads((src / REPORT_FILE).read_text()) if (src / REPORT_FILE).is_file() else {}
+    versions = _runtime_versions()
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "qcompile_version": qcompile.__version__,
+        "exported_with": meta.get("qcompile_version"),
+        "recipe": meta.get("recipe"),
+        "source": meta.get("source"),
+        "quantization": meta.get("quantization"),
+        "measured": _measured(report),
+        "runtime": {
+            "onnxruntime": {"min_version": MIN_ORT_VERSION, "packaged_with": versions["onnxruntime"]},
+            "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None),
+            "execution_provider": "CPUExecutionProvider",
+            "session_options": meta.get("ort_session_options", {}),
+            "onnxruntime_genai": {"config": GENAI_CONFIG_FILE, "packaged_with": versions["onnxruntime_genai"],
+                                  "tokenizer_note": tokenizer_note(out)},
+        },
+        "files": dict(sorted(files.items())),
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def resolve_format(dest: str | os.PathLike, fmt: str | None) -> str:
+    if fmt is None:
+        return archive_format(dest) or "dir"
+    if fmt not in FORMATS:
+        raise QCompileError(f"unknown bundle format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def package(src: str | os.PathLike, dest: str | os.PathLike, fmt: str | None = None,
+            overwrite: bool = False) -> dict:
+    """Bundle the exported folder ``src`` as ``dest`` (a folder, .zip or .tar.gz), atomically; returns the
+    manifest. An error or an interrupt leaves no ``dest`` and no temporary files."""
+    src = Path(src).expanduser()
+    if not (src / MODEL_FILE).is_file():
+        raise QCompileError(f"{src} is not an exported folder (no {MODEL_FILE}); run `qcompile export` first")
+    fmt = resolve_format(dest, fmt)
+    if fmt == "dir":
+        target = check_output(dest, overwrite)
+        if target == src.resolve():
+            raise QCompileError("the bundle cannot replace the folder it is made from; choose another output")
+        with atomic_dir(target, overwrite=overwrite) as tmp:
+            return _write_bundle(src, tmp)
+    target = Path(dest).expanduser().resolve()
+    if target.exists() and not overwrite:
+        raise QCompileError(f"output {target} already exists; choose another path or pass --overwrite")
+    if target.is_dir():
+        raise QCompileError(f"output {target} is a folder; give a file name ending in .{fmt}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        (work / "bundle").mkdir()
+        manifest = _write_bundle(src, work / "bundle")
+        write_archive(work / "bundle", work / target.name, fmt)
+        os.replace(work / target.name, target)
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"bundle {folder} has an unreadable {MANIFEST_FILE}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise BundleError(f"{path} is not a qcompile bundle manifest")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise BundleError(f"bundle {folder} was made by a newer qcompile (manifest format "
+                          f"{manifest['format_version']}); upgrade qcompile to load it")
+    if not isinstance(manifest.get("files"), dict) or MODEL_FILE not in manifest["files"]:
+        raise BundleError(f"bundle {folder} has a {MANIFEST_FILE} that lists no {MODEL_FILE}")
+    return manifest
+
+
+def verify(folder: str | os.PathLike) -> dict:
+    """Check every file the manifest lists (size first, then sha256); returns the manifest or raises
+    ``BundleError`` naming the first bad file. Files not in the manifest are ignored: nothing loads them."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    fix = "re-copy or re-package the bundle"
+    for name, entry in manifest["files"].items():
+        parts = PurePosixPath(name).parts
+        if len(parts) != 1 or name in (".", "..") or "\\" in name:
+            raise BundleError(f"bundle {folder} has a {MANIFEST_FILE} naming a file outside the bundle ({name!r})")
+        path = folder / name
+        if not path.is_file():
+            raise BundleError(f"bundle {folder} is incomplete: {name} is missing; {fix}")
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            raise BundleError(f"bundle {folder} is damaged: {name} has {size} bytes, {MANIFEST_FILE} says "
+                              f"{entry.get('bytes')} (truncated or altered); {fix}")
+        if sha256_file(path) != entry.get("sha256"):
+            raise BundleError(f"bundle {folder} is damaged: {name} does not match its sha256 in {MANIFEST_FILE} "
+                              f"(altered or corrupted); {fix}")
+    return manifest
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def check_runtime(manifest: dict) -> None:
+    """Refuse to load a bundle on an ONNX Runtime older than it needs."""
+    import onnxruntime
+
+    need = (manifest.get("runtime", {}).get("onnxruntime") or {}).get("min_version")
+    if need and _version_tuple(onnxruntime.__version__) < _version_tuple(need):
+        raise BundleError(f"this bundle needs onnxruntime >= {need}; installed is {onnxruntime.__version__}")
+
+
+@contextlib.contextmanager
+def opened(path: str | os.PathLike) -> Iterator[Path]:
+    """The folder to load for ``path``: an exported folder as it is; a bundle folder once verified; a .zip or
+    .tar.gz bundle extracted (safely) into a temporary folder, verified, and removed afterwards."""
+    path = Path(path).expanduser()
+    if path.is_file() and archive_format(path):
+        with tempfile.TemporaryDirectory(prefix="qcompile-bundle-") as tmp:
+            extract(path, tmp)
+            folder = Path(tmp)
+            if not (folder / MANIFEST_FILE).is_file():
+                subdirs = [p for p in folder.iterdir() if p.is_dir()]
+                if len(subdirs) == 1 and (subdirs[0] / MANIFEST_FILE).is_file():
+                    folder = subdirs[0]
+                else:
+                    raise BundleError(f"archive {path} holds no {MANIFEST_FILE}: not a qcompile bundle")
+            check_runtime(verify(folder))
+            yield folder
+        return
+    if (path / MANIFEST_FILE).is_file():
+        check_runtime(verify(path))
+    elif all((path / n).is_file() for n in (GENAI_CONFIG_FILE, META_FILE, MODEL_FILE)):  # never in an export
+        raise BundleError(f"bundle {path} is incomplete: {MANIFEST_FILE} is missing; re-copy or re-package it")
+    yield path
