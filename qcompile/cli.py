@@ -1,4 +1,4 @@
-"""`qcompile` command line: export, eval, run, recipes.
+"""`qcompile` command line: export, eval, run, package, inspect, report, recipes.
 
 Errors the user can fix print one line (``qcompile: error: ...``) and exit with status 2; nothing half-written
 is left behind (outputs are written to a temporary folder and renamed).
