@@ -1,0 +1,280 @@
+"""qcompile's Triton kernels on one GPU, every ratio from the same run (issue 7's targets).
+
+1. peak device-to-device copy bandwidth (read + write), the reference for "effective bandwidth";
+2. int4 (and int8) weight-only GEMV at Llama-3-8B shapes, batch 1: effective bandwidth (bytes the kernel must
+   read / time) as a fraction of the peak copy bandwidth, and speedup over torch fp16 GEMV (cuBLAS);
+3. W8A8 and W4A4 GEMM (per-token activation quantization + int8 tensor cores) vs fp16 ``torch.matmul`` at M >= 1024,
+   GEMM alone and with the quantization kernel included;
+4. quantized-KV decode attention (int8, int4; Llama-3-8B heads: 32 query / 8 KV heads of 128) at 8k and 32k
+   context vs fp16 SDPA.
+
+Decode-sized calls take a few microseconds, less than a Python launch, and a 8-32 MB weight fits the 50 MB L2.
+So each measurement captures a CUDA graph that calls the op on enough distinct copies of its operands to exceed
+the L2 several times, replays it, and divides (what a decode step does: every layer reads new weights).
+
+    python bench/triton_kernels.py --out bench/results/triton_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qcompile.runtime.triton import reference as R  # noqa: E402
+from qcompile.runtime.triton.kv_attention import KVCache, decode_attention, rope_store  # noqa: E402
+from qcompile.runtime.triton.packing import pack_from_export, pack_int_gemm  # noqa: E402
+from qcompile.runtime.triton.w8a8 import _GEMM as INT_TUNER  # noqa: E402
+from qcompile.runtime.triton.w8a8 import int_linear, quantize_rows  # noqa: E402
+from qcompile.runtime.triton.wq_matmul import _GEMV as GEMV_TUNER  # noqa: E402
+from qcompile.runtime.triton.wq_matmul import wq_linear  # noqa: E402
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N out, K in): q/o_proj, gate/up_proj, down_proj
+L2_BYTES = 50 * 2**20
+
+
+def graph_time(calls, reps: int = 20) -> float:
+    """Seconds per call: ``calls`` (a list of closures) captured once in a CUDA graph, replayed ``reps`` times."""
+    for c in calls:  # eager warm-up: tuning, workspaces
+        c()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / (reps * len(calls)))
+    del g
+    return best
+
+
+def copies_for(nbytes: int, factor: int = 4, cap: int = 64) -> int:
+    return max(2, min(cap, math.ceil(factor * L2_BYTES / nbytes)))
+
+
+def peak_copy_bandwidth() -> dict:
+    out = {}
+    for mib in (256, 1024):
+        n = mib * 2**20 // 2
+        a = torch.empty(n, dtype=torch.float16, device="cuda").normal_()
+        b = torch.empty_like(a)
+        t = graph_time([lambda a=a, b=b: b.copy_(a)], reps=20)
+        out[f"{mib}MiB"] = 2 * a.numel() * 2 / t / 1e12
+        del a, b
+    torch.cuda.empty_cache()
+    return {"tb_per_s": max(out.values()), "by_size_tb_per_s": out}
+
+
+def random_int_weight(n, k, bits, sym, group, gen):
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
+    q = torch.randint(qmin, qmax + 1, (n, k), generator=gen, dtype=torch.int16)
+    scale = torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3
+    zero = None if sym else torch.randint(0, qmax + 1, (n, k // group), generator=gen).float()
+    return q, scale, zero
+
+
+def bench_gemv(peak: float, bits: int, group: int = 128) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n, k in SHAPES:
+        q, scale, zero = random_int_weight(n, k, bits, False, group, gen)
+        base = pack_from_export(q, scale, zero, bits=bits, dtype=torch.float16).to("cuda")
+        wbytes = base.nbytes
+        copies = copies_for(wbytes)
+        packed = [base] + [replace(base, qweight=base.qweight.clone(), scale=base.scale.clone(),
+                                   zero=None if base.zero is None else base.zero.clone()) for _ in range(copies - 1)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
+        y = wq_linear(x, base)
+        ref = R.wq_linear_ref(x.float(), base.to(dtype=torch.float32))
+        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+        t_q = graph_time([lambda p=p, o=o: wq_linear(x, p, out=o) for p, o in zip(packed, outs)])
+        del packed
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        c16 = copies_for(w16.numel() * 2, cap=16)
+        ws = [w16] + [w16.clone() for _ in range(c16 - 1)]
+        t_16 = graph_time([lambda w=w: F.linear(x, w) for w in ws])
+        del ws, w16
+        torch.cuda.empty_cache()
+        bytes_read = wbytes + x.numel() * 2 + n * 2
+        bw = bytes_read / t_q / 1e12
+        key = (1, n, k, bits, group, torch.float16, None)
+        rows.append({
+            "bits": bits, "group": group, "N": n, "K": k, "us": t_q * 1e6, "effective_tb_per_s": bw,
+            "fraction_of_peak_copy": bw / peak, "fp16_us": t_16 * 1e6,
+            "fp16_effective_tb_per_s": (n * k * 2 + k * 2 + n * 2) / t_16 / 1e12, "speedup_vs_fp16": t_16 / t_q,
+            "max_rel_err_vs_reference": err, "weight_copies": copies, "config": GEMV_TUNER.best.get(key),
+        })
+        print(f"int{bits} GEMV {n}x{k}: {t_q * 1e6:.2f} us, {bw:.2f} TB/s = {bw / peak:.0%} of copy peak; "
+              f"fp16 {t_16 * 1e6:.2f} us -> {t_16 / t_q:.2f}x", flush=True)
+    return rows
+
+
+def tflops(m, n, k, t):
+    return 2 * m * n * k / t / 1e12
+
+
+def do_bench(fn) -> float:
+    from triton.testing import do_bench as tb
+
+    fn()
+    return tb(fn, warmup=25, rep=200) / 1e3
+
+
+def bench_int_gemm(ms=(1024, 2048, 4096)) -> list[dict]:
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for n, k in SHAPES:
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        for bits in (8, 4):
+            q, scale, _ = random_int_weight(n, k, bits, True, k, gen)  # per-channel, symmetric
+            pw = pack_int_gemm(q, scale, None, bits=bits).to("cuda")
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                xq, xs = quantize_rows(x, bits)
+                y = int_linear(xq, xs, pw)
+                ref = R.int_linear_ref(xq, xs, pw, torch.float32)
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                t_gemm = do_bench(lambda: int_linear(xq, xs, pw))
+                t_full = do_bench(lambda: int_linear(*quantize_rows(x, bits), pw))
+                t_16 = do_bench(lambda w=w16: torch.matmul(x, w.t()))
+                key = (triton_pow2(m), n, k, bits, pw.group_size, False)
+                rows.append({
+                    "weights": f"W{bits}A{bits}", "M": m, "N": n, "K": k, "gemm_us": t_gemm * 1e6,
+                    "with_quant_us": t_full * 1e6, "fp16_us": t_16 * 1e6, "int_tops": tflops(m, n, k, t_gemm),
+                    "fp16_tflops": tflops(m, n, k, t_16), "speedup_gemm": t_16 / t_gemm,
+                    "speedup_with_quant": t_16 / t_full, "max_rel_err_vs_reference": err,
+                    "config": INT_TUNER.best.get(key),
+                })
+                print(f"W{bits}A{bits} M={m} {n}x{k}: {t_gemm * 1e6:.0f} us ({tflops(m, n, k, t_gemm):.0f} TOPS), "
+                      f"+quant {t_full * 1e6:.0f} us; fp16 {t_16 * 1e6:.0f} us ({tflops(m, n, k, t_16):.0f} "
+                      f"TFLOPS) -> {t_16 / t_gemm:.2f}x / {t_16 / t_full:.2f}x", flush=True)
+        del w16
+        torch.cuda.empty_cache()
+    return rows
+
+
+def triton_pow2(m: int) -> int:
+    return 1 << (m - 1).bit_length()
+
+
+def bench_attention(lengths=(8192, 32768)) -> list[dict]:
+    nh, nkv, d = 32, 8, 128
+    rows = []
+    for length in lengths:
+        fp16_bytes = 2 * nkv * length * d * 2
+        layers = copies_for(fp16_bytes, cap=8)
+        cos, sin = _tables(length, d)
+        q = torch.randn(1, nh, d, device="cuda", dtype=torch.float16)
+        lens = torch.tensor([length], dtype=torch.int32, device="cuda")
+        prefix = torch.zeros(1, dtype=torch.int32, device="cuda")
+        caches = {b: [KVCache.allocate(1, nkv, d, length, b, dtype=torch.float16, device="cuda")
+                      for _ in range(layers)] for b in (16, 8, 4)}
+        for li in range(layers):  # the same keys/values in the float, int8 and int4 caches of each layer
+            for start in range(0, length, 8192):
+                cnt = min(8192, length - start)
+                qkv = torch.randn(cnt, (nh + 2 * nkv) * d, device="cuda", dtype=torch.float16)
+                pos = torch.arange(start, start + cnt, dtype=torch.int32, device="cuda")
+                for cs in caches.values():
+                    rope_store(qkv, pos, cnt, cos, sin, cs[li], prefix, nh, nkv)
+        times = {b: graph_time([lambda c=c: decode_attention(q, c, lens, prefix) for c in cs])
+                 for b, cs in caches.items()}
+        # fp16 SDPA over the same float keys/values: GQA handled by SDPA, and with K/V pre-expanded to 32 heads
+        ks = [c.k_float for c in caches[16]]
+        vs = [c.v_float for c in caches[16]]
+        q4 = q[:, :, None]
+        t_gqa = graph_time([lambda k=k, v=v: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+                            for k, v in zip(ks, vs)])
+        kx = [k.repeat_interleave(nh // nkv, 1) for k in ks[:2]]
+        vx = [v.repeat_interleave(nh // nkv, 1) for v in vs[:2]]
+        t_rep = graph_time([lambda k=k, v=v: F.scaled_dot_product_attention(q4, k, v) for k, v in zip(kx, vx)])
+        del kx, vx
+        sdpa = min(t_gqa, t_rep)
+        ref = F.scaled_dot_product_attention(q4.float(), ks[0].float(), vs[0].float(), enable_gqa=True)[:, :, 0]
+        errs = {b: (decode_attention(q, cs[0], lens, prefix).float() - ref).abs().max().item()
+                for b, cs in caches.items()}
+        row = {"context": length, "sdpa_fp16_us": sdpa * 1e6, "sdpa_gqa_us": t_gqa * 1e6,
+               "sdpa_expanded_kv_us": t_rep * 1e6, "layers_rotated": layers}
+        for b in (16, 8, 4):
+            row[f"kv{b}_us"] = times[b] * 1e6
+            row[f"kv{b}_speedup_vs_sdpa"] = sdpa / times[b]
+            row[f"kv{b}_max_abs_err_vs_fp32_float_cache"] = errs[b]
+        rows.append(row)
+        print(f"decode attention {length}: SDPA fp16 {sdpa * 1e6:.1f} us; ours fp16 {times[16] * 1e6:.1f}, int8 "
+              f"{times[8] * 1e6:.1f} ({sdpa / times[8]:.2f}x), int4 {times[4] * 1e6:.1f} ({sdpa / times[4]:.2f}x)",
+              flush=True)
+        del caches, ks, vs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _tables(length, d):
+    inv = 1.0 / (500000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    ang = torch.arange(length, device="cuda").float()[:, None] * inv[None]
+    return ang.cos().contiguous(), ang.sin().contiguous()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results/triton_kernels.json")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: gemv,gemm,attention")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("triton_kernels: needs a CUDA GPU")
+    import triton
+
+    skip = set(filter(None, args.skip.split(",")))
+    t0 = time.time()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version()}
+    res["peak_copy"] = peak_copy_bandwidth()
+    peak = res["peak_copy"]["tb_per_s"]
+    print(f"peak device-to-device copy: {peak:.2f} TB/s (read + write)", flush=True)
+    if "gemv" not in skip:
+        res["gemv"] = bench_gemv(peak, 4) + bench_gemv(peak, 8)
+    if "gemm" not in skip:
+        res["int_gemm"] = bench_int_gemm()
+    if "attention" not in skip:
+        res["decode_attention"] = bench_attention()
+    g4 = [r for r in res.get("gemv", []) if r["bits"] == 4]
+    w8 = [r for r in res.get("int_gemm", []) if r["weights"] == "W8A8"]
+    w4 = [r for r in res.get("int_gemm", []) if r["weights"] == "W4A4"]
+    att = {r["context"]: r for r in res.get("decode_attention", [])}
+    res["targets"] = {
+        "int4_gemv_min_fraction_of_peak (>= 0.75)": min((r["fraction_of_peak_copy"] for r in g4), default=None),
+        "int4_gemv_min_speedup_vs_fp16 (>= 2.5)": min((r["speedup_vs_fp16"] for r in g4), default=None),
+        "w8a8_min_speedup_gemm (>= 1.6)": min((r["speedup_gemm"] for r in w8), default=None),
+        "w8a8_min_speedup_with_quant": min((r["speedup_with_quant"] for r in w8), default=None),
+        "w4a4_min_speedup_gemm": min((r["speedup_gemm"] for r in w4), default=None),
+        "kv8_speedup_at_32k (>= 1.5)": att.get(32768, {}).get("kv8_speedup_vs_sdpa"),
+        "kv4_speedup_at_32k (>= 1.5)": att.get(32768, {}).get("kv4_speedup_vs_sdpa"),
+    }
+    res["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(res["targets"], indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, default=str))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""qcompile's GPU runtime: Triton kernels and a runner that executes an exported folder on CUDA.
+
+The same integers, scales and zero points that the ONNX graph carries (``DequantizeLinear`` initializers) are
+what these kernels read, repacked once at load time: one artifact, two runtimes.
+
+Modules (each kernel module has its pure-torch reference in ``reference``):
+
+* ``packing``      export integers -> kernel layouts (pure torch, no Triton);
+* ``reference``    pure-torch reference of every kernel (what the tests compare against);
+* ``wq_matmul``    weight-only int4/int8 split-K GEMV (decode) and tiled GEMM (prefill);
+* ``w8a8``         per-token activation quantization and int8 tensor-core GEMM (W8A8, W4A4);
+* ``hadamard``     online Walsh-Hadamard transform, 2^k and m*2^k orders;
+* ``kv_attention`` RoPE + quantized KV-cache store, split-K decode attention with a float prefix;
+* ``runner``       ``TritonCausalLM``: an exported folder on the GPU, static KV cache, CUDA-graph decode.
+
+Triton is imported only by the kernel modules, so ``import qcompile`` (and the ORT runtime) never needs it.
+"""
+
+from qcompile.runtime.triton._env import interpreting, require_triton
+
+__all__ = ["interpreting", "require_triton"]

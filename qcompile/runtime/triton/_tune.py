@@ -1,0 +1,70 @@
+"""Choosing a kernel configuration: timed once per shape key on the GPU, fixed under the interpreter.
+
+A small tuner instead of ``triton.autotune``: the candidate list depends on the shape (e.g. the split-K factor is
+derived from N, K and the SM count), a test can force any candidate, and a key seen for the first time while a CUDA
+graph is being captured is an error naming the kernel (tuning must happen in the eager warm-up before capture).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from qcompile.runtime.triton._env import autotuning, interpreting
+
+
+def num_sms(device) -> int:
+    if interpreting() or torch.device(device).type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_opts(cfg: dict) -> tuple[dict, dict]:
+    """Split a config into kernel meta-parameters and launch options (num_warps, num_stages)."""
+    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    opts = {} if interpreting() else {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
+    return meta, opts
+
+
+class Tuner:
+    """Per-kernel cache ``key -> best config``; ``best`` is read by the benchmarks to report what was chosen."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.best: dict = {}
+
+    def run(self, key, candidates: list[dict], launch: Callable[[dict], None], config: dict | None = None) -> dict:
+        if config is not None:
+            launch(config)
+            return config
+        if not candidates:
+            raise ValueError(f"{self.name}: no kernel configuration fits key {key}")
+        if not autotuning() or len(candidates) == 1:
+            launch(candidates[0])
+            return candidates[0]
+        cfg = self.best.get(key)
+        if cfg is None:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"{self.name}: shape {key} was not tuned before CUDA-graph capture; run the same "
+                                   "call once eagerly first")
+            cfg = self._tune(key, candidates, launch)
+        launch(cfg)
+        return cfg
+
+    def _tune(self, key, candidates: list[dict], launch: Callable[[dict], None]) -> dict:
+        from triton.testing import do_bench
+
+        best, best_ms, last_err = None, float("inf"), None
+        for cfg in candidates:
+            try:
+                ms = do_bench(lambda: launch(cfg), warmup=5, rep=25)
+            except Exception as e:  # a config the compiler or the device rejects (e.g. shared memory)
+                last_err = e
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        if best is None:
+            raise RuntimeError(f"{self.name}: every configuration failed for {key}") from last_err
+        self.best[key] = best
+        return best

@@ -1,0 +1,267 @@
+"""Compile every kernel configuration for a GPU architecture on a machine without a GPU.
+
+Triton's wheel bundles ``ptxas``, so ``triton.compile`` can lower a kernel to a cubin for sm_90 anywhere. This
+catches what the interpreter cannot: lowering errors (dot shapes and dtypes, layouts), shared memory above the
+device limit, and register spills, for each autotuning candidate at the shapes the runtime and the benchmarks use.
+
+    python -m qcompile.runtime.triton.aot_check            # one config per kernel variant
+    python -m qcompile.runtime.triton.aot_check --all      # every tuning candidate at Llama-3-8B shapes
+    python -m qcompile.runtime.triton.aot_check --small    # the tiny shapes the tests launch (about a minute)
+
+Exit status 1 if anything fails to compile or exceeds shared memory; register spills are listed (they cost
+speed, not correctness). Must not run with
+``TRITON_INTERPRET=1`` (the interpreter replaces the compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+SHARED_LIMIT = 232448  # bytes of shared memory one block may opt into on H100 (227 KiB)
+
+
+def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+        path = f.name
+    try:
+        out = subprocess.run([knobs.nvidia.ptxas.path, f"-arch=sm_{arch}a", "-v", "-o", os.devnull, path],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(path)
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", out).group(1))
+    return regs, spills
+
+
+def compile_one(fn, types: dict, consts: dict, ints: dict | None = None, num_warps: int = 4, num_stages: int = 2,
+                arch: int = 90) -> dict:
+    """Compile ``fn`` with argument ``types`` ('*fp16', 'i32', ...) and constexpr ``consts``; ints in ``ints``
+    (example values) that are multiples of 16, and every pointer, get Triton's divisibility specialization."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ints = ints or {}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            continue
+        ty = types[name]
+        sig[name] = ty
+        if ty.startswith("*") or (name in ints and ints[name] % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(consts), attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+    regs, spills = _ptxas_stats(k.asm["ptx"], arch)
+    return {"shared": k.metadata.shared, "regs": regs, "spills": spills}
+
+
+def _ptr(dtype):
+    return f"*{dtype}"
+
+
+def cases(all_configs: bool):
+    """(label, fn, types, consts, ints, warps, stages) for every kernel variant the runtime launches."""
+    from qcompile.runtime.triton import hadamard, kv_attention, norm, w8a8, wq_matmul
+    from qcompile.runtime.triton.packing import PackedIntWeight
+
+    sms = 132
+    shapes = [(4096, 4096), (14336, 4096), (4096, 14336)] if all_configs else [(4096, 4096)]
+    for act_dt in ("fp16", "fp32"):
+        for bits in (4, 8):
+            for n, k in shapes:
+                for m in ((1, 4, 8) if all_configs else (1,)):
+                    cands = wq_matmul.gemv_candidates(m, n, k, bits, sms)
+                    for cfg in (cands if all_configs else cands[:1]):
+                        meta = {kk: v for kk, v in cfg.items() if kk not in ("num_warps", "num_stages")}
+                        for zero, res, act in ((True, True, True), (False, False, False)):
+                            types = dict(x_ptr=_ptr(act_dt), w_ptr="*i32", s_ptr=_ptr(act_dt), z_ptr="*u8",
+                                         b_ptr=_ptr(act_dt), r_ptr=_ptr(act_dt), out_ptr=_ptr(act_dt),
+                                         part_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
+                                         stride_xm="i32", stride_rm="i32", stride_om="i32")
+                            consts = dict(BITS=bits, GROUP=128, HAS_ZERO=zero, HAS_BIAS=not zero, HAS_RES=res,
+                                          ACT_SILU_MUL=act, **meta)
+                            yield (f"gemv {act_dt} int{bits} M={m} {n}x{k} {cfg} zero={zero} act={act}",
+                                   wq_matmul._gemv_kernel, types, consts, dict(N=n, K=k, stride_xm=k, stride_rm=n,
+                                                                              stride_om=n),
+                                   cfg.get("num_warps", 4), cfg.get("num_stages", 2))
+                    if act_dt == "fp16" and m == 1 or act_dt == "fp32":
+                        cands = wq_matmul.gemm_candidates(2048 if act_dt == "fp16" else 64, n, k, 128,
+                                                          act_dt == "fp32")
+                        for cfg in (cands if all_configs else cands[:2]):
+                            meta = {kk: v for kk, v in cfg.items() if kk not in ("num_warps", "num_stages")}
+                            types = dict(x_ptr=_ptr(act_dt), w_ptr="*i32", s_ptr=_ptr(act_dt), z_ptr="*u8",
+                                         b_ptr=_ptr(act_dt), r_ptr=_ptr(act_dt), out_ptr=_ptr(act_dt), M="i32",
+                                         N="i32", K="i32", stride_xm="i32", stride_rm="i32", stride_om="i32")
+                            for group in (128, 32):
+                                consts = dict(BITS=bits, GROUP=group, HAS_ZERO=True, HAS_BIAS=True, HAS_RES=True,
+                                              IEEE=act_dt == "fp32", **meta)
+                                yield (f"gemm {act_dt} int{bits} g{group} {n}x{k} {cfg}", wq_matmul._gemm_kernel,
+                                       types, consts, dict(N=n, K=k, stride_xm=k, stride_rm=n, stride_om=n),
+                                       cfg.get("num_warps", 4), cfg.get("num_stages", 2))
+
+    for k in (4096, 14336):
+        for normed in (False, True):
+            block = 1 << (k - 1).bit_length()
+            yield (f"quantize_rows K={k} norm={normed}", w8a8._quant_rows_kernel,
+                   dict(x_ptr="*fp16", w_ptr="*fp16", q_ptr="*i8", s_ptr="*fp32", K="i32", stride_x="i32",
+                        stride_q="i32", eps="fp32", clip="fp32"),
+                   dict(QMAX=127, NORM=normed, HAS_W=normed, BLOCK=block), dict(K=k, stride_x=k, stride_q=k),
+                   4 if block <= 2048 else 8 if block <= 8192 else 16, 1)
+
+    for n, k in shapes:
+        for bits, group in ((8, k), (8, 128), (4, k), (4, 128)):
+            pw = PackedIntWeight(qweight=None, scale=None, zero=None, bits=bits, group_size=group, in_features=k,
+                                 out_features=n, half=64 if bits == 4 else 0)
+            cands = w8a8.int_gemm_candidates(4096, n, k, pw)
+            for cfg in (cands if all_configs else cands[:2]):
+                meta = {kk: v for kk, v in cfg.items() if kk not in ("num_warps", "num_stages")}
+                types = dict(a_ptr="*i8", as_ptr="*fp32", b_ptr="*u8" if bits == 4 else "*i8", bs_ptr="*fp32",
+                             bz_ptr="*i32", bias_ptr="*fp32", out_ptr="*fp16", M="i32", N="i32", K="i32",
+                             stride_am="i32", stride_bn="i32", stride_om="i32")
+                consts = dict(W4=bits == 4, GROUP=group, PER_CHANNEL=group >= k, HAS_ZERO=False, HAS_BIAS=False,
+                              **meta)
+                yield (f"int_gemm W{bits} g{group} {n}x{k} {cfg}", w8a8._int_gemm_kernel, types, consts,
+                       dict(N=n, K=k, stride_am=k, stride_bn=k if bits == 8 else k // 2, stride_om=n),
+                       cfg.get("num_warps", 4), cfg.get("num_stages", 2))
+
+    import torch
+
+    for n in (64, 128, 576, 1536, 4096, 11008, 14336, 18944, 28672):
+        for dt in ("fp16", "fp32"):
+            kind, _, geo = hadamard._plan(n, None, torch.float16 if dt == "fp16" else torch.float32, "cpu")
+            for quant in (False, True):
+                if kind == "dense":
+                    npad = geo
+                    yield (f"hadamard dense n={n} {dt} quant={quant}", hadamard._had_dense_kernel,
+                           dict(x_ptr=_ptr(dt), m_ptr=_ptr(dt), y_ptr=_ptr(dt), q_ptr="*i8", qs_ptr="*fp32",
+                                M="i32", N="i32", stride_x="i32", stride_y="i32", scale="fp32"),
+                           dict(NP=npad, BLOCK_M=16 if npad >= 128 else 32, QUANT=quant, QMAX=127, IEEE=dt == "fp32"),
+                           dict(N=n, stride_x=n, stride_y=n), 8 if dt == "fp32" and npad >= 128 else 4, 2)
+                else:
+                    r, c, rp, cp = geo
+                    warps = hadamard.warps_2d(rp, cp, dt == "fp32")
+                    yield (f"hadamard 2d n={n} ({rp}x{cp}) {dt} quant={quant}", hadamard._had_2d_kernel,
+                           dict(x_ptr=_ptr(dt), l_ptr=_ptr(dt), h_ptr=_ptr(dt), y_ptr=_ptr(dt), q_ptr="*i8",
+                                qs_ptr="*fp32", R="i32", C="i32", stride_x="i32", stride_y="i32", s1="fp32",
+                                s2="fp32"),
+                           dict(RP=rp, CP=cp, BK=min(rp, 64), QUANT=quant, QMAX=127, IEEE=dt == "fp32"),
+                           dict(R=r, C=c, stride_x=n, stride_y=n), warps, 2)
+
+    for dt in ("fp16", "fp32"):
+        for d in (64, 128):
+            for kv_bits, sym in ((16, False), (8, False), (4, True)):
+                for qk_norm in (False, True):
+                    yield (f"rope_store {dt} D={d} kv{kv_bits} qk_norm={qk_norm}", kv_attention._rope_store_kernel,
+                           dict(qkv_ptr=_ptr(dt), pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", qn_ptr="*fp32",
+                                kn_ptr="*fp32", q_out=_ptr(dt), k_out=_ptr(dt), v_out=_ptr(dt), kf_ptr=_ptr(dt),
+                                vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*fp32",
+                                vs_ptr="*fp32", vz_ptr="*fp32", prefix_ptr="*i32", T="i32", stride_qkv="i32",
+                                eps="fp32", PCAP="i32", SMAX="i32", clip="fp32"),
+                           dict(NH=32, NKV=8, D=d, KV_BITS=kv_bits, KV_SYM=sym, QK_NORM=qk_norm, OUT_KV=qk_norm),
+                           dict(stride_qkv=48 * d), 1 if d <= 64 else 2, 2)
+                g = 4
+                yield (f"decode_attention {dt} D={d} kv{kv_bits} G={g}", kv_attention._decode_kernel,
+                       dict(q_ptr=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8",
+                            ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32", lens_ptr="*i32",
+                            prefix_ptr="*i32", po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
+                            PCAP="i32", SMAX="i32", WINDOW="i32", NUM_SPLITS="i32"),
+                       dict(NKV=8, G=g, GP=16, D=d, KV_BITS=kv_bits, BLOCK_S=64, USE_DOT=True, IEEE=dt == "fp32"),
+                       {}, kv_attention.decode_warps(d, dt == "fp32"), 2)
+            yield (f"combine D={d} {dt}", kv_attention._combine_kernel,
+                   dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_ptr(dt), NUM_SPLITS="i32"),
+                   dict(SP=64, D=d), {}, 4, 2)
+        for n in (576, 4096):
+            yield (f"rms_norm {dt} N={n}", norm._rms_norm_kernel,
+                   dict(x_ptr=_ptr(dt), w_ptr=_ptr(dt), y_ptr=_ptr(dt), N="i32", stride_x="i32", stride_y="i32",
+                        eps="fp32"),
+                   dict(HAS_W=True, BLOCK=1 << (n - 1).bit_length()), dict(N=n, stride_x=n, stride_y=n), 4, 2)
+
+
+def small_cases():
+    """The tiny shapes the tests (and tiny models) launch on a GPU: non-dot attention (head_dim 16), batched GEMV
+    tiles, padded Hadamard sizes."""
+    from qcompile.runtime.triton import hadamard, kv_attention, wq_matmul
+
+    for dt in ("fp32", "fp16"):
+        for d, g, use_dot in ((16, 2, False), (16, 3, False), (32, 3, True)):
+            for kv_bits in (16, 8, 4):
+                gp = max(16, 1 << (g - 1).bit_length()) if use_dot else 1 << (g - 1).bit_length()
+                yield (f"decode_attention {dt} D={d} G={g} kv{kv_bits} small", kv_attention._decode_kernel,
+                       dict(q_ptr=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8",
+                            ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32", lens_ptr="*i32",
+                            prefix_ptr="*i32", po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
+                            PCAP="i32", SMAX="i32", WINDOW="i32", NUM_SPLITS="i32"),
+                       dict(NKV=2, G=g, GP=gp, D=d, KV_BITS=kv_bits, BLOCK_S=64, USE_DOT=use_dot, IEEE=dt == "fp32"),
+                       {}, 4, 2)
+        for bm, bn, br, split in ((2, 16, 2, 3), (8, 32, 8, 1), (1, 64, 16, 2)):
+            types = dict(x_ptr=_ptr(dt), w_ptr="*i32", s_ptr=_ptr(dt), z_ptr="*u8", b_ptr=_ptr(dt), r_ptr=_ptr(dt),
+                         out_ptr=_ptr(dt), part_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
+                         stride_xm="i32", stride_rm="i32", stride_om="i32")
+            yield (f"gemv {dt} small BM={bm} BN={bn} BR={br} split={split}", wq_matmul._gemv_kernel, types,
+                   dict(BITS=4, GROUP=32, HAS_ZERO=True, HAS_BIAS=True, HAS_RES=True, ACT_SILU_MUL=True, BLOCK_M=bm,
+                        BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split), {}, 4, 2)
+        for n in (16, 96):
+            import torch
+
+            _, _, npad = hadamard._plan(n, None, torch.float32 if dt == "fp32" else torch.float16, "cpu")
+            yield (f"hadamard dense n={n} {dt} small", hadamard._had_dense_kernel,
+                   dict(x_ptr=_ptr(dt), m_ptr=_ptr(dt), y_ptr=_ptr(dt), q_ptr="*i8", qs_ptr="*fp32", M="i32",
+                        N="i32", stride_x="i32", stride_y="i32", scale="fp32"),
+                   dict(NP=npad, BLOCK_M=32, QUANT=True, QMAX=127, IEEE=dt == "fp32"), {}, 4, 2)
+        yield (f"rope_store {dt} D=16 small", kv_attention._rope_store_kernel,
+               dict(qkv_ptr=_ptr(dt), pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", qn_ptr=_ptr(dt),
+                    kn_ptr=_ptr(dt), q_out=_ptr(dt), k_out=_ptr(dt), v_out=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt),
+                    kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32",
+                    prefix_ptr="*i32", T="i32", stride_qkv="i32", eps="fp32", PCAP="i32", SMAX="i32", clip="fp32"),
+               dict(NH=4, NKV=2, D=16, KV_BITS=4, KV_SYM=False, QK_NORM=True, OUT_KV=True), {}, 1, 2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--all", action="store_true", help="every tuning candidate at the Llama-3-8B shapes")
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--filter", default="", help="only labels containing this text")
+    ap.add_argument("--small", action="store_true", help="only the tiny shapes the tests launch on a GPU")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("aot_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
+        return 2
+    bad = spilled = 0
+    import itertools
+
+    todo = small_cases() if args.small else itertools.chain(cases(args.all), small_cases())
+    for label, fn, types, consts, ints, warps, stages in todo:
+        if args.filter not in label:
+            continue
+        try:
+            r = compile_one(fn, types, consts, ints, warps, stages, args.arch)
+        except Exception as e:  # report every failure, keep going
+            bad += 1
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            why = " | ".join(lines[-3:]) if lines else ""
+            cause = f" <- {type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ is not None else ""
+            print(f"FAIL {label}: {type(e).__name__}: {why}{cause}", flush=True)
+            continue
+        over = r["shared"] > SHARED_LIMIT
+        bad += over
+        spilled += r["spills"] > 0
+        tag = "FAIL" if over else "SPILL" if r["spills"] else "ok  "
+        print(f"{tag} {label}: regs {r['regs']}, spills {r['spills']} B, shared {r['shared']} B", flush=True)
+    print(f"aot_check: {bad} failure(s) (compile errors, shared memory over {SHARED_LIMIT} B); {spilled} "
+          "configuration(s) spill registers (slower, still correct)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

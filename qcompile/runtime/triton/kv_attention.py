@@ -1,0 +1,389 @@
+"""KV cache with a float prefix and a quantized rest; RoPE + cache store; split-K decode attention (GQA).
+
+Cache of one layer (``KVCache``), positions indexed absolutely:
+
+* positions ``< prefix[b]`` live in the float prefix ``k_float/v_float`` [B, Hkv, P_cap, D] (BiSup's prompt mixed
+  precision: the system prompt's keys and values, and the attention sinks with them, stay in high precision);
+* the rest in ``k_q/v_q`` [B, Hkv, S, D] uint8 (8-bit) or [B, Hkv, S, D/2] (4-bit), quantized per token per head
+  over D with the arithmetic of ``qcompile.quant.activations.fake_quantize_tokens`` (asymmetric with an integer
+  zero point and a range that contains 0, or symmetric; optional clip ratio; ties-to-even rounding), so the cache
+  holds exactly the grid values the graph's KV fake quantization computes: ``x = (code - zero) * scale``
+  (``scale/zero`` float32 [B, Hkv, S]; symmetric codes are stored offset by 2^(b-1)). 4-bit codes are packed
+  ``byte[j] = code[j] | code[j + D/2] << 4``: the two halves RoPE already splits, so every load is contiguous;
+* ``bits=16`` keeps everything in the float buffers (P_cap = S, prefix = S): the unquantized cache.
+
+``rope_store`` (one program per token and head) applies the optional per-head q/k RMSNorm (Qwen3) and RoPE,
+writes q out, and writes k/v into the cache, quantizing in registers when the position is past the prefix.
+
+``decode_attention`` is flash-decoding: the grid is (B * Hkv) x splits; each program walks one slice of the
+sequence for one KV head and all ``G = Hq / Hkv`` query heads that share it (K/V are read once per group; the
+group is padded to 16 rows for tensor-core dots), first over the float prefix, then over the quantized part
+(dequantized in registers), with an online softmax in base 2; a second kernel merges the splits. The sequence
+length is read from a device tensor, so the launch has a fixed grid and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qcompile.runtime.triton._env import interpreting, require_triton
+
+triton = require_triton()
+import triton.language as tl  # noqa: E402
+
+from qcompile.runtime.triton._jit import MIN_SCALE, round_half_even  # noqa: E402
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass
+class KVCache:
+    """One layer's static cache (see the module docstring)."""
+
+    bits: int
+    k_float: torch.Tensor
+    v_float: torch.Tensor
+    k_q: torch.Tensor
+    v_q: torch.Tensor
+    k_scale: torch.Tensor
+    k_zero: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: torch.Tensor
+    symmetric: bool = False
+    clip_ratio: float = 1.0
+
+    @classmethod
+    def allocate(cls, batch: int, kv_heads: int, head_dim: int, max_len: int, bits: int = 16,
+                 prefix_capacity: int = 0, dtype: torch.dtype = torch.float16, device="cuda",
+                 symmetric: bool = False, clip_ratio: float = 1.0) -> KVCache:
+        if bits not in (16, 8, 4):
+            raise ValueError(f"KV bits must be 16, 8 or 4, got {bits}")
+        if head_dim & (head_dim - 1) or head_dim < 4:
+            raise ValueError(f"head_dim must be a power of two >= 4, got {head_dim}")
+        cap = max_len if bits == 16 else max(1, min(prefix_capacity, max_len))
+        fshape = (batch, kv_heads, cap, head_dim)
+        if bits == 16:
+            qshape, sshape = (1,), (1,)
+        else:
+            qshape = (batch, kv_heads, max_len, head_dim if bits == 8 else head_dim // 2)
+            sshape = (batch, kv_heads, max_len)
+
+        def z(shape, dt):
+            return torch.zeros(shape, dtype=dt, device=device)
+
+        if not 0 < clip_ratio <= 1:
+            raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+        return cls(bits, z(fshape, dtype), z(fshape, dtype), z(qshape, torch.uint8), z(qshape, torch.uint8),
+                   z(sshape, torch.float32), z(sshape, torch.float32), z(sshape, torch.float32),
+                   z(sshape, torch.float32), bool(symmetric), float(clip_ratio))
+
+    @property
+    def prefix_capacity(self) -> int:
+        return self.k_float.shape[2]
+
+    @property
+    def max_len(self) -> int:
+        return self.k_float.shape[2] if self.bits == 16 else self.k_q.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_float.shape[3]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k_float.shape[1]
+
+
+# -- kernels ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms(x1, x2, w_ptr, half, eps, D: tl.constexpr):
+    r = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
+    w1 = tl.load(w_ptr + half).to(tl.float32)
+    w2 = tl.load(w_ptr + D // 2 + half).to(tl.float32)
+    return x1 * r * w1, x2 * r * w2
+
+
+@triton.jit
+def _kv_quant_store(x1, x2, q_ptr, s_ptr, z_ptr, idx, half, clip, D: tl.constexpr, BITS: tl.constexpr,
+                    SYM: tl.constexpr):
+    """Quantize one token's head (halves x1, x2) as qcompile.quant.activations does, store codes/scale/zero."""
+    if SYM:
+        QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+        MID: tl.constexpr = 1 << (BITS - 1)
+        amax = tl.maximum(tl.max(tl.abs(x1), axis=0), tl.max(tl.abs(x2), axis=0))
+        scale = tl.maximum(tl.div_rn(amax * clip, QMAX), MIN_SCALE)
+        zero = scale * 0.0 + MID
+        c1 = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x1, scale)), -MID), QMAX) + MID
+        c2 = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x2, scale)), -MID), QMAX) + MID
+    else:
+        QMAX: tl.constexpr = (1 << BITS) - 1
+        hi = tl.maximum(tl.maximum(tl.max(x1, axis=0), tl.max(x2, axis=0)), 0.0) * clip
+        lo = tl.minimum(tl.minimum(tl.min(x1, axis=0), tl.min(x2, axis=0)), 0.0) * clip
+        scale = tl.maximum(tl.div_rn(hi - lo, QMAX), MIN_SCALE)
+        zero = round_half_even(tl.div_rn(-lo, scale))
+        c1 = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x1, scale)) + zero, 0.0), QMAX)
+        c2 = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x2, scale)) + zero, 0.0), QMAX)
+    c1 = c1.to(tl.int32)
+    c2 = c2.to(tl.int32)
+    if BITS == 8:
+        tl.store(q_ptr + idx * D + half, c1.to(tl.uint8))
+        tl.store(q_ptr + idx * D + D // 2 + half, c2.to(tl.uint8))
+    else:
+        tl.store(q_ptr + idx * (D // 2) + half, (c1 | (c2 << 4)).to(tl.uint8))
+    tl.store(s_ptr + idx, scale)
+    tl.store(z_ptr + idx, zero)
+
+
+@triton.jit
+def _store_float(k1, k2, v1, v2, kf_ptr, vf_ptr, off, half, D: tl.constexpr):
+    tl.store(kf_ptr + off + half, k1.to(kf_ptr.dtype.element_ty))
+    tl.store(kf_ptr + off + D // 2 + half, k2.to(kf_ptr.dtype.element_ty))
+    tl.store(vf_ptr + off + half, v1.to(vf_ptr.dtype.element_ty))
+    tl.store(vf_ptr + off + D // 2 + half, v2.to(vf_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, q_out, k_out, v_out,
+                       kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, prefix_ptr,
+                       T, stride_qkv, eps, PCAP, SMAX, clip,
+                       NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, KV_BITS: tl.constexpr,
+                       KV_SYM: tl.constexpr, QK_NORM: tl.constexpr, OUT_KV: tl.constexpr):
+    H2: tl.constexpr = D // 2
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    b = row // T
+    pos = tl.load(pos_ptr + row)
+    half = tl.arange(0, H2)
+    cos = tl.load(cos_ptr + pos * H2 + half)
+    sin = tl.load(sin_ptr + pos * H2 + half)
+    base = qkv_ptr + row * stride_qkv
+    if head < NH:
+        x1 = tl.load(base + head * D + half).to(tl.float32)
+        x2 = tl.load(base + head * D + H2 + half).to(tl.float32)
+        if QK_NORM:
+            x1, x2 = _rms(x1, x2, qn_ptr, half, eps, D)
+        q_dst = q_out + (row * NH + head) * D
+        tl.store(q_dst + half, (x1 * cos - x2 * sin).to(q_out.dtype.element_ty))
+        tl.store(q_dst + H2 + half, (x2 * cos + x1 * sin).to(q_out.dtype.element_ty))
+    else:
+        kvh = head - NH
+        k1 = tl.load(base + (NH + kvh) * D + half).to(tl.float32)
+        k2 = tl.load(base + (NH + kvh) * D + H2 + half).to(tl.float32)
+        v1 = tl.load(base + (NH + NKV + kvh) * D + half).to(tl.float32)
+        v2 = tl.load(base + (NH + NKV + kvh) * D + H2 + half).to(tl.float32)
+        if QK_NORM:
+            k1, k2 = _rms(k1, k2, kn_ptr, half, eps, D)
+        r1 = k1 * cos - k2 * sin
+        r2 = k2 * cos + k1 * sin
+        if OUT_KV:
+            kv_off = (row * NKV + kvh) * D
+            tl.store(k_out + kv_off + half, r1.to(k_out.dtype.element_ty))
+            tl.store(k_out + kv_off + H2 + half, r2.to(k_out.dtype.element_ty))
+            tl.store(v_out + kv_off + half, v1.to(v_out.dtype.element_ty))
+            tl.store(v_out + kv_off + H2 + half, v2.to(v_out.dtype.element_ty))
+        slot = b * NKV + kvh
+        if KV_BITS == 16:
+            _store_float(r1, r2, v1, v2, kf_ptr, vf_ptr, (slot * PCAP + pos) * D, half, D)
+        else:
+            if pos < tl.load(prefix_ptr + b):
+                _store_float(r1, r2, v1, v2, kf_ptr, vf_ptr, (slot * PCAP + pos) * D, half, D)
+            else:
+                idx = slot * SMAX + pos
+                _kv_quant_store(r1, r2, kq_ptr, ks_ptr, kz_ptr, idx, half, clip, D, KV_BITS, KV_SYM)
+                _kv_quant_store(v1, v2, vq_ptr, vs_ptr, vz_ptr, idx, half, clip, D, KV_BITS, KV_SYM)
+
+
+@triton.jit
+def _attend(q1, q2, k1, k2, v1, v2, smask, m_i, l_i, acc1, acc2, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """One block of keys: scores (base-2 logits; q is pre-scaled by sm_scale*log2(e)), online-softmax update."""
+    if USE_DOT:
+        if IEEE:
+            s = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
+        else:
+            s = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+    else:
+        s = (tl.sum(q1.to(tl.float32)[:, None, :] * k1.to(tl.float32)[None, :, :], axis=2)
+             + tl.sum(q2.to(tl.float32)[:, None, :] * k2.to(tl.float32)[None, :, :], axis=2))
+    s = tl.where(smask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if USE_DOT:
+        pv = p.to(v1.dtype)
+        if IEEE:
+            acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision="ieee")
+            acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2, input_precision="ieee")
+        else:
+            acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1)
+            acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2)
+    else:
+        acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * v1.to(tl.float32)[None, :, :], axis=1)
+        acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * v2.to(tl.float32)[None, :, :], axis=1)
+    return m_new, l_i, acc1, acc2
+
+
+@triton.jit
+def _dequant_block(q_ptr, s_ptr, z_ptr, idx, smask, half, D: tl.constexpr, BITS: tl.constexpr,
+                   dtype: tl.constexpr):
+    scale = tl.load(s_ptr + idx, mask=smask, other=0.0)[:, None]
+    zero = tl.load(z_ptr + idx, mask=smask, other=0.0)[:, None]
+    if BITS == 8:
+        c1 = tl.load(q_ptr + idx[:, None] * D + half[None, :], mask=smask[:, None], other=0)
+        c2 = tl.load(q_ptr + idx[:, None] * D + D // 2 + half[None, :], mask=smask[:, None], other=0)
+    else:
+        byte = tl.load(q_ptr + idx[:, None] * (D // 2) + half[None, :], mask=smask[:, None], other=0).to(tl.int32)
+        c1 = byte & 15
+        c2 = byte >> 4
+    x1 = ((c1.to(tl.float32) - zero) * scale).to(dtype)
+    x2 = ((c2.to(tl.float32) - zero) * scale).to(dtype)
+    return x1, x2
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, lens_ptr, prefix_ptr,
+                   po_ptr, pm_ptr, pl_ptr, qk_scale, PCAP, SMAX, WINDOW, NUM_SPLITS,
+                   NKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KV_BITS: tl.constexpr,
+                   BLOCK_S: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    H2: tl.constexpr = D // 2
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // NKV
+    slot = bh  # = b * NKV + kv head
+    length = tl.load(lens_ptr + b)
+    prefix = tl.minimum(tl.load(prefix_ptr + b), length)
+    if KV_BITS == 16:
+        prefix = length
+    start = tl.maximum(length - WINDOW, 0)  # WINDOW = 2^30 when there is none
+    chunk = tl.cdiv(tl.cdiv(length - start, NUM_SPLITS), BLOCK_S) * BLOCK_S
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, length)
+    g = tl.arange(0, GP)
+    gmask = g < G
+    half = tl.arange(0, H2)
+    qrow = slot * G + g  # query head kvh * G + g of sequence b, rows of [B * Hq, D]
+    dtype = kf_ptr.dtype.element_ty
+    q1 = (tl.load(q_ptr + qrow[:, None] * D + half[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+          * qk_scale).to(dtype)
+    q2 = (tl.load(q_ptr + qrow[:, None] * D + H2 + half[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+          * qk_scale).to(dtype)
+    m_i = tl.full((GP,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((GP,), dtype=tl.float32)
+    acc1 = tl.zeros((GP, H2), dtype=tl.float32)
+    acc2 = tl.zeros((GP, H2), dtype=tl.float32)
+    f_hi = tl.minimum(hi, prefix)
+    for s0 in range(lo, f_hi, BLOCK_S):  # float prefix
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < f_hi
+        fk = (slot * PCAP + s)[:, None] * D + half[None, :]
+        k1 = tl.load(kf_ptr + fk, mask=smask[:, None], other=0.0)
+        k2 = tl.load(kf_ptr + fk + H2, mask=smask[:, None], other=0.0)
+        v1 = tl.load(vf_ptr + fk, mask=smask[:, None], other=0.0)
+        v2 = tl.load(vf_ptr + fk + H2, mask=smask[:, None], other=0.0)
+        m_i, l_i, acc1, acc2 = _attend(q1, q2, k1, k2, v1, v2, smask, m_i, l_i, acc1, acc2, USE_DOT, IEEE)
+    if KV_BITS != 16:
+        for s0 in range(tl.maximum(lo, prefix), hi, BLOCK_S):  # quantized rest
+            s = s0 + tl.arange(0, BLOCK_S)
+            smask = s < hi
+            idx = slot * SMAX + s
+            k1, k2 = _dequant_block(kq_ptr, ks_ptr, kz_ptr, idx, smask, half, D, KV_BITS, dtype)
+            v1, v2 = _dequant_block(vq_ptr, vs_ptr, vz_ptr, idx, smask, half, D, KV_BITS, dtype)
+            m_i, l_i, acc1, acc2 = _attend(q1, q2, k1, k2, v1, v2, smask, m_i, l_i, acc1, acc2, USE_DOT, IEEE)
+    prow = qrow * NUM_SPLITS + split
+    tl.store(po_ptr + prow[:, None] * D + half[None, :], acc1, mask=gmask[:, None])
+    tl.store(po_ptr + prow[:, None] * D + H2 + half[None, :], acc2, mask=gmask[:, None])
+    tl.store(pm_ptr + prow, m_i, mask=gmask)
+    tl.store(pl_ptr + prow, l_i, mask=gmask)
+
+
+@triton.jit
+def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, NUM_SPLITS, SP: tl.constexpr, D: tl.constexpr):
+    row = tl.program_id(0)
+    s = tl.arange(0, SP)
+    smask = s < NUM_SPLITS
+    d = tl.arange(0, D)
+    m = tl.load(pm_ptr + row * NUM_SPLITS + s, mask=smask, other=float("-inf"))
+    l_s = tl.load(pl_ptr + row * NUM_SPLITS + s, mask=smask, other=0.0)
+    w = tl.exp2(m - tl.max(m, axis=0))
+    w = tl.where(smask & (l_s > 0), w, 0.0)
+    o = tl.load(po_ptr + (row * NUM_SPLITS + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    y = tl.sum(w[:, None] * o, axis=0) / tl.sum(w * l_s, axis=0)
+    tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty))
+
+
+# -- entry points --------------------------------------------------------------------------------------------
+
+
+def rope_store(qkv: torch.Tensor, positions: torch.Tensor, tokens_per_seq: int, cos: torch.Tensor,
+               sin: torch.Tensor, cache: KVCache, prefix: torch.Tensor, num_heads: int, num_kv_heads: int, *,
+               q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+               out_kv: bool = False):
+    """qkv [B*T, (Hq + 2 Hkv) * D] (rows b*T + t) at ``positions`` [B*T] int32 -> q [B*T, Hq, D] after (q-norm and)
+    RoPE; k/v are written into ``cache`` (float below ``prefix[b]``, quantized from there). With ``out_kv`` also
+    returns the float k (after RoPE) and v [B*T, Hkv, D], what prefill attention reads."""
+    rows = qkv.shape[0]
+    d = cache.head_dim
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * d or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be [rows, {(num_heads + 2 * num_kv_heads) * d}] with unit column stride")
+    q = torch.empty((rows, num_heads, d), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((rows, num_kv_heads, d), dtype=qkv.dtype, device=qkv.device) if out_kv else q
+    v = torch.empty((rows, num_kv_heads, d), dtype=qkv.dtype, device=qkv.device) if out_kv else q
+    opts = {} if interpreting() else {"num_warps": 1 if d <= 64 else 2}
+    _rope_store_kernel[(rows, num_heads + num_kv_heads)](
+        qkv, positions, cos, sin, q_norm if q_norm is not None else cos, k_norm if k_norm is not None else cos,
+        q, k, v, cache.k_float, cache.v_float, cache.k_q, cache.v_q, cache.k_scale, cache.k_zero, cache.v_scale,
+        cache.v_zero, prefix, tokens_per_seq, qkv.stride(0), float(eps), cache.prefix_capacity, cache.max_len,
+        cache.clip_ratio, NH=num_heads, NKV=num_kv_heads, D=d, KV_BITS=cache.bits, KV_SYM=cache.symmetric, QK_NORM=q_norm is not None, OUT_KV=out_kv, **opts)
+    return (q, k, v) if out_kv else q
+
+
+def decode_warps(head_dim: int, fp32: bool) -> int:
+    """fp32 (FMA dots) at head_dim 128 needs 8 warps to keep its tiles in registers."""
+    return 8 if fp32 and head_dim >= 128 else 4
+
+
+def default_splits(batch: int, kv_heads: int, max_len: int, device, block: int = 64) -> int:
+    """Enough splits for about four programs per SM at the longest context (a memory-bound kernel needs many loads
+    in flight), never more than the blocks there."""
+    from qcompile.runtime.triton._tune import num_sms
+
+    want = max(1, -(-4 * num_sms(device) // (batch * kv_heads)))
+    return max(1, min(want, -(-max_len // block), 128))
+
+
+def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix: torch.Tensor, *,
+                     num_splits: int | None = None, window: int = 0, sm_scale: float | None = None,
+                     block_s: int | None = None) -> torch.Tensor:
+    """One query token per sequence: q [B, Hq, D] against ``cache`` holding ``lens[b]`` positions (int32 device
+    tensors ``lens`` and ``prefix``, [B]); a sliding ``window`` > 0 keeps only the last ``window`` positions."""
+    b, hq, d = q.shape
+    hkv = cache.kv_heads
+    if hq % hkv or d != cache.head_dim:
+        raise ValueError(f"q [{b}, {hq}, {d}] does not fit a cache of {hkv} heads of {cache.head_dim}")
+    g = hq // hkv
+    use_dot = d // 2 >= 16
+    gp = max(16, triton.next_power_of_2(g)) if use_dot else triton.next_power_of_2(g)
+    if block_s is None:
+        block_s = 16 if interpreting() else 64
+    splits = num_splits or default_splits(b, hkv, cache.max_len, q.device, block_s)
+    scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
+    q = q.contiguous()
+    po = torch.empty((b * hq, splits, d), dtype=torch.float32, device=q.device)
+    pm = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
+    pl = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
+    opts = {} if interpreting() else {"num_warps": decode_warps(d, q.dtype == torch.float32), "num_stages": 2}
+    _decode_kernel[(b * hkv, splits)](
+        q, cache.k_float, cache.v_float, cache.k_q, cache.v_q, cache.k_scale, cache.k_zero, cache.v_scale,
+        cache.v_zero, lens, prefix, po, pm, pl, scale, cache.prefix_capacity, cache.max_len,
+        int(window) if window and window > 0 else 2**30, splits,
+        NKV=hkv, G=g, GP=gp, D=d, KV_BITS=cache.bits, BLOCK_S=block_s, USE_DOT=use_dot,
+        IEEE=q.dtype == torch.float32, **opts)
+    out = torch.empty_like(q)
+    opts = {} if interpreting() else {"num_warps": 4}
+    _combine_kernel[(b * hq,)](po, pm, pl, out, splits, SP=triton.next_power_of_2(splits), D=d, **opts)
+    return out

@@ -1,0 +1,41 @@
+"""RMSNorm as the exported graph computes it, one launch per call (decode runs it twice per layer).
+
+``y = x * (1 / sqrt(mean(x^2) + eps)) * w`` in float32 with IEEE-rounded sqrt and division, output in x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.runtime.triton._env import interpreting, require_triton
+
+triton = require_triton()
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    y = x * tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=0) / N + eps))
+    if HAS_W:
+        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of x (rows of up to 65536 features); ``weight=None`` means a folded (unit) scale."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(n)
+    if block > 65536:
+        raise ValueError(f"rms_norm rows of {n} features exceed one tile (65536)")
+    opts = {} if interpreting() else {"num_warps": 4 if block <= 4096 else 8}
+    _rms_norm_kernel[(x2.shape[0],)](x2, weight if weight is not None else x2, y, n, x2.stride(0), y.stride(0),
+                                     float(eps), HAS_W=weight is not None, BLOCK=block, **opts)
+    return y.reshape(x.shape)

@@ -1,0 +1,550 @@
+"""``TritonCausalLM``: an exported folder on an NVIDIA GPU through qcompile's Triton kernels.
+
+Reads only the artifact: ``config.json`` for the attention geometry (through the family adapter's declarative
+fields: which config flag turns the sliding window on, where each linear sits in a layer) and ``model.onnx`` for
+every tensor: the integer weights, scales and zero points of the ``DequantizeLinear`` initializers, float
+weights, norm scales (absent where canonicalize folded them), the RoPE inverse frequencies and attention scaling
+(constants of the graph's rope subgraph), tied or separate lm_head. No pass and no torch model is involved, so
+what runs here is what ORT runs (the graph's weights, bit for bit), computed on other kernels.
+
+Per layer: RMSNorm -> q|k|v in one GEMV/GEMM (the three packed weights side by side) -> q/k norm + RoPE + KV-cache
+store -> attention -> o_proj (+ residual in the epilogue) -> RMSNorm -> gate|up -> down_proj reading
+``silu(gate) * up`` in its prologue (+ residual). Decode (batch 1) is captured once as a CUDA graph: the token,
+position and length live in device tensors that the graph itself advances, so a step is one replay. Prefill runs
+eagerly (GEMM kernels, PyTorch SDPA over the prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qcompile.errors import QCompileError
+from qcompile.runtime.triton._env import check_device, require_triton
+
+MODEL_FILE = "model.onnx"
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+# every op the exporter (export.onnx_builder) and the weight pass (graph.weight_qdq) write; anything else is a
+# rewrite this runner does not map (e.g. activation or KV-cache fake quantization)
+KNOWN_OPS = {"Cast", "Constant", "Unsqueeze", "Mul", "Concat", "Cos", "Sin", "Shape", "Gather", "Sub", "Range",
+             "LessOrEqual", "Greater", "And", "Where", "ReduceMean", "Add", "Sqrt", "Reciprocal", "MatMul", "Reshape",
+             "Transpose", "Split", "Neg", "Softmax", "Sigmoid", "DequantizeLinear"}
+
+
+# -- what the artifact holds ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportedLinear:
+    """One linear as the graph stores it (``[in, out]``): a float ``weight``, or integers ``qweight`` with
+    ``scale``/``zero`` ``[in / G, out]`` (per-channel: ``[out]``) in a ``bits``-wide container (4 or 8, as the
+    graph's int4/uint4/int8/uint8); ``zero`` None means symmetric. Optional ``bias`` [out]."""
+
+    weight: np.ndarray | None = None
+    qweight: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    zero: np.ndarray | None = None
+    bits: int | None = None
+    bias: np.ndarray | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.qweight is not None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple((self.qweight if self.quantized else self.weight).shape)
+
+    @property
+    def group_size(self) -> int | None:
+        if not self.quantized:
+            return None
+        k, n = self.shape
+        return k // (self.scale.size // n)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [in, out]: the weight ORT's DequantizeLinear produces."""
+        if not self.quantized:
+            return np.asarray(self.weight, np.float32)
+        k, n = self.shape
+        g = self.group_size
+        s = np.repeat(np.asarray(self.scale, np.float32).reshape(-1, n), g, 0)
+        q = np.asarray(self.qweight, np.float32)
+        if self.zero is not None:
+            q = q - np.repeat(np.asarray(self.zero, np.float32).reshape(-1, n), g, 0)
+        return q * s
+
+
+@dataclass
+class LayerWeights:
+    linears: dict[str, ExportedLinear]
+    input_norm: np.ndarray | None = None  # None: folded into the next linears (unit scale)
+    post_attn_norm: np.ndarray | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+
+
+@dataclass
+class ModelWeights:
+    """Everything the runner needs, read from an exported folder (or built by a benchmark)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    inv_freq: np.ndarray  # [head_dim / 2]
+    embed: np.ndarray  # [vocab, hidden]
+    lm_head: ExportedLinear | None  # None: tied to the embeddings
+    layers: list[LayerWeights] = field(default_factory=list)
+    final_norm: np.ndarray | None = None
+    rope_scaling: float = 1.0  # multiplies cos and sin (HF's attention_scaling)
+    sliding_window: int | None = None
+    max_position: int = 4096
+    has_qk_norm: bool = False
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embed.shape[1]
+
+
+def _const(value) -> np.ndarray | None:
+    """The numpy value of an initializer or a Constant node's output, else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].value.numpy()
+    return None
+
+
+def load_exported(folder: str | os.PathLike) -> ModelWeights:
+    """Read an exported folder into ``ModelWeights`` (CPU numpy arrays)."""
+    import onnx_ir as ir
+
+    from qcompile.models.adapters import adapter_for_architecture
+
+    folder = Path(folder)
+    if not (folder / MODEL_FILE).is_file() or not (folder / "config.json").is_file():
+        raise QCompileError(f"{folder} is not an exported folder (needs model.onnx and config.json)")
+    cfg = json.loads((folder / "config.json").read_text())
+    adapter = adapter_for_architecture((cfg.get("architectures") or [None])[0])
+    model = ir.load(folder / MODEL_FILE)
+    if model.producer_name != "qcompile":
+        raise QCompileError(f"{folder / MODEL_FILE} was written by {model.producer_name!r}; the CUDA runtime maps "
+                            "graphs written by `qcompile export` onto its kernels")
+    graph = model.graph
+    inits = graph.initializers
+    dq_nodes = {n.inputs[0].name: n for n in graph if n.op_type == "DequantizeLinear"}
+
+    def arr(name: str) -> np.ndarray:
+        return inits[name].const_value.numpy()
+
+    def linear(base: str) -> ExportedLinear | None:
+        bias = arr(f"{base}.bias").astype(np.float32) if f"{base}.bias" in inits else None
+        if f"{base}.weight_q" in inits:
+            node = dq_nodes.get(f"{base}.weight_q")
+            if node is None:
+                raise QCompileError(f"{base}.weight_q is not read by a DequantizeLinear node")
+            qv = inits[f"{base}.weight_q"].const_value
+            dtype = qv.dtype
+            bits = 4 if dtype in (ir.DataType.INT4, ir.DataType.UINT4) else 8
+            q = qv.numpy().astype(np.int16)
+            scale = arr(f"{base}.weight_scale").astype(np.float32)
+            zero = arr(f"{base}.weight_zero").astype(np.int16) if len(node.inputs) > 2 and node.inputs[2] else None
+            axis = node.attributes["axis"].value if "axis" in node.attributes else 1
+            if axis == 0 and "block_size" not in node.attributes:
+                raise QCompileError(f"{base}: DequantizeLinear along axis 0 without block_size is not a linear "
+                                    "weight layout the runtime knows")
+            return ExportedLinear(qweight=q, scale=scale, zero=zero, bits=bits, bias=bias)
+        if f"{base}.weight" in inits:
+            return ExportedLinear(weight=arr(f"{base}.weight").astype(np.float32), bias=bias)
+        return None
+
+    def optional(name: str) -> np.ndarray | None:
+        return arr(name).astype(np.float32) if name in inits else None
+
+    q_path = adapter.linear_paths["q"]
+    pattern = re.compile(rf"^(.*)\.(\d+)\.{re.escape(q_path)}\.(weight|weight_q)$")
+    found = [(m.group(1), int(m.group(2))) for m in map(pattern.match, inits) if m]
+    if not found:
+        raise QCompileError(f"no '{q_path}' weights in the graph: not a {adapter.family} decoder export")
+    prefix = found[0][0]
+    n_layers = max(i for _, i in found) + 1
+    layers = []
+    for i in range(n_layers):
+        base = f"{prefix}.{i}"
+        linears = {}
+        for role in ROLES:
+            lin = linear(f"{base}.{adapter.linear_paths[role]}")
+            if lin is None:
+                raise QCompileError(f"layer {i}: no weight for {adapter.linear_paths[role]} in the graph")
+            linears[role] = lin
+        layers.append(LayerWeights(
+            linears=linears,
+            input_norm=optional(f"{base}.{adapter.input_norm_path}.weight"),
+            post_attn_norm=optional(f"{base}.{adapter.post_attn_norm_path}.weight"),
+            q_norm=optional(f"{base}.{adapter.q_norm_path}.weight") if adapter.q_norm_path else None,
+            k_norm=optional(f"{base}.{adapter.k_norm_path}.weight") if adapter.k_norm_path else None,
+        ))
+
+    _check_mapped(graph, n_layers)
+
+    # embeddings: the Gather reading input_ids; head and final norm: what produces the logits
+    gather = next((n for n in graph if n.op_type == "Gather" and n.inputs[1].name == "input_ids"), None)
+    if gather is None or gather.inputs[0].name not in inits:
+        raise QCompileError("the graph's embedding is not a Gather over a float initializer")
+    embed_name = gather.inputs[0].name
+    embed = arr(embed_name).astype(np.float32)
+    logits = next(v for v in graph.outputs if v.name == "logits")
+    node = logits.producer()
+    head_bias = None
+    if node.op_type == "Add":
+        head_bias = next(_const(v) for v in node.inputs if _const(v) is not None)
+        node = next(v.producer() for v in node.inputs if _const(v) is None)
+    if node.op_type != "MatMul":
+        raise QCompileError(f"the logits come from {node.op_type}, expected the lm_head MatMul")
+    h_in, w_in = node.inputs
+    w_node = w_in.producer()
+    if w_node is not None and w_node.op_type == "Transpose" and w_node.inputs[0].name == embed_name:
+        lm_head = None
+    elif w_node is not None and w_node.op_type == "DequantizeLinear":
+        lm_head = linear(w_node.inputs[0].name.removesuffix(".weight_q"))
+    elif w_in.name in inits:
+        lm_head = ExportedLinear(weight=arr(w_in.name).astype(np.float32))
+    else:
+        raise QCompileError("the lm_head weight is neither the tied embedding, an initializer nor a "
+                            "DequantizeLinear output")
+    if lm_head is not None and head_bias is not None:
+        lm_head.bias = np.asarray(head_bias, np.float32)
+    final_norm = None
+    h_node = h_in.producer()
+    if h_node is not None and h_node.op_type == "Mul":
+        consts = [v for v in h_node.inputs if v.name in inits]
+        if consts:
+            final_norm = arr(consts[0].name).astype(np.float32)
+
+    # RoPE: Cos(Unsqueeze(Concat(Mul(pos, inv_freq), ...))) [* attention scaling]
+    cos = next((n for n in graph if n.op_type == "Cos"), None)
+    try:
+        mul = cos.inputs[0].producer().inputs[0].producer().inputs[0].producer()
+        inv_freq = next(c for c in map(_const, mul.inputs) if c is not None).astype(np.float32).reshape(-1)
+    except (AttributeError, StopIteration) as e:
+        raise QCompileError("could not find the RoPE inverse frequencies in the graph's rope subgraph") from e
+    rope_scaling = 1.0
+    for use in cos.outputs[0].uses():
+        consumer = use[0]
+        if consumer.op_type == "Mul":
+            c = [_const(v) for v in consumer.inputs]
+            if any(x is not None and np.size(x) == 1 for x in c):
+                rope_scaling = float(next(x for x in c if x is not None).reshape(()))
+
+    hidden = embed.shape[1]
+    heads = int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    window = cfg.get("sliding_window")
+    if adapter.uses_sliding_window_flag is not None and not cfg.get(adapter.uses_sliding_window_flag, False):
+        window = None
+    if 2 * inv_freq.size != head_dim:
+        raise QCompileError(f"rope has {inv_freq.size} frequencies for head_dim {head_dim}")
+    return ModelWeights(
+        num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=head_dim,
+        rms_eps=float(cfg["rms_norm_eps"]), inv_freq=inv_freq, embed=embed, lm_head=lm_head, layers=layers,
+        final_norm=final_norm, rope_scaling=rope_scaling, sliding_window=window,
+        max_position=int(cfg.get("max_position_embeddings") or 4096), has_qk_norm=adapter.q_norm_path is not None,
+    )
+
+
+def _check_mapped(graph, n_layers: int) -> None:
+    """Refuse graphs with rewrites the runner would silently skip: unknown ops, or MatMuls beyond the 7 linears
+    and 2 attention products per layer plus the head (online Hadamard rotations are extra MatMuls)."""
+    ops = {n.op_type for n in graph}
+    unknown = sorted(ops - KNOWN_OPS)
+    matmuls = sum(1 for n in graph if n.op_type == "MatMul")
+    expected = 9 * n_layers + 1
+    if unknown or matmuls != expected:
+        what = f"ops {', '.join(unknown)}" if unknown else f"{matmuls - expected} extra MatMuls"
+        raise QCompileError(f"the graph has run-time rewrites the CUDA runtime does not map yet ({what}: online "
+                            "Hadamard rotations, activation or KV-cache quantization nodes); it runs weight-only "
+                            "graphs. Run this one on ONNX Runtime (--device cpu)")
+
+
+# -- modules -------------------------------------------------------------------------------------------------
+
+
+class _Linear:
+    """Several linears reading the same input, side by side: one packed weight-only kernel when they share a
+    quantization layout, else one float matmul over their (dequantized) weights."""
+
+    def __init__(self, parts: list[ExportedLinear], device, dtype, name: str, notes: list[str]):
+        from qcompile.runtime.triton.packing import concat_packed, pack_from_export
+
+        self.packed = None
+        self.out_features = sum(p.shape[1] for p in parts)
+        same = len({(p.bits, p.group_size, p.zero is None, p.shape[0]) for p in parts}) == 1
+        if all(p.quantized for p in parts) and same:
+            try:
+                packed = [pack_from_export(p.qweight, p.scale, p.zero, bits=p.bits, layout="in_out", dtype=dtype,
+                                           bias=p.bias, name=name) for p in parts]
+                self.packed = concat_packed(packed).to(device, dtype)
+                return
+            except ValueError as e:  # e.g. a group size the kernels cannot pack: run it dequantized
+                notes.append(f"{name}: {e}; running it as a float matmul")
+        elif any(p.quantized for p in parts):
+            notes.append(f"{name}: mixed quantization layouts; running it as a float matmul")
+        self.weight = torch.from_numpy(np.concatenate([p.dequantize() for p in parts], 1).T.copy()).to(device, dtype)
+        biased = any(p.bias is not None for p in parts)
+        self.bias = None if not biased else torch.from_numpy(np.concatenate(
+            [p.bias if p.bias is not None else np.zeros(p.shape[1], np.float32) for p in parts])).to(device, dtype)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, act: str | None = None):
+        if self.packed is not None:
+            from qcompile.runtime.triton.wq_matmul import wq_linear
+
+            return wq_linear(x, self.packed, residual=residual, act=act)
+        if act == "silu_mul":
+            gate, up = x.float().chunk(2, -1)
+            x = (F.silu(gate) * up).to(x.dtype)
+        y = F.linear(x, self.weight, self.bias)
+        return y if residual is None else y + residual
+
+
+@dataclass
+class _Layer:
+    qkv: _Linear
+    o: _Linear
+    gate_up: _Linear
+    down: _Linear
+    input_norm: torch.Tensor | None
+    post_attn_norm: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+
+
+class TritonCausalLM:
+    """A causal LM on CUDA from ``ModelWeights``; ``generate`` mirrors ``OrtCausalLM.generate`` (batch 1).
+
+    ``dtype``: float16 (fast) or float32 (exact path: fp32 activations, IEEE dots). ``kv_bits``: 16 (float cache,
+    what the graph computes), 8 or 4 (quantized per token per head, the first ``float_prefix`` positions of each
+    prompt kept in float, at most ``prefix_capacity``). ``cuda_graph`` captures the decode step.
+    """
+
+    def __init__(self, weights: ModelWeights, *, device="cuda", dtype: torch.dtype = torch.float16,
+                 kv_bits: int = 16, prefix_capacity: int = 1024, max_seq_len: int | None = None,
+                 cuda_graph: bool = True):
+        require_triton()
+        check_device(device)
+        from qcompile.runtime.triton.kv_attention import KVCache, default_splits
+
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise QCompileError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        self.w = weights
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.kv_bits = kv_bits
+        self.notes: list[str] = []
+        self.max_seq_len = int(max_seq_len or min(weights.max_position, 4096))
+        w = weights
+        self.num_heads, self.num_kv_heads, self.head_dim = w.num_heads, w.num_kv_heads, w.head_dim
+
+        def t(a):
+            return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)
+
+        self.embed = t(w.embed)
+        self.lm_head = None if w.lm_head is None else _Linear([w.lm_head], self.device, dtype, "lm_head", self.notes)
+        self.final_norm = t(w.final_norm)
+        unit = torch.ones(w.head_dim, device=self.device, dtype=torch.float32)
+        self.layers = []
+        for i, lw in enumerate(w.layers):
+            lin = lw.linears
+            self.layers.append(_Layer(
+                qkv=_Linear([lin["q"], lin["k"], lin["v"]], self.device, dtype, f"layers.{i}.qkv", self.notes),
+                o=_Linear([lin["o"]], self.device, dtype, f"layers.{i}.o", self.notes),
+                gate_up=_Linear([lin["gate"], lin["up"]], self.device, dtype, f"layers.{i}.gate_up", self.notes),
+                down=_Linear([lin["down"]], self.device, dtype, f"layers.{i}.down", self.notes),
+                input_norm=t(lw.input_norm), post_attn_norm=t(lw.post_attn_norm),
+                # a q/k norm whose scale was all ones has no weight in the graph but still normalizes
+                q_norm=t(lw.q_norm) if lw.q_norm is not None else unit if w.has_qk_norm else None,
+                k_norm=t(lw.k_norm) if lw.k_norm is not None else unit if w.has_qk_norm else None,
+            ))
+        q_out = self.layers[0].qkv.out_features if self.layers else 0
+        if q_out != (w.num_heads + 2 * w.num_kv_heads) * w.head_dim:
+            raise QCompileError(f"q/k/v weights have {q_out} outputs, the config says "
+                                f"{(w.num_heads + 2 * w.num_kv_heads) * w.head_dim}")
+        pos = torch.arange(self.max_seq_len, dtype=torch.float32)[:, None] * torch.from_numpy(w.inv_freq)[None]
+        self.cos = (pos.cos() * w.rope_scaling).to(self.device).contiguous()
+        self.sin = (pos.sin() * w.rope_scaling).to(self.device).contiguous()
+        self.window = int(w.sliding_window) if w.sliding_window else 0
+        self.caches = [KVCache.allocate(1, w.num_kv_heads, w.head_dim, self.max_seq_len, kv_bits, prefix_capacity,
+                                        dtype, self.device) for _ in self.layers]
+        self.num_splits = default_splits(1, w.num_kv_heads, self.max_seq_len, self.device)
+        # decode state, advanced by the step itself (and so by the captured graph)
+        self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._lens = torch.ones(1, dtype=torch.int32, device=self.device)
+        self._prefix = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._logits = None
+        self._next = None
+        self._graph = None
+        self._host_pos = 0
+        if cuda_graph and self.device.type == "cuda":
+            self._capture()
+
+    @classmethod
+    def from_dir(cls, folder: str | os.PathLike, **kwargs) -> TritonCausalLM:
+        require_triton()
+        check_device(kwargs.get("device", "cuda"))  # before reading the weights
+        return cls(load_exported(folder), **kwargs)
+
+    # -- forward pieces ------------------------------------------------------------------------------------
+    def _norm(self, x, w):
+        from qcompile.runtime.triton.norm import rms_norm
+
+        return rms_norm(x, w, self.w.rms_eps)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        x = self._norm(h, self.final_norm)
+        return F.linear(x, self.embed) if self.lm_head is None else self.lm_head(x)
+
+    def _step(self) -> None:
+        """One decode token: reads ``_tok``/``_pos``/``_lens``, writes ``_logits``/``_next``, advances the state."""
+        from qcompile.runtime.triton.kv_attention import decode_attention, rope_store
+
+        nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        h = self.embed.index_select(0, self._tok)
+        for layer, cache in zip(self.layers, self.caches):
+            qkv = layer.qkv(self._norm(h, layer.input_norm))
+            q = rope_store(qkv, self._pos, 1, self.cos, self.sin, cache, self._prefix, nh, nkv,
+                           q_norm=layer.q_norm, k_norm=layer.k_norm, eps=self.w.rms_eps)
+            attn = decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, num_splits=self.num_splits,
+                                    window=self.window)
+            h = layer.o(attn.view(1, nh * d), residual=h)
+            h = layer.down(layer.gate_up(self._norm(h, layer.post_attn_norm)), act="silu_mul", residual=h)
+        self._logits = self._head(h)
+        self._next = torch.argmax(self._logits[0]).view(1)
+        self._tok.copy_(self._next)
+        self._pos.add_(1)
+        self._lens.add_(1)
+
+    def _capture(self) -> None:
+        """Warm up (tunes every kernel for these shapes, sizes the workspaces), then capture one decode step."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self._graph = graph
+        self._reset()
+
+    def _reset(self) -> None:
+        self._tok.zero_()
+        self._pos.zero_()
+        self._lens.fill_(1)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids, float_prefix: int = 0, all_logits: bool = False) -> torch.Tensor:
+        """Run the prompt from position 0, fill the caches; returns the last token's logits [vocab] (float32), or
+        every position's [T, vocab] with ``all_logits``. ``float_prefix`` positions stay in float (kv_bits < 16)."""
+        from qcompile.runtime.triton.kv_attention import rope_store
+
+        ids = torch.as_tensor(list(input_ids), dtype=torch.long, device=self.device)
+        t = ids.numel()
+        if t == 0 or t > self.max_seq_len:
+            raise QCompileError(f"prompt of {t} tokens does not fit the {self.max_seq_len}-token cache")
+        cap = self.caches[0].prefix_capacity if self.kv_bits < 16 else self.max_seq_len
+        self._prefix.fill_(min(max(0, int(float_prefix)), cap))
+        nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        pos = torch.arange(t, dtype=torch.int32, device=self.device)
+        mask = None
+        if self.window and t > self.window:
+            i = torch.arange(t, device=self.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+        h = self.embed.index_select(0, ids)
+        for layer, cache in zip(self.layers, self.caches):
+            qkv = layer.qkv(self._norm(h, layer.input_norm))
+            q, k, v = rope_store(qkv, pos, t, self.cos, self.sin, cache, self._prefix, nh, nkv,
+                                 q_norm=layer.q_norm, k_norm=layer.k_norm, eps=self.w.rms_eps, out_kv=True)
+            q, k, v = (x.view(1, t, -1, d).transpose(1, 2) for x in (q, k, v))
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  scale=1.0 / math.sqrt(d), enable_gqa=nh != nkv)
+            h = layer.o(attn.transpose(1, 2).reshape(t, nh * d), residual=h)
+            h = layer.down(layer.gate_up(self._norm(h, layer.post_attn_norm)), act="silu_mul", residual=h)
+        logits = self._head(h if all_logits else h[-1:]).float()
+        self._pos.fill_(t)
+        self._lens.fill_(t + 1)
+        self._host_pos = t
+        return logits if all_logits else logits[0]
+
+    @torch.inference_mode()
+    def decode(self, token: int) -> torch.Tensor:
+        """Feed one token after the current position; returns its logits [vocab] (float32)."""
+        if self._host_pos >= self.max_seq_len:
+            raise QCompileError(f"the {self.max_seq_len}-token cache is full")
+        self._host_pos += 1
+        self._tok.fill_(int(token))
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._step()
+        return self._logits[0].float()
+
+    @torch.inference_mode()
+    def generate(self, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int | None = None, eos_token_id=None, on_token=None,
+                 float_prefix: int = 0) -> list[int]:
+        """New tokens after the prompt (eos included when reached), as ``OrtCausalLM.generate``."""
+        ids = list(input_ids)
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise QCompileError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the {self.max_seq_len}-"
+                                "token cache (max_seq_len)")
+        eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        out: list[int] = []
+        logits = self.prefill(ids, float_prefix)
+        for i in range(max_new_tokens):
+            if do_sample and temperature > 0:
+                token = _sample(logits, temperature, top_p, gen)
+            else:
+                token = int(torch.argmax(logits).item())
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in eos or i == max_new_tokens - 1:
+                break
+            logits = self.decode(token)
+        return out
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    probs = torch.softmax(logits.double().cpu() / temperature, -1)
+    if top_p < 1.0:  # smallest set of most likely tokens whose mass reaches top_p
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = int(torch.searchsorted(torch.cumsum(sorted_p, 0), torch.tensor([top_p], dtype=torch.float64))) + 1
+        mask = torch.zeros_like(probs)
+        mask[order[:keep]] = probs[order[:keep]]
+        probs = mask / mask.sum()
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def system_prefix_length(tokenizer, system: str | None, ids: list[int]) -> int:
+    """Tokens of the chat template's system turn when they start ``ids`` (the prompt part BiSup keeps in float)."""
+    if not system:
+        return 0
+    sys_ids = tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=True)
+    if isinstance(sys_ids, dict) or hasattr(sys_ids, "keys"):
+        sys_ids = sys_ids["input_ids"]
+    sys_ids = list(sys_ids)
+    return len(sys_ids) if ids[:len(sys_ids)] == sys_ids else 0

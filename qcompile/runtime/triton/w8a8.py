@@ -1,0 +1,190 @@
+"""W8A8 and W4A4 GEMM: per-token dynamic activation quantization, int8 tensor-core dot, scales in the epilogue.
+
+* ``quantize_rows``: one program per token row; ``scale = clip * max|x| / qmax``, ``q = round(x / scale)`` (ties
+  to even), clamped to ``[-2^(b-1), 2^(b-1)-1]``: the graph's fake quantization, bit for bit. It can
+  RMS-normalize the row first (``norm=True``), i.e. the quantization is fused into the producer that already
+  holds the row (the layer norm before q/k/v and gate/up); the Hadamard kernel has the same fused epilogue for the
+  rotated down_proj input.
+* ``int_linear``: ``out = xs[m] * sum_k xq[m, k] * s_w * (v - z)`` on ``PackedIntWeight``. The weight tile is read
+  K-contiguous ([N, K]) and transposed in the dot, the operand order Hopper's 8-bit MMA (wgmma) requires. Per-channel
+  weights accumulate in int32 over all of K; grouped weights (group a multiple of the K-tile) scale each tile's
+  int32 result in fp32. Asymmetric weights subtract ``z * sum_k xq`` per group.
+* W4A4: H100 has no int4 tensor cores (Hopper dropped the int4 MMA that Ampere had). 4-bit activations are held
+  as int8 values in [-8, 7] and 4-bit weights are unpacked in registers from nibbles to int8, and the product runs
+  on the int8 tensor cores: 4-bit halves the weight bytes and keeps 4-bit accuracy semantics, not the FLOPs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.runtime.triton._env import interpreting, require_triton
+from qcompile.runtime.triton._tune import Tuner, launch_opts
+from qcompile.runtime.triton.packing import PackedIntWeight
+
+triton = require_triton()
+import triton.language as tl  # noqa: E402
+
+from qcompile.runtime.triton._jit import MIN_SCALE, round_half_even  # noqa: E402
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, clip,
+                       QMAX: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        x = tl.div_rn(x, tl.sqrt_rn(tl.sum(x * x, axis=0) / K + eps))
+        if HAS_W:
+            x = x * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # IEEE-rounded division (tl.div_rn) and ties-to-even: codes bit-identical to torch's round(x / scale)
+    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0) * clip, QMAX), MIN_SCALE)
+    q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x, scale)), -QMAX - 1), QMAX)
+    tl.store(q_ptr + row * stride_q + offs, q.to(tl.int8), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def _int_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, bias_ptr, out_ptr,
+                     M, N, K, stride_am, stride_bn, stride_om,
+                     W4: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    HALF: tl.constexpr = BLOCK_K // 2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        if W4:
+            offs_h = tl.arange(0, HALF)
+            a_lo = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + offs_h)[None, :], mask=m_mask[:, None], other=0)
+            a_hi = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + HALF + offs_h)[None, :], mask=m_mask[:, None],
+                           other=0)
+            byte = tl.load(b_ptr + offs_n[:, None] * stride_bn + (k0 // 2 + offs_h)[None, :], mask=n_mask[:, None],
+                           other=0x88).to(tl.int32)
+            w_lo = ((byte & 15) - 8).to(tl.int8)
+            w_hi = ((byte >> 4) - 8).to(tl.int8)
+            part = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32) + tl.dot(a_hi, tl.trans(w_hi), out_dtype=tl.int32)
+            if HAS_ZERO:
+                tile_sum = tl.sum(a_lo.to(tl.int32), axis=1) + tl.sum(a_hi.to(tl.int32), axis=1)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0)
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0)
+            part = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+            if HAS_ZERO:
+                tile_sum = tl.sum(a.to(tl.int32), axis=1)
+        if PER_CHANNEL:
+            acc_i += part
+            if HAS_ZERO:
+                rowsum += tile_sum
+        else:  # one weight group per K-tile: scale this tile's exact int32 result
+            sn = (k0 // GROUP) * N + offs_n
+            ws = tl.load(bs_ptr + sn, mask=n_mask, other=0.0)
+            if HAS_ZERO:
+                wz = tl.load(bz_ptr + sn, mask=n_mask, other=0)
+                part = part - tile_sum[:, None] * wz[None, :]
+            acc_f += part.to(tl.float32) * ws[None, :]
+    a_scale = tl.load(as_ptr + offs_m, mask=m_mask, other=0.0)
+    if PER_CHANNEL:
+        ws = tl.load(bs_ptr + offs_n, mask=n_mask, other=0.0)
+        if HAS_ZERO:
+            acc_i -= rowsum[:, None] * tl.load(bz_ptr + offs_n, mask=n_mask, other=0)[None, :]
+        y = acc_i.to(tl.float32) * ws[None, :] * a_scale[:, None]
+    else:
+        y = acc_f * a_scale[:, None]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+_QUANT = Tuner("quantize_rows")
+_GEMM = Tuner("int_gemm")
+
+
+def quantize_rows(x: torch.Tensor, bits: int = 8, *, norm: bool = False, norm_weight: torch.Tensor | None = None,
+                  eps: float = 1e-6, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric quantization of x [M, K] (optionally RMS-normalized first) -> (int8 [M, K], fp32 [M]);
+    the arithmetic of ``qcompile.quant.activations.fake_quantize_tokens`` (symmetric, per token)."""
+    if bits not in (4, 8):
+        raise ValueError(f"activation bits must be 4 or 8, got {bits}")
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    m, k = x2.shape
+    block = triton.next_power_of_2(k)
+    if block > 32768:
+        raise ValueError(f"rows of {k} features exceed the one-tile quantizer (32768)")
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x.device)
+    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    _, opts = launch_opts({"num_warps": warps, "num_stages": 1})
+    _quant_rows_kernel[(m,)](x2, norm_weight if norm_weight is not None else x2, q, s, k, x2.stride(0), q.stride(0),
+                             float(eps), float(clip_ratio), QMAX=2 ** (bits - 1) - 1, NORM=norm, HAS_W=norm_weight is not None,
+                             BLOCK=block, **opts)
+    return q, s
+
+
+def int_gemm_candidates(m: int, n: int, k: int, pw: PackedIntWeight) -> list[dict]:
+    if pw.bits == 4:
+        bks = [2 * pw.half]
+    else:
+        bks = [bk for bk in (128, 64, 32) if pw.group_size >= k or pw.group_size % bk == 0]
+    if interpreting():
+        return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bks[-1] if pw.bits == 8 else bks[0], GROUP_M=4)]
+    tiles = [(128, 256, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (64, 128, 4, 4), (64, 256, 8, 3), (32, 128, 4, 4)]
+    out = []
+    for bk in bks:
+        for bm, bn, warps, stages in tiles:
+            if bm > max(32, triton.next_power_of_2(m)):
+                continue
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages))
+    return out
+
+
+def int_linear(xq: torch.Tensor, xs: torch.Tensor, pw: PackedIntWeight, out_dtype: torch.dtype = torch.float16,
+               config: dict | None = None) -> torch.Tensor:
+    """``xs[m] * (xq @ W)`` (+ bias) for int8 activations xq [M, K] with per-row scales xs [M] -> [M, N]."""
+    m, k = xq.shape
+    n = pw.out_features
+    if k != pw.in_features:
+        raise ValueError(f"activations have {k} features, the weight expects {pw.in_features}")
+    if pw.bits == 8 and pw.group_size < k and pw.group_size % 32:
+        raise ValueError(f"the int8 GEMM needs per-channel weights or groups that are multiples of 32, got "
+                         f"{pw.group_size}")
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    key = (triton.next_power_of_2(m), n, k, pw.bits, pw.group_size, pw.zero is not None)
+
+    def launch(cfg):
+        meta, opts = launch_opts(cfg)
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _int_gemm_kernel[grid](
+            xq, xs, pw.qweight, pw.scale, pw.zero if pw.zero is not None else pw.scale,
+            pw.bias if pw.bias is not None else pw.scale, out, m, n, k, xq.stride(0), pw.qweight.stride(0),
+            out.stride(0), W4=pw.bits == 4, GROUP=pw.group_size, PER_CHANNEL=pw.group_size >= k, HAS_ZERO=pw.zero is not None,
+            HAS_BIAS=pw.bias is not None, **meta, **opts)
+
+    _GEMM.run(key, int_gemm_candidates(m, n, k, pw), launch, config)
+    return out
+
+
+def w8a8_linear(x: torch.Tensor, pw: PackedIntWeight, act_bits: int | None = None) -> torch.Tensor:
+    """Quantize x per token (8-bit for 8-bit weights, 4-bit for 4-bit weights unless ``act_bits``) and multiply."""
+    bits = act_bits or pw.bits
+    xq, xs = quantize_rows(x, bits)
+    return int_linear(xq, xs, pw, out_dtype=x.dtype).reshape(*x.shape[:-1], pw.out_features)

@@ -1,0 +1,348 @@
+"""Weight-only int4/int8 matmul on ``PackedWeight``: a split-K GEMV for decode (M <= 8) and a tiled GEMM (prefill).
+
+GEMV (decode is memory bound: the kernel must stream the packed weight once at close to peak bandwidth):
+
+* the grid is (N tiles) x (K splits); each program reads a ``[BLOCK_R words, BLOCK_N]`` tile per step, i.e.
+  ``BLOCK_R * pack`` K-rows of ``BLOCK_N`` columns, rows contiguous along N (coalesced 16-byte loads); at batch 1
+  every tile stays 2-D in the load's layout (about 48 registers a thread, no shared-memory shuffles: checked with
+  ``aot_check``); batches of 2..8 rows use [M, R, N] products, correct but not tuned (decode runs batch 1);
+* codes become floats without int->float conversions: ``(code | 0x4B000000)`` read as float32 is ``2^23 + code``,
+  and one subtraction of ``2^23 + zero`` gives ``code - zero``; products are summed per word-row and scaled once
+  per group row, so the inner loop is shift, and/or, fsub, fma;
+* split-K partials go to an fp32 workspace; the last program to finish a column tile (an arrival counter per tile,
+  acquire/release atomics) sums the partials in split order and writes the output, so the result is deterministic
+  and one launch does it all (a second reduction kernel would cost as much as the GEMV itself at 4096x4096);
+* the epilogue adds bias and a residual, and the prologue can compute SwiGLU's ``silu(gate) * up`` on the fly
+  (``act="silu_mul"``), so down_proj reads the gate|up output directly.
+
+GEMM: a grouped-ordering tiled matmul; the weight tile is unpacked and dequantized in registers and fed to
+``tl.dot`` in the activations' dtype (fp16 on tensor cores; fp32 with IEEE precision for the exact path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.runtime.triton._env import interpreting, require_triton
+from qcompile.runtime.triton._tune import Tuner, launch_opts, num_sms
+from qcompile.runtime.triton.packing import PackedWeight
+
+triton = require_triton()
+import triton.language as tl  # noqa: E402
+
+GEMV_MAX_M = 8
+
+
+@triton.jit
+def _finish(y, b_ptr, r_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om,
+            HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        y += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_act(x_ptr, off, mask, K, ACT_SILU_MUL: tl.constexpr):
+    """Activations as float32; with ACT_SILU_MUL, ``silu(gate) * up`` from a row holding gate | up (K each)."""
+    if ACT_SILU_MUL:
+        g = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + off + K, mask=mask, other=0.0).to(tl.float32)
+        return g * tl.sigmoid(g) * u
+    else:
+        return tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lock_ptr,
+                 M, N, K, stride_xm, stride_rm, stride_om,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_RES: tl.constexpr, ACT_SILU_MUL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    ROWS_PER_GROUP: tl.constexpr = GROUP // PACK
+    MAGIC: tl.constexpr = 8388608.0  # 2^23: (code | 0x4B000000) as float32 is 2^23 + code
+    SYM_ZERO: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_rows = K // PACK
+    per_split = tl.cdiv(tl.cdiv(n_rows, SPLIT_K), BLOCK_R) * BLOCK_R
+    r_lo = pid_k * per_split
+    r_hi = tl.minimum(r_lo + per_split, n_rows)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    # batch 1 (decode) keeps every tile 2-D in the weight's own layout: a 3-D [M, R, N] product would make the
+    # compiler shuffle each dequantized tile through shared memory to broadcast it over M
+    if BLOCK_M == 1:
+        acc2 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < r_hi
+        w_mask = r_mask[:, None] & n_mask[None, :]
+        words = tl.load(w_ptr + offs_r[:, None] * N + offs_n[None, :], mask=w_mask, other=0)
+        sn = (offs_r // ROWS_PER_GROUP)[:, None] * N + offs_n[None, :]
+        scale = tl.load(s_ptr + sn, mask=w_mask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + sn, mask=w_mask, other=0).to(tl.float32) + MAGIC
+        if BLOCK_M == 1:
+            part2 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        else:
+            part3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            f = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+            if HAS_ZERO:
+                w = f - zero
+            else:
+                w = f - SYM_ZERO
+            if BLOCK_M == 1:
+                xk = _load_act(x_ptr, offs_r * PACK + j, r_mask, K, ACT_SILU_MUL)
+                part2 += xk[:, None] * w
+            else:
+                x_off = offs_m[:, None] * stride_xm + (offs_r * PACK + j)[None, :]
+                xk = _load_act(x_ptr, x_off, m_mask[:, None] & r_mask[None, :], K, ACT_SILU_MUL)
+                part3 += xk[:, :, None] * w[None, :, :]
+        if BLOCK_M == 1:
+            acc2 += part2 * scale
+        else:
+            acc3 += part3 * scale[None, :, :]
+    if BLOCK_M == 1:
+        y = tl.sum(acc2, axis=0)[None, :]
+    else:
+        y = tl.sum(acc3, axis=1)
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        _finish(y, b_ptr, r_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om, HAS_BIAS, HAS_RES)
+    else:
+        tl.store(part_ptr + (pid_k * BLOCK_M + offs_m[:, None]) * N + offs_n[None, :], y, mask=o_mask)
+        tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1)
+        if arrived == SPLIT_K - 1:  # last to arrive: sum the partials in split order (deterministic)
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(part_ptr + (s * BLOCK_M + offs_m[:, None]) * N + offs_n[None, :], mask=o_mask,
+                                 other=0.0, cache_modifier=".cg")
+            _finish(total, b_ptr, r_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om, HAS_BIAS, HAS_RES)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch (and for CUDA-graph replays)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr,
+                 M, N, K, stride_xm, stride_rm, stride_om,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    BLOCK_R: tl.constexpr = BLOCK_K // PACK
+    SYM_ZERO: tl.constexpr = 1 << (BITS - 1)
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    shifts = tl.arange(0, PACK) * BITS
+    n_rows = K // PACK
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :],
+                    other=0.0)
+        rr = k0 // PACK + offs_r
+        words = tl.load(w_ptr + rr[:, None] * N + offs_n[None, :], mask=(rr < n_rows)[:, None] & n_mask[None, :],
+                        other=0)
+        codes = (words[:, None, :] >> shifts[None, :, None]) & MASK  # [BLOCK_R, PACK, BLOCK_N]: k = PACK*r + j
+        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N)).to(tl.float32)
+        if GROUP % BLOCK_K == 0:  # the whole K-tile is one group: one scale row
+            sn = (k0 // GROUP) * N + offs_n
+            scale = tl.load(s_ptr + sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_ZERO:
+                zero = tl.load(z_ptr + sn, mask=n_mask, other=0).to(tl.float32)[None, :]
+        else:
+            sn = (kk // GROUP)[:, None] * N + offs_n[None, :]
+            s_mask = (kk < K)[:, None] & n_mask[None, :]
+            scale = tl.load(s_ptr + sn, mask=s_mask, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zero = tl.load(z_ptr + sn, mask=s_mask, other=0).to(tl.float32)
+        if HAS_ZERO:
+            w = (codes - zero) * scale
+        else:
+            w = (codes - SYM_ZERO) * scale
+        w = w.to(x_ptr.dtype.element_ty)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    _finish(acc, b_ptr, r_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om, HAS_BIAS, HAS_RES)
+
+
+# -- configurations ------------------------------------------------------------------------------------------
+
+_GEMV = Tuner("wq_gemv")
+_GEMM = Tuner("wq_gemm")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def gemv_candidates(m: int, n: int, k: int, bits: int, sms: int) -> list[dict]:
+    """Tile shapes x split factors that put between one and eight waves of programs on ``sms`` multiprocessors,
+    best guess first."""
+    pack = 32 // bits
+    rows = k // pack
+    bm = _pow2(m)
+    if interpreting():  # few, large programs: the interpreter's cost is per operation, not per element
+        return [dict(BLOCK_M=bm, BLOCK_N=min(128, _pow2(n)), BLOCK_R=min(16, _pow2(rows)), SPLIT_K=1)]
+    short, long = 64 // pack, 128 // pack  # word rows per step: 64 or 128 K-rows
+    out = []
+    for bn, br, warps in ((128, short, 4), (256, short, 8), (128, long, 4), (64, long, 4), (256, long, 8),
+                          (64, short, 4), (32, short, 4)):
+        # batch 1: 2-D tiles, a few dozen registers; batch > 1: [M, R, N] products, keep them <= 32 per thread
+        if bm > 1 and bm * br * bn > 32 * 32 * warps or bm == 1 and bn == 32:
+            continue
+        tiles = -(-n // bn)
+        for split in (1, 2, 4, 8, 16, 32):
+            programs = tiles * split
+            if split > 1 and rows // split < 2 * br:
+                break
+            if sms <= programs <= 8 * sms or (split == 1 and programs > 8 * sms):
+                out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2))
+        if not any(c["BLOCK_N"] == bn and c["BLOCK_R"] == br for c in out):  # small shapes: the most parallel split
+            split = max(1, min(32, rows // (2 * br)))
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2))
+    return out
+
+
+def gemm_candidates(m: int, n: int, k: int, group: int, is_fp32: bool) -> list[dict]:
+    if interpreting():
+        return [dict(BLOCK_M=16, BLOCK_N=min(128, max(16, _pow2(n))), BLOCK_K=64 if k >= 64 else 32, GROUP_M=4)]
+    if is_fp32:  # the exact path: FMA dots, smaller tiles
+        return [dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
+                dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)]
+    tiles = [  # (BM, BN, BK, warps, stages): Hopper-sized tiles first for large M
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+        (32, 128, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 128, 4, 4), (32, 64, 64, 4, 4),
+    ]
+    out = []
+    for bm, bn, bk, warps, stages in tiles:
+        if bm > max(16, _pow2(m)) or bk > max(32, _pow2(k)):
+            continue
+        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages))
+    return out
+
+
+class _Workspace:
+    """Split-K partials and per-tile arrival counters, one pair per device, grown before (never during) capture."""
+
+    buffers: dict = {}
+
+    @classmethod
+    def get(cls, device, part_numel: int, lock_numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        part, lock = cls.buffers.get(key, (None, None))
+        if part is None or part.numel() < part_numel or lock.numel() < lock_numel:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("split-K workspace must be sized before CUDA-graph capture (run once eagerly)")
+            part_numel = max(part_numel, 0 if part is None else part.numel())
+            lock_numel = max(lock_numel, 0 if lock is None else lock.numel())
+            part = torch.empty(part_numel, dtype=torch.float32, device=device)
+            lock = torch.zeros(lock_numel, dtype=torch.int32, device=device)
+            cls.buffers[key] = (part, lock)
+        return part, lock
+
+
+# -- entry points --------------------------------------------------------------------------------------------
+
+
+def wq_linear(x: torch.Tensor, pw: PackedWeight, *, residual: torch.Tensor | None = None, act: str | None = None,
+              out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """``act(x) @ W (+ bias) (+ residual)`` with W dequantized on the fly; x [.., K] ([.., 2K] gate|up with
+    ``act="silu_mul"``, GEMV only), result [.., N] in x's dtype. M <= 8 rows take the GEMV, more the GEMM."""
+    k, n = pw.in_features, pw.out_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if act not in (None, "silu_mul"):
+        raise ValueError(f"act must be None or 'silu_mul', got {act!r}")
+    if x2.shape[1] != (2 * k if act else k):
+        raise ValueError(f"x has {x2.shape[1]} features, the weight expects {2 * k if act else k}")
+    if pw.scale.dtype != x.dtype:
+        raise ValueError(f"weight scales are {pw.scale.dtype}, activations {x.dtype}: move the weight with "
+                         f".to(dtype={x.dtype})")
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    res = None
+    if residual is not None:
+        res = residual.reshape(m, n)
+        if res.stride(-1) != 1:
+            res = res.contiguous()
+    if m <= GEMV_MAX_M:
+        _gemv(x2, pw, res, act, out, config)
+    else:
+        if act:
+            x2 = _silu_mul_torch(x2)
+        _gemm(x2, pw, res, out, config)
+    return out.reshape(*lead, n)
+
+
+def _silu_mul_torch(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.float().chunk(2, -1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+def _gemv(x, pw: PackedWeight, res, act, out, config):
+    m, n, k = x.shape[0], pw.out_features, pw.in_features
+    dummy = out
+    candidates = gemv_candidates(m, n, k, pw.bits, num_sms(x.device))
+    key = (m, n, k, pw.bits, pw.group_size, x.dtype, act)
+
+    def launch(cfg):
+        meta, opts = launch_opts(cfg)
+        part, lock = _Workspace.get(x.device, meta["SPLIT_K"] * meta["BLOCK_M"] * n, -(-n // meta["BLOCK_N"]))
+        grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+        _gemv_kernel[grid](
+            x, pw.qweight, pw.scale, pw.zero if pw.zero is not None else dummy,
+            pw.bias if pw.bias is not None else dummy, res if res is not None else dummy, out, part, lock,
+            m, n, k, x.stride(0), res.stride(0) if res is not None else 0, out.stride(0),
+            BITS=pw.bits, GROUP=pw.group_size, HAS_ZERO=pw.zero is not None, HAS_BIAS=pw.bias is not None,
+            HAS_RES=res is not None, ACT_SILU_MUL=act == "silu_mul", **meta, **opts)
+
+    return _GEMV.run(key, candidates, launch, config)
+
+
+def _gemm(x, pw: PackedWeight, res, out, config):
+    m, n, k = x.shape[0], pw.out_features, pw.in_features
+    dummy = out
+    is_fp32 = x.dtype == torch.float32
+    candidates = gemm_candidates(m, n, k, pw.group_size, is_fp32)
+    key = (_pow2(m), n, k, pw.bits, pw.group_size, x.dtype)
+
+    def launch(cfg):
+        meta, opts = launch_opts(cfg)
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _gemm_kernel[grid](
+            x, pw.qweight, pw.scale, pw.zero if pw.zero is not None else dummy,
+            pw.bias if pw.bias is not None else dummy, res if res is not None else dummy, out,
+            m, n, k, x.stride(0), res.stride(0) if res is not None else 0, out.stride(0),
+            BITS=pw.bits, GROUP=pw.group_size, HAS_ZERO=pw.zero is not None, HAS_BIAS=pw.bias is not None,
+            HAS_RES=res is not None, IEEE=is_fp32, **meta, **opts)
+
+    return _GEMM.run(key, candidates, launch, config)

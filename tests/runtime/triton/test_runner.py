@@ -1,0 +1,230 @@
+"""The CUDA runner against ONNX Runtime on the same exported folders.
+
+On CPU the runner runs under Triton's interpreter (float32, no CUDA graph): it must reproduce ORT's logits and
+greedy tokens, which checks the graph reading (weights, scales, zero points, norms, RoPE constants, tied head)
+and the wiring of every kernel. On a GPU: same greedy tokens as ORT on a prompt set, CUDA-graph decode.
+"""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from qcompile.errors import QCompileError
+from qcompile.export.artifact import write_artifact
+from qcompile.export.onnx_builder import build_graph
+from qcompile.graph import weight_qdq
+from qcompile.models import load
+from qcompile.passes import canonicalize, rtn
+from qcompile.runtime.ort import OrtCausalLM
+from qcompile.runtime.triton.runner import TritonCausalLM, load_exported
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def export(folder, out, **rtn_kwargs):
+    h = load(folder)
+    canonicalize.apply(h, canonicalize.CanonicalizeConfig())
+    if rtn_kwargs:
+        rtn.apply(h, rtn.RTNConfig(**rtn_kwargs))
+    graph = build_graph(h)
+    weight_qdq.apply(graph, h.quant_state)
+    write_artifact(h, graph, out, {})
+    return out
+
+
+# family -> quantization: int4 asym g16 (Llama), int8 sym per-group with q/k/v biases (Qwen2), int4 sym with
+# q/k norms (Qwen3), int4 asym per-channel (Mistral)
+CONFIGS = {
+    "llama": dict(bits=4, group_size=16),
+    "qwen2": dict(bits=8, group_size=32, symmetric=True),
+    "qwen3": dict(bits=4, group_size=32, symmetric=True),
+    "mistral": dict(bits=4, group_size=None),
+}
+PROMPTS = [[1, 7, 80, 90, 33, 250, 12, 5], [1, 200, 201, 3, 9]]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dirs, tmp_path_factory):
+    return {f: export(tiny_model_dirs[f], tmp_path_factory.mktemp(f"x-{f}"), **kw) for f, kw in CONFIGS.items()}
+
+
+def runner(folder, **kw):
+    kw.setdefault("device", "cuda" if HAS_CUDA else "cpu")
+    kw.setdefault("dtype", torch.float32)
+    kw.setdefault("max_seq_len", 64)
+    return TritonCausalLM.from_dir(folder, **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_prefill_logits_match_ort(exported, family):
+    r = runner(exported[family])
+    assert r.notes == []  # every linear runs on the packed kernels
+    ort = OrtCausalLM.from_dir(exported[family], accuracy_level=1)
+    ids = PROMPTS[0]
+    ref = ort.logits(np.array([ids]))[0]
+    got = r.prefill(ids, all_logits=True).cpu().numpy()
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_greedy_tokens_match_ort(exported):
+    """Prefill, then token-by-token decode through the split-K attention over the cache."""
+    r = runner(exported["llama"])
+    ort = OrtCausalLM.from_dir(exported["llama"], accuracy_level=1)
+    for ids in PROMPTS:
+        assert r.generate(ids, 6) == ort.generate(ids, 6)
+
+
+def test_reads_the_graph(exported):
+    w = load_exported(exported["qwen3"])
+    assert (w.num_heads, w.num_kv_heads, w.head_dim, len(w.layers)) == (4, 2, 16, 2)
+    assert w.has_qk_norm and w.layers[0].q_norm is not None and w.layers[0].input_norm is None  # folded
+    assert w.lm_head is not None and not w.lm_head.quantized
+    q = w.layers[0].linears["q"]
+    assert q.quantized and q.bits == 4 and q.zero is None and q.group_size == 32 and q.shape == (64, 64)
+    np.testing.assert_allclose(w.inv_freq[:2], [1.0, 10000 ** (-2 / 16)], rtol=1e-6)
+    m = load_exported(exported["mistral"]).layers[1].linears["down"]
+    assert m.group_size == 128 and m.zero is not None and m.scale.shape == (64,)  # per-channel: scale [out]
+
+
+def test_quantized_kv_cache_stays_close(exported):
+    """8-bit and 4-bit caches (prompt kept in float) against the float cache: small, ordered logit deviations."""
+    ids = PROMPTS[0]
+    logits = {}
+    for bits in (16, 8, 4):
+        r = runner(exported["llama"], kv_bits=bits, prefix_capacity=4)
+        r.prefill(ids, float_prefix=3)
+        logits[bits] = torch.stack([r.decode(t) for t in (40, 41)])
+    scale = logits[16].abs().max()
+    d8, d4 = ((logits[b] - logits[16]).abs().max() for b in (8, 4))
+    assert 0 < d8 < d4 and d8 < 0.05 * scale
+
+
+def test_refuses_graphs_with_unmapped_rewrites(exported, tmp_path):
+    import onnx_ir as ir
+
+    folder = tmp_path / "rewritten"
+    shutil.copytree(exported["llama"], folder)
+    model = ir.load(folder / "model.onnx")
+    graph = model.graph
+    mm = next(n for n in graph if n.op_type == "MatMul")
+    node = ir.node("Round", [mm.inputs[0]], name="fake_quant")
+    graph.insert_before(mm, node)
+    mm.replace_input_with(0, node.outputs[0])
+    ir.save(model, folder / "model.onnx", external_data="model.onnx_data")
+    with pytest.raises(QCompileError, match="does not map yet.*Round"):
+        load_exported(folder)
+    with pytest.raises(QCompileError, match="not an exported folder"):
+        load_exported(tmp_path / "missing")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on machines without CUDA")
+def test_cli_refuses_cuda_without_gpu(exported, capsys):
+    from qcompile.cli import main
+
+    assert main(["run", str(exported["llama"]), "hi", "--device", "cuda", "--raw"]) == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().err
+
+
+# -- GPU ------------------------------------------------------------------------------------------------------
+
+
+def prompt_set(vocab, n=4, seed=0):
+    g = np.random.default_rng(seed)
+    return [[1, *g.integers(3, vocab, size=int(g.integers(4, 20))).tolist()] for _ in range(n)]
+
+
+def same_greedy(ort, r, ids, n, tie_tol) -> bool:
+    """True if the runner's greedy tokens equal ORT's. Where they part, ORT's own logits must show a near tie there
+    (its token beats ours by less than ``tie_tol`` logits): rounding may flip a tie, a bug flips clear choices."""
+    ours, ref = r.generate(ids, n), ort.generate(ids, n)
+    if ours == ref:
+        return True
+    i = next(j for j, (a, b) in enumerate(zip(ours, ref)) if a != b)
+    logits = ort.logits(np.array([ids + ref[:i]]))[0, -1]
+    margin = float(logits[ref[i]] - logits[ours[i]])
+    assert margin < tie_tol, f"prompt {ids}: step {i} picked {ours[i]} over ORT's {ref[i]} (margin {margin:.3g})"
+    return False
+
+
+@pytest.fixture(scope="module")
+def larger_exports(tmp_path_factory):
+    """Llama-shaped models with real head sizes (64) on the GPU path's int4/int8 layouts."""
+    from tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("larger")
+    src = make_tiny_model("llama", root / "src", hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return {name: export(src, root / name, **kw) for name, kw in {
+        "w4-asym-g64": dict(bits=4, group_size=64), "w4-sym-g128": dict(bits=4, group_size=128, symmetric=True),
+        "w8-sym-g64": dict(bits=8, group_size=64, symmetric=True), "w3-asym-g32": dict(bits=3, group_size=32)}.items()}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_gpu_greedy_tokens_match_ort_tiny(exported, family):
+    r = runner(exported[family], max_seq_len=128)
+    ort = OrtCausalLM.from_dir(exported[family], accuracy_level=1)
+    matched = [same_greedy(ort, r, ids, 24, 1e-4) for ids in prompt_set(320)]
+    assert sum(matched) >= len(matched) - 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["w4-asym-g64", "w4-sym-g128", "w8-sym-g64", "w3-asym-g32"])
+def test_gpu_greedy_tokens_match_ort(larger_exports, name):
+    """fp32 path (IEEE dots): ORT's greedy tokens. fp16 path: ORT's logits up to fp16 rounding."""
+    folder = larger_exports[name]
+    ort = OrtCausalLM.from_dir(folder, accuracy_level=1)
+    r32 = runner(folder, max_seq_len=128)
+    r16 = runner(folder, dtype=torch.float16, max_seq_len=128)
+    assert r32.notes == [] and r16.notes == []
+    prompts = prompt_set(320, seed=1)
+    matched = [same_greedy(ort, r32, ids, 32, 1e-4) for ids in prompts]
+    assert sum(matched) >= len(matched) - 1
+    for ids in prompts:
+        seq = ids + ort.generate(ids, 32)
+        ref = ort.logits(np.array([seq]))[0]
+        got = r16.prefill(seq, all_logits=True).cpu().numpy()
+        assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
+
+
+@pytest.mark.cuda
+def test_gpu_cuda_graph_decode_equals_eager(larger_exports):
+    """The captured decode step computes what the eager one does (same kernels and configs; cuBLAS may pick
+    another algorithm for the fp16 head inside a graph, hence a rounding-level tolerance)."""
+    folder = larger_exports["w4-asym-g64"]
+    for bits in (16, 8):
+        graphed = runner(folder, dtype=torch.float16, max_seq_len=256, kv_bits=bits)
+        eager = runner(folder, dtype=torch.float16, max_seq_len=256, kv_bits=bits, cuda_graph=False)
+        assert graphed._graph is not None and eager._graph is None
+        for ids in prompt_set(320, seed=2):
+            graphed.prefill(ids)
+            eager.prefill(ids)
+            for t in (5, 77, 300, 12):
+                a, b = graphed.decode(t), eager.decode(t)
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * b.abs().max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not os.environ.get("QCOMPILE_SMOLLM2_EXPORT"), reason="set QCOMPILE_SMOLLM2_EXPORT to an "
+                    "exported SmolLM2 folder")
+@pytest.mark.parametrize("dtype,tie", [(torch.float32, 1e-3), (torch.float16, 3e-2)])
+def test_gpu_smollm2_greedy_tokens_match_ort(dtype, tie):
+    """Chat prompts: the same greedy tokens as ORT (fp32 ORT, accuracy level 1); a divergence is allowed only at a
+    near tie (``tie`` times the logit range), and at most one prompt may have one."""
+    from transformers import AutoTokenizer
+
+    folder = os.environ["QCOMPILE_SMOLLM2_EXPORT"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    ort = OrtCausalLM.from_dir(folder, accuracy_level=1)
+    r = TritonCausalLM.from_dir(folder, dtype=dtype, max_seq_len=512)
+    matched = []
+    for q in ("What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+              "Explain gravity to a child.", "Translate 'good morning' to Spanish."):
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        scale = float(np.abs(ort.logits(np.array([ids]))[0, -1]).max())
+        matched.append(same_greedy(ort, r, ids, 32, tie * scale))
+    assert sum(matched) >= len(matched) - 1

@@ -1,0 +1,81 @@
+"""Per-token activation quantization and the int8 tensor-core GEMM (W8A8, W4A4) against the torch reference."""
+
+import pytest
+import torch
+
+from qcompile.quant.grid import QuantizedWeight, QuantSpec
+from qcompile.runtime.triton import reference as R
+from qcompile.runtime.triton.packing import pack_int_gemm
+from qcompile.runtime.triton.w8a8 import int_gemm_candidates, int_linear, quantize_rows, w8a8_linear
+
+
+def int_weight(n, k, bits, sym, group, device, bias=False, seed=0):
+    torch.manual_seed(seed)
+    qw = QuantizedWeight.from_float(torch.randn(n, k), QuantSpec(bits=bits, symmetric=sym, group_size=group))
+    return pack_int_gemm(qw.qweight, qw.scale, qw.zero, bits=bits, bias=torch.randn(n) if bias else None).to(device)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantize_rows_is_bit_exact(device, bits, dtype):
+    x = (torch.randn(19, 200) * torch.linspace(0.1, 30, 19)[:, None]).to(device, dtype)
+    x[3] = 0  # an all-zero row must not divide by zero
+    q, s = quantize_rows(x, bits)
+    qr, sr = R.quantize_rows_ref(x, bits)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    assert q.abs().max() <= 2 ** (bits - 1) - 1  # clip 1: the -2^(b-1) code is never needed
+
+
+@pytest.mark.parametrize("bits,clip", [(8, 1.0), (4, 0.9)])
+def test_quantize_rows_is_the_graphs_fake_quantization(device, bits, clip):
+    activations = pytest.importorskip("qcompile.quant.activations")
+    x = torch.randn(6, 128, device=device) * 5
+    q, s = quantize_rows(x, bits, clip_ratio=clip)
+    spec = activations.TokenQuantSpec(bits=bits, symmetric=True, group_size=None, clip_ratio=clip)
+    assert torch.equal((q.float() * s[:, None]).cpu(), activations.fake_quantize_tokens(x.cpu(), spec))
+
+
+def test_quantize_rows_fused_rmsnorm(device):
+    x = torch.randn(9, 96, device=device) * 4
+    w = torch.rand(96, device=device) + 0.5
+    q, s = quantize_rows(x, 8, norm=True, norm_weight=w, eps=1e-5)
+    qr, sr = R.quantize_rows_ref(x, 8, w, 1e-5, norm=True)
+    torch.testing.assert_close(s, sr, rtol=1e-5, atol=0)
+    assert (q.int() - qr.int()).abs().max() <= 1 and (q != qr).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("bits,sym,group", [(8, True, None), (8, False, None), (8, True, 64), (8, False, 32),
+                                            (4, True, None), (4, False, 64), (4, True, 128)])
+def test_int_linear_matches_reference(device, bits, sym, group):
+    pw = int_weight(72, 256, bits, sym, group, device, bias=True)
+    x = torch.randn(33, 256, device=device) * 3
+    xq, xs = R.quantize_rows_ref(x, bits)
+    y = int_linear(xq, xs, pw, torch.float32)
+    ref = R.int_linear_ref(xq, xs, pw, torch.float32)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+
+
+def test_w8a8_linear_end_to_end_error_is_quantization_error(device):
+    """Quantize + GEMM against the float product: the error is what 8-bit rounding allows, not more."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    qw = QuantizedWeight.from_float(w, QuantSpec(bits=8, symmetric=True, group_size=None))
+    pw = pack_int_gemm(qw.qweight, qw.scale, None, bits=8).to(device)
+    x = torch.randn(40, 128, device=device, dtype=torch.float16)
+    y = w8a8_linear(x, pw)
+    ref = x.float() @ qw.dequantize().t().to(device)
+    rel = ((y.float() - ref).norm() / ref.norm()).item()
+    assert y.dtype == torch.float16 and rel < 0.01
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 128), (4, None), (4, 128)])
+def test_int_gemm_every_config_at_llama_shapes(n, k, bits, group):
+    pw = int_weight(n, k, bits, True, group, "cuda")
+    x = torch.randn(1024, k, device="cuda")
+    xq, xs = quantize_rows(x, bits)
+    ref = R.int_linear_ref(xq, xs, pw, torch.float32)
+    for cfg in int_gemm_candidates(1024, n, k, pw):
+        y = int_linear(xq, xs, pw, torch.float32, config=cfg)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=str(cfg))

@@ -1,0 +1,127 @@
+"""Weight-only GEMV/GEMM against the torch reference: small shapes (interpreter on CPU), real shapes on CUDA."""
+
+import pytest
+import torch
+
+from qcompile.quant.grid import QuantizedWeight, QuantSpec
+from qcompile.runtime.triton import reference as R
+from qcompile.runtime.triton.packing import pack_from_export
+from qcompile.runtime.triton.wq_matmul import gemm_candidates, gemv_candidates, wq_linear
+
+
+def packed(n, k, bits, sym, group, device, dtype, bias=False, seed=0):
+    torch.manual_seed(seed)
+    qw = QuantizedWeight.from_float(torch.randn(n, k), QuantSpec(bits=bits, symmetric=sym, group_size=group))
+    pw = pack_from_export(qw.qweight, qw.scale, qw.zero, bits=bits, dtype=dtype,
+                          bias=torch.randn(n) if bias else None)
+    return pw.to(device)
+
+
+def check(y, ref, rel):
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= rel * ref.float().abs().max().item(), (err, ref.abs().max().item())
+
+
+# (bits, symmetric, group) over the grid's variety: 2/3-bit in the 4-bit container, per-channel, 8-bit asym
+SPECS = [(4, False, 32), (4, True, 64), (3, False, 16), (8, True, 32), (8, False, None)]
+
+
+@pytest.mark.parametrize("bits,sym,group", SPECS)
+def test_gemv_matches_reference(device, bits, sym, group):
+    pw = packed(72, 128, bits, sym, group, device, torch.float32, bias=True)
+    for m in (1, 3, 8):
+        x = torch.randn(m, 128, device=device)
+        res = torch.randn(m, 72, device=device)
+        check(wq_linear(x, pw, residual=res), R.wq_linear_ref(x, pw, residual=res), 1e-5)
+
+
+@pytest.mark.parametrize("split", [1, 3, 6])
+def test_gemv_split_k_and_partial_tiles(device, split):
+    """Explicit configs: N not a multiple of the tile, K splits that do not divide the rows, more splits than
+    steps (6 splits of 4 steps: empty programs) -- the last arriving program must still sum every partial once."""
+    pw = packed(24, 64, 4, False, 32, device, torch.float32, seed=1)
+    x = torch.randn(2, 64, device=device)
+    cfg = dict(BLOCK_M=2, BLOCK_N=16, BLOCK_R=2, SPLIT_K=split)
+    y1 = wq_linear(x, pw, config=cfg)
+    check(y1, R.wq_linear_ref(x, pw), 1e-5)
+    assert torch.equal(y1, wq_linear(x, pw, config=cfg))  # counters were reset; same summation order
+
+
+def test_gemv_silu_mul_prologue(device):
+    pw = packed(48, 64, 4, True, 32, device, torch.float32)
+    x = torch.randn(2, 128, device=device)  # gate | up
+    res = torch.randn(2, 48, device=device)
+    check(wq_linear(x, pw, act="silu_mul", residual=res), R.wq_linear_ref(x, pw, residual=res, act="silu_mul"), 1e-5)
+
+
+@pytest.mark.parametrize("bits,sym,group", [(4, False, 32), (4, True, 128), (8, True, None), (8, False, 64)])
+def test_gemm_matches_reference(device, bits, sym, group):
+    pw = packed(80, 256, bits, sym, group, device, torch.float32, bias=True)
+    x = torch.randn(37, 256, device=device)
+    res = torch.randn(37, 80, device=device)
+    check(wq_linear(x, pw, residual=res), R.wq_linear_ref(x, pw, residual=res), 1e-5)
+    x2 = torch.randn(21, 128, device=device)  # gate|up through the GEMM path
+    pw2 = packed(80, 64, bits, sym, 32 if group else None, device, torch.float32)
+    check(wq_linear(x2, pw2, act="silu_mul"), R.wq_linear_ref(x2, pw2, act="silu_mul"), 1e-5)
+
+
+def test_fp16_activations(device):
+    pw = packed(64, 128, 4, False, 32, device, torch.float16)
+    for m in (1, 20):
+        x = torch.randn(m, 128, device=device, dtype=torch.float16)
+        y = wq_linear(x, pw)
+        assert y.dtype == torch.float16
+        check(y, R.wq_linear_ref(x, pw), 5e-3)
+
+
+def test_dtype_and_shape_errors(device):
+    pw = packed(16, 64, 4, False, 32, device, torch.float32)
+    with pytest.raises(ValueError, match="scales are torch.float32"):
+        wq_linear(torch.randn(1, 64, device=device, dtype=torch.float16), pw)
+    with pytest.raises(ValueError, match="expects 64"):
+        wq_linear(torch.randn(1, 32, device=device), pw)
+
+
+# -- real shapes (H100) -----------------------------------------------------------------------------------
+
+LLAMA3_8B = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K): q/o, gate/up, down
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k", LLAMA3_8B)
+@pytest.mark.parametrize("bits,sym", [(4, False), (4, True), (8, True)])
+def test_gemv_every_config_at_llama_shapes(n, k, bits, sym):
+    pw = packed(n, k, bits, sym, 128, "cuda", torch.float16)
+    ref_pw = pw.to(dtype=torch.float32)
+    for m in (1, 4):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ref = R.wq_linear_ref(x.float(), ref_pw)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for cfg in gemv_candidates(m, n, k, pw.bits, sms):
+            y = wq_linear(x, pw, config=cfg)
+            check(y, ref, 2e-3)
+            assert torch.equal(y, wq_linear(x, pw, config=cfg)), cfg  # deterministic split-K
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k", LLAMA3_8B)
+def test_gemm_every_config_at_llama_shapes(n, k):
+    pw = packed(n, k, 4, False, 128, "cuda", torch.float16)
+    x = torch.randn(512, k, device="cuda", dtype=torch.float16)
+    ref = R.wq_linear_ref(x.float(), pw.to(dtype=torch.float32))
+    for cfg in gemm_candidates(512, n, k, 128, False):
+        check(wq_linear(x, pw, config=cfg), ref, 2e-3)
+
+
+@pytest.mark.cuda
+def test_gemv_under_cuda_graph():
+    pw = packed(4096, 4096, 4, False, 128, "cuda", torch.float16)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    eager = wq_linear(x, pw)  # tunes and sizes the workspace before capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = wq_linear(x, pw)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager)
