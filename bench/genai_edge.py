@@ -38,6 +38,7 @@ import onnxruntime as ort  # noqa: E402
 import onnxruntime_genai as og  # noqa: E402
 
 from qcompile.bundle import package  # noqa: E402
+from qcompile.bundle.genai import greedy_tokens  # noqa: E402
 from qcompile.runtime.ort import OrtCausalLM  # noqa: E402
 
 QUESTIONS = [
@@ -66,18 +67,6 @@ def build_with_builder(out: Path, python: str) -> dict:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return {"command": " ".join(cmd), "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def genai_greedy(model: og.Model, prompt: list[int], new_tokens: int) -> list[int]:
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
 
 
 def genai_timed(model: og.Model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
@@ -207,7 +196,7 @@ def main() -> None:
         same = []
         for ids in chats:
             ours = runners[label].generate(ids, args.greedy_tokens, eos_token_id=tok.eos_token_id)
-            same.append(genai_greedy(models[label], ids, args.greedy_tokens) == ours)
+            same.append(greedy_tokens(models[label], ids, args.greedy_tokens) == ours)
         manifest = json.loads((b / "manifest.json").read_text())
         result["graphs"][label] = {
             "export": str(folder), "bundle": str(b), "package_seconds": seconds,
@@ -218,8 +207,8 @@ def main() -> None:
     builder_vs_ours = []
     first = next(iter(bundles))
     for ids in chats:
-        builder_vs_ours.append(genai_greedy(models["genai builder int4"], ids, args.greedy_tokens)
-                               == genai_greedy(models[first], ids, args.greedy_tokens))
+        builder_vs_ours.append(greedy_tokens(models["genai builder int4"], ids, args.greedy_tokens)
+                               == greedy_tokens(models[first], ids, args.greedy_tokens))
     result["greedy_identical_builder_vs_" + first.replace(" ", "_")] = f"{sum(builder_vs_ours)}/{len(chats)}"
 
     gtok = og.Tokenizer(models[first])

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from qcompile.bundle import genai_config, package, verify
-from qcompile.bundle.genai import tokenizer_note
+from qcompile.bundle.genai import greedy_tokens, tokenizer_note
 from qcompile.cli import main
 from qcompile.errors import QCompileError
 from qcompile.runtime.ort import OrtCausalLM
@@ -303,19 +303,6 @@ def test_tokenizer_note(bundle, tmp_path):
     assert "byte_fallback=true" in tokenizer_note(tmp_path)
 
 
-def _genai_greedy(og, folder, prompt, new_tokens):
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
 def test_onnxruntime_genai_generates_our_greedy_tokens(tiny_model_dirs, tmp_path, family):
     og = pytest.importorskip("onnxruntime_genai")
@@ -324,7 +311,7 @@ def test_onnxruntime_genai_generates_our_greedy_tokens(tiny_model_dirs, tmp_path
     ours = OrtCausalLM.from_dir(b)  # the accuracy level from qcompile.json; genai gets it from genai_config.json
     for prompt in PROMPTS:
         expected = ours.generate(prompt, 24, eos_token_id=2)  # genai stops at eos too, and includes it
-        assert _genai_greedy(og, b, prompt, 24) == expected, (family, prompt)
+        assert greedy_tokens(og.Model(str(b)), prompt, 24) == expected, (family, prompt)
 
     from transformers import AutoTokenizer
 
@@ -355,7 +342,7 @@ def test_smollm2_bundle_runs_in_onnxruntime_genai(tmp_path):
                                           tokenize=True)
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
             expected = ours.generate(ids, 16, eos_token_id=tok.eos_token_id)
-            assert _genai_greedy(og, b, ids, 16) == expected, question
+            assert greedy_tokens(og.Model(str(b)), ids, 16) == expected, question
         info = inspect(b)
     weights = info["graph"]["quantized_weights"]
     assert len(weights) == 210 and {(w["type"], w["group_size"]) for w in weights} == {("uint4", 64)}

@@ -79,3 +79,22 @@ def make_tiny_model(family: str, folder: Path, seed: int = 0, **overrides) -> Pa
     model.save_pretrained(folder, safe_serialization=True)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+def export_tiny(folder: Path, out_dir: Path, meta: dict | None = None, **rtn_kwargs):
+    """Canonicalize, optionally RTN-quantize (``rtn_kwargs``), and write the exported folder, stage by stage
+    (no recipe machinery); returns ``(handle, out_dir)``."""
+    from qcompile.export.artifact import write_artifact
+    from qcompile.export.onnx_builder import build_graph
+    from qcompile.graph import weight_qdq
+    from qcompile.models import load
+    from qcompile.passes import canonicalize, rtn
+
+    h = load(folder)
+    canonicalize.apply(h, canonicalize.CanonicalizeConfig())
+    if rtn_kwargs:
+        rtn.apply(h, rtn.RTNConfig(**rtn_kwargs))
+    graph = build_graph(h)
+    weight_qdq.apply(graph, h.quant_state)
+    write_artifact(h, graph, out_dir, meta or {})
+    return h, out_dir

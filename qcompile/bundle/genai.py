@@ -154,6 +154,21 @@ def genai_config(folder: str | Path, graph: onnx.ModelProto, model_file: str = "
     return {"model": model, "search": search}
 
 
+def greedy_tokens(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation of token ids ``prompt`` by an ``onnxruntime_genai.Model`` (what a bundle's user runs)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
 def tokenizer_note(folder: str | Path) -> str | None:
     """Why onnxruntime-genai's own tokenizer would mis-encode this folder's tokenizer.json, if we know it will.
 

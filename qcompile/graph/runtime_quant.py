@@ -90,15 +90,14 @@ def quantize_activations(graph: ir.Graph, act_quant: dict[str, TokenQuantSpec], 
     return inserted
 
 
-def quantize_kv(graph: ir.Graph, num_layers: int, head_dim: int, spec: TokenQuantSpec | None, prefix: int,
+def quantize_kv(graph: ir.Graph, num_layers: int, head_dim: int, spec: TokenQuantSpec, prefix: int,
                 r3: torch.Tensor | None, r3_factors, dense: bool) -> dict:
     """R3 on queries/keys and fake quantization of new keys/values (positions >= prefix) in every layer."""
     values = _values_by_name(graph)
-    position_ids = values["position_ids"]
     keep_float = None
-    if spec is not None and prefix > 0:
+    if prefix > 0:
         e = Emitter("/kv_prefix")
-        cond = e.op("Less", position_ids, e.const(np.int64(prefix), np.int64))
+        cond = e.op("Less", values["position_ids"], e.const(np.int64(prefix), np.int64))
         keep_float = e.op("Unsqueeze", cond, e.const([1, 3], np.int64))  # [B, 1, S, 1]
         graph.insert_before(next(iter(graph)), e.nodes)
     for i in range(num_layers):
@@ -107,22 +106,19 @@ def quantize_kv(graph: ir.Graph, num_layers: int, head_dim: int, spec: TokenQuan
         v = values[f"/layers.{i}/attn/v_heads"]
         e = Emitter(f"/layers.{i}/kv_quant")
         q_uses, k_uses, v_uses = list(q.uses()), list(k.uses()), list(v.uses())
-        q2, k2, v2 = q, k, v
+        q2, k_rot = q, k
         if r3 is not None:
-            q2, k2 = hadamard(e, q, 4, r3, r3_factors, dense), hadamard(e, k, 4, r3, r3_factors, dense)
-        if spec is not None:
-            kq = fake_quantize_tokens(e, k2, 4, head_dim, spec)
-            vq = fake_quantize_tokens(e, v2, 4, head_dim, spec)
-            if keep_float is not None:
-                kq, vq = e.op("Where", keep_float, k2, kq), e.op("Where", keep_float, v2, vq)
-            k2, v2 = kq, vq
+            q2, k_rot = hadamard(e, q, 4, r3, r3_factors, dense), hadamard(e, k, 4, r3, r3_factors, dense)
+        k2 = fake_quantize_tokens(e, k_rot, 4, head_dim, spec)
+        v2 = fake_quantize_tokens(e, v, 4, head_dim, spec)
+        if keep_float is not None:
+            k2, v2 = e.op("Where", keep_float, k_rot, k2), e.op("Where", keep_float, v, v2)
         _insert(graph, e, _first_user(graph, [n for n, _ in q_uses + k_uses + v_uses]))
         for old, new, uses in ((q, q2, q_uses), (k, k2, k_uses), (v, v2, v_uses)):
-            for node, idx in uses:
-                if new is not old:
+            if new is not old:
+                for node, idx in uses:
                     node.replace_input_with(idx, new)
-    return {"layers": num_layers, "r3": r3 is not None, "kv": None if spec is None else spec.describe(),
-            "float_prefix": prefix if spec is not None else None}
+    return {"layers": num_layers, "r3": r3 is not None, "kv": spec.describe(), "float_prefix": prefix}
 
 
 def apply(model: ir.Model, handle, dense_hadamard: bool = False) -> dict:
@@ -142,9 +138,7 @@ def apply(model: ir.Model, handle, dense_hadamard: bool = False) -> dict:
         stats["activation_quantizers"] = quantize_activations(graph, handle.act_quant, dims)
     kv = handle.kv_quant
     if kv is not None:
-        geo = handle.adapter.geometry(handle.model)
-        r3 = kv.r3
-        stats["kv"] = quantize_kv(graph, len(handle.adapter.layers(handle.model)), geo.head_dim, kv.spec,
-                                  kv.prefix, r3, hadamard_factors(geo.head_dim) if r3 is not None else None,
-                                  dense_hadamard)
+        head_dim = handle.adapter.geometry(handle.model).head_dim
+        stats["kv"] = quantize_kv(graph, len(handle.adapter.layers(handle.model)), head_dim, kv.spec, kv.prefix,
+                                  kv.r3, hadamard_factors(head_dim) if kv.r3 is not None else None, dense_hadamard)
     return stats

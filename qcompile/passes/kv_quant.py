@@ -89,19 +89,12 @@ def install(handle: ModelHandle, state: KVQuantState) -> None:
     """Route every attention module of ``handle.model`` through :func:`_attention` with ``state``."""
     from transformers import AttentionInterface, AttentionMaskInterface  # public in transformers 4.56+ and 5.x
 
-    ALL_MASK_ATTENTION_FUNCTIONS = AttentionMaskInterface()
-
     config = handle.model.config
     current = config._attn_implementation or "eager"
-    if current == ATTN_NAME:
-        inner = getattr(handle.adapter.layers(handle.model)[0].self_attn, "_qcompile_inner_attn", "sdpa")
-    elif current in ("sdpa", "eager"):
-        inner = current
-    else:  # flash/flex kernels take other mask formats and dtypes; sdpa computes the same function
-        inner = "sdpa"
+    # flash/flex kernels take other mask formats and dtypes; sdpa computes the same function
+    inner = current if current in ("sdpa", "eager") else "sdpa"
     AttentionInterface.register(ATTN_NAME, _attention)
-    mask_source = "sdpa" if inner == "sdpa" else "eager"
-    AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS[mask_source])
+    AttentionMaskInterface.register(ATTN_NAME, AttentionMaskInterface()[inner])
     for layer in handle.adapter.layers(handle.model):
         attn = layer.self_attn
         attn._qcompile_kv = state

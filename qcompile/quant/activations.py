@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.errors import RecipeError
+from qcompile.quant.grid import MAX_BITS, MIN_BITS, int_range
 
 MIN_SCALE = 1e-8
-MIN_BITS, MAX_BITS = 2, 8
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,11 @@ class TokenQuantSpec:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+        return int_range(self.bits, self.symmetric)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+        return int_range(self.bits, self.symmetric)[1]
 
     def group(self, dim: int, what: str) -> int:
         """The group size for a last dimension of ``dim``; one that does not divide it is an error."""

@@ -20,6 +20,11 @@ from qcompile.errors import RecipeError
 MIN_BITS, MAX_BITS = 2, 8
 
 
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer grid of ``bits``: signed ``[-2^(b-1), 2^(b-1)-1]`` if symmetric, else unsigned ``[0, 2^b-1]``."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one weight tensor is quantized: bit width, symmetry, group size along the input dimension."""
@@ -36,11 +41,11 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+        return int_range(self.bits, self.symmetric)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+        return int_range(self.bits, self.symmetric)[1]
 
     def groups(self, in_features: int, name: str = "weight") -> int:
         """Number of groups per row; a group size that does not divide the row is an error naming the tensor."""

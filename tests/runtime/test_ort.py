@@ -4,23 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from qcompile.export.artifact import MODEL_FILE, write_artifact
-from qcompile.export.onnx_builder import build_graph
-from qcompile.graph import weight_qdq
-from qcompile.models import load
-from qcompile.passes import canonicalize, rtn
+from qcompile.export.artifact import MODEL_FILE
 from qcompile.runtime.ort import OrtCausalLM, create_session, matmul_op_counts
-
-
-def export(folder, out_dir, meta=None, **rtn_kwargs):
-    h = load(folder)
-    canonicalize.apply(h, canonicalize.CanonicalizeConfig())
-    if rtn_kwargs:
-        rtn.apply(h, rtn.RTNConfig(**rtn_kwargs))
-    graph = build_graph(h)
-    weight_qdq.apply(graph, h.quant_state)
-    write_artifact(h, graph, out_dir, meta or {})
-    return h, out_dir
+from tiny_models import export_tiny as export
 
 
 @pytest.fixture(scope="module")

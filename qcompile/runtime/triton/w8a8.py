@@ -25,7 +25,7 @@ from qcompile.runtime.triton.packing import PackedIntWeight
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
-from qcompile.runtime.triton._jit import MIN_SCALE, round_half_even  # noqa: E402
+from qcompile.runtime.triton._jit import MIN_SCALE, grouped_tile, round_half_even  # noqa: E402
 
 
 @triton.jit
@@ -52,14 +52,7 @@ def _int_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, bias_ptr, out_ptr,
                      W4: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     HALF: tl.constexpr = BLOCK_K // 2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M

@@ -30,6 +30,8 @@ from qcompile.runtime.triton.packing import PackedWeight
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
+from qcompile.runtime.triton._jit import grouped_tile  # noqa: E402
+
 GEMV_MAX_M = 8
 
 
@@ -142,14 +144,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr,
     MASK: tl.constexpr = (1 << BITS) - 1
     BLOCK_R: tl.constexpr = BLOCK_K // PACK
     SYM_ZERO: tl.constexpr = 1 << (BITS - 1)
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M

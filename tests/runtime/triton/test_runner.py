@@ -13,26 +13,15 @@ import pytest
 import torch
 
 from qcompile.errors import QCompileError
-from qcompile.export.artifact import write_artifact
-from qcompile.export.onnx_builder import build_graph
-from qcompile.graph import weight_qdq
-from qcompile.models import load
-from qcompile.passes import canonicalize, rtn
 from qcompile.runtime.ort import OrtCausalLM
 from qcompile.runtime.triton.runner import TritonCausalLM, load_exported
+from tiny_models import export_tiny
 
 HAS_CUDA = torch.cuda.is_available()
 
 
 def export(folder, out, **rtn_kwargs):
-    h = load(folder)
-    canonicalize.apply(h, canonicalize.CanonicalizeConfig())
-    if rtn_kwargs:
-        rtn.apply(h, rtn.RTNConfig(**rtn_kwargs))
-    graph = build_graph(h)
-    weight_qdq.apply(graph, h.quant_state)
-    write_artifact(h, graph, out, {})
-    return out
+    return export_tiny(folder, out, **rtn_kwargs)[1]
 
 
 # family -> quantization: int4 asym g16 (Llama), int8 sym per-group with q/k/v biases (Qwen2), int4 sym with
