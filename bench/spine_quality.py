@@ -67,14 +67,45 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4-p32": ("w4a4kv4", ["kv_quant.prefix=32"]),
     "w3a3-g64-rot-rtn": ("w3a3-g64", ["rtn"]),
     "w3a3-g64": ("w3a3-g64", []),
+    # learned passes (issues 5 and 6): the CQE+ ablation per bit width, then DL-QAT and BiSup
+    **{f"{m}-w{b}": (f"w{b}a16-g64-cqe", s) for b in (4, 3, 2) for m, s in (
+        ("lwc", ["swap:sde=lwc", "lwc.cll_window=0", "lwc.penalty=0"]), ("lsi", ["swap:sde=lsi", "lsi.cll_window=0", "lsi.penalty=0"]),
+        ("sde", ["sde.cll_window=0"]), ("cqe", []))},
+    # the CQE+ recipes with 5x the learning rates (clipping 5e-2, singular values 5e-3)
+    **{f"cqe-lr-w{b}": (f"w{b}a16-g64-cqe", ["sde.lr_clip=0.05", "sde.lr_adjust=0.005"]) for b in (4, 3, 2)},
+    "dlqat-w4": ("w4a16-g64-dlqat", []),
+    "dlqat-w3": ("w3a16-g64-dlqat", []),
+    "cqe-dlqat-w3": ("w3a16-g64-cqe-dlqat", []),
+    "w4a4kv4-cqe": ("w4a4kv4-cqe", []),
+    "w4a4kv4-bisup": ("w4a4kv4-bisup", []),
+    "w3a3-g64-bisup": ("w3a3-g64-bisup", []),
 }
+# the BiSup prompt-mixed-precision ablation: these variants are also measured with every test window read after
+# SYSTEM_PROMPT, once with its KV cache quantized and once with it kept float (kv_quant prefix = its length)
+SYSTEM_PROMPT = ("You are a knowledgeable assistant. You answer questions about history, science and culture "
+                 "accurately and concisely, and you say so when you are not sure.")
+PROMPT_ABLATION = {"w4a4kv4", "w4a4kv4-bisup"}
 
 
 def variant_recipe(name: str, calib_samples=...):
     """A variant's recipe: built-in recipe + overrides; "rtn" in the overrides swaps GPTQ for RTN with the same
-    grid, a third element drops passes."""
+    grid, "swap:A=B" replaces pass A by pass B with every field B also has, a third element drops passes."""
     recipe_name, sets, *drop = VARIANTS[name]
     recipe = load_recipe(recipe_name)
+    for item in [x for x in sets if x.startswith("swap:")]:
+        import dataclasses
+
+        from qcompile import passes as qpasses
+        from qcompile.recipe import PassStep
+
+        old, new = item[len("swap:"):].split("=")
+        cls = qpasses.get(new).Config
+        keep = {f.name for f in dataclasses.fields(cls)}
+        for i, step in enumerate(recipe.passes):
+            if step.name == old:
+                fields = {k: v for k, v in dataclasses.asdict(step.config).items() if k in keep}
+                recipe.passes[i] = PassStep(new, cls(**fields))
+    sets = [x for x in sets if not x.startswith("swap:")]
     if "rtn" in sets:
         from qcompile.passes.rtn import RTNConfig
         from qcompile.recipe import PassStep
@@ -154,6 +185,9 @@ def measure(name, args, test_windows, ort_names, results, save) -> None:
         with torch.inference_mode():
             row["torch"] = perplexity(torch_logits_fn(h.model), test_windows, desc=f"{name} torch")
         print(f"{name}: torch ppl {row['torch']['ppl']:.3f} (passes {row['passes_seconds']:.1f}s)", flush=True)
+    if name in PROMPT_ABLATION and h.kv_quant is not None:
+        row["system_prompt"] = prompt_ablation(h, test_windows)
+        print(f"{name}: after a system prompt: {row['system_prompt']}", flush=True)
     if name in ort_names:
         from qcompile.runtime.ort import OrtCausalLM
 
@@ -179,6 +213,28 @@ def measure(name, args, test_windows, ort_names, results, save) -> None:
     results["variants"][name] = row
     save()
     del h
+
+
+def prompt_ablation(h, test_windows) -> dict:
+    """Torch ppl of the test windows read after SYSTEM_PROMPT (chat template), the system turn's KV cache
+    quantized (prefix 0) vs float (prefix = its length); the scored tokens are the same in both."""
+    import dataclasses
+
+    from qcompile.passes.kv_quant import install
+
+    ids = h.tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}], tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    prefix = torch.tensor(list(ids), dtype=torch.long)
+    original = h.kv_quant
+    out = {"prompt_tokens": int(prefix.numel())}
+    try:
+        for label, p in (("quantized_prompt", 0), ("float_prompt", int(prefix.numel()))):
+            install(h, dataclasses.replace(original, prefix=p))
+            with torch.inference_mode():
+                out[label] = perplexity(torch_logits_fn(h.model), test_windows, desc=label, prefix=prefix)["ppl"]
+    finally:
+        install(h, original)
+    return out
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ def _add_recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False)
     p.add_argument("--calib-text", default=..., help="calibration text file (default: WikiText-2 validation split)")
     p.add_argument("--calib-samples", type=int, default=..., help="number of calibration windows")
+    p.add_argument("--train-state", default=None, metavar="DIR",
+                   help="learned passes (lwc/lsi/sde, dlqat, bisup) save their trained state here and resume from it")
     p.add_argument("--kv-prefix", type=int, default=None, metavar="P",
                    help="keep the first P KV-cache positions (a system prompt) in float; recipes with kv_quant")
 
@@ -51,7 +53,8 @@ def _recipe_from_args(args):
                                 f"{recipe.name!r} has none")
         sets.append(f"kv_quant.prefix={kv_prefix}")
     return apply_overrides(recipe, sets, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
-                           calib_text=args.calib_text, calib_samples=args.calib_samples)
+                           calib_text=args.calib_text, calib_samples=args.calib_samples,
+                           state_dir=getattr(args, "train_state", None) or ...)
 
 
 def _is_export_dir(path: str) -> bool:
@@ -88,6 +91,21 @@ def _eval_windows(args, tokenizer):
     return text, windows(token_stream(text, tokenizer), args.seq_len, args.limit)
 
 
+def _system_prefix(args, tokenizer):
+    """Token ids of ``--system-prompt`` as the chat template writes a system turn (raw text without a template),
+    or None."""
+    import torch
+
+    if not getattr(args, "system_prompt", None):
+        return None
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "system", "content": args.system_prompt}], tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(args.system_prompt, add_special_tokens=False)["input_ids"]
+    return torch.tensor(list(ids), dtype=torch.long)
+
+
 def _eval_export_dir(out_dir: str, args) -> dict:
     from transformers import AutoTokenizer
 
@@ -97,9 +115,12 @@ def _eval_export_dir(out_dir: str, args) -> dict:
     runner = OrtCausalLM.from_dir(out_dir, accuracy_level=args.accuracy_level, threads=args.threads)
     tok = AutoTokenizer.from_pretrained(out_dir)
     text, wins = _eval_windows(args, tok)
-    res = perplexity(ort_logits_fn(runner), wins, desc="ppl (ort)")
+    prefix = _system_prefix(args, tok)
+    res = perplexity(ort_logits_fn(runner), wins, desc="ppl (ort)", prefix=prefix)
     res.update(backend="ort", text=str(text), accuracy_level=runner.accuracy_level)
     res["key"] = f"ort:{Path(text).name}:{res['windows']}x{res['seq_len']}:acc{runner.accuracy_level}"
+    if prefix is not None:
+        res["key"] += f":system{prefix.numel()}"
     print(json.dumps({k: v for k, v in res.items() if k != "key"}, indent=2))
     return res
 
@@ -130,7 +151,8 @@ def cmd_eval(args) -> int:
         run_passes(handle, recipe)
     text, wins = _eval_windows(args, handle.tokenizer)
     with torch.inference_mode():
-        res = perplexity(torch_logits_fn(handle.model), wins, desc="ppl (torch)")
+        res = perplexity(torch_logits_fn(handle.model), wins, desc="ppl (torch)",
+                         prefix=_system_prefix(args, handle.tokenizer))
     res.update(backend="torch", text=str(text), recipe=recipe.name if recipe else None, dtype=args.dtype)
     print(json.dumps(res, indent=2))
     return 0
@@ -255,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--text", default=None, help="text file (default: WikiText-2 test split)")
         p.add_argument("--seq-len", type=int, default=2048)
         p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+        p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                       help="read every window after this system turn (chat template); only the text is scored")
 
     p = sub.add_parser("export", help="quantize a model and write an ONNX folder")
     p.add_argument("model", help="Hugging Face folder, .gguf file, or built-in name (smollm2-135m)")

@@ -33,6 +33,9 @@ class ModelHandle:
     act_quant: dict = field(default_factory=dict)
     kv_quant: object | None = None
     quant_hooks: list = field(default_factory=list)
+    # each quantized linear's float weight from before its first quantization (CPU): the teacher of the
+    # end-to-end training passes (bisup, dlqat), which may run after GPTQ has replaced the module's weights
+    float_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def config(self):
@@ -66,6 +69,8 @@ class ModelHandle:
         module = self.model.get_submodule(name)
         if module is self.adapter.lm_head(self.model):
             self.untie_embeddings()
+        if name not in self.float_weights:
+            self.float_weights[name] = module.weight.detach().to("cpu", copy=True)
         with torch.no_grad():
             module.weight.copy_(qw.dequantize().to(module.weight.dtype))
         self.quant_state[name] = qw

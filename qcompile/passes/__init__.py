@@ -16,6 +16,11 @@ PASSES: dict[str, str] = {
     "gptq": "qcompile.passes.gptq",
     "act_quant": "qcompile.passes.act_quant",
     "kv_quant": "qcompile.passes.kv_quant",
+    "lwc": "qcompile.passes.lwc",
+    "lsi": "qcompile.passes.lsi",
+    "sde": "qcompile.passes.sde",
+    "dlqat": "qcompile.passes.dlqat",
+    "bisup": "qcompile.passes.bisup",
 }
 
 

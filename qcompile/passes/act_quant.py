@@ -40,9 +40,12 @@ class ActQuantConfig:
 Config = ActQuantConfig
 
 
-def _hook(spec: TokenQuantSpec, name: str):
+def _hook(specs: dict, name: str):
+    # the spec is looked up on every call: a training pass (bisup) may replace it with a learned clip ratio,
+    # and while it trains one it sets ``module._qcompile_act_clip`` (a tensor) to use instead
     def fn(module, args):
-        return (fake_quantize_tokens(args[0], spec, f"input of {name}"), *args[1:])
+        clip = getattr(module, "_qcompile_act_clip", None)
+        return (fake_quantize_tokens(args[0], specs[name], f"input of {name}", clip), *args[1:])
 
     return fn
 
@@ -57,5 +60,5 @@ def apply(handle: ModelHandle, config: ActQuantConfig) -> dict:
         if name in handle.act_quant:
             raise RecipeError(f"act_quant: the input of {name} is already quantized by an earlier act_quant step")
         handle.act_quant[name] = spec
-        handle.quant_hooks.append(module.register_forward_pre_hook(_hook(spec, name)))
+        handle.quant_hooks.append(module.register_forward_pre_hook(_hook(handle.act_quant, name)))
     return {"quantized_inputs": len(todo), "spec": spec.describe()}

@@ -11,10 +11,18 @@ arithmetic as ONNX nodes). Both compute, along the last dimension in groups of `
 
 with ``s`` floored at :data:`MIN_SCALE` so an all-zero group stays zero instead of dividing by zero, and
 round-half-to-even in both (``torch.round`` and ONNX ``Round``).
+
+Training passes (the learned ones in ``qcompile.learn``) need two more things from the torch side:
+
+* **Straight-through rounding.** When autograd records (``x.requires_grad`` under grad mode), the rounding passes
+  gradients through as if it were the identity (STE); otherwise the values are bit-identical to plain rounding.
+* **A float reference.** :func:`runtime_quant_disabled` turns every run-time quantizer (activation hooks, the KV
+  cache) into the identity for the ``with`` block, so the same module computes the float teacher.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +31,31 @@ from qcompile.errors import RecipeError
 from qcompile.quant.grid import MAX_BITS, MIN_BITS, int_range
 
 MIN_SCALE = 1e-8
+_disabled = 0  # nesting depth of runtime_quant_disabled()
+
+
+@contextlib.contextmanager
+def runtime_quant_disabled():
+    """Run-time quantizers (activations, KV cache) compute the identity inside the block (float teacher)."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+def runtime_quant_enabled() -> bool:
+    return _disabled == 0
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)``; under autograd its gradient is the identity's (straight-through). Without autograd the
+    result is ``torch.round(x)`` itself, bit for bit."""
+    r = torch.round(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x + (r - x).detach()
+    return r
 
 
 @dataclass(frozen=True)
@@ -67,21 +100,26 @@ class TokenQuantSpec:
                 "clip_ratio": self.clip_ratio}
 
 
-def fake_quantize_tokens(x: torch.Tensor, spec: TokenQuantSpec, what: str = "tensor") -> torch.Tensor:
+def fake_quantize_tokens(
+    x: torch.Tensor, spec: TokenQuantSpec, what: str = "tensor", clip: torch.Tensor | None = None
+) -> torch.Tensor:
     """Quantize-dequantize ``x`` along its last dimension (see the module docstring); computed in float32,
-    returned in ``x``'s dtype."""
+    returned in ``x``'s dtype. ``clip`` (a scalar tensor, e.g. one being learned) replaces ``spec.clip_ratio``."""
+    if not runtime_quant_enabled():
+        return x
     shape = x.shape
     g = spec.group(shape[-1], what)
     xg = x.float().reshape(*shape[:-1], shape[-1] // g, g)
+    ratio = spec.clip_ratio if clip is None else clip
     if spec.symmetric:
-        scale = (xg.abs().amax(-1, keepdim=True) * spec.clip_ratio / spec.qmax).clamp(min=MIN_SCALE)
-        q = torch.round(xg / scale).clamp(spec.qmin, spec.qmax)
+        scale = (xg.abs().amax(-1, keepdim=True) * ratio / spec.qmax).clamp(min=MIN_SCALE)
+        q = round_ste(xg / scale).clamp(spec.qmin, spec.qmax)
         out = q * scale
     else:
-        hi = xg.amax(-1, keepdim=True).clamp(min=0) * spec.clip_ratio
-        lo = xg.amin(-1, keepdim=True).clamp(max=0) * spec.clip_ratio
+        hi = xg.amax(-1, keepdim=True).clamp(min=0) * ratio
+        lo = xg.amin(-1, keepdim=True).clamp(max=0) * ratio
         scale = ((hi - lo) / spec.qmax).clamp(min=MIN_SCALE)
-        zero = torch.round(-lo / scale)
-        q = (torch.round(xg / scale) + zero).clamp(spec.qmin, spec.qmax)
+        zero = round_ste(-lo / scale)
+        q = (round_ste(xg / scale) + zero).clamp(spec.qmin, spec.qmax)
         out = (q - zero) * scale
     return out.reshape(shape).to(x.dtype)

@@ -4,8 +4,6 @@ The loss test uses a tiny Llama trained for a few seconds on the calibration tex
 something; a random model's loss is ~log(vocab) whatever the weights.
 """
 
-import random
-
 import pytest
 import torch
 
@@ -18,47 +16,6 @@ from qcompile.quant.grid import QuantizedWeight, QuantSpec, search_clip
 from qcompile.quant.targets import targets
 
 SEQ = 32
-
-
-def calibration_text() -> str:
-    rng = random.Random(0)
-    subj = ["the cat", "a dog", "my friend", "the old man", "our teacher", "the small bird", "a farmer", "the queen"]
-    verb = ["sees", "likes", "finds", "watches", "follows", "helps", "calls", "visits"]
-    obj = ["the river", "a red ball", "the green house", "an apple", "the big tree", "a quiet town", "the night sky"]
-    return "\n".join(
-        f"{rng.choice(subj).capitalize()} {rng.choice(verb)} {rng.choice(obj)} every day." for _ in range(400)
-    )
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(calibration_text())
-    return p
-
-
-@pytest.fixture(scope="module")
-def trained_llama(tiny_model_dirs, tmp_path_factory, calib_file):
-    """The tiny Llama after 150 AdamW steps on the calibration text (~3 s)."""
-    h = load(tiny_model_dirs["llama"])
-    ids = torch.tensor(h.tokenizer(calib_file.read_text(), add_special_tokens=False)["input_ids"])
-    model = h.model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    for _ in range(150):
-        starts = torch.randint(0, ids.numel() - 65, (16,), generator=g)
-        batch = torch.stack([ids[s : s + 64] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out = tmp_path_factory.mktemp("trained") / "llama"
-    model.eval().save_pretrained(out, safe_serialization=True)
-    h.tokenizer.save_pretrained(out)
-    return out
 
 
 def cfg(calib_file, **kw):

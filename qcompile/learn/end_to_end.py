@@ -1,0 +1,302 @@
+"""The end-to-end learning engine: the whole quantized model in the loop, distilled from the float model.
+
+Shared by the quantization-aware fine-tuning passes (``bisup``, ``dlqat``). Unlike the block-wise engine, the
+loss is taken at the model's output, so the parameters of every layer are trained together against the error
+that has accumulated through all the layers before it (BiSup's "vertical" error accumulation):
+
+* **Teacher**: a copy of the model with each target linear's float weight restored (``handle.float_weights``,
+  recorded before its first quantization, e.g. by GPTQ) and every run-time quantizer off.
+* **Student**: the model itself. Each target linear gets a :class:`~qcompile.learn.weights.LearnedWeight`
+  (``torch.nn.utils.parametrize``) initialised from the linear's current state: if an earlier pass quantized it
+  with the same spec (GPTQ), the parametrization starts from exactly those integers and scales (its float
+  weight is GPTQ's dequantized one, so rounding it on GPTQ's grid gives GPTQ's integers back); otherwise from
+  RTN (min/max, or MSE-searched when ``mse_clip``). Run-time quantizers (activations, KV cache) stay on, with
+  straight-through rounding.
+* **Loss**: ``KL(p_teacher || p_student)`` per token, averaged, on the calibration windows (``batch_size``
+  windows per AdamW step, shuffled, seeded), plus any regulariser the pass adds. ``autocast`` runs the
+  forwards in bfloat16 on CUDA (rounding decisions on the weights stay float32).
+* **Extras**: a pass may add parameters outside the linears (BiSup's activation clipping and smoothing) as
+  :class:`Extra` objects; they are installed before training and folded into the model afterwards.
+* **Resume**: with ``state_dir`` the trainable state and the optimiser are saved after every epoch
+  (``state_dir/<pass>/e2e_state.pt``, loaded with ``weights_only=True``); a run with the same configuration continues from the
+  last finished epoch.
+* **Export**: every parametrization becomes an ordinary :class:`QuantizedWeight` on the handle; the graph is
+  the same kind as an RTN graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from qcompile.data import CalibrationConfig
+from qcompile.errors import QCompileError, RecipeError
+from qcompile.learn.blockwise import fingerprint
+from qcompile.learn.capture import on_device, resolve_device
+from qcompile.learn.weights import LearnedWeight
+from qcompile.models.handle import ModelHandle
+from qcompile.quant.activations import runtime_quant_disabled
+from qcompile.quant.grid import QuantizedWeight, QuantSpec, search_clip
+from qcompile.quant.targets import WeightQuantConfig, targets
+
+
+@dataclass
+class EndToEndConfig(WeightQuantConfig, CalibrationConfig):
+    epochs: int = 2
+    batch_size: int = 4
+    lr_clip: float = 1e-2
+    lr_adjust: float = 1e-3  # low-rank terms
+    lr_magnitude: float = 1e-3
+    weight_decay: float = 0.0
+    device: str | None = None
+    autocast: bool = True  # bfloat16 forwards on CUDA
+    tf32: bool = True
+    state_dir: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in ("epochs", "batch_size"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (f == "batch_size" and v < 1):
+                raise RecipeError(f"{f} must be a {'positive' if f == 'batch_size' else 'non-negative'} integer, "
+                                  f"got {v!r}")
+        for f in ("lr_clip", "lr_adjust", "lr_magnitude"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise RecipeError(f"{f} must be a positive number, got {v!r}")
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"clip": self.lr_clip, "adjust": self.lr_adjust, "magnitude": self.lr_magnitude}
+
+
+class Extra:
+    """Trainable parameters outside the linears' weights (installed before training, folded in after)."""
+
+    def install(self, device) -> None: ...
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {}
+
+    def learning_rates(self) -> dict[str, float]:
+        return {}
+
+    def penalty(self) -> torch.Tensor | float:
+        return 0.0
+
+    def project(self) -> None:
+        """Called after every optimiser step (keep parameters in their valid range)."""
+
+    def finalize(self, handle: ModelHandle) -> dict:
+        return {}
+
+    def uninstall(self) -> None: ...
+
+
+MakeParam = Callable[[str, nn.Linear, QuantSpec, QuantizedWeight | None], LearnedWeight]
+
+
+def init_quantized(handle: ModelHandle, name: str, module: nn.Linear, spec: QuantSpec, mse_clip: bool) -> QuantizedWeight:
+    """Where a fixed grid starts: the linear's current quantized state if it has this spec, else RTN."""
+    qw = handle.quant_state.get(name)
+    if qw is not None and qw.spec == spec:
+        return qw
+    w = module.weight.detach()
+    return QuantizedWeight.from_float(w, spec, search_clip(w, spec, name=name) if mse_clip else 1.0, name)
+
+
+def build_teacher(handle: ModelHandle, names: list[str], device) -> nn.Module:
+    """A frozen copy of the model whose target linears hold their float weights again."""
+    teacher = copy.deepcopy(handle.model)
+    with torch.no_grad():
+        for name in names:
+            if name in handle.float_weights:
+                teacher.get_submodule(name).weight.copy_(handle.float_weights[name])
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), in float32."""
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def train_end_to_end(
+    handle: ModelHandle, config: EndToEndConfig, make_param: MakeParam, method: str, extras: list[Extra] = (),
+    stages: list[tuple[int, set[str]]] | None = None,
+) -> dict:
+    """Train the parametrizations ``make_param`` gives each target linear (and ``extras``) end to end.
+
+    ``stages``: (epochs, parameter kinds trained) in order, e.g. DL-QAT's ``[(1, {"magnitude"}), (2, {...})]``;
+    default: all kinds for ``config.epochs``.
+    """
+    config.validate(handle)
+    todo = targets(handle, config)
+    if not todo:
+        return {"quantized_linears": 0}
+    t0 = time.perf_counter()
+    model = handle.model
+    ids = config.load(handle.tokenizer)
+    device = resolve_device(config.device, model)
+    stages = stages or [(config.epochs, None)]
+    total_epochs = sum(e for e, _ in stages)
+    state_path = Path(config.state_dir) / method / "e2e_state.pt" if config.state_dir else None
+    key = fingerprint(handle, config, method)
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    use_autocast = config.autocast and device.type == "cuda"
+    params: dict[str, LearnedWeight] = {}
+    modules = {name: m for name, _, m, _ in todo}
+    installed: list[Extra] = []
+    try:
+        with on_device(model, device):
+            if device.type == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = config.tf32
+                torch.cuda.reset_peak_memory_stats(device)
+            teacher = build_teacher(handle, list(modules), device)
+            for name, _, m, spec in todo:
+                init = init_quantized(handle, name, m, spec, config.mse_clip)
+                params[name] = make_param(name, m, spec, init).to(device)
+            for ex in extras:  # before the weights are parametrized: extras may parametrize norms, set hooks
+                ex.install(device)
+                installed.append(ex)
+            for name, m in modules.items():
+                parametrize.register_parametrization(m, "weight", params[name])
+
+            kinds: dict[str, list] = {}
+            lrs = dict(config.learning_rates())
+            for p in params.values():
+                for kind, ps in p.param_groups().items():
+                    kinds.setdefault(kind, []).extend(ps)
+            for ex in extras:
+                for kind, ps in ex.param_groups().items():
+                    kinds.setdefault(kind, []).extend(ps)
+                lrs.update(ex.learning_rates())
+            opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k], "kind": k} for k, ps in kinds.items()],
+                                    weight_decay=config.weight_decay)
+            trainable = [p for ps in kinds.values() for p in ps]
+            n_trained = sum(p.numel() for p in trainable)
+
+            start_epoch = 0
+            if state_path is not None and state_path.is_file():
+                saved = torch.load(state_path, map_location=device, weights_only=True)
+                if saved.get("fingerprint") != key:
+                    raise QCompileError(f"training state {state_path} belongs to another configuration; use another "
+                                        "state_dir or delete it")
+                with torch.no_grad():
+                    for p, v in zip(trainable, saved["params"]):
+                        p.copy_(v)
+                opt.load_state_dict(saved["optimizer"])
+                start_epoch = int(saved["epoch"])
+
+            autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast
+                        else contextlib.nullcontext())
+            batches = [ids[i : i + config.batch_size] for i in range(0, ids.shape[0], config.batch_size)]
+
+            def losses(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                batch = batch.to(device)
+                with autocast:
+                    with torch.no_grad(), runtime_quant_disabled():
+                        t_logits = teacher(input_ids=batch, use_cache=False).logits
+                    s_logits = model(input_ids=batch, use_cache=False).logits
+                kl = kl_loss(s_logits, t_logits)
+                pen = sum((ex.penalty() for ex in extras), torch.zeros((), device=device))
+                return kl + pen, kl
+
+            @torch.no_grad()
+            def evaluate() -> float:
+                return sum(float(losses(b)[1]) for b in batches) / len(batches)
+
+            kl_before = evaluate()
+            gen = torch.Generator().manual_seed(config.seed)
+            for _ in range(start_epoch):  # the same shuffles as an uninterrupted run
+                torch.randperm(len(batches), generator=gen)
+            epoch_index, history = 0, []
+            bar = tqdm(total=total_epochs * len(batches), desc=method, unit="step", leave=False,
+                       initial=start_epoch * len(batches))
+            for n_epochs, active in stages:
+                for group in opt.param_groups:
+                    group["lr_active"] = active is None or group["kind"] in active
+                for _ in range(n_epochs):
+                    epoch_index += 1
+                    if epoch_index <= start_epoch:
+                        continue
+                    running = 0.0
+                    for bi in torch.randperm(len(batches), generator=gen).tolist():
+                        loss, kl = losses(batches[bi])
+                        if not torch.isfinite(loss):
+                            raise QCompileError(f"{method} training diverged (loss {float(loss)}); lower the learning "
+                                                "rates")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        for group in opt.param_groups:  # a stage trains only some kinds
+                            if not group["lr_active"]:
+                                for p in group["params"]:
+                                    p.grad = None
+                        opt.step()
+                        for ex in extras:
+                            ex.project()
+                        running += float(kl.detach())
+                        bar.update(1)
+                        bar.set_postfix(kl=f"{float(kl.detach()):.4g}")
+                    history.append(running / len(batches))
+                    if state_path is not None:
+                        state_path.parent.mkdir(parents=True, exist_ok=True)
+                        tmp = state_path.with_suffix(".tmp")
+                        torch.save({"fingerprint": key, "epoch": epoch_index,
+                                    "params": [p.detach() for p in trainable],
+                                    "optimizer": opt.state_dict()}, tmp)
+                        tmp.replace(state_path)
+            bar.close()
+            kl_after = evaluate()
+            exported = {}
+            with torch.no_grad():
+                for name, m in modules.items():
+                    exported[name] = params[name].export(m.parametrizations.weight.original.detach())
+            for name, m in modules.items():
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+            for name, qw in exported.items():
+                handle.set_quantized(name, qw)
+            extra_stats = {}
+            for ex in installed:
+                extra_stats.update(ex.finalize(handle))
+            installed.clear()
+            del teacher
+    finally:
+        for m in modules.values():
+            if parametrize.is_parametrized(m, "weight"):
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+        for ex in installed:
+            ex.uninstall()
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+    quantized_params = sum(m.weight.numel() for m in modules.values())
+    total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {
+        "method": method,
+        "quantized_linears": len(todo),
+        "samples": int(ids.shape[0]),
+        "tokens": int(ids.numel()),
+        "epochs": total_epochs,
+        "trainable_params": n_trained,
+        "trainable_share_of_quantized": n_trained / quantized_params,
+        "trainable_share_of_model": n_trained / total_params,
+        "kl_before": kl_before,
+        "kl_after": kl_after,
+        "kl_per_epoch": history,
+        **extra_stats,
+        "device": str(device),
+        "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
+        "wall_seconds": time.perf_counter() - t0,
+    }
