@@ -100,9 +100,11 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # -- resumable state --------------------------------------------------------------------------------------
-def fingerprint(handle: ModelHandle, config, method: str) -> str:
-    """What a saved block depends on: method, configuration (minus where state lives), model and earlier passes."""
-    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("state_dir", "device", "offload_activations")}
+def fingerprint(handle: ModelHandle, config, method: str, ignore: tuple[str, ...] = ()) -> str:
+    """What saved training state depends on: method, configuration (minus where state lives and ``ignore``),
+    model and earlier passes."""
+    skip = {"state_dir", "device", "offload_activations", *ignore}
+    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     blob = json.dumps({"method": method, "config": cfg, "source": handle.source_sha256 or handle.source,
                        "passes": handle.applied_passes}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -154,7 +154,7 @@ def train_end_to_end(
     stages = stages or [(config.epochs, None)]
     total_epochs = sum(e for e, _ in stages)
     state_path = Path(config.state_dir) / method / "e2e_state.pt" if config.state_dir else None
-    key = fingerprint(handle, config, method)
+    key = fingerprint(handle, config, method, ignore=("epochs",))  # more epochs = resume and extend
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     use_autocast = config.autocast and device.type == "cuda"
     params: dict[str, LearnedWeight] = {}

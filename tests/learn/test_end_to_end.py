@@ -1,0 +1,115 @@
+"""The end-to-end learning engine through DL-QAT and BiSup on a tiny trained Llama (CPU, seconds)."""
+
+import pytest
+import torch
+
+from qcompile import passes
+from qcompile.errors import QCompileError, RecipeError
+from qcompile.learn.end_to_end import EndToEndConfig
+from qcompile.models import load
+from qcompile.pipeline import run_passes
+from qcompile.recipe import PassStep, Recipe
+
+SEQ = 32
+
+
+def _recipe(*steps) -> Recipe:
+    return Recipe("test", [PassStep(name, passes.get(name).Config(**kw)) for name, kw in steps])
+
+
+def calib(calib_file, **kw):
+    return dict(calib_text=str(calib_file), calib_samples=8, calib_seq_len=SEQ, **kw)
+
+
+def kl_to_float(h, f, ids) -> float:
+    with torch.no_grad():
+        s = torch.log_softmax(h.model(input_ids=ids, use_cache=False).logits, -1)
+        t = torch.log_softmax(f.model(input_ids=ids, use_cache=False).logits, -1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_dlqat_starts_from_gptq_exactly_and_lowers_the_kl(trained_llama, calib_file):
+    f = load(trained_llama)
+    gptq = ("gptq", dict(bits=3, group_size=16, **calib(calib_file)))
+    ids = EndToEndConfig(**calib(calib_file)).load(f.tokenizer)
+    hg = load(trained_llama)
+    run_passes(hg, _recipe(("canonicalize", {}), gptq))
+    # zero epochs: the parametrization's export must give GPTQ's integers and scales back
+    h0 = load(trained_llama)
+    run_passes(h0, _recipe(("canonicalize", {}), gptq, ("dlqat", dict(bits=3, group_size=16, epochs=0,
+                                                                         magnitude_epochs=0, **calib(calib_file)))))
+    for name, qw in hg.quant_state.items():
+        assert torch.equal(h0.quant_state[name].qweight, qw.qweight)
+        assert torch.equal(h0.quant_state[name].scale, qw.scale)
+    h = load(trained_llama)
+    stats = run_passes(h, _recipe(("canonicalize", {}), gptq, ("dlqat", dict(bits=3, group_size=16, epochs=3,
+                                                                            batch_size=2, **calib(calib_file)))))
+    st = stats["2:dlqat"]
+    assert st["kl_after"] < st["kl_before"] and st["epochs"] == 4  # 1 magnitude-only + 3
+    assert kl_to_float(h, f, ids) < kl_to_float(hg, f, ids)
+    for name, qw in h.quant_state.items():  # ordinary integer weights on the same grid kind
+        assert qw.spec == hg.quant_state[name].spec
+        assert torch.equal(h.model.get_submodule(name).weight, qw.dequantize())
+
+
+def test_end_to_end_resume_continues_from_the_saved_epoch(trained_llama, calib_file, tmp_path):
+    def run(epochs, state):
+        h = load(trained_llama)
+        st = run_passes(h, _recipe(("canonicalize", {}), ("dlqat", dict(
+            bits=4, group_size=16, epochs=epochs, magnitude_epochs=0, batch_size=2, state_dir=state,
+            **calib(calib_file)))))
+        return h, st["1:dlqat"]
+
+    full, _ = run(2, None)
+    run(1, str(tmp_path / "s"))  # "stopped" after one epoch
+    resumed, st = run(2, str(tmp_path / "s"))
+    assert len(st["kl_per_epoch"]) == 1  # only the second epoch ran
+    for name, qw in full.quant_state.items():
+        assert torch.equal(resumed.quant_state[name].qweight, qw.qweight)
+        assert torch.allclose(resumed.quant_state[name].scale, qw.scale, rtol=1e-6, atol=0)
+
+
+def test_resume_refuses_another_configuration(trained_llama, calib_file, tmp_path):
+    kw = dict(group_size=16, epochs=1, magnitude_epochs=0, batch_size=4, state_dir=str(tmp_path / "s"),
+              **calib(calib_file))
+    run_passes(load(trained_llama), _recipe(("canonicalize", {}), ("dlqat", dict(bits=4, **kw))))
+    with pytest.raises(QCompileError, match="another configuration"):
+        run_passes(load(trained_llama), _recipe(("canonicalize", {}), ("dlqat", dict(bits=3, **kw))))
+
+
+def test_bisup_trains_clips_smoothing_and_low_rank_into_the_graph(trained_llama, calib_file, tmp_path):
+    from qcompile.pipeline import export
+    from qcompile.runtime.ort import OrtCausalLM
+
+    f = load(trained_llama)
+    base = [("canonicalize", dict(untie_embeddings=True)), ("rotate", {}),
+            ("gptq", dict(bits=4, group_size=16, **calib(calib_file))), ("act_quant", dict(bits=4, symmetric=False)),
+            ("kv_quant", dict(bits=4, prefix=2))]
+    ids = EndToEndConfig(**calib(calib_file)).load(f.tokenizer)
+    hb = load(trained_llama)
+    run_passes(hb, _recipe(*base))
+    h = load(trained_llama)
+    recipe = _recipe(*base, ("bisup", dict(bits=4, group_size=16, epochs=4, batch_size=2, **calib(calib_file))))
+    st = run_passes(h, recipe)["5:bisup"]
+    assert st["kl_after"] < st["kl_before"]
+    assert kl_to_float(h, f, ids) < kl_to_float(hb, f, ids)
+    assert st["smoothed_norms"] == 4 and st["smoothing_max_abs_log_scale"] > 0
+    clips = {spec.clip_ratio for spec in h.act_quant.values()}
+    assert clips != {1.0} and all(0.3 <= c <= 1.0 for c in clips)
+    norms = [h.adapter.input_norm(layer) for layer in h.adapter.layers(h.model)]
+    assert not all(torch.all(n.weight == 1) for n in norms)  # smoothing lives in the norm weights
+    # the graph computes what the trained torch model computes
+    report = export(h, tmp_path / "out", recipe)
+    runner = OrtCausalLM.from_dir(tmp_path / "out", accuracy_level=1)
+    x = ids[:2]
+    with torch.no_grad():
+        ref = h.model(input_ids=x, use_cache=False).logits.numpy()
+    got = runner.logits(x.numpy())
+    assert abs(got - ref).max() < 1e-4 * max(1.0, abs(ref).max())
+    assert report["runtime_quantization"]["kv_cache"]["prefix"] == 2
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=-1), dict(batch_size=0), dict(lr_adjust=0)])
+def test_impossible_settings_are_refused(bad):
+    with pytest.raises(RecipeError):
+        EndToEndConfig(**bad)
