@@ -62,10 +62,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "w8a8": ("w8a8", []),
     "w4a16-rot": ("w4a8", [], ["act_quant"]),
     "w4a8": ("w4a8", []),
-    "w4a4kv4-rot-rtn": ("w4a4kv4", ["rtn"]),
+    "w4a4kv4-rot-rtn": ("w4a4kv4", ["swap:gptq=rtn"]),
     "w4a4kv4": ("w4a4kv4", []),
     "w4a4kv4-p32": ("w4a4kv4", ["kv_quant.prefix=32"]),
-    "w3a3-g64-rot-rtn": ("w3a3-g64", ["rtn"]),
+    "w3a3-g64-rot-rtn": ("w3a3-g64", ["swap:gptq=rtn"]),
     "w3a3-g64": ("w3a3-g64", []),
     # learned passes (issues 5 and 6): the CQE+ ablation per bit width, then DL-QAT and BiSup
     **{f"{m}-w{b}": (f"w{b}a16-g64-cqe", s) for b in (4, 3, 2) for m, s in (
@@ -89,8 +89,8 @@ PROMPT_ABLATION = {"w4a4kv4", "w4a4kv4-bisup"}
 
 
 def variant_recipe(name: str, calib_samples=...):
-    """A variant's recipe: built-in recipe + overrides; "rtn" in the overrides swaps GPTQ for RTN with the same
-    grid, "swap:A=B" replaces pass A by pass B with every field B also has, a third element drops passes."""
+    """A variant's recipe: built-in recipe + overrides; "swap:A=B" replaces pass A by pass B with every field B
+    also has (e.g. "swap:gptq=rtn": RTN on GPTQ's grid), a third element drops passes."""
     recipe_name, sets, *drop = VARIANTS[name]
     recipe = load_recipe(recipe_name)
     for item in [x for x in sets if x.startswith("swap:")]:
@@ -107,16 +107,6 @@ def variant_recipe(name: str, calib_samples=...):
                 fields = {k: v for k, v in dataclasses.asdict(step.config).items() if k in keep}
                 recipe.passes[i] = PassStep(new, cls(**fields))
     sets = [x for x in sets if not x.startswith("swap:")]
-    if "rtn" in sets:
-        from qcompile.passes.rtn import RTNConfig
-        from qcompile.recipe import PassStep
-
-        sets = [x for x in sets if x != "rtn"]
-        for i, step in enumerate(recipe.passes):
-            if step.name == "gptq":
-                c = step.config
-                recipe.passes[i] = PassStep("rtn", RTNConfig(bits=c.bits, symmetric=c.symmetric,
-                                                             group_size=c.group_size, mse_clip=c.mse_clip))
     if drop:
         recipe.passes = [s for s in recipe.passes if s.name not in drop[0]]
     return apply_overrides(recipe, sets, calib_samples=calib_samples)

@@ -15,3 +15,17 @@ class UnsupportedModelError(QCompileError):
 
 class RecipeError(QCompileError):
     """A recipe is malformed or asks for something impossible."""
+
+
+def require_int(value, name: str, minimum: int = 0) -> None:
+    """Refuse ``value`` unless it is an integer >= ``minimum`` (0: non-negative, 1: positive); bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = {0: "non-negative", 1: "positive"}.get(minimum, f">= {minimum}")
+        raise RecipeError(f"{name} must be a {kind} integer, got {value!r}")
+
+
+def require_number(value, name: str, positive: bool = True) -> None:
+    """Refuse ``value`` unless it is a number > 0 (``positive``, NaN refused) or >= 0; bools are refused."""
+    bad = not value > 0 if positive else value < 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or bad:
+        raise RecipeError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")

@@ -45,7 +45,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from qcompile.data import CalibrationConfig
-from qcompile.errors import QCompileError, RecipeError
+from qcompile.errors import QCompileError, require_int, require_number
 from qcompile.learn.capture import LayerwiseRunner, _layer_output, on_device, resolve_device
 from qcompile.learn.weights import LearnedWeight
 from qcompile.models.handle import ModelHandle
@@ -73,19 +73,12 @@ class BlockwiseConfig(WeightQuantConfig, CalibrationConfig):
 
     def __post_init__(self):
         for f in ("epochs", "batch_size"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise RecipeError(f"{f} must be a positive integer, got {v!r}")
-        if isinstance(self.cll_window, bool) or not isinstance(self.cll_window, int) or self.cll_window < 0:
-            raise RecipeError(f"cll_window must be a non-negative integer, got {self.cll_window!r}")
+            require_int(getattr(self, f), f, minimum=1)
+        require_int(self.cll_window, "cll_window")
         for f in ("lr_clip", "lr_adjust", "lr_magnitude"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise RecipeError(f"{f} must be a positive number, got {v!r}")
+            require_number(getattr(self, f), f)
         for f in ("weight_decay", "cll_weight", "penalty"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise RecipeError(f"{f} must be a non-negative number, got {v!r}")
+            require_number(getattr(self, f), f, positive=False)
 
     def learning_rates(self) -> dict[str, float]:
         return {"clip": self.lr_clip, "adjust": self.lr_adjust, "magnitude": self.lr_magnitude}
@@ -213,17 +206,18 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
         with on_device(model, device):
             runner = LayerwiseRunner(handle, ids, batch_size=config.batch_size,
                                      cache_device="cpu" if config.offload_activations else None)
-            x_float = [b.hidden for b in runner.batches]
-            x_quant = [h.clone() for h in x_float]
+            x_quant = [b.hidden.clone() for b in runner.batches]
+            # float outputs of blocks i, i+1, ..., i+k: block i's target and its CLL targets; each is computed
+            # once (the later blocks are still float when it is), then shifts along as i advances
+            float_chain = [_advance([layers[0]], [b.hidden for b in runner.batches], runner, float_mode=True)]
             bar = tqdm(range(len(layers)), desc=method, unit="block", leave=False)
             for i in bar:
                 layer = layers[i]
                 ahead = layers[i + 1 : i + 1 + config.cll_window]
-                targets_float = _advance([layer], x_float, runner, float_mode=True)
-                lookahead, cur = [], targets_float
-                for nxt in ahead:
-                    cur = _advance([nxt], cur, runner, float_mode=True)
-                    lookahead.append(cur)
+                while len(float_chain) < 1 + len(ahead):
+                    nxt = layers[i + len(float_chain)]
+                    float_chain.append(_advance([nxt], float_chain[-1], runner, float_mode=True))
+                targets_float, lookahead = float_chain[0], float_chain[1:]
                 mods = [(wanted[id(m)][0], m, wanted[id(m)][2]) for m in _block_linears(ad, layer)
                         if id(m) in wanted]
                 saved = state.load(i)
@@ -242,8 +236,10 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
                 if "loss_after" in stats:
                     bar.set_postfix(loss=f"{stats['loss_after']:.4g}")
                 x_quant = _advance([layer], x_quant, runner, float_mode=False)
-                x_float = targets_float
-                del lookahead
+                float_chain.pop(0)
+                if not float_chain and i + 1 < len(layers):  # no CLL window: the next block's target
+                    float_chain.append(_advance([layers[i + 1]], targets_float, runner, float_mode=True))
+                del targets_float, lookahead
             head = ad.lm_head(model)
             if id(head) in wanted:
                 name, _, spec = wanted[id(head)]
@@ -251,7 +247,7 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
                 handle.set_quantized(name, QuantizedWeight.from_float(
                     w, spec, search_clip(w, spec, name=name) if config.mse_clip else 1.0, name))
             samples, tokens = runner.num_samples, runner.num_tokens
-            del runner, x_float, x_quant
+            del runner, x_quant, float_chain
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     quantized_params = sum(m.weight.numel() for _, _, m, _ in todo)

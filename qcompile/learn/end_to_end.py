@@ -40,7 +40,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from qcompile.data import CalibrationConfig
-from qcompile.errors import QCompileError, RecipeError
+from qcompile.errors import QCompileError, require_int, require_number
 from qcompile.learn.blockwise import fingerprint
 from qcompile.learn.capture import on_device, resolve_device
 from qcompile.learn.weights import LearnedWeight
@@ -65,15 +65,10 @@ class EndToEndConfig(WeightQuantConfig, CalibrationConfig):
     seed: int = 0
 
     def __post_init__(self):
-        for f in ("epochs", "batch_size"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (f == "batch_size" and v < 1):
-                raise RecipeError(f"{f} must be a {'positive' if f == 'batch_size' else 'non-negative'} integer, "
-                                  f"got {v!r}")
+        require_int(self.epochs, "epochs")
+        require_int(self.batch_size, "batch_size", minimum=1)
         for f in ("lr_clip", "lr_adjust", "lr_magnitude"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise RecipeError(f"{f} must be a positive number, got {v!r}")
+            require_number(getattr(self, f), f)
 
     def learning_rates(self) -> dict[str, float]:
         return {"clip": self.lr_clip, "adjust": self.lr_adjust, "magnitude": self.lr_magnitude}
@@ -273,7 +268,7 @@ def train_end_to_end(
             for ex in installed:
                 extra_stats.update(ex.finalize(handle))
             installed.clear()
-            del teacher
+            teacher = None  # free its memory before the stats (the closures above are done with it)
     finally:
         for m in modules.values():
             if parametrize.is_parametrized(m, "weight"):

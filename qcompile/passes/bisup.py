@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qcompile.errors import RecipeError
+from qcompile.errors import RecipeError, require_int
 from qcompile.learn.end_to_end import EndToEndConfig, Extra, train_end_to_end
 from qcompile.learn.weights import LearnedWeight
 from qcompile.models.handle import ModelHandle
@@ -55,8 +55,7 @@ class BiSupConfig(EndToEndConfig):
         super().__post_init__()
         if self.scales not in ("fixed", "learned"):
             raise RecipeError(f"bisup scales must be 'fixed' or 'learned', got {self.scales!r}")
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise RecipeError(f"bisup lora_rank must be a non-negative integer, got {self.lora_rank!r}")
+        require_int(self.lora_rank, "bisup lora_rank")
 
 
 Config = BiSupConfig
@@ -69,11 +68,10 @@ class ActivationClipping(Extra):
         self.handle, self.lr = handle, lr
         self.sites: list[tuple[list[str], nn.Parameter]] = []
         ad = handle.adapter
+        names = {m: n for n, m in handle.model.named_modules()}
         for layer in ad.layers(handle.model):
-            names = {m: n for n, m in layer.named_modules()}
-            prefix = next(n for n, m in handle.model.named_modules() if m is layer)
             for roles in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",)):
-                full = [f"{prefix}.{names[ad.linear(layer, r)]}" for r in roles]
+                full = [names[ad.linear(layer, r)] for r in roles]
                 full = [n for n in full if n in handle.act_quant]
                 if full:
                     start = min(handle.act_quant[n].clip_ratio for n in full)

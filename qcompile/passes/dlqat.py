@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qcompile.errors import RecipeError
+from qcompile.errors import require_int
 from qcompile.learn.end_to_end import EndToEndConfig, train_end_to_end
 from qcompile.learn.weights import LearnedWeight
 from qcompile.models.handle import ModelHandle
@@ -42,9 +42,7 @@ class DLQATConfig(EndToEndConfig):
     def __post_init__(self):
         super().__post_init__()
         for f in ("lora_rank", "magnitude_epochs"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise RecipeError(f"dlqat {f} must be a non-negative integer, got {v!r}")
+            require_int(getattr(self, f), f"dlqat {f}")
 
 
 Config = DLQATConfig

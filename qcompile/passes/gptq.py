@@ -59,7 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qcompile.data import CalibrationConfig
-from qcompile.errors import RecipeError
+from qcompile.errors import RecipeError, require_int
 from qcompile.learn.capture import LayerwiseRunner, on_device, resolve_device
 from qcompile.models.adapters import LINEAR_ROLES
 from qcompile.models.handle import ModelHandle
@@ -87,9 +87,7 @@ class GPTQConfig(WeightQuantConfig, CalibrationConfig):
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
             raise RecipeError(f"gptq damp must be a number in (0, 1), got {self.damp!r}")
         for field_name in ("block_size", "batch_size"):
-            v = getattr(self, field_name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise RecipeError(f"gptq {field_name} must be a positive integer, got {v!r}")
+            require_int(getattr(self, field_name), f"gptq {field_name}", minimum=1)
         if self.mse_clip_source not in ("updated", "original"):
             raise RecipeError(f"gptq mse_clip_source must be 'updated' or 'original', got {self.mse_clip_source!r}")
 

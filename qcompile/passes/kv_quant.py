@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qcompile.errors import RecipeError
+from qcompile.errors import RecipeError, require_int
 from qcompile.models.handle import ModelHandle
 from qcompile.quant.activations import TokenQuantSpec, fake_quantize_tokens
 
@@ -37,8 +37,7 @@ class KVQuantConfig:
     prefix: int = 0  # first P cache positions kept in float (BiSup prompt mixed precision)
 
     def __post_init__(self):
-        if isinstance(self.prefix, bool) or not isinstance(self.prefix, int) or self.prefix < 0:
-            raise RecipeError(f"kv_quant prefix must be a non-negative integer, got {self.prefix!r}")
+        require_int(self.prefix, "kv_quant prefix")
 
     def spec(self) -> TokenQuantSpec:
         return TokenQuantSpec(self.bits, self.symmetric, self.group_size, self.clip_ratio)

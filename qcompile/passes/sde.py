@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qcompile.errors import RecipeError
+from qcompile.errors import require_int
 from qcompile.learn.blockwise import BlockwiseConfig, train_blocks
 from qcompile.learn.weights import LearnedWeight
 from qcompile.models.handle import ModelHandle
@@ -31,9 +31,7 @@ class SDEConfig(BlockwiseConfig):
     def __post_init__(self):
         super().__post_init__()
         for f in ("svd_band", "svd_corner"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise RecipeError(f"sde {f} must be a non-negative integer, got {v!r}")
+            require_int(getattr(self, f), f"sde {f}")
 
 
 Config = SDEConfig

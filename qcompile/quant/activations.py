@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.errors import RecipeError
-from qcompile.quant.grid import MAX_BITS, MIN_BITS, int_range
+from qcompile.quant.grid import check_bits_and_group, int_range
 
 MIN_SCALE = 1e-8
 _disabled = 0  # nesting depth of runtime_quant_disabled()
@@ -68,10 +68,7 @@ class TokenQuantSpec:
     clip_ratio: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not MIN_BITS <= self.bits <= MAX_BITS:
-            raise RecipeError(f"activation/KV bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {self.bits!r}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise RecipeError(f"activation/KV group_size must be a positive integer or null, got {self.group_size!r}")
+        check_bits_and_group(self.bits, self.group_size, what="activation/KV")
         if not isinstance(self.clip_ratio, (int, float)) or not 0 < self.clip_ratio <= 1:
             raise RecipeError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
 

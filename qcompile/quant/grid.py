@@ -25,6 +25,17 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
+def check_bits_and_group(bits, group_size, what: str = "", null_means: str = "") -> None:
+    """Refuse bits outside MIN_BITS..MAX_BITS and a group size that is neither a positive integer nor None
+    (``what`` names the tensor kind in the message, ``null_means`` says what None stands for)."""
+    prefix = f"{what} " if what else ""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+        raise RecipeError(f"{prefix}bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        null = f" ({null_means})" if null_means else ""
+        raise RecipeError(f"{prefix}group_size must be a positive integer or null{null}, got {group_size!r}")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one weight tensor is quantized: bit width, symmetry, group size along the input dimension."""
@@ -34,10 +45,7 @@ class QuantSpec:
     group_size: int | None = 64
 
     def __post_init__(self):
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not MIN_BITS <= self.bits <= MAX_BITS:
-            raise RecipeError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {self.bits!r}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise RecipeError(f"group_size must be a positive integer or null (per-channel), got {self.group_size!r}")
+        check_bits_and_group(self.bits, self.group_size, null_means="per-channel")
 
     @property
     def qmin(self) -> int:
