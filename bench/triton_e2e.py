@@ -96,7 +96,7 @@ def decode_rate(generate, prompt, new_tokens: int, repeats: int) -> dict:
     return {"tokens_per_s": (new_tokens - 1) / (t_full - t_one), "generate_s": t_full, "prefill_s": t_one}
 
 
-def bench_synthetic(args) -> dict:
+def bench_synthetic(args, save=lambda part: None) -> dict:
     from transformers import GenerationConfig
 
     model = llama_1b(args.layers)
@@ -119,6 +119,7 @@ def bench_synthetic(args) -> dict:
                               min_new_tokens=n)[0, len(p):].tolist()
 
     res["hf_fp16"] = decode_rate(hf_generate, ids, args.new_tokens, args.repeats)
+    save(res)
     print(f"HF transformers fp16 generate: {res['hf_fp16']['tokens_per_s']:.1f} tok/s", flush=True)
     if args.hf_static:
         model.generation_config.cache_implementation = "static"
@@ -144,6 +145,7 @@ def bench_synthetic(args) -> dict:
             r["argmax_agreement_vs_hf"] = (ours.argmax(-1) == hf.argmax(-1)).float().mean().item()
             r["decode_tokens_equal_hf"] = runner.generate(ids, 32) == hf_generate(ids, 32)
         res[f"triton_int4_kv{kv_bits}"] = r
+        save(res)
         print(f"qcompile Triton int4, KV {kv_bits}-bit: {r['tokens_per_s']:.1f} tok/s "
               f"({r['speedup_vs_hf_fp16']:.2f}x HF fp16)", flush=True)
         del runner
@@ -200,18 +202,24 @@ def main() -> None:
     t0 = time.time()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "transformers": transformers.__version__, "python": platform.python_version()}
-    res["llama_1b_random"] = bench_synthetic(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every measurement: a run cut short keeps what it measured
+        out.write_text(json.dumps(res, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+
+    res["llama_1b_random"] = bench_synthetic(args, save=lambda part: (res.update(llama_1b_random=part), save()))
+    save()
     if args.smollm2:
         res["smollm2"] = bench_smollm2(args.smollm2, 32)
+        save()
     syn = res["llama_1b_random"]
     res["targets"] = {"decode_speedup_vs_hf_fp16 (>= 2)": syn["triton_int4_kv16"]["speedup_vs_hf_fp16"],
                       "decode_tokens_per_s": syn["triton_int4_kv16"]["tokens_per_s"],
                       "hf_fp16_tokens_per_s": syn["hf_fp16"]["tokens_per_s"]}
     res["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(res["targets"], indent=2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+    save()
     print(f"saved {out}")
 
 

@@ -4,7 +4,8 @@
 2. int4 (and int8) weight-only GEMV at Llama-3-8B shapes, batch 1: effective bandwidth (bytes the kernel must
    read / time) as a fraction of the peak copy bandwidth, and speedup over torch fp16 GEMV (cuBLAS);
 3. W8A8 and W4A4 GEMM (per-token activation quantization + int8 tensor cores) vs fp16 ``torch.matmul`` at M >= 1024,
-   GEMM alone and with the quantization kernel included;
+   GEMM alone and with the quantization kernel included, GPU time under CUDA-graph replay for all three (the
+   Python launch of the quantize + GEMM pair is reported beside it);
 4. quantized-KV decode attention (int8, int4; Llama-3-8B heads: 32 query / 8 KV heads of 128) at 8k and 32k
    context vs fp16 SDPA.
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qcompile.runtime.triton import reference as R  # noqa: E402
+from qcompile.runtime.triton.kv_attention import _DECODE as DECODE_TUNER  # noqa: E402
 from qcompile.runtime.triton.kv_attention import KVCache, decode_attention, rope_store  # noqa: E402
 from qcompile.runtime.triton.packing import pack_from_export, pack_int_gemm  # noqa: E402
 from qcompile.runtime.triton.w8a8 import _GEMM as INT_TUNER  # noqa: E402
@@ -154,15 +156,19 @@ def bench_int_gemm(ms=(1024, 2048, 4096)) -> list[dict]:
                 y = int_linear(xq, xs, pw)
                 ref = R.int_linear_ref(xq, xs, pw, torch.float32)
                 err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                t_gemm = do_bench(lambda: int_linear(xq, xs, pw))
-                t_full = do_bench(lambda: int_linear(*quantize_rows(x, bits), pw))
-                t_16 = do_bench(lambda w=w16: torch.matmul(x, w.t()))
+                # GPU time (CUDA graph replays): a Python launch of these wrappers costs tens of microseconds,
+                # as much as the M=1024 GEMM itself, and would time the CPU instead of the kernels
+                t_gemm = graph_time([lambda: int_linear(xq, xs, pw)])
+                t_full = graph_time([lambda: int_linear(*quantize_rows(x, bits), pw)])
+                t_16 = graph_time([lambda w=w16: torch.matmul(x, w.t())])
+                t_launch = do_bench(lambda: int_linear(*quantize_rows(x, bits), pw))
                 key = (triton_pow2(m), n, k, bits, pw.group_size, False)
                 rows.append({
                     "weights": f"W{bits}A{bits}", "M": m, "N": n, "K": k, "gemm_us": t_gemm * 1e6,
                     "with_quant_us": t_full * 1e6, "fp16_us": t_16 * 1e6, "int_tops": tflops(m, n, k, t_gemm),
                     "fp16_tflops": tflops(m, n, k, t_16), "speedup_gemm": t_16 / t_gemm,
                     "speedup_with_quant": t_16 / t_full, "max_rel_err_vs_reference": err,
+                    "with_quant_python_launch_us": t_launch * 1e6,
                     "config": INT_TUNER.best.get(key),
                 })
                 print(f"W{bits}A{bits} M={m} {n}x{k}: {t_gemm * 1e6:.0f} us ({tflops(m, n, k, t_gemm):.0f} TOPS), "
@@ -213,7 +219,9 @@ def bench_attention(lengths=(8192, 32768)) -> list[dict]:
         errs = {b: (decode_attention(q, cs[0], lens, prefix).float() - ref).abs().max().item()
                 for b, cs in caches.items()}
         row = {"context": length, "sdpa_fp16_us": sdpa * 1e6, "sdpa_gqa_us": t_gqa * 1e6,
-               "sdpa_expanded_kv_us": t_rep * 1e6, "layers_rotated": layers}
+               "sdpa_expanded_kv_us": t_rep * 1e6, "layers_rotated": layers,
+               "configs": {b: DECODE_TUNER.best.get((1, nh, nkv, d, b, length, torch.float16, False))
+                           for b in (16, 8, 4)}}
         for b in (16, 8, 4):
             row[f"kv{b}_us"] = times[b] * 1e6
             row[f"kv{b}_speedup_vs_sdpa"] = sdpa / times[b]
@@ -243,6 +251,12 @@ def main() -> None:
     import triton
 
     skip = set(filter(None, args.skip.split(",")))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every section: a run cut short keeps what it measured
+        out.write_text(json.dumps(res, indent=2, default=str))
+
     t0 = time.time()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version()}
@@ -251,8 +265,10 @@ def main() -> None:
     print(f"peak device-to-device copy: {peak:.2f} TB/s (read + write)", flush=True)
     if "gemv" not in skip:
         res["gemv"] = bench_gemv(peak, 4) + bench_gemv(peak, 8)
+        save()
     if "gemm" not in skip:
         res["int_gemm"] = bench_int_gemm()
+        save()
     if "attention" not in skip:
         res["decode_attention"] = bench_attention()
     g4 = [r for r in res.get("gemv", []) if r["bits"] == 4]
@@ -270,9 +286,7 @@ def main() -> None:
     }
     res["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(res["targets"], indent=2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=str))
+    save()
     print(f"saved {out}")
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.runtime.triton._env import interpreting, require_triton
+from qcompile.runtime.triton._tune import Tuner, launch_opts
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402
@@ -246,10 +247,48 @@ def _dequant_block(q_ptr, s_ptr, z_ptr, idx, smask, half, D: tl.constexpr, BITS:
 
 
 @triton.jit
+def _codes_f16(q_ptr, idx, smask, half, D: tl.constexpr, BITS: tl.constexpr):
+    """Codes of one block as fp16 ``1024 + code`` (0x6400 | code reads as 1024 + code exactly: no conversion)."""
+    if BITS == 8:
+        c1 = tl.load(q_ptr + idx[:, None] * D + half[None, :], mask=smask[:, None], other=0).to(tl.int16)
+        c2 = tl.load(q_ptr + idx[:, None] * D + D // 2 + half[None, :], mask=smask[:, None], other=0).to(tl.int16)
+    else:
+        byte = tl.load(q_ptr + idx[:, None] * (D // 2) + half[None, :], mask=smask[:, None], other=0).to(tl.int16)
+        c1 = byte & 15
+        c2 = (byte >> 4) & 15
+    return (c1 | 0x6400).to(tl.float16, bitcast=True), (c2 | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _attend_codes(q1, q2, qsum, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr, idx, smask, half, m_i, l_i, acc1,
+                  acc2, D: tl.constexpr, BITS: tl.constexpr):
+    """A quantized block without dequantizing it: the dots run on the codes and scale/zero act per token on the
+    scores (``s = ks * (q.c_k - kz * sum q)``) and on the probabilities (``p.v = (p*vs).c_v - sum p*vs*vz``)."""
+    k1, k2 = _codes_f16(kq_ptr, idx, smask, half, D, BITS)
+    ks = tl.load(ks_ptr + idx, mask=smask, other=0.0)
+    kz = tl.load(kz_ptr + idx, mask=smask, other=0.0) + 1024.0
+    raw = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+    s = ks[None, :] * (raw - qsum[:, None] * kz[None, :])
+    s = tl.where(smask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v1, v2 = _codes_f16(vq_ptr, idx, smask, half, D, BITS)
+    vs = tl.load(vs_ptr + idx, mask=smask, other=0.0)
+    vz = tl.load(vz_ptr + idx, mask=smask, other=0.0) + 1024.0
+    pv = (p * vs[None, :]).to(tl.float16)
+    corr = tl.sum(pv.to(tl.float32) * vz[None, :], axis=1)[:, None]
+    acc1 = acc1 * alpha[:, None] + (tl.dot(pv, v1) - corr)
+    acc2 = acc2 * alpha[:, None] + (tl.dot(pv, v2) - corr)
+    return m_new, l_i, acc1, acc2
+
+
+@triton.jit
 def _decode_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, lens_ptr, prefix_ptr,
                    po_ptr, pm_ptr, pl_ptr, qk_scale, PCAP, SMAX, WINDOW, NUM_SPLITS,
                    NKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KV_BITS: tl.constexpr,
-                   BLOCK_S: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_S: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ON_CODES: tl.constexpr):
     H2: tl.constexpr = D // 2
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -287,13 +326,19 @@ def _decode_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr
         v2 = tl.load(vf_ptr + fk + H2, mask=smask[:, None], other=0.0)
         m_i, l_i, acc1, acc2 = _attend(q1, q2, k1, k2, v1, v2, smask, m_i, l_i, acc1, acc2, USE_DOT, IEEE)
     if KV_BITS != 16:
+        if ON_CODES:  # sum over D of q as the tensor cores see it (fp16), for the keys' zero points
+            qsum = tl.sum(q1.to(tl.float32), axis=1) + tl.sum(q2.to(tl.float32), axis=1)
         for s0 in range(tl.maximum(lo, prefix), hi, BLOCK_S):  # quantized rest
             s = s0 + tl.arange(0, BLOCK_S)
             smask = s < hi
             idx = slot * SMAX + s
-            k1, k2 = _dequant_block(kq_ptr, ks_ptr, kz_ptr, idx, smask, half, D, KV_BITS, dtype)
-            v1, v2 = _dequant_block(vq_ptr, vs_ptr, vz_ptr, idx, smask, half, D, KV_BITS, dtype)
-            m_i, l_i, acc1, acc2 = _attend(q1, q2, k1, k2, v1, v2, smask, m_i, l_i, acc1, acc2, USE_DOT, IEEE)
+            if ON_CODES:
+                m_i, l_i, acc1, acc2 = _attend_codes(q1, q2, qsum, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
+                                                     idx, smask, half, m_i, l_i, acc1, acc2, D, KV_BITS)
+            else:
+                k1, k2 = _dequant_block(kq_ptr, ks_ptr, kz_ptr, idx, smask, half, D, KV_BITS, dtype)
+                v1, v2 = _dequant_block(vq_ptr, vs_ptr, vz_ptr, idx, smask, half, D, KV_BITS, dtype)
+                m_i, l_i, acc1, acc2 = _attend(q1, q2, k1, k2, v1, v2, smask, m_i, l_i, acc1, acc2, USE_DOT, IEEE)
     prow = qrow * NUM_SPLITS + split
     tl.store(po_ptr + prow[:, None] * D + half[None, :], acc1, mask=gmask[:, None])
     tl.store(po_ptr + prow[:, None] * D + H2 + half[None, :], acc2, mask=gmask[:, None])
@@ -356,11 +401,35 @@ def default_splits(batch: int, kv_heads: int, max_len: int, device, block: int =
     return max(1, min(want, -(-max_len // block), 128))
 
 
+_DECODE = Tuner("decode_attention")
+
+
+def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: bool, head_dim: int) -> list[dict]:
+    """Block sizes x split counts x warps/stages, the default guess first (fp32 keeps its one register-safe
+    configuration)."""
+    if interpreting():
+        return [dict(BLOCK_S=16, SPLITS=default_splits(batch, kv_heads, max_len, device, 16))]
+    base = default_splits(batch, kv_heads, max_len, device, 64)
+    if fp32:
+        return [dict(BLOCK_S=64, SPLITS=base, num_warps=decode_warps(head_dim, True), num_stages=2)]
+    out = []
+    for block in (64, 128):
+        for mult in (1, 2):
+            splits = max(1, min(base * mult, -(-max_len // block), 256))
+            for warps, stages in ((4, 2), (8, 3)):
+                cfg = dict(BLOCK_S=block, SPLITS=splits, num_warps=warps, num_stages=stages)
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
 def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix: torch.Tensor, *,
                      num_splits: int | None = None, window: int = 0, sm_scale: float | None = None,
-                     block_s: int | None = None) -> torch.Tensor:
+                     block_s: int | None = None, config: dict | None = None) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] against ``cache`` holding ``lens[b]`` positions (int32 device
-    tensors ``lens`` and ``prefix``, [B]); a sliding ``window`` > 0 keeps only the last ``window`` positions."""
+    tensors ``lens`` and ``prefix``, [B]); a sliding ``window`` > 0 keeps only the last ``window`` positions.
+    The split count, block size, warps and stages are tuned once per shape on the GPU (``num_splits``/``block_s``
+    or ``config`` force them). fp16 caches with quantized parts attend on the codes directly (``_attend_codes``)."""
     b, hq, d = q.shape
     hkv = cache.kv_heads
     if hq % hkv or d != cache.head_dim:
@@ -368,22 +437,32 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
     g = hq // hkv
     use_dot = d // 2 >= 16
     gp = max(16, triton.next_power_of_2(g)) if use_dot else triton.next_power_of_2(g)
-    if block_s is None:
-        block_s = 16 if interpreting() else 64
-    splits = num_splits or default_splits(b, hkv, cache.max_len, q.device, block_s)
+    fp32 = q.dtype == torch.float32
+    on_codes = use_dot and q.dtype == torch.float16 and cache.bits != 16
+    if config is None and (num_splits is not None or block_s is not None):
+        bs = block_s or (16 if interpreting() else 64)
+        config = dict(BLOCK_S=bs, SPLITS=num_splits or default_splits(b, hkv, cache.max_len, q.device, bs))
+        if not interpreting():
+            config.update(num_warps=decode_warps(d, fp32), num_stages=2)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     q = q.contiguous()
-    po = torch.empty((b * hq, splits, d), dtype=torch.float32, device=q.device)
-    pm = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
-    pl = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
-    opts = {} if interpreting() else {"num_warps": decode_warps(d, q.dtype == torch.float32), "num_stages": 2}
-    _decode_kernel[(b * hkv, splits)](
-        q, cache.k_float, cache.v_float, cache.k_q, cache.v_q, cache.k_scale, cache.k_zero, cache.v_scale,
-        cache.v_zero, lens, prefix, po, pm, pl, scale, cache.prefix_capacity, cache.max_len,
-        int(window) if window and window > 0 else 2**30, splits,
-        NKV=hkv, G=g, GP=gp, D=d, KV_BITS=cache.bits, BLOCK_S=block_s, USE_DOT=use_dot,
-        IEEE=q.dtype == torch.float32, **opts)
     out = torch.empty_like(q)
-    opts = {} if interpreting() else {"num_warps": 4}
-    _combine_kernel[(b * hq,)](po, pm, pl, out, splits, SP=triton.next_power_of_2(splits), D=d, **opts)
+    win = int(window) if window and window > 0 else 2**30
+
+    def launch(cfg):
+        meta, opts = launch_opts(cfg)
+        splits = meta["SPLITS"]
+        po = torch.empty((b * hq, splits, d), dtype=torch.float32, device=q.device)
+        pm = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
+        pl = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
+        _decode_kernel[(b * hkv, splits)](
+            q, cache.k_float, cache.v_float, cache.k_q, cache.v_q, cache.k_scale, cache.k_zero, cache.v_scale,
+            cache.v_zero, lens, prefix, po, pm, pl, scale, cache.prefix_capacity, cache.max_len, win, splits,
+            NKV=hkv, G=g, GP=gp, D=d, KV_BITS=cache.bits, BLOCK_S=meta["BLOCK_S"], USE_DOT=use_dot, IEEE=fp32,
+            ON_CODES=on_codes, **opts)
+        copts = {} if interpreting() else {"num_warps": 4}
+        _combine_kernel[(b * hq,)](po, pm, pl, out, splits, SP=triton.next_power_of_2(splits), D=d, **copts)
+
+    key = (b, hq, hkv, d, cache.bits, cache.max_len, q.dtype, win < 2**30)
+    _DECODE.run(key, decode_candidates(b, hkv, cache.max_len, q.device, fp32, d), launch, config)
     return out

@@ -343,7 +343,7 @@ class TritonCausalLM:
                  cuda_graph: bool = True):
         require_triton()
         check_device(device)
-        from qcompile.runtime.triton.kv_attention import KVCache, default_splits
+        from qcompile.runtime.triton.kv_attention import KVCache
 
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise QCompileError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
@@ -386,7 +386,6 @@ class TritonCausalLM:
         self.window = int(w.sliding_window) if w.sliding_window else 0
         self.caches = [KVCache.allocate(1, w.num_kv_heads, w.head_dim, self.max_seq_len, kv_bits, prefix_capacity,
                                         dtype, self.device) for _ in self.layers]
-        self.num_splits = default_splits(1, w.num_kv_heads, self.max_seq_len, self.device)
         # decode state, advanced by the step itself (and so by the captured graph)
         self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.int32, device=self.device)
@@ -425,8 +424,7 @@ class TritonCausalLM:
             qkv = layer.qkv(self._norm(h, layer.input_norm))
             q = rope_store(qkv, self._pos, 1, self.cos, self.sin, cache, self._prefix, nh, nkv,
                            q_norm=layer.q_norm, k_norm=layer.k_norm, eps=self.w.rms_eps)
-            attn = decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, num_splits=self.num_splits,
-                                    window=self.window)
+            attn = decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, window=self.window)
             h = layer.o(attn.view(1, nh * d), residual=h)
             h = layer.down(layer.gate_up(self._norm(h, layer.post_attn_norm)), act="silu_mul", residual=h)
         self._logits = self._head(h)

@@ -6,9 +6,10 @@ GEMV (decode is memory bound: the kernel must stream the packed weight once at c
   ``BLOCK_R * pack`` K-rows of ``BLOCK_N`` columns, rows contiguous along N (coalesced 16-byte loads); at batch 1
   every tile stays 2-D in the load's layout (about 48 registers a thread, no shared-memory shuffles: checked with
   ``aot_check``); batches of 2..8 rows use [M, R, N] products, correct but not tuned (decode runs batch 1);
-* codes become floats without int->float conversions: ``(code | 0x4B000000)`` read as float32 is ``2^23 + code``,
-  and one subtraction of ``2^23 + zero`` gives ``code - zero``; products are summed per word-row and scaled once
-  per group row, so the inner loop is shift, and/or, fsub, fma;
+* codes become floats without int->float conversions: a code shifted into the top mantissa bits of 1.0f reads
+  as ``1 + code / 2^bits``; the kernel sums ``x * (1 + code / 2^bits)`` and ``x`` per word-row and recovers
+  ``sum x * (code - zero)`` once per word-row and column, so the inner loop is shift, and/or, fma per code
+  (the zero point costs nothing per code);
 * split-K partials go to an fp32 workspace; the last program to finish a column tile (an arrival counter per tile,
   acquire/release atomics) sums the partials in split order and writes the output, so the result is deterministic
   and one launch does it all (a second reduction kernel would cost as much as the GEMV itself at 4096x4096);
@@ -20,6 +21,8 @@ GEMM: a grouped-ordering tiled matmul; the weight tile is unpacked and dequantiz
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -66,8 +69,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     ROWS_PER_GROUP: tl.constexpr = GROUP // PACK
-    MAGIC: tl.constexpr = 8388608.0  # 2^23: (code | 0x4B000000) as float32 is 2^23 + code
-    SYM_ZERO: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
+    # a code c placed in the top BITS mantissa bits of 1.0f reads as f = 1 + c / 2^BITS (one shift and one
+    # and/or per code, no conversion); sum_k x_k (c_k - z) = 2^BITS * sum_k x_k f_k - (2^BITS + z) * sum_k x_k
+    HI: tl.constexpr = 23 - BITS
+    CMASK: tl.constexpr = MASK << HI
+    ONE: tl.constexpr = 0x3F800000
+    TWO_B: tl.constexpr = float(1 << BITS)
+    SYM_ZZ: tl.constexpr = float((1 << BITS) + (1 << (BITS - 1)))
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_rows = K // PACK
@@ -92,28 +100,34 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
         sn = (offs_r // ROWS_PER_GROUP)[:, None] * N + offs_n[None, :]
         scale = tl.load(s_ptr + sn, mask=w_mask, other=0.0).to(tl.float32)
         if HAS_ZERO:
-            zero = tl.load(z_ptr + sn, mask=w_mask, other=0).to(tl.float32) + MAGIC
+            zz = tl.load(z_ptr + sn, mask=w_mask, other=0).to(tl.float32) + TWO_B
+        else:
+            zz = SYM_ZZ
         if BLOCK_M == 1:
             part2 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+            xs2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
         else:
             part3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
+            xs3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for j in tl.static_range(PACK):
-            f = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
-            if HAS_ZERO:
-                w = f - zero
+            if j * BITS <= HI:
+                placed = words << (HI - j * BITS)
             else:
-                w = f - SYM_ZERO
+                placed = words >> (j * BITS - HI)
+            f = ((placed & CMASK) | ONE).to(tl.float32, bitcast=True)
             if BLOCK_M == 1:
                 xk = _load_act(x_ptr, offs_r * PACK + j, r_mask, K, ACT_SILU_MUL)
-                part2 += xk[:, None] * w
+                part2 += xk[:, None] * f
+                xs2 += xk
             else:
                 x_off = offs_m[:, None] * stride_xm + (offs_r * PACK + j)[None, :]
                 xk = _load_act(x_ptr, x_off, m_mask[:, None] & r_mask[None, :], K, ACT_SILU_MUL)
-                part3 += xk[:, :, None] * w[None, :, :]
+                part3 += xk[:, :, None] * f[None, :, :]
+                xs3 += xk
         if BLOCK_M == 1:
-            acc2 += part2 * scale
+            acc2 += scale * (part2 * TWO_B - zz * xs2[:, None])
         else:
-            acc3 += part3 * scale[None, :, :]
+            acc3 += scale[None, :, :] * (part3 * TWO_B - zz * xs3[:, :, None])
     if BLOCK_M == 1:
         y = tl.sum(acc2, axis=0)[None, :]
     else:
@@ -197,30 +211,26 @@ def _pow2(n: int) -> int:
 
 
 def gemv_candidates(m: int, n: int, k: int, bits: int, sms: int) -> list[dict]:
-    """Tile shapes x split factors that put between one and eight waves of programs on ``sms`` multiprocessors,
+    """Tile shapes, each with the split factor that puts about eight programs on each of ``sms`` multiprocessors,
     best guess first."""
     pack = 32 // bits
     rows = k // pack
     bm = _pow2(m)
     if interpreting():  # few, large programs: the interpreter's cost is per operation, not per element
         return [dict(BLOCK_M=bm, BLOCK_N=min(128, _pow2(n)), BLOCK_R=min(16, _pow2(rows)), SPLIT_K=1)]
-    short, long = 64 // pack, 128 // pack  # word rows per step: 64 or 128 K-rows
+    short, long, longer = 64 // pack, 128 // pack, 256 // pack  # word rows per step: 64, 128 or 256 K-rows
     out = []
     for bn, br, warps in ((128, short, 4), (256, short, 8), (128, long, 4), (64, long, 4), (256, long, 8),
-                          (64, short, 4), (32, short, 4)):
+                          (64, short, 4), (32, short, 4), (64, longer, 4), (128, longer, 8)):
         # batch 1: 2-D tiles, a few dozen registers; batch > 1: [M, R, N] products, keep them <= 32 per thread
         if bm > 1 and bm * br * bn > 32 * 32 * warps or bm == 1 and bn == 32:
             continue
         tiles = -(-n // bn)
-        for split in (1, 2, 4, 8, 16, 32):
-            programs = tiles * split
-            if split > 1 and rows // split < 2 * br:
-                break
-            if sms <= programs <= 8 * sms or (split == 1 and programs > 8 * sms):
-                out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2))
-        if not any(c["BLOCK_N"] == bn and c["BLOCK_R"] == br for c in out):  # small shapes: the most parallel split
-            split = max(1, min(32, rows // (2 * br)))
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2))
+        # one split per tile shape (every candidate is compiled when a shape is first tuned): the one whose
+        # program count is closest to eight per multiprocessor (what tuning over all splits picked on the H100), within the K-rows available
+        splits = [sp for sp in (1, 2, 4, 8, 16, 32) if sp == 1 or rows // sp >= 2 * br]
+        split = min(splits, key=lambda sp: abs(math.log2(tiles * sp / (8 * sms))))
+        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2))
     return out
 
 

@@ -12,6 +12,8 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
+else:  # correctness on the GPU: each kernel's first configuration (tuning compiles every candidate of every shape)
+    os.environ.setdefault("QCOMPILE_TRITON_AUTOTUNE", "0")
 
 pytest.importorskip("triton")
 
