@@ -34,11 +34,16 @@ def create_session(
 ) -> ort.InferenceSession:
     """A CPU session. ``accuracy_level`` is the compute type of the MatMulNBits nodes ORT fuses from
     DequantizeLinear -> MatMul (1: fp32, 4: int8 activations; ORT's default is 4); ``optimized_model_path`` saves
-    the graph after ORT's optimizations (external initializers beside it)."""
+    the graph after ORT's optimizations (external initializers beside it). Threads default to the CPUs this process
+    may run on."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = optimization_level
     if accuracy_level is not None:
         opts.add_session_config_entry(ACCURACY_KEY, str(int(accuracy_level)))
+    if intra_op_threads is None and hasattr(os, "sched_getaffinity"):
+        # ORT sizes its pool from the machine's cores, not the ones this process may use: under taskset or a
+        # container's CPU set its spinning threads would outnumber the cores and crawl
+        intra_op_threads = len(os.sched_getaffinity(0))
     if intra_op_threads is not None:
         opts.intra_op_num_threads = int(intra_op_threads)
     if optimized_model_path is not None:
