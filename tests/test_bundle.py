@@ -303,6 +303,32 @@ def test_tokenizer_note(bundle, tmp_path):
     assert "byte_fallback=true" in tokenizer_note(tmp_path)
 
 
+def test_gguf_style_tokenizer_is_fixed_for_genai(bundle, tmp_path):
+    """transformers' GGUF conversion writes byte_fallback=true and a SentencePiece decoder chain into a byte-level
+    BPE; the loader's fix clears both, after which transformers encodes/decodes as before and genai agrees."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from transformers import AutoTokenizer
+
+    from qcompile.models.loader import fix_byte_level_tokenizer_json
+
+    b = _copy_bundle(bundle, tmp_path)
+    text = "Hello, bundle world! Ünïcödé and 42 tabs\t."
+    before = AutoTokenizer.from_pretrained(bundle)
+    tok = json.loads((b / "tokenizer.json").read_text())
+    byte_level = tok["decoder"]
+    tok["model"]["byte_fallback"] = True
+    tok["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}, byte_level]}
+    (b / "tokenizer.json").write_text(json.dumps(tok))
+    assert tokenizer_note(b) is not None
+    assert fix_byte_level_tokenizer_json(b / "tokenizer.json") is True
+    assert fix_byte_level_tokenizer_json(b / "tokenizer.json") is False  # idempotent
+    assert tokenizer_note(b) is None
+    after = AutoTokenizer.from_pretrained(b)
+    ids = before(text)["input_ids"]
+    assert after(text)["input_ids"] == ids and after.decode(ids) == before.decode(ids)
+    assert [int(t) for t in og.Tokenizer(og.Model(str(b))).encode(text)] == ids
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
 def test_onnxruntime_genai_generates_our_greedy_tokens(tiny_model_dirs, tmp_path, family):
     og = pytest.importorskip("onnxruntime_genai")
@@ -332,7 +358,7 @@ def test_smollm2_bundle_runs_in_onnxruntime_genai(tmp_path):
     assert main(["export", "smollm2-135m", "-o", str(out), "--recipe", "w4a16-g64-rtn"]) == 0
     archive = tmp_path / "smollm2-w4.zip"
     manifest = package(out, archive)
-    assert "byte_fallback" in manifest["runtime"]["onnxruntime_genai"]["tokenizer_note"]  # see BENCHMARKS.md
+    assert manifest["runtime"]["onnxruntime_genai"]["tokenizer_note"] is None  # the loader fixed tokenizer.json
     assert manifest["files"]["model.onnx_data"]["bytes"] < 0.35 * 538e6
     with opened(archive) as b:
         tok = AutoTokenizer.from_pretrained(b)
@@ -343,6 +369,9 @@ def test_smollm2_bundle_runs_in_onnxruntime_genai(tmp_path):
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
             expected = ours.generate(ids, 16, eos_token_id=tok.eos_token_id)
             assert greedy_tokens(og.Model(str(b)), ids, 16) == expected, question
+            prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=False)
+            assert [int(t) for t in og.Tokenizer(og.Model(str(b))).encode(prompt)] == ids, question
         info = inspect(b)
     weights = info["graph"]["quantized_weights"]
     assert len(weights) == 210 and {(w["type"], w["group_size"]) for w in weights} == {("uint4", 64)}

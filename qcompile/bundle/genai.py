@@ -172,14 +172,14 @@ def greedy_tokens(model, prompt: list[int], new_tokens: int) -> list[int]:
 def tokenizer_note(folder: str | Path) -> str | None:
     """Why onnxruntime-genai's own tokenizer would mis-encode this folder's tokenizer.json, if we know it will.
 
-    A byte-level BPE (every byte already has a token) that also declares ``byte_fallback`` -- what transformers'
-    GGUF conversion writes -- is read by genai's tokenizer as a SentencePiece-style model and most words encode to
-    -1. transformers ignores the flag, so our runner is unaffected; token ids given to genai directly are fine.
+    A byte-level BPE that also declares ``byte_fallback`` (what transformers' GGUF conversion writes; qcompile's
+    loader now clears the flag, see ``loader.fix_byte_level_tokenizer_json``) is read by genai's tokenizer as a
+    SentencePiece-style model and most words encode to -1. transformers ignores the flag, so our runner is
+    unaffected; token ids given to genai directly are fine.
     """
-    tok = _read_json(Path(folder) / "tokenizer.json")
-    model, pre = tok.get("model", {}), tok.get("pre_tokenizer") or {}
-    pre_types = {pre.get("type")} | {p.get("type") for p in pre.get("pretokenizers", []) if isinstance(p, dict)}
-    if model.get("type") == "BPE" and model.get("byte_fallback") and "ByteLevel" in pre_types:
+    from qcompile.models.loader import byte_level_with_byte_fallback
+
+    if byte_level_with_byte_fallback(_read_json(Path(folder) / "tokenizer.json")):
         return ("tokenizer.json is a byte-level BPE with byte_fallback=true (as converted from GGUF): "
                 "onnxruntime-genai's tokenizer mis-encodes it; encode with transformers and pass token ids")
     return None

@@ -152,7 +152,8 @@ def check_finite(model: torch.nn.Module) -> None:
 
 def gguf_to_folder(path: Path, sha: str) -> Path:
     """Dequantize a GGUF file into a cached Hugging Face folder (safetensors + tokenizer), once per file hash."""
-    target = cache_root() / "gguf" / sha[:24]
+    # "gguf-v2": folders converted before the tokenizer.json fix below are not reused
+    target = cache_root() / "gguf-v2" / sha[:24]
     if (target / "config.json").is_file():
         return target
     with open(path, "rb") as f:
@@ -197,6 +198,7 @@ def gguf_to_folder(path: Path, sha: str) -> Path:
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        fix_byte_level_tokenizer_json(tmp / "tokenizer.json")
         # the converted tokenizer's "vocab file" is the whole GGUF: drop the copy, tokenizer.json is complete
         (tmp / "tokenizer.model").unlink(missing_ok=True)
         (tmp / "qcompile_source.json").write_text(
@@ -210,6 +212,32 @@ def gguf_to_folder(path: Path, sha: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def byte_level_with_byte_fallback(tok: dict) -> bool:
+    """A byte-level BPE (every byte already has a token) that also declares SentencePiece's ``byte_fallback``:
+    what transformers' GGUF conversion writes for GPT-2-style vocabularies (SmolLM2, Qwen)."""
+    model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
+    pre_types = {pre.get("type")} | {p.get("type") for p in pre.get("pretokenizers", []) if isinstance(p, dict)}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and "ByteLevel" in pre_types
+
+
+def fix_byte_level_tokenizer_json(path: Path) -> bool:
+    """Turn off ``byte_fallback`` and keep only the ByteLevel decoder in such a tokenizer.json (see above).
+
+    The flag never fires for a byte-level vocabulary, so transformers encodes and decodes exactly as before, but
+    onnxruntime-genai's tokenizer reads it as a SentencePiece model and maps most words to -1. Returns whether the
+    file changed."""
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    if not byte_level_with_byte_fallback(tok):
+        return False
+    tok["model"]["byte_fallback"] = False
+    dec = tok.get("decoder") or {}
+    byte_level = [d for d in dec.get("decoders", []) if isinstance(d, dict) and d.get("type") == "ByteLevel"]
+    if dec.get("type") == "Sequence" and byte_level:
+        tok["decoder"] = byte_level[0]
+    path.write_text(json.dumps(tok, ensure_ascii=False, indent=2), encoding="utf-8")
+    return True
 
 
 def _fix_gguf_tokenizer(tokenizer, model, meta: dict) -> None:
