@@ -76,6 +76,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     **{f"cqe-lr1x-w{b}": (f"w{b}a16-g64-cqe", ["sde.lr_clip=0.01", "sde.lr_adjust=0.001"]) for b in (4, 3, 2)},
     "dlqat-w4": ("w4a16-g64-dlqat", []),
     "dlqat-w3": ("w3a16-g64-dlqat", []),
+    "dlqat-e3-w4": ("w4a16-g64-dlqat", ["dlqat.epochs=3"]),
     "cqe-dlqat-w3": ("w3a16-g64-cqe-dlqat", []),
     "w4a4kv4-cqe": ("w4a4kv4-cqe", []),
     "w4a4kv4-bisup": ("w4a4kv4-bisup", []),

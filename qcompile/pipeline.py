@@ -118,7 +118,7 @@ def export(handle: ModelHandle, out_dir: str | os.PathLike, recipe: Recipe, *, o
     from qcompile.runtime.ort import ACCURACY_KEY
 
     t0 = time.perf_counter()
-    graph = build_graph(handle, opset=recipe.export.opset)
+    graph = build_graph(handle, opset=recipe.export.opset, attention=recipe.export.attention)
     t_build = time.perf_counter() - t0
     qdq_stats = weight_qdq.apply(graph, handle.quant_state)
     runtime_stats = runtime_quant.apply(graph, handle, dense_hadamard=recipe.export.online_hadamard == "dense")

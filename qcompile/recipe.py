@@ -45,8 +45,13 @@ class ExportConfig:
     accuracy_level: int = 4
     # online Hadamard rotations as "kron" (two small MatMuls per rotation, O(n(m+s))) or "dense" (one n x n MatMul)
     online_hadamard: str = "kron"
+    # attention as "standard" ONNX ops (any padding, every runtime) or "gqa": ORT's GroupQueryAttention contrib op,
+    # with which onnxruntime-genai shares one max-length KV buffer between steps (edge bundles, batch 1)
+    attention: str = "standard"
 
     def __post_init__(self):
+        if self.attention not in ("standard", "gqa"):
+            raise RecipeError(f"export.attention must be 'standard' or 'gqa', got {self.attention!r}")
         if self.online_hadamard not in ("kron", "dense"):
             raise RecipeError(f"export.online_hadamard must be 'kron' or 'dense', got {self.online_hadamard!r}")
         if self.opset < 21:

@@ -346,6 +346,19 @@ def test_onnxruntime_genai_generates_our_greedy_tokens(tiny_model_dirs, tmp_path
     assert [int(t) for t in tok.encode(text)] == AutoTokenizer.from_pretrained(b)(text)["input_ids"]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_genai_shares_the_cache_buffer_of_a_gqa_export(tiny_model_dirs, tmp_path, family):
+    """export.attention=gqa: genai_config turns past_present_share_buffer on (GroupQueryAttention writes into the
+    max-length cache in place) and genai's greedy tokens are still our runner's."""
+    og = pytest.importorskip("onnxruntime_genai")
+    b = tmp_path / "b"
+    package(_export(tiny_model_dirs[family], tmp_path / "w4", "--set", "export.attention=gqa"), b)
+    assert json.loads((b / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
+    ours = OrtCausalLM.from_dir(b)
+    for prompt in PROMPTS:
+        assert greedy_tokens(og.Model(str(b)), prompt, 24) == ours.generate(prompt, 24, eos_token_id=2), prompt
+
+
 @pytest.mark.slow
 def test_smollm2_bundle_runs_in_onnxruntime_genai(tmp_path):
     """The real model: an RTN int4 bundle (zip) verified, extracted and run by genai with our greedy tokens."""

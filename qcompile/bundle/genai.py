@@ -6,9 +6,9 @@ graph already has the names genai looks for (Optimum's: ``input_ids``, ``attenti
 ``past_key_values.%d.key|value`` -> ``logits``, ``present.%d.key|value``); a graph with any other input is
 refused, naming it, since genai would not know how to feed it.
 
-``past_present_share_buffer`` is false: our attention concatenates past and new keys (present is past + new
-tokens long), whereas a shared buffer needs a graph that writes into a max-length cache in place
-(``GroupQueryAttention``, as the builder emits).
+``past_present_share_buffer`` is true only for graphs exported with ``export.attention: gqa``: their
+``GroupQueryAttention`` nodes write new keys into a max-length cache in place, as the builder's graphs do; the
+standard graph concatenates past and new keys (present is past + new tokens long), so it cannot share a buffer.
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ def genai_config(folder: str | Path, graph: onnx.ModelProto, model_file: str = "
         "no_repeat_ngram_size": int(gen.get("no_repeat_ngram_size", 0)),
         "num_beams": int(gen.get("num_beams", 1)),
         "num_return_sequences": 1,
-        "past_present_share_buffer": False,
+        "past_present_share_buffer": any(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"
+                                         for n in graph.graph.node),
         "repetition_penalty": float(gen.get("repetition_penalty", 1.0)),
         "temperature": float(gen.get("temperature", 1.0)),
         "top_k": int(gen.get("top_k", 50)),

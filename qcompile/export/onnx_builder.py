@@ -22,6 +22,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from qcompile.errors import RecipeError
 from qcompile.models.adapters import AttentionGeometry
 from qcompile.models.handle import ModelHandle
 
@@ -73,10 +74,23 @@ class _Builder:
         return self.tape.initializer(_lazy_weight(param, name, transpose), name=name)
 
 
+ATTENTION_KINDS = ("standard", "gqa")
+
+
 class _DecoderWriter:
-    def __init__(self, handle: ModelHandle):
+    def __init__(self, handle: ModelHandle, attention: str = "standard"):
         self.model, self.ad = handle.model, handle.adapter
         self.geo: AttentionGeometry = self.ad.geometry(self.model)
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        if attention == "gqa" and self.geo.sliding_window is not None:
+            raise RecipeError("export.attention=gqa does not handle sliding-window attention yet "
+                                      f"(this model's window: {self.geo.sliding_window}); use 'standard'")
+        self.attention_kind = attention
+        # GroupQueryAttention can apply RoPE itself (do_rotary) unless a graph pass must reach the rotated q/k
+        # (R3 and KV-cache fake quantization, graph.runtime_quant): then RoPE stays a subgraph before it
+        self.fused_rotary = attention == "gqa" and handle.kv_quant is None and "r3" not in handle.online_rotations
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
         if 2 * len(self.geo.inv_freq) != self.geo.head_dim:
             raise NotImplementedError(f"partial rotary embeddings ({2 * len(self.geo.inv_freq)} of "
                                       f"{self.geo.head_dim} head dims) are not supported")
@@ -94,8 +108,10 @@ class _DecoderWriter:
     def rms_norm(self, x: ir.Value, norm: nn.Module) -> ir.Value:
         """x / sqrt(mean(x^2) + eps), times the norm weight unless it is all ones (folded by canonicalize)."""
         b = self.b
-        var = b.op("ReduceMean", b.op("Mul", x, x), b.const([-1]), keepdims=1)
-        y = b.op("Mul", x, b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, b.const(self.geo.rms_eps, np.float32)))))
+        # Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern ORT fuses into SimplifiedLayerNormalization
+        # (and, with the residual Add before it, SkipSimplifiedLayerNormalization)
+        var = b.op("ReduceMean", b.op("Pow", x, b.const(2.0, np.float32)), b.const([-1]), keepdims=1)
+        y = b.op("Div", x, b.op("Sqrt", b.op("Add", var, b.const(self.geo.rms_eps, np.float32))))
         if torch.all(norm.weight == 1):
             return y
         return b.op("Mul", y, b.weight(norm.weight, f"{self.names[norm]}.weight"))
@@ -144,10 +160,22 @@ class _DecoderWriter:
         allowed = b.op("And", allowed, keep)  # [B, 1, S, T]
         return b.op("Where", allowed, b.const(0.0, np.float32), b.const(MASKED, np.float32))
 
+    def gqa_lengths(self, attention_mask: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """GroupQueryAttention's ``seqlens_k`` (int32 [batch]: attended keys per row - 1) and
+        ``total_sequence_length`` (int32 scalar: the mask's width), as onnxruntime-genai's builder derives them."""
+        b = self.b
+        b.scope = "/gqa_lengths"
+        seqlens = b.op("Cast", b.op("Sub", b.op("ReduceSum", attention_mask, b.const([1]), keepdims=0), b.const(1)),
+                       to=ir.DataType.INT32)
+        total = b.op("Cast", b.op("Gather", b.op("Shape", attention_mask), b.const(1)), to=ir.DataType.INT32)
+        return seqlens, total
+
     # -- layers -----------------------------------------------------------------------------------
     def attention(self, x, layer, i, cos, sin, bias, past_k, past_v) -> tuple[ir.Value, ir.Value, ir.Value]:
         b, g, ad = self.b, self.geo, self.ad
         nh, nkv, d = g.num_heads, g.num_kv_heads, g.head_dim
+        if self.fused_rotary:
+            return self.gqa_fused_rotary(x, layer, i, cos, sin, bias, past_k, past_v)
         q = b.op("Reshape", self.linear(x, ad.linear(layer, "q")), b.const([0, 0, nh, d]))  # [B, S, nh, D]
         k = b.op("Reshape", self.linear(x, ad.linear(layer, "k")), b.const([0, 0, nkv, d]))
         v = b.op("Reshape", self.linear(x, ad.linear(layer, "v")), b.const([0, 0, nkv, d]))
@@ -159,6 +187,19 @@ class _DecoderWriter:
         v = b.op("Transpose", v, perm=[0, 2, 1, 3])
         # stable names for the graph passes that rotate/quantize queries, keys and values (graph.runtime_quant)
         q.name, k.name, v.name = f"/layers.{i}/attn/q_rope", f"/layers.{i}/attn/k_rope", f"/layers.{i}/attn/v_heads"
+        if self.attention_kind == "gqa":
+            # ORT's contrib GroupQueryAttention: causal attention, cache append, and (with onnxruntime-genai's
+            # past_present_share_buffer) in-place writes into a max-length cache. RoPE stays outside it
+            # (do_rotary=0) so the graph passes still find q_rope/k_rope/v_heads; the op takes [B, S, H*D].
+            seqlens, total = bias
+            flat = [b.op("Reshape", b.op("Transpose", t, perm=[0, 2, 1, 3]), b.const([0, 0, heads * d]))
+                    for t, heads in ((q, nh), (k, nkv), (v, nkv))]
+            ctx, present_k, present_v = b.tape.op_multi_out(
+                "GroupQueryAttention", [*flat, past_k, past_v, seqlens, total],
+                attributes={"num_heads": nh, "kv_num_heads": nkv, "scale": float(d**-0.5), "do_rotary": 0},
+                domain="com.microsoft", outputs=[ir.val(f"/layers.{i}/attn/gqa_out"), ir.val(f"present.{i}.key"),
+                                                 ir.val(f"present.{i}.value")], name=f"/layers.{i}/attn/GroupQueryAttention")
+            return self.linear(ctx, ad.linear(layer, "o")), present_k, present_v
         present_k = b.tape.op("Concat", [past_k, k], attributes={"axis": 2}, output=ir.val(f"present.{i}.key"))
         present_v = b.tape.op("Concat", [past_v, v], attributes={"axis": 2}, output=ir.val(f"present.{i}.value"))
         # GQA without repeating K/V: query head h = kv*rep + r reads kv head h // rep, so [B, nh, S, D] viewed as
@@ -171,6 +212,38 @@ class _DecoderWriter:
         ctx = b.op("Transpose", b.op("Reshape", ctx, b.const([0, nh, -1, d])), perm=[0, 2, 1, 3])
         out = self.linear(b.op("Reshape", ctx, b.const([0, 0, nh * d])), ad.linear(layer, "o"))
         return out, present_k, present_v
+
+    def gqa_fused_rotary(self, x, layer, i, cos_cache, sin_cache, lengths, past_k, past_v):
+        """GroupQueryAttention with RoPE inside (do_rotary=1, HF's half rotation): q/k/v go in as the linears
+        write them, [B, S, H*D] (reshaped per head only for Qwen3's q/k norms), and the op rotates them at the
+        positions seqlens_k implies (unpadded rows), reading the cos/sin tables of every position."""
+        b, g, ad = self.b, self.geo, self.ad
+        nh, nkv, d = g.num_heads, g.num_kv_heads, g.head_dim
+        q, k, v = (self.linear(x, ad.linear(layer, role)) for role in ("q", "k", "v"))
+        qk_norms = ad.qk_norms(layer)
+        if qk_norms is not None:
+            q = b.op("Reshape", self.rms_norm(b.op("Reshape", q, b.const([0, 0, nh, d])), qk_norms[0]),
+                     b.const([0, 0, nh * d]))
+            k = b.op("Reshape", self.rms_norm(b.op("Reshape", k, b.const([0, 0, nkv, d])), qk_norms[1]),
+                     b.const([0, 0, nkv * d]))
+        seqlens, total = lengths
+        ctx, present_k, present_v = b.tape.op_multi_out(
+            "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos_cache, sin_cache],
+            attributes={"num_heads": nh, "kv_num_heads": nkv, "scale": float(d**-0.5), "do_rotary": 1,
+                        "rotary_interleaved": 0},
+            domain="com.microsoft", outputs=[ir.val(f"/layers.{i}/attn/gqa_out"), ir.val(f"present.{i}.key"),
+                                             ir.val(f"present.{i}.value")], name=f"/layers.{i}/attn/GroupQueryAttention")
+        return self.linear(ctx, ad.linear(layer, "o")), present_k, present_v
+
+    def rotary_caches(self) -> tuple[ir.Value, ir.Value]:
+        """cos/sin [max_positions, head_dim / 2] for GroupQueryAttention's own RoPE (times HF's attention
+        scaling), as initializers."""
+        pos = np.arange(self.max_positions, dtype=np.float64)[:, None]
+        ang = pos * self.geo.inv_freq.double().numpy()[None, :]
+        scale = float(self.geo.rope_scaling)
+        cos = ir.tensor((np.cos(ang) * scale).astype(np.float32), name="rope.cos_cache")
+        sin = ir.tensor((np.sin(ang) * scale).astype(np.float32), name="rope.sin_cache")
+        return (self.b.tape.initializer(cos, name="rope.cos_cache"), self.b.tape.initializer(sin, name="rope.sin_cache"))
 
     def mlp(self, x: ir.Value, layer: nn.Module) -> ir.Value:
         b, ad = self.b, self.ad
@@ -188,8 +261,10 @@ class _DecoderWriter:
         position_ids = ir.val("position_ids", INT64, [BATCH, SEQ])
         inputs, presents = [input_ids, attention_mask, position_ids], []
 
-        cos, sin = self.rope_tables(position_ids)
-        bias = self.attention_bias(input_ids, attention_mask)
+        cos, sin = self.rotary_caches() if self.fused_rotary else self.rope_tables(position_ids)
+        # what attention needs besides q/k/v: the additive mask, or GroupQueryAttention's lengths
+        bias = (self.gqa_lengths(attention_mask) if self.attention_kind == "gqa"
+                else self.attention_bias(input_ids, attention_mask))
         b.scope = "/embed"
         embed_w = b.weight(embed.weight, f"{self.names[embed]}.weight")
         h = b.op("Gather", embed_w, input_ids)
@@ -224,15 +299,19 @@ class _DecoderWriter:
             outputs=[logits, *presents],
             nodes=b.tape.nodes,
             initializers=b.tape.initializers,
-            opset_imports={"": opset},
+            opset_imports={"": opset, **({"com.microsoft": 1} if self.attention_kind == "gqa" else {})},
             name="qcompile_decoder",
         )
         return ir.Model(graph, ir_version=IR_VERSION, producer_name="qcompile")
 
 
-def build_graph(handle: ModelHandle, opset: int = 21) -> ir.Model:
-    """The float32 decoder-with-past graph of ``handle.model`` (an ``onnx_ir.Model``; weights read lazily)."""
+def build_graph(handle: ModelHandle, opset: int = 21, attention: str = "standard") -> ir.Model:
+    """The float32 decoder-with-past graph of ``handle.model`` (an ``onnx_ir.Model``; weights read lazily).
+
+    ``attention="standard"``: default-domain ops only (MatMul/Softmax, the cache grown by Concat), any padding.
+    ``"gqa"``: one ``com.microsoft.GroupQueryAttention`` per layer (ORT's CPU and CUDA builds have it), which
+    onnxruntime-genai can run with a shared max-length cache; it assumes unpadded (or right-padded) rows."""
     if opset < 21:
         raise ValueError(f"opset must be >= 21 (blocked int4 DequantizeLinear), got {opset}")
     with torch.no_grad():
-        return _DecoderWriter(handle).build(opset)
+        return _DecoderWriter(handle, attention).build(opset)

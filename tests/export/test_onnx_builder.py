@@ -195,3 +195,44 @@ def test_optimum_with_head_dim_other_than_hidden_over_heads(tmp_path):
     ref = h.model.generate(ids, **kwargs).tolist()
     assert ORTModelForCausalLM.from_pretrained(out).generate(ids, **kwargs).tolist() == ref
     assert OrtCausalLM.from_dir(out).generate(ids[0].tolist(), 8, eos_token_id=2) == ref[0][ids.shape[1]:]
+
+
+@torch.no_grad()
+def test_group_query_attention_graph_matches_torch(tiny_model_dir, tmp_path):
+    """attention="gqa": one com.microsoft.GroupQueryAttention per layer, RoPE included, instead of the RoPE
+    subgraph and MatMul/Softmax/Concat; prefill and decode through the cache give torch's logits and caches
+    (batch 1, unpadded)."""
+    h = load(tiny_model_dir)
+    canonicalize.apply(h, canonicalize.CanonicalizeConfig())
+    graph = build_graph(h, attention="gqa")
+    ops = [n.op_type for n in graph.graph]
+    assert ops.count("GroupQueryAttention") == h.model.config.num_hidden_layers and "Softmax" not in ops
+    assert "Cos" not in ops  # no graph pass needs the rotated q/k here, so the op applies RoPE itself
+    out = tmp_path / "gqa"
+    write_artifact(h, graph, out, {"recipe": "fp32"})
+    runner = OrtCausalLM.from_dir(out)
+    ids = torch.randint(3, 300, (1, 11), generator=torch.Generator().manual_seed(4))
+    ref = h.model(input_ids=ids, use_cache=True)
+    logits, past = runner.forward(ids.numpy())
+    assert np.abs(logits - ref.logits.numpy()).max() < TOL
+    cache = ref.past_key_values
+    for t in (7, 123, 42):
+        step = torch.tensor([[t]])
+        ref = h.model(input_ids=step, past_key_values=cache, use_cache=True)
+        cache = ref.past_key_values
+        logits, past = runner.forward(step.numpy(), past=past)
+        assert np.abs(logits - ref.logits.numpy()).max() < TOL
+        for (k, v), (rk, rv) in zip(past, torch_past(cache)):
+            assert np.abs(k - rk).max() < TOL and np.abs(v - rv).max() < TOL
+
+
+def test_group_query_attention_refuses_sliding_windows(tmp_path):
+    from qcompile.errors import RecipeError
+    from tiny_models import make_tiny_model
+
+    folder = make_tiny_model("mistral", tmp_path / "swa")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "sliding_window": 8}))
+    h = load(folder)
+    with pytest.raises(RecipeError, match="sliding-window"):
+        build_graph(h, attention="gqa")

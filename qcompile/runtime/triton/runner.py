@@ -36,7 +36,9 @@ ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 # rewrite this runner does not map (e.g. activation or KV-cache fake quantization)
 KNOWN_OPS = {"Cast", "Constant", "Unsqueeze", "Mul", "Concat", "Cos", "Sin", "Shape", "Gather", "Sub", "Range",
              "LessOrEqual", "Greater", "And", "Where", "ReduceMean", "Add", "Sqrt", "Reciprocal", "MatMul", "Reshape",
-             "Transpose", "Split", "Neg", "Softmax", "Sigmoid", "DequantizeLinear"}
+             "Transpose", "Split", "Neg", "Softmax", "Sigmoid", "DequantizeLinear",
+             "Pow", "Div",  # RMSNorm as ORT fuses it
+             "ReduceSum", "GroupQueryAttention"}  # export.attention=gqa: the same attention, as ORT's contrib op
 
 
 # -- what the artifact holds ---------------------------------------------------------------------------------
@@ -235,18 +237,23 @@ def load_exported(folder: str | os.PathLike) -> ModelWeights:
 
     # RoPE: Cos(Unsqueeze(Concat(Mul(pos, inv_freq), ...))) [* attention scaling]
     cos = next((n for n in graph if n.op_type == "Cos"), None)
-    try:
-        mul = cos.inputs[0].producer().inputs[0].producer().inputs[0].producer()
-        inv_freq = next(c for c in map(_const, mul.inputs) if c is not None).astype(np.float32).reshape(-1)
-    except (AttributeError, StopIteration) as e:
-        raise QCompileError("could not find the RoPE inverse frequencies in the graph's rope subgraph") from e
-    rope_scaling = 1.0
-    for use in cos.outputs[0].uses():
-        consumer = use[0]
-        if consumer.op_type == "Mul":
-            c = [_const(v) for v in consumer.inputs]
-            if any(x is not None and np.size(x) == 1 for x in c):
-                rope_scaling = float(next(x for x in c if x is not None).reshape(()))
+    if cos is None and "rope.cos_cache" in inits:  # GroupQueryAttention applies RoPE from cos/sin tables
+        cos_t, sin_t = arr("rope.cos_cache").astype(np.float64), arr("rope.sin_cache").astype(np.float64)
+        inv_freq = np.arctan2(sin_t[1], cos_t[1]).astype(np.float32)  # the angles at position 1
+        rope_scaling = float(cos_t[0, 0])  # cos(0) times the attention scaling
+    else:
+        try:
+            mul = cos.inputs[0].producer().inputs[0].producer().inputs[0].producer()
+            inv_freq = next(c for c in map(_const, mul.inputs) if c is not None).astype(np.float32).reshape(-1)
+        except (AttributeError, StopIteration) as e:
+            raise QCompileError("could not find the RoPE inverse frequencies in the graph's rope subgraph") from e
+        rope_scaling = 1.0
+        for use in cos.outputs[0].uses():
+            consumer = use[0]
+            if consumer.op_type == "Mul":
+                c = [_const(v) for v in consumer.inputs]
+                if any(x is not None and np.size(x) == 1 for x in c):
+                    rope_scaling = float(next(x for x in c if x is not None).reshape(()))
 
     hidden = embed.shape[1]
     heads = int(cfg["num_attention_heads"])
@@ -266,11 +273,13 @@ def load_exported(folder: str | os.PathLike) -> ModelWeights:
 
 def _check_mapped(graph, n_layers: int) -> None:
     """Refuse graphs with rewrites the runner would silently skip: unknown ops, or MatMuls beyond the 7 linears
-    and 2 attention products per layer plus the head (online Hadamard rotations are extra MatMuls)."""
+    and 2 attention products per layer plus the head (online Hadamard rotations are extra MatMuls; a
+    GroupQueryAttention layer has no attention MatMuls)."""
     ops = {n.op_type for n in graph}
     unknown = sorted(ops - KNOWN_OPS)
     matmuls = sum(1 for n in graph if n.op_type == "MatMul")
-    expected = 9 * n_layers + 1
+    attention_matmuls = 0 if "GroupQueryAttention" in ops else 2
+    expected = (7 + attention_matmuls) * n_layers + 1
     if unknown or matmuls != expected:
         what = f"ops {', '.join(unknown)}" if unknown else f"{matmuls - expected} extra MatMuls"
         raise QCompileError(f"the graph has run-time rewrites the CUDA runtime does not map yet ({what}: online "

@@ -66,6 +66,18 @@ def test_greedy_tokens_match_ort(exported):
         assert r.generate(ids, 6) == ort.generate(ids, 6)
 
 
+def test_runs_a_group_query_attention_export(tiny_model_dirs, tmp_path):
+    """export.attention=gqa computes the same attention through ORT's contrib op: the runner maps it too."""
+    from qcompile.cli import main
+
+    out = tmp_path / "gqa"
+    assert main(["export", str(tiny_model_dirs["qwen3"]), "-o", str(out), "--recipe", "w4a16-g64-rtn", "--group-size",
+                 "16", "--set", "export.attention=gqa"]) == 0
+    r = runner(out)
+    ort = OrtCausalLM.from_dir(out, accuracy_level=1)
+    assert r.notes == [] and r.generate(PROMPTS[0], 6) == ort.generate(PROMPTS[0], 6)
+
+
 def test_reads_the_graph(exported):
     w = load_exported(exported["qwen3"])
     assert (w.num_heads, w.num_kv_heads, w.head_dim, len(w.layers)) == (4, 2, 16, 2)
