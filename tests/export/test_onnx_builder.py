@@ -226,6 +226,19 @@ def test_group_query_attention_graph_matches_torch(tiny_model_dir, tmp_path):
             assert np.abs(k - rk).max() < TOL and np.abs(v - rv).max() < TOL
 
 
+@torch.no_grad()
+def test_optimum_generates_with_the_group_query_attention_graph(tiny_model_dirs, tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    h = load(tiny_model_dirs["qwen3"])
+    canonicalize.apply(h, canonicalize.CanonicalizeConfig())
+    write_artifact(h, build_graph(h, attention="gqa"), tmp_path / "gqa", {"recipe": "fp32"})
+    model = ORTModelForCausalLM.from_pretrained(tmp_path / "gqa")
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8)
+    assert model.generate(ids, **kwargs).tolist() == h.model.generate(ids, **kwargs).tolist()
+
+
 def test_group_query_attention_refuses_sliding_windows(tmp_path):
     from qcompile.errors import RecipeError
     from tiny_models import make_tiny_model
