@@ -191,14 +191,9 @@ class _DecoderWriter:
             # ORT's contrib GroupQueryAttention: causal attention, cache append, and (with onnxruntime-genai's
             # past_present_share_buffer) in-place writes into a max-length cache. RoPE stays outside it
             # (do_rotary=0) so the graph passes still find q_rope/k_rope/v_heads; the op takes [B, S, H*D].
-            seqlens, total = bias
             flat = [b.op("Reshape", b.op("Transpose", t, perm=[0, 2, 1, 3]), b.const([0, 0, heads * d]))
                     for t, heads in ((q, nh), (k, nkv), (v, nkv))]
-            ctx, present_k, present_v = b.tape.op_multi_out(
-                "GroupQueryAttention", [*flat, past_k, past_v, seqlens, total],
-                attributes={"num_heads": nh, "kv_num_heads": nkv, "scale": float(d**-0.5), "do_rotary": 0},
-                domain="com.microsoft", outputs=[ir.val(f"/layers.{i}/attn/gqa_out"), ir.val(f"present.{i}.key"),
-                                                 ir.val(f"present.{i}.value")], name=f"/layers.{i}/attn/GroupQueryAttention")
+            ctx, present_k, present_v = self.group_query_attention(i, *flat, past_k, past_v, bias)
             return self.linear(ctx, ad.linear(layer, "o")), present_k, present_v
         present_k = b.tape.op("Concat", [past_k, k], attributes={"axis": 2}, output=ir.val(f"present.{i}.key"))
         present_v = b.tape.op("Concat", [past_v, v], attributes={"axis": 2}, output=ir.val(f"present.{i}.value"))
@@ -226,14 +221,22 @@ class _DecoderWriter:
                      b.const([0, 0, nh * d]))
             k = b.op("Reshape", self.rms_norm(b.op("Reshape", k, b.const([0, 0, nkv, d])), qk_norms[1]),
                      b.const([0, 0, nkv * d]))
-        seqlens, total = lengths
-        ctx, present_k, present_v = b.tape.op_multi_out(
-            "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos_cache, sin_cache],
-            attributes={"num_heads": nh, "kv_num_heads": nkv, "scale": float(d**-0.5), "do_rotary": 1,
-                        "rotary_interleaved": 0},
+        ctx, present_k, present_v = self.group_query_attention(i, q, k, v, past_k, past_v, lengths,
+                                                               (cos_cache, sin_cache))
+        return self.linear(ctx, ad.linear(layer, "o")), present_k, present_v
+
+    def group_query_attention(self, i, q, k, v, past_k, past_v, lengths, rotary_tables=None):
+        """One ``com.microsoft.GroupQueryAttention`` node: q/k/v [B, S, H*D] -> (context, present.i.key/value);
+        with ``rotary_tables`` (cos, sin) the op applies HF's half-rotation RoPE itself."""
+        g = self.geo
+        attrs = {"num_heads": g.num_heads, "kv_num_heads": g.num_kv_heads, "scale": float(g.head_dim**-0.5),
+                 "do_rotary": int(rotary_tables is not None)}
+        if rotary_tables is not None:
+            attrs["rotary_interleaved"] = 0
+        return self.b.tape.op_multi_out(
+            "GroupQueryAttention", [q, k, v, past_k, past_v, *lengths, *(rotary_tables or ())], attributes=attrs,
             domain="com.microsoft", outputs=[ir.val(f"/layers.{i}/attn/gqa_out"), ir.val(f"present.{i}.key"),
                                              ir.val(f"present.{i}.value")], name=f"/layers.{i}/attn/GroupQueryAttention")
-        return self.linear(ctx, ad.linear(layer, "o")), present_k, present_v
 
     def rotary_caches(self) -> tuple[ir.Value, ir.Value]:
         """cos/sin [max_positions, head_dim / 2] for GroupQueryAttention's own RoPE (times HF's attention

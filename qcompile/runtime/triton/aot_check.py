@@ -171,13 +171,17 @@ def cases(all_configs: bool):
                            dict(NH=32, NKV=8, D=d, KV_BITS=kv_bits, KV_SYM=sym, QK_NORM=qk_norm, OUT_KV=qk_norm),
                            dict(stride_qkv=48 * d), 1 if d <= 64 else 2, 2)
                 g = 4
-                yield (f"decode_attention {dt} D={d} kv{kv_bits} G={g}", kv_attention._decode_kernel,
-                       dict(q_ptr=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8",
-                            ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32", lens_ptr="*i32",
-                            prefix_ptr="*i32", po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
-                            PCAP="i32", SMAX="i32", WINDOW="i32", NUM_SPLITS="i32"),
-                       dict(NKV=8, G=g, GP=16, D=d, KV_BITS=kv_bits, BLOCK_S=64, USE_DOT=True, IEEE=dt == "fp32"),
-                       {}, kv_attention.decode_warps(d, dt == "fp32"), 2)
+                # every configuration decode_candidates offers for this dtype (the tuner may pick any of them)
+                for cfg in kv_attention.decode_candidates(1, 8, 32768, "cpu", dt == "fp32", d):  # splits: not compiled in
+                    yield (f"decode_attention {dt} D={d} kv{kv_bits} G={g} block {cfg['BLOCK_S']} "
+                           f"warps {cfg['num_warps']}/{cfg['num_stages']}", kv_attention._decode_kernel,
+                           dict(q_ptr=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8",
+                                ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32", lens_ptr="*i32",
+                                prefix_ptr="*i32", po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
+                                PCAP="i32", SMAX="i32", WINDOW="i32", NUM_SPLITS="i32"),
+                           dict(NKV=8, G=g, GP=16, D=d, KV_BITS=kv_bits, BLOCK_S=cfg["BLOCK_S"], USE_DOT=True,
+                                IEEE=dt == "fp32", ON_CODES=kv_attention.attends_on_codes(True, dt == "fp16", kv_bits)),
+                           {}, cfg["num_warps"], cfg["num_stages"])
             yield (f"combine D={d} {dt}", kv_attention._combine_kernel,
                    dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_ptr(dt), NUM_SPLITS="i32"),
                    dict(SP=64, D=d), {}, 4, 2)
@@ -202,7 +206,8 @@ def small_cases():
                             ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32", lens_ptr="*i32",
                             prefix_ptr="*i32", po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
                             PCAP="i32", SMAX="i32", WINDOW="i32", NUM_SPLITS="i32"),
-                       dict(NKV=2, G=g, GP=gp, D=d, KV_BITS=kv_bits, BLOCK_S=64, USE_DOT=use_dot, IEEE=dt == "fp32"),
+                       dict(NKV=2, G=g, GP=gp, D=d, KV_BITS=kv_bits, BLOCK_S=64, USE_DOT=use_dot, IEEE=dt == "fp32",
+                            ON_CODES=kv_attention.attends_on_codes(use_dot, dt == "fp16", kv_bits)),
                        {}, 4, 2)
         for bm, bn, br, split in ((2, 16, 2, 3), (8, 32, 8, 1), (1, 64, 16, 2)):
             types = dict(x_ptr=_ptr(dt), w_ptr="*i32", s_ptr=_ptr(dt), z_ptr="*u8", b_ptr=_ptr(dt), r_ptr=_ptr(dt),

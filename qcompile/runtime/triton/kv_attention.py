@@ -230,17 +230,25 @@ def _attend(q1, q2, k1, k2, v1, v2, smask, m_i, l_i, acc1, acc2, USE_DOT: tl.con
 
 
 @triton.jit
+def _load_codes(q_ptr, idx, smask, half, D: tl.constexpr, BITS: tl.constexpr, ctype: tl.constexpr):
+    """One block's codes as ``ctype`` integers, the two halves of D apart (8-bit: a byte each; 4-bit: the low and
+    high nibbles of one byte)."""
+    if BITS == 8:
+        c1 = tl.load(q_ptr + idx[:, None] * D + half[None, :], mask=smask[:, None], other=0).to(ctype)
+        c2 = tl.load(q_ptr + idx[:, None] * D + D // 2 + half[None, :], mask=smask[:, None], other=0).to(ctype)
+    else:
+        byte = tl.load(q_ptr + idx[:, None] * (D // 2) + half[None, :], mask=smask[:, None], other=0).to(ctype)
+        c1 = byte & 15
+        c2 = (byte >> 4) & 15
+    return c1, c2
+
+
+@triton.jit
 def _dequant_block(q_ptr, s_ptr, z_ptr, idx, smask, half, D: tl.constexpr, BITS: tl.constexpr,
                    dtype: tl.constexpr):
     scale = tl.load(s_ptr + idx, mask=smask, other=0.0)[:, None]
     zero = tl.load(z_ptr + idx, mask=smask, other=0.0)[:, None]
-    if BITS == 8:
-        c1 = tl.load(q_ptr + idx[:, None] * D + half[None, :], mask=smask[:, None], other=0)
-        c2 = tl.load(q_ptr + idx[:, None] * D + D // 2 + half[None, :], mask=smask[:, None], other=0)
-    else:
-        byte = tl.load(q_ptr + idx[:, None] * (D // 2) + half[None, :], mask=smask[:, None], other=0).to(tl.int32)
-        c1 = byte & 15
-        c2 = byte >> 4
+    c1, c2 = _load_codes(q_ptr, idx, smask, half, D, BITS, tl.int32)
     x1 = ((c1.to(tl.float32) - zero) * scale).to(dtype)
     x2 = ((c2.to(tl.float32) - zero) * scale).to(dtype)
     return x1, x2
@@ -249,13 +257,7 @@ def _dequant_block(q_ptr, s_ptr, z_ptr, idx, smask, half, D: tl.constexpr, BITS:
 @triton.jit
 def _codes_f16(q_ptr, idx, smask, half, D: tl.constexpr, BITS: tl.constexpr):
     """Codes of one block as fp16 ``1024 + code`` (0x6400 | code reads as 1024 + code exactly: no conversion)."""
-    if BITS == 8:
-        c1 = tl.load(q_ptr + idx[:, None] * D + half[None, :], mask=smask[:, None], other=0).to(tl.int16)
-        c2 = tl.load(q_ptr + idx[:, None] * D + D // 2 + half[None, :], mask=smask[:, None], other=0).to(tl.int16)
-    else:
-        byte = tl.load(q_ptr + idx[:, None] * (D // 2) + half[None, :], mask=smask[:, None], other=0).to(tl.int16)
-        c1 = byte & 15
-        c2 = (byte >> 4) & 15
+    c1, c2 = _load_codes(q_ptr, idx, smask, half, D, BITS, tl.int16)
     return (c1 | 0x6400).to(tl.float16, bitcast=True), (c2 | 0x6400).to(tl.float16, bitcast=True)
 
 
@@ -404,6 +406,12 @@ def default_splits(batch: int, kv_heads: int, max_len: int, device, block: int =
 _DECODE = Tuner("decode_attention")
 
 
+def attends_on_codes(use_dot: bool, fp16: bool, bits: int) -> bool:
+    """Whether the decode kernel attends on the codes (``_attend_codes``): tensor-core dots, fp16 (1024 + code is
+    exact in fp16, not in bf16), and a quantized cache."""
+    return use_dot and fp16 and bits != 16
+
+
 def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: bool, head_dim: int) -> list[dict]:
     """Block sizes x split counts x warps/stages, the default guess first (fp32 keeps its one register-safe
     configuration)."""
@@ -438,7 +446,7 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
     use_dot = d // 2 >= 16
     gp = max(16, triton.next_power_of_2(g)) if use_dot else triton.next_power_of_2(g)
     fp32 = q.dtype == torch.float32
-    on_codes = use_dot and q.dtype == torch.float16 and cache.bits != 16
+    on_codes = attends_on_codes(use_dot, q.dtype == torch.float16, cache.bits)
     if config is None and (num_splits is not None or block_s is not None):
         bs = block_s or (16 if interpreting() else 64)
         config = dict(BLOCK_S=bs, SPLITS=num_splits or default_splits(b, hkv, cache.max_len, q.device, bs))
