@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qcompile.data import resolve_text, token_stream, windows  # noqa: E402
-from qcompile.eval.parity import greedy_parity, logit_parity  # noqa: E402
+from qcompile.eval.parity import compare_greedy, compare_logits, torch_reference  # noqa: E402
 from qcompile.eval.perplexity import ort_logits_fn, perplexity, torch_logits_fn  # noqa: E402
 from qcompile.models import load  # noqa: E402
 from qcompile.pipeline import export, run_passes, to_export_precision  # noqa: E402
@@ -125,8 +125,15 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=None)
     ap.add_argument("--export-dir", default="out/bench")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ort-sessions", type=int, default=1,
+                    help="ORT sessions sharing the test windows on threads, --threads split among them (a 16-core "
+                         "CPU stays busier with 2 sessions of 7 threads than with one of 14)")
     ap.add_argument("--skip-torch", action="store_true",
                     help="no torch fake-quant ppl (e.g. ORT rows on a CPU where the torch rows were measured elsewhere)")
+    ap.add_argument("--stage", choices=("all", "prepare", "ort"), default="all",
+                    help="prepare: passes, torch rows, export of the --ort variants and a recorded torch parity "
+                         "reference next to each export; ort: only the ORT rows, from what prepare left in "
+                         "--export-dir (so training and a long ORT evaluation can run in separate processes)")
     ap.add_argument("--fp16-reference", action="store_true", help="also measure the float model in fp16 (torch)")
     ap.add_argument("--out", default="bench/results/spine_quality.json")
     args = ap.parse_args()
@@ -167,6 +174,12 @@ def main() -> None:
 
 
 def measure(name, args, test_windows, ort_names, results, save) -> None:
+    folder = Path(args.export_dir) / name
+    if args.stage == "ort":
+        row = json.loads((folder.parent / f"{name}.row.json").read_text())
+        reference = torch.load(folder.parent / f"{name}.reference.pt", weights_only=True)
+        ort_rows(name, args, folder, reference, test_windows, row, results, save)
+        return
     recipe = variant_recipe(name, args.calib_samples or ...)
     row = {"recipe": recipe.to_dict()}
     h = load(args.model, device=args.device)
@@ -181,30 +194,45 @@ def measure(name, args, test_windows, ort_names, results, save) -> None:
         row["system_prompt"] = prompt_ablation(h, test_windows)
         print(f"{name}: after a system prompt: {row['system_prompt']}", flush=True)
     if name in ort_names:
-        from qcompile.runtime.ort import OrtCausalLM
-
         if args.ort_limit:  # torch on exactly the windows ORT sees, for a like-for-like comparison
             with torch.inference_mode():
                 row["torch_on_ort_windows"] = perplexity(torch_logits_fn(h.model), test_windows[: args.ort_limit])
         to_export_precision(h)
-        folder = Path(args.export_dir) / name
+        reference = torch_reference(h.model, h.tokenizer, test_windows[:2, :512], max_new_tokens=32)
         rep = export(h, folder, recipe, overwrite=True)
         row["files"] = rep["files"]
-        for level in [int(x) for x in args.accuracy_levels.split(",")]:
-            runner = OrtCausalLM.from_dir(folder, accuracy_level=level, threads=args.threads)
-            key = f"ort_acc{level}"
-            row[key] = perplexity(ort_logits_fn(runner), test_windows[: args.ort_limit], desc=f"{name} ort acc{level}")
-            row[key]["parity_logits"] = logit_parity(h.model, runner, test_windows[:2, :512])
-            row[key]["parity_greedy"] = greedy_parity(h.model, runner, h.tokenizer, max_new_tokens=32)
-            g = row[key]["parity_greedy"]
-            print(f"{name}: ort(acc{level}) ppl {row[key]['ppl']:.3f}, max|dlogit| "
-                  f"{row[key]['parity_logits']['max_abs_logit_diff']:.4g}, greedy identical "
-                  f"{g['identical']}/{g['prompts']} ({row[key]['windows']} windows)", flush=True)
-            results["variants"][name] = row
-            save()
+        del h
+        if args.stage == "prepare":
+            torch.save(reference, folder.parent / f"{name}.reference.pt")
+            (folder.parent / f"{name}.row.json").write_text(json.dumps(row))
+        else:
+            ort_rows(name, args, folder, reference, test_windows, row, results, save)
+            return
     results["variants"][name] = row
     save()
-    del h
+
+
+def ort_rows(name, args, folder, reference, test_windows, row, results, save) -> None:
+    from qcompile.runtime.ort import OrtCausalLM
+
+    for level in [int(x) for x in args.accuracy_levels.split(",")]:
+        n = max(1, args.ort_sessions)
+        per = None if args.threads is None else max(1, args.threads // n)
+        runners = [OrtCausalLM.from_dir(folder, accuracy_level=level, threads=per) for _ in range(n)]
+        key = f"ort_acc{level}"
+        row[key] = perplexity([ort_logits_fn(r) for r in runners], test_windows[: args.ort_limit],
+                              desc=f"{name} ort acc{level}")
+        row[key]["ort_sessions"], row[key]["threads_per_session"] = n, per
+        row[key]["parity_logits"] = compare_logits(reference, runners[0])
+        row[key]["parity_greedy"] = compare_greedy(reference, runners[0])
+        g = row[key]["parity_greedy"]
+        print(f"{name}: ort(acc{level}) ppl {row[key]['ppl']:.3f}, max|dlogit| "
+              f"{row[key]['parity_logits']['max_abs_logit_diff']:.4g}, greedy identical "
+              f"{g['identical']}/{g['prompts']} ({row[key]['windows']} windows)", flush=True)
+        results["variants"][name] = row
+        save()
+    results["variants"][name] = row
+    save()
 
 
 def prompt_ablation(h, test_windows) -> dict:

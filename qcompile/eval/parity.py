@@ -27,31 +27,56 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 @torch.no_grad()
-def logit_parity(model: torch.nn.Module, runner, ids: torch.Tensor) -> dict:
-    """max/mean |Δlogit| between ``model`` (torch) and ``runner`` (OrtCausalLM) on ``ids`` [b, L]."""
+def torch_reference(model: torch.nn.Module, tokenizer, ids: torch.Tensor | None = None, prompts=PARITY_PROMPTS,
+                    max_new_tokens: int = 32) -> dict:
+    """What the parity checks compare ORT against, recorded from the torch model: logits on ``ids`` [b, L] and
+    greedy tokens on ``prompts``. Plain tensors, lists and strings, so it can be saved with ``torch.save`` and
+    checked later in another process (``torch.load(..., weights_only=True)``)."""
     device = next(model.parameters()).device
-    ref = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu().numpy()
-    out = runner.logits(ids.numpy())
+    ref: dict = {}
+    if ids is not None:
+        ref["ids"] = ids.cpu()
+        ref["logits"] = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+    if prompts:
+        ref["max_new_tokens"], ref["greedy"] = max_new_tokens, []
+        for prompt in prompts:
+            pids = prompt_ids(tokenizer, prompt)
+            out = model.generate(torch.tensor([pids], device=device), max_new_tokens=max_new_tokens,
+                                 attention_mask=torch.ones(1, len(pids), dtype=torch.long, device=device),
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+            ref["greedy"].append({"prompt": prompt, "prompt_ids": pids, "tokens": out[0, len(pids):].tolist(),
+                                  "eos_token_id": tokenizer.eos_token_id})
+    return ref
+
+
+def compare_logits(reference: dict, runner) -> dict:
+    """max/mean |Δlogit| between a recorded torch reference and ``runner`` (OrtCausalLM) on the same ids."""
+    ref = reference["logits"].numpy()
+    out = runner.logits(reference["ids"].numpy())
     diff = np.abs(ref - out)
     return {
         "max_abs_logit_diff": float(diff.max()),
         "mean_abs_logit_diff": float(diff.mean()),
         "max_abs_logit": float(np.abs(ref).max()),
         "argmax_agreement": float((ref.argmax(-1) == out.argmax(-1)).mean()),
-        "tokens": int(ids.numel()),
+        "tokens": int(reference["ids"].numel()),
     }
 
 
-@torch.no_grad()
-def greedy_parity(model: torch.nn.Module, runner, tokenizer, prompts=PARITY_PROMPTS, max_new_tokens: int = 32) -> dict:
-    device = next(model.parameters()).device
+def compare_greedy(reference: dict, runner) -> dict:
     results = []
-    for prompt in prompts:
-        ids = prompt_ids(tokenizer, prompt)
-        ref = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                             device=device), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        ref_new = ref[0, len(ids):].tolist()
-        ort_new = runner.generate(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-        results.append({"prompt": prompt, "identical": ref_new == ort_new, "torch": ref_new, "ort": ort_new})
+    for g in reference["greedy"]:
+        ort_new = runner.generate(g["prompt_ids"], reference["max_new_tokens"], eos_token_id=g["eos_token_id"])
+        results.append({"prompt": g["prompt"], "identical": g["tokens"] == ort_new, "torch": g["tokens"],
+                        "ort": ort_new})
     return {"prompts": len(results), "identical": sum(r["identical"] for r in results), "details": results}
+
+
+def logit_parity(model: torch.nn.Module, runner, ids: torch.Tensor) -> dict:
+    """max/mean |Δlogit| between ``model`` (torch) and ``runner`` (OrtCausalLM) on ``ids`` [b, L]."""
+    return compare_logits(torch_reference(model, None, ids, prompts=()), runner)
+
+
+def greedy_parity(model: torch.nn.Module, runner, tokenizer, prompts=PARITY_PROMPTS, max_new_tokens: int = 32) -> dict:
+    return compare_greedy(torch_reference(model, tokenizer, None, prompts, max_new_tokens), runner)

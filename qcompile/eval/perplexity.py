@@ -9,8 +9,10 @@ so the two figures compare directly."""
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
@@ -18,29 +20,57 @@ from tqdm.auto import tqdm
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # [b, L] token ids -> [b, L, vocab] logits
 
 
-@torch.no_grad()
-def perplexity(logits_fn: LogitsFn, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl",
-               prefix: torch.Tensor | None = None) -> dict:
-    total_nll, total_tokens, t0 = 0.0, 0, time.perf_counter()
+def _window_nll(logits_fn: LogitsFn, ids: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
     p = 0 if prefix is None else int(prefix.numel())
-    bar = tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="window", leave=False)
-    for i in bar:
-        ids = windows[i : i + batch_size]
-        inputs = ids if p == 0 else torch.cat([prefix.view(1, -1).expand(ids.shape[0], -1).to(ids), ids], dim=1)
-        logits = logits_fn(inputs).float()[:, p:]
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = ids[:, 1:].to(logp.device)
-        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        total_nll += nll.double().sum().item()
-        total_tokens += nll.numel()
-        bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
+    inputs = ids if p == 0 else torch.cat([prefix.view(1, -1).expand(ids.shape[0], -1).to(ids), ids], dim=1)
+    logits = logits_fn(inputs).float()[:, p:]
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    target = ids[:, 1:].to(logp.device)
+    return -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def perplexity(logits_fn: LogitsFn | Sequence[LogitsFn], windows: torch.Tensor, batch_size: int = 1,
+               desc: str = "ppl", prefix: torch.Tensor | None = None) -> dict:
+    """``logits_fn`` may be several functions (e.g. one ORT session each): the windows are then shared out among
+    them on threads (ORT and torch release the GIL), which keeps a many-core CPU busier than one session whose
+    intra-op threads stop scaling. The figure does not depend on how many there are."""
+    fns = list(logits_fn) if isinstance(logits_fn, Sequence) else [logits_fn]
+    t0 = time.perf_counter()
+    batches = [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
+    sums = [0.0] * len(batches)
+    counts = [0] * len(batches)
+    bar = tqdm(total=len(batches), desc=desc, unit="window", leave=False)
+    lock = threading.Lock()
+    next_batch = iter(range(len(batches)))
+
+    def work(fn: LogitsFn) -> None:
+        while True:
+            with lock:
+                i = next(next_batch, None)
+            if i is None:
+                return
+            nll = _window_nll(fn, batches[i], prefix)
+            sums[i], counts[i] = nll.double().sum().item(), nll.numel()
+            with lock:
+                bar.update(1)
+                done = [j for j in range(len(batches)) if counts[j]]
+                bar.set_postfix(ppl=f"{math.exp(sum(sums[j] for j in done) / sum(counts[j] for j in done)):.3f}")
+
+    if len(fns) == 1:
+        work(fns[0])
+    else:
+        with ThreadPoolExecutor(len(fns)) as pool:
+            list(pool.map(work, fns))
+    bar.close()
+    total_nll, total_tokens = math.fsum(sums), sum(counts)  # summed in window order: same figure for any split
     return {
         "ppl": math.exp(total_nll / total_tokens),
         "mean_nll": total_nll / total_tokens,
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
         "predicted_tokens": total_tokens,
-        "prefix_tokens": p,
+        "prefix_tokens": 0 if prefix is None else int(prefix.numel()),
         "seconds": time.perf_counter() - t0,
     }
 
