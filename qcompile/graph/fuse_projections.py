@@ -60,7 +60,7 @@ def _concat(graph: ir.Graph, values: list[ir.Value], name: str) -> ir.Value:
     return value
 
 
-def _layout(graph: ir.Graph, mm: ir.Node) -> tuple:
+def _layout(mm: ir.Node) -> tuple:
     """What must agree for two weights to be concatenated: float, or the integer type, DequantizeLinear's
     attributes and whether there is a zero point; and the input dimension K."""
     w = mm.inputs[1]
@@ -89,7 +89,7 @@ def _fuse(graph: ir.Graph, values: dict[str, ir.Value], members: list[str]) -> b
     if any(mm.inputs[0] is not x for mm in mms):
         raise RecipeError(f"export.fuse_projections: {', '.join(members)} read different inputs (e.g. activation "
                           "quantizers with different specs); export them unfused (export.fuse_projections=false)")
-    layouts = [_layout(graph, mm) for mm in mms]
+    layouts = [_layout(mm) for mm in mms]
     if len(set(layouts)) != 1:
         raise RecipeError(f"export.fuse_projections: {', '.join(members)} store their weights differently "
                           f"({'; '.join(map(str, layouts))}); export them unfused (export.fuse_projections=false)")
