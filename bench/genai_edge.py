@@ -4,7 +4,9 @@ For each of our exported folders (packaged here with `qcompile package`) and the
 * greedy tokens: genai on our bundle vs our ORT runner (OrtCausalLM) on the same bundle, on chat prompts
   (token ids from transformers' tokenizer; genai's own tokenizer is checked separately, see tokenizer_agreement);
 * decode speed, batch 1: a --prompt-len token prompt (WikiText-2 test text) appended, then --new-tokens greedy
-  steps, all through genai (interleaved repeats, median); our runner on our bundle for reference;
+  steps, all through genai (interleaved repeats, median); our runner on our bundle for reference. Each round
+  times every graph once (the order alternating between rounds); the ratio to the builder is also taken per
+  round (median, min, max), which cancels the load changes a shared machine has between rounds;
 * WikiText-2 test perplexity on the first --windows windows of 2048 tokens, every graph through one plain ORT
   session code path (the sessions genai would create: same graph, same session options);
 * sizes: bundle, graph + weights, vs the fp32 export and the builder's output.
@@ -222,15 +224,24 @@ def main() -> None:
     for fn in timers.values():  # warm-up
         fn()
     samples = {label: ([], []) for label in timers}
-    for _ in range(args.repeats):
-        for label, fn in timers.items():
-            p, d = fn()
+    order = list(timers)
+    for r in range(args.repeats):
+        # every round times every graph once; the order alternates so that a drift in the machine's load within
+        # a round does not always favour the same graph
+        for label in order if r % 2 == 0 else order[::-1]:
+            p, d = timers[label]()
             samples[label][0].append(p)
             samples[label][1].append(d)
     speed = {}
+    builder_decode = samples["genai builder int4"][1]
     for label, (pre, dec) in samples.items():
+        # per-round ratio: this graph against the builder timed in the same round (the noise they share cancels)
+        ratios = [b / d for d, b in zip(dec, builder_decode)]
         speed[label] = {"decode_tokens_per_s": args.new_tokens / statistics.median(dec),
-                        "prefill_tokens_per_s": args.prompt_len / statistics.median(pre)}
+                        "prefill_tokens_per_s": args.prompt_len / statistics.median(pre),
+                        "decode_tokens_per_s_per_round": [args.new_tokens / d for d in dec],
+                        "decode_vs_builder_per_round": {"median": statistics.median(ratios), "min": min(ratios),
+                                                        "max": max(ratios), "rounds": ratios}}
     ref = speed["genai builder int4"]["decode_tokens_per_s"]
     for label, s in speed.items():
         s["decode_vs_builder"] = s["decode_tokens_per_s"] / ref
@@ -258,8 +269,11 @@ def main() -> None:
 
     for label in folders:
         s, z, p = speed.get(label, {}), sizes[label], ppl.get(label, {})
+        rounds = s.get("decode_vs_builder_per_round", {})
         print(f"{label:36s} decode {s.get('decode_tokens_per_s', math.nan):6.1f} tok/s "
-              f"(x{s.get('decode_vs_builder', math.nan):.2f} builder)  prefill "
+              f"(x{s.get('decode_vs_builder', math.nan):.2f} builder; per round median "
+              f"{rounds.get('median', math.nan):.2f} [{rounds.get('min', math.nan):.2f}, "
+              f"{rounds.get('max', math.nan):.2f}])  prefill "
               f"{s.get('prefill_tokens_per_s', math.nan):6.1f} tok/s  ppl {p.get('ppl', math.nan):7.3f}  "
               f"model {z['model_bytes'] / 1e6:6.1f} MB  folder {z['folder_bytes'] / 1e6:6.1f} MB")
     for label in runners:

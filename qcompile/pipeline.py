@@ -114,7 +114,7 @@ def export(handle: ModelHandle, out_dir: str | os.PathLike, recipe: Recipe, *, o
     """Export ``handle`` (after its passes) into ``out_dir`` atomically; returns the report written there."""
     from qcompile.export.artifact import write_artifact
     from qcompile.export.onnx_builder import build_graph
-    from qcompile.graph import runtime_quant, weight_qdq
+    from qcompile.graph import fuse_projections, runtime_quant, weight_qdq
     from qcompile.runtime.ort import ACCURACY_KEY
 
     t0 = time.perf_counter()
@@ -122,6 +122,8 @@ def export(handle: ModelHandle, out_dir: str | os.PathLike, recipe: Recipe, *, o
     t_build = time.perf_counter() - t0
     qdq_stats = weight_qdq.apply(graph, handle.quant_state)
     runtime_stats = runtime_quant.apply(graph, handle, dense_hadamard=recipe.export.online_hadamard == "dense")
+    # last: the run-time rewrites above find each linear's own MatMul; fusion keeps what they inserted
+    fuse_stats = fuse_projections.apply(graph, handle) if recipe.export.fuse_projections else None
     meta = {
         "qcompile_version": qcompile.__version__,
         "recipe": recipe.to_dict(),
@@ -139,7 +141,8 @@ def export(handle: ModelHandle, out_dir: str | os.PathLike, recipe: Recipe, *, o
             "files": sizes,
             "timings_s": {**earlier_timings, "export_graph": round(t_build, 3),
                           "export_total": round(time.perf_counter() - t0, 3)},
-            "graph_pass": {**qdq_stats, "runtime_quant": runtime_stats},
+            "graph_pass": {**qdq_stats, "runtime_quant": runtime_stats,
+                           **({"fuse_projections": fuse_stats} if fuse_stats is not None else {})},
             "machine": {"platform": platform.platform(), "torch": torch.__version__},
             **extra,
         }

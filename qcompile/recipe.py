@@ -48,6 +48,9 @@ class ExportConfig:
     # attention as "standard" ONNX ops (any padding, every runtime) or "gqa": ORT's GroupQueryAttention contrib op,
     # with which onnxruntime-genai shares one max-length KV buffer between steps (edge bundles, batch 1)
     attention: str = "standard"
+    # q|k|v and gate|up as one MatMul each (weights side by side along N, exact for blockwise quantization), then
+    # a Split (or GroupQueryAttention's packed input): fewer, larger MatMulNBits per layer (graph.fuse_projections)
+    fuse_projections: bool = False
 
     def __post_init__(self):
         if self.attention not in ("standard", "gqa"):

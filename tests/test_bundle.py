@@ -346,13 +346,15 @@ def test_onnxruntime_genai_generates_our_greedy_tokens(tiny_model_dirs, tmp_path
     assert [int(t) for t in tok.encode(text)] == AutoTokenizer.from_pretrained(b)(text)["input_ids"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_genai_shares_the_cache_buffer_of_a_gqa_export(tiny_model_dirs, tmp_path, family):
+@pytest.mark.parametrize(("family", "fuse"), [("llama", False), ("qwen3", False), ("llama", True), ("qwen2", True)])
+def test_genai_shares_the_cache_buffer_of_a_gqa_export(tiny_model_dirs, tmp_path, family, fuse):
     """export.attention=gqa: genai_config turns past_present_share_buffer on (GroupQueryAttention writes into the
-    max-length cache in place) and genai's greedy tokens are still our runner's."""
+    max-length cache in place) and genai's greedy tokens are still our runner's; also with fused projections
+    (q|k|v packed into GroupQueryAttention, what the genai recipes export)."""
     og = pytest.importorskip("onnxruntime_genai")
     b = tmp_path / "b"
-    package(_export(tiny_model_dirs[family], tmp_path / "w4", "--set", "export.attention=gqa"), b)
+    package(_export(tiny_model_dirs[family], tmp_path / "w4", "--set", "export.attention=gqa", "--set",
+                    f"export.fuse_projections={str(fuse).lower()}"), b)
     assert json.loads((b / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
     ours = OrtCausalLM.from_dir(b)
     for prompt in PROMPTS:

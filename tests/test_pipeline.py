@@ -49,8 +49,10 @@ def test_builtin_recipe_parity_on_tiny_model(recipe_name, tiny_model_dirs, calib
     n_quantized = len(result.handle.quant_state)
     specs = Counter(q.spec.describe() for q in result.handle.quant_state.values())  # e.g. an int8 lm_head too
     assert result.report["quantization"]["linears_by_spec"] == dict(specs)
-    if n_quantized:
-        assert matmul_op_counts(result.out_dir / "model.onnx").get("MatMulNBits", 0) == n_quantized
+    if n_quantized:  # one MatMulNBits per quantized linear, less those fused into one (export.fuse_projections)
+        fused = result.report["graph_pass"].get("fuse_projections", {}).get("matmuls_removed", 0)
+        assert fused == (3 * result.handle.model.config.num_hidden_layers if recipe.export.fuse_projections else 0)
+        assert matmul_op_counts(result.out_dir / "model.onnx").get("MatMulNBits", 0) == n_quantized - fused
 
 
 @pytest.mark.slow

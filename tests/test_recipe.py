@@ -33,6 +33,15 @@ def test_overrides_set_and_shortcuts():
     assert r.step("rtn").config.bits == 4  # the original is untouched
 
 
+def test_genai_recipes_fuse_projections_and_the_flag_can_be_set():
+    assert all(load_recipe(n).export.fuse_projections for n in ("w4a16-g64-genai", "w4a16-g64-rtn-genai"))
+    assert not load_recipe("w4a16-g64-rtn").export.fuse_projections  # off by default
+    r = apply_overrides(load_recipe("w4a16-g64-rtn"), ["export.fuse_projections=true"])
+    assert r.export.fuse_projections
+    with pytest.raises(RecipeError, match="fuse_projections must be bool"):
+        apply_overrides(load_recipe("w4a16-g64-rtn"), ["export.fuse_projections=3"])
+
+
 def test_calibration_shortcuts_reach_gptq():
     r = apply_overrides(load_recipe("w4a16-g64-gptq"), [], calib_samples=8, calib_text="/x.txt")
     assert r.step("gptq").config.calib_samples == 8 and r.step("gptq").config.calib_text == "/x.txt"

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.errors import QCompileError
+from qcompile.graph.fuse_projections import SEPARATOR, member_names
 from qcompile.runtime.triton._env import check_device, require_triton
 
 MODEL_FILE = "model.onnx"
@@ -71,6 +72,14 @@ class ExportedLinear:
             return None
         k, n = self.shape
         return k // (self.scale.size // n)
+
+    def columns(self, lo: int, hi: int) -> ExportedLinear:
+        """Output columns ``lo:hi`` (one member of a fused linear): the same integers, scales and zero points."""
+        def cut(a):
+            return None if a is None else np.ascontiguousarray(np.asarray(a)[..., lo:hi])
+
+        return ExportedLinear(weight=cut(self.weight), qweight=cut(self.qweight), scale=cut(self.scale),
+                              zero=cut(self.zero), bits=self.bits, bias=cut(self.bias))
 
     def dequantize(self) -> np.ndarray:
         """float32 [in, out]: the weight ORT's DequantizeLinear produces."""
@@ -152,6 +161,8 @@ def load_exported(folder: str | os.PathLike) -> ModelWeights:
         return inits[name].const_value.numpy()
 
     def linear(base: str) -> ExportedLinear | None:
+        if base in fused_parts:
+            return fused_parts[base]
         bias = arr(f"{base}.bias").astype(np.float32) if f"{base}.bias" in inits else None
         if f"{base}.weight_q" in inits:
             node = dq_nodes.get(f"{base}.weight_q")
@@ -175,9 +186,23 @@ def load_exported(folder: str | os.PathLike) -> ModelWeights:
     def optional(name: str) -> np.ndarray | None:
         return arr(name).astype(np.float32) if name in inits else None
 
+    # export.fuse_projections: one weight for q|k|v (gate|up), sliced back per member here (the modules below
+    # concatenate them again); the widths come from the Split after it, or GroupQueryAttention's packed input
+    fused_parts: dict[str, ExportedLinear] = {}
+    fused_groups = 0
+    for name in [n for n in inits if SEPARATOR in n and n.endswith((".weight", ".weight_q"))]:
+        base = name.removesuffix("_q").removesuffix(".weight")
+        whole = linear(base)
+        members = member_names(base)
+        widths = _fused_widths(graph, inits, base, whole.shape[1], len(members))
+        for member, lo, hi in zip(members, np.cumsum([0, *widths[:-1]]), np.cumsum(widths)):
+            fused_parts[member] = whole.columns(int(lo), int(hi))
+        fused_groups += len(members) - 1
+
     q_path = adapter.linear_paths["q"]
     pattern = re.compile(rf"^(.*)\.(\d+)\.{re.escape(q_path)}\.(weight|weight_q)$")
-    found = [(m.group(1), int(m.group(2))) for m in map(pattern.match, inits) if m]
+    found = [(m.group(1), int(m.group(2))) for m in map(pattern.match, [*inits, *(f"{n}.weight" for n in fused_parts)])
+             if m]
     if not found:
         raise QCompileError(f"no '{q_path}' weights in the graph: not a {adapter.family} decoder export")
     prefix = found[0][0]
@@ -199,7 +224,7 @@ def load_exported(folder: str | os.PathLike) -> ModelWeights:
             k_norm=optional(f"{base}.{adapter.k_norm_path}.weight") if adapter.k_norm_path else None,
         ))
 
-    _check_mapped(graph, n_layers)
+    _check_mapped(graph, n_layers, fused_groups)
 
     # embeddings: the Gather reading input_ids; head and final norm: what produces the logits
     gather = next((n for n in graph if n.op_type == "Gather" and n.inputs[1].name == "input_ids"), None)
@@ -271,15 +296,38 @@ def load_exported(folder: str | os.PathLike) -> ModelWeights:
     )
 
 
-def _check_mapped(graph, n_layers: int) -> None:
+def _fused_widths(graph, inits, base: str, width: int, parts: int) -> list[int]:
+    """Output widths of a fused linear's members: the sizes of the Split reading its MatMul (after the bias Add),
+    or q|k|v packed into GroupQueryAttention (num_heads and kv_num_heads heads of one width)."""
+    w = next((n.outputs[0] for n in graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == f"{base}.weight_q"),
+             inits.get(f"{base}.weight"))
+    y = next((n.outputs[0] for n, _ in w.uses() if n.op_type == "MatMul"), None) if w is not None else None
+    readers = [n for n, _ in y.uses()] if y is not None else []
+    if len(readers) == 1 and readers[0].op_type == "Add":
+        readers = [n for n, _ in readers[0].outputs[0].uses()]
+    node = readers[0] if len(readers) == 1 else None
+    if node is not None and node.op_type == "Split" and _const(node.inputs[1]) is not None:
+        widths = [int(x) for x in _const(node.inputs[1])]
+    elif node is not None and node.op_type == "GroupQueryAttention" and parts == 3:
+        heads, kv = node.attributes["num_heads"].value, node.attributes["kv_num_heads"].value
+        d = width // (heads + 2 * kv)
+        widths = [heads * d, kv * d, kv * d]
+    else:
+        raise QCompileError(f"fused linear {base}: its MatMul is not read by a Split or GroupQueryAttention")
+    if len(widths) != parts or sum(widths) != width:
+        raise QCompileError(f"fused linear {base}: {parts} members, split {widths} of {width} outputs")
+    return widths
+
+
+def _check_mapped(graph, n_layers: int, fused: int = 0) -> None:
     """Refuse graphs with rewrites the runner would silently skip: unknown ops, or MatMuls beyond the 7 linears
-    and 2 attention products per layer plus the head (online Hadamard rotations are extra MatMuls; a
-    GroupQueryAttention layer has no attention MatMuls)."""
+    and 2 attention products per layer plus the head, less the ``fused`` ones that share a MatMul (online Hadamard
+    rotations are extra MatMuls; a GroupQueryAttention layer has no attention MatMuls)."""
     ops = {n.op_type for n in graph}
     unknown = sorted(ops - KNOWN_OPS)
     matmuls = sum(1 for n in graph if n.op_type == "MatMul")
     attention_matmuls = 0 if "GroupQueryAttention" in ops else 2
-    expected = (7 + attention_matmuls) * n_layers + 1
+    expected = (7 + attention_matmuls) * n_layers + 1 - fused
     if unknown or matmuls != expected:
         what = f"ops {', '.join(unknown)}" if unknown else f"{matmuls - expected} extra MatMuls"
         raise QCompileError(f"the graph has run-time rewrites the CUDA runtime does not map yet ({what}: online "

@@ -78,6 +78,23 @@ def test_runs_a_group_query_attention_export(tiny_model_dirs, tmp_path):
     assert r.notes == [] and r.generate(PROMPTS[0], 6) == ort.generate(PROMPTS[0], 6)
 
 
+@pytest.mark.parametrize("attention", ["standard", "gqa"])
+def test_runs_a_fused_projection_export(tiny_model_dirs, tmp_path, attention):
+    """export.fuse_projections: q|k|v and gate|up as one weight each (a Split after them, or q|k|v packed into
+    GroupQueryAttention); the runner slices them back and computes what ORT does. Qwen2: with q/k/v biases."""
+    from qcompile.cli import main
+
+    out = tmp_path / "fused"
+    assert main(["export", str(tiny_model_dirs["qwen2"]), "-o", str(out), "--recipe", "w4a16-g64-rtn", "--group-size",
+                 "16", "--set", f"export.attention={attention}", "--set", "export.fuse_projections=true"]) == 0
+    w = load_exported(out)
+    q, k, v = (w.layers[1].linears[r] for r in ("q", "k", "v"))
+    assert q.shape == (64, 64) and k.shape == v.shape == (64, 32) and q.bias.shape == (64,) and q.zero is not None
+    r = runner(out)
+    ort = OrtCausalLM.from_dir(out, accuracy_level=1)
+    assert r.notes == [] and r.generate(PROMPTS[0], 6) == ort.generate(PROMPTS[0], 6)
+
+
 def test_reads_the_graph(exported):
     w = load_exported(exported["qwen3"])
     assert (w.num_heads, w.num_kv_heads, w.head_dim, len(w.layers)) == (4, 2, 16, 2)
