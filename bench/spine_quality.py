@@ -74,7 +74,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # the CQE+ recipes with the engine's default learning rates (clipping 1e-2, singular values 1e-3), 5x lower
     # than the recipes' (first measured as cqe-w4/cqe-w3 in bench/results/learned_a.json, before the change)
     **{f"cqe-lr1x-w{b}": (f"w{b}a16-g64-cqe", ["sde.lr_clip=0.01", "sde.lr_adjust=0.001"]) for b in (4, 3, 2)},
-    "dlqat-w4": ("w4a16-g64-dlqat", []),
+    "dlqat-w4": ("w4a16-g64-dlqat", []),  # 3 epochs since the e3 run below; was 2
+    "dlqat-e2-w4": ("w4a16-g64-dlqat", ["dlqat.epochs=2"]),
     "dlqat-w3": ("w3a16-g64-dlqat", []),
     "dlqat-e3-w4": ("w4a16-g64-dlqat", ["dlqat.epochs=3"]),
     "cqe-dlqat-w3": ("w3a16-g64-cqe-dlqat", []),
