@@ -164,6 +164,9 @@ def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, q_out
     if ROPE:
         cos = tl.load(cos_ptr + pos * H2 + half)
         sin = tl.load(sin_ptr + pos * H2 + half)
+    else:  # store_kv (no query heads, NH = 0: the query branch below is still compiled)
+        cos = tl.full((H2,), 1.0, tl.float32)
+        sin = tl.zeros((H2,), tl.float32)
     base = qkv_ptr + row * stride_qkv
     if head < NH:
         x1 = tl.load(base + head * D + half).to(tl.float32)

@@ -12,6 +12,25 @@ store -> attention -> o_proj (+ residual in the epilogue) -> RMSNorm -> gate|up 
 ``silu(gate) * up`` in its prologue (+ residual). Decode (batch 1) is captured once as a CUDA graph: the token,
 position and length live in device tensors that the graph itself advances, so a step is one replay. Prefill runs
 eagerly (GEMM kernels, PyTorch SDPA over the prompt).
+
+Run-time rewrites (``graph.runtime_quant``: the rotation / activation / KV-cache recipes such as w8a8, w4a8,
+w4a4kv4, w3a3-g64 and their learned variants) are matched node by node in the graph (``runtime.triton.rewrites``)
+and checked against ``qcompile.json``'s ``runtime_quantization``; every constant comes from the graph:
+
+* a linear's input rewrites run before its kernel: online Hadamard R4 (``hadamard.hadamard_transform`` with the
+  graph's base matrix, non-power-of-two orders included), then per-token fake quantization
+  (``act_quant.fake_quantize``: 2-8 bits, sym/asym, per token or grouped, clip ratio; the graph's arithmetic, bit
+  for bit). A symmetric 4/8-bit per-token input to an 8-bit weight (per channel or groups of 32k) takes the int8
+  GEMM instead (``w8a8.quantize_rows`` + ``int_linear``: the same products, summed exactly);
+* R3: queries and keys after RoPE get the head-size Hadamard before the cache store (``rope_store(store=False)``,
+  then ``store_kv``) and before attention;
+* the KV cache holds what the graph writes into ``present.*``: 8- or 4-bit codes per token per head (sym/asym,
+  clip ratio) from position P on, float before it (P is the graph's; ``float_prefix`` cannot change it); decode
+  attends over the codes (``kv_attention.decode_attention``), prefill over the fake-quantized keys/values. Other
+  cache layouts (groups within a head, 2/3 bits) are refused with one error.
+
+Anything else (an op the exporter does not write, a MatMul beyond the linears, attention and the mapped
+rotations) is refused: such graphs run on ONNX Runtime (``--device cpu``).
 """
 
 from __future__ import annotations
