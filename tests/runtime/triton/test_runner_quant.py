@@ -244,3 +244,69 @@ def test_group_query_attention_with_fused_projections(tiny_model_dirs, tmp_path)
     assert w.layers[0].r3 is not None and w.kv_quant.bits == 8
     assert w.layers[0].linears["q"].input_steps == w.layers[0].linears["v"].input_steps != ()
     check_against_ort(tmp_path / "gqa", runner(tmp_path / "gqa"), bits=8, new_tokens=3)
+
+
+# -- GPU ------------------------------------------------------------------------------------------------------
+
+
+def prompt_set(vocab, n=4, seed=0):
+    g = np.random.default_rng(seed)
+    return [[1, *g.integers(3, vocab, size=int(g.integers(4, 20))).tolist()] for _ in range(n)]
+
+
+def same_greedy(ort, r, ids, n, tie_tol) -> bool:
+    """As test_runner.same_greedy: equal greedy tokens, or a divergence where ORT's own logits nearly tie."""
+    ours, ref = r.generate(ids, n), ort.generate(ids, n)
+    if ours == ref:
+        return True
+    i = next(j for j, (a, b) in enumerate(zip(ours, ref)) if a != b)
+    logits = ort.logits(np.array([ids + ref[:i]]))[0, -1]
+    margin = float(logits[ref[i]] - logits[ours[i]])
+    assert margin < tie_tol, f"prompt {ids}: step {i} picked {ours[i]} over ORT's {ref[i]} (margin {margin:.3g})"
+    return False
+
+
+@pytest.fixture(scope="module")
+def larger_quant_exports(tmp_path_factory):
+    """Llama-shaped: head_dim 64 (tensor-core decode attention), R4 of order 768 = 12 x 64 (the 2-D kernel)."""
+    from tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("larger-quant")
+    src = make_tiny_model("llama", root / "src", hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2)
+    out = {}
+    for name, steps in {
+        "w8a8": base(False) + [("rtn", dict(bits=8, symmetric=True, group_size=None)),
+                               ("act_quant", dict(bits=8, symmetric=True))],
+        "w4a4kv4": base() + [("rtn", dict(bits=4, group_size=64)), ("act_quant", dict(bits=4, symmetric=False)),
+                             ("kv_quant", dict(bits=4, prefix=4))],
+    }.items():
+        h = load(src)
+        r = recipe(*steps)
+        run_passes(h, r)
+        export(h, root / name, r)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["w8a8", "w4a4kv4"])
+def test_gpu_greedy_tokens_and_graph_decode(larger_quant_exports, name):
+    """fp32 (IEEE dots): ORT's greedy tokens, a divergence only at a near tie; the captured decode step computes
+    what the eager one does; fp16 runs (its rounding flips 4-bit quantizers far more often: not compared)."""
+    folder = larger_quant_exports[name]
+    ort = OrtCausalLM.from_dir(folder, accuracy_level=1)
+    r32 = runner(folder, max_seq_len=128)
+    assert r32.notes == [] and (name != "w8a8" or r32.integer_linears)
+    matched = [same_greedy(ort, r32, ids, 24, 1e-3) for ids in prompt_set(320, seed=3)]
+    assert sum(matched) >= len(matched) - 1
+    eager = runner(folder, max_seq_len=128, cuda_graph=False)
+    assert r32._graph is not None and eager._graph is None
+    for ids in prompt_set(320, seed=4)[:2]:
+        r32.prefill(ids)
+        eager.prefill(ids)
+        for t in (5, 77, 300):
+            a, b = r32.decode(t), eager.decode(t)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())
+    r16 = runner(folder, dtype=torch.float16, max_seq_len=128)
+    assert len(r16.generate(prompt_set(320, seed=5)[0], 8)) == 8
