@@ -246,6 +246,29 @@ def test_group_query_attention_with_fused_projections(tiny_model_dirs, tmp_path)
     check_against_ort(tmp_path / "gqa", runner(tmp_path / "gqa"), bits=8, new_tokens=3)
 
 
+def test_linears_with_different_input_quantizers_run_side_by_side(device):
+    """q/k/v whose inputs are quantized differently (e.g. learned clip ratios per linear): one prologue each,
+    outputs concatenated, each equal to its own fake-quantized input times its weight."""
+    from types import SimpleNamespace
+
+    from qcompile.quant.activations import TokenQuantSpec, fake_quantize_tokens
+    from qcompile.runtime.triton.runner import ExportedLinear, _Concat
+
+    g = np.random.default_rng(0)
+    specs = [TokenQuantSpec(4, False, None, 0.9), TokenQuantSpec(4, False, None, 0.9), TokenQuantSpec(8, True)]
+    parts = [ExportedLinear(qweight=g.integers(0, 16, (64, n)).astype(np.int16),
+                            scale=(g.random((4, n)) * 0.02 + 0.01).astype(np.float32),
+                            zero=g.integers(4, 12, (4, n)).astype(np.int16), bits=4, input_steps=(spec,))
+             for n, spec in zip((64, 32, 32), specs)]
+    owner = SimpleNamespace(device=torch.device(device), dtype=torch.float32, notes=[], integer_linears=[])
+    mod = TritonCausalLM._linear(owner, parts, "qkv")
+    assert isinstance(mod, _Concat) and len(mod.parts) == 2 and owner.notes == []
+    x = torch.randn(5, 64) * 3
+    got = mod(x.to(device)).cpu()
+    ref = torch.cat([fake_quantize_tokens(x, p.input_steps[0]) @ torch.from_numpy(p.dequantize()) for p in parts], -1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 # -- GPU ------------------------------------------------------------------------------------------------------
 
 
