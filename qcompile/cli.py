@@ -312,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: ONNX Runtime; cuda: qcompile's Triton kernels on an NVIDIA GPU")
-    p.add_argument("--kv-bits", type=int, choices=[16, 8, 4], default=16,
-                   help="KV cache bits with --device cuda (the system prompt's keys/values stay float)")
+    p.add_argument("--kv-bits", type=int, choices=[16, 8, 4], default=None,
+                   help="KV cache bits with --device cuda (the system prompt's keys/values stay float); default: the "
+                        "graph's own (16 unless the recipe quantizes the KV cache, whose layout it fixes)")
     common_ort(p)
     p.set_defaults(func=cmd_run)
 

@@ -10,7 +10,9 @@ Modules (each kernel module has its pure-torch reference in ``reference``):
 * ``wq_matmul``    weight-only int4/int8 split-K GEMV (decode) and tiled GEMM (prefill);
 * ``w8a8``         per-token activation quantization and int8 tensor-core GEMM (W8A8, W4A4);
 * ``hadamard``     online Walsh-Hadamard transform, 2^k and m*2^k orders;
+* ``act_quant``    per-token fake quantization of activations (the graph's quantizer, bit for bit);
 * ``kv_attention`` RoPE + quantized KV-cache store, split-K decode attention with a float prefix;
+* ``rewrites``     the graph's run-time rewrites (online Hadamard, activation / KV quantization) read back;
 * ``runner``       ``TritonCausalLM``: an exported folder on the GPU, static KV cache, CUDA-graph decode.
 
 Triton is imported only by the kernel modules, so ``import qcompile`` (and the ORT runtime) never needs it.

@@ -72,7 +72,7 @@ def _ptr(dtype):
 
 def cases(all_configs: bool):
     """(label, fn, types, consts, ints, warps, stages) for every kernel variant the runtime launches."""
-    from qcompile.runtime.triton import hadamard, kv_attention, norm, w8a8, wq_matmul
+    from qcompile.runtime.triton import act_quant, hadamard, kv_attention, norm, w8a8, wq_matmul
     from qcompile.runtime.triton.packing import PackedIntWeight
 
     sms = 132
@@ -109,6 +109,16 @@ def cases(all_configs: bool):
                                 yield (f"gemm {act_dt} int{bits} g{group} {n}x{k} {cfg}", wq_matmul._gemm_kernel,
                                        types, consts, dict(N=n, K=k, stride_xm=k, stride_rm=n, stride_om=n),
                                        cfg.get("num_warps", 4), cfg.get("num_stages", 2))
+
+    for k, group in ((4096, None), (14336, None), (4096, 64), (4096, 128)):
+        for dt in ("fp16", "fp32"):
+            for sym in (True, False):
+                g = group or k
+                block = 1 << (g - 1).bit_length()
+                yield (f"fake_quant {dt} G={g} sym={sym}", act_quant._fake_quant_kernel,
+                       dict(x_ptr=_ptr(dt), y_ptr=_ptr(dt), G="i32", clip="fp32"),
+                       dict(QMAX=7 if sym else 15, SYM=sym, BLOCK=block), dict(G=g),
+                       4 if block <= 2048 else 8 if block <= 8192 else 16, 2)
 
     for k in (4096, 14336):
         for normed in (False, True):
@@ -168,8 +178,21 @@ def cases(all_configs: bool):
                                 vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*fp32",
                                 vs_ptr="*fp32", vz_ptr="*fp32", prefix_ptr="*i32", T="i32", stride_qkv="i32",
                                 eps="fp32", PCAP="i32", SMAX="i32", clip="fp32"),
-                           dict(NH=32, NKV=8, D=d, KV_BITS=kv_bits, KV_SYM=sym, QK_NORM=qk_norm, OUT_KV=qk_norm),
+                           dict(NH=32, NKV=8, D=d, KV_BITS=kv_bits, KV_SYM=sym, QK_NORM=qk_norm, OUT_KV=qk_norm,
+                                ROPE=True, STORE=True),
                            dict(stride_qkv=48 * d), 1 if d <= 64 else 2, 2)
+                # R3: RoPE without the store, then store_kv (the rotated keys, no RoPE, no query heads)
+                for label, nh, rope, store, out_kv in (("rope only", 32, True, False, True),
+                                                       ("store_kv", 0, False, True, False)):
+                    yield (f"rope_store {label} {dt} D={d} kv{kv_bits}", kv_attention._rope_store_kernel,
+                           dict(qkv_ptr=_ptr(dt), pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", qn_ptr="*fp32",
+                                kn_ptr="*fp32", q_out=_ptr(dt), k_out=_ptr(dt), v_out=_ptr(dt), kf_ptr=_ptr(dt),
+                                vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*fp32",
+                                vs_ptr="*fp32", vz_ptr="*fp32", prefix_ptr="*i32", T="i32", stride_qkv="i32",
+                                eps="fp32", PCAP="i32", SMAX="i32", clip="fp32"),
+                           dict(NH=nh, NKV=8, D=d, KV_BITS=kv_bits, KV_SYM=sym, QK_NORM=False, OUT_KV=out_kv,
+                                ROPE=rope, STORE=store),
+                           dict(stride_qkv=(nh + 16) * d), 1 if d <= 64 else 2, 2)
                 g = 4
                 # every configuration decode_candidates offers for this dtype (the tuner may pick any of them)
                 for cfg in kv_attention.decode_candidates(1, 8, 32768, "cpu", dt == "fp32", d):  # splits: not compiled in
@@ -195,9 +218,13 @@ def cases(all_configs: bool):
 def small_cases():
     """The tiny shapes the tests (and tiny models) launch on a GPU: non-dot attention (head_dim 16), batched GEMV
     tiles, padded Hadamard sizes."""
-    from qcompile.runtime.triton import hadamard, kv_attention, wq_matmul
+    from qcompile.runtime.triton import act_quant, hadamard, kv_attention, wq_matmul
 
     for dt in ("fp32", "fp16"):
+        for g, sym in ((16, False), (96, True), (192, False)):
+            yield (f"fake_quant {dt} G={g} sym={sym} small", act_quant._fake_quant_kernel,
+                   dict(x_ptr=_ptr(dt), y_ptr=_ptr(dt), G="i32", clip="fp32"),
+                   dict(QMAX=7 if sym else 15, SYM=sym, BLOCK=1 << (g - 1).bit_length()), {}, 4, 2)
         for d, g, use_dot in ((16, 2, False), (16, 3, False), (32, 3, True)):
             for kv_bits in (16, 8, 4):
                 gp = max(16, 1 << (g - 1).bit_length()) if use_dot else 1 << (g - 1).bit_length()
@@ -229,7 +256,17 @@ def small_cases():
                     kn_ptr=_ptr(dt), q_out=_ptr(dt), k_out=_ptr(dt), v_out=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt),
                     kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32",
                     prefix_ptr="*i32", T="i32", stride_qkv="i32", eps="fp32", PCAP="i32", SMAX="i32", clip="fp32"),
-               dict(NH=4, NKV=2, D=16, KV_BITS=4, KV_SYM=False, QK_NORM=True, OUT_KV=True), {}, 1, 2)
+               dict(NH=4, NKV=2, D=16, KV_BITS=4, KV_SYM=False, QK_NORM=True, OUT_KV=True, ROPE=True, STORE=True),
+               {}, 1, 2)
+        for label, nh, rope, store, out_kv in (("rope only", 4, True, False, True), ("store_kv", 0, False, True, False)):
+            yield (f"rope_store {label} {dt} D=16 small", kv_attention._rope_store_kernel,
+                   dict(qkv_ptr=_ptr(dt), pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", qn_ptr=_ptr(dt),
+                        kn_ptr=_ptr(dt), q_out=_ptr(dt), k_out=_ptr(dt), v_out=_ptr(dt), kf_ptr=_ptr(dt),
+                        vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32",
+                        vz_ptr="*fp32", prefix_ptr="*i32", T="i32", stride_qkv="i32", eps="fp32", PCAP="i32",
+                        SMAX="i32", clip="fp32"),
+                   dict(NH=nh, NKV=2, D=16, KV_BITS=8, KV_SYM=True, QK_NORM=False, OUT_KV=out_kv, ROPE=rope,
+                        STORE=store), {}, 1, 2)
 
 
 def main(argv=None) -> int:

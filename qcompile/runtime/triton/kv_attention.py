@@ -153,15 +153,20 @@ def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, q_out
                        kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, prefix_ptr,
                        T, stride_qkv, eps, PCAP, SMAX, clip,
                        NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, KV_BITS: tl.constexpr,
-                       KV_SYM: tl.constexpr, QK_NORM: tl.constexpr, OUT_KV: tl.constexpr):
+                       KV_SYM: tl.constexpr, QK_NORM: tl.constexpr, OUT_KV: tl.constexpr,
+                       ROPE: tl.constexpr = True, STORE: tl.constexpr = True):
     H2: tl.constexpr = D // 2
     row = tl.program_id(0)
     head = tl.program_id(1)
     b = row // T
     pos = tl.load(pos_ptr + row)
     half = tl.arange(0, H2)
-    cos = tl.load(cos_ptr + pos * H2 + half)
-    sin = tl.load(sin_ptr + pos * H2 + half)
+    if ROPE:
+        cos = tl.load(cos_ptr + pos * H2 + half)
+        sin = tl.load(sin_ptr + pos * H2 + half)
+    else:  # store_kv (no query heads, NH = 0: the query branch below is still compiled)
+        cos = tl.full((H2,), 1.0, tl.float32)
+        sin = tl.zeros((H2,), tl.float32)
     base = qkv_ptr + row * stride_qkv
     if head < NH:
         x1 = tl.load(base + head * D + half).to(tl.float32)
@@ -179,8 +184,12 @@ def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, q_out
         v2 = tl.load(base + (NH + NKV + kvh) * D + H2 + half).to(tl.float32)
         if QK_NORM:
             k1, k2 = _rms(k1, k2, kn_ptr, half, eps, D)
-        r1 = k1 * cos - k2 * sin
-        r2 = k2 * cos + k1 * sin
+        if ROPE:
+            r1 = k1 * cos - k2 * sin
+            r2 = k2 * cos + k1 * sin
+        else:  # store_kv: keys that are already rotated (and R3-transformed)
+            r1 = k1
+            r2 = k2
         if OUT_KV:
             kv_off = (row * NKV + kvh) * D
             tl.store(k_out + kv_off + half, r1.to(k_out.dtype.element_ty))
@@ -188,15 +197,16 @@ def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, q_out
             tl.store(v_out + kv_off + half, v1.to(v_out.dtype.element_ty))
             tl.store(v_out + kv_off + H2 + half, v2.to(v_out.dtype.element_ty))
         slot = b * NKV + kvh
-        if KV_BITS == 16:
-            _store_float(r1, r2, v1, v2, kf_ptr, vf_ptr, (slot * PCAP + pos) * D, half, D)
-        else:
-            if pos < tl.load(prefix_ptr + b):
+        if STORE:
+            if KV_BITS == 16:
                 _store_float(r1, r2, v1, v2, kf_ptr, vf_ptr, (slot * PCAP + pos) * D, half, D)
             else:
-                idx = slot * SMAX + pos
-                _kv_quant_store(r1, r2, kq_ptr, ks_ptr, kz_ptr, idx, half, clip, D, KV_BITS, KV_SYM)
-                _kv_quant_store(v1, v2, vq_ptr, vs_ptr, vz_ptr, idx, half, clip, D, KV_BITS, KV_SYM)
+                if pos < tl.load(prefix_ptr + b):
+                    _store_float(r1, r2, v1, v2, kf_ptr, vf_ptr, (slot * PCAP + pos) * D, half, D)
+                else:
+                    idx = slot * SMAX + pos
+                    _kv_quant_store(r1, r2, kq_ptr, ks_ptr, kz_ptr, idx, half, clip, D, KV_BITS, KV_SYM)
+                    _kv_quant_store(v1, v2, vq_ptr, vs_ptr, vz_ptr, idx, half, clip, D, KV_BITS, KV_SYM)
 
 
 @triton.jit
@@ -369,10 +379,11 @@ def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, NUM_SPLITS, SP: tl.constexp
 def rope_store(qkv: torch.Tensor, positions: torch.Tensor, tokens_per_seq: int, cos: torch.Tensor,
                sin: torch.Tensor, cache: KVCache, prefix: torch.Tensor, num_heads: int, num_kv_heads: int, *,
                q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
-               out_kv: bool = False):
+               out_kv: bool = False, store: bool = True):
     """qkv [B*T, (Hq + 2 Hkv) * D] (rows b*T + t) at ``positions`` [B*T] int32 -> q [B*T, Hq, D] after (q-norm and)
     RoPE; k/v are written into ``cache`` (float below ``prefix[b]``, quantized from there). With ``out_kv`` also
-    returns the float k (after RoPE) and v [B*T, Hkv, D], what prefill attention reads."""
+    returns the float k (after RoPE) and v [B*T, Hkv, D], what prefill attention reads. ``store=False`` leaves the
+    cache alone (with ``out_kv``: RoPE only, for a transform such as R3 before ``store_kv``)."""
     rows = qkv.shape[0]
     d = cache.head_dim
     if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * d or qkv.stride(1) != 1:
@@ -385,8 +396,27 @@ def rope_store(qkv: torch.Tensor, positions: torch.Tensor, tokens_per_seq: int, 
         qkv, positions, cos, sin, q_norm if q_norm is not None else cos, k_norm if k_norm is not None else cos,
         q, k, v, cache.k_float, cache.v_float, cache.k_q, cache.v_q, cache.k_scale, cache.k_zero, cache.v_scale,
         cache.v_zero, prefix, tokens_per_seq, qkv.stride(0), float(eps), cache.prefix_capacity, cache.max_len,
-        cache.clip_ratio, NH=num_heads, NKV=num_kv_heads, D=d, KV_BITS=cache.bits, KV_SYM=cache.symmetric, QK_NORM=q_norm is not None, OUT_KV=out_kv, **opts)
+        cache.clip_ratio, NH=num_heads, NKV=num_kv_heads, D=d, KV_BITS=cache.bits, KV_SYM=cache.symmetric, QK_NORM=q_norm is not None, OUT_KV=out_kv,
+        STORE=store, **opts)
     return (q, k, v) if out_kv else q
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, tokens_per_seq: int, cache: KVCache,
+             prefix: torch.Tensor) -> None:
+    """Write keys and values that are ready as they are (after RoPE and any online rotation such as R3) into
+    ``cache``: k/v [B*T, Hkv, D] at ``positions`` [B*T] int32, float below ``prefix[b]``, quantized from there
+    (``rope_store``'s store, without the rotation)."""
+    rows, hkv, d = k.shape
+    if v.shape != k.shape or d != cache.head_dim or hkv != cache.kv_heads:
+        raise ValueError(f"k/v {tuple(k.shape)}, {tuple(v.shape)} do not fit a cache of {cache.kv_heads} heads of "
+                         f"{cache.head_dim}")
+    kv = torch.cat([k.reshape(rows, hkv * d), v.reshape(rows, hkv * d)], 1)
+    opts = {} if interpreting() else {"num_warps": 1 if d <= 64 else 2}
+    _rope_store_kernel[(rows, hkv)](
+        kv, positions, kv, kv, kv, kv, kv, kv, kv, cache.k_float, cache.v_float, cache.k_q, cache.v_q,
+        cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero, prefix, tokens_per_seq, kv.stride(0), 0.0,
+        cache.prefix_capacity, cache.max_len, cache.clip_ratio, NH=0, NKV=hkv, D=d, KV_BITS=cache.bits,
+        KV_SYM=cache.symmetric, QK_NORM=False, OUT_KV=False, ROPE=False, STORE=True, **opts)
 
 
 def decode_warps(head_dim: int, fp32: bool) -> int:

@@ -12,6 +12,25 @@ store -> attention -> o_proj (+ residual in the epilogue) -> RMSNorm -> gate|up 
 ``silu(gate) * up`` in its prologue (+ residual). Decode (batch 1) is captured once as a CUDA graph: the token,
 position and length live in device tensors that the graph itself advances, so a step is one replay. Prefill runs
 eagerly (GEMM kernels, PyTorch SDPA over the prompt).
+
+Run-time rewrites (``graph.runtime_quant``: the rotation / activation / KV-cache recipes such as w8a8, w4a8,
+w4a4kv4, w3a3-g64 and their learned variants) are matched node by node in the graph (``runtime.triton.rewrites``)
+and checked against ``qcompile.json``'s ``runtime_quantization``; every constant comes from the graph:
+
+* a linear's input rewrites run before its kernel: online Hadamard R4 (``hadamard.hadamard_transform`` with the
+  graph's base matrix, non-power-of-two orders included), then per-token fake quantization
+  (``act_quant.fake_quantize``: 2-8 bits, sym/asym, per token or grouped, clip ratio; the graph's arithmetic, bit
+  for bit). A symmetric 4/8-bit per-token input to an 8-bit weight (per channel or groups of 32k) takes the int8
+  GEMM instead (``w8a8.quantize_rows`` + ``int_linear``: the same products, summed exactly);
+* R3: queries and keys after RoPE get the head-size Hadamard before the cache store (``rope_store(store=False)``,
+  then ``store_kv``) and before attention;
+* the KV cache holds what the graph writes into ``present.*``: 8- or 4-bit codes per token per head (sym/asym,
+  clip ratio) from position P on, float before it (P is the graph's; ``float_prefix`` cannot change it); decode
+  attends over the codes (``kv_attention.decode_attention``), prefill over the fake-quantized keys/values. Other
+  cache layouts (groups within a head, 2/3 bits) are refused with one error.
+
+Anything else (an op the exporter does not write, a MatMul beyond the linears, attention and the mapped
+rotations) is refused: such graphs run on ONNX Runtime (``--device cpu``).
 """
 
 from __future__ import annotations
@@ -30,11 +49,13 @@ import torch.nn.functional as F
 from qcompile.errors import QCompileError
 from qcompile.graph.fuse_projections import SEPARATOR, member_names
 from qcompile.runtime.triton._env import check_device, require_triton
+from qcompile.runtime.triton.rewrites import FloatPrefix, Hadamard, Rewrites, Step, const_value, describe
 
 MODEL_FILE = "model.onnx"
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
-# every op the exporter (export.onnx_builder) and the weight pass (graph.weight_qdq) write; anything else is a
-# rewrite this runner does not map (e.g. activation or KV-cache fake quantization)
+# every op the exporter (export.onnx_builder) and the weight pass (graph.weight_qdq) write; the run-time rewrites
+# of graph.runtime_quant (online Hadamard, activation and KV fake quantization, the KV float prefix) are matched
+# node by node (runtime.triton.rewrites) and mapped; any other node is refused
 KNOWN_OPS = {"Cast", "Constant", "Unsqueeze", "Mul", "Concat", "Cos", "Sin", "Shape", "Gather", "Sub", "Range",
              "LessOrEqual", "Greater", "And", "Where", "ReduceMean", "Add", "Sqrt", "Reciprocal", "MatMul", "Reshape",
              "Transpose", "Split", "Neg", "Softmax", "Sigmoid", "DequantizeLinear",
@@ -57,6 +78,9 @@ class ExportedLinear:
     zero: np.ndarray | None = None
     bits: int | None = None
     bias: np.ndarray | None = None
+    # what the graph computes on the input before this linear's MatMul, in order: an online Hadamard (R4), then
+    # per-token fake quantization (a TokenQuantSpec); () for a plain input
+    input_steps: tuple[Step, ...] = ()
 
     @property
     def quantized(self) -> bool:
@@ -79,7 +103,7 @@ class ExportedLinear:
             return None if a is None else np.ascontiguousarray(np.asarray(a)[..., lo:hi])
 
         return ExportedLinear(weight=cut(self.weight), qweight=cut(self.qweight), scale=cut(self.scale),
-                              zero=cut(self.zero), bits=self.bits, bias=cut(self.bias))
+                              zero=cut(self.zero), bits=self.bits, bias=cut(self.bias), input_steps=self.input_steps)
 
     def dequantize(self) -> np.ndarray:
         """float32 [in, out]: the weight ORT's DequantizeLinear produces."""
@@ -101,6 +125,7 @@ class LayerWeights:
     post_attn_norm: np.ndarray | None = None
     q_norm: np.ndarray | None = None
     k_norm: np.ndarray | None = None
+    r3: Hadamard | None = None  # online rotation of queries and keys after RoPE (before the K cache)
 
 
 @dataclass
@@ -120,22 +145,17 @@ class ModelWeights:
     sliding_window: int | None = None
     max_position: int = 4096
     has_qk_norm: bool = False
+    # the graph's KV-cache quantization (per token per head over head_dim) of positions >= kv_prefix; None: float
+    kv_quant: object | None = None  # TokenQuantSpec
+    kv_prefix: int = 0
+    head_input_steps: tuple[Step, ...] = ()  # the lm_head's input rewrites when the head is tied (else on lm_head)
 
     @property
     def hidden_size(self) -> int:
         return self.embed.shape[1]
 
 
-def _const(value) -> np.ndarray | None:
-    """The numpy value of an initializer or a Constant node's output, else None."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        return node.attributes["value"].value.numpy()
-    return None
+_const = const_value
 
 
 def load_exported(folder: str | os.PathLike) -> ModelWeights:
@@ -189,6 +209,7 @@ def load_exported(folder: str | os.PathLike) -> ModelWeights:
     # export.fuse_projections: one weight for q|k|v (gate|up), sliced back per member here (the modules below
     # concatenate them again); the widths come from the Split after it, or GroupQueryAttention's packed input
     fused_parts: dict[str, ExportedLinear] = {}
+    fused_of: dict[str, str] = {}  # member linear -> the fused linear whose MatMul computes it
     fused_groups = 0
     for name in [n for n in inits if SEPARATOR in n and n.endswith((".weight", ".weight_q"))]:
         base = name.removesuffix("_q").removesuffix(".weight")
@@ -197,7 +218,19 @@ def load_exported(folder: str | os.PathLike) -> ModelWeights:
         widths = _fused_widths(graph, inits, base, whole.shape[1], len(members))
         for member, lo, hi in zip(members, np.cumsum([0, *widths[:-1]]), np.cumsum(widths)):
             fused_parts[member] = whole.columns(int(lo), int(hi))
+            fused_of[member] = base
         fused_groups += len(members) - 1
+
+    def matmul_of(base: str):
+        base = fused_of.get(base, base)
+        node = dq_nodes.get(f"{base}.weight_q")
+        w = node.outputs[0] if node is not None else graph.initializers.get(f"{base}.weight")
+        users = [n for n, _ in w.uses() if n.op_type == "MatMul"] if w is not None else []
+        if len(users) != 1:
+            raise QCompileError(f"{base}: expected one MatMul reading its weight, found {len(users)}")
+        return users[0]
+
+    rewrites = Rewrites()  # collects the nodes of every run-time rewrite mapped below
 
     q_path = adapter.linear_paths["q"]
     pattern = re.compile(rf"^(.*)\.(\d+)\.{re.escape(q_path)}\.(weight|weight_q)$")
@@ -208,23 +241,32 @@ def load_exported(folder: str | os.PathLike) -> ModelWeights:
     prefix = found[0][0]
     n_layers = max(i for _, i in found) + 1
     layers = []
+    kv_layers = []
     for i in range(n_layers):
         base = f"{prefix}.{i}"
         linears = {}
         for role in ROLES:
-            lin = linear(f"{base}.{adapter.linear_paths[role]}")
+            name = f"{base}.{adapter.linear_paths[role]}"
+            lin = linear(name)
             if lin is None:
                 raise QCompileError(f"layer {i}: no weight for {adapter.linear_paths[role]} in the graph")
+            lin.input_steps = _linear_steps(name, rewrites.chain(matmul_of(name).inputs[0])[1])
             linears[role] = lin
+        r3, kv_spec, kv_prefix = _kv_rewrites(rewrites, graph, i)
+        kv_layers.append((kv_spec, kv_prefix))
         layers.append(LayerWeights(
             linears=linears,
             input_norm=optional(f"{base}.{adapter.input_norm_path}.weight"),
             post_attn_norm=optional(f"{base}.{adapter.post_attn_norm_path}.weight"),
             q_norm=optional(f"{base}.{adapter.q_norm_path}.weight") if adapter.q_norm_path else None,
             k_norm=optional(f"{base}.{adapter.k_norm_path}.weight") if adapter.k_norm_path else None,
+            r3=r3,
         ))
-
-    _check_mapped(graph, n_layers, fused_groups)
+    if len(set(kv_layers)) > 1:
+        raise QCompileError("the layers quantize their KV caches differently (" + ", ".join(
+            f"layer {i}: {'float' if s is None else s.describe()} prefix {p}" for i, (s, p) in enumerate(kv_layers))
+            + "); the CUDA runtime needs one cache layout")
+    kv_spec, kv_prefix = kv_layers[0] if kv_layers else (None, 0)
 
     # embeddings: the Gather reading input_ids; head and final norm: what produces the logits
     gather = next((n for n in graph if n.op_type == "Gather" and n.inputs[1].name == "input_ids"), None)
@@ -241,6 +283,8 @@ def load_exported(folder: str | os.PathLike) -> ModelWeights:
     if node.op_type != "MatMul":
         raise QCompileError(f"the logits come from {node.op_type}, expected the lm_head MatMul")
     h_in, w_in = node.inputs
+    h_in, head_steps = rewrites.chain(h_in)
+    head_steps = _linear_steps("lm_head", head_steps)
     w_node = w_in.producer()
     if w_node is not None and w_node.op_type == "Transpose" and w_node.inputs[0].name == embed_name:
         lm_head = None
@@ -253,6 +297,9 @@ def load_exported(folder: str | os.PathLike) -> ModelWeights:
                             "DequantizeLinear output")
     if lm_head is not None and head_bias is not None:
         lm_head.bias = np.asarray(head_bias, np.float32)
+    if lm_head is not None:
+        lm_head.input_steps = head_steps
+    _check_mapped(graph, n_layers, fused_groups, rewrites.nodes)
     final_norm = None
     h_node = h_in.producer()
     if h_node is not None and h_node.op_type == "Mul":
@@ -288,12 +335,134 @@ def load_exported(folder: str | os.PathLike) -> ModelWeights:
         window = None
     if 2 * inv_freq.size != head_dim:
         raise QCompileError(f"rope has {inv_freq.size} frequencies for head_dim {head_dim}")
-    return ModelWeights(
+    weights = ModelWeights(
         num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=head_dim,
         rms_eps=float(cfg["rms_norm_eps"]), inv_freq=inv_freq, embed=embed, lm_head=lm_head, layers=layers,
         final_norm=final_norm, rope_scaling=rope_scaling, sliding_window=window,
         max_position=int(cfg.get("max_position_embeddings") or 4096), has_qk_norm=adapter.q_norm_path is not None,
+        kv_quant=kv_spec, kv_prefix=kv_prefix, head_input_steps=head_steps if lm_head is None else (),
     )
+    _check_metadata(folder, weights)
+    return weights
+
+
+def _linear_steps(name: str, steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    """A linear's input rewrites, if they are what graph.runtime_quant writes: [online Hadamard] [fake quant]."""
+    from qcompile.quant.activations import TokenQuantSpec
+
+    kinds = tuple(type(s) for s in steps)
+    if kinds not in ((), (TokenQuantSpec,), (Hadamard,), (Hadamard, TokenQuantSpec)):
+        raise QCompileError(f"{name}: its input goes through {describe(steps)}, not a layout the CUDA runtime maps "
+                            "(an online Hadamard, then per-token quantization); run this graph on ONNX Runtime "
+                            "(--device cpu)")
+    return steps
+
+
+def _attention_inputs(graph, i: int):
+    """(q, k, v) as attention reads them in layer ``i`` (after any R3 / KV rewrite), or None where the graph
+    has no separate q/k/v values (GroupQueryAttention applying RoPE itself: nothing to rewrite there)."""
+    outputs = {v.name: v for v in graph.outputs}
+    pk, pv = outputs.get(f"present.{i}.key"), outputs.get(f"present.{i}.value")
+    node = pk.producer() if pk is not None else None
+    try:
+        if node is not None and node.op_type == "Concat":
+            k, v = node.inputs[1], pv.producer().inputs[1]
+            trans = next(u for u, _ in pk.uses() if u.op_type == "Transpose")
+            scores = next(u for u, _ in trans.outputs[0].uses() if u.op_type == "MatMul")
+            reshape = scores.inputs[0].producer()
+            if reshape.op_type != "Reshape":
+                return None
+            return reshape.inputs[0], k, v
+        if node is not None and node.op_type == "GroupQueryAttention":
+            out = []
+            for x in node.inputs[:3]:  # Reshape(Transpose(t, [0, 2, 1, 3]), [0, 0, H * D])
+                flat = x.producer()
+                trans = flat.inputs[0].producer() if flat is not None and flat.op_type == "Reshape" else None
+                if trans is None or trans.op_type != "Transpose":
+                    return None
+                out.append(trans.inputs[0])
+            return tuple(out)
+    except (StopIteration, AttributeError):
+        return None
+    return None
+
+
+def _kv_rewrites(rewrites: Rewrites, graph, i: int):
+    """Layer ``i``'s R3 (Hadamard on q and k after RoPE), KV quantization spec and float prefix."""
+    from qcompile.quant.activations import TokenQuantSpec
+
+    names = {v.name for node in graph for v in node.outputs}
+    if f"/layers.{i}/attn/q_rope" not in names:
+        return None, None, 0
+    qkv = _attention_inputs(graph, i)
+    if qkv is None:
+        return None, None, 0  # unmapped rewrites there stay in the graph check's way
+    chains = []
+    for x, what in zip(qkv, ("q_rope", "k_rope", "v_heads")):
+        root, steps = rewrites.chain(x)
+        if root.name != f"/layers.{i}/attn/{what}":
+            raise QCompileError(f"layer {i}: attention reads {what} through nodes the CUDA runtime does not map; "
+                                "run this graph on ONNX Runtime (--device cpu)")
+        chains.append(steps)
+    sq, sk, sv = chains
+    if len(sq) > 1 or any(not isinstance(s, Hadamard) for s in sq) or sk[:len(sq)] != sq or (
+            sk[len(sq):len(sq) + 1] and isinstance(sk[len(sq)], Hadamard)):
+        raise QCompileError(f"layer {i}: queries ({describe(sq)}) and keys ({describe(sk)}) are not rotated alike "
+                            "(R3 on both after RoPE); the CUDA runtime cannot map that")
+    kv = sk[len(sq):]
+    if kv != sv:
+        raise QCompileError(f"layer {i}: keys ({describe(kv)}) and values ({describe(sv)}) are quantized "
+                            "differently; the CUDA runtime's cache has one layout for both")
+    if tuple(type(s) for s in kv) not in ((), (TokenQuantSpec,), (TokenQuantSpec, FloatPrefix)):
+        raise QCompileError(f"layer {i}: KV rewrites {describe(kv)} are not per-token quantization with an optional "
+                            "float prefix")
+    return (sq[0] if sq else None), (kv[0] if kv else None), (kv[1].prefix if len(kv) == 2 else 0)
+
+
+def _check_metadata(folder: Path, w: ModelWeights) -> None:
+    """The rewrites read from the graph must be what qcompile.json says export wrote (when it says so)."""
+    from qcompile.quant.activations import TokenQuantSpec
+
+    path = folder / "qcompile.json"
+    rq = json.loads(path.read_text()).get("runtime_quantization") if path.is_file() else None
+    if not rq:
+        return
+    linears = [lin for layer in w.layers for lin in layer.linears.values()]
+    steps = [s for lin in linears for s in lin.input_steps]
+    steps += list(w.head_input_steps) + (list(w.lm_head.input_steps) if w.lm_head is not None else [])
+    r4 = any(isinstance(s, Hadamard) for s in steps)
+    r3 = any(layer.r3 is not None for layer in w.layers)
+
+    def base(desc: str) -> str:
+        # bits and symmetry: groups and clip ratios come from the graph's own constants (a group as wide as the
+        # input is written without one, and a learned clip ratio is rounded in the metadata's text)
+        return " ".join(desc.split()[:2])
+
+    acts: dict[str, int] = {}
+    for s in steps:
+        if isinstance(s, TokenQuantSpec):
+            acts[base(s.describe())] = acts.get(base(s.describe()), 0) + 1
+    meta_acts: dict[str, int] = {}
+    for desc, count in (rq.get("activations") or {}).items():
+        meta_acts[base(desc)] = meta_acts.get(base(desc), 0) + int(count)
+    problems = []
+    kv = rq.get("kv_cache")
+    # R3 is recorded by `rotate` whether or not a KV quantizer made the graph apply it: the KV entry says
+    meta_r3, meta_r4 = bool(kv and kv.get("r3")), "r4" in (rq.get("online_rotations") or [])
+    if (r3, r4) != (meta_r3, meta_r4):
+        problems.append(f"online R3/R4 {r3}/{r4} in the graph, {meta_r3}/{meta_r4} in the metadata")
+    if acts != meta_acts:
+        problems.append(f"activation quantizers {acts} in the graph, {meta_acts} in the metadata")
+    graph_kv = None if w.kv_quant is None else {"bits": w.kv_quant.bits, "symmetric": w.kv_quant.symmetric,
+                                                "group_size": w.kv_quant.group_size, "prefix": w.kv_prefix}
+    meta_kv = None if not kv else {k: kv.get(k) for k in ("bits", "symmetric", "group_size", "prefix")}
+    if graph_kv is not None and graph_kv["group_size"] is None and meta_kv is not None and meta_kv["group_size"]:
+        graph_kv["group_size"] = meta_kv["group_size"] if meta_kv["group_size"] == w.head_dim else None
+    if graph_kv != meta_kv:
+        problems.append(f"KV cache {graph_kv} in the graph, {meta_kv} in the metadata")
+    if problems:
+        raise QCompileError(f"{folder}: the graph's run-time rewrites disagree with qcompile.json ("
+                            + "; ".join(problems) + ")")
 
 
 def _fused_widths(graph, inits, base: str, width: int, parts: int) -> list[int]:
@@ -319,35 +488,119 @@ def _fused_widths(graph, inits, base: str, width: int, parts: int) -> list[int]:
     return widths
 
 
-def _check_mapped(graph, n_layers: int, fused: int = 0) -> None:
-    """Refuse graphs with rewrites the runner would silently skip: unknown ops, or MatMuls beyond the 7 linears
-    and 2 attention products per layer plus the head, less the ``fused`` ones that share a MatMul (online Hadamard
-    rotations are extra MatMuls; a GroupQueryAttention layer has no attention MatMuls)."""
-    ops = {n.op_type for n in graph}
+def _check_mapped(graph, n_layers: int, fused: int = 0, rewrites: set | None = None) -> None:
+    """Refuse graphs with nodes the runner would silently skip. ``rewrites``: the nodes of the run-time rewrites
+    matched and mapped (``runtime.triton.rewrites``); every other node must be an op the exporter writes, and the
+    MatMuls among them exactly the 7 linears and 2 attention products per layer plus the head, less the ``fused``
+    ones that share a MatMul (a GroupQueryAttention layer has no attention MatMuls). An unmapped rewrite leaves
+    unknown ops (Round, Clip, ...) or extra MatMuls (a rotation) behind."""
+    rewrites = rewrites or set()
+    rest = [n for n in graph if n not in rewrites]
+    ops = {n.op_type for n in rest}
     unknown = sorted(ops - KNOWN_OPS)
-    matmuls = sum(1 for n in graph if n.op_type == "MatMul")
+    matmuls = sum(1 for n in rest if n.op_type == "MatMul")
     attention_matmuls = 0 if "GroupQueryAttention" in ops else 2
     expected = (7 + attention_matmuls) * n_layers + 1 - fused
     if unknown or matmuls != expected:
         what = f"ops {', '.join(unknown)}" if unknown else f"{matmuls - expected} extra MatMuls"
-        raise QCompileError(f"the graph has run-time rewrites the CUDA runtime does not map yet ({what}: online "
-                            "Hadamard rotations, activation or KV-cache quantization nodes); it runs weight-only "
-                            "graphs. Run this one on ONNX Runtime (--device cpu)")
+        raise QCompileError(f"the graph has run-time rewrites the CUDA runtime does not map yet ({what}); it maps "
+                            "weight-only graphs and graph.runtime_quant's online Hadamard rotations (R4 on a "
+                            "linear's input, R3 on queries/keys), per-token activation fake quantization and the "
+                            "per-token KV-cache quantization with a float prefix. Run this one on ONNX Runtime "
+                            "(--device cpu)")
 
 
 # -- modules -------------------------------------------------------------------------------------------------
 
 
+def _silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` from a gate | up row, in the graph's order: ``(gate * sigmoid(gate)) * up``."""
+    gate, up = x.float().chunk(2, -1)
+    return (gate * torch.sigmoid(gate) * up).to(x.dtype)
+
+
+class _Prologue:
+    """What the graph computes on a linear's input before its MatMul (``ExportedLinear.input_steps``): an online
+    Hadamard (``hadamard.hadamard_transform``, the graph's base matrix H_m), then per-token fake quantization
+    (``act_quant.fake_quantize``), or, for the integer GEMM, the codes and scales themselves
+    (``w8a8.quantize_rows``; fused into the Hadamard kernel's epilogue when the clip ratio is 1)."""
+
+    def __init__(self, steps: tuple[Step, ...]):
+        from qcompile.quant.activations import TokenQuantSpec
+
+        self.steps = steps
+        had = next((s for s in steps if isinstance(s, Hadamard)), None)
+        self.n = had.n if had is not None else None
+        # the kernel's own H_m for m = 1 (Sylvester); otherwise the graph's, as a CPU tensor
+        self.left = None if had is None or had.m == 1 else torch.tensor(had.left, dtype=torch.float64)
+        self.spec = next((s for s in steps if isinstance(s, TokenQuantSpec)), None)
+
+    def __bool__(self) -> bool:
+        return bool(self.steps)
+
+    def integer_ready(self, k: int) -> bool:
+        """Whether ``quantized`` can produce these inputs: symmetric, one group per token, 4 or 8 bits."""
+        s = self.spec
+        return s is not None and s.symmetric and s.group_size in (None, k) and s.bits in (4, 8)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        from qcompile.runtime.triton.hadamard import hadamard_transform
+
+        return x if self.n is None else hadamard_transform(x, left=self.left)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from qcompile.runtime.triton.act_quant import fake_quantize
+
+        x = self.rotate(x)
+        s = self.spec
+        return x if s is None else fake_quantize(x, s.bits, s.symmetric, s.group_size, s.clip_ratio)
+
+    def quantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes [M, K], float32 scales [M]) with ``codes * scale`` = ``self(x)``."""
+        from qcompile.runtime.triton.hadamard import hadamard_transform
+        from qcompile.runtime.triton.w8a8 import quantize_rows
+
+        s = self.spec
+        if self.n is not None and s.clip_ratio == 1.0:
+            return hadamard_transform(x, left=self.left, quant_bits=s.bits)
+        return quantize_rows(self.rotate(x), s.bits, clip_ratio=s.clip_ratio)
+
+
 class _Linear:
     """Several linears reading the same input, side by side: one packed weight-only kernel when they share a
-    quantization layout, else one float matmul over their (dequantized) weights."""
+    quantization layout, else one float matmul over their (dequantized) weights. With run-time input rewrites
+    (``steps``, shared by the parts): the prologue first, then that kernel; or, when the input is quantized
+    symmetrically per token to 4/8 bits and the weight has 8-bit codes per channel (or in groups of 32k), the int8
+    GEMM on the codes (``w8a8.int_linear``: the same products, accumulated exactly in int32)."""
 
-    def __init__(self, parts: list[ExportedLinear], device, dtype, name: str, notes: list[str]):
-        from qcompile.runtime.triton.packing import concat_packed, pack_from_export
+    def __init__(self, parts: list[ExportedLinear], device, dtype, name: str, notes: list[str],
+                 steps: tuple[Step, ...] = (), integer: list[str] | None = None):
+        from qcompile.runtime.triton.packing import concat_packed, pack_from_export, pack_int_gemm
 
         self.packed = None
+        self.int_packed = None
+        self.prologue = _Prologue(steps)
         self.out_features = sum(p.shape[1] for p in parts)
         same = len({(p.bits, p.group_size, p.zero is None, p.shape[0]) for p in parts}) == 1
+        k = parts[0].shape[0]
+        if (self.prologue and self.prologue.integer_ready(k) and same and all(p.quantized and p.bits == 8
+                                                                              for p in parts)
+                and (parts[0].group_size >= k or parts[0].group_size % 32 == 0)):
+            def cat(field):
+                vals = [getattr(p, field) for p in parts]
+                return None if vals[0] is None else np.concatenate([np.asarray(v) for v in vals], -1)
+
+            biased = any(p.bias is not None for p in parts)
+            bias = None if not biased else np.concatenate(
+                [p.bias if p.bias is not None else np.zeros(p.shape[1], np.float32) for p in parts])
+            try:
+                self.int_packed = pack_int_gemm(cat("qweight"), cat("scale"), cat("zero"), bits=8, layout="in_out",
+                                                bias=bias, name=name).to(device)
+                if integer is not None:
+                    integer.append(name)
+                return
+            except ValueError as e:
+                notes.append(f"{name}: {e}; fake-quantizing its input for the weight-only kernel")
         if all(p.quantized for p in parts) and same:
             try:
                 packed = [pack_from_export(p.qweight, p.scale, p.zero, bits=p.bits, layout="in_out", dtype=dtype,
@@ -364,6 +617,18 @@ class _Linear:
             [p.bias if p.bias is not None else np.zeros(p.shape[1], np.float32) for p in parts])).to(device, dtype)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, act: str | None = None):
+        if self.prologue:
+            if act == "silu_mul":  # the rewrites read silu(gate) * up: compute it first
+                x, act = _silu_mul(x), None
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, x.shape[-1])
+            if self.int_packed is not None:
+                from qcompile.runtime.triton.w8a8 import int_linear
+
+                xq, xs = self.prologue.quantized(x2)
+                y = int_linear(xq, xs, self.int_packed, out_dtype=x.dtype).reshape(*lead, self.out_features)
+                return y if residual is None else y + residual
+            x = self.prologue(x2).reshape(*lead, x.shape[-1])
         if self.packed is not None:
             from qcompile.runtime.triton.wq_matmul import wq_linear
 
@@ -375,28 +640,45 @@ class _Linear:
         return y if residual is None else y + residual
 
 
+class _Concat:
+    """Linears reading one input with different input rewrites (e.g. q/k/v with their own learned clip ratios):
+    each with its own prologue, outputs side by side."""
+
+    def __init__(self, parts: list[_Linear]):
+        self.parts = parts
+        self.out_features = sum(p.out_features for p in parts)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, act: str | None = None):
+        y = torch.cat([p(x, act=act) for p in self.parts], -1)
+        return y if residual is None else y + residual
+
+
 @dataclass
 class _Layer:
-    qkv: _Linear
+    qkv: _Linear | _Concat
     o: _Linear
-    gate_up: _Linear
+    gate_up: _Linear | _Concat
     down: _Linear
     input_norm: torch.Tensor | None
     post_attn_norm: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
+    r3: _Prologue | None = None  # R3: the Hadamard on queries and keys after RoPE
 
 
 class TritonCausalLM:
     """A causal LM on CUDA from ``ModelWeights``; ``generate`` mirrors ``OrtCausalLM.generate`` (batch 1).
 
-    ``dtype``: float16 (fast) or float32 (exact path: fp32 activations, IEEE dots). ``kv_bits``: 16 (float cache,
-    what the graph computes), 8 or 4 (quantized per token per head, the first ``float_prefix`` positions of each
-    prompt kept in float, at most ``prefix_capacity``). ``cuda_graph`` captures the decode step.
+    ``dtype``: float16 (fast) or float32 (exact path: fp32 activations, IEEE dots). ``kv_bits``: for a graph that
+    quantizes its KV cache, that cache (its bits, symmetry, clip ratio and float prefix P, read from the graph;
+    ``kv_bits`` may only repeat its bits); otherwise 16 (float cache, what the graph computes, the default), 8 or 4
+    (quantized by this runner per token per head, the first ``float_prefix`` positions of each prompt kept in
+    float, at most ``prefix_capacity``). ``cuda_graph`` captures the decode step. ``integer_linears`` lists the
+    linears that run on the int8 GEMM (quantized inputs, 8-bit weights).
     """
 
     def __init__(self, weights: ModelWeights, *, device="cuda", dtype: torch.dtype = torch.float16,
-                 kv_bits: int = 16, prefix_capacity: int = 1024, max_seq_len: int | None = None,
+                 kv_bits: int | None = None, prefix_capacity: int = 1024, max_seq_len: int | None = None,
                  cuda_graph: bool = True):
         require_triton()
         check_device(device)
@@ -407,8 +689,22 @@ class TritonCausalLM:
         self.w = weights
         self.device = torch.device(device)
         self.dtype = dtype
-        self.kv_bits = kv_bits
+        self.kv_spec = weights.kv_quant  # the graph's KV quantization (TokenQuantSpec) or None
+        kv_symmetric, kv_clip = False, 1.0
+        if self.kv_spec is not None:
+            spec = self.kv_spec
+            if kv_bits not in (None, spec.bits):
+                raise QCompileError(f"the graph quantizes its KV cache to {spec.describe()}; kv_bits {kv_bits} "
+                                    f"cannot change that (leave it out)")
+            if spec.bits not in (4, 8) or spec.group_size not in (None, weights.head_dim):
+                raise QCompileError(f"the graph's KV cache is {spec.describe()}; the CUDA runtime's cache holds 8- or "
+                                    "4-bit codes with one scale and zero point per token and head (no groups "
+                                    "within a head). Run this graph on ONNX Runtime (--device cpu)")
+            kv_bits, kv_symmetric, kv_clip = spec.bits, spec.symmetric, spec.clip_ratio
+            prefix_capacity = max(1, weights.kv_prefix)
+        self.kv_bits = 16 if kv_bits is None else kv_bits
         self.notes: list[str] = []
+        self.integer_linears: list[str] = []
         self.max_seq_len = int(max_seq_len or min(weights.max_position, 4096))
         w = weights
         self.num_heads, self.num_kv_heads, self.head_dim = w.num_heads, w.num_kv_heads, w.head_dim
@@ -417,21 +713,25 @@ class TritonCausalLM:
             return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)
 
         self.embed = t(w.embed)
-        self.lm_head = None if w.lm_head is None else _Linear([w.lm_head], self.device, dtype, "lm_head", self.notes)
+        self.lm_head = None if w.lm_head is None else self._linear([w.lm_head], "lm_head")
+        self.head_prologue = _Prologue(w.head_input_steps)  # a tied head's input rewrites
         self.final_norm = t(w.final_norm)
         unit = torch.ones(w.head_dim, device=self.device, dtype=torch.float32)
         self.layers = []
         for i, lw in enumerate(w.layers):
             lin = lw.linears
+            if lw.r3 is not None and lw.r3.n != w.head_dim:
+                raise QCompileError(f"layer {i}: R3 of order {lw.r3.n} on heads of {w.head_dim}")
             self.layers.append(_Layer(
-                qkv=_Linear([lin["q"], lin["k"], lin["v"]], self.device, dtype, f"layers.{i}.qkv", self.notes),
-                o=_Linear([lin["o"]], self.device, dtype, f"layers.{i}.o", self.notes),
-                gate_up=_Linear([lin["gate"], lin["up"]], self.device, dtype, f"layers.{i}.gate_up", self.notes),
-                down=_Linear([lin["down"]], self.device, dtype, f"layers.{i}.down", self.notes),
+                qkv=self._linear([lin["q"], lin["k"], lin["v"]], f"layers.{i}.qkv"),
+                o=self._linear([lin["o"]], f"layers.{i}.o"),
+                gate_up=self._linear([lin["gate"], lin["up"]], f"layers.{i}.gate_up"),
+                down=self._linear([lin["down"]], f"layers.{i}.down"),
                 input_norm=t(lw.input_norm), post_attn_norm=t(lw.post_attn_norm),
                 # a q/k norm whose scale was all ones has no weight in the graph but still normalizes
                 q_norm=t(lw.q_norm) if lw.q_norm is not None else unit if w.has_qk_norm else None,
                 k_norm=t(lw.k_norm) if lw.k_norm is not None else unit if w.has_qk_norm else None,
+                r3=_Prologue((lw.r3,)) if lw.r3 is not None else None,
             ))
         q_out = self.layers[0].qkv.out_features if self.layers else 0
         if q_out != (w.num_heads + 2 * w.num_kv_heads) * w.head_dim:
@@ -441,8 +741,10 @@ class TritonCausalLM:
         self.cos = (pos.cos() * w.rope_scaling).to(self.device).contiguous()
         self.sin = (pos.sin() * w.rope_scaling).to(self.device).contiguous()
         self.window = int(w.sliding_window) if w.sliding_window else 0
-        self.caches = [KVCache.allocate(1, w.num_kv_heads, w.head_dim, self.max_seq_len, kv_bits, prefix_capacity,
-                                        dtype, self.device) for _ in self.layers]
+        self.caches = [KVCache.allocate(1, w.num_kv_heads, w.head_dim, self.max_seq_len, self.kv_bits,
+                                        prefix_capacity, dtype, self.device, symmetric=kv_symmetric,
+                                        clip_ratio=kv_clip) for _ in self.layers]
+        self._check_rotations()
         # decode state, advanced by the step itself (and so by the captured graph)
         self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.int32, device=self.device)
@@ -461,6 +763,36 @@ class TritonCausalLM:
         check_device(kwargs.get("device", "cuda"))  # before reading the weights
         return cls(load_exported(folder), **kwargs)
 
+    def _linear(self, parts: list[ExportedLinear], name: str):
+        """One module for linears reading the same input: a single ``_Linear`` when their input rewrites agree
+        (always, unless e.g. learned clip ratios differ between q, k and v), else one per run of equal ones."""
+        runs: list[list[ExportedLinear]] = []
+        for p in parts:
+            if runs and runs[-1][0].input_steps == p.input_steps:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        mods = [_Linear(run, self.device, self.dtype, name if len(runs) == 1 else f"{name}[{j}]", self.notes,
+                        run[0].input_steps, self.integer_linears) for j, run in enumerate(runs)]
+        return mods[0] if len(mods) == 1 else _Concat(mods)
+
+    def _check_rotations(self) -> None:
+        """Every online Hadamard once on a zero row: an order the kernel cannot tile fails here, not mid-decode."""
+        from qcompile.runtime.triton.hadamard import hadamard_transform
+
+        seen = set()
+        for layer in self.layers:
+            mods = [layer.r3] + [m for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                                 for m in (lin.parts if isinstance(lin, _Concat) else [lin])]
+            for pro in [m if isinstance(m, _Prologue) else getattr(m, "prologue", None) for m in mods]:
+                if pro is None or pro.n is None or (pro.n, pro.steps[0]) in seen:
+                    continue
+                seen.add((pro.n, pro.steps[0]))
+                try:
+                    hadamard_transform(torch.zeros(1, pro.n, device=self.device, dtype=self.dtype), left=pro.left)
+                except ValueError as e:
+                    raise QCompileError(f"online {pro.steps[0].describe()}: {e}") from e
+
     # -- forward pieces ------------------------------------------------------------------------------------
     def _norm(self, x, w):
         from qcompile.runtime.triton.norm import rms_norm
@@ -469,18 +801,37 @@ class TritonCausalLM:
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         x = self._norm(h, self.final_norm)
-        return F.linear(x, self.embed) if self.lm_head is None else self.lm_head(x)
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        if self.head_prologue:
+            x = self.head_prologue(x)
+        return F.linear(x, self.embed)
+
+    def _qkv_rope(self, layer: _Layer, cache, qkv: torch.Tensor, pos: torch.Tensor, t: int, out_kv: bool):
+        """RoPE (and q/k norms) and the cache store; with R3, the Hadamard on q and k after RoPE first, then the
+        store (``store_kv``), as the graph rotates before its KV quantizer. Returns q, or (q, k, v) with
+        ``out_kv`` (k after R3, float: the cache's float view is taken by the caller)."""
+        from qcompile.runtime.triton.kv_attention import rope_store, store_kv
+
+        nh, nkv = self.num_heads, self.num_kv_heads
+        kw = dict(q_norm=layer.q_norm, k_norm=layer.k_norm, eps=self.w.rms_eps)
+        if layer.r3 is None:
+            return rope_store(qkv, pos, t, self.cos, self.sin, cache, self._prefix, nh, nkv, out_kv=out_kv, **kw)
+        q, k, v = rope_store(qkv, pos, t, self.cos, self.sin, cache, self._prefix, nh, nkv, out_kv=True,
+                             store=False, **kw)
+        q, k = layer.r3.rotate(q), layer.r3.rotate(k)
+        store_kv(k, v, pos, t, cache, self._prefix)
+        return (q, k, v) if out_kv else q
 
     def _step(self) -> None:
         """One decode token: reads ``_tok``/``_pos``/``_lens``, writes ``_logits``/``_next``, advances the state."""
-        from qcompile.runtime.triton.kv_attention import decode_attention, rope_store
+        from qcompile.runtime.triton.kv_attention import decode_attention
 
-        nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        nh, d = self.num_heads, self.head_dim
         h = self.embed.index_select(0, self._tok)
         for layer, cache in zip(self.layers, self.caches):
             qkv = layer.qkv(self._norm(h, layer.input_norm))
-            q = rope_store(qkv, self._pos, 1, self.cos, self.sin, cache, self._prefix, nh, nkv,
-                           q_norm=layer.q_norm, k_norm=layer.k_norm, eps=self.w.rms_eps)
+            q = self._qkv_rope(layer, cache, qkv, self._pos, 1, out_kv=False)
             attn = decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, window=self.window)
             h = layer.o(attn.view(1, nh * d), residual=h)
             h = layer.down(layer.gate_up(self._norm(h, layer.post_attn_norm)), act="silu_mul", residual=h)
@@ -512,15 +863,23 @@ class TritonCausalLM:
     @torch.inference_mode()
     def prefill(self, input_ids, float_prefix: int = 0, all_logits: bool = False) -> torch.Tensor:
         """Run the prompt from position 0, fill the caches; returns the last token's logits [vocab] (float32), or
-        every position's [T, vocab] with ``all_logits``. ``float_prefix`` positions stay in float (kv_bits < 16)."""
-        from qcompile.runtime.triton.kv_attention import rope_store
+        every position's [T, vocab] with ``all_logits``. ``float_prefix`` positions stay in float (kv_bits < 16);
+        a graph that quantizes its KV cache fixes that prefix itself (P, from the graph), and ``float_prefix`` is
+        ignored, as ORT ignores it. Attention over the prompt reads what the graph's attention reads: its keys
+        and values fake-quantized from position P on, when the graph quantizes them."""
+        from qcompile.runtime.triton.act_quant import fake_quantize
 
         ids = torch.as_tensor(list(input_ids), dtype=torch.long, device=self.device)
         t = ids.numel()
         if t == 0 or t > self.max_seq_len:
             raise QCompileError(f"prompt of {t} tokens does not fit the {self.max_seq_len}-token cache")
-        cap = self.caches[0].prefix_capacity if self.kv_bits < 16 else self.max_seq_len
-        self._prefix.fill_(min(max(0, int(float_prefix)), cap))
+        spec = self.kv_spec
+        if spec is not None:
+            prefix = min(self.w.kv_prefix, self.max_seq_len)
+        else:
+            cap = self.caches[0].prefix_capacity if self.kv_bits < 16 else self.max_seq_len
+            prefix = min(max(0, int(float_prefix)), cap)
+        self._prefix.fill_(prefix)
         nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         pos = torch.arange(t, dtype=torch.int32, device=self.device)
         mask = None
@@ -530,8 +889,13 @@ class TritonCausalLM:
         h = self.embed.index_select(0, ids)
         for layer, cache in zip(self.layers, self.caches):
             qkv = layer.qkv(self._norm(h, layer.input_norm))
-            q, k, v = rope_store(qkv, pos, t, self.cos, self.sin, cache, self._prefix, nh, nkv,
-                                 q_norm=layer.q_norm, k_norm=layer.k_norm, eps=self.w.rms_eps, out_kv=True)
+            q, k, v = self._qkv_rope(layer, cache, qkv, pos, t, out_kv=True)
+            if spec is not None:  # what the cache holds: fake-quantized from position P on
+                kq, vq = (fake_quantize(x, spec.bits, spec.symmetric, spec.group_size, spec.clip_ratio) for x in (k, v))
+                if prefix > 0:
+                    keep = (pos < prefix)[:, None, None]
+                    kq, vq = torch.where(keep, k, kq), torch.where(keep, v, vq)
+                k, v = kq, vq
             q, k, v = (x.view(1, t, -1, d).transpose(1, 2) for x in (q, k, v))
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                   scale=1.0 / math.sqrt(d), enable_gqa=nh != nkv)

@@ -176,3 +176,25 @@ def test_llama3_8b_decode_attention(bits, length):
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float()[:, :, None], k.float(), v.float(), enable_gqa=True, scale=1 / math.sqrt(d))[:, :, 0]
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("bits,sym", [(16, False), (8, True), (4, False)])
+def test_store_kv_writes_what_rope_store_writes(device, bits, sym):
+    """RoPE without a store, then ``store_kv`` of the rotated k/v (the runner's R3 path): the same cache bytes as
+    ``rope_store`` storing directly, and an untouched cache after the store-less call."""
+    from qcompile.runtime.triton.kv_attention import store_kv
+
+    torch.manual_seed(1)
+    b, t, nh, nkv, d, s = 1, 5, 4, 2, 16, 12
+    cos, sin = tables(s, d, device)
+    prefix = torch.tensor([2], dtype=torch.int32, device=device)
+    qkv = torch.randn(b * t, (nh + 2 * nkv) * d, device=device) * 2
+    pos = torch.arange(t, dtype=torch.int32, device=device) + 3
+    caches = [KVCache.allocate(b, nkv, d, s, bits, prefix_capacity=4, dtype=torch.float32, device=device,
+                               symmetric=sym) for _ in range(2)]
+    rope_store(qkv, pos, t, cos, sin, caches[0], prefix, nh, nkv)
+    q, k, v = rope_store(qkv, pos, t, cos, sin, caches[1], prefix, nh, nkv, out_kv=True, store=False)
+    assert all(not x.any() for x in (caches[1].k_float, caches[1].k_q, caches[1].v_scale))
+    store_kv(k, v, pos, t, caches[1], prefix)
+    for name in ("k_float", "v_float", "k_q", "v_q", "k_scale", "k_zero", "v_scale", "v_zero"):
+        assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), name
