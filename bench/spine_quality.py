@@ -82,6 +82,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4-cqe": ("w4a4kv4-cqe", []),
     "w4a4kv4-bisup": ("w4a4kv4-bisup", []),
     "w3a3-g64-bisup": ("w3a3-g64-bisup", []),
+    # learned rotations (SpinQuant, issue 4); -rtn: RTN instead of GPTQ, the rotation's own contribution
+    "w4a4kv4-spin": ("w4a4kv4-spin", []),
+    "w4a4kv4-spin-rtn": ("w4a4kv4-spin", ["swap:gptq=rtn"]),
+    "w3a3-g64-spin": ("w3a3-g64-spin", []),
 }
 # the BiSup prompt-mixed-precision ablation: these variants are also measured with every test window read after
 # SYSTEM_PROMPT, once with its KV cache quantized and once with it kept float (kv_quant prefix = its length)

@@ -35,7 +35,7 @@ def _add_recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--calib-text", default=..., help="calibration text file (default: WikiText-2 validation split)")
     p.add_argument("--calib-samples", type=int, default=..., help="number of calibration windows")
     p.add_argument("--train-state", default=None, metavar="DIR",
-                   help="learned passes (lwc/lsi/sde, dlqat, bisup) save their trained state here and resume from it")
+                   help="learned passes (lwc/lsi/sde, dlqat, bisup, spinquant) save their trained state here and resume from it")
     p.add_argument("--kv-prefix", type=int, default=None, metavar="P",
                    help="keep the first P KV-cache positions (a system prompt) in float; recipes with kv_quant")
 

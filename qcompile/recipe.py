@@ -196,9 +196,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 def apply_overrides(recipe: Recipe, sets: list[str] = (), **weight_fields) -> Recipe:
     """Return a new recipe with ``--set pass.field=value`` entries and shortcut fields applied.
 
-    ``weight_fields`` (e.g. bits=3, group_size=None, symmetric=True) go to every weight quantizer; a value of
+    ``weight_fields`` (e.g. bits=3, group_size=None, symmetric=True) go to every weight quantizer (and to a
+    pass's ``WEIGHT_SHORTCUTS`` aliases, e.g. spinquant's fake-quant ``w_bits``); a value of
     ``...`` (Ellipsis) means "not given". Calibration shortcuts (calib_text, calib_samples) go to every pass
-    that has such a field.
+    that has such a field, and so does ``state_dir`` (``--train-state``; spinquant is no weight quantizer).
     """
     data = recipe.to_dict()
     shortcuts = {k: v for k, v in weight_fields.items() if v is not ...}
@@ -206,9 +207,12 @@ def apply_overrides(recipe: Recipe, sets: list[str] = (), **weight_fields) -> Re
         module = passes.get(step["pass"])
         fields = {f.name for f in dataclasses.fields(module.Config)}
         is_wq = issubclass(module.Config, WeightQuantConfig)
+        aliases = getattr(module.Config, "WEIGHT_SHORTCUTS", {})  # e.g. spinquant's bits -> w_bits
         for k, v in shortcuts.items():
-            if k in fields and (is_wq or k.startswith("calib_")):
+            if k in fields and (is_wq or k.startswith("calib_") or k == "state_dir"):
                 step[k] = v
+            elif k in aliases:
+                step[aliases[k]] = v
     for item in sets:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise RecipeError(f"--set {item!r}: expected PASS.FIELD=VALUE (e.g. rtn.bits=3) or export.FIELD=VALUE")

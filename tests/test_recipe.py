@@ -83,3 +83,23 @@ def test_invalid_yaml(tmp_path):
     f.write_text("passes: [\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(f)
+
+
+@pytest.mark.parametrize("base", ["w4a4kv4", "w3a3-g64"])
+def test_spin_recipes_are_their_base_with_spinquant_before_gptq(base):
+    spin, plain = load_recipe(f"{base}-spin").to_dict(), load_recipe(base).to_dict()
+    names = [s["pass"] for s in spin["passes"]]
+    assert names.index("rotate") + 1 == names.index("spinquant") == names.index("gptq") - 1
+    assert [s for s in spin["passes"] if s["pass"] != "spinquant"] == plain["passes"]
+    assert spin["export"] == plain["export"]
+    sq = next(s for s in spin["passes"] if s["pass"] == "spinquant")
+    gptq = next(s for s in plain["passes"] if s["pass"] == "gptq")
+    act = next(s for s in plain["passes"] if s["pass"] == "act_quant")
+    kv = next((s for s in plain["passes"] if s["pass"] == "kv_quant"), None)
+    assert (sq["w_bits"], sq["w_group_size"], sq["w_symmetric"]) == (gptq["bits"], gptq["group_size"], gptq["symmetric"])
+    assert (sq["a_bits"], sq["a_group_size"], sq["a_symmetric"]) == (act["bits"], act["group_size"], act["symmetric"])
+    assert sq["kv_bits"] == (kv and kv["bits"]) and (kv is None or sq["kv_symmetric"] == kv["symmetric"])
+    # --bits / --group-size / --train-state reach the training-time grid and the state folder too
+    r = apply_overrides(load_recipe(f"{base}-spin"), [], bits=3, group_size=32, symmetric=..., state_dir="/tmp/s")
+    cfg = r.step("spinquant").config
+    assert (cfg.w_bits, cfg.w_group_size, cfg.state_dir) == (3, 32, "/tmp/s") and r.step("gptq").config.bits == 3

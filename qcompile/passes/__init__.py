@@ -21,6 +21,7 @@ PASSES: dict[str, str] = {
     "sde": "qcompile.passes.sde",
     "dlqat": "qcompile.passes.dlqat",
     "bisup": "qcompile.passes.bisup",
+    "spinquant": "qcompile.passes.spinquant",
 }
 
 

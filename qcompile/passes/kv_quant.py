@@ -84,8 +84,9 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     return inner(module, query, key, value, attention_mask, **kwargs)
 
 
-def install(handle: ModelHandle, state: KVQuantState) -> None:
-    """Route every attention module of ``handle.model`` through :func:`_attention` with ``state``."""
+def install(handle: ModelHandle, state: KVQuantState) -> str:
+    """Route every attention module of ``handle.model`` through :func:`_attention` with ``state``; returns the
+    attention implementation it replaced (for :func:`uninstall`)."""
     from transformers import AttentionInterface, AttentionMaskInterface  # public in transformers 4.56+ and 5.x
 
     config = handle.model.config
@@ -99,6 +100,16 @@ def install(handle: ModelHandle, state: KVQuantState) -> None:
         attn._qcompile_kv = state
         attn._qcompile_inner_attn = inner
     config._attn_implementation = ATTN_NAME
+    return current
+
+
+def uninstall(handle: ModelHandle, implementation: str) -> None:
+    """Undo :func:`install` (e.g. after a training pass that quantized the cache only while it trained)."""
+    for layer in handle.adapter.layers(handle.model):
+        for attr in ("_qcompile_kv", "_qcompile_inner_attn"):
+            if hasattr(layer.self_attn, attr):
+                delattr(layer.self_attn, attr)
+    handle.model.config._attn_implementation = implementation
 
 
 def apply(handle: ModelHandle, config: KVQuantConfig) -> dict:

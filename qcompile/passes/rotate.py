@@ -104,6 +104,15 @@ class _Rotation:
         else:
             self.dense, self.signs = random_orthogonal(n, seed), None
 
+    @classmethod
+    def from_matrix(cls, q: torch.Tensor) -> _Rotation:
+        """An explicit orthogonal ``[n, n]`` matrix (e.g. a learned one), applied as a dense float64 product."""
+        if q.dim() != 2 or q.shape[0] != q.shape[1]:
+            raise ValueError(f"a rotation is a square matrix, got shape {tuple(q.shape)}")
+        rot = cls.__new__(cls)
+        rot.n, rot.dense, rot.signs = q.shape[0], q.detach().double(), None
+        return rot
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.double()
         if self.dense is not None:
@@ -181,6 +190,33 @@ def _rotate_output_heads(o: torch.nn.Linear, H: torch.Tensor, heads: int, hd: in
 
 
 @torch.no_grad()
+def fold_residual_rotation(handle: ModelHandle, q: _Rotation | torch.Tensor) -> None:
+    """Fold R1 = ``q`` (a :class:`_Rotation` or an orthogonal ``[hidden, hidden]`` matrix) into the model: the
+    residual stream ``h`` becomes ``h q``. Embeddings ``E <- E q``, readers and lm_head ``W <- W q``, writers
+    ``W <- qᵀ W``, ``b <- b q``; float64, cast back once. Only valid when every residual RMSNorm scale is 1 and
+    lm_head is untied (``apply`` ensures it; ``spinquant`` runs after it)."""
+    ad, model = handle.adapter, handle.model
+    rot = q if isinstance(q, _Rotation) else _Rotation.from_matrix(q)
+    rot.fold_right(ad.embed(model).weight)  # embedding rows are residual-stream vectors: E <- E Q
+    for layer in ad.layers(model):
+        for lin in ad.residual_readers(layer):
+            _rotate_reader(lin, rot)
+        for lin in ad.residual_writers(layer):
+            _rotate_writer(lin, rot)
+    _rotate_reader(ad.lm_head(model), rot)
+
+
+@torch.no_grad()
+def fold_head_rotation(handle: ModelHandle, layer: torch.nn.Module, h: torch.Tensor) -> None:
+    """Fold R2 = ``h`` (orthogonal ``[head_dim, head_dim]``) into one decoder layer: every KV head's values
+    ``v_j <- v_j h`` (v_proj rows and bias), undone on o_proj's input columns of every attention head."""
+    geo = handle.adapter.geometry(handle.model)
+    ad = handle.adapter
+    _rotate_value_heads(ad.linear(layer, "v"), h.double(), geo.num_kv_heads, geo.head_dim)
+    _rotate_output_heads(ad.linear(layer, "o"), h.double(), geo.num_heads, geo.head_dim)
+
+
+@torch.no_grad()
 def apply(handle: ModelHandle, config: RotateConfig) -> dict:
     if handle.quant_state:
         raise RecipeError("rotate must run before any quantization pass: it changes every weight")
@@ -191,7 +227,7 @@ def apply(handle: ModelHandle, config: RotateConfig) -> dict:
     layers = ad.layers(model)
     hidden = model.config.hidden_size
     mlp = ad.linear(layers[0], "down").in_features
-    hd, heads, kv_heads = geo.head_dim, geo.num_heads, geo.num_kv_heads
+    hd = geo.head_dim
 
     # refuse before touching a weight
     if config.r1 == "hadamard":
@@ -212,21 +248,12 @@ def apply(handle: ModelHandle, config: RotateConfig) -> dict:
             raise RuntimeError("rotate: residual RMSNorm scales are not all folded (or lm_head is still tied)")
 
     if config.r1 is not None:
-        Q = _Rotation(config.r1, hidden, _subseed(config.seed, "r1"))
-        Q.fold_right(ad.embed(model).weight)  # embedding rows are residual-stream vectors: E <- E Q
-        for layer in layers:
-            for lin in ad.residual_readers(layer):
-                _rotate_reader(lin, Q)
-            for lin in ad.residual_writers(layer):
-                _rotate_writer(lin, Q)
-        _rotate_reader(ad.lm_head(model), Q)
+        fold_residual_rotation(handle, _Rotation(config.r1, hidden, _subseed(config.seed, "r1")))
         stats["r1_matrix"] = describe_hadamard(hidden) if config.r1 == "hadamard" else f"random orthogonal {hidden}"
 
     if config.r2 is not None:
         for i, layer in enumerate(layers):
-            H = _matrix(config.r2, hd, _subseed(config.seed, "r2", i))
-            _rotate_value_heads(ad.linear(layer, "v"), H, kv_heads, hd)
-            _rotate_output_heads(ad.linear(layer, "o"), H, heads, hd)
+            fold_head_rotation(handle, layer, _matrix(config.r2, hd, _subseed(config.seed, "r2", i)))
         stats["r2_matrix"] = describe_hadamard(hd) if config.r2 == "hadamard" else f"random orthogonal {hd}"
 
     if config.online_r4:
