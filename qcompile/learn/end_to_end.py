@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from qcompile.data import CalibrationConfig
 from qcompile.errors import QCompileError, require_int, require_number
+from qcompile.learn import epoch_state
 from qcompile.learn.blockwise import fingerprint
 from qcompile.learn.capture import on_device, resolve_device
 from qcompile.learn.weights import LearnedWeight
@@ -184,17 +185,8 @@ def train_end_to_end(
             trainable = [p for ps in kinds.values() for p in ps]
             n_trained = sum(p.numel() for p in trainable)
 
-            start_epoch = 0
-            if state_path is not None and state_path.is_file():
-                saved = torch.load(state_path, map_location=device, weights_only=True)
-                if saved.get("fingerprint") != key:
-                    raise QCompileError(f"training state {state_path} belongs to another configuration; use another "
-                                        "state_dir or delete it")
-                with torch.no_grad():
-                    for p, v in zip(trainable, saved["params"]):
-                        p.copy_(v)
-                opt.load_state_dict(saved["optimizer"])
-                start_epoch = int(saved["epoch"])
+            saved = epoch_state.resume(state_path, key, device, trainable, opt)
+            start_epoch = 0 if saved is None else int(saved["epoch"])
 
             autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast
                         else contextlib.nullcontext())
@@ -248,12 +240,7 @@ def train_end_to_end(
                         bar.set_postfix(kl=f"{float(kl.detach()):.4g}")
                     history.append(running / len(batches))
                     if state_path is not None:
-                        state_path.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = state_path.with_suffix(".tmp")
-                        torch.save({"fingerprint": key, "epoch": epoch_index,
-                                    "params": [p.detach() for p in trainable],
-                                    "optimizer": opt.state_dict()}, tmp)
-                        tmp.replace(state_path)
+                        epoch_state.save(state_path, key, epoch_index, trainable, opt)
             bar.close()
             kl_after = evaluate()
             exported = {}

@@ -72,6 +72,7 @@ from tqdm.auto import tqdm
 
 from qcompile.data import CalibrationConfig
 from qcompile.errors import QCompileError, RecipeError, require_int, require_number
+from qcompile.learn import epoch_state
 from qcompile.learn.blockwise import fingerprint
 from qcompile.learn.capture import on_device, resolve_device
 from qcompile.learn.end_to_end import kl_loss
@@ -365,13 +366,6 @@ def _check_preconditions(handle: ModelHandle, config: SpinQuantConfig) -> None:
         kvspec.group(geo.head_dim, "spinquant: KV cache (head_dim)")
 
 
-def _save_state(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
 def _describe(spec) -> str | None:
     return None if spec is None else spec.describe()
 
@@ -400,15 +394,8 @@ def apply(handle: ModelHandle, config: SpinQuantConfig) -> dict:
             trainable = [r1] + [r for r in r2s if r is not None]
             opt = CayleySGD(trainable, lr=config.lr, momentum=config.momentum)
             start_epoch, history = 0, []
-            if state_path is not None and state_path.is_file():
-                saved = torch.load(state_path, map_location=device, weights_only=True)
-                if saved.get("fingerprint") != key:
-                    raise QCompileError(f"training state {state_path} belongs to another configuration; use another "
-                                        "state_dir or delete it")
-                with torch.no_grad():
-                    for p, v in zip(trainable, saved["rotations"]):
-                        p.copy_(v)
-                opt.load_state_dict(saved["optimizer"])
+            saved = epoch_state.resume(state_path, key, device, trainable, opt)
+            if saved is not None:
                 start_epoch, history = int(saved["epoch"]), list(saved["history"])
 
             inst = _install(handle, r1, r2s, config, device)
@@ -457,9 +444,7 @@ def apply(handle: ModelHandle, config: SpinQuantConfig) -> dict:
                     bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
                 history.append(running / len(batches))
                 if state_path is not None:
-                    _save_state(state_path, {"fingerprint": key, "epoch": epoch + 1, "history": history,
-                                             "rotations": [p.detach() for p in trainable],
-                                             "optimizer": opt.state_dict()})
+                    epoch_state.save(state_path, key, epoch + 1, trainable, opt, history=history)
             bar.close()
             loss_after = evaluate()
             inst.remove()

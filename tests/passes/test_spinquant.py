@@ -11,8 +11,8 @@ from torch.nn.utils import parametrize
 
 from qcompile import passes
 from qcompile.errors import QCompileError, RecipeError
+from qcompile.learn import epoch_state
 from qcompile.models import load
-from qcompile.passes import spinquant
 from qcompile.passes.spinquant import CayleySGD, SpinQuantConfig, orthogonality_error
 from qcompile.pipeline import export, run_passes
 from qcompile.recipe import PassStep, Recipe, apply_overrides, load_recipe, recipe_from_dict
@@ -216,16 +216,16 @@ def test_resume_gives_the_uninterrupted_result(trained_llama, calib_file, tmp_pa
         return h, st["1:spinquant"]
 
     full, st_full = run(None)
-    real_save = spinquant._save_state
+    real_save = epoch_state.save
 
-    def save_then_stop(path, payload):
-        real_save(path, payload)
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt  # "killed" right after the first epoch was saved
 
-    monkeypatch.setattr(spinquant, "_save_state", save_then_stop)
+    monkeypatch.setattr(epoch_state, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run(str(tmp_path / "s"))
-    monkeypatch.setattr(spinquant, "_save_state", real_save)
+    monkeypatch.setattr(epoch_state, "save", real_save)
     assert (tmp_path / "s" / "spinquant" / "state.pt").is_file()
     resumed, st = run(str(tmp_path / "s"))
     assert st["loss_per_epoch"] == st_full["loss_per_epoch"] and st["r1_change"] > 1e-4

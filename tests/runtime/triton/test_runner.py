@@ -15,6 +15,7 @@ import torch
 from qcompile.errors import QCompileError
 from qcompile.runtime.ort import OrtCausalLM
 from qcompile.runtime.triton.runner import TritonCausalLM, load_exported
+from greedy_checks import same_greedy
 from tiny_models import export_tiny
 
 HAS_CUDA = torch.cuda.is_available()
@@ -152,19 +153,6 @@ def test_cli_refuses_cuda_without_gpu(exported, capsys):
 def prompt_set(vocab, n=4, seed=0):
     g = np.random.default_rng(seed)
     return [[1, *g.integers(3, vocab, size=int(g.integers(4, 20))).tolist()] for _ in range(n)]
-
-
-def same_greedy(ort, r, ids, n, tie_tol) -> bool:
-    """True if the runner's greedy tokens equal ORT's. Where they part, ORT's own logits must show a near tie there
-    (its token beats ours by less than ``tie_tol`` logits): rounding may flip a tie, a bug flips clear choices."""
-    ours, ref = r.generate(ids, n), ort.generate(ids, n)
-    if ours == ref:
-        return True
-    i = next(j for j, (a, b) in enumerate(zip(ours, ref)) if a != b)
-    logits = ort.logits(np.array([ids + ref[:i]]))[0, -1]
-    margin = float(logits[ref[i]] - logits[ours[i]])
-    assert margin < tie_tol, f"prompt {ids}: step {i} picked {ours[i]} over ORT's {ref[i]} (margin {margin:.3g})"
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from qcompile.errors import QCompileError
 from qcompile.models import load
 from qcompile.pipeline import export, run_passes
 from qcompile.recipe import PassStep, Recipe
+from greedy_checks import same_greedy
 from qcompile.runtime.ort import OrtCausalLM
 from qcompile.runtime.triton.rewrites import Hadamard
 from qcompile.runtime.triton.runner import TritonCausalLM, load_exported
@@ -275,18 +276,6 @@ def test_linears_with_different_input_quantizers_run_side_by_side(device):
 def prompt_set(vocab, n=4, seed=0):
     g = np.random.default_rng(seed)
     return [[1, *g.integers(3, vocab, size=int(g.integers(4, 20))).tolist()] for _ in range(n)]
-
-
-def same_greedy(ort, r, ids, n, tie_tol) -> bool:
-    """As test_runner.same_greedy: equal greedy tokens, or a divergence where ORT's own logits nearly tie."""
-    ours, ref = r.generate(ids, n), ort.generate(ids, n)
-    if ours == ref:
-        return True
-    i = next(j for j, (a, b) in enumerate(zip(ours, ref)) if a != b)
-    logits = ort.logits(np.array([ids + ref[:i]]))[0, -1]
-    margin = float(logits[ref[i]] - logits[ours[i]])
-    assert margin < tie_tol, f"prompt {ids}: step {i} picked {ours[i]} over ORT's {ref[i]} (margin {margin:.3g})"
-    return False
 
 
 @pytest.fixture(scope="module")
