@@ -133,6 +133,10 @@ def apply(model: ir.Model, handle, dense_hadamard: bool = False) -> dict:
         downs = [n for n, role, _ in handle.linears() if role == "down"]
         stats["r4_rotations"] = online_hadamard_inputs(graph, downs, r4, hadamard_factors(r4.shape[0]),
                                                        dense_hadamard)
+    if "ro" in handle.online_rotations:
+        ro = online_rotation_matrix(handle, "ro")
+        outs = [n for n, role, _ in handle.linears() if role == "o"]
+        stats["o_rotations"] = online_hadamard_inputs(graph, outs, ro, hadamard_factors(ro.shape[0]), dense_hadamard)
     if handle.act_quant:
         dims = {n: handle.model.get_submodule(n).in_features for n in handle.act_quant}
         stats["activation_quantizers"] = quantize_activations(graph, handle.act_quant, dims)

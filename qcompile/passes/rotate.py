@@ -21,6 +21,9 @@ activations row vectors, ``y = x Wᵀ + b``. All folding is done in float64 and 
   the same online step as a forward pre-hook on each down_proj (``handle.rotation_hooks``), so it remains the
   reference the graph is compared with, and calibration passes (GPTQ's input hooks, registered later) see the
   rotated input the rotated weight is applied to.
+* **Ro** (optional, ``online_o``; online, o_proj input, plain Hadamard of heads x head_dim): as R4 for o_proj,
+  QuaRot's rotation across heads before out_proj. Folded after R2 (which rotates o_proj's input columns head by
+  head), so ``W_o <- (W_o R2-per-head) H``.
 * **R3** (online, queries and keys after RoPE, plain Hadamard of head_dim): ``(q H)(k H)ᵀ = q kᵀ``, so the scores
   do not change and nothing is folded; it only matters once the K cache is quantized. The pass records it and
   :func:`qk_rotation_matrix` returns the matrix for the KV-quantization code; the torch model is not hooked
@@ -60,6 +63,9 @@ class RotateConfig:
     seed: int = 0
     online_r3: bool = True  # record a Hadamard on q/k after RoPE for the graph (function-neutral)
     online_r4: bool = True  # Hadamard on the down_proj input: folded into down_proj, applied online
+    # Hadamard across all heads on the o_proj input (QuaRot's online rotation before out_proj): folded into o_proj,
+    # applied online; R2 alone mixes within each head only, so an outlier head stays an outlier for A4 quantizers
+    online_o: bool = False
 
     def __post_init__(self):
         for name in ("r1", "r2"):
@@ -138,7 +144,7 @@ def _online_spec(size: int, where: str) -> dict:
 
 
 def online_rotation_matrix(handle: ModelHandle, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
-    """The orthonormal matrix of online rotation ``name`` ('r3', 'r4') recorded in ``handle``; None if absent.
+    """The orthonormal matrix of online rotation ``name`` ('r3', 'r4', 'ro') recorded in ``handle``; None if absent.
     The graph applies ``x @ matrix`` on the last dimension."""
     spec = handle.online_rotations.get(name)
     if spec is None:
@@ -238,8 +244,12 @@ def apply(handle: ModelHandle, config: RotateConfig) -> dict:
         _check_size("R4: MLP size (down_proj input)", mlp, "set online_r4: false")
     if config.online_r3:
         _check_size("R3: head_dim", hd, "set online_r3: false")
+    o_in = ad.linear(layers[0], "o").in_features
+    if config.online_o:
+        _check_size("o_proj input (heads x head_dim)", o_in, "set online_o: false")
 
-    stats = {"r1": config.r1, "r2": config.r2, "online_r3": config.online_r3, "online_r4": config.online_r4}
+    stats = {"r1": config.r1, "r2": config.r2, "online_r3": config.online_r3, "online_r4": config.online_r4,
+             "online_o": config.online_o}
     if config.r1 is not None:
         norm_stats = canonicalize.apply(handle, canonicalize.CanonicalizeConfig(fuse_norms=True, untie_embeddings=True))
         stats["norms_fused"] = norm_stats["norms_fused"]
@@ -263,6 +273,13 @@ def apply(handle: ModelHandle, config: RotateConfig) -> dict:
             H4.fold_right(down.weight)  # W <- W H
             handle.rotation_hooks.append(down.register_forward_pre_hook(HadamardPreHook(mlp)))
         handle.online_rotations["r4"] = _online_spec(mlp, "down_proj input")
+    if config.online_o:  # after R2, which folds into o_proj's per-head input columns
+        Ho = _Rotation("hadamard", o_in, seed=None)
+        for layer in layers:
+            o = ad.linear(layer, "o")
+            Ho.fold_right(o.weight)
+            handle.rotation_hooks.append(o.register_forward_pre_hook(HadamardPreHook(o_in)))
+        handle.online_rotations["ro"] = _online_spec(o_in, "o_proj input")
     if config.online_r3:
         handle.online_rotations["r3"] = _online_spec(hd, "queries and keys after RoPE")
     stats["online"] = sorted(handle.online_rotations)

@@ -349,6 +349,10 @@ def _check_preconditions(handle: ModelHandle, config: SpinQuantConfig) -> None:
     ad, model = handle.adapter, handle.model
     if "rotate" not in handle.applied_passes:
         raise RecipeError("spinquant learns rotations on top of rotate's: put a rotate pass (with r1) before it")
+    if config.train_r2 and "ro" in handle.online_rotations:
+        # a learned R2' folds into o_proj's per-head input columns, which the online Hadamard already mixed
+        raise RecipeError("spinquant train_r2 cannot follow rotate's online_o; set spinquant.train_r2: false or "
+                          "rotate.online_o: false")
     if handle.quant_state or handle.act_quant or handle.kv_quant is not None:
         raise RecipeError("spinquant must run before every quantization pass (rtn/gptq/learned, act_quant, "
                           "kv_quant): it changes every weight and the inputs they see")

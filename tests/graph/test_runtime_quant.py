@@ -154,3 +154,22 @@ def test_rotated_w4a4kv4_through_group_query_attention(tiny_model_dirs, tmp_path
     ref = std.logits(ids)
     assert np.abs(gqa.logits(ids) - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
     assert gqa.generate(ids[0].tolist(), 10) == std.generate(ids[0].tolist(), 10)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_online_o_rotation_graph_matches_torch(tiny_model_dirs, tmp_path, family):
+    """rotate.online_o: one Hadamard across heads on every o_proj input, in torch (a hook) and in the graph."""
+    h = load(tiny_model_dirs[family])
+    steps = [s if s[0] != "rotate" else ("rotate", dict(online_o=True)) for s in ROTATED_W4A4KV4]
+    recipe = _recipe(*steps)
+    run_passes(h, recipe)
+    report = export(h, tmp_path / "out", recipe)
+    rq = report["graph_pass"]["runtime_quant"]
+    assert rq["o_rotations"] == 2 and rq["r4_rotations"] == 2
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    runner = OrtCausalLM.from_dir(tmp_path / "out", accuracy_level=1)
+    with torch.no_grad():
+        ref = h.model(input_ids=ids, use_cache=False).logits.numpy()
+    assert np.abs(runner.logits(ids.numpy()) - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    g = greedy_parity(h.model, runner, h.tokenizer, max_new_tokens=12)
+    assert g["identical"] == g["prompts"]

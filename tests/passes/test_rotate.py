@@ -18,6 +18,8 @@ CONFIGS = {
     "r1-orthogonal": rotate.RotateConfig(r1="orthogonal", r2=None, online_r3=False, online_r4=False),
     "r2": rotate.RotateConfig(r1=None, online_r3=False, online_r4=False),
     "r4": rotate.RotateConfig(r1=None, r2=None, online_r3=False),
+    "all-hadamard+online-o": rotate.RotateConfig(online_o=True),
+    "online-o": rotate.RotateConfig(r1=None, r2=None, online_r3=False, online_r4=False, online_o=True),
 }
 
 

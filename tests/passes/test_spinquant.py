@@ -262,6 +262,8 @@ def test_refused_without_rotate_or_after_quantization(tiny_model_dirs, calib_fil
         run_passes(load(folder), _recipe(("rotate", {}), ("rtn", dict(bits=4, group_size=16)), spin(calib_file)))
     with pytest.raises(RecipeError, match="residual RMSNorm scale folded"):
         run_passes(load(folder), _recipe(("rotate", dict(r1=None)), spin(calib_file)))
+    with pytest.raises(RecipeError, match="train_r2 cannot follow rotate's online_o"):
+        run_passes(load(folder), _recipe(("rotate", dict(online_o=True)), spin(calib_file)))
     h = load(folder)
     with pytest.raises(RecipeError, match="group_size 48 does not divide"):
         run_passes(h, _recipe(("rotate", {}), spin(calib_file, w_group_size=48)))

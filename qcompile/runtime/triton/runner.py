@@ -448,7 +448,7 @@ def _check_metadata(folder: Path, w: ModelWeights) -> None:
     problems = []
     kv = rq.get("kv_cache")
     # R3 is recorded by `rotate` whether or not a KV quantizer made the graph apply it: the KV entry says
-    meta_r3, meta_r4 = bool(kv and kv.get("r3")), "r4" in (rq.get("online_rotations") or [])
+    meta_r3, meta_r4 = bool(kv and kv.get("r3")), bool({"r4", "ro"} & set(rq.get("online_rotations") or []))
     if (r3, r4) != (meta_r3, meta_r4):
         problems.append(f"online R3/R4 {r3}/{r4} in the graph, {meta_r3}/{meta_r4} in the metadata")
     if acts != meta_acts:

@@ -68,6 +68,10 @@ CASES = {
     "w4a4kv4": ("qwen3", {}, base() + [("rtn", dict(bits=4, group_size=16)),
                                        ("act_quant", dict(bits=4, symmetric=False)),
                                        ("kv_quant", dict(bits=4))], {}),
+    # rotate.online_o: a Hadamard across heads on every o_proj input as well (hidden 64 = Sylvester)
+    "w4a4-online-o": ("llama", {}, [base(False)[0], ("rotate", dict(online_r3=False, online_o=True)),
+                                     ("rtn", dict(bits=4, group_size=16)),
+                                     ("act_quant", dict(bits=4, symmetric=False))], {}),
     "w4a4kv4-prefix": ("llama", {}, base() + [("rtn", dict(bits=4, group_size=16)),
                                               ("act_quant", dict(bits=4, symmetric=False)),
                                               ("kv_quant", dict(bits=4, prefix=3))], {}),
@@ -157,6 +161,13 @@ def test_w4a8(exported):
     r = runner(folder)
     assert r.notes == [] and r.integer_linears == [] and r.kv_spec is None
     check_against_ort(folder, r, bits=8)
+
+
+def test_online_hadamard_on_o_proj_inputs(exported):
+    folder = exported("w4a4-online-o")
+    r = runner(folder)
+    assert r.notes == [] and r.kv_spec is None
+    check_against_ort(folder, r, bits=4)
 
 
 @pytest.mark.parametrize("name", ["w4a4kv4", "w4a4kv4-prefix"])
