@@ -83,16 +83,20 @@ def run_method(method: str, fp32_dir: Path, folder: Path, args, row: dict) -> No
         out = onnxsim.apply_quarot(model, seed=0, block_size=args.block_size)
     elif method == "wo-int4":
         row["tool_settings"] = {"function": "quantize_weight_only_int4", "block_size": 32}
-        out = onnxsim.quantize_weight_only_int4(model)
+        # the weight-only matcher needs the activations' dtype: without shape inference it quantizes nothing
+        out = onnxsim.quantize_weight_only_int4(onnx.shape_inference.infer_shapes(model))
     elif method == "gptq":
         feeds = calibration_feeds(fp32_dir, args)
         row["tool_settings"] = {"function": "quantize_weight_only_int4 + apply_gptq", "block_size": 32,
                                 "calibration": {"split": "valid", "samples": args.calib_samples,
                                                 "seq_len": args.calib_seq_len}}
+        model = onnx.shape_inference.infer_shapes(model)
         out = onnxsim.apply_gptq(model, onnxsim.quantize_weight_only_int4(model), calibration_data=feeds)
     else:
         raise ValueError(method)
     row["quantize_seconds"] = time.perf_counter() - t0
+    if not any(n.op_type in ("DequantizeLinear", "MatMulNBits") for n in out.graph.node):
+        raise RuntimeError(f"onnxsim's {method} left every weight float: nothing to compare")
     if folder.exists():
         shutil.rmtree(folder)  # onnx appends to an existing external data file
     folder.mkdir(parents=True)
