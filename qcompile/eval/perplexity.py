@@ -43,6 +43,7 @@ def perplexity(logits_fn: LogitsFn | Sequence[LogitsFn], windows: torch.Tensor, 
     bar = tqdm(total=len(batches), desc=desc, unit="window", leave=False)
     lock = threading.Lock()
     next_batch = iter(range(len(batches)))
+    running = [0.0, 0]  # nll and tokens of the windows done so far, for the progress bar only
 
     def work(fn: LogitsFn) -> None:
         while True:
@@ -53,9 +54,10 @@ def perplexity(logits_fn: LogitsFn | Sequence[LogitsFn], windows: torch.Tensor, 
             nll = _window_nll(fn, batches[i], prefix)
             sums[i], counts[i] = nll.double().sum().item(), nll.numel()
             with lock:
+                running[0] += sums[i]
+                running[1] += counts[i]
                 bar.update(1)
-                done = [j for j in range(len(batches)) if counts[j]]
-                bar.set_postfix(ppl=f"{math.exp(sum(sums[j] for j in done) / sum(counts[j] for j in done)):.3f}")
+                bar.set_postfix(ppl=f"{math.exp(running[0] / running[1]):.3f}")
 
     if len(fns) == 1:
         work(fns[0])

@@ -59,7 +59,7 @@ def _first_user(graph: ir.Graph, users: list[ir.Node]) -> ir.Node:
 
 
 def online_hadamard_inputs(graph: ir.Graph, linears: list[str], matrix: torch.Tensor, factors, dense: bool) -> int:
-    """``x @ matrix`` on the input of each linear in ``linears`` (R4)."""
+    """``x @ matrix`` on the input of each linear in ``linears`` (R4, Ro)."""
     values = _values_by_name(graph)
     for name in linears:
         mm = _matmul_of(graph, values, name)
@@ -123,20 +123,17 @@ def quantize_kv(graph: ir.Graph, num_layers: int, head_dim: int, spec: TokenQuan
 
 def apply(model: ir.Model, handle, dense_hadamard: bool = False) -> dict:
     """All of the above for what ``handle`` records (``online_rotations``, ``act_quant``, ``kv_quant``)."""
-    from qcompile.passes.rotate import online_rotation_matrix
+    from qcompile.passes.rotate import ONLINE_INPUT_ROTATIONS, online_rotation_matrix
     from qcompile.quant.hadamard import hadamard_factors
 
     graph = model.graph
     stats: dict = {}
-    if "r4" in handle.online_rotations:
-        r4 = online_rotation_matrix(handle, "r4")
-        downs = [n for n, role, _ in handle.linears() if role == "down"]
-        stats["r4_rotations"] = online_hadamard_inputs(graph, downs, r4, hadamard_factors(r4.shape[0]),
-                                                       dense_hadamard)
-    if "ro" in handle.online_rotations:
-        ro = online_rotation_matrix(handle, "ro")
-        outs = [n for n, role, _ in handle.linears() if role == "o"]
-        stats["o_rotations"] = online_hadamard_inputs(graph, outs, ro, hadamard_factors(ro.shape[0]), dense_hadamard)
+    for name, (role, _, stat) in ONLINE_INPUT_ROTATIONS.items():
+        if name in handle.online_rotations:
+            matrix = online_rotation_matrix(handle, name)
+            linears = [n for n, r, _ in handle.linears() if r == role]
+            stats[stat] = online_hadamard_inputs(graph, linears, matrix, hadamard_factors(matrix.shape[0]),
+                                                 dense_hadamard)
     if handle.act_quant:
         dims = {n: handle.model.get_submodule(n).in_features for n in handle.act_quant}
         stats["activation_quantizers"] = quantize_activations(graph, handle.act_quant, dims)

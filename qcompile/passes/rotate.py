@@ -222,6 +222,23 @@ def fold_head_rotation(handle: ModelHandle, layer: torch.nn.Module, h: torch.Ten
     _rotate_output_heads(ad.linear(layer, "o"), h.double(), geo.num_heads, geo.head_dim)
 
 
+# online rotations of a linear's input: name -> (the adapter's role of the linear, where, the graph pass's stat)
+ONLINE_INPUT_ROTATIONS = {"r4": ("down", "down_proj input", "r4_rotations"),
+                          "ro": ("o", "o_proj input", "o_rotations")}
+
+
+def _fold_online_input_rotation(handle: ModelHandle, name: str, size: int) -> None:
+    """A plain Hadamard ``H`` (the graph rebuilds it from its size alone) on the input of every linear of the
+    role ``name`` stands for: folded ``W <- W H``, applied online by a pre-hook in torch and by the graph."""
+    role, where, _ = ONLINE_INPUT_ROTATIONS[name]
+    H = _Rotation("hadamard", size, seed=None)
+    for layer in handle.adapter.layers(handle.model):
+        lin = handle.adapter.linear(layer, role)
+        H.fold_right(lin.weight)  # W <- W H
+        handle.rotation_hooks.append(lin.register_forward_pre_hook(HadamardPreHook(size)))
+    handle.online_rotations[name] = _online_spec(size, where)
+
+
 @torch.no_grad()
 def apply(handle: ModelHandle, config: RotateConfig) -> dict:
     if handle.quant_state:
@@ -267,19 +284,9 @@ def apply(handle: ModelHandle, config: RotateConfig) -> dict:
         stats["r2_matrix"] = describe_hadamard(hd) if config.r2 == "hadamard" else f"random orthogonal {hd}"
 
     if config.online_r4:
-        H4 = _Rotation("hadamard", mlp, seed=None)  # plain H: the graph rebuilds it from its size alone
-        for layer in layers:
-            down = ad.linear(layer, "down")
-            H4.fold_right(down.weight)  # W <- W H
-            handle.rotation_hooks.append(down.register_forward_pre_hook(HadamardPreHook(mlp)))
-        handle.online_rotations["r4"] = _online_spec(mlp, "down_proj input")
+        _fold_online_input_rotation(handle, "r4", mlp)
     if config.online_o:  # after R2, which folds into o_proj's per-head input columns
-        Ho = _Rotation("hadamard", o_in, seed=None)
-        for layer in layers:
-            o = ad.linear(layer, "o")
-            Ho.fold_right(o.weight)
-            handle.rotation_hooks.append(o.register_forward_pre_hook(HadamardPreHook(o_in)))
-        handle.online_rotations["ro"] = _online_spec(o_in, "o_proj input")
+        _fold_online_input_rotation(handle, "ro", o_in)
     if config.online_r3:
         handle.online_rotations["r3"] = _online_spec(hd, "queries and keys after RoPE")
     stats["online"] = sorted(handle.online_rotations)

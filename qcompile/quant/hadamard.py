@@ -232,7 +232,8 @@ def _paley(kind: str, q: int) -> np.ndarray:
     return np.kron(C, np.array([[1, 1], [1, -1]])) + np.kron(np.eye(q + 1, dtype=np.int64), np.array([[1, -1], [-1, -1]]))
 
 
-def _sylvester(s: int) -> np.ndarray:
+def sylvester(s: int) -> np.ndarray:
+    """Sylvester's ±1 Hadamard matrix of order ``s`` = 2^k (integers): ``H[i, j] = (-1)^popcount(i & j)``."""
     idx = np.arange(s)
     bits = np.bitwise_and(idx[:, None], idx[None, :])
     parity = np.zeros_like(bits)
@@ -249,7 +250,7 @@ def _base_matrix(m: int) -> np.ndarray:
     if how is None:
         raise RecipeError(f"no Hadamard construction for base order {m}")
     if how[0] == "sylvester":
-        H = _sylvester(m)
+        H = sylvester(m)
     elif how[0] == "kron":
         H = np.kron(_base_matrix(how[1]).astype(np.int64), _base_matrix(how[2]).astype(np.int64))
     else:
@@ -266,7 +267,7 @@ def _base_matrix(m: int) -> np.ndarray:
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Orthonormal Hadamard ``(H_m ⊗ S_{2^k}) / sqrt(n)``: the same matrix :func:`apply_hadamard` applies."""
     m, s = hadamard_factors(n)
-    H = np.kron(_base_matrix(m).astype(np.float64), _sylvester(s).astype(np.float64))
+    H = np.kron(_base_matrix(m).astype(np.float64), sylvester(s).astype(np.float64))
     return (torch.from_numpy(H) / math.sqrt(n)).to(dtype)
 
 
@@ -298,7 +299,7 @@ def _const(kind: str, order: int, dtype: torch.dtype, device: torch.device) -> t
     """The ±1 base ('base') or Sylvester ('sylvester') matrix as a cached tensor."""
     key = (kind, order, dtype, str(device))
     if key not in _CONST_CACHE:
-        H = _base_matrix(order) if kind == "base" else _sylvester(order)
+        H = _base_matrix(order) if kind == "base" else sylvester(order)
         _CONST_CACHE[key] = torch.from_numpy(H.astype(np.float64)).to(device=device, dtype=dtype)
     return _CONST_CACHE[key]
 

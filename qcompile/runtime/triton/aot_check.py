@@ -169,15 +169,16 @@ def cases(all_configs: bool):
                            dict(R=r, C=c, stride_x=n, stride_y=n), warps, 2)
 
     for dt in ("fp16", "fp32"):
+        rope_sig = dict(qkv_ptr=_ptr(dt), pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", qn_ptr="*fp32",
+                        kn_ptr="*fp32", q_out=_ptr(dt), k_out=_ptr(dt), v_out=_ptr(dt), kf_ptr=_ptr(dt),
+                        vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32",
+                        vz_ptr="*fp32", prefix_ptr="*i32", T="i32", stride_qkv="i32", eps="fp32", PCAP="i32",
+                        SMAX="i32", clip="fp32")
         for d in (64, 128):
             for kv_bits, sym in ((16, False), (8, False), (4, True)):
                 for qk_norm in (False, True):
                     yield (f"rope_store {dt} D={d} kv{kv_bits} qk_norm={qk_norm}", kv_attention._rope_store_kernel,
-                           dict(qkv_ptr=_ptr(dt), pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", qn_ptr="*fp32",
-                                kn_ptr="*fp32", q_out=_ptr(dt), k_out=_ptr(dt), v_out=_ptr(dt), kf_ptr=_ptr(dt),
-                                vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*fp32",
-                                vs_ptr="*fp32", vz_ptr="*fp32", prefix_ptr="*i32", T="i32", stride_qkv="i32",
-                                eps="fp32", PCAP="i32", SMAX="i32", clip="fp32"),
+                           rope_sig,
                            dict(NH=32, NKV=8, D=d, KV_BITS=kv_bits, KV_SYM=sym, QK_NORM=qk_norm, OUT_KV=qk_norm,
                                 ROPE=True, STORE=True),
                            dict(stride_qkv=48 * d), 1 if d <= 64 else 2, 2)
@@ -185,11 +186,7 @@ def cases(all_configs: bool):
                 for label, nh, rope, store, out_kv in (("rope only", 32, True, False, True),
                                                        ("store_kv", 0, False, True, False)):
                     yield (f"rope_store {label} {dt} D={d} kv{kv_bits}", kv_attention._rope_store_kernel,
-                           dict(qkv_ptr=_ptr(dt), pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", qn_ptr="*fp32",
-                                kn_ptr="*fp32", q_out=_ptr(dt), k_out=_ptr(dt), v_out=_ptr(dt), kf_ptr=_ptr(dt),
-                                vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*fp32",
-                                vs_ptr="*fp32", vz_ptr="*fp32", prefix_ptr="*i32", T="i32", stride_qkv="i32",
-                                eps="fp32", PCAP="i32", SMAX="i32", clip="fp32"),
+                           rope_sig,
                            dict(NH=nh, NKV=8, D=d, KV_BITS=kv_bits, KV_SYM=sym, QK_NORM=False, OUT_KV=out_kv,
                                 ROPE=rope, STORE=store),
                            dict(stride_qkv=(nh + 16) * d), 1 if d <= 64 else 2, 2)

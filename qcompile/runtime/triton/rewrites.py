@@ -22,6 +22,7 @@ import numpy as np
 
 from qcompile.errors import QCompileError
 from qcompile.quant.activations import MIN_SCALE, TokenQuantSpec
+from qcompile.quant.hadamard import sylvester
 
 
 @dataclass(frozen=True)
@@ -53,15 +54,6 @@ class FloatPrefix:
 
 
 Step = Hadamard | TokenQuantSpec | FloatPrefix
-
-
-def sylvester(n: int) -> np.ndarray:
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Sylvester order must be a power of two, got {n}")
-    h = np.ones((1, 1))
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return h
 
 
 def const_value(value) -> np.ndarray | None:
