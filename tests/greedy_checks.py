@@ -1,4 +1,4 @@
-"""Greedy-token comparison shared by the runtime tests (Triton runner vs ORT)."""
+"""Greedy-token comparison shared by the runtime tests (Triton runner vs ORT), and their random prompts."""
 
 import numpy as np
 
@@ -14,3 +14,9 @@ def same_greedy(ort, r, ids, n, tie_tol) -> bool:
     margin = float(logits[ref[i]] - logits[ours[i]])
     assert margin < tie_tol, f"prompt {ids}: step {i} picked {ours[i]} over ORT's {ref[i]} (margin {margin:.3g})"
     return False
+
+
+def prompt_set(vocab, n=4, seed=0):
+    """``n`` seeded prompts of 5 to 20 token ids below ``vocab``, each starting with id 1."""
+    g = np.random.default_rng(seed)
+    return [[1, *g.integers(3, vocab, size=int(g.integers(4, 20))).tolist()] for _ in range(n)]

@@ -15,7 +15,7 @@ import torch
 from qcompile.errors import QCompileError
 from qcompile.runtime.ort import OrtCausalLM
 from qcompile.runtime.triton.runner import TritonCausalLM, load_exported
-from greedy_checks import same_greedy
+from greedy_checks import prompt_set, same_greedy
 from tiny_models import export_tiny
 
 HAS_CUDA = torch.cuda.is_available()
@@ -148,11 +148,6 @@ def test_cli_refuses_cuda_without_gpu(exported, capsys):
 
 
 # -- GPU ------------------------------------------------------------------------------------------------------
-
-
-def prompt_set(vocab, n=4, seed=0):
-    g = np.random.default_rng(seed)
-    return [[1, *g.integers(3, vocab, size=int(g.integers(4, 20))).tolist()] for _ in range(n)]
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from qcompile.errors import QCompileError
 from qcompile.models import load
 from qcompile.pipeline import export, run_passes
 from qcompile.recipe import PassStep, Recipe
-from greedy_checks import same_greedy
+from greedy_checks import prompt_set, same_greedy
 from qcompile.runtime.ort import OrtCausalLM
 from qcompile.runtime.triton.rewrites import Hadamard
 from qcompile.runtime.triton.runner import TritonCausalLM, load_exported
@@ -282,11 +282,6 @@ def test_linears_with_different_input_quantizers_run_side_by_side(device):
 
 
 # -- GPU ------------------------------------------------------------------------------------------------------
-
-
-def prompt_set(vocab, n=4, seed=0):
-    g = np.random.default_rng(seed)
-    return [[1, *g.integers(3, vocab, size=int(g.integers(4, 20))).tolist()] for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
