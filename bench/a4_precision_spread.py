@@ -1,9 +1,12 @@
-"""How far apart two correct implementations of a 4-bit-activation model drift: torch fp32 vs torch fp64 vs ORT.
+"""How far apart two correct implementations of a quantized-activation model drift: torch fp32 vs fp64 vs ORT.
 
-The rotated RTN W4A4KV4 SmolLM2 (variant ``w4a4kv4-rot-rtn`` of spine_quality.py), one 512-token test window:
-max |Δlogit|, argmax agreement and mean NLL of each pair. Printed and saved as JSON.
+A variant of spine_quality.py (default the rotated RTN W4A4KV4 SmolLM2, ``w4a4kv4-rot-rtn``; ``w8a8-rot-rtn`` for
+8-bit activations), one 512-token test window: max |Δlogit|, argmax agreement and mean NLL of each pair. Printed
+and saved as JSON. It is the yardstick for torch-vs-ORT parity of graphs that round activations: a rounding flip
+decided by float summation order grows over 30 layers, in torch alone as much as between torch and ORT.
 
     python bench/a4_precision_spread.py --out bench/results/a4_precision_spread.json
+    python bench/a4_precision_spread.py --variant w8a8-rot-rtn --out bench/results/a8_precision_spread.json
 """
 
 import argparse

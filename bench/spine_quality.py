@@ -60,9 +60,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # rotations, activation and KV quantization (issue 4): the recipes, and each step's contribution
     "rot-fp32": ("w4a4kv4", [], ["gptq", "act_quant", "kv_quant"]),
     "w8a8": ("w8a8", []),
+    "w8a8-rot-rtn": ("w8a8", ["swap:gptq=rtn"]),
     "w4a16-rot": ("w4a8", [], ["act_quant"]),
     "w4a8": ("w4a8", []),
+    "w4a8-rot-rtn": ("w4a8", ["swap:gptq=rtn"]),
     "w4a4kv4-rot-rtn": ("w4a4kv4", ["swap:gptq=rtn"]),
+    # the same graph with the online Hadamards (R3, R4) as one dense MatMul each instead of the Kronecker pair
+    "w4a4kv4-rot-rtn-dense": ("w4a4kv4", ["swap:gptq=rtn", "export.online_hadamard=dense"]),
     "w4a4kv4": ("w4a4kv4", []),
     "w4a4kv4-p32": ("w4a4kv4", ["kv_quant.prefix=32"]),
     "w3a3-g64-rot-rtn": ("w3a3-g64", ["swap:gptq=rtn"]),
@@ -85,7 +89,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # learned rotations (SpinQuant, issue 4); -rtn: RTN instead of GPTQ, the rotation's own contribution
     "w4a4kv4-spin": ("w4a4kv4-spin", []),
     "w4a4kv4-spin-rtn": ("w4a4kv4-spin", ["swap:gptq=rtn"]),
-    "w3a3-g64-spin": ("w3a3-g64-spin", []),
+    "w3a3-g64-spin": ("w3a3-g64-spin", []),  # 6 epochs since the e6 run below; was 3
+    "w3a3-g64-spin-e3": ("w3a3-g64-spin", ["spinquant.epochs=3"]),
+    "w3a3-g64-spin-e6": ("w3a3-g64-spin", ["spinquant.epochs=6"]),
 }
 # the BiSup prompt-mixed-precision ablation: these variants are also measured with every test window read after
 # SYSTEM_PROMPT, once with its KV cache quantized and once with it kept float (kv_quant prefix = its length)
@@ -139,6 +145,9 @@ def main() -> None:
                     help="prepare: passes, torch rows, export of the --ort variants and a recorded torch parity "
                          "reference next to each export; ort: only the ORT rows, from what prepare left in "
                          "--export-dir (so training and a long ORT evaluation can run in separate processes)")
+    ap.add_argument("--prompt-ablation-ort", type=int, default=0, metavar="N",
+                    help="for the prompt-ablation variants in --ort: also export the graph with the system prompt's KV "
+                         "kept float, and measure both graphs through ORT on the first N test windows read after it")
     ap.add_argument("--fp16-reference", action="store_true", help="also measure the float model in fp16 (torch)")
     ap.add_argument("--out", default="bench/results/spine_quality.json")
     args = ap.parse_args()
@@ -206,6 +215,8 @@ def measure(name, args, test_windows, ort_names, results, save) -> None:
         reference = torch_reference(h.model, h.tokenizer, test_windows[:2, :512], max_new_tokens=32)
         rep = export(h, folder, recipe, overwrite=True)
         row["files"] = rep["files"]
+        if args.prompt_ablation_ort and name in PROMPT_ABLATION and h.kv_quant is not None:
+            export_float_prompt(h, folder, recipe)
         del h
         if args.stage == "prepare":
             torch.save(reference, folder.parent / f"{name}.reference.pt")
@@ -236,8 +247,54 @@ def ort_rows(name, args, folder, reference, test_windows, row, results, save) ->
               f"{g['identical']}/{g['prompts']} ({row[key]['windows']} windows)", flush=True)
         results["variants"][name] = row
         save()
+    if args.prompt_ablation_ort and (folder.parent / f"{folder.name}-sys").is_dir():
+        row["system_prompt_ort"] = prompt_ablation_ort(folder, args, test_windows[: args.prompt_ablation_ort])
+        print(f"{name}: ORT after a system prompt: {row['system_prompt_ort']}", flush=True)
     results["variants"][name] = row
     save()
+
+
+def system_prompt_ids(tokenizer) -> torch.Tensor:
+    ids = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}], tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return torch.tensor(list(ids), dtype=torch.long)
+
+
+def export_float_prompt(h, folder: Path, recipe) -> None:
+    """The same trained weights exported again with the system prompt's KV positions kept float
+    (``<folder>-sys``), for the ORT row of the prompt-mixed-precision ablation."""
+    import dataclasses
+
+    from qcompile.passes.kv_quant import install
+
+    n = int(system_prompt_ids(h.tokenizer).numel())
+    original = h.kv_quant
+    h.kv_quant = dataclasses.replace(original, prefix=n)  # what the graph pass reads
+    install(h, h.kv_quant)
+    try:
+        export(h, folder.parent / f"{folder.name}-sys", apply_overrides(recipe, [f"kv_quant.prefix={n}"]),
+               overwrite=True)
+    finally:
+        h.kv_quant = original
+        install(h, original)
+
+
+def prompt_ablation_ort(folder: Path, args, test_windows) -> dict:
+    """ORT ppl of the windows read after SYSTEM_PROMPT: the graph that quantizes the prompt's KV cache
+    (``folder``, prefix 0) vs the one that keeps it float (``<folder>-sys``); the scored tokens are the same."""
+    from transformers import AutoTokenizer
+
+    from qcompile.runtime.ort import OrtCausalLM
+
+    prefix = system_prompt_ids(AutoTokenizer.from_pretrained(folder))
+    n = max(1, args.ort_sessions)
+    per = None if args.threads is None else max(1, args.threads // n)
+    out = {"prompt_tokens": int(prefix.numel()), "windows": int(test_windows.shape[0])}
+    for label, path in (("quantized_prompt", folder), ("float_prompt", folder.parent / f"{folder.name}-sys")):
+        runners = [OrtCausalLM.from_dir(path, accuracy_level=1, threads=per) for _ in range(n)]
+        out[label] = perplexity([ort_logits_fn(r) for r in runners], test_windows, desc=f"ort {label}",
+                                prefix=prefix)["ppl"]
+    return out
 
 
 def prompt_ablation(h, test_windows) -> dict:
@@ -247,9 +304,7 @@ def prompt_ablation(h, test_windows) -> dict:
 
     from qcompile.passes.kv_quant import install
 
-    ids = h.tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}], tokenize=True)
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    prefix = torch.tensor(list(ids), dtype=torch.long)
+    prefix = system_prompt_ids(h.tokenizer)
     original = h.kv_quant
     out = {"prompt_tokens": int(prefix.numel())}
     try:
