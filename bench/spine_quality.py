@@ -29,6 +29,7 @@ from qcompile.models import load  # noqa: E402
 from qcompile.pipeline import export, run_passes, to_export_precision  # noqa: E402
 from qcompile.recipe import apply_overrides, load_recipe  # noqa: E402
 
+BENCH_RECIPES = Path(__file__).resolve().parent / "recipes"
 PLAIN = ["gptq.act_order=false", "gptq.true_sequential=false", "gptq.mse_clip=false", "gptq.refit_scales=false"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "fp32": ("fp32", []),
@@ -70,6 +71,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4": ("w4a4kv4", []),
     "w4a4kv4-p32": ("w4a4kv4", ["kv_quant.prefix=32"]),
     "w3a3-g64-rot-rtn": ("w3a3-g64", ["swap:gptq=rtn"]),
+    # the onnxsim peer's setting (bench/recipes/w4a4-rot-rtn.yaml: W4A4 KV16 RTN) and its activation clip ratio
+    "w4a4-rot-rtn": (str(BENCH_RECIPES / "w4a4-rot-rtn.yaml"), []),  # clip 0.9
+    "w4a4-rot-rtn-clip0.95": (str(BENCH_RECIPES / "w4a4-rot-rtn.yaml"), ["act_quant.clip_ratio=0.95"]),
+    "w4a4-rot-rtn-clip1": (str(BENCH_RECIPES / "w4a4-rot-rtn.yaml"), ["act_quant.clip_ratio=1.0"]),
     "w3a3-g64": ("w3a3-g64", []),
     # learned passes (issues 5 and 6): the CQE+ ablation per bit width, then DL-QAT and BiSup
     **{f"{m}-w{b}": (f"w{b}a16-g64-cqe", s) for b in (4, 3, 2) for m, s in (
