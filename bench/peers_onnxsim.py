@@ -13,6 +13,8 @@ Methods:
   activation at run time (a MatMul with a K x K constant before each quantized MatMul), int4 round-to-nearest per
   token (symmetric) on the rotated activation, int4 RTN weights (symmetric, blockwise). No KV-cache quantization:
   the QuaRot "W4A4 (KV16)" row. No calibration.
+* ``quarot-gptq``: ``onnxsim.apply_quarot_gptq``: ``quarot``'s rotations and activation quantizer, the rotated
+  weights quantized by GPTQ with Hessians from the same calibration windows as ``gptq`` below.
 * ``wo-int4``: ``onnxsim.quantize_weight_only_int4``: RTN int4 symmetric, blocks of 32 (fixed by the tool).
 * ``gptq``: ``wo-int4`` then ``onnxsim.apply_gptq`` with Hessians from --calib-samples windows of
   --calib-seq-len tokens of the WikiText-2 *validation* split (the tool's defaults otherwise).
@@ -53,7 +55,7 @@ from qcompile.runtime.ort import MODEL_FILE, OrtCausalLM  # noqa: E402
 
 DATA_FILE = MODEL_FILE + "_data"
 SKIP_FILES = {MODEL_FILE, DATA_FILE, "qcompile.json", "report.json"}
-METHODS = ("quarot", "wo-int4", "gptq")
+METHODS = ("quarot", "quarot-gptq", "wo-int4", "gptq")
 
 
 def calibration_feeds(fp32_dir: Path, args) -> list[dict[str, np.ndarray]]:
@@ -81,6 +83,12 @@ def run_method(method: str, fp32_dir: Path, folder: Path, args, row: dict) -> No
     if method == "quarot":
         row["tool_settings"] = {"function": "apply_quarot", "block_size": args.block_size, "seed": 0}
         out = onnxsim.apply_quarot(model, seed=0, block_size=args.block_size)
+    elif method == "quarot-gptq":
+        feeds = calibration_feeds(fp32_dir, args)
+        row["tool_settings"] = {"function": "apply_quarot_gptq", "block_size": args.block_size, "seed": 0,
+                                "calibration": {"split": "valid", "samples": args.calib_samples,
+                                                "seq_len": args.calib_seq_len}}
+        out = onnxsim.apply_quarot_gptq(model, calibration_data=feeds, seed=0, block_size=args.block_size)
     elif method == "wo-int4":
         row["tool_settings"] = {"function": "quantize_weight_only_int4", "block_size": 32}
         # the weight-only matcher needs the activations' dtype: without shape inference it quantizes nothing
@@ -130,6 +138,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quantize-only", action="store_true", help="run the methods' quantization and stop")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score a method's folder from an earlier run (same --work-dir and --out) instead of "
+                         "quantizing again; its tool settings and quantize time are kept from that run")
     ap.add_argument("--out", default="bench/results/peers_onnxsim.json")
     args = ap.parse_args()
 
@@ -157,6 +169,10 @@ def main() -> None:
     for m in methods:
         name, folder = f"onnxsim-{m}", Path(args.work_dir) / m
         row = results["graphs"].setdefault(name, {})
+        if args.reuse and (folder / MODEL_FILE).is_file() and "quantize_seconds" in row:
+            graphs[name] = folder
+            print(f"{name}: reusing {folder} (quantized in {row['quantize_seconds']:.1f}s)", flush=True)
+            continue
         row.clear()
         try:
             run_method(m, fp32_dir, folder, args, row)
@@ -166,6 +182,8 @@ def main() -> None:
             row["error"] = f"{type(e).__name__}: {e}"
             print(f"{name}: FAILED {row['error']}", flush=True)
         save()
+    if args.quantize_only:
+        return
     for f in [f for f in args.ours.split(",") if f]:
         graphs[f"qcompile {Path(f).name}"] = Path(f)
         results["graphs"][f"qcompile {Path(f).name}"] = {}
