@@ -294,9 +294,10 @@ def prompt_ablation_ort(folder: Path, args, test_windows) -> dict:
     prefix = system_prompt_ids(AutoTokenizer.from_pretrained(folder))
     n = max(1, args.ort_sessions)
     per = None if args.threads is None else max(1, args.threads // n)
-    out = {"prompt_tokens": int(prefix.numel()), "windows": int(test_windows.shape[0])}
+    level = int(args.accuracy_levels.split(",")[0])
+    out = {"prompt_tokens": int(prefix.numel()), "windows": int(test_windows.shape[0]), "accuracy_level": level}
     for label, path in (("quantized_prompt", folder), ("float_prompt", folder.parent / f"{folder.name}-sys")):
-        runners = [OrtCausalLM.from_dir(path, accuracy_level=1, threads=per) for _ in range(n)]
+        runners = [OrtCausalLM.from_dir(path, accuracy_level=level, threads=per) for _ in range(n)]
         out[label] = perplexity([ort_logits_fn(r) for r in runners], test_windows, desc=f"ort {label}",
                                 prefix=prefix)["ppl"]
     return out
