@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from qcompile.quant import hadamard
 from qcompile.runtime.triton.packing import PackedIntWeight, PackedWeight
 
 MIN_SCALE = 1e-8  # qcompile.quant.activations.MIN_SCALE
@@ -106,10 +107,7 @@ def sylvester(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """The Sylvester Hadamard matrix of order n = 2^k (H_2n = [[H, H], [H, -H]]; symmetric)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"Sylvester order must be a power of two, got {n}")
-    h = torch.ones(1, 1, dtype=dtype, device=device)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
+    return torch.from_numpy(hadamard.sylvester(n)).to(dtype=dtype, device=device)
 
 
 def hadamard_ref(x: torch.Tensor, left: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
