@@ -233,17 +233,22 @@ def measure(name, args, test_windows, ort_names, results, save) -> None:
     save()
 
 
-def ort_rows(name, args, folder, reference, test_windows, row, results, save) -> None:
+def ort_sessions(folder: Path, args, level: int) -> tuple[list, int | None]:
+    """--ort-sessions ORT sessions of ``folder`` at accuracy ``level`` sharing --threads, and the threads of each."""
     from qcompile.runtime.ort import OrtCausalLM
 
+    n = max(1, args.ort_sessions)
+    per = None if args.threads is None else max(1, args.threads // n)
+    return [OrtCausalLM.from_dir(folder, accuracy_level=level, threads=per) for _ in range(n)], per
+
+
+def ort_rows(name, args, folder, reference, test_windows, row, results, save) -> None:
     for level in [int(x) for x in args.accuracy_levels.split(",")]:
-        n = max(1, args.ort_sessions)
-        per = None if args.threads is None else max(1, args.threads // n)
-        runners = [OrtCausalLM.from_dir(folder, accuracy_level=level, threads=per) for _ in range(n)]
+        runners, per = ort_sessions(folder, args, level)
         key = f"ort_acc{level}"
         row[key] = perplexity([ort_logits_fn(r) for r in runners], test_windows[: args.ort_limit],
                               desc=f"{name} ort acc{level}")
-        row[key]["ort_sessions"], row[key]["threads_per_session"] = n, per
+        row[key]["ort_sessions"], row[key]["threads_per_session"] = len(runners), per
         row[key]["parity_logits"] = compare_logits(reference, runners[0])
         row[key]["parity_greedy"] = compare_greedy(reference, runners[0])
         g = row[key]["parity_greedy"]
@@ -289,15 +294,11 @@ def prompt_ablation_ort(folder: Path, args, test_windows) -> dict:
     (``folder``, prefix 0) vs the one that keeps it float (``<folder>-sys``); the scored tokens are the same."""
     from transformers import AutoTokenizer
 
-    from qcompile.runtime.ort import OrtCausalLM
-
     prefix = system_prompt_ids(AutoTokenizer.from_pretrained(folder))
-    n = max(1, args.ort_sessions)
-    per = None if args.threads is None else max(1, args.threads // n)
     level = int(args.accuracy_levels.split(",")[0])
     out = {"prompt_tokens": int(prefix.numel()), "windows": int(test_windows.shape[0]), "accuracy_level": level}
     for label, path in (("quantized_prompt", folder), ("float_prompt", folder.parent / f"{folder.name}-sys")):
-        runners = [OrtCausalLM.from_dir(path, accuracy_level=level, threads=per) for _ in range(n)]
+        runners, _ = ort_sessions(path, args, level)
         out[label] = perplexity([ort_logits_fn(r) for r in runners], test_windows, desc=f"ort {label}",
                                 prefix=prefix)["ppl"]
     return out
