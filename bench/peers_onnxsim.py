@@ -75,6 +75,11 @@ def calibration_feeds(fp32_dir: Path, args) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
+def calibration_settings(args) -> dict:
+    """What calibration_feeds reads, as recorded beside each calibrated method's figures."""
+    return {"split": "valid", "samples": args.calib_samples, "seq_len": args.calib_seq_len}
+
+
 def run_method(method: str, fp32_dir: Path, folder: Path, args, row: dict) -> None:
     import onnxsim
 
@@ -86,8 +91,7 @@ def run_method(method: str, fp32_dir: Path, folder: Path, args, row: dict) -> No
     elif method == "quarot-gptq":
         feeds = calibration_feeds(fp32_dir, args)
         row["tool_settings"] = {"function": "apply_quarot_gptq", "block_size": args.block_size, "seed": 0,
-                                "calibration": {"split": "valid", "samples": args.calib_samples,
-                                                "seq_len": args.calib_seq_len}}
+                                "calibration": calibration_settings(args)}
         out = onnxsim.apply_quarot_gptq(model, calibration_data=feeds, seed=0, block_size=args.block_size)
     elif method == "wo-int4":
         row["tool_settings"] = {"function": "quantize_weight_only_int4", "block_size": 32}
@@ -96,8 +100,7 @@ def run_method(method: str, fp32_dir: Path, folder: Path, args, row: dict) -> No
     elif method == "gptq":
         feeds = calibration_feeds(fp32_dir, args)
         row["tool_settings"] = {"function": "quantize_weight_only_int4 + apply_gptq", "block_size": 32,
-                                "calibration": {"split": "valid", "samples": args.calib_samples,
-                                                "seq_len": args.calib_seq_len}}
+                                "calibration": calibration_settings(args)}
         model = onnx.shape_inference.infer_shapes(model)
         out = onnxsim.apply_gptq(model, onnxsim.quantize_weight_only_int4(model), calibration_data=feeds)
     else:
