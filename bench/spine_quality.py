@@ -11,6 +11,8 @@ Results merge into --out (JSON) after every variant, so a run cut short keeps wh
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -111,8 +113,6 @@ def variant_recipe(name: str, calib_samples=...):
     recipe_name, sets, *drop = VARIANTS[name]
     recipe = load_recipe(recipe_name)
     for item in [x for x in sets if x.startswith("swap:")]:
-        import dataclasses
-
         from qcompile import passes as qpasses
         from qcompile.recipe import PassStep
 
@@ -270,23 +270,29 @@ def system_prompt_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(list(ids), dtype=torch.long)
 
 
-def export_float_prompt(h, folder: Path, recipe) -> None:
-    """The same trained weights exported again with the system prompt's KV positions kept float
-    (``<folder>-sys``), for the ORT row of the prompt-mixed-precision ablation."""
-    import dataclasses
-
+@contextlib.contextmanager
+def kv_prefix(h, p: int):
+    """``h``'s KV quantizer with its float prefix set to ``p``, for torch (the attention hook) and for export (the
+    graph pass reads ``h.kv_quant``); the original is restored after."""
     from qcompile.passes.kv_quant import install
 
-    n = int(system_prompt_ids(h.tokenizer).numel())
     original = h.kv_quant
-    h.kv_quant = dataclasses.replace(original, prefix=n)  # what the graph pass reads
+    h.kv_quant = dataclasses.replace(original, prefix=p)
     install(h, h.kv_quant)
     try:
-        export(h, folder.parent / f"{folder.name}-sys", apply_overrides(recipe, [f"kv_quant.prefix={n}"]),
-               overwrite=True)
+        yield
     finally:
         h.kv_quant = original
         install(h, original)
+
+
+def export_float_prompt(h, folder: Path, recipe) -> None:
+    """The same trained weights exported again with the system prompt's KV positions kept float
+    (``<folder>-sys``), for the ORT row of the prompt-mixed-precision ablation."""
+    n = int(system_prompt_ids(h.tokenizer).numel())
+    with kv_prefix(h, n):
+        export(h, folder.parent / f"{folder.name}-sys", apply_overrides(recipe, [f"kv_quant.prefix={n}"]),
+               overwrite=True)
 
 
 def prompt_ablation_ort(folder: Path, args, test_windows) -> dict:
@@ -307,20 +313,11 @@ def prompt_ablation_ort(folder: Path, args, test_windows) -> dict:
 def prompt_ablation(h, test_windows) -> dict:
     """Torch ppl of the test windows read after SYSTEM_PROMPT (chat template), the system turn's KV cache
     quantized (prefix 0) vs float (prefix = its length); the scored tokens are the same in both."""
-    import dataclasses
-
-    from qcompile.passes.kv_quant import install
-
     prefix = system_prompt_ids(h.tokenizer)
-    original = h.kv_quant
     out = {"prompt_tokens": int(prefix.numel())}
-    try:
-        for label, p in (("quantized_prompt", 0), ("float_prompt", int(prefix.numel()))):
-            install(h, dataclasses.replace(original, prefix=p))
-            with torch.inference_mode():
-                out[label] = perplexity(torch_logits_fn(h.model), test_windows, desc=label, prefix=prefix)["ppl"]
-    finally:
-        install(h, original)
+    for label, p in (("quantized_prompt", 0), ("float_prompt", int(prefix.numel()))):
+        with kv_prefix(h, p), torch.inference_mode():
+            out[label] = perplexity(torch_logits_fn(h.model), test_windows, desc=label, prefix=prefix)["ppl"]
     return out
 
 
