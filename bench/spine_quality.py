@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import onnxruntime
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -78,6 +79,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "w4a4-rot-rtn-clip0.95": (str(BENCH_RECIPES / "w4a4-rot-rtn.yaml"), ["act_quant.clip_ratio=0.95"]),
     "w4a4-rot-rtn-clip1": (str(BENCH_RECIPES / "w4a4-rot-rtn.yaml"), ["act_quant.clip_ratio=1.0"]),
     "w3a3-g64": ("w3a3-g64", []),
+    # QuaRot's activation clip ratio on the built-in rotation + GPTQ recipes (they clip at 1.0)
+    "w4a4kv4-c09": ("w4a4kv4", ["act_quant.clip_ratio=0.9"]),
+    "w3a3-g64-c09": ("w3a3-g64", ["act_quant.clip_ratio=0.9"]),
     # learned passes (issues 5 and 6): the CQE+ ablation per bit width, then DL-QAT and BiSup
     **{f"{m}-w{b}": (f"w{b}a16-g64-cqe", s) for b in (4, 3, 2) for m, s in (
         ("lwc", ["swap:sde=lwc", "lwc.cll_window=0", "lwc.penalty=0"]), ("lsi", ["swap:sde=lsi", "lsi.cll_window=0", "lsi.penalty=0"]),
@@ -91,6 +95,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dlqat-e3-w4": ("w4a16-g64-dlqat", ["dlqat.epochs=3"]),
     "cqe-dlqat-w3": ("w3a16-g64-cqe-dlqat", []),
     "w4a4kv4-cqe": ("w4a4kv4-cqe", []),
+    # CQE+ on the Hadamard-rotated model (R1 + R2 folded, no online rotation), and its GPTQ reference
+    **{f"rot-cqe-w{b}": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), [f"sde.bits={b}"]) for b in (4, 3, 2)},
+    "rot-cqe-r4-w4": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), ["rotate.online_r4=true"]),
+    "w4a16-rot-r12": ("w4a8", ["rotate.online_r4=false"], ["act_quant"]),
     "w4a4kv4-bisup": ("w4a4kv4-bisup", []),
     "w3a3-g64-bisup": ("w3a3-g64-bisup", []),
     # learned rotations (SpinQuant, issue 4); -rtn: RTN instead of GPTQ, the rotation's own contribution
@@ -163,6 +171,7 @@ def main() -> None:
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     results.setdefault("variants", {})
     results["machine"] = {"platform": platform.platform(), "torch": torch.__version__,
+                          "onnxruntime": onnxruntime.__version__,
                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                           "cpu_count": os.cpu_count()}
     results["command"] = " ".join(["python"] + sys.argv)
