@@ -1,0 +1,43 @@
+#!/bin/bash
+# Device pipeline (started by bench/device/run.sh): GPU lanes (training + torch rows + export, --stage prepare) and one CPU lane for ORT rows
+# (--stage ort) that takes the first ready job in ORT_JOBS order. Runs detached; results in /root/res.
+# env: GPU_A, GPU_B ("variant[:ort] ..."), ORT_JOBS ("variant ..."), ORT_CORES (default 4-15)
+R=/root/repo; M=/root/m/smollm2.gguf; RES=/root/res; EXP=/root/exp
+export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 QCOMPILE_DATA_DIR=/root/data QCOMPILE_CACHE=/root/cache
+export TOKENIZERS_PARALLELISM=false
+cd $R
+lane() {  # $1 cores, rest jobs
+  local cores=$1; shift
+  for job in "$@"; do
+    name=${job%%:*}; ort=""; [ "$job" != "$name" ] && ort="--ort $name"
+    echo "$(date +%T) start $name" >> $RES/lanes.log
+    OMP_NUM_THREADS=2 taskset -c $cores python3 bench/spine_quality.py --model $M --device cuda --variants $name $ort \
+      --stage prepare --export-dir $EXP --out $RES/gpu_$name.json > $RES/gpu_$name.log 2>&1
+    echo "$(date +%T) end $name rc=$?" >> $RES/lanes.log
+    touch $RES/done_$name
+  done
+}
+ortlane() {
+  local left="$ORT_JOBS"
+  while [ -n "$(echo $left)" ]; do
+    pick=""
+    for n in $left; do [ -f $RES/done_$n ] && { pick=$n; break; }; done
+    if [ -z "$pick" ]; then
+      [ -f $RES/gpu_lanes_done ] && break
+      sleep 5; continue
+    fi
+    left=$(echo " $left " | sed "s/ $pick / /")
+    echo "$(date +%T) ort start $pick" >> $RES/lanes.log
+    OMP_NUM_THREADS=12 taskset -c ${ORT_CORES:-4-15} python3 bench/spine_quality.py --model $M --variants $pick --ort $pick \
+      --stage ort --export-dir $EXP --out $RES/ort_$pick.json --threads 12 --ort-sessions 2 --accuracy-levels 1 \
+      > $RES/ort_$pick.log 2>&1
+    echo "$(date +%T) ort end $pick rc=$?" >> $RES/lanes.log
+  done
+  touch $RES/ort_done
+}
+( lane 0-1 $GPU_A ) & a=$!
+( [ -n "$GPU_B" ] && lane 2-3 $GPU_B ) & b=$!
+ortlane & o=$!
+wait $a $b; touch $RES/gpu_lanes_done
+wait $o
+touch $RES/all_done
