@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qcompile.data import resolve_text, token_stream, windows  # noqa: E402
+from qcompile.data import resolve_text, system_prompt_ids, token_stream, windows  # noqa: E402
 from qcompile.eval.parity import compare_greedy, compare_logits, torch_reference  # noqa: E402
 from qcompile.eval.perplexity import ort_logits_fn, perplexity, torch_logits_fn  # noqa: E402
 from qcompile.models import load  # noqa: E402
@@ -273,12 +273,6 @@ def ort_rows(name, args, folder, reference, test_windows, row, results, save) ->
     save()
 
 
-def system_prompt_ids(tokenizer) -> torch.Tensor:
-    ids = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}], tokenize=True)
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    return torch.tensor(list(ids), dtype=torch.long)
-
-
 @contextlib.contextmanager
 def kv_prefix(h, p: int):
     """``h``'s KV quantizer with its float prefix set to ``p``, for torch (the attention hook) and for export (the
@@ -298,7 +292,7 @@ def kv_prefix(h, p: int):
 def export_float_prompt(h, folder: Path, recipe) -> None:
     """The same trained weights exported again with the system prompt's KV positions kept float
     (``<folder>-sys``), for the ORT row of the prompt-mixed-precision ablation."""
-    n = int(system_prompt_ids(h.tokenizer).numel())
+    n = int(system_prompt_ids(h.tokenizer, SYSTEM_PROMPT).numel())
     with kv_prefix(h, n):
         export(h, folder.parent / f"{folder.name}-sys", apply_overrides(recipe, [f"kv_quant.prefix={n}"]),
                overwrite=True)
@@ -309,7 +303,7 @@ def prompt_ablation_ort(folder: Path, args, test_windows) -> dict:
     (``folder``, prefix 0) vs the one that keeps it float (``<folder>-sys``); the scored tokens are the same."""
     from transformers import AutoTokenizer
 
-    prefix = system_prompt_ids(AutoTokenizer.from_pretrained(folder))
+    prefix = system_prompt_ids(AutoTokenizer.from_pretrained(folder), SYSTEM_PROMPT)
     level = int(args.accuracy_levels.split(",")[0])
     out = {"prompt_tokens": int(prefix.numel()), "windows": int(test_windows.shape[0]), "accuracy_level": level}
     for label, path in (("quantized_prompt", folder), ("float_prompt", folder.parent / f"{folder.name}-sys")):
@@ -322,7 +316,7 @@ def prompt_ablation_ort(folder: Path, args, test_windows) -> dict:
 def prompt_ablation(h, test_windows) -> dict:
     """Torch ppl of the test windows read after SYSTEM_PROMPT (chat template), the system turn's KV cache
     quantized (prefix 0) vs float (prefix = its length); the scored tokens are the same in both."""
-    prefix = system_prompt_ids(h.tokenizer)
+    prefix = system_prompt_ids(h.tokenizer, SYSTEM_PROMPT)
     out = {"prompt_tokens": int(prefix.numel())}
     for label, p in (("quantized_prompt", 0), ("float_prompt", int(prefix.numel()))):
         with kv_prefix(h, p), torch.inference_mode():

@@ -91,18 +91,10 @@ def _eval_windows(args, tokenizer):
 
 
 def _system_prefix(args, tokenizer):
-    """Token ids of ``--system-prompt`` as the chat template writes a system turn (raw text without a template),
-    or None."""
-    import torch
+    """Token ids of ``--system-prompt`` as a chat-templated system turn, or None."""
+    from qcompile.data import system_prompt_ids
 
-    if not getattr(args, "system_prompt", None):
-        return None
-    if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "system", "content": args.system_prompt}], tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    else:
-        ids = tokenizer(args.system_prompt, add_special_tokens=False)["input_ids"]
-    return torch.tensor(list(ids), dtype=torch.long)
+    return system_prompt_ids(tokenizer, args.system_prompt) if getattr(args, "system_prompt", None) else None
 
 
 def _eval_export_dir(out_dir: str, args) -> dict:

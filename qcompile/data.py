@@ -65,6 +65,18 @@ def token_stream(path: Path, tokenizer) -> torch.Tensor:
     return _tokenize_file(str(path), tokenizer)
 
 
+def system_prompt_ids(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as the tokenizer's chat template writes a system turn (the raw text when the tokenizer
+    has no template): the prefix that BiSup's prompt mixed precision keeps float and that ``qcompile eval
+    --system-prompt`` reads every window after."""
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "system", "content": text}], tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a BatchEncoding
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(list(ids), dtype=torch.long)
+
+
 def windows(tokens: torch.Tensor, seq_len: int, limit: int | None = None) -> torch.Tensor:
     """Non-overlapping ``[n, seq_len]`` windows in file order; the trailing partial window is dropped."""
     n = tokens.numel() // seq_len
