@@ -18,6 +18,12 @@ Methods:
 * ``wo-int4``: ``onnxsim.quantize_weight_only_int4``: RTN int4 symmetric, blocks of 32 (fixed by the tool).
 * ``gptq``: ``wo-int4`` then ``onnxsim.apply_gptq`` with Hessians from --calib-samples windows of
   --calib-seq-len tokens of the WikiText-2 *validation* split (the tool's defaults otherwise).
+* ``omniquant``: ``wo-int4`` then ``onnxsim.apply_omniquant`` on the same calibration windows: per-block clip ratio
+  (LWC) and a per-channel shift and scale of the activation (LET), both grid-searched (the tool's defaults: 20 clip
+  steps over [0.5, 1], 20 alpha steps); where LET helps it inserts a Sub/Mul before the MatMul and an Add after.
+* ``spinquant``: ``onnxsim.apply_spinquant``: per MatMul a rotation fitted in closed form on the same calibration
+  windows (its "R1-only" reading), applied at run time as a dense K x K MatMul on the activation, then int4
+  symmetric weights in blocks of 32: weight-only, to compare with our rotated W4A16 rows.
 
 The tied lm_head of the fp32 export (a MatMul on a Transpose of the embedding) is not a constant 2-D weight to the
 tool, so it stays float in every method; each row lists the MatMul/MatMulNBits counts.
@@ -51,11 +57,12 @@ from decode_speed import prompt_tokens, timed_decode  # noqa: E402
 
 from qcompile.data import CalibrationConfig, resolve_text, token_stream, windows  # noqa: E402
 from qcompile.eval.perplexity import ort_logits_fn, perplexity  # noqa: E402
+from qcompile.fsutil import atomic_write_text  # noqa: E402
 from qcompile.runtime.ort import MODEL_FILE, OrtCausalLM  # noqa: E402
 
 DATA_FILE = MODEL_FILE + "_data"
 SKIP_FILES = {MODEL_FILE, DATA_FILE, "qcompile.json", "report.json"}
-METHODS = ("quarot", "quarot-gptq", "wo-int4", "gptq")
+METHODS = ("quarot", "quarot-gptq", "wo-int4", "gptq", "omniquant", "spinquant")
 
 
 def calibration_feeds(fp32_dir: Path, args) -> list[dict[str, np.ndarray]]:
@@ -103,6 +110,18 @@ def run_method(method: str, fp32_dir: Path, folder: Path, args, row: dict) -> No
                                 "calibration": calibration_settings(args)}
         model = onnx.shape_inference.infer_shapes(model)
         out = onnxsim.apply_gptq(model, onnxsim.quantize_weight_only_int4(model), calibration_data=feeds)
+    elif method == "omniquant":
+        feeds = calibration_feeds(fp32_dir, args)
+        row["tool_settings"] = {"function": "quantize_weight_only_int4 + apply_omniquant", "block_size": 32,
+                                "num_clip_steps": 20, "num_alpha_steps": 20, "calibration": calibration_settings(args)}
+        model = onnx.shape_inference.infer_shapes(model)
+        out = onnxsim.apply_omniquant(model, onnxsim.quantize_weight_only_int4(model), calibration_data=feeds)
+    elif method == "spinquant":
+        feeds = calibration_feeds(fp32_dir, args)
+        row["tool_settings"] = {"function": "apply_spinquant", "block_size": 32, "seed": 0,
+                                "calibration": calibration_settings(args)}
+        out = onnxsim.apply_spinquant(onnx.shape_inference.infer_shapes(model), calibration_data=feeds, seed=0,
+                                      block_size=32)
     else:
         raise ValueError(method)
     row["quantize_seconds"] = time.perf_counter() - t0
@@ -164,14 +183,22 @@ def main() -> None:
                           "onnxruntime": ort.__version__, "onnx": onnx.__version__,
                           "onnxsim": getattr(onnxsim, "__version__", "0.8.x")}
 
+    touched: set[str] = set()  # the graphs this run measures; save() leaves the file's other rows as they are now
+
     def save():
+        # another run may write the same --out meanwhile (e.g. a --quantize-only run beside a scoring one):
+        # merge into what is on disk instead of writing back the copy read at start
+        on_disk = json.loads(out_path.read_text()) if out_path.is_file() else {}
+        merged = {**on_disk, **{k: v for k, v in results.items() if k != "graphs"}}
+        merged["graphs"] = {**on_disk.get("graphs", {}), **{n: results["graphs"][n] for n in touched}}
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(results, indent=2))
+        atomic_write_text(out_path, json.dumps(merged, indent=2))
 
     graphs: dict[str, Path] = {}
     for m in methods:
         name, folder = f"onnxsim-{m}", Path(args.work_dir) / m
         row = results["graphs"].setdefault(name, {})
+        touched.add(name)
         if args.reuse and (folder / MODEL_FILE).is_file() and "quantize_seconds" in row:
             graphs[name] = folder
             print(f"{name}: reusing {folder} (quantized in {row['quantize_seconds']:.1f}s)", flush=True)
@@ -190,6 +217,7 @@ def main() -> None:
     for f in [f for f in args.ours.split(",") if f]:
         graphs[f"qcompile {Path(f).name}"] = Path(f)
         results["graphs"][f"qcompile {Path(f).name}"] = {}
+        touched.add(f"qcompile {Path(f).name}")
 
     tokenizer = AutoTokenizer.from_pretrained(fp32_dir)
     test_windows = windows(token_stream(resolve_text(None, "test"), tokenizer), 2048, args.limit)
