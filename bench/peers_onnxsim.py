@@ -64,6 +64,8 @@ from qcompile.runtime.ort import MODEL_FILE, OrtCausalLM  # noqa: E402
 DATA_FILE = MODEL_FILE + "_data"
 SKIP_FILES = {MODEL_FILE, DATA_FILE, "qcompile.json", "report.json"}
 METHODS = ("quarot", "quarot-gptq", "wo-int4", "gptq", "omniquant", "spinquant")
+CALIBRATED = {"quarot-gptq", "gptq", "omniquant", "spinquant"}  # read calibration_feeds
+WEIGHT_ONLY = {"wo-int4", "gptq", "omniquant", "spinquant"}  # onnxsim's weight-only matchers: need shape inference
 
 
 def calibration_feeds(fp32_dir: Path, args) -> list[dict[str, np.ndarray]]:
@@ -93,41 +95,35 @@ def run_method(method: str, fp32_dir: Path, folder: Path, args, row: dict) -> No
 
     model = onnx.load(str(fp32_dir / MODEL_FILE))
     t0 = time.perf_counter()
+    feeds = calibration_feeds(fp32_dir, args) if method in CALIBRATED else None
+    if method in WEIGHT_ONLY:
+        # the weight-only matchers need the activations' dtype: without shape inference they quantize nothing
+        model = onnx.shape_inference.infer_shapes(model)
     if method == "quarot":
         row["tool_settings"] = {"function": "apply_quarot", "block_size": args.block_size, "seed": 0}
         out = onnxsim.apply_quarot(model, seed=0, block_size=args.block_size)
     elif method == "quarot-gptq":
-        feeds = calibration_feeds(fp32_dir, args)
-        row["tool_settings"] = {"function": "apply_quarot_gptq", "block_size": args.block_size, "seed": 0,
-                                "calibration": calibration_settings(args)}
+        row["tool_settings"] = {"function": "apply_quarot_gptq", "block_size": args.block_size, "seed": 0}
         out = onnxsim.apply_quarot_gptq(model, calibration_data=feeds, seed=0, block_size=args.block_size)
     elif method == "wo-int4":
         row["tool_settings"] = {"function": "quantize_weight_only_int4", "block_size": 32}
-        # the weight-only matcher needs the activations' dtype: without shape inference it quantizes nothing
-        out = onnxsim.quantize_weight_only_int4(onnx.shape_inference.infer_shapes(model))
+        out = onnxsim.quantize_weight_only_int4(model)
     elif method == "gptq":
-        feeds = calibration_feeds(fp32_dir, args)
-        row["tool_settings"] = {"function": "quantize_weight_only_int4 + apply_gptq", "block_size": 32,
-                                "calibration": calibration_settings(args)}
-        model = onnx.shape_inference.infer_shapes(model)
+        row["tool_settings"] = {"function": "quantize_weight_only_int4 + apply_gptq", "block_size": 32}
         out = onnxsim.apply_gptq(model, onnxsim.quantize_weight_only_int4(model), calibration_data=feeds)
     elif method == "omniquant":
-        feeds = calibration_feeds(fp32_dir, args)
         steps = args.omniquant_steps
         row["tool_settings"] = {"function": "quantize_weight_only_int4 + apply_omniquant", "block_size": 32,
-                                "num_clip_steps": steps, "num_alpha_steps": steps,
-                                "calibration": calibration_settings(args)}
-        model = onnx.shape_inference.infer_shapes(model)
+                                "num_clip_steps": steps, "num_alpha_steps": steps}
         out = onnxsim.apply_omniquant(model, onnxsim.quantize_weight_only_int4(model), calibration_data=feeds,
                                       num_clip_steps=steps, num_alpha_steps=steps)
     elif method == "spinquant":
-        feeds = calibration_feeds(fp32_dir, args)
-        row["tool_settings"] = {"function": "apply_spinquant", "block_size": 32, "seed": 0,
-                                "calibration": calibration_settings(args)}
-        out = onnxsim.apply_spinquant(onnx.shape_inference.infer_shapes(model), calibration_data=feeds, seed=0,
-                                      block_size=32)
+        row["tool_settings"] = {"function": "apply_spinquant", "block_size": 32, "seed": 0}
+        out = onnxsim.apply_spinquant(model, calibration_data=feeds, seed=0, block_size=32)
     else:
         raise ValueError(method)
+    if feeds is not None:
+        row["tool_settings"]["calibration"] = calibration_settings(args)
     row["quantize_seconds"] = time.perf_counter() - t0
     if not any(n.op_type in ("DequantizeLinear", "MatMulNBits") for n in out.graph.node):
         raise RuntimeError(f"onnxsim's {method} left every weight float: nothing to compare")
