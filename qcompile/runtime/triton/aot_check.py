@@ -90,7 +90,8 @@ def cases(all_configs: bool):
                                          part_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
                                          stride_xm="i32", stride_rm="i32", stride_om="i32")
                             consts = dict(BITS=bits, GROUP=128, HAS_ZERO=zero, HAS_BIAS=not zero, HAS_RES=res,
-                                          ACT_SILU_MUL=act, **meta)
+                                          ACT_SILU_MUL=act, HALF2=bits == 4 and m == 1 and act_dt == "fp16",
+                                          **meta)
                             yield (f"gemv {act_dt} int{bits} M={m} {n}x{k} {cfg} zero={zero} act={act}",
                                    wq_matmul._gemv_kernel, types, consts, dict(N=n, K=k, stride_xm=k, stride_rm=n,
                                                                               stride_om=n),
@@ -238,8 +239,8 @@ def small_cases():
                          out_ptr=_ptr(dt), part_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
                          stride_xm="i32", stride_rm="i32", stride_om="i32")
             yield (f"gemv {dt} small BM={bm} BN={bn} BR={br} split={split}", wq_matmul._gemv_kernel, types,
-                   dict(BITS=4, GROUP=32, HAS_ZERO=True, HAS_BIAS=True, HAS_RES=True, ACT_SILU_MUL=True, BLOCK_M=bm,
-                        BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split), {}, 4, 2)
+                   dict(BITS=4, GROUP=32, HAS_ZERO=True, HAS_BIAS=True, HAS_RES=True, ACT_SILU_MUL=True,
+                        HALF2=bm == 1 and dt == "fp16", BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split), {}, 4, 2)
         for n in (16, 96):
             import torch
 

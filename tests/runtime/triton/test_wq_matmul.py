@@ -125,3 +125,30 @@ def test_gemv_under_cuda_graph():
         g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, eager)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sym,group", [(False, 128), (True, 64), (False, 32)])
+def test_gemv_half2_path_matches_float_path(sym, group):
+    """The half2 decode (inline PTX, fp16 products summed four to a lane) against the float-mantissa path and the
+    fp32 reference: one group per step (128, 64) and several (32), symmetric and not, bias, residual, the SwiGLU
+    prologue, and activations that start 2 bytes past an aligned address (which must take the float path)."""
+    n, k = 1536, 576 * 2
+    pw = packed(n, k, 4, sym, group, "cuda", torch.float16, bias=True)
+    ref_pw = pw.to(dtype=torch.float32)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    res = torch.randn(1, n, device="cuda", dtype=torch.float16)
+    ref = R.wq_linear_ref(x.float(), ref_pw, residual=res.float())
+    for cfg in gemv_candidates(1, n, k, 4, sms):
+        y = wq_linear(x, pw, residual=res, config=dict(cfg, HALF2=True))
+        check(y, ref, 2e-3)
+        y_float = wq_linear(x, pw, residual=res, config=dict(cfg, HALF2=False))
+        check(y, y_float, 2e-3)
+    gu = torch.randn(1, 2 * k, device="cuda", dtype=torch.float16)
+    ref_act = R.wq_linear_ref(gu.float(), ref_pw, act="silu_mul")
+    check(wq_linear(gu, pw, act="silu_mul", config=dict(gemv_candidates(1, n, k, 4, sms)[0], HALF2=True)),
+          ref_act, 2e-3)
+    buf = torch.randn(k + 1, device="cuda", dtype=torch.float16)
+    x_odd = buf[1:].view(1, k)  # 2-byte aligned: the int32 activation loads would fault
+    check(wq_linear(x_odd, pw), R.wq_linear_ref(x_odd.float(), ref_pw), 2e-3)
