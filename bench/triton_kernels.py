@@ -37,9 +37,10 @@ from qcompile.runtime.triton.kv_attention import _DECODE as DECODE_TUNER  # noqa
 from qcompile.runtime.triton.kv_attention import KVCache, decode_attention, rope_store  # noqa: E402
 from qcompile.runtime.triton.packing import pack_from_export, pack_int_gemm  # noqa: E402
 from qcompile.runtime.triton.w8a8 import _GEMM as INT_TUNER  # noqa: E402
-from qcompile.runtime.triton.w8a8 import int_linear, quantize_rows  # noqa: E402
+from qcompile.runtime.triton.w8a8 import _TMA as TMA_TUNER  # noqa: E402
+from qcompile.runtime.triton.w8a8 import int_linear, quantize_rows, takes_tma_path  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import _GEMV as GEMV_TUNER  # noqa: E402
-from qcompile.runtime.triton.wq_matmul import wq_linear  # noqa: E402
+from qcompile.runtime.triton.wq_matmul import half2_gemv, wq_linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N out, K in): q/o_proj, gate/up_proj, down_proj
 L2_BYTES = 50 * 2**20
@@ -125,6 +126,7 @@ def bench_gemv(peak: float, bits: int, group: int = 128) -> list[dict]:
             "fraction_of_peak_copy": bw / peak, "fp16_us": t_16 * 1e6,
             "fp16_effective_tb_per_s": (n * k * 2 + k * 2 + n * 2) / t_16 / 1e12, "speedup_vs_fp16": t_16 / t_q,
             "max_rel_err_vs_reference": err, "weight_copies": copies, "config": GEMV_TUNER.best.get(key),
+            "half2": half2_gemv(bits, 1, torch.float16),
         })
         print(f"int{bits} GEMV {n}x{k}: {t_q * 1e6:.2f} us, {bw:.2f} TB/s = {bw / peak:.0%} of copy peak; "
               f"fp16 {t_16 * 1e6:.2f} us -> {t_16 / t_q:.2f}x", flush=True)
@@ -162,14 +164,16 @@ def bench_int_gemm(ms=(1024, 2048, 4096)) -> list[dict]:
                 t_full = graph_time([lambda: int_linear(*quantize_rows(x, bits), pw)])
                 t_16 = graph_time([lambda w=w16: torch.matmul(x, w.t())])
                 t_launch = do_bench(lambda: int_linear(*quantize_rows(x, bits), pw))
-                key = (triton_pow2(m), n, k, bits, pw.group_size, False)
+                tma = takes_tma_path(m, pw, xq)
+                key = (triton_pow2(m), n, k, False, torch.float16) if tma else (triton_pow2(m), n, k, bits, pw.group_size, False)
                 rows.append({
                     "weights": f"W{bits}A{bits}", "M": m, "N": n, "K": k, "gemm_us": t_gemm * 1e6,
                     "with_quant_us": t_full * 1e6, "fp16_us": t_16 * 1e6, "int_tops": tflops(m, n, k, t_gemm),
                     "fp16_tflops": tflops(m, n, k, t_16), "speedup_gemm": t_16 / t_gemm,
                     "speedup_with_quant": t_16 / t_full, "max_rel_err_vs_reference": err,
                     "with_quant_python_launch_us": t_launch * 1e6,
-                    "config": INT_TUNER.best.get(key),
+                    "kernel": "int8_tma" if tma else "int_gemm",
+                    "config": (TMA_TUNER if tma else INT_TUNER).best.get(key),
                 })
                 print(f"W{bits}A{bits} M={m} {n}x{k}: {t_gemm * 1e6:.0f} us ({tflops(m, n, k, t_gemm):.0f} TOPS), "
                       f"+quant {t_full * 1e6:.0f} us; fp16 {t_16 * 1e6:.0f} us ({tflops(m, n, k, t_16):.0f} "

@@ -6,7 +6,14 @@ import torch
 from qcompile.quant.grid import QuantizedWeight, QuantSpec
 from qcompile.runtime.triton import reference as R
 from qcompile.runtime.triton.packing import pack_int_gemm
-from qcompile.runtime.triton.w8a8 import int_gemm_candidates, int_linear, quantize_rows, w8a8_linear
+from qcompile.runtime.triton.w8a8 import (
+    int_gemm_candidates,
+    int_linear,
+    quantize_rows,
+    takes_tma_path,
+    tma_candidates,
+    w8a8_linear,
+)
 
 
 def int_weight(n, k, bits, sym, group, device, bias=False, seed=0):
@@ -57,6 +64,26 @@ def test_int_linear_matches_reference(device, bits, sym, group):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
 
 
+def test_tma_gemm_matches_pointer_gemm_and_reference(device):
+    """The persistent TMA kernel (int8 per-channel weights, M >= 128): partial tiles in M, N and K (the
+    descriptors zero-fill), bias, fp16 and fp32 outputs; it is the default path there and bit-identical to the
+    pointer-based kernel (both sum the same int32 products and apply the same scales)."""
+    pw = int_weight(80, 208, 8, True, None, device, bias=True)
+    x = torch.randn(150, 208, device=device) * 3
+    xq, xs = quantize_rows(x, 8)
+    assert takes_tma_path(150, pw, xq)
+    ref = R.int_linear_ref(xq, xs, pw, torch.float32)
+    y_tma = int_linear(xq, xs, pw, torch.float32, tma=True)
+    torch.testing.assert_close(y_tma, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+    assert torch.equal(y_tma, int_linear(xq, xs, pw, torch.float32, tma=False))
+    assert torch.equal(int_linear(xq, xs, pw, torch.float32), y_tma)  # the default at M >= 128
+    assert int_linear(xq, xs, pw).dtype == torch.float16
+    asym = int_weight(80, 208, 8, False, None, device)
+    assert not takes_tma_path(150, asym, xq)
+    with pytest.raises(ValueError, match="TMA GEMM needs"):
+        int_linear(xq, xs, asym, tma=True)
+
+
 def test_w8a8_linear_end_to_end_error_is_quantization_error(device):
     """Quantize + GEMM against the float product: the error is what 8-bit rounding allows, not more."""
     torch.manual_seed(0)
@@ -79,5 +106,9 @@ def test_int_gemm_every_config_at_llama_shapes(n, k, bits, group):
     xq, xs = quantize_rows(x, bits)
     ref = R.int_linear_ref(xq, xs, pw, torch.float32)
     for cfg in int_gemm_candidates(1024, n, k, pw):
-        y = int_linear(xq, xs, pw, torch.float32, config=cfg)
+        y = int_linear(xq, xs, pw, torch.float32, config=cfg, tma=False)
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=str(cfg))
+    if takes_tma_path(1024, pw, xq):
+        for cfg in tma_candidates(1024, torch.float32):
+            y = int_linear(xq, xs, pw, torch.float32, config=cfg, tma=True)
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=str(cfg))
