@@ -1,0 +1,322 @@
+"""Every tuning candidate of qcompile's decode-critical Triton kernels, timed the way the benchmarks time them.
+
+`bench/triton_kernels.py` reports what the runtime's tuner picks; this script shows what each candidate
+configuration costs, in the same run, so the candidate lists and the tuner's choices can be checked:
+
+1. int4 GEMV, batch 1, fp16 activations, groups of 128 (Llama-3-8B shapes): the half2 decode path (``HALF2``,
+   ``wq_matmul._dot8_half2``) and the float-mantissa path it replaced, each candidate as a fraction of the peak
+   copy bandwidth measured in the same run;
+2. W8A8 GEMM, per-channel weights: the runtime's default (the TMA kernel ``w8a8._int8_tma_kernel`` at M >= 128)
+   and its tuner's pick, the pointer-based kernel's tiles, and variants of the TMA kernel the runtime does not
+   use (``_w8a8_tma_kernel`` below: warp specialization, a TMA store of the output, other tile orders), vs fp16
+   ``torch.matmul``;
+3. quantized-KV decode attention (int8, int4) at 8k and 32k: block size x split count x warps/stages.
+
+Timing as in `triton_kernels.py`: CUDA-graph replays over enough copies of the operands (weights, caches) to
+stream from HBM rather than L2.
+
+    python bench/triton_sweep.py --out bench/results/triton_sweep.json [--skip gemv,gemm,attention]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.triton_kernels import SHAPES, copies_for, graph_time, peak_copy_bandwidth, random_int_weight  # noqa: E402
+from qcompile.runtime.triton import reference as R  # noqa: E402
+from qcompile.runtime.triton.kv_attention import _DECODE as DECODE_TUNER  # noqa: E402
+from qcompile.runtime.triton.kv_attention import (  # noqa: E402
+    KVCache,
+    decode_attention,
+    decode_candidates,
+    default_splits,
+    rope_store,
+)
+from qcompile.runtime.triton.packing import pack_from_export, pack_int_gemm  # noqa: E402
+from qcompile.runtime.triton.w8a8 import _GEMM as INT_TUNER  # noqa: E402
+from qcompile.runtime.triton.w8a8 import _TMA as TMA_TUNER  # noqa: E402
+from qcompile.runtime.triton.w8a8 import int_linear, quantize_rows, takes_tma_path  # noqa: E402
+from qcompile.runtime.triton.wq_matmul import _GEMV as GEMV_TUNER  # noqa: E402
+from qcompile.runtime.triton.wq_matmul import gemv_candidates, wq_linear  # noqa: E402
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from qcompile.runtime.triton._jit import grouped_tile  # noqa: E402
+
+
+def _time_or_error(calls) -> tuple[float | None, str | None]:
+    try:
+        return graph_time(calls), None
+    except Exception as e:  # a configuration the compiler or the device rejects
+        torch.cuda.synchronize()
+        return None, f"{type(e).__name__}: {str(e)[:200]}"
+
+
+# -- 1. GEMV -------------------------------------------------------------------------------------------------
+
+
+def sweep_gemv(peak: float, group: int = 128) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for n, k in SHAPES:
+        q, scale, zero = random_int_weight(n, k, 4, False, group, gen)
+        base = pack_from_export(q, scale, zero, bits=4, dtype=torch.float16).to("cuda")
+        copies = copies_for(base.nbytes)
+        packed = [base] + [replace(base, qweight=base.qweight.clone(), scale=base.scale.clone(),
+                                   zero=base.zero.clone()) for _ in range(copies - 1)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
+        ref = R.wq_linear_ref(x.float(), base.to(dtype=torch.float32))
+        bytes_read = base.nbytes + k * 2 + n * 2
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        ws = [w16] + [w16.clone() for _ in range(copies_for(w16.numel() * 2, cap=16) - 1)]
+        t16 = graph_time([lambda w=w: F.linear(x, w) for w in ws])
+        del ws, w16
+        for half2 in (True, False):
+            for cfg in gemv_candidates(1, n, k, 4, sms):
+                c = dict(cfg, HALF2=half2)
+                t, fail = _time_or_error([lambda p=p, o=o, c=c: wq_linear(x, p, out=o, config=c)
+                                          for p, o in zip(packed, outs)])
+                err = None
+                if t:
+                    y = wq_linear(x, base, config=c)
+                    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                row = {"N": n, "K": k, "half2": half2, "config": cfg, "max_rel_err": err, "error": fail}
+                if t:
+                    bw = bytes_read / t / 1e12
+                    row.update(us=t * 1e6, fraction_of_peak_copy=bw / peak, speedup_vs_fp16=t16 / t)
+                rows.append(row)
+                print(f"gemv {n}x{k} half2={half2} {cfg}: "
+                      + (f"{t * 1e6:.2f} us, {bw / peak:.0%} of peak, {t16 / t:.2f}x fp16" if t else fail)
+                      + f", err {err}", flush=True)
+        GEMV_TUNER.best.clear()
+        wq_linear(x, base)  # the runtime's own pick
+        pick = GEMV_TUNER.best.get((1, n, k, 4, group, torch.float16, None))
+        t = graph_time([lambda p=p, o=o: wq_linear(x, p, out=o) for p, o in zip(packed, outs)])
+        rows.append({"N": n, "K": k, "tuner_pick": pick, "us": t * 1e6,
+                     "fraction_of_peak_copy": bytes_read / t / 1e12 / peak, "speedup_vs_fp16": t16 / t,
+                     "fp16_us": t16 * 1e6})
+        print(f"gemv {n}x{k} tuner pick {pick}: {t * 1e6:.2f} us, {bytes_read / t / 1e12 / peak:.0%} of peak, "
+              f"{t16 / t:.2f}x fp16 ({t16 * 1e6:.2f} us)", flush=True)
+        del packed
+        torch.cuda.empty_cache()
+    return rows
+
+
+# -- 2. W8A8 -------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _w8a8_tma_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, out_ptr, M, N, K, stride_om,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     NUM_SMS: tl.constexpr, WS: tl.constexpr, TMA_STORE: tl.constexpr):
+    """Persistent int8 GEMM, per-channel weight scales and per-token activation scales in the epilogue; operands
+    through TMA descriptors (a: [M, K] int8, b: [N, K] int8); optionally warp-specialized, TMA store of C."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True, warp_specialize=WS):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        om = pid_m * BLOCK_M
+        on = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for ki in range(k_tiles):
+            a = a_desc.load([om, ki * BLOCK_K])
+            b = b_desc.load([on, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        offs_m = om + tl.arange(0, BLOCK_M)
+        offs_n = on + tl.arange(0, BLOCK_N)
+        a_s = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
+        w_s = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
+        y = (acc.to(tl.float32) * w_s[None, :] * a_s[:, None]).to(tl.float16)
+        if TMA_STORE:
+            c_desc.store([om, on], y)
+        else:
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y,
+                     mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def w8a8_tma(xq, xs, qweight, wscale, cfg, sms, out):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = xq.shape
+    n = qweight.shape[0]
+    a_desc = TensorDescriptor.from_tensor(xq, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+    b_desc = TensorDescriptor.from_tensor(qweight, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    c_desc = TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], cfg["BLOCK_N"]])
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    _w8a8_tma_kernel[(min(sms, tiles),)](
+        a_desc, b_desc, c_desc, xs, wscale, out, m, n, k, out.stride(0), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8), NUM_SMS=min(sms, tiles),
+        WS=cfg.get("WS", False), TMA_STORE=cfg.get("TMA_STORE", False), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return out
+
+
+KERNEL_TILES = [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
+                (128, 128, 128, 8, 5), (256, 128, 128, 8, 3), (256, 128, 128, 8, 4), (128, 256, 64, 8, 4),
+                (128, 256, 64, 8, 5), (64, 256, 128, 4, 4)]
+TMA_TILES = [(128, 256, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 64, 8, 5)]
+TMA_VARIANTS = [dict(), dict(GROUP_M=4), dict(GROUP_M=16), dict(TMA_STORE=True), dict(WS=True),
+                dict(WS=True, TMA_STORE=True)]
+
+
+def sweep_w8a8(ms=(1024, 2048, 4096)) -> list[dict]:
+    gen = torch.Generator().manual_seed(1)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for n, k in SHAPES:
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        q, scale, _ = random_int_weight(n, k, 8, True, k, gen)
+        pw = pack_int_gemm(q, scale, None, bits=8).to("cuda")
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            xq, xs = quantize_rows(x, 8)
+            ref = R.int_linear_ref(xq, xs, pw, torch.float32)
+            t16 = graph_time([lambda w=w16: torch.matmul(x, w.t())])
+            flops = 2 * m * n * k
+            INT_TUNER.best.clear()
+            TMA_TUNER.best.clear()
+            int_linear(xq, xs, pw)  # the runtime's default path and its tuner's pick
+            tma = takes_tma_path(m, pw, xq)
+            pick = (TMA_TUNER.best.get((m, n, k, False, torch.float16)) if tma
+                    else INT_TUNER.best.get((m, n, k, 8, pw.group_size, False)))
+            tp = graph_time([lambda: int_linear(xq, xs, pw)])
+            rows.append({"M": m, "N": n, "K": k, "kernel": "int8_tma" if tma else "int_gemm", "tuner_pick": pick,
+                         "us": tp * 1e6,
+                         "speedup_vs_fp16": t16 / tp, "fp16_us": t16 * 1e6, "fp16_tflops": flops / t16 / 1e12})
+            print(f"w8a8 M={m} {n}x{k}: fp16 {t16 * 1e6:.1f} us; tuner pick {pick} {tp * 1e6:.1f} us "
+                  f"({t16 / tp:.2f}x)", flush=True)
+            for bm, bn, bk, warps, stages in KERNEL_TILES[:3]:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+                t, fail = _time_or_error([lambda cfg=cfg: int_linear(xq, xs, pw, config=cfg, tma=False)])
+                err = None
+                if t:
+                    y = int_linear(xq, xs, pw, config=cfg, tma=False)
+                    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                rows.append({"M": m, "N": n, "K": k, "kernel": "int_gemm", "config": cfg, "error": fail,
+                             "max_rel_err": err, **({"us": t * 1e6, "tops": flops / t / 1e12,
+                                                     "speedup_vs_fp16": t16 / t} if t else {})})
+                print(f"  int_gemm {cfg}: " + (f"{t * 1e6:.1f} us {flops / t / 1e12:.0f} TOPS {t16 / t:.2f}x"
+                                               if t else fail), flush=True)
+            out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+            for (bm, bn, bk, warps, stages), extra in [(t, v) for t in TMA_TILES[:1] for v in TMA_VARIANTS] + [
+                    (t, v) for t in TMA_TILES[1:] for v in TMA_VARIANTS[3:5]]:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **extra)
+                t, fail = _time_or_error([lambda cfg=cfg: w8a8_tma(xq, xs, pw.qweight, pw.scale, cfg, sms, out)])
+                err = None
+                if t:
+                    y = w8a8_tma(xq, xs, pw.qweight, pw.scale, cfg, sms, out)
+                    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                rows.append({"M": m, "N": n, "K": k, "kernel": "tma_persistent", "config": cfg, "error": fail,
+                             "max_rel_err": err, **({"us": t * 1e6, "tops": flops / t / 1e12,
+                                                     "speedup_vs_fp16": t16 / t} if t else {})})
+                print(f"  tma {cfg}: " + (f"{t * 1e6:.1f} us {flops / t / 1e12:.0f} TOPS {t16 / t:.2f}x, "
+                                          f"err {err:.1e}" if t else fail), flush=True)
+        del w16
+        torch.cuda.empty_cache()
+    return rows
+
+
+# -- 3. attention --------------------------------------------------------------------------------------------
+
+
+def sweep_attention(lengths=(8192, 32768)) -> list[dict]:
+    from bench.triton_kernels import _tables
+
+    nh, nkv, d = 32, 8, 128
+    rows = []
+    for length in lengths:
+        layers = copies_for(2 * nkv * length * d * 2, cap=8)
+        cos, sin = _tables(length, d)
+        q = torch.randn(1, nh, d, device="cuda", dtype=torch.float16)
+        lens = torch.tensor([length], dtype=torch.int32, device="cuda")
+        prefix = torch.zeros(1, dtype=torch.int32, device="cuda")
+        caches = {b: [KVCache.allocate(1, nkv, d, length, b, dtype=torch.float16, device="cuda")
+                      for _ in range(layers)] for b in (16, 8, 4)}
+        for li in range(layers):
+            for start in range(0, length, 8192):
+                cnt = min(8192, length - start)
+                qkv = torch.randn(cnt, (nh + 2 * nkv) * d, device="cuda", dtype=torch.float16)
+                pos = torch.arange(start, start + cnt, dtype=torch.int32, device="cuda")
+                for cs in caches.values():
+                    rope_store(qkv, pos, cnt, cos, sin, cs[li], prefix, nh, nkv)
+        ks = [c.k_float for c in caches[16]]
+        vs = [c.v_float for c in caches[16]]
+        q4 = q[:, :, None]
+        sdpa = graph_time([lambda k=k, v=v: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+                           for k, v in zip(ks, vs)])
+        print(f"attention {length}: SDPA fp16 (GQA) {sdpa * 1e6:.1f} us", flush=True)
+        base = default_splits(1, nkv, length, "cuda", 64)
+        for bits in (8, 4):
+            cs = caches[bits]
+            ref = decode_attention(q, cs[0], lens, prefix, config=dict(BLOCK_S=64, SPLITS=base, num_warps=4,
+                                                                         num_stages=2))
+            grid = [dict(BLOCK_S=block, SPLITS=max(1, min(int(base * mult), -(-length // block), 512)),
+                         num_warps=warps, num_stages=stages)
+                    for block in (32, 64, 128) for mult in (0.5, 1, 2) for warps, stages in ((1, 2), (2, 2), (2, 3))]
+            for cfg in grid + [c for c in decode_candidates(1, nkv, length, "cuda", False, d) if c not in grid]:
+                t, fail = _time_or_error([lambda c=c, cfg=cfg: decode_attention(q, c, lens, prefix,
+                                                                                config=cfg) for c in cs])
+                err = None
+                if t:
+                    err = (decode_attention(q, cs[0], lens, prefix, config=cfg).float()
+                           - ref.float()).abs().max().item()
+                rows.append({"context": length, "kv_bits": bits, "config": cfg, "error": fail,
+                             "max_abs_diff_vs_default": err, "sdpa_us": sdpa * 1e6,
+                             **({"us": t * 1e6, "speedup_vs_sdpa": sdpa / t} if t else {})})
+                print(f"  kv{bits} {cfg}: " + (f"{t * 1e6:.1f} us {sdpa / t:.2f}x" if t else fail),
+                      flush=True)
+            DECODE_TUNER.best.clear()
+            decode_attention(q, cs[0], lens, prefix)
+            pick = DECODE_TUNER.best.get((1, nh, nkv, d, bits, length, torch.float16, False))
+            t = graph_time([lambda c=c: decode_attention(q, c, lens, prefix) for c in cs])
+            rows.append({"context": length, "kv_bits": bits, "tuner_pick": pick, "us": t * 1e6,
+                         "speedup_vs_sdpa": sdpa / t, "sdpa_us": sdpa * 1e6})
+            print(f"  kv{bits} tuner pick {pick}: {t * 1e6:.1f} us {sdpa / t:.2f}x", flush=True)
+        del caches, ks, vs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results/triton_sweep.json")
+    ap.add_argument("--skip", default="")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("triton_sweep: needs a CUDA GPU")
+    skip = set(filter(None, args.skip.split(",")))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    res["peak_copy"] = peak_copy_bandwidth()
+    peak = res["peak_copy"]["tb_per_s"]
+    print(f"peak copy {peak:.2f} TB/s", flush=True)
+
+    def save():
+        res["seconds"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(res, indent=2, default=str))
+
+    for name, fn in (("gemv", lambda: sweep_gemv(peak)), ("attention", sweep_attention), ("gemm", sweep_w8a8)):
+        if name not in skip:
+            res[name] = fn()
+            save()
+    save()
+    print(f"saved {out} ({res['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
