@@ -81,6 +81,12 @@ class KVCache:
                    z(sshape, torch.float32), z(sshape, torch.float32), z(sshape, torch.float32),
                    z(sshape, torch.float32), bool(symmetric), float(clip_ratio))
 
+    def clear(self) -> None:
+        """Back to the state ``allocate`` returns (every code, scale, zero point and float entry zero)."""
+        for t in (self.k_float, self.v_float, self.k_q, self.v_q, self.k_scale, self.k_zero, self.v_scale,
+                  self.v_zero):
+            t.zero_()
+
     @property
     def prefix_capacity(self) -> int:
         return self.k_float.shape[2]

@@ -854,6 +854,10 @@ class TritonCausalLM:
             self._step()
         self._graph = graph
         self._reset()
+        # the warm-up steps wrote positions 0 and 1 with no float prefix set (quantized codes and scales where a
+        # prefill would keep floats): start from what allocate() gave, as the eager runner does
+        for cache in self.caches:
+            cache.clear()
 
     def _reset(self) -> None:
         self._tok.zero_()

@@ -198,3 +198,16 @@ def test_store_kv_writes_what_rope_store_writes(device, bits, sym):
     store_kv(k, v, pos, t, caches[1], prefix)
     for name in ("k_float", "v_float", "k_q", "v_q", "k_scale", "k_zero", "v_scale", "v_zero"):
         assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), name
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_clear_returns_the_allocated_state(device, bits):
+    """The CUDA runner clears its caches after the warm-up steps before graph capture (they store position 0 and
+    1 with no float prefix set); ``clear`` must leave exactly what ``allocate`` gives."""
+    cache = KVCache.allocate(1, 2, 16, 12, bits, prefix_capacity=4, dtype=torch.float32, device=device)
+    fresh = KVCache.allocate(1, 2, 16, 12, bits, prefix_capacity=4, dtype=torch.float32, device=device)
+    fill_cache(cache, torch.tensor([3], dtype=torch.int32))
+    assert cache.k_float.abs().sum() > 0
+    cache.clear()
+    for name in ("k_float", "v_float", "k_q", "v_q", "k_scale", "k_zero", "v_scale", "v_zero"):
+        assert torch.equal(getattr(cache, name), getattr(fresh, name)), name
