@@ -8,7 +8,8 @@ last dimension, in groups of ``group_size`` (None: the whole row), in float32:
 * asymmetric: ``hi = clip * max(max x, 0)``, ``lo = clip * min(min x, 0)``, ``s = max((hi - lo) / qmax, 1e-8)``,
   ``z = round(-lo / s)``, ``q = clamp(round(x / s) + z, 0, 2^b - 1)``, ``x' = (q - z) s``;
 
-with IEEE-rounded divisions (``tl.div_rn``, as ORT's ``Div``) and ties-to-even rounding (ONNX ``Round``), so on
+with IEEE-rounded divisions (``tl.div_rn``, as ORT's ``Div``), no fused multiply-adds (each product rounded, as
+the graph's ``Mul``) and ties-to-even rounding (ONNX ``Round``), so on
 float32 inputs the result is the graph's, bit for bit. One program per token group; the result has ``x``'s dtype.
 Any bit width from 2 to 8 (the integer path for 8-bit symmetric per-token inputs is ``w8a8.quantize_rows``).
 """
@@ -69,6 +70,9 @@ def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int |
         return y.reshape(x.shape)
     block = triton.next_power_of_2(g)
     qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
-    opts = {} if interpreting() else {"num_warps": 4 if block <= 2048 else 8 if block <= 8192 else 16}
+    # no FMA contraction: ``hi - lo`` with ``hi = max * clip`` must round the product first, as the graph's Mul
+    # then Sub do (a fused multiply-add broke bit-exactness on the GPU: 2-bit asym, clip 0.9)
+    opts = {} if interpreting() else {"num_warps": 4 if block <= 2048 else 8 if block <= 8192 else 16,
+                                      "enable_fp_fusion": False}
     _fake_quant_kernel[(rows,)](x2, y, g, float(clip_ratio), QMAX=qmax, SYM=bool(symmetric), BLOCK=block, **opts)
     return y.reshape(x.shape)
