@@ -27,6 +27,10 @@ OmniQuant's (arXiv 2308.13137), which LSI and CQE+ build on:
   (``block_XXX.safetensors`` plus a fingerprint of the configuration); a later run with the same configuration
   loads the finished blocks instead of training them and continues with the next.
 * lm_head, when targeted, is quantized by RTN at the end (a block-wise loss does not reach it).
+* **After an earlier weight pass** (e.g. ``gptq`` then ``sde``): the linears hold that pass's dequantized weights,
+  which is where the learned parametrization starts (its base ``W``), while the float stream and the CLL
+  look-ahead run the float originals (``handle.float_weights``), swapped in for the duration of each float run
+  (:class:`_FloatOriginals`). The target is always the float model, whatever ran before.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,24 +167,59 @@ class BlockState:
 
 
 # -- the engine --------------------------------------------------------------------------------------------
+class _FloatOriginals:
+    """The float weights of linears an earlier pass already quantized, per decoder layer, to swap in while a float
+    run (the target stream, the CLL look-ahead) goes through that layer."""
+
+    def __init__(self, handle: ModelHandle, layers: list[nn.Module]):
+        names = {id(m): n for n, m in handle.model.named_modules()}
+        self.per_layer = {
+            id(layer): [(m, handle.float_weights[names[id(m)]]) for m in layer.modules()
+                        if isinstance(m, nn.Linear) and names.get(id(m)) in handle.float_weights]
+            for layer in layers
+        }
+
+    @contextmanager
+    def active(self, layers: list[nn.Module]):
+        saved = []
+        with torch.no_grad():
+            for layer in layers:
+                for m, w in self.per_layer.get(id(layer), ()):
+                    saved.append((m, m.weight.detach().clone()))
+                    m.weight.copy_(w.to(m.weight.device, m.weight.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, w in saved:
+                    m.weight.copy_(w)
+
+
 def _forward(layer: nn.Module, hidden: torch.Tensor, batch) -> torch.Tensor:
     return _layer_output(layer(hidden, *batch.args, **batch.kwargs))
 
 
 @torch.no_grad()
-def _advance(layers: list[nn.Module], hiddens: list[torch.Tensor], runner: LayerwiseRunner, float_mode: bool):
-    """The streams after running ``layers`` in order (float mode: run-time quantizers off)."""
+def _advance(layers: list[nn.Module], hiddens: list[torch.Tensor], runner: LayerwiseRunner, float_mode: bool,
+             originals: _FloatOriginals | None = None):
+    """The streams after running ``layers`` in order (float mode: run-time quantizers off, float weights)."""
     out = []
-    for h, b in zip(hiddens, runner.batches):
-        x = h.to(runner.device)
-        for layer in layers:
-            if float_mode:
-                with runtime_quant_disabled():
+    with originals.active(layers) if float_mode and originals is not None else _nothing():
+        for h, b in zip(hiddens, runner.batches):
+            x = h.to(runner.device)
+            for layer in layers:
+                if float_mode:
+                    with runtime_quant_disabled():
+                        x = _forward(layer, x, b)
+                else:
                     x = _forward(layer, x, b)
-            else:
-                x = _forward(layer, x, b)
-        out.append(x.to(runner.cache_device))
+            out.append(x.to(runner.cache_device))
     return out
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeParam, method: str) -> dict:
@@ -207,16 +247,18 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
             runner = LayerwiseRunner(handle, ids, batch_size=config.batch_size,
                                      cache_device="cpu" if config.offload_activations else None)
             x_quant = [b.hidden.clone() for b in runner.batches]
+            originals = _FloatOriginals(handle, layers)
             # float outputs of blocks i, i+1, ..., i+k: block i's target and its CLL targets; each is computed
             # once (the later blocks are still float when it is), then shifts along as i advances
-            float_chain = [_advance([layers[0]], [b.hidden for b in runner.batches], runner, float_mode=True)]
+            float_chain = [_advance([layers[0]], [b.hidden for b in runner.batches], runner, float_mode=True,
+                                    originals=originals)]
             bar = tqdm(range(len(layers)), desc=method, unit="block", leave=False)
             for i in bar:
                 layer = layers[i]
                 ahead = layers[i + 1 : i + 1 + config.cll_window]
                 while len(float_chain) < 1 + len(ahead):
                     nxt = layers[i + len(float_chain)]
-                    float_chain.append(_advance([nxt], float_chain[-1], runner, float_mode=True))
+                    float_chain.append(_advance([nxt], float_chain[-1], runner, float_mode=True, originals=originals))
                 targets_float, lookahead = float_chain[0], float_chain[1:]
                 mods = [(wanted[id(m)][0], m, wanted[id(m)][2]) for m in _block_linears(ad, layer)
                         if id(m) in wanted]
@@ -227,9 +269,10 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
                     resumed.append(i)
                     stats = {"resumed": True}
                 else:
-                    stats, n = _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, lookahead,
-                                            config, make_param,
-                                            torch.Generator().manual_seed(config.seed * 100003 + i))
+                    with originals.active(ahead):  # the look-ahead blocks compute as the float model
+                        stats, n = _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float,
+                                                lookahead, config, make_param,
+                                                torch.Generator().manual_seed(config.seed * 100003 + i))
                     trained_params += n
                     state.save(i, {name: handle.quant_state[name] for name, _, _ in mods}, stats)
                 per_block.append(stats)
@@ -238,7 +281,8 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
                 x_quant = _advance([layer], x_quant, runner, float_mode=False)
                 float_chain.pop(0)
                 if not float_chain and i + 1 < len(layers):  # no CLL window: the next block's target
-                    float_chain.append(_advance([layers[i + 1]], targets_float, runner, float_mode=True))
+                    float_chain.append(_advance([layers[i + 1]], targets_float, runner, float_mode=True,
+                                                originals=originals))
                 del targets_float, lookahead
             head = ad.lm_head(model)
             if id(head) in wanted:

@@ -108,3 +108,42 @@ def test_impossible_training_settings_are_refused(bad):
 def test_group_size_that_does_not_divide_fails_before_training(trained_llama, calib_file):
     with pytest.raises(RecipeError, match="does not divide"):
         lwc.apply(load(trained_llama), cfg(lwc, calib_file, group_size=24))
+
+
+def test_after_gptq_the_targets_are_the_float_model_and_training_starts_from_gptq(trained_llama, calib_file,
+                                                                                   monkeypatch):
+    """gptq then sde (with CLL): the float stream and the look-ahead must run the float originals, not GPTQ's
+    dequantized weights that the linears hold -- every block's targets equal those of sde on the float model --
+    while the learned weights start from GPTQ's (block 0's loss before training is GPTQ's error, below RTN's)."""
+    from qcompile.learn import blockwise
+    from qcompile.passes import gptq
+
+    seen: dict[str, list] = {}
+    original = blockwise._train_block
+
+    def recording(handle, runner, layer, ahead, mods, x_quant, targets_float, lookahead, *rest):
+        seen.setdefault(handle.source_tag, []).append(
+            (targets_float[0].clone(), [t[0].clone() for t in lookahead]))
+        return original(handle, runner, layer, ahead, mods, x_quant, targets_float, lookahead, *rest)
+
+    monkeypatch.setattr(blockwise, "_train_block", recording)
+    config = cfg(sde, calib_file, cll_window=1, epochs=1)
+    fresh = load(trained_llama)
+    fresh.source_tag = "fresh"
+    fresh_stats = sde.apply(fresh, config)
+    chained = load(trained_llama)
+    chained.source_tag = "chained"
+    gptq.apply(chained, gptq.GPTQConfig(bits=3, group_size=16, calib_text=str(calib_file), calib_samples=8,
+                                        calib_seq_len=SEQ))
+    gptq_weights = {n: chained.model.get_submodule(n).weight.clone() for n in chained.quant_state}
+    chained_stats = sde.apply(chained, config)
+    assert len(seen["fresh"]) == len(seen["chained"]) == 2
+    for (t_f, look_f), (t_c, look_c) in zip(seen["fresh"], seen["chained"]):
+        torch.testing.assert_close(t_c, t_f, rtol=0, atol=0)
+        for a, b in zip(look_f, look_c):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    # the float originals are back in place after each float run: what sde exported is what the modules hold
+    for name, qw in chained.quant_state.items():
+        assert torch.equal(chained.model.get_submodule(name).weight, qw.dequantize())
+        assert not torch.equal(chained.float_weights[name], gptq_weights[name])
+    assert chained_stats["blocks"][0]["loss_before"] < fresh_stats["blocks"][0]["loss_before"]
