@@ -145,6 +145,21 @@ def cases(all_configs: bool):
                 yield (f"int_gemm W{bits} g{group} {n}x{k} {cfg}", w8a8._int_gemm_kernel, types, consts,
                        dict(N=n, K=k, stride_am=k, stride_bn=k if bits == 8 else k // 2, stride_om=n),
                        cfg.get("num_warps", 4), cfg.get("num_stages", 2))
+        # the TMA int8 GEMM (per-channel weights, M >= 128), per output dtype: its shared memory holds the stages
+        # and the output tile on its way to the store
+        import torch
+
+        for out_dt, out_t in (("fp16", torch.float16), ("fp32", torch.float32)):
+            cands = w8a8.tma_candidates(4096, out_t)
+            for cfg in (cands if all_configs else cands[:1]):
+                bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+                types = dict(a_desc=f"tensordesc<i8[{bm}, {bk}]>", b_desc=f"tensordesc<i8[{bn}, {bk}]>",
+                             as_ptr="*fp32", bs_ptr="*fp32", bias_ptr="*fp32", out_ptr=_ptr(out_dt), M="i32",
+                             N="i32", K="i32", stride_om="i32")
+                consts = dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+                              NUM_PROGRAMS=sms)
+                yield (f"int8_tma {out_dt} {n}x{k} {cfg}", w8a8._int8_tma_kernel, types, consts,
+                       dict(N=n, K=k, stride_om=n), cfg["num_warps"], cfg["num_stages"])
 
     import torch
 
