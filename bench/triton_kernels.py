@@ -187,25 +187,32 @@ def triton_pow2(m: int) -> int:
     return 1 << (m - 1).bit_length()
 
 
+def attention_setup(length: int, nh: int = 32, nkv: int = 8, d: int = 128):
+    """A decode query and, per KV width (16, 8, 4), enough layers' caches of ``length`` positions to exceed the L2,
+    each layer holding the same random keys/values in all three widths. Returns (q, lens, prefix, caches)."""
+    layers = copies_for(2 * nkv * length * d * 2, cap=8)
+    cos, sin = _tables(length, d)
+    q = torch.randn(1, nh, d, device="cuda", dtype=torch.float16)
+    lens = torch.tensor([length], dtype=torch.int32, device="cuda")
+    prefix = torch.zeros(1, dtype=torch.int32, device="cuda")
+    caches = {b: [KVCache.allocate(1, nkv, d, length, b, dtype=torch.float16, device="cuda")
+                  for _ in range(layers)] for b in (16, 8, 4)}
+    for li in range(layers):
+        for start in range(0, length, 8192):
+            cnt = min(8192, length - start)
+            qkv = torch.randn(cnt, (nh + 2 * nkv) * d, device="cuda", dtype=torch.float16)
+            pos = torch.arange(start, start + cnt, dtype=torch.int32, device="cuda")
+            for cs in caches.values():
+                rope_store(qkv, pos, cnt, cos, sin, cs[li], prefix, nh, nkv)
+    return q, lens, prefix, caches
+
+
 def bench_attention(lengths=(8192, 32768)) -> list[dict]:
     nh, nkv, d = 32, 8, 128
     rows = []
     for length in lengths:
-        fp16_bytes = 2 * nkv * length * d * 2
-        layers = copies_for(fp16_bytes, cap=8)
-        cos, sin = _tables(length, d)
-        q = torch.randn(1, nh, d, device="cuda", dtype=torch.float16)
-        lens = torch.tensor([length], dtype=torch.int32, device="cuda")
-        prefix = torch.zeros(1, dtype=torch.int32, device="cuda")
-        caches = {b: [KVCache.allocate(1, nkv, d, length, b, dtype=torch.float16, device="cuda")
-                      for _ in range(layers)] for b in (16, 8, 4)}
-        for li in range(layers):  # the same keys/values in the float, int8 and int4 caches of each layer
-            for start in range(0, length, 8192):
-                cnt = min(8192, length - start)
-                qkv = torch.randn(cnt, (nh + 2 * nkv) * d, device="cuda", dtype=torch.float16)
-                pos = torch.arange(start, start + cnt, dtype=torch.int32, device="cuda")
-                for cs in caches.values():
-                    rope_store(qkv, pos, cnt, cos, sin, cs[li], prefix, nh, nkv)
+        q, lens, prefix, caches = attention_setup(length, nh, nkv, d)
+        layers = len(caches[16])
         times = {b: graph_time([lambda c=c: decode_attention(q, c, lens, prefix) for c in cs])
                  for b, cs in caches.items()}
         # fp16 SDPA over the same float keys/values: GQA handled by SDPA, and with K/V pre-expanded to 32 heads

@@ -32,15 +32,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.triton_kernels import SHAPES, copies_for, graph_time, peak_copy_bandwidth, random_int_weight  # noqa: E402
+from bench.triton_kernels import (  # noqa: E402
+    SHAPES,
+    attention_setup,
+    copies_for,
+    graph_time,
+    peak_copy_bandwidth,
+    random_int_weight,
+)
 from qcompile.runtime.triton import reference as R  # noqa: E402
 from qcompile.runtime.triton.kv_attention import _DECODE as DECODE_TUNER  # noqa: E402
 from qcompile.runtime.triton.kv_attention import (  # noqa: E402
-    KVCache,
     decode_attention,
     decode_candidates,
     default_splits,
-    rope_store,
 )
 from qcompile.runtime.triton.packing import pack_from_export, pack_int_gemm  # noqa: E402
 from qcompile.runtime.triton.w8a8 import _GEMM as INT_TUNER  # noqa: E402
@@ -233,25 +238,10 @@ def sweep_w8a8(ms=(1024, 2048, 4096)) -> list[dict]:
 
 
 def sweep_attention(lengths=(8192, 32768)) -> list[dict]:
-    from bench.triton_kernels import _tables
-
     nh, nkv, d = 32, 8, 128
     rows = []
     for length in lengths:
-        layers = copies_for(2 * nkv * length * d * 2, cap=8)
-        cos, sin = _tables(length, d)
-        q = torch.randn(1, nh, d, device="cuda", dtype=torch.float16)
-        lens = torch.tensor([length], dtype=torch.int32, device="cuda")
-        prefix = torch.zeros(1, dtype=torch.int32, device="cuda")
-        caches = {b: [KVCache.allocate(1, nkv, d, length, b, dtype=torch.float16, device="cuda")
-                      for _ in range(layers)] for b in (16, 8, 4)}
-        for li in range(layers):
-            for start in range(0, length, 8192):
-                cnt = min(8192, length - start)
-                qkv = torch.randn(cnt, (nh + 2 * nkv) * d, device="cuda", dtype=torch.float16)
-                pos = torch.arange(start, start + cnt, dtype=torch.int32, device="cuda")
-                for cs in caches.values():
-                    rope_store(qkv, pos, cnt, cos, sin, cs[li], prefix, nh, nkv)
+        q, lens, prefix, caches = attention_setup(length, nh, nkv, d)
         ks = [c.k_float for c in caches[16]]
         vs = [c.v_float for c in caches[16]]
         q4 = q[:, :, None]
