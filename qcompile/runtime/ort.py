@@ -22,6 +22,9 @@ MODEL_FILE = "model.onnx"
 META_FILE = "qcompile.json"
 ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+_PAST_EXTRA = re.compile(r"past_key_values\.0\.(\w+)$")  # further per-layer cache streams, e.g. ``value_scale``
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+             "tensor(uint8)": np.uint8}
 
 
 def create_session(
@@ -77,7 +80,8 @@ def _default_position_ids(attention_mask: np.ndarray, seq: int) -> np.ndarray:
 
 class OrtCausalLM:
     """A causal LM on ONNX Runtime with the decoder-with-past interface. Past/present are lists of
-    ``(key, value)`` arrays per layer, [batch, kv_heads, length, head_dim]."""
+    ``(key, value)`` arrays per layer, [batch, kv_heads, length, head_dim], followed by any further cache streams
+    the graph declares as ``past_key_values.N.<name>`` / ``present.N.<name>`` (``extra_streams``)."""
 
     def __init__(self, session: ort.InferenceSession, accuracy_level: int | None = None):
         self.session = session
@@ -86,10 +90,21 @@ class OrtCausalLM:
         self.num_layers = sum(1 for name in self.input_names if _PAST.match(name) and name.endswith(".key"))
         if not self.num_layers or "present.0.key" not in {o.name for o in session.get_outputs()}:
             raise ValueError("the graph has no past_key_values.*/present.* tensors: not a decoder-with-past model")
-        # the present shape is static even where the past's head dim is left symbolic (see onnx_builder)
+        # the present shape is static even where the past's head dim is left symbolic (see onnx_builder); other
+        # tools' graphs may declare them on the past instead
+        inputs = {i.name: i for i in session.get_inputs()}
         present = next(o for o in session.get_outputs() if o.name == "present.0.key")
-        _, self.num_kv_heads, _, self.head_dim = present.shape
+        past_shape = inputs["past_key_values.0.key"].shape
+        _, heads, _, dim = (p if isinstance(p, int) and p > 0 else q for p, q in zip(present.shape, past_shape))
+        self.num_kv_heads, self.head_dim = heads, dim
         self.output_names = [o.name for o in session.get_outputs()]
+        # cache streams beyond key/value (in a fixed order after them in each layer's past tuple): e.g. the
+        # per-token scales onnxsim's int8 KV-cache pass keeps beside the codes; and the dtype of every stream
+        self.extra_streams = sorted(m.group(1) for name in inputs if (m := _PAST_EXTRA.match(name))
+                                    and m.group(1) not in ("key", "value"))
+        self.stream_types = {name: _NP_TYPES.get(inputs[f"past_key_values.0.{name}"].type, np.float32)
+                             for name in ("key", "value", *self.extra_streams)}
+        self.stream_widths = {name: inputs[f"past_key_values.0.{name}"].shape[-1] for name in self.extra_streams}
 
     @classmethod
     def from_dir(cls, out_dir: str | os.PathLike, accuracy_level: int | None = None,
@@ -104,9 +119,14 @@ class OrtCausalLM:
         session = create_session(folder / MODEL_FILE, accuracy_level=accuracy_level, intra_op_threads=threads)
         return cls(session, accuracy_level)
 
-    def empty_past(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(self.num_layers)]
+    def empty_past(self, batch: int) -> list[tuple[np.ndarray, ...]]:
+        """Per layer ``(key, value, *extra streams)``, zero positions long, in the graph's dtypes."""
+        def empty(name):
+            width = self.head_dim if name in ("key", "value") else self.stream_widths[name]
+            width = width if isinstance(width, int) and width > 0 else 1
+            return np.zeros((batch, self.num_kv_heads, 0, width), self.stream_types[name])
+
+        return [tuple(empty(n) for n in ("key", "value", *self.extra_streams)) for _ in range(self.num_layers)]
 
     def forward(
         self,
@@ -129,10 +149,12 @@ class OrtCausalLM:
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "position_ids" in self.input_names:
             feed["position_ids"] = np.asarray(position_ids, dtype=np.int64)
-        for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
+        streams = ("key", "value", *self.extra_streams)
+        for i, layer in enumerate(past):
+            for name, arr in zip(streams, layer):
+                feed[f"past_key_values.{i}.{name}"] = arr
         outputs = dict(zip(self.output_names, self.session.run(None, feed)))
-        present = [(outputs[f"present.{i}.key"], outputs[f"present.{i}.value"]) for i in range(self.num_layers)]
+        present = [tuple(outputs[f"present.{i}.{name}"] for name in streams) for i in range(self.num_layers)]
         return outputs["logits"], present
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:

@@ -109,3 +109,64 @@ def test_sampling_is_seeded(int4_dir):
     assert all(0 <= t < 320 for t in a)
     # a vanishing nucleus keeps only the most likely token: greedy
     assert runner.generate(prompt, 8, do_sample=True, top_p=1e-9, seed=0) == runner.generate(prompt, 8)
+
+
+def _int8_cache_graph(path):
+    """A minimal decoder-with-past graph in the shape onnxsim's int8 KV-cache pass leaves: int8 key/value caches
+    and a third per-layer stream ``value_scale`` (float, one value per token). Each token writes its id (as int8,
+    twice along head_dim) into key and value and its id as a float into value_scale; the logits [b, s, 1] are
+    the sums over the whole caches, so they show which past the runner fed back."""
+    from onnx import TensorProto, helper
+
+    i8, f32 = TensorProto.INT8, TensorProto.FLOAT
+    past = {n: helper.make_tensor_value_info(f"past_key_values.0.{n}", t, ["b", 1, "p", w])
+            for n, t, w in (("key", i8, 2), ("value", i8, 2), ("value_scale", f32, 1))}
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["x"], to=f32),
+        helper.make_node("Unsqueeze", ["x", "axes13"], ["x4"]),  # [b, 1, s, 1]
+        helper.make_node("Concat", ["x4", "x4"], ["x42"], axis=3),
+        helper.make_node("Cast", ["x42"], ["new_q"], to=i8),
+        helper.make_node("Concat", ["past_key_values.0.key", "new_q"], ["present.0.key"], axis=2),
+        helper.make_node("Concat", ["past_key_values.0.value", "new_q"], ["present.0.value"], axis=2),
+        helper.make_node("Concat", ["past_key_values.0.value_scale", "x4"], ["present.0.value_scale"], axis=2),
+        helper.make_node("Cast", ["present.0.key"], ["kf"], to=f32),
+        helper.make_node("ReduceSum", ["kf"], ["ksum"], keepdims=0),
+        helper.make_node("ReduceSum", ["present.0.value_scale"], ["ssum"], keepdims=0),
+        helper.make_node("Add", ["ksum", "ssum"], ["total"]),
+        helper.make_node("Mul", ["x", "zero"], ["zeros"]),  # [b, s]
+        helper.make_node("Add", ["zeros", "total"], ["flat"]),
+        helper.make_node("Unsqueeze", ["flat", "axes2"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "int8_cache",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"]), *past.values()],
+        [helper.make_tensor_value_info("logits", f32, ["b", "s", 1]),
+         helper.make_tensor_value_info("present.0.key", i8, ["b", 1, "t", 2]),
+         helper.make_tensor_value_info("present.0.value", i8, ["b", 1, "t", 2]),
+         helper.make_tensor_value_info("present.0.value_scale", f32, ["b", 1, "t", 1])],
+        [helper.make_tensor("axes13", TensorProto.INT64, [2], [1, 3]),
+         helper.make_tensor("axes2", TensorProto.INT64, [1], [2]),
+         helper.make_tensor("zero", f32, [], [0.0])])
+    import onnx
+
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+
+
+def test_extra_cache_streams_and_int8_caches(tmp_path):
+    """Graphs from other tools (onnxsim's int8 KV-cache pass) declare int8 caches and further per-layer streams
+    (``past_key_values.N.value_scale`` -> ``present.N.value_scale``): the runner finds them, starts them empty in
+    the graph's dtypes and feeds every present back as the next past."""
+    _int8_cache_graph(tmp_path / "m.onnx")
+    runner = OrtCausalLM(create_session(tmp_path / "m.onnx"))
+    assert runner.extra_streams == ["value_scale"] and runner.stream_types["key"] == np.int8
+    assert (runner.num_kv_heads, runner.head_dim) == (1, 2)
+    empty = runner.empty_past(1)[0]
+    assert [a.dtype for a in empty] == [np.int8, np.int8, np.float32] and [a.shape[2] for a in empty] == [0, 0, 0]
+    logits, past = runner.forward(np.array([[3, 5]]))
+    assert [a.shape[2] for a in past[0]] == [2, 2, 2] and past[0][0].dtype == np.int8
+    assert logits[0, -1, 0] == 2 * (3 + 5) + (3 + 5)
+    logits, past = runner.forward(np.array([[7]]), past=past)
+    assert [a.shape[2] for a in past[0]] == [3, 3, 3]
+    assert logits[0, -1, 0] == 3 * (3 + 5 + 7)
+    assert runner.generate([1, 2], 3) == [0, 0, 0]  # a vocabulary of one; the cached steps run
