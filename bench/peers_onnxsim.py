@@ -26,6 +26,12 @@ Methods:
   windows (its "R1-only" reading), applied at run time as a dense K x K MatMul on the activation, then int4
   symmetric weights in blocks of 32: weight-only, to compare with our rotated W4A16 rows.
 
+* ``kv8``: ``onnxsim.quantize_kv_cache``, the tool's only KV-cache quantizer: int8 symmetric, keys with one static
+  per-channel (head-dim) scale calibrated on the same windows, values with a per-token scale kept as a third
+  cache stream (``past_key_values.N.value_scale``); the caches become int8 graph inputs/outputs. New tokens are
+  quantized before attention reads them, so a single-pass perplexity shows the cache's error. Weights stay float:
+  compare with our KV8-only graph (``bench/recipes/kv8.yaml``).
+
 The tied lm_head of the fp32 export (a MatMul on a Transpose of the embedding) is not a constant 2-D weight to the
 tool, so it stays float in every method; each row lists the MatMul/MatMulNBits counts.
 
@@ -63,8 +69,8 @@ from qcompile.runtime.ort import MODEL_FILE, OrtCausalLM  # noqa: E402
 
 DATA_FILE = MODEL_FILE + "_data"
 SKIP_FILES = {MODEL_FILE, DATA_FILE, "qcompile.json", "report.json"}
-METHODS = ("quarot", "quarot-gptq", "wo-int4", "gptq", "omniquant", "spinquant")
-CALIBRATED = {"quarot-gptq", "gptq", "omniquant", "spinquant"}  # read calibration_feeds
+METHODS = ("quarot", "quarot-gptq", "wo-int4", "gptq", "omniquant", "spinquant", "kv8")
+CALIBRATED = {"quarot-gptq", "gptq", "omniquant", "spinquant", "kv8"}  # read calibration_feeds
 WEIGHT_ONLY = {"wo-int4", "gptq", "omniquant", "spinquant"}  # onnxsim's weight-only matchers: need shape inference
 
 
@@ -120,13 +126,16 @@ def run_method(method: str, fp32_dir: Path, folder: Path, args, row: dict) -> No
     elif method == "spinquant":
         row["tool_settings"] = {"function": "apply_spinquant", "block_size": 32, "seed": 0}
         out = onnxsim.apply_spinquant(model, calibration_data=feeds, seed=0, block_size=32)
+    elif method == "kv8":
+        row["tool_settings"] = {"function": "quantize_kv_cache"}
+        out = onnxsim.quantize_kv_cache(model, calibration_data=feeds)
     else:
         raise ValueError(method)
     if feeds is not None:
         row["tool_settings"]["calibration"] = calibration_settings(args)
     row["quantize_seconds"] = time.perf_counter() - t0
-    if not any(n.op_type in ("DequantizeLinear", "MatMulNBits") for n in out.graph.node):
-        raise RuntimeError(f"onnxsim's {method} left every weight float: nothing to compare")
+    if not any(n.op_type in ("DequantizeLinear", "MatMulNBits", "QuantizeLinear") for n in out.graph.node):
+        raise RuntimeError(f"onnxsim's {method} quantized nothing: nothing to compare")
     if folder.exists():
         shutil.rmtree(folder)  # onnx appends to an existing external data file
     folder.mkdir(parents=True)
