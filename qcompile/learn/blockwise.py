@@ -40,7 +40,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,7 +204,7 @@ def _advance(layers: list[nn.Module], hiddens: list[torch.Tensor], runner: Layer
              originals: _FloatOriginals | None = None):
     """The streams after running ``layers`` in order (float mode: run-time quantizers off, float weights)."""
     out = []
-    with originals.active(layers) if float_mode and originals is not None else _nothing():
+    with originals.active(layers) if float_mode and originals is not None else nullcontext():
         for h, b in zip(hiddens, runner.batches):
             x = h.to(runner.device)
             for layer in layers:
@@ -215,11 +215,6 @@ def _advance(layers: list[nn.Module], hiddens: list[torch.Tensor], runner: Layer
                     x = _forward(layer, x, b)
             out.append(x.to(runner.cache_device))
     return out
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeParam, method: str) -> dict:

@@ -72,6 +72,8 @@ def _ptr(dtype):
 
 def cases(all_configs: bool):
     """(label, fn, types, consts, ints, warps, stages) for every kernel variant the runtime launches."""
+    import torch
+
     from qcompile.runtime.triton import act_quant, hadamard, kv_attention, norm, w8a8, wq_matmul
     from qcompile.runtime.triton.packing import PackedIntWeight
 
@@ -147,8 +149,6 @@ def cases(all_configs: bool):
                        cfg.get("num_warps", 4), cfg.get("num_stages", 2))
         # the TMA int8 GEMM (per-channel weights, M >= 128), per output dtype: its shared memory holds the stages
         # and the output tile on its way to the store
-        import torch
-
         for out_dt, out_t in (("fp16", torch.float16), ("fp32", torch.float32)):
             cands = w8a8.tma_candidates(4096, out_t)
             for cfg in (cands if all_configs else cands[:1]):
@@ -160,8 +160,6 @@ def cases(all_configs: bool):
                               NUM_PROGRAMS=sms)
                 yield (f"int8_tma {out_dt} {n}x{k} {cfg}", w8a8._int8_tma_kernel, types, consts,
                        dict(N=n, K=k, stride_om=n), cfg["num_warps"], cfg["num_stages"])
-
-    import torch
 
     for n in (64, 128, 576, 1536, 4096, 11008, 14336, 18944, 28672):
         for dt in ("fp16", "fp32"):

@@ -12,7 +12,7 @@
 * ``int_linear`` on int8 per-channel weights at M >= 128 (the W8A8 prefill GEMM) takes a persistent kernel whose
   operands come through TMA tensor descriptors (one program per SM walking the output tiles in grouped order,
   128 x 256 x 128 tiles, 4 stages): 1.38-1.72x fp16 ``torch.matmul`` on the H200 at Llama-3-8B shapes against
-  1.34-1.61x for the pointer-based kernel below (bench/triton_sweep.py); warp specialization and a TMA store of
+  1.34-1.60x for the pointer-based kernel below (bench/triton_sweep.py); warp specialization and a TMA store of
   the output measured no better.
 * W4A4: H100 has no int4 tensor cores (Hopper dropped the int4 MMA that Ampere had). 4-bit activations are held
   as int8 values in [-8, 7] and 4-bit weights are unpacked in registers from nibbles to int8, and the product runs
@@ -24,11 +24,12 @@ from __future__ import annotations
 import torch
 
 from qcompile.runtime.triton._env import interpreting, require_triton
-from qcompile.runtime.triton._tune import Tuner, launch_opts
+from qcompile.runtime.triton._tune import Tuner, launch_opts, num_sms
 from qcompile.runtime.triton.packing import PackedIntWeight
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from qcompile.runtime.triton._jit import MIN_SCALE, grouped_tile, round_half_even  # noqa: E402
 
@@ -199,10 +200,10 @@ def tma_candidates(m: int, out_dtype: torch.dtype = torch.float16) -> list[dict]
             for bm, bn, bk, w, st in tiles if bm <= max(128, triton.next_power_of_2(m))]
 
 
-def takes_tma_path(m: int, pw: PackedIntWeight, xq: torch.Tensor) -> bool:
-    """Int8 per-channel symmetric weights, at least one 128-row tile of activations, and what TMA needs: a
-    Hopper-or-newer GPU (or the interpreter), 16-byte aligned rows and bases."""
-    if pw.bits != 8 or pw.group_size < pw.in_features or pw.zero is not None or m < TMA_MIN_M:
+def _tma_capable(pw: PackedIntWeight, xq: torch.Tensor) -> bool:
+    """Int8 per-channel symmetric weights and what TMA needs: a Hopper-or-newer GPU (or the interpreter),
+    16-byte aligned rows and bases."""
+    if pw.bits != 8 or pw.group_size < pw.in_features or pw.zero is not None:
         return False
     if pw.in_features % 16 or xq.stride(0) % 16 or xq.data_ptr() % 16 or pw.qweight.data_ptr() % 16:
         return False
@@ -211,11 +212,13 @@ def takes_tma_path(m: int, pw: PackedIntWeight, xq: torch.Tensor) -> bool:
     return xq.is_cuda and torch.cuda.get_device_capability(xq.device)[0] >= 9
 
 
+def takes_tma_path(m: int, pw: PackedIntWeight, xq: torch.Tensor) -> bool:
+    """Whether ``int_linear`` runs the TMA kernel by default: at least one 128-row tile of activations on
+    weights and a device it can take (``_tma_capable``)."""
+    return m >= TMA_MIN_M and _tma_capable(pw, xq)
+
+
 def _int8_tma(xq, xs, pw: PackedIntWeight, out, config):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    from qcompile.runtime.triton._tune import num_sms
-
     m, k = xq.shape
     n = pw.out_features
     sms = num_sms(xq.device)
@@ -246,11 +249,10 @@ def int_linear(xq: torch.Tensor, xs: torch.Tensor, pw: PackedIntWeight, out_dtyp
         raise ValueError(f"the int8 GEMM needs per-channel weights or groups that are multiples of 32, got "
                          f"{pw.group_size}")
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    eligible = takes_tma_path(max(m, TMA_MIN_M), pw, xq)
-    if tma and not eligible:
+    if tma and not _tma_capable(pw, xq):
         raise ValueError("the TMA GEMM needs int8 per-channel symmetric weights, 16-byte aligned rows and a "
                          "Hopper-or-newer GPU")
-    if tma or (tma is None and eligible and m >= TMA_MIN_M):
+    if tma or (tma is None and takes_tma_path(m, pw, xq)):
         return _int8_tma(xq, xs, pw, out, config)
     key = (triton.next_power_of_2(m), n, k, pw.bits, pw.group_size, pw.zero is not None)
 

@@ -122,24 +122,24 @@ def _dot8_half2(words, x04, x15, x26, x37, s2, zz, mz):
 
 
 @triton.jit
+def _act_pair_half2(x_ptr, offs_r, j: tl.constexpr, r_mask, K):
+    """The half2 (x_j, x_{j+4}) of each word row's eight SwiGLU activations ``silu(gate) * up``."""
+    lo = _load_act(x_ptr, offs_r * 8 + j, r_mask, K, True).to(tl.float16)
+    hi = _load_act(x_ptr, offs_r * 8 + j + 4, r_mask, K, True).to(tl.float16)
+    return _pack_half2(lo, hi)
+
+
+@triton.jit
 def _half2_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, r_mask, n_mask, w_mask, N, K,
                 GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, ACT_SILU_MUL: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """One [BLOCK_R words, BLOCK_N] step of the batch-1 int4 GEMV on fp16 activations (``_dot8_half2``)."""
     shape: tl.constexpr = (BLOCK_R, BLOCK_N)
-    if ACT_SILU_MUL:
-        x0 = _load_act(x_ptr, offs_r * 8, r_mask, K, ACT_SILU_MUL).to(tl.float16)
-        x1 = _load_act(x_ptr, offs_r * 8 + 1, r_mask, K, ACT_SILU_MUL).to(tl.float16)
-        x2 = _load_act(x_ptr, offs_r * 8 + 2, r_mask, K, ACT_SILU_MUL).to(tl.float16)
-        x3 = _load_act(x_ptr, offs_r * 8 + 3, r_mask, K, ACT_SILU_MUL).to(tl.float16)
-        x4 = _load_act(x_ptr, offs_r * 8 + 4, r_mask, K, ACT_SILU_MUL).to(tl.float16)
-        x5 = _load_act(x_ptr, offs_r * 8 + 5, r_mask, K, ACT_SILU_MUL).to(tl.float16)
-        x6 = _load_act(x_ptr, offs_r * 8 + 6, r_mask, K, ACT_SILU_MUL).to(tl.float16)
-        x7 = _load_act(x_ptr, offs_r * 8 + 7, r_mask, K, ACT_SILU_MUL).to(tl.float16)
-        x04 = _pack_half2(x0, x4)
-        x15 = _pack_half2(x1, x5)
-        x26 = _pack_half2(x2, x6)
-        x37 = _pack_half2(x3, x7)
+    if ACT_SILU_MUL:  # silu(gate) * up computed per value, then paired
+        x04 = _act_pair_half2(x_ptr, offs_r, 0, r_mask, K)
+        x15 = _act_pair_half2(x_ptr, offs_r, 1, r_mask, K)
+        x26 = _act_pair_half2(x_ptr, offs_r, 2, r_mask, K)
+        x37 = _act_pair_half2(x_ptr, offs_r, 3, r_mask, K)
     else:  # the row's eight fp16 activations as four int32 words (x0,x1) (x2,x3) (x4,x5) (x6,x7), re-paired
         xw = x_ptr.to(tl.pointer_type(tl.int32)) + offs_r * 4
         a = tl.load(xw, mask=r_mask, other=0)
