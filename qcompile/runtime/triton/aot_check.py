@@ -42,7 +42,7 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
 
 
 def compile_one(fn, types: dict, consts: dict, ints: dict | None = None, num_warps: int = 4, num_stages: int = 2,
-                arch: int = 90) -> dict:
+                arch: int = 90, keep_cubin: bool = False) -> dict:
     """Compile ``fn`` with argument ``types`` ('*fp16', 'i32', ...) and constexpr ``consts``; ints in ``ints``
     (example values) that are multiples of 16, and every pointer, get Triton's divisibility specialization."""
     import triton
@@ -63,7 +63,10 @@ def compile_one(fn, types: dict, consts: dict, ints: dict | None = None, num_war
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": num_warps, "num_stages": num_stages})
     regs, spills = _ptxas_stats(k.asm["ptx"], arch)
-    return {"shared": k.metadata.shared, "regs": regs, "spills": spills}
+    out = {"shared": k.metadata.shared, "regs": regs, "spills": spills}
+    if keep_cubin:  # for SASS inspection (bench/triton_gemv_sass.py)
+        out["cubin"] = k.asm["cubin"]
+    return out
 
 
 def _ptr(dtype):

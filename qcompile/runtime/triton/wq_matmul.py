@@ -78,10 +78,10 @@ def _dot8_half2(words, x04, x15, x26, x37, s2, zz, mz):
     mantissa bits of 1024.0); the mask 0x00F000F0 gives (1024 + 16 c_1, 1024 + 16 c_5); a shift by 8 repeats it
     for c_2/c_6 and c_3/c_7. The codes are centred exactly (``v - (1024 + z)``, ``v / 16 - (64 + z)``), scaled
     in fp16 (the rounding a fp16 DequantizeLinear does), and multiplied into a half2 sum of four products per
-    lane, which is widened to fp32 once per word: about 20 instructions per 8 codes instead of 4 per code
-    (SASS of the loop at 128 x 64 tiles: 3.7 instructions per code against 6.1). On the H200 this made the int4
-    GEMV 15-23 % faster at the Llama-3-8B shapes (bench/triton_sweep.py), not the 1.6x the instruction count
-    suggests: the kernel is not purely instruction bound there.
+    lane, which is widened to fp32 once per word: about 20 instructions per 8 codes instead of 4 per code.
+    Whole loop, from the SASS (bench/triton_gemv_sass.py): 4.6 instructions per code against 6.1 at 64 x 16
+    tiles, 5.6 against 7.1 at 64 x 8 (the layout conversion of these narrow tiles stays); on the H200 that made the
+    int4 GEMV 15-23 % faster at the Llama-3-8B shapes (bench/triton_sweep.py).
     ``x04`` ... ``x37``: the activations as half2 pairs (x_0, x_4), ...; ``s2``: (s, s); ``zz``: (1024 + z,
     1024 + z); ``mz``: (-(64 + z), -(64 + z)) -- all int32 bit patterns.
     """
