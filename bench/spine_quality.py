@@ -95,6 +95,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dlqat-e3-w4": ("w4a16-g64-dlqat", ["dlqat.epochs=3"]),
     "cqe-dlqat-w3": ("w3a16-g64-cqe-dlqat", []),
     "w4a4kv4-cqe": ("w4a4kv4-cqe", []),
+    # CQE+ starting from GPTQ's weights instead of a min/max grid (bench/recipes/*-gptq-cqe.yaml); W2 without the
+    # scale refit, GPTQ's best W2 setting (115.83)
+    "gptq-cqe-w2": (str(BENCH_RECIPES / "w2a16-g64-gptq-cqe.yaml"), ["gptq.refit_scales=false"]),
+    **{f"gptq-cqe-w{b}": (str(BENCH_RECIPES / "w2a16-g64-gptq-cqe.yaml"), [f"gptq.bits={b}", f"sde.bits={b}"])
+       for b in (4, 3)},
+    "w4a4kv4-gptq-cqe": (str(BENCH_RECIPES / "w4a4kv4-gptq-cqe.yaml"), []),
     # CQE+ on the Hadamard-rotated model (R1 + R2 folded, no online rotation), and its GPTQ reference
     **{f"rot-cqe-w{b}": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), [f"sde.bits={b}"]) for b in (4, 3, 2)},
     "rot-cqe-r4-w4": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), ["rotate.online_r4=true"]),

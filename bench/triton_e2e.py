@@ -193,6 +193,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-static", action="store_true", help="also HF with a static cache + torch.compile")
     ap.add_argument("--smollm2", default=None, help="exported SmolLM2 folder: greedy tokens vs ONNX Runtime")
+    ap.add_argument("--skip-synthetic", action="store_true", help="only the SmolLM2 check (with --smollm2)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("triton_e2e: needs a CUDA GPU")
@@ -208,11 +209,17 @@ def main() -> None:
     def save():  # after every measurement: a run cut short keeps what it measured
         out.write_text(json.dumps(res, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
 
-    res["llama_1b_random"] = bench_synthetic(args, save=lambda part: (res.update(llama_1b_random=part), save()))
-    save()
+    if not args.skip_synthetic:
+        res["llama_1b_random"] = bench_synthetic(args, save=lambda part: (res.update(llama_1b_random=part), save()))
+        save()
     if args.smollm2:
         res["smollm2"] = bench_smollm2(args.smollm2, 32)
         save()
+    if args.skip_synthetic:
+        res["seconds"] = round(time.time() - t0, 1)
+        save()
+        print(f"saved {out}")
+        return
     syn = res["llama_1b_random"]
     res["targets"] = {"decode_speedup_vs_hf_fp16 (>= 2)": syn["triton_int4_kv16"]["speedup_vs_hf_fp16"],
                       "decode_tokens_per_s": syn["triton_int4_kv16"]["tokens_per_s"],
