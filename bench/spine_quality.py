@@ -101,6 +101,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     **{f"gptq-cqe-w{b}": (str(BENCH_RECIPES / "w2a16-g64-gptq-cqe.yaml"), [f"gptq.bits={b}", f"sde.bits={b}"])
        for b in (4, 3)},
     "w4a4kv4-gptq-cqe": (str(BENCH_RECIPES / "w4a4kv4-gptq-cqe.yaml"), []),
+    # the CQE+ recipes trained twice as long, and W2 with Cross-layer Learning two blocks ahead
+    **{f"cqe-e10-w{b}": (f"w{b}a16-g64-cqe", ["sde.epochs=10"]) for b in (4, 3, 2)},
+    "cqe-cll2-w2": ("w2a16-g64-cqe", ["sde.cll_window=2"]),
     # CQE+ on the Hadamard-rotated model (R1 + R2 folded, no online rotation), and its GPTQ reference
     **{f"rot-cqe-w{b}": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), [f"sde.bits={b}"]) for b in (4, 3, 2)},
     "rot-cqe-r4-w4": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), ["rotate.online_r4=true"]),

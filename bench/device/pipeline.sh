@@ -1,7 +1,7 @@
 #!/bin/bash
 # Device pipeline (started by bench/device/run.sh): GPU lanes (training + torch rows + export, --stage prepare) and one CPU lane for ORT rows
 # (--stage ort) that takes the first ready job in ORT_JOBS order. Runs detached; results in /root/res.
-# env: GPU_A, GPU_B ("variant[:ort] ..."), ORT_JOBS ("variant ..."), ORT_CORES (default 4-15)
+# env: GPU_A, GPU_B, GPU_C ("variant[:ort] ..."; lane C on cores 14-15), ORT_JOBS ("variant ..."), ORT_CORES (default 4-15)
 R=/root/repo; M=/root/m/smollm2.gguf; RES=/root/res; EXP=/root/exp
 export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 QCOMPILE_DATA_DIR=/root/data QCOMPILE_CACHE=/root/cache
 export TOKENIZERS_PARALLELISM=false
@@ -37,7 +37,8 @@ ortlane() {
 }
 ( lane 0-1 $GPU_A ) & a=$!
 ( [ -n "$GPU_B" ] && lane 2-3 $GPU_B ) & b=$!
+( [ -n "${GPU_C:-}" ] && lane 14-15 $GPU_C ) & c=$!
 ortlane & o=$!
-wait $a $b; touch $RES/gpu_lanes_done
+wait $a $b $c; touch $RES/gpu_lanes_done
 wait $o
 touch $RES/all_done
