@@ -83,12 +83,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4-c09": ("w4a4kv4", ["act_quant.clip_ratio=0.9"]),
     "w3a3-g64-c09": ("w3a3-g64", ["act_quant.clip_ratio=0.9"]),
     # learned passes (issues 5 and 6): the CQE+ ablation per bit width, then DL-QAT and BiSup
-    **{f"{m}-w{b}": (f"w{b}a16-g64-cqe", s) for b in (4, 3, 2) for m, s in (
-        ("lwc", ["swap:sde=lwc", "lwc.cll_window=0", "lwc.penalty=0"]), ("lsi", ["swap:sde=lsi", "lsi.cll_window=0", "lsi.penalty=0"]),
-        ("sde", ["sde.cll_window=0"]), ("cqe", []))},
+    # (5 epochs each: the tables' rows; the built-in W2 recipe trains 10 since cqe-e10-w2)
+    **{f"{m}-w{b}": (f"w{b}a16-g64-cqe", s + [f"{p}.epochs=5"]) for b in (4, 3, 2) for m, p, s in (
+        ("lwc", "lwc", ["swap:sde=lwc", "lwc.cll_window=0", "lwc.penalty=0"]),
+        ("lsi", "lsi", ["swap:sde=lsi", "lsi.cll_window=0", "lsi.penalty=0"]),
+        ("sde", "sde", ["sde.cll_window=0"]), ("cqe", "sde", []))},
     # the CQE+ recipes with the engine's default learning rates (clipping 1e-2, singular values 1e-3), 5x lower
     # than the recipes' (first measured as cqe-w4/cqe-w3 in bench/results/learned_a.json, before the change)
-    **{f"cqe-lr1x-w{b}": (f"w{b}a16-g64-cqe", ["sde.lr_clip=0.01", "sde.lr_adjust=0.001"]) for b in (4, 3, 2)},
+    **{f"cqe-lr1x-w{b}": (f"w{b}a16-g64-cqe", ["sde.lr_clip=0.01", "sde.lr_adjust=0.001", "sde.epochs=5"])
+       for b in (4, 3, 2)},
     "dlqat-w4": ("w4a16-g64-dlqat", []),  # 3 epochs since the e3 run below; was 2
     "dlqat-e2-w4": ("w4a16-g64-dlqat", ["dlqat.epochs=2"]),
     "dlqat-w3": ("w3a16-g64-dlqat", []),
@@ -103,7 +106,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4-gptq-cqe": (str(BENCH_RECIPES / "w4a4kv4-gptq-cqe.yaml"), []),
     # the CQE+ recipes trained twice as long, and W2 with Cross-layer Learning two blocks ahead
     **{f"cqe-e10-w{b}": (f"w{b}a16-g64-cqe", ["sde.epochs=10"]) for b in (4, 3, 2)},
-    "cqe-cll2-w2": ("w2a16-g64-cqe", ["sde.cll_window=2"]),
+    "cqe-cll2-w2": ("w2a16-g64-cqe", ["sde.cll_window=2", "sde.epochs=5"]),
     # CQE+ on the Hadamard-rotated model (R1 + R2 folded, no online rotation), and its GPTQ reference
     **{f"rot-cqe-w{b}": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), [f"sde.bits={b}"]) for b in (4, 3, 2)},
     "rot-cqe-r4-w4": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), ["rotate.online_r4=true"]),
