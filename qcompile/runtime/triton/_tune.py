@@ -53,12 +53,10 @@ class Tuner:
         return cfg
 
     def _tune(self, key, candidates: list[dict], launch: Callable[[dict], None]) -> dict:
-        from triton.testing import do_bench
-
         best, best_ms, last_err = None, float("inf"), None
         for cfg in candidates:
             try:
-                ms = do_bench(lambda: launch(cfg), warmup=5, rep=25)
+                ms = _time_config(launch, cfg)
             except Exception as e:  # a config the compiler or the device rejects (e.g. shared memory)
                 last_err = e
                 continue
@@ -68,3 +66,26 @@ class Tuner:
             raise RuntimeError(f"{self.name}: every configuration failed for {key}") from last_err
         self.best[key] = best
         return best
+
+
+def _time_config(launch: Callable[[dict], None], cfg: dict) -> float:
+    """Milliseconds of one ``launch(cfg)`` as the runner runs it: replayed from a CUDA graph, so the CPU's launch
+    time between the kernels of one call (e.g. split-K attention and its combine) is not counted, with the L2 cache
+    flushed before every replay (``do_bench``). Eager timing counts that gap too, which for calls of 15-30 us can
+    swamp the differences between candidates: on an H200 the eager picks for decode attention came out at
+    0.61-0.81x the speed of the best candidate in three of four cases (bench/triton_attn_variants.py). A launch
+    that cannot be captured is timed eagerly."""
+    from triton.testing import do_bench
+
+    launch(cfg)  # compiles, and tunes any kernel the launch calls, before the capture
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launch(cfg)
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return do_bench(lambda: launch(cfg), warmup=5, rep=25)
+    ms = do_bench(graph.replay, warmup=5, rep=25)
+    del graph
+    return ms
