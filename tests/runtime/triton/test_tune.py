@@ -1,0 +1,86 @@
+"""The tuner's choice of configuration, with the GPU's timing replaced by a fake one (no GPU needed): it times a
+CUDA-graph replay of each candidate when the launch can be captured, eager launches when it cannot, skips
+candidates that fail, and keeps the fastest."""
+
+import contextlib
+
+import pytest
+import torch
+
+from qcompile.runtime.triton import _tune
+
+
+class FakeCuda:
+    """Stands in for torch.cuda's graph capture and triton's do_bench: a candidate "costs" cfg["us"], plus a launch
+    gap when it is timed eagerly; capture fails for launches marked ``capturable=False``."""
+
+    def __init__(self, monkeypatch, eager_gap):
+        self.capturing = None
+        self.timed = []
+        self.eager_gap = eager_gap
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.cfg = None
+
+            def replay(self):
+                fake.last = ("graph", self.cfg)
+
+        @contextlib.contextmanager
+        def graph(g):
+            fake.capturing = g
+            try:
+                yield
+            finally:
+                fake.capturing = None
+
+        def do_bench(fn, warmup, rep):
+            fake.last = None
+            fn()
+            kind, cfg = fake.last
+            fake.timed.append((kind, cfg["name"]))
+            return cfg["us"] + (fake.eager_gap if kind == "eager" else 0.0)
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        monkeypatch.setattr("triton.testing.do_bench", do_bench)
+        monkeypatch.setattr(_tune, "autotuning", lambda: True)
+
+    def launch(self, cfg):
+        if cfg.get("fails"):
+            raise RuntimeError("out of shared memory")
+        if self.capturing is not None:
+            if not cfg.get("capturable", True):
+                raise RuntimeError("operation not permitted when stream is capturing")
+            self.capturing.cfg = cfg
+        else:
+            self.last = ("eager", cfg)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    return FakeCuda(monkeypatch, eager_gap=20.0)
+
+
+def test_times_graph_replays_and_keeps_the_fastest(fake):
+    cands = [dict(name="a", us=30.0), dict(name="b", us=12.0), dict(name="c", us=18.0)]
+    tuner = _tune.Tuner("t")
+    assert tuner.run("k", cands, fake.launch)["name"] == "b"
+    assert tuner.best["k"]["name"] == "b"
+    assert [kind for kind, _ in fake.timed] == ["graph"] * 3
+
+
+def test_falls_back_to_eager_timing_and_skips_failing_configs(fake):
+    # "b" cannot be captured: timed eagerly, its launch gap counts, so "c" (graph-timed) wins; "a" fails outright
+    cands = [dict(name="a", us=1.0, fails=True), dict(name="b", us=12.0, capturable=False), dict(name="c", us=18.0)]
+    tuner = _tune.Tuner("t")
+    assert tuner.run("k", cands, fake.launch)["name"] == "c"
+    assert fake.timed == [("eager", "b"), ("graph", "c")]
+
+
+def test_every_config_failing_is_an_error(fake):
+    with pytest.raises(RuntimeError, match="every configuration failed"):
+        _tune.Tuner("t").run("k", [dict(name=n, us=1.0, fails=True) for n in "ab"], fake.launch)
