@@ -122,6 +122,13 @@ def _raw(c_ptr, idx, smask, D: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.cons
 
 
 @triton.jit
+def _raw_side(q_ptr, s_ptr, z_ptr, idx, smask, D: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.constexpr):
+    """One block of the keys (or of the values): its raw codes (``_raw``) and its per-token scales and zeros."""
+    c0, c1, c2, c3 = _raw(q_ptr, idx, smask, D, BITS, UNPACK)
+    return c0, c1, c2, c3, tl.load(s_ptr + idx, mask=smask, other=0.0), tl.load(z_ptr + idx, mask=smask, other=0.0)
+
+
+@triton.jit
 def _magic(w, MASK: tl.constexpr, SEL: tl.constexpr, ASM: tl.constexpr):
     """int32 words -> half2 bit patterns ``0x6400 | field``, one instruction: ``lop3 (w & MASK) | 0x64006400``
     (MASK != 0), or ``prmt`` picking bytes 0/2 (SEL 0x4240) or 1/3 (SEL 0x4341) of ``w`` with 0x64 above each."""
@@ -346,22 +353,14 @@ def _variant_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_pt
         s = q_lo + ar
         smask = s < hi
         idx = slot * SMAX + s
-        k0, k1, k2, k3 = _raw(kq_ptr, idx, smask, D, KV_BITS, UNPACK)
-        ks = tl.load(ks_ptr + idx, mask=smask, other=0.0)
-        kz = tl.load(kz_ptr + idx, mask=smask, other=0.0)
-        v0, v1, v2, v3 = _raw(vq_ptr, idx, smask, D, KV_BITS, UNPACK)
-        vs = tl.load(vs_ptr + idx, mask=smask, other=0.0)
-        vz = tl.load(vz_ptr + idx, mask=smask, other=0.0)
+        k0, k1, k2, k3, ks, kz = _raw_side(kq_ptr, ks_ptr, kz_ptr, idx, smask, D, KV_BITS, UNPACK)
+        v0, v1, v2, v3, vs, vz = _raw_side(vq_ptr, vs_ptr, vz_ptr, idx, smask, D, KV_BITS, UNPACK)
         for s0 in range(q_lo, hi, BLOCK_S):
             sn = s0 + BLOCK_S + ar
             nmask = sn < hi
             nidx = slot * SMAX + sn
-            nk0, nk1, nk2, nk3 = _raw(kq_ptr, nidx, nmask, D, KV_BITS, UNPACK)
-            nks = tl.load(ks_ptr + nidx, mask=nmask, other=0.0)
-            nkz = tl.load(kz_ptr + nidx, mask=nmask, other=0.0)
-            nv0, nv1, nv2, nv3 = _raw(vq_ptr, nidx, nmask, D, KV_BITS, UNPACK)
-            nvs = tl.load(vs_ptr + nidx, mask=nmask, other=0.0)
-            nvz = tl.load(vz_ptr + nidx, mask=nmask, other=0.0)
+            nk0, nk1, nk2, nk3, nks, nkz = _raw_side(kq_ptr, ks_ptr, kz_ptr, nidx, nmask, D, KV_BITS, UNPACK)
+            nv0, nv1, nv2, nv3, nvs, nvz = _raw_side(vq_ptr, vs_ptr, vz_ptr, nidx, nmask, D, KV_BITS, UNPACK)
             m_i, l_i, a0, a1, a2, a3, sp, sz = _attend_any(
                 q0, q1, q2, q3, qsum, qa, k0, k1, k2, k3, ks, kz, v0, v1, v2, v3, vs, vz, (s0 + ar) < hi, m_i, l_i,
                 a0, a1, a2, a3, sp, sz, BLOCK_S, D, KV_BITS, UNPACK, ASM, MUL1, MUL2)
@@ -372,12 +371,8 @@ def _variant_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_pt
             s = s0 + ar
             smask = s < hi
             idx = slot * SMAX + s
-            k0, k1, k2, k3 = _raw(kq_ptr, idx, smask, D, KV_BITS, UNPACK)
-            ks = tl.load(ks_ptr + idx, mask=smask, other=0.0)
-            kz = tl.load(kz_ptr + idx, mask=smask, other=0.0)
-            v0, v1, v2, v3 = _raw(vq_ptr, idx, smask, D, KV_BITS, UNPACK)
-            vs = tl.load(vs_ptr + idx, mask=smask, other=0.0)
-            vz = tl.load(vz_ptr + idx, mask=smask, other=0.0)
+            k0, k1, k2, k3, ks, kz = _raw_side(kq_ptr, ks_ptr, kz_ptr, idx, smask, D, KV_BITS, UNPACK)
+            v0, v1, v2, v3, vs, vz = _raw_side(vq_ptr, vs_ptr, vz_ptr, idx, smask, D, KV_BITS, UNPACK)
             m_i, l_i, a0, a1, a2, a3, sp, sz = _attend_any(
                 q0, q1, q2, q3, qsum, qa, k0, k1, k2, k3, ks, kz, v0, v1, v2, v3, vs, vz, smask, m_i, l_i,
                 a0, a1, a2, a3, sp, sz, BLOCK_S, D, KV_BITS, UNPACK, ASM, MUL1, MUL2)
