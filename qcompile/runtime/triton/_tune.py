@@ -86,6 +86,4 @@ def _time_config(launch: Callable[[dict], None], cfg: dict) -> float:
     except RuntimeError:
         torch.cuda.synchronize()
         return do_bench(lambda: launch(cfg), warmup=5, rep=25)
-    ms = do_bench(graph.replay, warmup=5, rep=25)
-    del graph
-    return ms
+    return do_bench(graph.replay, warmup=5, rep=25)
