@@ -107,6 +107,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # the CQE+ recipes trained twice as long, and W2 with Cross-layer Learning two blocks ahead
     **{f"cqe-e10-w{b}": (f"w{b}a16-g64-cqe", ["sde.epochs=10"]) for b in (4, 3, 2)},
     "cqe-cll2-w2": ("w2a16-g64-cqe", ["sde.cll_window=2", "sde.epochs=5"]),
+    # W4 with twice the recipe's learning rates (5x the engine defaults gained 5 % at W4: cqe-lr1x-w4 above)
+    "cqe-lr2x-w4": ("w4a16-g64-cqe", ["sde.lr_clip=0.1", "sde.lr_adjust=0.01", "sde.epochs=5"]),
+    # W4A4KV4 CQE+ with QuaRot's activation clip (0.9: -7 % on rotation + GPTQ) and 10 epochs (-19 % at W2)
+    "w4a4kv4-cqe-c09-e10": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=10"]),
     # CQE+ on the Hadamard-rotated model (R1 + R2 folded, no online rotation), and its GPTQ reference
     **{f"rot-cqe-w{b}": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), [f"sde.bits={b}"]) for b in (4, 3, 2)},
     "rot-cqe-r4-w4": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), ["rotate.online_r4=true"]),
