@@ -83,7 +83,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4-c09": ("w4a4kv4", ["act_quant.clip_ratio=0.9"]),
     "w3a3-g64-c09": ("w3a3-g64", ["act_quant.clip_ratio=0.9"]),
     # learned passes (issues 5 and 6): the CQE+ ablation per bit width, then DL-QAT and BiSup
-    # (5 epochs each: the tables' rows; the built-in W2 recipe trains 10 since cqe-e10-w2)
+    # (5 epochs each: the tables' rows; the built-in W2 and W3 recipes train 10 since cqe-e10-w2 / cqe-e10-w3)
     **{f"{m}-w{b}": (f"w{b}a16-g64-cqe", s + [f"{p}.epochs=5"]) for b in (4, 3, 2) for m, p, s in (
         ("lwc", "lwc", ["swap:sde=lwc", "lwc.cll_window=0", "lwc.penalty=0"]),
         ("lsi", "lsi", ["swap:sde=lsi", "lsi.cll_window=0", "lsi.penalty=0"]),
