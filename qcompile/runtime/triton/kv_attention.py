@@ -498,15 +498,20 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
     def launch(cfg):
         meta, opts = launch_opts(cfg)
         splits = meta["SPLITS"]
+        # GP: query rows of the dots (the group padded to 16 by default; G rounded up to a power of two is a bench
+        # variant: fewer accumulator registers, not yet checked on a GPU); COMBINE_WARPS: the split combine's warps
+        rows = meta.get("GP", gp)
+        if rows < g or rows & (rows - 1):
+            raise ValueError(f"GP={rows} must be a power of two >= the {g} query heads per kv head")
         po = torch.empty((b * hq, splits, d), dtype=torch.float32, device=q.device)
         pm = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
         pl = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
         _decode_kernel[(b * hkv, splits)](
             q, cache.k_float, cache.v_float, cache.k_q, cache.v_q, cache.k_scale, cache.k_zero, cache.v_scale,
             cache.v_zero, lens, prefix, po, pm, pl, scale, cache.prefix_capacity, cache.max_len, win, splits,
-            NKV=hkv, G=g, GP=gp, D=d, KV_BITS=cache.bits, BLOCK_S=meta["BLOCK_S"], USE_DOT=use_dot, IEEE=fp32,
+            NKV=hkv, G=g, GP=rows, D=d, KV_BITS=cache.bits, BLOCK_S=meta["BLOCK_S"], USE_DOT=use_dot, IEEE=fp32,
             ON_CODES=on_codes, **opts)
-        copts = {} if interpreting() else {"num_warps": 4}
+        copts = {} if interpreting() else {"num_warps": meta.get("COMBINE_WARPS", 4)}
         _combine_kernel[(b * hq,)](po, pm, pl, out, splits, SP=triton.next_power_of_2(splits), D=d, **copts)
 
     key = (b, hq, hkv, d, cache.bits, cache.max_len, q.dtype, win < 2**30)

@@ -211,3 +211,24 @@ def test_clear_returns_the_allocated_state(device, bits):
     cache.clear()
     for name in ("k_float", "v_float", "k_q", "v_q", "k_scale", "k_zero", "v_scale", "v_zero"):
         assert torch.equal(getattr(cache, name), getattr(fresh, name)), name
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_attention_with_unpadded_query_rows(device, bits):
+    """The bench variant GP = G rounded to a power of two (4 rows for 3 query heads) instead of 16 computes the same
+    attention; a GP below the group size or not a power of two is refused."""
+    torch.manual_seed(2)
+    b, nkv, g, s, d = 2, 2, 3, 40, 32
+    cache = KVCache.allocate(b, nkv, d, s, bits, prefix_capacity=8, dtype=torch.float32, device=device)
+    lens = torch.tensor([37, 11], dtype=torch.int32, device=device)
+    prefix = torch.tensor([5, 0], dtype=torch.int32, device=device)
+    fill_cache(cache, prefix)
+    kview, vview = float_view(cache, prefix)
+    q = torch.randn(b, nkv * g, d, device=device, dtype=torch.float32)
+    cfg = dict(BLOCK_S=16, SPLITS=2, GP=4, COMBINE_WARPS=8)
+    out = decode_attention(q, cache, lens, prefix, config=cfg)
+    ref = R.decode_attention_ref(q.cpu().float(), kview, vview, lens.cpu())
+    torch.testing.assert_close(out.cpu().float(), ref, rtol=0, atol=1e-5)
+    for bad in (2, 6):
+        with pytest.raises(ValueError, match="power of two"):
+            decode_attention(q, cache, lens, prefix, config={**cfg, "GP": bad})
