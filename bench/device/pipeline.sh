@@ -13,7 +13,8 @@ lane() {  # $1 cores, rest jobs
     echo "$(date +%T) start $name" >> $RES/lanes.log
     OMP_NUM_THREADS=2 taskset -c $cores python3 bench/spine_quality.py --model $M --device cuda --variants $name $ort \
       --stage prepare --export-dir $EXP --out $RES/gpu_$name.json > $RES/gpu_$name.log 2>&1
-    echo "$(date +%T) end $name rc=$?" >> $RES/lanes.log
+    rc=$?  # before the echo: inside "$(date)" $? would be date's status
+    echo "$(date +%T) end $name rc=$rc" >> $RES/lanes.log
     touch $RES/done_$name
   done
 }
@@ -31,7 +32,8 @@ ortlane() {
     OMP_NUM_THREADS=12 taskset -c ${ORT_CORES:-4-15} python3 bench/spine_quality.py --model $M --variants $pick --ort $pick \
       --stage ort --export-dir $EXP --out $RES/ort_$pick.json --threads 12 --ort-sessions 2 --accuracy-levels 1 \
       > $RES/ort_$pick.log 2>&1
-    echo "$(date +%T) ort end $pick rc=$?" >> $RES/lanes.log
+    rc=$?
+    echo "$(date +%T) ort end $pick rc=$rc" >> $RES/lanes.log
   done
   touch $RES/ort_done
 }
