@@ -254,15 +254,16 @@ def sweep_attention(lengths=(8192, 32768)) -> list[dict]:
             cs = caches[bits]
             ref = decode_attention(q, cs[0], lens, prefix, config=dict(BLOCK_S=64, SPLITS=base, num_warps=4,
                                                                          num_stages=2))
-            grid = [dict(BLOCK_S=block, SPLITS=max(1, min(int(base * mult), -(-length // block), 512)),
-                         num_warps=warps, num_stages=stages)
+            def splits(block, mult):  # mult x the default split count, at most one block per split and 512
+                return max(1, min(int(base * mult), -(-length // block), 512))
+
+            grid = [dict(BLOCK_S=block, SPLITS=splits(block, mult), num_warps=warps, num_stages=stages)
                     for block in (32, 64, 128) for mult in (0.5, 1, 2) for warps, stages in ((1, 2), (2, 2), (2, 3))]
             # launch variants that are not tuner candidates until a GPU run shows them right and faster: the query
             # group unpadded (GP = 4 rows instead of 16: fewer accumulator registers, more programs per SM; hence
             # the 2.75x split count, about 11 one-warp programs per SM) and an 8-warp combine (4 warps spill
             # registers at 256 split rows when compiled for sm_90)
-            variants = [dict(BLOCK_S=block, SPLITS=max(1, min(int(base * mult), -(-length // block), 512)),
-                             num_warps=warps, num_stages=2, **extra)
+            variants = [dict(BLOCK_S=block, SPLITS=splits(block, mult), num_warps=warps, num_stages=2, **extra)
                         for block in (32, 64) for mult in (1, 2, 2.75) for warps in (1, 2)
                         for extra in (dict(GP=4), dict(COMBINE_WARPS=8), dict(GP=4, COMBINE_WARPS=8))]
             tuned = [c for c in decode_candidates(1, nkv, length, "cuda", False, d) if c not in grid]

@@ -90,12 +90,10 @@ def fill_cache(cache: KVCache, prefix, seed=0):
         fl.copy_(x[:, :, :cap].to(fl.dtype))
 
 
-@pytest.mark.parametrize("bits,d", [(16, 32), (8, 32), (4, 32), (4, 16)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_attention_matches_reference(device, bits, d, dtype):
-    """Head dim 32: tensor-core dots; 16: the broadcast path. GQA 3 query heads per kv head, a float prefix that
-    ends inside a block, split counts that leave some splits empty, and a sliding window."""
-    torch.manual_seed(1)
+def decode_case(device, bits, d, dtype, seed):
+    """Two sequences (lengths 37 and 11; a float prefix of 5 that ends inside a block, and none) over 2 kv heads
+    with 3 query heads each: q, the filled cache, lens, prefix and the cache's float view."""
+    torch.manual_seed(seed)
     b, nkv, g, s = 2, 2, 3, 40
     cache = KVCache.allocate(b, nkv, d, s, bits, prefix_capacity=8, dtype=dtype, device=device)
     lens = torch.tensor([37, 11], dtype=torch.int32, device=device)
@@ -103,6 +101,15 @@ def test_decode_attention_matches_reference(device, bits, d, dtype):
     fill_cache(cache, prefix)
     kview, vview = float_view(cache, prefix)
     q = torch.randn(b, nkv * g, d, device=device, dtype=dtype)
+    return q, cache, lens, prefix, kview, vview
+
+
+@pytest.mark.parametrize("bits,d", [(16, 32), (8, 32), (4, 32), (4, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_matches_reference(device, bits, d, dtype):
+    """Head dim 32: tensor-core dots; 16: the broadcast path. GQA 3 query heads per kv head, a float prefix that
+    ends inside a block, split counts that leave some splits empty, and a sliding window."""
+    q, cache, lens, prefix, kview, vview = decode_case(device, bits, d, dtype, seed=1)
     tol = 1e-5 if dtype == torch.float32 else 4e-3
     for window, splits in ((0, 1), (0, 8), (9, 2)):
         out = decode_attention(q, cache, lens, prefix, num_splits=splits, window=window)
@@ -217,14 +224,7 @@ def test_clear_returns_the_allocated_state(device, bits):
 def test_decode_attention_with_unpadded_query_rows(device, bits):
     """The bench variant GP = G rounded to a power of two (4 rows for 3 query heads) instead of 16 computes the same
     attention; a GP below the group size or not a power of two is refused."""
-    torch.manual_seed(2)
-    b, nkv, g, s, d = 2, 2, 3, 40, 32
-    cache = KVCache.allocate(b, nkv, d, s, bits, prefix_capacity=8, dtype=torch.float32, device=device)
-    lens = torch.tensor([37, 11], dtype=torch.int32, device=device)
-    prefix = torch.tensor([5, 0], dtype=torch.int32, device=device)
-    fill_cache(cache, prefix)
-    kview, vview = float_view(cache, prefix)
-    q = torch.randn(b, nkv * g, d, device=device, dtype=torch.float32)
+    q, cache, lens, prefix, kview, vview = decode_case(device, bits, 32, torch.float32, seed=2)
     cfg = dict(BLOCK_S=16, SPLITS=2, GP=4, COMBINE_WARPS=8)
     out = decode_attention(q, cache, lens, prefix, config=cfg)
     ref = R.decode_attention_ref(q.cpu().float(), kview, vview, lens.cpu())
