@@ -16,6 +16,7 @@ speed, not correctness). Must not run with
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -50,6 +51,8 @@ def compile_one(fn, types: dict, consts: dict, ints: dict | None = None, num_war
     from triton.compiler import ASTSource
 
     ints = ints or {}
+    # constexpr parameters left out take their defaults, as a launch would
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -219,9 +222,28 @@ def cases(all_configs: bool):
                            dict(NKV=8, G=g, GP=16, D=d, KV_BITS=kv_bits, BLOCK_S=cfg["BLOCK_S"], USE_DOT=True,
                                 IEEE=dt == "fp32", ON_CODES=kv_attention.attends_on_codes(True, dt == "fp16", kv_bits)),
                            {}, cfg["num_warps"], cfg["num_stages"])
+                if all_configs and dt == "fp16" and kv_bits != 16:
+                    # bench/triton_sweep.py's launch variants (not tuner candidates): unpadded query rows, int8
+                    # Q.K, programmatic dependent launch
+                    for (bs, w), extra in itertools.product(((32, 1), (64, 2)), (
+                            dict(GP=4), dict(GP=4, QK_I8=True), dict(GP=4, PDL=True), dict(GP=16, QK_I8=True))):
+                        yield (f"decode_attention {dt} D={d} kv{kv_bits} G={g} block {bs} warps {w}/2 {extra}",
+                               kv_attention._decode_kernel,
+                               dict(q_ptr=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8",
+                                    ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32",
+                                    lens_ptr="*i32", prefix_ptr="*i32", po_ptr="*fp32", pm_ptr="*fp32",
+                                    pl_ptr="*fp32", qk_scale="fp32", PCAP="i32", SMAX="i32", WINDOW="i32",
+                                    NUM_SPLITS="i32"),
+                               dict(NKV=8, G=g, D=d, KV_BITS=kv_bits, BLOCK_S=bs, USE_DOT=True, IEEE=False,
+                                    ON_CODES=True, **{"GP": 16, **extra}), {}, w, 2)
             yield (f"combine D={d} {dt}", kv_attention._combine_kernel,
                    dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_ptr(dt), NUM_SPLITS="i32"),
                    dict(SP=64, D=d), {}, 4, 2)
+            if all_configs:  # 256 split rows: 4 warps spill, the 8-warp bench variant does not; with PDL
+                for w, pdl in ((4, False), (8, False), (8, True)):
+                    yield (f"combine D={d} {dt} SP=256 warps {w} PDL={pdl}", kv_attention._combine_kernel,
+                           dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_ptr(dt),
+                                NUM_SPLITS="i32"), dict(SP=256, D=d, PDL=pdl), {}, w, 2)
         for n in (576, 4096):
             yield (f"rms_norm {dt} N={n}", norm._rms_norm_kernel,
                    dict(x_ptr=_ptr(dt), w_ptr=_ptr(dt), y_ptr=_ptr(dt), N="i32", stride_x="i32", stride_y="i32",
@@ -294,8 +316,6 @@ def main(argv=None) -> int:
         print("aot_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
     bad = spilled = 0
-    import itertools
-
     todo = small_cases() if args.small else itertools.chain(cases(args.all), small_cases())
     for label, fn, types, consts, ints, warps, stages in todo:
         if args.filter not in label:

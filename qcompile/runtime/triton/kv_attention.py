@@ -36,6 +36,7 @@ triton = require_triton()
 import triton.language as tl  # noqa: E402
 
 from qcompile.runtime.triton._jit import MIN_SCALE, round_half_even  # noqa: E402
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -278,15 +279,30 @@ def _codes_f16(q_ptr, idx, smask, half, D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _attend_codes(q1, q2, qsum, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr, idx, smask, half, m_i, l_i, acc1,
-                  acc2, D: tl.constexpr, BITS: tl.constexpr):
+def _attend_codes(q1, q2, qsum, qsc, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr, idx, smask, half, m_i, l_i,
+                  acc1, acc2, D: tl.constexpr, BITS: tl.constexpr, QK_I8: tl.constexpr):
     """A quantized block without dequantizing it: the dots run on the codes and scale/zero act per token on the
-    scores (``s = ks * (q.c_k - kz * sum q)``) and on the probabilities (``p.v = (p*vs).c_v - sum p*vs*vz``)."""
-    k1, k2 = _codes_f16(kq_ptr, idx, smask, half, D, BITS)
+    scores (``s = ks * (q.c_k - kz * sum q)``) and on the probabilities (``p.v = (p*vs).c_v - sum p*vs*vz``).
+
+    ``QK_I8``: q arrives as int8 (``q ~ qsc * q_i8`` per row, ``qsum`` = sum of q_i8) and Q.K runs on int8 tensor
+    cores, the key codes fed as they are (8-bit codes shifted by -128 to fit int8, the zero point with them), so
+    the score is ``qsc * ks * (q_i8.c_k - kz * sum q_i8)`` with the integer part exact."""
     ks = tl.load(ks_ptr + idx, mask=smask, other=0.0)
-    kz = tl.load(kz_ptr + idx, mask=smask, other=0.0) + 1024.0
-    raw = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
-    s = ks[None, :] * (raw - qsum[:, None] * kz[None, :])
+    if QK_I8:
+        k1, k2 = _load_codes(kq_ptr, idx, smask, half, D, BITS, tl.int8)
+        if BITS == 8:  # (c ^ 0x80) read as int8 is c - 128
+            k1 = k1 ^ -128
+            k2 = k2 ^ -128
+            kz = tl.load(kz_ptr + idx, mask=smask, other=0.0) - 128.0
+        else:
+            kz = tl.load(kz_ptr + idx, mask=smask, other=0.0)
+        raw = (tl.dot(q1, tl.trans(k1), out_dtype=tl.int32) + tl.dot(q2, tl.trans(k2), out_dtype=tl.int32))
+        s = (qsc[:, None] * ks[None, :]) * (raw.to(tl.float32) - qsum[:, None] * kz[None, :])
+    else:
+        k1, k2 = _codes_f16(kq_ptr, idx, smask, half, D, BITS)
+        kz = tl.load(kz_ptr + idx, mask=smask, other=0.0) + 1024.0
+        raw = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+        s = ks[None, :] * (raw - qsum[:, None] * kz[None, :])
     s = tl.where(smask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -306,7 +322,8 @@ def _attend_codes(q1, q2, qsum, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr, 
 def _decode_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, lens_ptr, prefix_ptr,
                    po_ptr, pm_ptr, pl_ptr, qk_scale, PCAP, SMAX, WINDOW, NUM_SPLITS,
                    NKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KV_BITS: tl.constexpr,
-                   BLOCK_S: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ON_CODES: tl.constexpr):
+                   BLOCK_S: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ON_CODES: tl.constexpr,
+                   QK_I8: tl.constexpr = False, PDL: tl.constexpr = False):
     H2: tl.constexpr = D // 2
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -344,19 +361,32 @@ def _decode_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr
         v2 = tl.load(vf_ptr + fk + H2, mask=smask[:, None], other=0.0)
         m_i, l_i, acc1, acc2 = _attend(q1, q2, k1, k2, v1, v2, smask, m_i, l_i, acc1, acc2, USE_DOT, IEEE)
     if KV_BITS != 16:
-        if ON_CODES:  # sum over D of q as the tensor cores see it (fp16), for the keys' zero points
-            qsum = tl.sum(q1.to(tl.float32), axis=1) + tl.sum(q2.to(tl.float32), axis=1)
+        if ON_CODES:
+            if QK_I8:  # q per row to int8 (symmetric, max |q| -> 127), once per program
+                qa = tl.maximum(tl.max(tl.abs(q1.to(tl.float32)), axis=1), tl.max(tl.abs(q2.to(tl.float32)), axis=1))
+                qsc = tl.maximum(qa / 127.0, 1e-30)
+                qk1 = round_half_even(q1.to(tl.float32) / qsc[:, None]).to(tl.int8)
+                qk2 = round_half_even(q2.to(tl.float32) / qsc[:, None]).to(tl.int8)
+                qsum = (tl.sum(qk1.to(tl.int32), axis=1) + tl.sum(qk2.to(tl.int32), axis=1)).to(tl.float32)
+            else:  # sum over D of q as the tensor cores see it (fp16), for the keys' zero points
+                qk1 = q1
+                qk2 = q2
+                qsc = tl.full((GP,), 1.0, tl.float32)
+                qsum = tl.sum(q1.to(tl.float32), axis=1) + tl.sum(q2.to(tl.float32), axis=1)
         for s0 in range(tl.maximum(lo, prefix), hi, BLOCK_S):  # quantized rest
             s = s0 + tl.arange(0, BLOCK_S)
             smask = s < hi
             idx = slot * SMAX + s
             if ON_CODES:
-                m_i, l_i, acc1, acc2 = _attend_codes(q1, q2, qsum, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
-                                                     idx, smask, half, m_i, l_i, acc1, acc2, D, KV_BITS)
+                m_i, l_i, acc1, acc2 = _attend_codes(qk1, qk2, qsum, qsc, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr,
+                                                     vz_ptr, idx, smask, half, m_i, l_i, acc1, acc2, D, KV_BITS,
+                                                     QK_I8)
             else:
                 k1, k2 = _dequant_block(kq_ptr, ks_ptr, kz_ptr, idx, smask, half, D, KV_BITS, dtype)
                 v1, v2 = _dequant_block(vq_ptr, vs_ptr, vz_ptr, idx, smask, half, D, KV_BITS, dtype)
                 m_i, l_i, acc1, acc2 = _attend(q1, q2, k1, k2, v1, v2, smask, m_i, l_i, acc1, acc2, USE_DOT, IEEE)
+    if PDL:  # the combine kernel may start launching now; its gdc_wait still waits for these stores
+        gdc_launch_dependents()
     prow = qrow * NUM_SPLITS + split
     tl.store(po_ptr + prow[:, None] * D + half[None, :], acc1, mask=gmask[:, None])
     tl.store(po_ptr + prow[:, None] * D + H2 + half[None, :], acc2, mask=gmask[:, None])
@@ -365,8 +395,11 @@ def _decode_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr
 
 
 @triton.jit
-def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, NUM_SPLITS, SP: tl.constexpr, D: tl.constexpr):
+def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, NUM_SPLITS, SP: tl.constexpr, D: tl.constexpr,
+                    PDL: tl.constexpr = False):
     row = tl.program_id(0)
+    if PDL:  # launched early (programmatic dependent launch): wait for the decode kernel's partials
+        gdc_wait()
     s = tl.arange(0, SP)
     smask = s < NUM_SPLITS
     d = tl.arange(0, D)
@@ -503,6 +536,13 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
         rows = meta.get("GP", gp)
         if rows < g or rows & (rows - 1):
             raise ValueError(f"GP={rows} must be a power of two >= the {g} query heads per kv head")
+        # QK_I8: Q.K on int8 tensor cores (q rounded to int8 per row); PDL: the combine launched as a programmatic
+        # dependent of the decode kernel. Both bench variants, not tuner candidates (not yet timed on a GPU)
+        qk_i8 = bool(meta.get("QK_I8", False))
+        if qk_i8 and not on_codes:
+            raise ValueError("QK_I8 needs the attention on codes: fp16 queries, a quantized cache, head_dim >= 32")
+        pdl = bool(meta.get("PDL", False)) and not interpreting()
+        popts = {"launch_pdl": True} if pdl else {}
         po = torch.empty((b * hq, splits, d), dtype=torch.float32, device=q.device)
         pm = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
         pl = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
@@ -510,9 +550,10 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
             q, cache.k_float, cache.v_float, cache.k_q, cache.v_q, cache.k_scale, cache.k_zero, cache.v_scale,
             cache.v_zero, lens, prefix, po, pm, pl, scale, cache.prefix_capacity, cache.max_len, win, splits,
             NKV=hkv, G=g, GP=rows, D=d, KV_BITS=cache.bits, BLOCK_S=meta["BLOCK_S"], USE_DOT=use_dot, IEEE=fp32,
-            ON_CODES=on_codes, **opts)
+            ON_CODES=on_codes, QK_I8=qk_i8, PDL=pdl, **opts, **popts)
         copts = {} if interpreting() else {"num_warps": meta.get("COMBINE_WARPS", 4)}
-        _combine_kernel[(b * hq,)](po, pm, pl, out, splits, SP=triton.next_power_of_2(splits), D=d, **copts)
+        _combine_kernel[(b * hq,)](po, pm, pl, out, splits, SP=triton.next_power_of_2(splits), D=d, PDL=pdl,
+                                   **copts, **popts)
 
     key = (b, hq, hkv, d, cache.bits, cache.max_len, q.dtype, win < 2**30)
     _DECODE.run(key, decode_candidates(b, hkv, cache.max_len, q.device, fp32, d), launch, config)

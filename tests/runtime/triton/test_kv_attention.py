@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qcompile.runtime.triton import reference as R
-from qcompile.runtime.triton.kv_attention import KVCache, decode_attention, rope_store
+from qcompile.runtime.triton.kv_attention import LOG2E, KVCache, decode_attention, rope_store
 
 
 def tables(s, d, device):
@@ -232,3 +232,44 @@ def test_decode_attention_with_unpadded_query_rows(device, bits):
     for bad in (2, 6):
         with pytest.raises(ValueError, match="power of two"):
             decode_attention(q, cache, lens, prefix, config={**cfg, "GP": bad})
+
+
+def int8_query_attention_ref(q, kview, vview, lens, prefix):
+    """What QK_I8 computes, in float64: scores against the quantized part from q rounded per row to int8 (after the
+    kernel's fp16 pre-scaling by sm_scale * log2 e), against the float prefix from q as it is."""
+    d = q.shape[-1]
+    scale = LOG2E / math.sqrt(d)
+    q1 = (q.float() * scale).half().double()
+    qsc = q1.abs().amax(-1, keepdim=True) / 127
+    qi = torch.round(q1 / qsc) * qsc
+    b, hq, _ = q.shape
+    g = hq // kview.shape[1]
+    out = torch.empty(b, hq, d, dtype=torch.float64)
+    for i in range(b):
+        n, p = int(lens[i]), int(prefix[i])
+        k = kview[i, :, :n].double().repeat_interleave(g, 0)
+        v = vview[i, :, :n].double().repeat_interleave(g, 0)
+        s = torch.where(torch.arange(n) < p, torch.einsum("hd,hsd->hs", q1[i], k),
+                        torch.einsum("hd,hsd->hs", qi[i], k))
+        out[i] = torch.einsum("hs,hsd->hd", torch.softmax(s / LOG2E, -1), v)
+    return out.float()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_attention_with_int8_query_key_dots(device, bits):
+    """The bench variant QK_I8 (Q.K on int8 tensor cores: q rounded per row to int8, the key codes as they are,
+    8-bit codes shifted into int8) computes attention with exactly that rounding of q and nothing else: it matches a
+    float64 model of it as closely as the fp16 path matches exact attention (the P.V dot rounds P to fp16 in both),
+    while exact attention is further away. It is refused where the attention does not run on the codes."""
+    q, cache, lens, prefix, kview, vview = decode_case(device, bits, 32, torch.float16, seed=3)
+    cfg = dict(BLOCK_S=16, SPLITS=2, GP=4)
+    exact = R.decode_attention_ref(q.cpu().float(), kview, vview, lens.cpu())
+    model = int8_query_attention_ref(q.cpu(), kview, vview, lens.cpu(), prefix.cpu())
+    fp16 = decode_attention(q, cache, lens, prefix, config=cfg).cpu().float()
+    i8 = decode_attention(q, cache, lens, prefix, config={**cfg, "QK_I8": True, "PDL": True}).cpu().float()
+    torch.testing.assert_close(fp16, exact, rtol=0, atol=4e-3)
+    torch.testing.assert_close(i8, model, rtol=0, atol=4e-3)
+    assert (i8 - exact).abs().max().item() > 1e-2  # q's int8 rounding is visible: the int8 dots really ran
+    with pytest.raises(ValueError, match="QK_I8"):
+        decode_attention(q.float(), KVCache.allocate(2, 2, 32, 40, bits, prefix_capacity=8, dtype=torch.float32,
+                                                     device=device), lens, prefix, config={**cfg, "QK_I8": True})
