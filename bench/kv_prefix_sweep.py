@@ -51,13 +51,16 @@ def main() -> None:
     ap.add_argument("--prefixes", default="0,1,4,prompt", help="comma list of P; 'prompt' = the prompt's length")
     ap.add_argument("--limit", type=int, default=8, help="test windows of 2048 tokens")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--calib-samples", type=int, default=None,
+                    help="calibration windows of 2048 tokens for a calibrated variant (GPTQ: default the recipe's 128, "
+                         "which takes about 95 min on one CPU core)")
     ap.add_argument("--out", default="bench/results/kv_prefix_sweep.json")
     args = ap.parse_args()
 
     h = load(args.model, device=args.device)
     test_windows = windows(token_stream(resolve_text(None, "test"), h.tokenizer), 2048, args.limit)
     t0 = time.perf_counter()
-    run_passes(h, variant_recipe(args.variant))
+    run_passes(h, variant_recipe(args.variant, calib_samples=args.calib_samples or ...))
     if h.kv_quant is None:
         raise SystemExit(f"variant {args.variant} does not quantize the KV cache")
     prompt = system_prompt_ids(h.tokenizer, SYSTEM_PROMPT)
@@ -68,6 +71,7 @@ def main() -> None:
             rows[str(p)] = perplexity(torch_logits_fn(h.model), test_windows, desc=f"P={p}", prefix=prompt)["ppl"]
         print(f"P={p}: ppl {rows[str(p)]:.3f}", flush=True)
     result = {"variant": args.variant, "kv_quant": str(h.kv_quant.spec), "windows": int(test_windows.shape[0]),
+              "calib_samples": args.calib_samples,
               "system_prompt": SYSTEM_PROMPT, "prompt_tokens": int(prompt.numel()),
               "first_tokens": h.tokenizer.convert_ids_to_tokens(prompt[:4].tolist()),
               "ppl_by_prefix": rows, "seconds": round(time.perf_counter() - t0, 1),

@@ -111,6 +111,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cqe-lr2x-w4": ("w4a16-g64-cqe", ["sde.lr_clip=0.1", "sde.lr_adjust=0.01", "sde.epochs=5"]),
     # W4A4KV4 CQE+ with QuaRot's activation clip (0.9: -7 % on rotation + GPTQ) and 10 epochs (-19 % at W2)
     "w4a4kv4-cqe-c09-e10": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=10"]),
+    # ... with the first position's KV (the attention sink) float in training and at run time, and twice the epochs
+    "w4a4kv4-cqe-c09-e10-p1": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=10", "kv_quant.prefix=1"]),
+    "w4a4kv4-cqe-c09-e20": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=20"]),
+    # W4 (1.101x at 5 epochs, target 1.08x; more epochs and higher learning rates were flat): 5-epoch ablations of
+    # what has not been tried at W4: a wider band, a dense corner over the largest singular values, no
+    # distribution penalty (more calibration windows would only re-crop the validation split: 128 x 2048 tokens
+    # already cover it about once)
+    "cqe-band4-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.svd_band=4"]),
+    "cqe-corner32-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.svd_corner=32"]),
+    "cqe-pen0-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.penalty=0"]),
     # CQE+ on the Hadamard-rotated model (R1 + R2 folded, no online rotation), and its GPTQ reference
     **{f"rot-cqe-w{b}": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), [f"sde.bits={b}"]) for b in (4, 3, 2)},
     "rot-cqe-r4-w4": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), ["rotate.online_r4=true"]),
