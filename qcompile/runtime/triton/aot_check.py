@@ -76,6 +76,14 @@ def _ptr(dtype):
     return f"*{dtype}"
 
 
+def _decode_types(dt):
+    """``kv_attention._decode_kernel``'s argument types for query/float-cache dtype ``dt``."""
+    return dict(q_ptr=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32",
+                kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32", lens_ptr="*i32", prefix_ptr="*i32", po_ptr="*fp32",
+                pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32", PCAP="i32", SMAX="i32", WINDOW="i32",
+                NUM_SPLITS="i32")
+
+
 def cases(all_configs: bool):
     """(label, fn, types, consts, ints, warps, stages) for every kernel variant the runtime launches."""
     import torch
@@ -215,10 +223,7 @@ def cases(all_configs: bool):
                 for cfg in kv_attention.decode_candidates(1, 8, 32768, "cpu", dt == "fp32", d):  # splits: not compiled in
                     yield (f"decode_attention {dt} D={d} kv{kv_bits} G={g} block {cfg['BLOCK_S']} "
                            f"warps {cfg['num_warps']}/{cfg['num_stages']}", kv_attention._decode_kernel,
-                           dict(q_ptr=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8",
-                                ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32", lens_ptr="*i32",
-                                prefix_ptr="*i32", po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
-                                PCAP="i32", SMAX="i32", WINDOW="i32", NUM_SPLITS="i32"),
+                           _decode_types(dt),
                            dict(NKV=8, G=g, GP=16, D=d, KV_BITS=kv_bits, BLOCK_S=cfg["BLOCK_S"], USE_DOT=True,
                                 IEEE=dt == "fp32", ON_CODES=kv_attention.attends_on_codes(True, dt == "fp16", kv_bits)),
                            {}, cfg["num_warps"], cfg["num_stages"])
@@ -229,11 +234,7 @@ def cases(all_configs: bool):
                             dict(GP=4), dict(GP=4, QK_I8=True), dict(GP=4, PDL=True), dict(GP=16, QK_I8=True))):
                         yield (f"decode_attention {dt} D={d} kv{kv_bits} G={g} block {bs} warps {w}/2 {extra}",
                                kv_attention._decode_kernel,
-                               dict(q_ptr=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8",
-                                    ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32",
-                                    lens_ptr="*i32", prefix_ptr="*i32", po_ptr="*fp32", pm_ptr="*fp32",
-                                    pl_ptr="*fp32", qk_scale="fp32", PCAP="i32", SMAX="i32", WINDOW="i32",
-                                    NUM_SPLITS="i32"),
+                               _decode_types(dt),
                                dict(NKV=8, G=g, D=d, KV_BITS=kv_bits, BLOCK_S=bs, USE_DOT=True, IEEE=False,
                                     ON_CODES=True, **{"GP": 16, **extra}), {}, w, 2)
             yield (f"combine D={d} {dt}", kv_attention._combine_kernel,
@@ -265,10 +266,7 @@ def small_cases():
             for kv_bits in (16, 8, 4):
                 gp = max(16, 1 << (g - 1).bit_length()) if use_dot else 1 << (g - 1).bit_length()
                 yield (f"decode_attention {dt} D={d} G={g} kv{kv_bits} small", kv_attention._decode_kernel,
-                       dict(q_ptr=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8",
-                            ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32", lens_ptr="*i32",
-                            prefix_ptr="*i32", po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32",
-                            PCAP="i32", SMAX="i32", WINDOW="i32", NUM_SPLITS="i32"),
+                       _decode_types(dt),
                        dict(NKV=2, G=g, GP=gp, D=d, KV_BITS=kv_bits, BLOCK_S=64, USE_DOT=use_dot, IEEE=dt == "fp32",
                             ON_CODES=kv_attention.attends_on_codes(use_dot, dt == "fp16", kv_bits)),
                        {}, 4, 2)
