@@ -265,14 +265,13 @@ def sweep_attention(lengths=(8192, 32768)) -> list[dict]:
             # the 2.75x split count, about 11 one-warp programs per SM), an 8-warp combine (4 warps spill
             # registers at 256 split rows when compiled for sm_90), Q.K on int8 tensor cores (QK_I8: q rounded to
             # int8 per row) and the combine as a programmatic dependent launch (PDL)
+            variant_sets = (((1, 2, 2.75), (dict(GP=4), dict(COMBINE_WARPS=8), dict(GP=4, COMBINE_WARPS=8))),
+                            ((1, 2.75), (dict(QK_I8=True), dict(GP=4, COMBINE_WARPS=8, QK_I8=True),
+                                         dict(GP=4, COMBINE_WARPS=8, PDL=True),
+                                         dict(GP=4, COMBINE_WARPS=8, QK_I8=True, PDL=True))))
             variants = [dict(BLOCK_S=block, SPLITS=splits(block, mult), num_warps=warps, num_stages=2, **extra)
-                        for block in (32, 64) for mult in (1, 2, 2.75) for warps in (1, 2)
-                        for extra in (dict(GP=4), dict(COMBINE_WARPS=8), dict(GP=4, COMBINE_WARPS=8))]
-            variants += [dict(BLOCK_S=block, SPLITS=splits(block, mult), num_warps=warps, num_stages=2, **extra)
-                         for block in (32, 64) for mult in (1, 2.75) for warps in (1, 2)
-                         for extra in (dict(QK_I8=True), dict(GP=4, COMBINE_WARPS=8, QK_I8=True),
-                                       dict(GP=4, COMBINE_WARPS=8, PDL=True),
-                                       dict(GP=4, COMBINE_WARPS=8, QK_I8=True, PDL=True))]
+                        for mults, extras in variant_sets
+                        for block in (32, 64) for mult in mults for warps in (1, 2) for extra in extras]
             tuned = [c for c in decode_candidates(1, nkv, length, "cuda", False, d) if c not in grid]
             for cfg in grid + tuned + variants:
                 t, fail = _time_or_error([lambda c=c, cfg=cfg: decode_attention(q, c, lens, prefix,

@@ -84,6 +84,11 @@ def _decode_types(dt):
                 NUM_SPLITS="i32")
 
 
+def _combine_types(dt):
+    """``kv_attention._combine_kernel``'s argument types for output dtype ``dt``."""
+    return dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_ptr(dt), NUM_SPLITS="i32")
+
+
 def cases(all_configs: bool):
     """(label, fn, types, consts, ints, warps, stages) for every kernel variant the runtime launches."""
     import torch
@@ -238,13 +243,12 @@ def cases(all_configs: bool):
                                dict(NKV=8, G=g, D=d, KV_BITS=kv_bits, BLOCK_S=bs, USE_DOT=True, IEEE=False,
                                     ON_CODES=True, **{"GP": 16, **extra}), {}, w, 2)
             yield (f"combine D={d} {dt}", kv_attention._combine_kernel,
-                   dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_ptr(dt), NUM_SPLITS="i32"),
+                   _combine_types(dt),
                    dict(SP=64, D=d), {}, 4, 2)
             if all_configs:  # 256 split rows: 4 warps spill, the 8-warp bench variant does not; with PDL
                 for w, pdl in ((4, False), (8, False), (8, True)):
                     yield (f"combine D={d} {dt} SP=256 warps {w} PDL={pdl}", kv_attention._combine_kernel,
-                           dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_ptr(dt),
-                                NUM_SPLITS="i32"), dict(SP=256, D=d, PDL=pdl), {}, w, 2)
+                           _combine_types(dt), dict(SP=256, D=d, PDL=pdl), {}, w, 2)
         for n in (576, 4096):
             yield (f"rms_norm {dt} N={n}", norm._rms_norm_kernel,
                    dict(x_ptr=_ptr(dt), w_ptr=_ptr(dt), y_ptr=_ptr(dt), N="i32", stride_x="i32", stride_y="i32",

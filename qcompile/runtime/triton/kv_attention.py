@@ -364,7 +364,7 @@ def _decode_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr
         if ON_CODES:
             if QK_I8:  # q per row to int8 (symmetric, max |q| -> 127), once per program
                 qa = tl.maximum(tl.max(tl.abs(q1.to(tl.float32)), axis=1), tl.max(tl.abs(q2.to(tl.float32)), axis=1))
-                qsc = tl.maximum(qa / 127.0, 1e-30)
+                qsc = tl.maximum(qa / 127.0, MIN_SCALE)  # the per-token quantizers' floor: a zero row stays zero
                 qk1 = round_half_even(q1.to(tl.float32) / qsc[:, None]).to(tl.int8)
                 qk2 = round_half_even(q2.to(tl.float32) / qsc[:, None]).to(tl.int8)
                 qsum = (tl.sum(qk1.to(tl.int32), axis=1) + tl.sum(qk2.to(tl.int32), axis=1)).to(tl.float32)
