@@ -25,6 +25,9 @@ Methods:
 * ``spinquant``: ``onnxsim.apply_spinquant``: per MatMul a rotation fitted in closed form on the same calibration
   windows (its "R1-only" reading), applied at run time as a dense K x K MatMul on the activation, then int4
   symmetric weights in blocks of 32: weight-only, to compare with our rotated W4A16 rows.
+* ``spinquant-eigh``: ``spinquant`` transcribed from the tool's C++ source with LAPACK's eigensolver in place of
+  its cyclic Jacobi loop, which does not finish on SmolLM2 on this CPU (``onnxsim_spinquant_eigh.py`` says why;
+  ``onnxsim_spinquant_check.py`` compares the two: same graph, same codes up to each eigenvector's sign).
 
 * ``kv8``: ``onnxsim.quantize_kv_cache``, the tool's only KV-cache quantizer: int8 symmetric, keys with one static
   per-channel (head-dim) scale calibrated on the same windows, values with a per-token scale kept as a third
@@ -69,9 +72,9 @@ from qcompile.runtime.ort import MODEL_FILE, OrtCausalLM  # noqa: E402
 
 DATA_FILE = MODEL_FILE + "_data"
 SKIP_FILES = {MODEL_FILE, DATA_FILE, "qcompile.json", "report.json"}
-METHODS = ("quarot", "quarot-gptq", "wo-int4", "gptq", "omniquant", "spinquant", "kv8")
-CALIBRATED = {"quarot-gptq", "gptq", "omniquant", "spinquant", "kv8"}  # read calibration_feeds
-WEIGHT_ONLY = {"wo-int4", "gptq", "omniquant", "spinquant"}  # onnxsim's weight-only matchers: need shape inference
+METHODS = ("quarot", "quarot-gptq", "wo-int4", "gptq", "omniquant", "spinquant", "spinquant-eigh", "kv8")
+CALIBRATED = {"quarot-gptq", "gptq", "omniquant", "spinquant", "spinquant-eigh", "kv8"}  # read calibration_feeds
+WEIGHT_ONLY = {"wo-int4", "gptq", "omniquant", "spinquant", "spinquant-eigh"}  # onnxsim's weight-only matchers: need shape inference
 
 
 def calibration_feeds(fp32_dir: Path, args) -> list[dict[str, np.ndarray]]:
@@ -126,6 +129,12 @@ def run_method(method: str, fp32_dir: Path, folder: Path, args, row: dict) -> No
     elif method == "spinquant":
         row["tool_settings"] = {"function": "apply_spinquant", "block_size": 32, "seed": 0}
         out = onnxsim.apply_spinquant(model, calibration_data=feeds, seed=0, block_size=32)
+    elif method == "spinquant-eigh":
+        from onnxsim_spinquant_eigh import apply_spinquant_eigh
+
+        row["tool_settings"] = {"function": "apply_spinquant transcribed with numpy.linalg.eigh "
+                                            "(bench/onnxsim_spinquant_eigh.py)", "block_size": 32}
+        out = apply_spinquant_eigh(model, feeds, block_size=32, threads=args.threads)
     elif method == "kv8":
         row["tool_settings"] = {"function": "quantize_kv_cache"}
         out = onnxsim.quantize_kv_cache(model, calibration_data=feeds)
