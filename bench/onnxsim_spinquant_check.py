@@ -39,17 +39,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from onnxsim_spinquant_eigh import apply_spinquant_eigh  # noqa: E402
+from onnxsim_spinquant_eigh import apply_spinquant_eigh, probe_session  # noqa: E402
 
 from qcompile.fsutil import atomic_write_text  # noqa: E402
-
-
-def unpack_int4(t: onnx.TensorProto) -> np.ndarray:
-    raw = np.frombuffer(t.raw_data, np.uint8)
-    nib = np.stack([raw & 0xF, raw >> 4], axis=1).ravel().astype(np.int8)
-    nib = np.where(nib > 7, nib - 16, nib)
-    n = int(np.prod(t.dims))
-    return nib[:n].reshape(tuple(t.dims))
 
 
 def compare(tool: onnx.ModelProto, ours: onnx.ModelProto) -> dict:
@@ -66,7 +58,7 @@ def compare(tool: onnx.ModelProto, ours: onnx.ModelProto) -> dict:
         ut, uo = numpy_helper.to_array(ti[name]).astype(np.float64), numpy_helper.to_array(oi[name]).astype(np.float64)
         dots = np.einsum("ij,ij->j", ut, uo)
         sign = np.where(dots < 0, -1, 1)
-        ct, co = unpack_int4(ti[prefix + "_codes"]), unpack_int4(oi[prefix + "_codes"])  # [K, N]
+        ct, co = (numpy_helper.to_array(i[prefix + "_codes"]).astype(np.int8) for i in (ti, oi))  # [K, N]
         co_aligned = co * sign[:, None]
         st, so = numpy_helper.to_array(ti[prefix + "_scale"]), numpy_helper.to_array(oi[prefix + "_scale"])
         layers.append({
@@ -136,19 +128,12 @@ def layer_check(fp32_dir: Path, weights: list[str], args) -> list[dict]:
     feeds = calibration_feeds(fp32_dir, args)
     # the activation rows themselves (not their covariance): the one-MatMul graph is fed them as one batch
     names = list(dict.fromkeys(x_of[w] for w in weights))  # q/k/v (and gate/up) read the same activation
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for name in names:
-        probe.graph.output.add().name = name
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = args.threads
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = probe_session(model, names, args.threads)
     rows = {n: [] for n in names}
     for f in feeds:
         for n, v in zip(names, sess.run(names, f)):
             rows[n].append(v.reshape(-1, v.shape[-1]))
-    del sess, probe
+    del sess
     out = []
     for w in weights:
         x = np.concatenate(rows[x_of[w]]).astype(np.float32)

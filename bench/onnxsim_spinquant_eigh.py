@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -61,24 +62,28 @@ def candidates(graph: onnx.GraphProto) -> list[tuple[int, str, str, str, bool]]:
     return found
 
 
-def activation_covariances(model: onnx.ModelProto, names: set[str], calibration_data: Sequence[dict],
-                           threads: int | None = None) -> dict[str, tuple[np.ndarray, int]]:
-    """name -> (X^T X summed over every calibration row in float64, row count), for each float activation >= 2-D."""
+def probe_session(model: onnx.ModelProto, names, threads: int | None = None):
+    """An ORT session of ``model`` with the tensors ``names`` added as graph outputs (the tool's probe model)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
-    for name in sorted(names - existing):
+    for name in sorted(set(names) - existing):
         probe.graph.output.add().name = name
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     # the tool's executor runs the graph as it is: no graph optimisation that could change the probed values
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in sess.get_outputs()]
-    wanted = [n for n in out_names if n in names]
+    return ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def activation_covariances(model: onnx.ModelProto, names: set[str], calibration_data: Sequence[dict],
+                           threads: int | None = None) -> dict[str, tuple[np.ndarray, int]]:
+    """name -> (X^T X summed over every calibration row in float64, row count), for each float activation >= 2-D."""
+    sess = probe_session(model, names, threads)
+    wanted = [o.name for o in sess.get_outputs() if o.name in names]
     acc: dict[str, tuple[np.ndarray, int]] = {}
     for batch in calibration_data:
         values = dict(zip(wanted, sess.run(wanted, {i.name: batch[i.name] for i in sess.get_inputs()})))
@@ -105,17 +110,9 @@ def quantize_blockwise_int4(w_nk: np.ndarray, block_size: int) -> tuple[np.ndarr
     return codes.reshape(n, k), scale
 
 
-def pack_int4(codes: np.ndarray) -> bytes:
-    flat = codes.astype(np.int64).ravel()
-    if flat.size % 2:
-        flat = np.append(flat, 0)
-    lo, hi = flat[0::2] & 0xF, flat[1::2] & 0xF
-    return (lo | (hi << 4)).astype(np.uint8).tobytes()
-
-
 def apply_spinquant_eigh(model: onnx.ModelProto, calibration_data: Sequence[dict], block_size: int = 32,
-                         threads: int | None = None, on_layer=None) -> onnx.ModelProto:
-    """The tool's ApplySpinquant with eigh; ``on_layer(weight_name, k)`` is called after each rotated MatMul."""
+                         threads: int | None = None) -> onnx.ModelProto:
+    """The tool's ApplySpinquant with eigh in place of its Jacobi loop."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if not any(o.domain in ("", "ai.onnx") and o.version >= 21 for o in out.opset_import):
@@ -155,8 +152,8 @@ def apply_spinquant_eigh(model: onnx.ModelProto, calibration_data: Sequence[dict
 
         prefix = w_name + "_spinquant"
         codes_name = unique(prefix + "_codes")
-        codes_t = onnx.TensorProto(name=codes_name, data_type=onnx.TensorProto.INT4, dims=[k, n_rows],
-                                   raw_data=pack_int4(codes.T))
+        # onnx packs int4 two codes a byte, low nibble first: the tool's PackInt4
+        codes_t = numpy_helper.from_array(codes.T.astype(ml_dtypes.int4), codes_name)
         scale_name = unique(prefix + "_scale")
         u_name = unique(prefix + "_u")
         graph.initializer.extend([codes_t, numpy_helper.from_array(scale.T.astype(np.float32), scale_name),
@@ -178,8 +175,6 @@ def apply_spinquant_eigh(model: onnx.ModelProto, calibration_data: Sequence[dict
         else:
             nodes.append(helper.make_node("Identity", [core], [old_output], name=unique(prefix + "_identity_node")))
         replacement[index] = nodes
-        if on_layer is not None:
-            on_layer(w_name, k)
 
     new_nodes = []
     for i, node in enumerate(graph.node):

@@ -74,7 +74,8 @@ DATA_FILE = MODEL_FILE + "_data"
 SKIP_FILES = {MODEL_FILE, DATA_FILE, "qcompile.json", "report.json"}
 METHODS = ("quarot", "quarot-gptq", "wo-int4", "gptq", "omniquant", "spinquant", "spinquant-eigh", "kv8")
 CALIBRATED = {"quarot-gptq", "gptq", "omniquant", "spinquant", "spinquant-eigh", "kv8"}  # read calibration_feeds
-WEIGHT_ONLY = {"wo-int4", "gptq", "omniquant", "spinquant", "spinquant-eigh"}  # onnxsim's weight-only matchers: need shape inference
+# onnxsim's weight-only matchers need shape inference; spinquant-eigh gets it too, to read the graph the tool reads
+WEIGHT_ONLY = {"wo-int4", "gptq", "omniquant", "spinquant", "spinquant-eigh"}
 
 
 def calibration_feeds(fp32_dir: Path, args) -> list[dict[str, np.ndarray]]:
