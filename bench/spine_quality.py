@@ -121,6 +121,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cqe-band4-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.svd_band=4"]),
     "cqe-corner32-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.svd_corner=32"]),
     "cqe-pen0-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.penalty=0"]),
+    # ... and every learning rate decayed to 0 over each block's steps (cosine) instead of held constant
+    "cqe-cos-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.lr_schedule=cosine"]),
     # CQE+ on the Hadamard-rotated model (R1 + R2 folded, no online rotation), and its GPTQ reference
     **{f"rot-cqe-w{b}": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), [f"sde.bits={b}"]) for b in (4, 3, 2)},
     "rot-cqe-r4-w4": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), ["rotate.online_r4=true"]),
@@ -173,6 +175,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N test windows only (default: all 148)")
     ap.add_argument("--ort-limit", type=int, default=None, help="first N test windows for the ORT rows (default: --limit)")
     ap.add_argument("--calib-samples", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="PASS.FIELD=VALUE",
+                    help="override applied to every variant after its own (repeatable), e.g. a reduced-scale "
+                         "screening: --set sde.calib_seq_len=512 --set sde.batch_size=1")
     ap.add_argument("--export-dir", default="out/bench")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ort-sessions", type=int, default=1,
@@ -235,6 +240,8 @@ def measure(name, args, test_windows, ort_names, results, save) -> None:
         ort_rows(name, args, folder, reference, test_windows, row, results, save)
         return
     recipe = variant_recipe(name, args.calib_samples or ...)
+    if args.set:
+        recipe = apply_overrides(recipe, args.set)
     row = {"recipe": recipe.to_dict()}
     h = load(args.model, device=args.device)
     t0 = time.perf_counter()

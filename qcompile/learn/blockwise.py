@@ -50,13 +50,16 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from qcompile.data import CalibrationConfig
-from qcompile.errors import QCompileError, require_int, require_number
+from qcompile.errors import QCompileError, RecipeError, require_int, require_number
 from qcompile.learn.capture import LayerwiseRunner, _layer_output, on_device, resolve_device
 from qcompile.learn.weights import LearnedWeight
 from qcompile.models.handle import ModelHandle
 from qcompile.quant.activations import runtime_quant_disabled
 from qcompile.quant.grid import QuantizedWeight, QuantSpec, search_clip
 from qcompile.quant.targets import WeightQuantConfig, targets
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -67,6 +70,9 @@ class BlockwiseConfig(WeightQuantConfig, CalibrationConfig):
     lr_adjust: float = 1e-3  # singular-value / low-rank adjustments (in units of the singular values)
     lr_magnitude: float = 1e-3
     weight_decay: float = 0.0
+    # "cosine": every learning rate decays to 0 over the block's steps (so the last steps settle rather than keep
+    # flipping roundings); "constant": OmniQuant's setting
+    lr_schedule: str = "constant"
     cll_window: int = 0  # CLL: follow each block's output through this many later blocks (0 = greedy)
     cll_weight: float = 1.0
     penalty: float = 0.0  # weight of sum ||W' - W||^2/||W||^2 over the block's linears (SDE's regulariser)
@@ -84,6 +90,8 @@ class BlockwiseConfig(WeightQuantConfig, CalibrationConfig):
             require_number(getattr(self, f), f)
         for f in ("weight_decay", "cll_weight", "penalty"):
             require_number(getattr(self, f), f, positive=False)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise RecipeError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
     def learning_rates(self) -> dict[str, float]:
         return {"clip": self.lr_clip, "adjust": self.lr_adjust, "magnitude": self.lr_magnitude}
@@ -330,6 +338,9 @@ def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, loo
         lrs = config.learning_rates()
         opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k]} for k, ps in groups.items()],
                                 weight_decay=config.weight_decay)
+        steps = config.epochs * len(runner.batches)
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if config.lr_schedule == "cosine"
+                 else None)
         n_trained = sum(p.num_trainable() for p in params.values())
         block_index = handle.adapter.layers(handle.model).index(layer)
 
@@ -363,6 +374,8 @@ def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, loo
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
         after = evaluate()
         exported = {}
         with torch.no_grad():

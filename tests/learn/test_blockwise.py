@@ -99,10 +99,37 @@ def test_resume_loads_finished_blocks_and_gives_the_same_model(trained_llama, ca
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(cll_window=-1), dict(lr_clip=0),
-                                 dict(penalty=-1.0)])
+                                 dict(penalty=-1.0), dict(lr_schedule="linear")])
 def test_impossible_training_settings_are_refused(bad):
     with pytest.raises(RecipeError):
         BlockwiseConfig(**bad)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule(trained_llama, calib_file, monkeypatch, schedule):
+    """Every block starts at the configured rates; "cosine" takes them down to 0 over the block's steps, and the
+    block still trains (its loss falls); "constant" keeps them."""
+    seen: list[list[float]] = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        seen.append([g["lr"] for g in self.param_groups])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    c = cfg(sde, calib_file, lr_schedule=schedule, lr_clip=0.02, lr_adjust=0.004)
+    stats = sde.apply(load(trained_llama), c)
+    per_block = c.epochs * (c.calib_samples // c.batch_size)
+    assert len(seen) == per_block * len(stats["blocks"])
+    for b in range(len(stats["blocks"])):
+        lrs = seen[b * per_block : (b + 1) * per_block]
+        assert lrs[0] == [0.02, 0.004]
+        if schedule == "constant":
+            assert all(lr == lrs[0] for lr in lrs)
+        else:
+            assert all(x[0] > y[0] for x, y in zip(lrs, lrs[1:]))  # strictly decreasing
+            assert lrs[-1][0] < 0.02 * 0.05
+        assert stats["blocks"][b]["loss_after"] < stats["blocks"][b]["loss_before"]
 
 
 def test_group_size_that_does_not_divide_fails_before_training(trained_llama, calib_file):
