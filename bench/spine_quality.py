@@ -114,6 +114,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # ... with the first position's KV (the attention sink) float in training and at run time, and twice the epochs
     "w4a4kv4-cqe-c09-e10-p1": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=10", "kv_quant.prefix=1"]),
     "w4a4kv4-cqe-c09-e20": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=20"]),
+    # ... on learned rotations (bench/recipes/w4a4kv4-spin-cqe.yaml, 10 epochs): SpinQuant was worth 30 % on RTN's
+    # min/max grid, where CQE+ starts, and 0.5 % once GPTQ followed
+    "w4a4kv4-spin-cqe-c09-e10": (str(BENCH_RECIPES / "w4a4kv4-spin-cqe.yaml"), ["act_quant.clip_ratio=0.9"]),
     # W4 (1.101x at 5 epochs, target 1.08x; more epochs and higher learning rates were flat): 5-epoch ablations of
     # what has not been tried at W4: a wider band, a dense corner over the largest singular values, no
     # distribution penalty (more calibration windows would only re-crop the validation split: 128 x 2048 tokens
