@@ -59,7 +59,8 @@ from qcompile.quant.grid import QuantizedWeight, QuantSpec, search_clip
 from qcompile.quant.targets import WeightQuantConfig, targets
 
 
-LR_SCHEDULES = ("constant", "cosine")
+# learning-rate schedules of the learned passes (this engine, and spinquant's Cayley SGD)
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -70,8 +71,8 @@ class BlockwiseConfig(WeightQuantConfig, CalibrationConfig):
     lr_adjust: float = 1e-3  # singular-value / low-rank adjustments (in units of the singular values)
     lr_magnitude: float = 1e-3
     weight_decay: float = 0.0
-    # "cosine": every learning rate decays to 0 over the block's steps (so the last steps settle rather than keep
-    # flipping roundings); "constant": OmniQuant's setting
+    # "constant": OmniQuant's setting; "cosine": every learning rate decays to 0 over the block's steps (1.6 % worse
+    # ppl than constant for CQE+ W4 in a CPU proxy, docs/BENCHMARKS.md "Learned passes")
     lr_schedule: str = "constant"
     cll_window: int = 0  # CLL: follow each block's output through this many later blocks (0 = greedy)
     cll_weight: float = 1.0

@@ -77,6 +77,7 @@ from qcompile.learn.blockwise import fingerprint
 from qcompile.learn.capture import on_device, resolve_device
 from qcompile.learn.end_to_end import kl_loss
 from qcompile.models.handle import ModelHandle
+from qcompile.learn.blockwise import LR_SCHEDULES
 from qcompile.passes import kv_quant, rotate
 from qcompile.quant.activations import (
     TokenQuantSpec,
@@ -88,7 +89,6 @@ from qcompile.quant.activations import (
 from qcompile.quant.grid import QuantSpec, compute_qparams
 
 LOSSES = ("kl", "ce")
-SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -127,8 +127,8 @@ class SpinQuantConfig(CalibrationConfig):
         require_number(self.lr, "spinquant lr")
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
             raise RecipeError(f"spinquant momentum must be a number in [0, 1), got {self.momentum!r}")
-        if self.lr_schedule not in SCHEDULES:
-            raise RecipeError(f"spinquant lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise RecipeError(f"spinquant lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.loss not in LOSSES:
             raise RecipeError(f"spinquant loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         self.weight_spec(), self.act_spec(), self.kv_spec()  # bits / group sizes refused here, with the field
