@@ -18,6 +18,7 @@ Timing as in `triton_kernels.py`: CUDA-graph replays over enough copies of the o
 stream from HBM rather than L2.
 
     python bench/triton_sweep.py --out bench/results/triton_sweep.json [--skip gemv,gemm,attention]
+        [--contexts 8192,32768] [--kv-bits 8,4]     # attention: which context lengths and KV widths
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ def sweep_w8a8(ms=(1024, 2048, 4096)) -> list[dict]:
 # -- 3. attention --------------------------------------------------------------------------------------------
 
 
-def sweep_attention(lengths=(8192, 32768)) -> list[dict]:
+def sweep_attention(lengths=(8192, 32768), kv_bits=(8, 4)) -> list[dict]:
     nh, nkv, d = 32, 8, 128
     rows = []
     for length in lengths:
@@ -251,7 +252,7 @@ def sweep_attention(lengths=(8192, 32768)) -> list[dict]:
                            for k, v in zip(ks, vs)])
         print(f"attention {length}: SDPA fp16 (GQA) {sdpa * 1e6:.1f} us", flush=True)
         base = default_splits(1, nkv, length, "cuda", 64)
-        for bits in (8, 4):
+        for bits in kv_bits:
             cs = caches[bits]
             ref = decode_attention(q, cs[0], lens, prefix, config=dict(BLOCK_S=64, SPLITS=base, num_warps=4,
                                                                          num_stages=2))
@@ -301,6 +302,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/triton_sweep.json")
     ap.add_argument("--skip", default="")
+    ap.add_argument("--contexts", default="8192,32768", help="attention context lengths (comma-separated)")
+    ap.add_argument("--kv-bits", default="8,4", help="attention KV-cache widths (comma-separated: 8, 4)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("triton_sweep: needs a CUDA GPU")
@@ -317,7 +320,8 @@ def main() -> None:
         res["seconds"] = round(time.time() - t0, 1)
         out.write_text(json.dumps(res, indent=2, default=str))
 
-    for name, fn in (("gemv", lambda: sweep_gemv(peak)), ("attention", sweep_attention), ("gemm", sweep_w8a8)):
+    for name, fn in (("gemv", lambda: sweep_gemv(peak)), ("attention", lambda: sweep_attention(
+            tuple(int(x) for x in args.contexts.split(",")), tuple(int(x) for x in args.kv_bits.split(",")))), ("gemm", sweep_w8a8)):
         if name not in skip:
             res[name] = fn()
             save()
