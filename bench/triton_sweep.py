@@ -305,13 +305,21 @@ def main() -> None:
     ap.add_argument("--contexts", default="8192,32768", help="attention context lengths (comma-separated)")
     ap.add_argument("--kv-bits", default="8,4", help="attention KV-cache widths (comma-separated: 8, 4)")
     args = ap.parse_args()
+    try:
+        contexts = tuple(int(x) for x in args.contexts.split(","))
+        kv_bits = tuple(int(x) for x in args.kv_bits.split(","))
+    except ValueError as e:
+        ap.error(f"--contexts and --kv-bits take comma-separated integers: {e}")
+    if min(contexts) < 1 or not set(kv_bits) <= {8, 4}:
+        ap.error(f"--contexts must be positive and --kv-bits 8 and/or 4, got {args.contexts!r} and {args.kv_bits!r}")
     if not torch.cuda.is_available():
         sys.exit("triton_sweep: needs a CUDA GPU")
     skip = set(filter(None, args.skip.split(",")))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    res = {"command": " ".join(["python"] + sys.argv), "device": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "triton": triton.__version__}
     res["peak_copy"] = peak_copy_bandwidth()
     peak = res["peak_copy"]["tb_per_s"]
     print(f"peak copy {peak:.2f} TB/s", flush=True)
@@ -320,8 +328,8 @@ def main() -> None:
         res["seconds"] = round(time.time() - t0, 1)
         out.write_text(json.dumps(res, indent=2, default=str))
 
-    for name, fn in (("gemv", lambda: sweep_gemv(peak)), ("attention", lambda: sweep_attention(
-            tuple(int(x) for x in args.contexts.split(",")), tuple(int(x) for x in args.kv_bits.split(",")))), ("gemm", sweep_w8a8)):
+    for name, fn in (("gemv", lambda: sweep_gemv(peak)), ("attention", lambda: sweep_attention(contexts, kv_bits)),
+                     ("gemm", sweep_w8a8)):
         if name not in skip:
             res[name] = fn()
             save()
