@@ -124,6 +124,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cqe-band4-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.svd_band=4"]),
     "cqe-corner32-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.svd_corner=32"]),
     "cqe-pen0-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.penalty=0"]),
+    # the W4 recipe with a second training seed (shuffle order and initial values): the spread between two seeds at
+    # full scale, against which W4's differences of 0.2-0.4 % (5 vs 10 epochs, learning rates) are read
+    "cqe-w4-seed1": ("w4a16-g64-cqe", ["sde.seed=1"]),
     # ... and every learning rate decayed to 0 over each block's steps (cosine) instead of held constant
     "cqe-cos-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.lr_schedule=cosine"]),
     # CQE+ on the Hadamard-rotated model (R1 + R2 folded, no online rotation), and its GPTQ reference

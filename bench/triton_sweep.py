@@ -11,8 +11,8 @@ configuration costs, in the same run, so the candidate lists and the tuner's cho
    use (``_w8a8_tma_kernel`` below: warp specialization, a TMA store of the output, other tile orders), vs fp16
    ``torch.matmul``;
 3. quantized-KV decode attention (int8, int4) at 8k and 32k: block size x split count x warps/stages, and four
-   launch variants the tuner does not try yet (unpadded query rows ``GP``, an 8-warp combine ``COMBINE_WARPS``,
-   int8 Q.K ``QK_I8``, programmatic dependent launch of the combine ``PDL``).
+   launch variants (unpadded query rows ``GP``, an 8-warp combine ``COMBINE_WARPS``, int8 Q.K ``QK_I8``,
+   programmatic dependent launch of the combine ``PDL``); the tuner offers all but ``QK_I8``.
 
 Timing as in `triton_kernels.py`: CUDA-graph replays over enough copies of the operands (weights, caches) to
 stream from HBM rather than L2.
@@ -261,7 +261,7 @@ def sweep_attention(lengths=(8192, 32768), kv_bits=(8, 4)) -> list[dict]:
 
             grid = [dict(BLOCK_S=block, SPLITS=splits(block, mult), num_warps=warps, num_stages=stages)
                     for block in (32, 64, 128) for mult in (0.5, 1, 2) for warps, stages in ((1, 2), (2, 2), (2, 3))]
-            # launch variants that are not tuner candidates until a GPU run shows them right and faster: the query
+            # launch variants (the tuner offers a few of them: kv_attention.decode_candidates): the query
             # group unpadded (GP = 4 rows instead of 16: fewer accumulator registers, more programs per SM; hence
             # the 2.75x split count, about 11 one-warp programs per SM), an 8-warp combine (4 warps spill
             # registers at 256 split rows when compiled for sm_90), Q.K on int8 tensor cores (QK_I8: q rounded to
@@ -273,7 +273,8 @@ def sweep_attention(lengths=(8192, 32768), kv_bits=(8, 4)) -> list[dict]:
             variants = [dict(BLOCK_S=block, SPLITS=splits(block, mult), num_warps=warps, num_stages=2, **extra)
                         for mults, extras in variant_sets
                         for block in (32, 64) for mult in mults for warps in (1, 2) for extra in extras]
-            tuned = [c for c in decode_candidates(1, nkv, length, "cuda", False, d) if c not in grid]
+            tuned = [c for c in decode_candidates(1, nkv, length, "cuda", False, d, group=nh // nkv, on_codes=True)
+                     if c not in grid]
             for cfg in grid + tuned + variants:
                 t, fail = _time_or_error([lambda c=c, cfg=cfg: decode_attention(q, c, lens, prefix,
                                                                                 config=cfg) for c in cs])

@@ -225,16 +225,26 @@ def cases(all_configs: bool):
                            dict(stride_qkv=(nh + 16) * d), 1 if d <= 64 else 2, 2)
                 g = 4
                 # every configuration decode_candidates offers for this dtype (the tuner may pick any of them)
-                for cfg in kv_attention.decode_candidates(1, 8, 32768, "cpu", dt == "fp32", d):  # splits: not compiled in
+                on_codes = kv_attention.attends_on_codes(True, dt == "fp16", kv_bits)
+                seen = set()
+                for cfg in kv_attention.decode_candidates(1, 8, 32768, "cpu", dt == "fp32", d, group=g,
+                                                          on_codes=on_codes):
+                    # splits and COMBINE_WARPS are not compiled into the decode kernel; the PDL candidates need
+                    # an sm_90 device, which "cpu" is not: the --all variants below compile them
+                    extra = {"GP": cfg.get("GP", 16), "PDL": cfg.get("PDL", False)}
+                    name = (cfg["BLOCK_S"], cfg["num_warps"], cfg["num_stages"], tuple(extra.items()))
+                    if name in seen:
+                        continue
+                    seen.add(name)
                     yield (f"decode_attention {dt} D={d} kv{kv_bits} G={g} block {cfg['BLOCK_S']} "
-                           f"warps {cfg['num_warps']}/{cfg['num_stages']}", kv_attention._decode_kernel,
+                           f"warps {cfg['num_warps']}/{cfg['num_stages']} {extra}", kv_attention._decode_kernel,
                            _decode_types(dt),
-                           dict(NKV=8, G=g, GP=16, D=d, KV_BITS=kv_bits, BLOCK_S=cfg["BLOCK_S"], USE_DOT=True,
-                                IEEE=dt == "fp32", ON_CODES=kv_attention.attends_on_codes(True, dt == "fp16", kv_bits)),
+                           dict(NKV=8, G=g, D=d, KV_BITS=kv_bits, BLOCK_S=cfg["BLOCK_S"], USE_DOT=True,
+                                IEEE=dt == "fp32", ON_CODES=on_codes, **extra),
                            {}, cfg["num_warps"], cfg["num_stages"])
                 if all_configs and dt == "fp16" and kv_bits != 16:
-                    # bench/triton_sweep.py's launch variants (not tuner candidates): unpadded query rows, int8
-                    # Q.K, programmatic dependent launch
+                    # bench/triton_sweep.py's launch variants: unpadded query rows with PDL (tuner candidates on
+                    # sm_90) and int8 Q.K (never a candidate: it changes the result)
                     for (bs, w), extra in itertools.product(((32, 1), (64, 2)), (
                             dict(GP=4), dict(GP=4, QK_I8=True), dict(GP=4, PDL=True), dict(GP=16, QK_I8=True))):
                         yield (f"decode_attention {dt} D={d} kv{kv_bits} G={g} block {bs} warps {w}/2 {extra}",

@@ -481,24 +481,51 @@ def attends_on_codes(use_dot: bool, fp16: bool, bits: int) -> bool:
     return use_dot and fp16 and bits != 16
 
 
-def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: bool, head_dim: int) -> list[dict]:
+def supports_pdl(device) -> bool:
+    """Programmatic dependent launch (the combine kernel launched while the decode kernel drains): sm_90 and newer."""
+    dev = torch.device(device)
+    return not interpreting() and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+
+
+def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: bool, head_dim: int, *,
+                      group: int = 0, on_codes: bool = False) -> list[dict]:
     """Block sizes x split counts x warps/stages, the default guess first (fp32 keeps its one register-safe
-    configuration)."""
+    configuration). Where the attention runs on the codes (``on_codes``) and the ``group`` of query heads per KV
+    head is below the 16 rows the dots are padded to, four launch variants follow (timed on the H100,
+    docs/BENCHMARKS.md: 30.3-30.5 against 32.0 us at 32k int4): the query rows unpadded (``GP``, the group rounded
+    up to a power of two, at least 4: fewer accumulator registers, more programs per SM), an 8-warp combine (4
+    warps spill registers at 256 split rows) and, on sm_90+, the combine as a programmatic dependent launch
+    (``PDL``), also at 2.75x the splits (about 11 one-warp programs per SM). ``QK_I8`` (Q.K on int8 tensor cores)
+    is never a candidate: it rounds the queries to int8, so it changes the result, not just the speed."""
     if interpreting():
         return [dict(BLOCK_S=16, SPLITS=default_splits(batch, kv_heads, max_len, device, 16))]
     base = default_splits(batch, kv_heads, max_len, device, 64)
     if fp32:
         return [dict(BLOCK_S=64, SPLITS=base, num_warps=decode_warps(head_dim, True), num_stages=2)]
+
+    def splits(block, mult):
+        return max(1, min(int(base * mult), -(-max_len // block), 256))
+
     # two warps a program first: the best configuration at 8k and 32k, int8 and int4, on the H200
     # (bench/triton_sweep.py: 1.05-1.19x SDPA against 0.76-1.05x for four or eight warps)
     out = []
     for block in (64, 32, 128):
         for mult in (1, 2):
-            splits = max(1, min(base * mult, -(-max_len // block), 256))
             for warps, stages in ((2, 2), (1, 2), (2, 3), (4, 2)):
-                cfg = dict(BLOCK_S=block, SPLITS=splits, num_warps=warps, num_stages=stages)
+                cfg = dict(BLOCK_S=block, SPLITS=splits(block, mult), num_warps=warps, num_stages=stages)
                 if cfg not in out:
                     out.append(cfg)
+    rows = max(4, triton.next_power_of_2(max(1, group)))
+    if on_codes and head_dim // 2 >= 16 and rows < 16:
+        pdl = supports_pdl(device)
+        for block, warps, mult, extra in ((32, 1, 2, {}), (64, 2, 1, {}), (32, 1, 2, dict(PDL=True)),
+                                          (32, 1, 2.75, dict(PDL=True))):
+            if extra.get("PDL") and not pdl:
+                continue
+            cfg = dict(BLOCK_S=block, SPLITS=splits(block, mult), num_warps=warps, num_stages=2, GP=rows,
+                       COMBINE_WARPS=8, **extra)
+            if cfg not in out:
+                out.append(cfg)
     return out
 
 
@@ -531,13 +558,13 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
     def launch(cfg):
         meta, opts = launch_opts(cfg)
         splits = meta["SPLITS"]
-        # GP: query rows of the dots (the group padded to 16 by default; G rounded up to a power of two is a bench
-        # variant: fewer accumulator registers, not yet checked on a GPU); COMBINE_WARPS: the split combine's warps
+        # GP: query rows of the dots (the group padded to 16 by default, or the group rounded up to a power of two:
+        # fewer accumulator registers); COMBINE_WARPS: the split combine's warps
         rows = meta.get("GP", gp)
         if rows < g or rows & (rows - 1):
             raise ValueError(f"GP={rows} must be a power of two >= the {g} query heads per kv head")
-        # QK_I8: Q.K on int8 tensor cores (q rounded to int8 per row); PDL: the combine launched as a programmatic
-        # dependent of the decode kernel. Both bench variants, not tuner candidates (not yet timed on a GPU)
+        # QK_I8: Q.K on int8 tensor cores (q rounded to int8 per row; a bench variant, never a tuner candidate);
+        # PDL: the combine launched as a programmatic dependent of the decode kernel
         qk_i8 = bool(meta.get("QK_I8", False))
         if qk_i8 and not on_codes:
             raise ValueError("QK_I8 needs the attention on codes: fp16 queries, a quantized cache, head_dim >= 32")
@@ -556,5 +583,6 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
                                    **copts, **popts)
 
     key = (b, hq, hkv, d, cache.bits, cache.max_len, q.dtype, win < 2**30)
-    _DECODE.run(key, decode_candidates(b, hkv, cache.max_len, q.device, fp32, d), launch, config)
+    _DECODE.run(key, decode_candidates(b, hkv, cache.max_len, q.device, fp32, d, group=g, on_codes=on_codes), launch,
+                config)
     return out

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qcompile.runtime.triton import reference as R
+from qcompile.runtime.triton import kv_attention
 from qcompile.runtime.triton.kv_attention import LOG2E, KVCache, decode_attention, rope_store
 
 
@@ -185,6 +186,28 @@ def test_llama3_8b_decode_attention(bits, length):
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-3)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [8, 4])
+def test_every_decode_candidate_computes_the_same_attention(bits):
+    """Each configuration the tuner may pick (the launch variants with unpadded query rows and PDL included), at a
+    Llama-3-8B decode shape on the codes: the same attention as the first candidate, within fp16 accumulation."""
+    torch.manual_seed(4)
+    nh, nkv, d, length = 32, 8, 128, 8192
+    cache = KVCache.allocate(1, nkv, d, length, bits, prefix_capacity=64, dtype=torch.float16, device="cuda")
+    lens = torch.tensor([length - 5], dtype=torch.int32, device="cuda")
+    prefix = torch.tensor([40], dtype=torch.int32, device="cuda")
+    cos, sin = tables(length, d, "cuda")
+    qkv = torch.randn(length, (nh + 2 * nkv) * d, device="cuda", dtype=torch.float16)
+    rope_store(qkv, torch.arange(length, dtype=torch.int32, device="cuda"), length, cos, sin, cache, prefix, nh, nkv)
+    q = torch.randn(1, nh, d, device="cuda", dtype=torch.float16)
+    cands = kv_attention.decode_candidates(1, nkv, length, "cuda", False, d, group=nh // nkv, on_codes=True)
+    assert any("GP" in c for c in cands)
+    first = decode_attention(q, cache, lens, prefix, config=cands[0]).float()
+    for cfg in cands[1:]:
+        out = decode_attention(q, cache, lens, prefix, config=cfg).float()
+        torch.testing.assert_close(out, first, rtol=0, atol=1e-3, msg=str(cfg))
+
+
 @pytest.mark.parametrize("bits,sym", [(16, False), (8, True), (4, False)])
 def test_store_kv_writes_what_rope_store_writes(device, bits, sym):
     """RoPE without a store, then ``store_kv`` of the rotated k/v (the runner's R3 path): the same cache bytes as
@@ -232,6 +255,33 @@ def test_decode_attention_with_unpadded_query_rows(device, bits):
     for bad in (2, 6):
         with pytest.raises(ValueError, match="power of two"):
             decode_attention(q, cache, lens, prefix, config={**cfg, "GP": bad})
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_decode_candidates_offer_unpadded_rows_where_the_attention_runs_on_codes(monkeypatch, pdl):
+    """The tuner's candidates as a compiled run sees them: on codes with a group below 16 rows, the unpadded
+    variants (GP = the group rounded up to a power of two, at least 4; an 8-warp combine) follow the padded grid,
+    PDL only where the device has it; never QK_I8 (it changes the result); none for fp32, the float cache, or a
+    group that fills the 16 rows anyway."""
+    monkeypatch.setattr(kv_attention, "interpreting", lambda: False)
+    monkeypatch.setattr(kv_attention, "supports_pdl", lambda device: pdl)
+
+    def cands(group, on_codes=True, fp32=False):
+        return kv_attention.decode_candidates(1, 8, 32768, "cpu", fp32, 128, group=group, on_codes=on_codes)
+
+    padded = cands(4, on_codes=False)
+    assert padded and all("GP" not in c and "PDL" not in c for c in padded)
+    for group, rows in ((1, 4), (3, 4), (4, 4), (5, 8), (8, 8)):
+        c = cands(group)
+        assert c[:len(padded)] == padded  # the padded grid first, unchanged
+        extra = c[len(padded):]
+        assert len(extra) == (4 if pdl else 2)
+        assert all(e["GP"] == rows and e["COMBINE_WARPS"] == 8 for e in extra)
+        assert sum(bool(e.get("PDL")) for e in extra) == (2 if pdl else 0)
+        assert all(e["SPLITS"] <= 256 and e["SPLITS"] <= 32768 // e["BLOCK_S"] for e in c)
+        assert not any(e.get("QK_I8") for e in c)
+    assert cands(16) == padded
+    assert cands(3, fp32=True) == cands(3, on_codes=False, fp32=True) and len(cands(3, fp32=True)) == 1
 
 
 def int8_query_attention_ref(q, kview, vview, lens, prefix):
