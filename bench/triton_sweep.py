@@ -4,8 +4,9 @@
 configuration costs, in the same run, so the candidate lists and the tuner's choices can be checked:
 
 1. int4 GEMV, batch 1, fp16 activations, groups of 128 (Llama-3-8B shapes): the half2 decode path (``HALF2``,
-   ``wq_matmul._dot8_half2``) and the float-mantissa path it replaced, each candidate as a fraction of the peak
-   copy bandwidth measured in the same run;
+   ``wq_matmul._dot8_half2``) and the float-mantissa path it replaced, and the half2 path launched as a
+   programmatic dependent (``PDL``), each candidate as a fraction of the peak copy bandwidth measured in the same
+   run;
 2. W8A8 GEMM, per-channel weights: the runtime's default (the TMA kernel ``w8a8._int8_tma_kernel`` at M >= 128)
    and its tuner's pick, the pointer-based kernel's tiles, and variants of the TMA kernel the runtime does not
    use (``_w8a8_tma_kernel`` below: warp specialization, a TMA store of the output, other tile orders), vs fp16
@@ -92,8 +93,11 @@ def sweep_gemv(peak: float, group: int = 128) -> list[dict]:
         ws = [w16] + [w16.clone() for _ in range(copies_for(w16.numel() * 2, cap=16) - 1)]
         t16 = graph_time([lambda w=w: F.linear(x, w) for w in ws])
         del ws, w16
-        for half2 in (True, False):
+        # every candidate on both paths, and the half2 path as a programmatic dependent launch (PDL: each GEMV's
+        # launch overlaps the previous one's tail in the graph's chain; a bench variant, not a tuner candidate)
+        for half2, extra in ((True, {}), (False, {}), (True, {"PDL": True})):
             for cfg in gemv_candidates(1, n, k, 4, sms):
+                cfg = dict(cfg, **extra)
                 c = dict(cfg, HALF2=half2)
                 t, fail = _time_or_error([lambda p=p, o=o, c=c: wq_linear(x, p, out=o, config=c)
                                           for p, o in zip(packed, outs)])

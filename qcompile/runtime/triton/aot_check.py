@@ -103,7 +103,9 @@ def cases(all_configs: bool):
             for n, k in shapes:
                 for m in ((1, 4, 8) if all_configs else (1,)):
                     cands = wq_matmul.gemv_candidates(m, n, k, bits, sms)
-                    for cfg in (cands if all_configs else cands[:1]):
+                    # the first candidate also as a programmatic dependent launch (a bench variant, fp16 int4)
+                    pdl = [dict(cands[0], PDL=True)] if act_dt == "fp16" and bits == 4 else []
+                    for cfg in (cands if all_configs else cands[:1]) + pdl:
                         meta = {kk: v for kk, v in cfg.items() if kk not in ("num_warps", "num_stages")}
                         for zero, res, act in ((True, True, True), (False, False, False)):
                             types = dict(x_ptr=_ptr(act_dt), w_ptr="*i32", s_ptr=_ptr(act_dt), z_ptr="*u8",

@@ -36,6 +36,7 @@ triton = require_triton()
 import triton.language as tl  # noqa: E402
 
 from qcompile.runtime.triton._jit import grouped_tile  # noqa: E402
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 GEMV_MAX_M = 8
 
@@ -181,7 +182,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
                  M, N, K, stride_xm, stride_rm, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_RES: tl.constexpr, ACT_SILU_MUL: tl.constexpr, HALF2: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
+                 PDL: tl.constexpr = False):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     ROWS_PER_GROUP: tl.constexpr = GROUP // PACK
@@ -208,6 +210,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
         acc2 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
+    if PDL:  # launched as a programmatic dependent: x and the workspace are the previous kernel's until it is done
+        gdc_wait()
     for r0 in range(r_lo, r_hi, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < r_hi
@@ -248,6 +252,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
                 acc2 += scale * (part2 * TWO_B - zz * xs2[:, None])
             else:
                 acc3 += scale[None, :, :] * (part3 * TWO_B - zz * xs3[:, :, None])
+    if PDL:  # every weight is read: the next kernel may start launching (its own gdc_wait orders the rest)
+        gdc_launch_dependents()
     if BLOCK_M == 1:
         y = tl.sum(acc2, axis=0)[None, :]
     else:
@@ -454,6 +460,11 @@ def _gemv(x, pw: PackedWeight, res, act, out, config):
         meta.setdefault("HALF2", half2)
         if meta["HALF2"] and not half2:
             raise ValueError("HALF2 needs int4 codes, one fp16 activation row and a compiled (not interpreted) kernel")
+        # PDL (a bench variant, not a tuner candidate until timed): launched as a programmatic dependent of the
+        # kernel before it, so its launch overlaps that kernel's tail; the interpreter runs it as a plain launch
+        meta["PDL"] = bool(meta.get("PDL", False)) and not interpreting()
+        if meta["PDL"]:
+            opts["launch_pdl"] = True
         part, lock = _Workspace.get(x.device, meta["SPLIT_K"] * meta["BLOCK_M"] * n, -(-n // meta["BLOCK_N"]))
         grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
         _gemv_kernel[grid](

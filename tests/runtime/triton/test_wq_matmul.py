@@ -47,6 +47,15 @@ def test_gemv_split_k_and_partial_tiles(device, split):
     assert torch.equal(y1, wq_linear(x, pw, config=cfg))  # counters were reset; same summation order
 
 
+def test_gemv_pdl_config_computes_the_same(device):
+    """PDL (programmatic dependent launch) changes when the kernel may start, not what it computes: the same
+    output as the plain launch of the same tiles (under the interpreter it is a plain launch)."""
+    pw = packed(24, 64, 4, False, 32, device, torch.float32, seed=2)
+    x = torch.randn(1, 64, device=device)
+    cfg = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_R=2, SPLIT_K=3)
+    assert torch.equal(wq_linear(x, pw, config={**cfg, "PDL": True}), wq_linear(x, pw, config=cfg))
+
+
 def test_gemv_silu_mul_prologue(device):
     pw = packed(48, 64, 4, True, 32, device, torch.float32)
     x = torch.randn(2, 128, device=device)  # gate | up
@@ -125,6 +134,42 @@ def test_gemv_under_cuda_graph():
         g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, eager)
+
+
+@pytest.mark.cuda
+def test_gemv_pdl_chain_under_cuda_graph():
+    """Three split-K GEMVs, each reading the one before's output and sharing its split-K workspace, launched as
+    programmatic dependents inside a CUDA graph: bit-identical to the same chain launched plainly, so each kernel's
+    gdc_wait holds its reads of x and its workspace writes until the kernel before has finished."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    pws = [packed(4096, 4096, 4, False, 128, "cuda", torch.float16, seed=s) for s in range(3)]
+    for pw in pws:  # W / 64: each output stays of the input's size (sqrt(4096) = 64), far from fp16's range
+        pw.scale.mul_(1 / 64)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    cfg = gemv_candidates(1, 4096, 4096, 4, sms)[0]
+    assert cfg["SPLIT_K"] > 1
+    outs = [torch.empty(1, 4096, device="cuda", dtype=torch.float16) for _ in pws]
+
+    def chain(extra):  # each GEMV reads the previous output buffer directly: no torch op in between
+        y = x
+        for pw, out in zip(pws, outs):
+            y = wq_linear(y, pw, out=out, config={**cfg, **extra})
+        return y.clone()
+
+    plain = chain({})
+    assert plain.isfinite().all() and plain.abs().max() > 0.1
+    chain({"PDL": True})  # compiles before capture
+    outs[-1].zero_()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for pw, out, src in zip(pws, outs, [x] + outs[:-1]):
+            wq_linear(src, pw, out=out, config={**cfg, "PDL": True})
+    for _ in range(3):
+        for o in outs:
+            o.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(outs[-1], plain)
 
 
 @pytest.mark.cuda
