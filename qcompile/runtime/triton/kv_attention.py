@@ -329,6 +329,8 @@ def _decode_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr
     split = tl.program_id(1)
     b = bh // NKV
     slot = bh  # = b * NKV + kv head
+    if PDL:  # launched as a programmatic dependent too: q, the cache and lens are the previous kernels' writes,
+        gdc_wait()  # visible only after this (a no-op when the kernel before has long finished)
     length = tl.load(lens_ptr + b)
     prefix = tl.minimum(tl.load(prefix_ptr + b), length)
     if KV_BITS == 16:
