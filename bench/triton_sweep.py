@@ -13,7 +13,7 @@ configuration costs, in the same run, so the candidate lists and the tuner's cho
    ``torch.matmul``;
 3. quantized-KV decode attention (int8, int4) at 8k and 32k: block size x split count x warps/stages, and four
    launch variants (unpadded query rows ``GP``, an 8-warp combine ``COMBINE_WARPS``, int8 Q.K ``QK_I8``,
-   programmatic dependent launch of the combine ``PDL``); the tuner offers all but ``QK_I8``.
+   both kernels as programmatic dependent launches ``PDL``); the tuner offers all but ``QK_I8``.
 
 Timing as in `triton_kernels.py`: CUDA-graph replays over enough copies of the operands (weights, caches) to
 stream from HBM rather than L2.
@@ -269,7 +269,7 @@ def sweep_attention(lengths=(8192, 32768), kv_bits=(8, 4)) -> list[dict]:
             # group unpadded (GP = 4 rows instead of 16: fewer accumulator registers, more programs per SM; hence
             # the 2.75x split count, about 11 one-warp programs per SM), an 8-warp combine (4 warps spill
             # registers at 256 split rows when compiled for sm_90), Q.K on int8 tensor cores (QK_I8: q rounded to
-            # int8 per row) and the combine as a programmatic dependent launch (PDL)
+            # int8 per row) and both kernels as programmatic dependent launches (PDL)
             variant_sets = (((1, 2, 2.75), (dict(GP=4), dict(COMBINE_WARPS=8), dict(GP=4, COMBINE_WARPS=8))),
                             ((1, 2.75), (dict(QK_I8=True), dict(GP=4, COMBINE_WARPS=8, QK_I8=True),
                                          dict(GP=4, COMBINE_WARPS=8, PDL=True),
@@ -278,7 +278,7 @@ def sweep_attention(lengths=(8192, 32768), kv_bits=(8, 4)) -> list[dict]:
                         for mults, extras in variant_sets
                         for block in (32, 64) for mult in mults for warps in (1, 2) for extra in extras]
             tuned = [c for c in decode_candidates(1, nkv, length, "cuda", False, d, group=nh // nkv, on_codes=True)
-                     if c not in grid]
+                     if c not in grid + variants]  # (the variants below include three of them)
             for cfg in grid + tuned + variants:
                 t, fail = _time_or_error([lambda c=c, cfg=cfg: decode_attention(q, c, lens, prefix,
                                                                                 config=cfg) for c in cs])

@@ -3,8 +3,9 @@
 # (GPU tests of the decode attention, the tuner's attention picks, the runner end to end on a random 1B Llama), then
 # the GEMV sweep with the PDL variant. Run from the repository root, carrying .whl (the device lacks onnx-ir):
 #   bash bench/device/kernels.sh            # each step capped; logs and JSON in $OUT
-# Budget about 9.5 minutes on a fresh machine (compiling is most of it); the first three steps took 368 s there.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# Budget about 9.5 minutes on a fresh machine (compiling is most of it; the caps sum to 570 s, so use timeout_s 600);
+# the first three steps took 368 s there. A sweep cut by its cap leaves its log, not its JSON.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$(pwd) PYTHONUNBUFFERED=1
 O=${OUT:-/tmp/out}; mkdir -p $O; S=$(date +%s)
 step() {  # step NAME CAP command...

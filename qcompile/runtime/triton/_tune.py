@@ -20,6 +20,13 @@ def num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def supports_pdl(device) -> bool:
+    """Programmatic dependent launch (a kernel launched while the one before drains, waiting in-kernel for its
+    writes with ``gdc_wait``): compiled kernels on sm_90 and newer."""
+    dev = torch.device(device)
+    return not interpreting() and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+
+
 def launch_opts(cfg: dict) -> tuple[dict, dict]:
     """Split a config into kernel meta-parameters and launch options (num_warps, num_stages)."""
     meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}

@@ -17,7 +17,7 @@ writes q out, and writes k/v into the cache, quantizing in registers when the po
 
 ``decode_attention`` is flash-decoding: the grid is (B * Hkv) x splits; each program walks one slice of the
 sequence for one KV head and all ``G = Hq / Hkv`` query heads that share it (K/V are read once per group; the
-group is padded to 16 rows for tensor-core dots), first over the float prefix, then over the quantized part
+group is padded to 16 rows for tensor-core dots, or rounded up to a power of two by a tuner candidate), first over the float prefix, then over the quantized part
 (dequantized in registers), with an online softmax in base 2; a second kernel merges the splits. The sequence
 length is read from a device tensor, so the launch has a fixed grid and can be captured in a CUDA graph.
 """
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.runtime.triton._env import interpreting, require_triton
-from qcompile.runtime.triton._tune import Tuner, launch_opts
+from qcompile.runtime.triton._tune import Tuner, launch_opts, supports_pdl
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402
@@ -483,12 +483,6 @@ def attends_on_codes(use_dot: bool, fp16: bool, bits: int) -> bool:
     return use_dot and fp16 and bits != 16
 
 
-def supports_pdl(device) -> bool:
-    """Programmatic dependent launch (the combine kernel launched while the decode kernel drains): sm_90 and newer."""
-    dev = torch.device(device)
-    return not interpreting() and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
-
-
 def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: bool, head_dim: int, *,
                       group: int = 0, on_codes: bool = False) -> list[dict]:
     """Block sizes x split counts x warps/stages, the default guess first (fp32 keeps its one register-safe
@@ -496,7 +490,7 @@ def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: boo
     head is below the 16 rows the dots are padded to, four launch variants follow (timed on the H100,
     docs/BENCHMARKS.md: 30.3-30.5 against 32.0 us at 32k int4): the query rows unpadded (``GP``, the group rounded
     up to a power of two, at least 4: fewer accumulator registers, more programs per SM), an 8-warp combine (4
-    warps spill registers at 256 split rows) and, on sm_90+, the combine as a programmatic dependent launch
+    warps spill registers at 256 split rows) and, on sm_90+, both kernels as programmatic dependent launches
     (``PDL``), also at 2.75x the splits (about 11 one-warp programs per SM). ``QK_I8`` (Q.K on int8 tensor cores)
     is never a candidate: it rounds the queries to int8, so it changes the result, not just the speed."""
     if interpreting():
@@ -536,7 +530,7 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
                      block_s: int | None = None, config: dict | None = None) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] against ``cache`` holding ``lens[b]`` positions (int32 device
     tensors ``lens`` and ``prefix``, [B]); a sliding ``window`` > 0 keeps only the last ``window`` positions.
-    The split count, block size, warps and stages are tuned once per shape on the GPU (``num_splits``/``block_s``
+    The split count, block size, warps, stages and launch variants (``decode_candidates``) are tuned once per shape on the GPU (``num_splits``/``block_s``
     or ``config`` force them). fp16 caches with quantized parts attend on the codes directly (``_attend_codes``)."""
     b, hq, d = q.shape
     hkv = cache.kv_heads
@@ -566,7 +560,7 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
         if rows < g or rows & (rows - 1):
             raise ValueError(f"GP={rows} must be a power of two >= the {g} query heads per kv head")
         # QK_I8: Q.K on int8 tensor cores (q rounded to int8 per row; a bench variant, never a tuner candidate);
-        # PDL: the combine launched as a programmatic dependent of the decode kernel
+        # PDL: both kernels launched as programmatic dependents of the kernel before (each waits in-kernel)
         qk_i8 = bool(meta.get("QK_I8", False))
         if qk_i8 and not on_codes:
             raise ValueError("QK_I8 needs the attention on codes: fp16 queries, a quantized cache, head_dim >= 32")

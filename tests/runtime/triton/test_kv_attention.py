@@ -205,7 +205,8 @@ def test_every_decode_candidate_computes_the_same_attention(bits):
     first = decode_attention(q, cache, lens, prefix, config=cands[0]).float()
     for cfg in cands[1:]:
         out = decode_attention(q, cache, lens, prefix, config=cfg).float()
-        torch.testing.assert_close(out, first, rtol=0, atol=1e-3, msg=str(cfg))
+        # the candidates differ in summation order only: 1.5e-5 to 4.6e-5 apart at 32k on the H100 (the sweep)
+        torch.testing.assert_close(out, first, rtol=0, atol=3e-4, msg=str(cfg))
 
 
 @pytest.mark.parametrize("bits,sym", [(16, False), (8, True), (4, False)])
