@@ -27,6 +27,15 @@ def supports_pdl(device) -> bool:
     return not interpreting() and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
 
 
+def pdl_launch(meta: dict, device) -> dict:
+    """Resolve a config's ``PDL`` (programmatic dependent launch) in ``meta``: off under the interpreter (a plain
+    launch there), refused below sm_90; returns the launch option to pass to each kernel it applies to."""
+    meta["PDL"] = bool(meta.get("PDL", False)) and not interpreting()
+    if meta["PDL"] and not supports_pdl(device):
+        raise ValueError("PDL (programmatic dependent launch) needs an sm_90 or newer GPU")
+    return {"launch_pdl": True} if meta["PDL"] else {}
+
+
 def launch_opts(cfg: dict) -> tuple[dict, dict]:
     """Split a config into kernel meta-parameters and launch options (num_warps, num_stages)."""
     meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}

@@ -17,9 +17,10 @@ writes q out, and writes k/v into the cache, quantizing in registers when the po
 
 ``decode_attention`` is flash-decoding: the grid is (B * Hkv) x splits; each program walks one slice of the
 sequence for one KV head and all ``G = Hq / Hkv`` query heads that share it (K/V are read once per group; the
-group is padded to 16 rows for tensor-core dots, or rounded up to a power of two by a tuner candidate), first over the float prefix, then over the quantized part
-(dequantized in registers), with an online softmax in base 2; a second kernel merges the splits. The sequence
-length is read from a device tensor, so the launch has a fixed grid and can be captured in a CUDA graph.
+group is padded to 16 rows for tensor-core dots, or rounded up to a power of two by a tuner candidate), first
+over the float prefix, then over the quantized part (dequantized in registers), with an online softmax in base 2;
+a second kernel merges the splits. The sequence length is read from a device tensor, so the launch has a fixed
+grid and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.runtime.triton._env import interpreting, require_triton
-from qcompile.runtime.triton._tune import Tuner, launch_opts, supports_pdl
+from qcompile.runtime.triton._tune import Tuner, launch_opts, pdl_launch, supports_pdl
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402
@@ -530,8 +531,8 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
                      block_s: int | None = None, config: dict | None = None) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] against ``cache`` holding ``lens[b]`` positions (int32 device
     tensors ``lens`` and ``prefix``, [B]); a sliding ``window`` > 0 keeps only the last ``window`` positions.
-    The split count, block size, warps, stages and launch variants (``decode_candidates``) are tuned once per shape on the GPU (``num_splits``/``block_s``
-    or ``config`` force them). fp16 caches with quantized parts attend on the codes directly (``_attend_codes``)."""
+    The split count, block size, warps, stages and launch variants (``decode_candidates``) are tuned once per
+    shape on the GPU (``num_splits``/``block_s`` or ``config`` force them). fp16 caches with quantized parts attend on the codes directly (``_attend_codes``)."""
     b, hq, d = q.shape
     hkv = cache.kv_heads
     if hq % hkv or d != cache.head_dim:
@@ -564,8 +565,8 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
         qk_i8 = bool(meta.get("QK_I8", False))
         if qk_i8 and not on_codes:
             raise ValueError("QK_I8 needs the attention on codes: fp16 queries, a quantized cache, head_dim >= 32")
-        pdl = bool(meta.get("PDL", False)) and not interpreting()
-        popts = {"launch_pdl": True} if pdl else {}
+        popts = pdl_launch(meta, q.device)
+        pdl = meta["PDL"]
         po = torch.empty((b * hq, splits, d), dtype=torch.float32, device=q.device)
         pm = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
         pl = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)

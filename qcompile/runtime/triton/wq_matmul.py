@@ -29,7 +29,7 @@ import math
 import torch
 
 from qcompile.runtime.triton._env import interpreting, require_triton
-from qcompile.runtime.triton._tune import Tuner, launch_opts, num_sms, supports_pdl
+from qcompile.runtime.triton._tune import Tuner, launch_opts, num_sms, pdl_launch
 from qcompile.runtime.triton.packing import PackedWeight
 
 triton = require_triton()
@@ -461,12 +461,8 @@ def _gemv(x, pw: PackedWeight, res, act, out, config):
         if meta["HALF2"] and not half2:
             raise ValueError("HALF2 needs int4 codes, one fp16 activation row and a compiled (not interpreted) kernel")
         # PDL (a bench variant, not a tuner candidate until timed): launched as a programmatic dependent of the
-        # kernel before it, so its launch overlaps that kernel's tail; the interpreter runs it as a plain launch
-        meta["PDL"] = bool(meta.get("PDL", False)) and not interpreting()
-        if meta["PDL"] and not supports_pdl(x.device):
-            raise ValueError("PDL (programmatic dependent launch) needs an sm_90 or newer GPU")
-        if meta["PDL"]:
-            opts["launch_pdl"] = True
+        # kernel before it, so its launch overlaps that kernel's tail
+        opts.update(pdl_launch(meta, x.device))
         part, lock = _Workspace.get(x.device, meta["SPLIT_K"] * meta["BLOCK_M"] * n, -(-n // meta["BLOCK_N"]))
         grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
         _gemv_kernel[grid](
