@@ -9,6 +9,8 @@
   weights, so the logits of both are compared too (a check that the runner computes the same function).
 * SmolLM2 correctness (--smollm2 FOLDER, an exported folder): greedy tokens of the runner (fp16 and fp32) vs ONNX
   Runtime on five chat prompts.
+* On sm_90+, the 16-bit-cache runner again with every GEMV a programmatic dependent launch (``pdl=True``: its
+  first weight tile read while the kernel before finishes), beside the plain launches of the same run.
 
     python bench/triton_e2e.py --out bench/results/triton_e2e.json [--smollm2 out/smollm2-w4]
 """
@@ -29,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qcompile.quant.grid import QuantizedWeight, QuantSpec  # noqa: E402
+from qcompile.runtime.triton._tune import supports_pdl  # noqa: E402
 from qcompile.runtime.triton.runner import (  # noqa: E402
     ROLES,
     ExportedLinear,
@@ -128,15 +131,17 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
         print(f"HF fp16 static cache + torch.compile: {res['hf_fp16_static_compiled']['tokens_per_s']:.1f} tok/s",
               flush=True)
 
-    for kv_bits in (16, 8, 4):
+    # the 16-bit cache twice: plain launches, then every GEMV a programmatic dependent (``pdl``) where the GPU has it
+    pdl_ok = supports_pdl("cuda")
+    for kv_bits, pdl in ((16, False),) + (((16, True),) if pdl_ok else ()) + ((8, False), (4, False)):
         t0 = time.time()
         runner = TritonCausalLM(weights, dtype=torch.float16, kv_bits=kv_bits, max_seq_len=args.prompt_len +
-                                args.new_tokens + 16)
+                                args.new_tokens + 16, pdl=pdl)
         setup = time.time() - t0
         r = decode_rate(runner.generate, ids, args.new_tokens, args.repeats)
         r["setup_s"] = round(setup, 1)
         r["speedup_vs_hf_fp16"] = r["tokens_per_s"] / res["hf_fp16"]["tokens_per_s"]
-        if kv_bits == 16:  # the same function: compare prompt logits with HF on the dequantized weights
+        if kv_bits == 16 and not pdl:  # the same function: compare prompt logits with HF on the dequantized weights
             with torch.inference_mode():
                 ours = runner.prefill(ids, all_logits=True)
                 hf = model(torch.tensor([ids], device="cuda")).logits[0].float()
@@ -144,9 +149,11 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
             r["logits_max_abs"] = hf.abs().max().item()
             r["argmax_agreement_vs_hf"] = (ours.argmax(-1) == hf.argmax(-1)).float().mean().item()
             r["decode_tokens_equal_hf"] = runner.generate(ids, 32) == hf_generate(ids, 32)
-        res[f"triton_int4_kv{kv_bits}"] = r
+        if pdl:
+            r["speedup_vs_plain_launches"] = r["tokens_per_s"] / res[f"triton_int4_kv{kv_bits}"]["tokens_per_s"]
+        res[f"triton_int4_kv{kv_bits}" + ("_pdl" if pdl else "")] = r
         save(res)
-        print(f"qcompile Triton int4, KV {kv_bits}-bit: {r['tokens_per_s']:.1f} tok/s "
+        print(f"qcompile Triton int4, KV {kv_bits}-bit{', PDL GEMVs' if pdl else ''}: {r['tokens_per_s']:.1f} tok/s "
               f"({r['speedup_vs_hf_fp16']:.2f}x HF fp16)", flush=True)
         del runner
         torch.cuda.empty_cache()

@@ -5,7 +5,7 @@ configuration costs, in the same run, so the candidate lists and the tuner's cho
 
 1. int4 GEMV, batch 1, fp16 activations, groups of 128 (Llama-3-8B shapes): the half2 decode path (``HALF2``,
    ``wq_matmul._dot8_half2``) and the float-mantissa path it replaced, and the half2 path launched as a
-   programmatic dependent (``PDL``), each candidate as a fraction of the peak copy bandwidth measured in the same
+   programmatic dependent (``PDL``, also with ``PREFETCH``), each candidate as a fraction of the peak copy bandwidth measured in the same
    run;
 2. W8A8 GEMM, per-channel weights: the runtime's default (the TMA kernel ``w8a8._int8_tma_kernel`` at M >= 128)
    and its tuner's pick, the pointer-based kernel's tiles, and variants of the TMA kernel the runtime does not
@@ -13,12 +13,14 @@ configuration costs, in the same run, so the candidate lists and the tuner's cho
    ``torch.matmul``;
 3. quantized-KV decode attention (int8, int4) at 8k and 32k: block size x split count x warps/stages, and four
    launch variants (unpadded query rows ``GP``, an 8-warp combine ``COMBINE_WARPS``, int8 Q.K ``QK_I8``,
-   both kernels as programmatic dependent launches ``PDL``); the tuner offers all but ``QK_I8``.
+   both kernels as programmatic dependent launches ``PDL``); the tuner offers all but ``QK_I8``;
+4. ``attention_focus``: the tuner's pick at the longest context, and one change at a time around it (the split
+   combine in column chunks ``COMBINE_DC``, pipelining depth, split counts, block size).
 
 Timing as in `triton_kernels.py`: CUDA-graph replays over enough copies of the operands (weights, caches) to
 stream from HBM rather than L2.
 
-    python bench/triton_sweep.py --out bench/results/triton_sweep.json [--skip gemv,gemm,attention]
+    python bench/triton_sweep.py --out bench/results/triton_sweep.json [--skip gemv,gemm,attention,attention_focus]
         [--contexts 8192,32768] [--kv-bits 8,4]     # attention: which context lengths and KV widths
 """
 
@@ -95,7 +97,10 @@ def sweep_gemv(peak: float, group: int = 128) -> list[dict]:
         del ws, w16
         # every candidate on both paths, and the half2 path as a programmatic dependent launch (PDL: each GEMV's
         # launch overlaps the previous one's tail in the graph's chain; a bench variant, not a tuner candidate)
-        for half2, extra in ((True, {}), (False, {}), (True, {"PDL": True})):
+        # (PREFETCH: the first weight tile peeled off the loop; with PDL it is read, and the next kernel released,
+        # before the wait for the kernel before, so the weight stream of one GEMV overlaps the tail of the last)
+        for half2, extra in ((True, {}), (False, {}), (True, {"PDL": True}), (True, {"PREFETCH": True}),
+                             (True, {"PDL": True, "PREFETCH": True})):
             for cfg in gemv_candidates(1, n, k, 4, sms):
                 cfg = dict(cfg, **extra)
                 c = dict(cfg, HALF2=half2)
@@ -303,6 +308,44 @@ def sweep_attention(lengths=(8192, 32768), kv_bits=(8, 4)) -> list[dict]:
     return rows
 
 
+def sweep_attention_focus(lengths=(32768,), kv_bits=(8, 4)) -> list[dict]:
+    """Around the tuner's pick: the pick itself, then one change at a time (the split combine in column chunks
+    ``COMBINE_DC``, deeper pipelining, other split counts, 16-token blocks), each timed in the same run."""
+    nh, nkv, d = 32, 8, 128
+    rows = []
+    for length in lengths:
+        q, lens, prefix, caches = attention_setup(length, nh, nkv, d)
+        q4 = q[:, :, None]
+        sdpa = graph_time([lambda c=c: F.scaled_dot_product_attention(q4, c.k_float, c.v_float, enable_gqa=True)
+                           for c in caches[16]])
+        print(f"attention focus {length}: SDPA fp16 (GQA) {sdpa * 1e6:.1f} us", flush=True)
+        for bits in kv_bits:
+            cs = caches[bits]
+            DECODE_TUNER.best.clear()
+            ref = decode_attention(q, cs[0], lens, prefix)
+            pick = DECODE_TUNER.best[(1, nh, nkv, d, bits, length, torch.float16, False)]
+            changes = [{}, dict(COMBINE_DC=64), dict(COMBINE_DC=32), dict(COMBINE_DC=16), dict(num_stages=3),
+                       dict(num_stages=4), dict(SPLITS=pick["SPLITS"] * 3 // 4), dict(SPLITS=pick["SPLITS"] * 3 // 2),
+                       dict(SPLITS=min(512, pick["SPLITS"] * 2)), dict(BLOCK_S=16), dict(BLOCK_S=16, COMBINE_DC=32),
+                       dict(num_warps=2, COMBINE_DC=32)]
+            for change in changes:
+                cfg = {**pick, **change}
+                t, fail = _time_or_error([lambda c=c, cfg=cfg: decode_attention(q, c, lens, prefix, config=cfg)
+                                          for c in cs])
+                err = None
+                if t:
+                    err = (decode_attention(q, cs[0], lens, prefix, config=cfg).float()
+                           - ref.float()).abs().max().item()
+                rows.append({"context": length, "kv_bits": bits, "config": cfg, "change": change, "error": fail,
+                             "max_abs_diff_vs_pick": err, "sdpa_us": sdpa * 1e6,
+                             **({"us": t * 1e6, "speedup_vs_sdpa": sdpa / t} if t else {})})
+                print(f"  kv{bits} pick + {change or 'nothing'}: "
+                      + (f"{t * 1e6:.1f} us {sdpa / t:.2f}x, diff {err:.1e}" if t else fail), flush=True)
+        del caches
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/triton_sweep.json")
@@ -334,6 +377,7 @@ def main() -> None:
         out.write_text(json.dumps(res, indent=2, default=str))
 
     for name, fn in (("gemv", lambda: sweep_gemv(peak)), ("attention", lambda: sweep_attention(contexts, kv_bits)),
+                     ("attention_focus", lambda: sweep_attention_focus((max(contexts),), kv_bits)),
                      ("gemm", sweep_w8a8)):
         if name not in skip:
             res[name] = fn()

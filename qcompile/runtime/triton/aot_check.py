@@ -103,8 +103,10 @@ def cases(all_configs: bool):
             for n, k in shapes:
                 for m in ((1, 4, 8) if all_configs else (1,)):
                     cands = wq_matmul.gemv_candidates(m, n, k, bits, sms)
-                    # the first candidate also as a programmatic dependent launch (a bench variant, fp16 int4)
-                    pdl = [dict(cands[0], PDL=True)] if act_dt == "fp16" and bits == 4 else []
+                    # the first candidate also as a programmatic dependent launch, with and without the first
+                    # tile read before the wait (bench variants, fp16 int4)
+                    pdl = ([dict(cands[0], PDL=True), dict(cands[0], PDL=True, PREFETCH=True)]
+                           if act_dt == "fp16" and bits == 4 else [])
                     for cfg in (cands if all_configs else cands[:1]) + pdl:
                         meta = {kk: v for kk, v in cfg.items() if kk not in ("num_warps", "num_stages")}
                         for zero, res, act in ((True, True, True), (False, False, False)):
@@ -256,11 +258,12 @@ def cases(all_configs: bool):
                                     ON_CODES=True, **{"GP": 16, **extra}), {}, w, 2)
             yield (f"combine D={d} {dt}", kv_attention._combine_kernel,
                    _combine_types(dt),
-                   dict(SP=64, D=d), {}, 4, 2)
-            if all_configs:  # 256 split rows: 4 warps spill, the 8-warp bench variant does not; with PDL
-                for w, pdl in ((4, False), (8, False), (8, True)):
-                    yield (f"combine D={d} {dt} SP=256 warps {w} PDL={pdl}", kv_attention._combine_kernel,
-                           _combine_types(dt), dict(SP=256, D=d, PDL=pdl), {}, w, 2)
+                   dict(SP=64, D=d, DC=d), {}, 4, 2)
+            if all_configs:  # 256 split rows: 4 warps spill, the 8-warp bench variant does not; with PDL; in
+                # chunks of D (COMBINE_DC)
+                for w, pdl, dc in ((4, False, d), (8, False, d), (8, True, d), (4, True, 32), (8, True, 64)):
+                    yield (f"combine D={d} {dt} SP=256 warps {w} PDL={pdl} DC={dc}", kv_attention._combine_kernel,
+                           _combine_types(dt), dict(SP=256, D=d, DC=min(dc, d), PDL=pdl), {}, w, 2)
         for n in (576, 4096):
             yield (f"rms_norm {dt} N={n}", norm._rms_norm_kernel,
                    dict(x_ptr=_ptr(dt), w_ptr=_ptr(dt), y_ptr=_ptr(dt), N="i32", stride_x="i32", stride_y="i32",

@@ -399,13 +399,14 @@ def _decode_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr
 
 @triton.jit
 def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, NUM_SPLITS, SP: tl.constexpr, D: tl.constexpr,
-                    PDL: tl.constexpr = False):
+                    DC: tl.constexpr, PDL: tl.constexpr = False):
+    """One query row's ``DC`` output columns (``program_id(1)``-th chunk of D) from the splits' partials."""
     row = tl.program_id(0)
     if PDL:  # launched early (programmatic dependent launch): wait for the decode kernel's partials
         gdc_wait()
     s = tl.arange(0, SP)
     smask = s < NUM_SPLITS
-    d = tl.arange(0, D)
+    d = tl.program_id(1) * DC + tl.arange(0, DC)
     m = tl.load(pm_ptr + row * NUM_SPLITS + s, mask=smask, other=float("-inf"))
     l_s = tl.load(pl_ptr + row * NUM_SPLITS + s, mask=smask, other=0.0)
     w = tl.exp2(m - tl.max(m, axis=0))
@@ -575,9 +576,14 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
             cache.v_zero, lens, prefix, po, pm, pl, scale, cache.prefix_capacity, cache.max_len, win, splits,
             NKV=hkv, G=g, GP=rows, D=d, KV_BITS=cache.bits, BLOCK_S=meta["BLOCK_S"], USE_DOT=use_dot, IEEE=fp32,
             ON_CODES=on_codes, QK_I8=qk_i8, PDL=pdl, **opts, **popts)
+        # COMBINE_DC: output columns per combine program (a power of two dividing D; D by default): chunks spread
+        # the combine's partial reads over more programs than the B * Hq rows
+        dc = meta.get("COMBINE_DC", d)
+        if dc > d or d % dc or dc & (dc - 1):
+            raise ValueError(f"COMBINE_DC={dc} must be a power of two dividing head_dim {d}")
         copts = {} if interpreting() else {"num_warps": meta.get("COMBINE_WARPS", 4)}
-        _combine_kernel[(b * hq,)](po, pm, pl, out, splits, SP=triton.next_power_of_2(splits), D=d, PDL=pdl,
-                                   **copts, **popts)
+        _combine_kernel[(b * hq, d // dc)](po, pm, pl, out, splits, SP=triton.next_power_of_2(splits), D=d, DC=dc,
+                                           PDL=pdl, **copts, **popts)
 
     key = (b, hq, hkv, d, cache.bits, cache.max_len, q.dtype, win < 2**30)
     _DECODE.run(key, decode_candidates(b, hkv, cache.max_len, q.device, fp32, d, group=g, on_codes=on_codes), launch,

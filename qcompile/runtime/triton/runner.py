@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from qcompile.errors import QCompileError
 from qcompile.graph.fuse_projections import SEPARATOR, member_names
-from qcompile.runtime.triton._env import check_device, require_triton
+from qcompile.runtime.triton._env import check_device, interpreting, require_triton
 from qcompile.runtime.triton.rewrites import FloatPrefix, Hadamard, Rewrites, Step, const_value, describe
 
 MODEL_FILE = "model.onnx"
@@ -574,9 +574,10 @@ class _Linear:
     GEMM on the codes (``w8a8.int_linear``: the same products, accumulated exactly in int32)."""
 
     def __init__(self, parts: list[ExportedLinear], device, dtype, name: str, notes: list[str],
-                 steps: tuple[Step, ...] = (), integer: list[str] | None = None):
+                 steps: tuple[Step, ...] = (), integer: list[str] | None = None, pdl: bool = False):
         from qcompile.runtime.triton.packing import concat_packed, pack_from_export, pack_int_gemm
 
+        self.pdl = pdl
         self.packed = None
         self.int_packed = None
         self.prologue = _Prologue(steps)
@@ -632,7 +633,7 @@ class _Linear:
         if self.packed is not None:
             from qcompile.runtime.triton.wq_matmul import wq_linear
 
-            return wq_linear(x, self.packed, residual=residual, act=act)
+            return wq_linear(x, self.packed, residual=residual, act=act, pdl=self.pdl)
         if act == "silu_mul":
             gate, up = x.float().chunk(2, -1)
             x = (F.silu(gate) * up).to(x.dtype)
@@ -674,15 +675,22 @@ class TritonCausalLM:
     ``kv_bits`` may only repeat its bits); otherwise 16 (float cache, what the graph computes, the default), 8 or 4
     (quantized by this runner per token per head, the first ``float_prefix`` positions of each prompt kept in
     float, at most ``prefix_capacity``). ``cuda_graph`` captures the decode step. ``integer_linears`` lists the
-    linears that run on the int8 GEMM (quantized inputs, 8-bit weights).
+    linears that run on the int8 GEMM (quantized inputs, 8-bit weights). ``pdl``: the weight-only GEMVs are launched
+    as programmatic dependents that stream their first weight tile while the kernel before finishes (sm_90+;
+    ``wq_linear(pdl=True)``).
     """
 
     def __init__(self, weights: ModelWeights, *, device="cuda", dtype: torch.dtype = torch.float16,
                  kv_bits: int | None = None, prefix_capacity: int = 1024, max_seq_len: int | None = None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, pdl: bool = False):
         require_triton()
         check_device(device)
+        from qcompile.runtime.triton._tune import supports_pdl
         from qcompile.runtime.triton.kv_attention import KVCache
+
+        if pdl and not supports_pdl(device) and not interpreting():
+            raise QCompileError("pdl (programmatic dependent launch) needs an sm_90 or newer GPU")
+        self.pdl = bool(pdl)
 
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise QCompileError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
@@ -773,7 +781,7 @@ class TritonCausalLM:
             else:
                 runs.append([p])
         mods = [_Linear(run, self.device, self.dtype, name if len(runs) == 1 else f"{name}[{j}]", self.notes,
-                        run[0].input_steps, self.integer_linears) for j, run in enumerate(runs)]
+                        run[0].input_steps, self.integer_linears, pdl=self.pdl) for j, run in enumerate(runs)]
         return mods[0] if len(mods) == 1 else _Concat(mods)
 
     def _check_rotations(self) -> None:

@@ -178,12 +178,12 @@ def _half2_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, r_mask, n_mask, 
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lock_ptr,
-                 M, N, K, stride_xm, stride_rm, stride_om,
-                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_RES: tl.constexpr, ACT_SILU_MUL: tl.constexpr, HALF2: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
-                 PDL: tl.constexpr = False):
+def _gemv_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, offs_m, r_mask, n_mask, m_mask, w_mask, N, K,
+               stride_xm, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+               ACT_SILU_MUL: tl.constexpr, HALF2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """One ``[BLOCK_R words, BLOCK_N]`` weight tile (``words``, already loaded) against the activations: the
+    accumulator's increment, ``[BLOCK_R, BLOCK_N]`` at batch 1, ``[BLOCK_M, BLOCK_R, BLOCK_N]`` above."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     ROWS_PER_GROUP: tl.constexpr = GROUP // PACK
@@ -194,6 +194,50 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
     ONE: tl.constexpr = 0x3F800000
     TWO_B: tl.constexpr = float(1 << BITS)
     SYM_ZZ: tl.constexpr = float((1 << BITS) + (1 << (BITS - 1)))
+    if HALF2:  # batch 1, int4 codes, fp16 activations: see _dot8_half2
+        return _half2_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, r_mask, n_mask, w_mask, N, K,
+                           GROUP, HAS_ZERO, ACT_SILU_MUL, BLOCK_R, BLOCK_N)
+    sn = (offs_r // ROWS_PER_GROUP)[:, None] * N + offs_n[None, :]
+    scale = tl.load(s_ptr + sn, mask=w_mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        zz = tl.load(z_ptr + sn, mask=w_mask, other=0).to(tl.float32) + TWO_B
+    else:
+        zz = SYM_ZZ
+    if BLOCK_M == 1:
+        part2 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        xs2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    else:
+        part3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
+        xs3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for j in tl.static_range(PACK):
+        if j * BITS <= HI:
+            placed = words << (HI - j * BITS)
+        else:
+            placed = words >> (j * BITS - HI)
+        f = ((placed & CMASK) | ONE).to(tl.float32, bitcast=True)
+        if BLOCK_M == 1:
+            xk = _load_act(x_ptr, offs_r * PACK + j, r_mask, K, ACT_SILU_MUL)
+            part2 += xk[:, None] * f
+            xs2 += xk
+        else:
+            x_off = offs_m[:, None] * stride_xm + (offs_r * PACK + j)[None, :]
+            xk = _load_act(x_ptr, x_off, m_mask[:, None] & r_mask[None, :], K, ACT_SILU_MUL)
+            part3 += xk[:, :, None] * f[None, :, :]
+            xs3 += xk
+    if BLOCK_M == 1:
+        return scale * (part2 * TWO_B - zz * xs2[:, None])
+    else:
+        return scale[None, :, :] * (part3 * TWO_B - zz * xs3[:, :, None])
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lock_ptr,
+                 M, N, K, stride_xm, stride_rm, stride_om,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_RES: tl.constexpr, ACT_SILU_MUL: tl.constexpr, HALF2: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
+                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+    PACK: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_rows = K // PACK
@@ -207,57 +251,39 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
     # batch 1 (decode) keeps every tile 2-D in the weight's own layout: a 3-D [M, R, N] product would make the
     # compiler shuffle each dequantized tile through shared memory to broadcast it over M
     if BLOCK_M == 1:
-        acc2 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     else:
-        acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
-    if PDL:  # launched as a programmatic dependent: x and the workspace are the previous kernel's until it is done
+        acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
+    r_start = r_lo
+    if PREFETCH:  # the first weight tile is read before waiting (PDL): weights are constants, not the kernel before's
+        # output, so their stream overlaps that kernel's tail instead of starting after it; and the next kernel may
+        # launch at once (its gdc_wait still waits for all of this one)
+        if PDL:
+            gdc_launch_dependents()
+        offs_r = r_lo + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < r_hi
+        w_mask = r_mask[:, None] & n_mask[None, :]
+        words = tl.load(w_ptr + offs_r[:, None] * N + offs_n[None, :], mask=w_mask, other=0)
+        if PDL:
+            gdc_wait()
+        acc += _gemv_step(x_ptr, s_ptr, z_ptr, words, r_lo, offs_r, offs_n, offs_m, r_mask, n_mask, m_mask, w_mask,
+                          N, K, stride_xm, BITS, GROUP, HAS_ZERO, ACT_SILU_MUL, HALF2, BLOCK_M, BLOCK_R, BLOCK_N)
+        r_start = r_lo + BLOCK_R
+    elif PDL:  # launched as a programmatic dependent: x and the workspace are the previous kernel's until it is done
         gdc_wait()
-    for r0 in range(r_lo, r_hi, BLOCK_R):
+    for r0 in range(r_start, r_hi, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < r_hi
         w_mask = r_mask[:, None] & n_mask[None, :]
         words = tl.load(w_ptr + offs_r[:, None] * N + offs_n[None, :], mask=w_mask, other=0)
-        if HALF2:  # batch 1, int4 codes, fp16 activations: see _dot8_half2
-            acc2 += _half2_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, r_mask, n_mask, w_mask, N, K,
-                                GROUP, HAS_ZERO, ACT_SILU_MUL, BLOCK_R, BLOCK_N)
-        else:
-            sn = (offs_r // ROWS_PER_GROUP)[:, None] * N + offs_n[None, :]
-            scale = tl.load(s_ptr + sn, mask=w_mask, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                zz = tl.load(z_ptr + sn, mask=w_mask, other=0).to(tl.float32) + TWO_B
-            else:
-                zz = SYM_ZZ
-            if BLOCK_M == 1:
-                part2 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-                xs2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            else:
-                part3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
-                xs3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for j in tl.static_range(PACK):
-                if j * BITS <= HI:
-                    placed = words << (HI - j * BITS)
-                else:
-                    placed = words >> (j * BITS - HI)
-                f = ((placed & CMASK) | ONE).to(tl.float32, bitcast=True)
-                if BLOCK_M == 1:
-                    xk = _load_act(x_ptr, offs_r * PACK + j, r_mask, K, ACT_SILU_MUL)
-                    part2 += xk[:, None] * f
-                    xs2 += xk
-                else:
-                    x_off = offs_m[:, None] * stride_xm + (offs_r * PACK + j)[None, :]
-                    xk = _load_act(x_ptr, x_off, m_mask[:, None] & r_mask[None, :], K, ACT_SILU_MUL)
-                    part3 += xk[:, :, None] * f[None, :, :]
-                    xs3 += xk
-            if BLOCK_M == 1:
-                acc2 += scale * (part2 * TWO_B - zz * xs2[:, None])
-            else:
-                acc3 += scale[None, :, :] * (part3 * TWO_B - zz * xs3[:, :, None])
-    if PDL:  # every weight is read: the next kernel may start launching (its own gdc_wait orders the rest)
+        acc += _gemv_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, offs_m, r_mask, n_mask, m_mask, w_mask,
+                          N, K, stride_xm, BITS, GROUP, HAS_ZERO, ACT_SILU_MUL, HALF2, BLOCK_M, BLOCK_R, BLOCK_N)
+    if PDL and not PREFETCH:  # every weight is read: the next kernel may start launching
         gdc_launch_dependents()
     if BLOCK_M == 1:
-        y = tl.sum(acc2, axis=0)[None, :]
+        y = tl.sum(acc, axis=0)[None, :]
     else:
-        y = tl.sum(acc3, axis=1)
+        y = tl.sum(acc, axis=1)
     o_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         _finish(y, b_ptr, r_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om, HAS_BIAS, HAS_RES)
@@ -404,9 +430,12 @@ class _Workspace:
 
 
 def wq_linear(x: torch.Tensor, pw: PackedWeight, *, residual: torch.Tensor | None = None, act: str | None = None,
-              out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, config: dict | None = None, pdl: bool = False) -> torch.Tensor:
     """``act(x) @ W (+ bias) (+ residual)`` with W dequantized on the fly; x [.., K] ([.., 2K] gate|up with
-    ``act="silu_mul"``, GEMV only), result [.., N] in x's dtype. M <= 8 rows take the GEMV, more the GEMM."""
+    ``act="silu_mul"``, GEMV only), result [.., N] in x's dtype. M <= 8 rows take the GEMV, more the GEMM.
+    ``pdl``: the GEMV (whatever tiles the tuner picks) is launched as a programmatic dependent that reads its first
+    weight tile before waiting for the kernel before (``PDL`` + ``PREFETCH``; sm_90+, a plain launch under the
+    interpreter)."""
     k, n = pw.in_features, pw.out_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -428,7 +457,7 @@ def wq_linear(x: torch.Tensor, pw: PackedWeight, *, residual: torch.Tensor | Non
         if res.stride(-1) != 1:
             res = res.contiguous()
     if m <= GEMV_MAX_M:
-        _gemv(x2, pw, res, act, out, config)
+        _gemv(x2, pw, res, act, out, config, pdl)
     else:
         if act:
             x2 = _silu_mul_torch(x2)
@@ -446,7 +475,7 @@ def half2_gemv(bits: int, m: int, dtype: torch.dtype) -> bool:
     return bits == 4 and m == 1 and dtype == torch.float16 and not interpreting()
 
 
-def _gemv(x, pw: PackedWeight, res, act, out, config):
+def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
     m, n, k = x.shape[0], pw.out_features, pw.in_features
     dummy = out
     # int4 codes at batch 1 on fp16 activations decode in half2 registers (inline PTX: compiled kernels only);
@@ -457,11 +486,14 @@ def _gemv(x, pw: PackedWeight, res, act, out, config):
 
     def launch(cfg):
         meta, opts = launch_opts(cfg)
+        if pdl:
+            meta.update(PDL=True, PREFETCH=True)
         meta.setdefault("HALF2", half2)
         if meta["HALF2"] and not half2:
             raise ValueError("HALF2 needs int4 codes, one fp16 activation row and a compiled (not interpreted) kernel")
         # PDL (a bench variant, not a tuner candidate until timed): launched as a programmatic dependent of the
-        # kernel before it, so its launch overlaps that kernel's tail
+        # kernel before it, so its launch overlaps that kernel's tail; PREFETCH peels the first weight tile off the
+        # loop, and with PDL reads it (and releases the next kernel) before waiting for the kernel before
         opts.update(pdl_launch(meta, x.device))
         part, lock = _Workspace.get(x.device, meta["SPLIT_K"] * meta["BLOCK_M"] * n, -(-n // meta["BLOCK_N"]))
         grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])

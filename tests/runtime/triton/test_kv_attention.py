@@ -258,6 +258,22 @@ def test_decode_attention_with_unpadded_query_rows(device, bits):
             decode_attention(q, cache, lens, prefix, config={**cfg, "GP": bad})
 
 
+@pytest.mark.parametrize("dc", [4, 8])
+def test_decode_attention_combine_in_column_chunks(device, dc):
+    """COMBINE_DC: the split combine in chunks of the head's columns (more, smaller programs) gives the very same
+    output as one program per row; a chunk that does not divide head_dim or is not a power of two is refused."""
+    q, cache, lens, prefix, kview, vview = decode_case(device, 8, 32, torch.float32, seed=3)
+    cfg = dict(BLOCK_S=16, SPLITS=3)
+    whole = decode_attention(q, cache, lens, prefix, config=cfg)
+    chunked = decode_attention(q, cache, lens, prefix, config={**cfg, "COMBINE_DC": dc})
+    assert torch.equal(chunked, whole)
+    ref = R.decode_attention_ref(q.cpu().float(), kview, vview, lens.cpu())
+    torch.testing.assert_close(chunked.cpu().float(), ref, rtol=0, atol=1e-5)
+    for bad in (3, 2 * q.shape[-1]):
+        with pytest.raises(ValueError, match="COMBINE_DC"):
+            decode_attention(q, cache, lens, prefix, config={**cfg, "COMBINE_DC": bad})
+
+
 @pytest.mark.parametrize("pdl", [False, True])
 def test_decode_candidates_offer_unpadded_rows_where_the_attention_runs_on_codes(monkeypatch, pdl):
     """The tuner's candidates as a compiled run sees them: on codes with a group below 16 rows, the unpadded

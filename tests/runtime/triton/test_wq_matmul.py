@@ -47,18 +47,24 @@ def test_gemv_split_k_and_partial_tiles(device, split):
     assert torch.equal(y1, wq_linear(x, pw, config=cfg))  # counters were reset; same summation order
 
 
-def test_gemv_pdl_config_computes_the_same(device):
-    """PDL (programmatic dependent launch) changes when the kernel may start, not what it computes: the same
-    output as the plain launch of the same tiles (under the interpreter it is a plain launch); refused on a GPU
-    older than sm_90."""
+@pytest.mark.parametrize("extra", [dict(PDL=True), dict(PREFETCH=True), dict(PDL=True, PREFETCH=True)],
+                         ids=["pdl", "prefetch", "pdl-prefetch"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_gemv_launch_variants_compute_the_same(device, extra, m):
+    """PDL (programmatic dependent launch) changes when the kernel may start, and PREFETCH (the first weight tile
+    peeled off the loop, read before PDL's wait) when a tile is read, not what is computed: bit-identical to the
+    plain launch of the same tiles, including an empty split (3 splits over 4 steps). Under the interpreter PDL is a
+    plain launch, so there the test covers the peeled loop; PDL is refused on a GPU older than sm_90."""
     pw = packed(24, 64, 4, False, 32, device, torch.float32, seed=2)
-    x = torch.randn(1, 64, device=device)
-    cfg = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_R=2, SPLIT_K=3)
-    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+    x = torch.randn(m, 64, device=device)
+    cfg = dict(BLOCK_M=m, BLOCK_N=16, BLOCK_R=2, SPLIT_K=3)
+    if extra.get("PDL") and device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         with pytest.raises(ValueError, match="sm_90"):
-            wq_linear(x, pw, config={**cfg, "PDL": True})
+            wq_linear(x, pw, config={**cfg, **extra})
         return
-    assert torch.equal(wq_linear(x, pw, config={**cfg, "PDL": True}), wq_linear(x, pw, config=cfg))
+    y = wq_linear(x, pw, config={**cfg, **extra})
+    check(y, R.wq_linear_ref(x, pw), 1e-5)
+    assert torch.equal(y, wq_linear(x, pw, config=cfg))
 
 
 def test_gemv_silu_mul_prologue(device):
@@ -142,10 +148,12 @@ def test_gemv_under_cuda_graph():
 
 
 @pytest.mark.cuda
-def test_gemv_pdl_chain_under_cuda_graph():
+@pytest.mark.parametrize("extra", [dict(PDL=True), dict(PDL=True, PREFETCH=True)], ids=["pdl", "pdl-prefetch"])
+def test_gemv_pdl_chain_under_cuda_graph(extra):
     """Three split-K GEMVs, each reading the one before's output and sharing its split-K workspace, launched as
     programmatic dependents inside a CUDA graph: bit-identical to the same chain launched plainly, so each kernel's
-    gdc_wait holds its reads of x and its workspace writes until the kernel before has finished."""
+    gdc_wait holds its reads of x and its workspace writes until the kernel before has finished (with PREFETCH the
+    next kernel is released at once and reads weights before its wait)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     pws = [packed(4096, 4096, 4, False, 128, "cuda", torch.float16, seed=s) for s in range(3)]
     for pw in pws:  # W / 64: each output stays of the input's size (sqrt(4096) = 64), far from fp16's range
@@ -163,12 +171,12 @@ def test_gemv_pdl_chain_under_cuda_graph():
 
     plain = chain({})
     assert plain.isfinite().all() and plain.abs().max() > 0.1
-    chain({"PDL": True})  # compiles before capture
+    chain(extra)  # compiles before capture
     outs[-1].zero_()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for pw, out, src in zip(pws, outs, [x] + outs[:-1]):
-            wq_linear(src, pw, out=out, config={**cfg, "PDL": True})
+            wq_linear(src, pw, out=out, config={**cfg, **extra})
     for _ in range(3):
         for o in outs:
             o.zero_()
