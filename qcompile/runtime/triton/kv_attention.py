@@ -492,8 +492,9 @@ def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: boo
     head is below the 16 rows the dots are padded to, four launch variants follow (timed on the H100,
     docs/BENCHMARKS.md: 30.3-30.5 against 32.0 us at 32k int4): the query rows unpadded (``GP``, the group rounded
     up to a power of two, at least 4: fewer accumulator registers, more programs per SM), an 8-warp combine (4
-    warps spill registers at 256 split rows) and, on sm_90+, both kernels as programmatic dependent launches
-    (``PDL``), also at 2.75x the splits (about 11 one-warp programs per SM). ``QK_I8`` (Q.K on int8 tensor cores)
+    warps spill registers at 256 split rows) over chunks of 32 columns (``COMBINE_DC``: 4x the combine programs;
+    3-4 % off the 32k pick on the H200, bench/triton_sweep.py's attention_focus) and, on sm_90+, both kernels as
+    programmatic dependent launches (``PDL``), also at 2.75x the splits (about 11 one-warp programs per SM). ``QK_I8`` (Q.K on int8 tensor cores)
     is never a candidate: it rounds the queries to int8, so it changes the result, not just the speed."""
     if interpreting():
         return [dict(BLOCK_S=16, SPLITS=default_splits(batch, kv_heads, max_len, device, 16))]
@@ -521,7 +522,7 @@ def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: boo
             if extra.get("PDL") and not pdl:
                 continue
             cfg = dict(BLOCK_S=block, SPLITS=splits(block, mult), num_warps=warps, num_stages=2, GP=rows,
-                       COMBINE_WARPS=8, **extra)
+                       COMBINE_WARPS=8, COMBINE_DC=min(32, head_dim), **extra)
             if cfg not in out:
                 out.append(cfg)
     return out

@@ -277,9 +277,9 @@ def test_decode_attention_combine_in_column_chunks(device, dc):
 @pytest.mark.parametrize("pdl", [False, True])
 def test_decode_candidates_offer_unpadded_rows_where_the_attention_runs_on_codes(monkeypatch, pdl):
     """The tuner's candidates as a compiled run sees them: on codes with a group below 16 rows, the unpadded
-    variants (GP = the group rounded up to a power of two, at least 4; an 8-warp combine) follow the padded grid,
-    PDL only where the device has it; never QK_I8 (it changes the result); none for fp32, the float cache, or a
-    group that fills the 16 rows anyway."""
+    variants (GP = the group rounded up to a power of two, at least 4; an 8-warp combine in 32-column chunks) follow
+    the padded grid, PDL only where the device has it; never QK_I8 (it changes the result); none for fp32, the
+    float cache, or a group that fills the 16 rows anyway."""
     monkeypatch.setattr(kv_attention, "interpreting", lambda: False)
     monkeypatch.setattr(kv_attention, "supports_pdl", lambda device: pdl)
 
@@ -293,7 +293,7 @@ def test_decode_candidates_offer_unpadded_rows_where_the_attention_runs_on_codes
         assert c[:len(padded)] == padded  # the padded grid first, unchanged
         extra = c[len(padded):]
         assert len(extra) == (4 if pdl else 2)
-        assert all(e["GP"] == rows and e["COMBINE_WARPS"] == 8 for e in extra)
+        assert all(e["GP"] == rows and e["COMBINE_WARPS"] == 8 and e["COMBINE_DC"] == 32 for e in extra)
         assert sum(bool(e.get("PDL")) for e in extra) == (2 if pdl else 0)
         assert all(e["SPLITS"] <= 256 and e["SPLITS"] <= 32768 // e["BLOCK_S"] for e in c)
         assert not any(e.get("QK_I8") for e in c)
