@@ -4,9 +4,9 @@
 configuration costs, in the same run, so the candidate lists and the tuner's choices can be checked:
 
 1. int4 GEMV, batch 1, fp16 activations, groups of 128 (Llama-3-8B shapes): the half2 decode path (``HALF2``,
-   ``wq_matmul._dot8_half2``) and the float-mantissa path it replaced, and the half2 path launched as a
-   programmatic dependent (``PDL``, also with ``PREFETCH``), each candidate as a fraction of the peak copy bandwidth measured in the same
-   run;
+   ``wq_matmul._dot8_half2``) and the float-mantissa path it replaced, the half2 path with its first weight tile
+   peeled off the loop (``PREFETCH``), and both launched as programmatic dependents (``PDL``), each candidate as a
+   fraction of the peak copy bandwidth measured in the same run;
 2. W8A8 GEMM, per-channel weights: the runtime's default (the TMA kernel ``w8a8._int8_tma_kernel`` at M >= 128)
    and its tuner's pick, the pointer-based kernel's tiles, and variants of the TMA kernel the runtime does not
    use (``_w8a8_tma_kernel`` below: warp specialization, a TMA store of the output, other tile orders), vs fp16

@@ -6,7 +6,8 @@
 #   bash bench/device/kernels.sh            # each step capped; logs and JSON in $OUT
 # Budget about 9.5 minutes on a fresh machine (compiling is most of it; the caps sum to 560 s, so use timeout_s
 # 600). A step cut by its cap leaves its log, and its JSON as far as it got where the script saves as it goes.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
 export PYTHONPATH=/tmp/site:$(pwd) PYTHONUNBUFFERED=1
 O=${OUT:-/tmp/out}; mkdir -p $O; S=$(date +%s)
 step() {  # step NAME CAP command...
@@ -16,8 +17,9 @@ step() {  # step NAME CAP command...
 }
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 T=tests/runtime/triton
-# (not all of test_wq_matmul.py: its every-config tests compile each GEMV/GEMM candidate, over 160 s on a fresh machine)
-step gputest 160 python3 -m pytest -q -m cuda $T/test_kv_attention.py "$T/test_wq_matmul.py::test_gemv_pdl_chain_under_cuda_graph" \
+# (not all of test_wq_matmul.py: its every-config tests compile each GEMV/GEMM candidate, over 160 s when fresh)
+step gputest 160 python3 -m pytest -q -m cuda $T/test_kv_attention.py \
+  "$T/test_wq_matmul.py::test_gemv_pdl_chain_under_cuda_graph" "$T/test_wq_matmul.py::test_gemv_prefetch_empty_split" \
   "$T/test_runner.py::test_gpu_pdl_gemvs_in_the_captured_step" "$T/test_runner.py::test_gpu_cuda_graph_decode_equals_eager"
 step sweep_gemv 90 python3 bench/triton_sweep.py --skip attention,attention_focus,gemm --out $O/sweep_gemv.json
 step e2e 200 python3 bench/triton_e2e.py --new-tokens 128 --repeats 2 --out $O/e2e.json

@@ -122,14 +122,14 @@ def cases(all_configs: bool):
                                                                               stride_om=n),
                                    cfg.get("num_warps", 4), cfg.get("num_stages", 2))
                     if act_dt == "fp16" and m == 1 or act_dt == "fp32":
-                        cands = wq_matmul.gemm_candidates(2048 if act_dt == "fp16" else 64, n, k, 128,
-                                                          act_dt == "fp32")
-                        for cfg in (cands if all_configs else cands[:2]):
-                            meta = {kk: v for kk, v in cfg.items() if kk not in ("num_warps", "num_stages")}
-                            types = dict(x_ptr=_ptr(act_dt), w_ptr="*i32", s_ptr=_ptr(act_dt), z_ptr="*u8",
-                                         b_ptr=_ptr(act_dt), r_ptr=_ptr(act_dt), out_ptr=_ptr(act_dt), M="i32",
-                                         N="i32", K="i32", stride_xm="i32", stride_rm="i32", stride_om="i32")
-                            for group in (128, 32):
+                        for group in (128, 32):
+                            cands = wq_matmul.gemm_candidates(2048 if act_dt == "fp16" else 64, n, k, group,
+                                                              act_dt == "fp32", bits)
+                            for cfg in (cands if all_configs else cands[:2]):
+                                meta = {kk: v for kk, v in cfg.items() if kk not in ("num_warps", "num_stages")}
+                                types = dict(x_ptr=_ptr(act_dt), w_ptr="*i32", s_ptr=_ptr(act_dt), z_ptr="*u8",
+                                             b_ptr=_ptr(act_dt), r_ptr=_ptr(act_dt), out_ptr=_ptr(act_dt), M="i32",
+                                             N="i32", K="i32", stride_xm="i32", stride_rm="i32", stride_om="i32")
                                 consts = dict(BITS=bits, GROUP=group, HAS_ZERO=True, HAS_BIAS=True, HAS_RES=True,
                                               IEEE=act_dt == "fp32", **meta)
                                 yield (f"gemm {act_dt} int{bits} g{group} {n}x{k} {cfg}", wq_matmul._gemm_kernel,
@@ -311,7 +311,8 @@ def small_cases():
                     prefix_ptr="*i32", T="i32", stride_qkv="i32", eps="fp32", PCAP="i32", SMAX="i32", clip="fp32"),
                dict(NH=4, NKV=2, D=16, KV_BITS=4, KV_SYM=False, QK_NORM=True, OUT_KV=True, ROPE=True, STORE=True),
                {}, 1, 2)
-        for label, nh, rope, store, out_kv in (("rope only", 4, True, False, True), ("store_kv", 0, False, True, False)):
+        for label, nh, rope, store, out_kv in (("rope only", 4, True, False, True),
+                                               ("store_kv", 0, False, True, False)):
             yield (f"rope_store {label} {dt} D=16 small", kv_attention._rope_store_kernel,
                    dict(qkv_ptr=_ptr(dt), pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", qn_ptr=_ptr(dt),
                         kn_ptr=_ptr(dt), q_out=_ptr(dt), k_out=_ptr(dt), v_out=_ptr(dt), kf_ptr=_ptr(dt),

@@ -439,7 +439,8 @@ def rope_store(qkv: torch.Tensor, positions: torch.Tensor, tokens_per_seq: int, 
         qkv, positions, cos, sin, q_norm if q_norm is not None else cos, k_norm if k_norm is not None else cos,
         q, k, v, cache.k_float, cache.v_float, cache.k_q, cache.v_q, cache.k_scale, cache.k_zero, cache.v_scale,
         cache.v_zero, prefix, tokens_per_seq, qkv.stride(0), float(eps), cache.prefix_capacity, cache.max_len,
-        cache.clip_ratio, NH=num_heads, NKV=num_kv_heads, D=d, KV_BITS=cache.bits, KV_SYM=cache.symmetric, QK_NORM=q_norm is not None, OUT_KV=out_kv,
+        cache.clip_ratio, NH=num_heads, NKV=num_kv_heads, D=d, KV_BITS=cache.bits, KV_SYM=cache.symmetric,
+        QK_NORM=q_norm is not None, OUT_KV=out_kv,
         STORE=store, **opts)
     return (q, k, v) if out_kv else q
 
@@ -492,10 +493,11 @@ def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: boo
     head is below the 16 rows the dots are padded to, four launch variants follow (timed on the H100,
     docs/BENCHMARKS.md: 30.3-30.5 against 32.0 us at 32k int4): the query rows unpadded (``GP``, the group rounded
     up to a power of two, at least 4: fewer accumulator registers, more programs per SM), an 8-warp combine (4
-    warps spill registers at 256 split rows) over chunks of 32 columns (``COMBINE_DC``: 4x the combine programs;
-    3-4 % off the 32k pick on the H200, bench/triton_sweep.py's attention_focus) and, on sm_90+, both kernels as
-    programmatic dependent launches (``PDL``), also at 2.75x the splits (about 11 one-warp programs per SM). ``QK_I8`` (Q.K on int8 tensor cores)
-    is never a candidate: it rounds the queries to int8, so it changes the result, not just the speed."""
+    warps spill registers at 256 split rows) over chunks of 32 columns (``COMBINE_DC``: D / 32 combine programs a
+    query row instead of one; 3-4 % off the 32k pick on the H200, bench/triton_sweep.py's attention_focus) and, on
+    sm_90+, both kernels as programmatic dependent launches (``PDL``), also at 2.75x the splits (about 11 one-warp
+    programs per SM). ``QK_I8`` (Q.K on int8 tensor cores) is never a candidate: it rounds the queries to int8, so
+    it changes the result, not just the speed."""
     if interpreting():
         return [dict(BLOCK_S=16, SPLITS=default_splits(batch, kv_heads, max_len, device, 16))]
     base = default_splits(batch, kv_heads, max_len, device, 64)
@@ -522,7 +524,7 @@ def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: boo
             if extra.get("PDL") and not pdl:
                 continue
             cfg = dict(BLOCK_S=block, SPLITS=splits(block, mult), num_warps=warps, num_stages=2, GP=rows,
-                       COMBINE_WARPS=8, COMBINE_DC=min(32, head_dim), **extra)
+                       COMBINE_WARPS=8, COMBINE_DC=32, **extra)
             if cfg not in out:
                 out.append(cfg)
     return out
@@ -534,7 +536,8 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
     """One query token per sequence: q [B, Hq, D] against ``cache`` holding ``lens[b]`` positions (int32 device
     tensors ``lens`` and ``prefix``, [B]); a sliding ``window`` > 0 keeps only the last ``window`` positions.
     The split count, block size, warps, stages and launch variants (``decode_candidates``) are tuned once per
-    shape on the GPU (``num_splits``/``block_s`` or ``config`` force them). fp16 caches with quantized parts attend on the codes directly (``_attend_codes``)."""
+    shape on the GPU (``num_splits``/``block_s`` or ``config`` force them). fp16 caches with quantized parts attend
+    on the codes directly (``_attend_codes``)."""
     b, hq, d = q.shape
     hkv = cache.kv_heads
     if hq % hkv or d != cache.head_dim:
@@ -567,6 +570,11 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
         qk_i8 = bool(meta.get("QK_I8", False))
         if qk_i8 and not on_codes:
             raise ValueError("QK_I8 needs the attention on codes: fp16 queries, a quantized cache, head_dim >= 32")
+        # COMBINE_DC: output columns per combine program (a power of two dividing D; D by default): chunks spread
+        # the combine's partial reads over more programs than the B * Hq rows
+        dc = meta.get("COMBINE_DC", d)
+        if not 0 < dc <= d or d % dc or dc & (dc - 1):
+            raise ValueError(f"COMBINE_DC={dc} must be a power of two dividing head_dim {d}")
         popts = pdl_launch(meta, q.device)
         pdl = meta["PDL"]
         po = torch.empty((b * hq, splits, d), dtype=torch.float32, device=q.device)
@@ -577,11 +585,6 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
             cache.v_zero, lens, prefix, po, pm, pl, scale, cache.prefix_capacity, cache.max_len, win, splits,
             NKV=hkv, G=g, GP=rows, D=d, KV_BITS=cache.bits, BLOCK_S=meta["BLOCK_S"], USE_DOT=use_dot, IEEE=fp32,
             ON_CODES=on_codes, QK_I8=qk_i8, PDL=pdl, **opts, **popts)
-        # COMBINE_DC: output columns per combine program (a power of two dividing D; D by default): chunks spread
-        # the combine's partial reads over more programs than the B * Hq rows
-        dc = meta.get("COMBINE_DC", d)
-        if dc > d or d % dc or dc & (dc - 1):
-            raise ValueError(f"COMBINE_DC={dc} must be a power of two dividing head_dim {d}")
         copts = {} if interpreting() else {"num_warps": meta.get("COMBINE_WARPS", 4)}
         _combine_kernel[(b * hq, d // dc)](po, pm, pl, out, splits, SP=triton.next_power_of_2(splits), D=d, DC=dc,
                                            PDL=pdl, **copts, **popts)

@@ -197,37 +197,38 @@ def _gemv_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, offs_m, r_mask, n
     if HALF2:  # batch 1, int4 codes, fp16 activations: see _dot8_half2
         return _half2_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, r_mask, n_mask, w_mask, N, K,
                            GROUP, HAS_ZERO, ACT_SILU_MUL, BLOCK_R, BLOCK_N)
-    sn = (offs_r // ROWS_PER_GROUP)[:, None] * N + offs_n[None, :]
-    scale = tl.load(s_ptr + sn, mask=w_mask, other=0.0).to(tl.float32)
-    if HAS_ZERO:
-        zz = tl.load(z_ptr + sn, mask=w_mask, other=0).to(tl.float32) + TWO_B
     else:
-        zz = SYM_ZZ
-    if BLOCK_M == 1:
-        part2 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        xs2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    else:
-        part3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
-        xs3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for j in tl.static_range(PACK):
-        if j * BITS <= HI:
-            placed = words << (HI - j * BITS)
+        sn = (offs_r // ROWS_PER_GROUP)[:, None] * N + offs_n[None, :]
+        scale = tl.load(s_ptr + sn, mask=w_mask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zz = tl.load(z_ptr + sn, mask=w_mask, other=0).to(tl.float32) + TWO_B
         else:
-            placed = words >> (j * BITS - HI)
-        f = ((placed & CMASK) | ONE).to(tl.float32, bitcast=True)
+            zz = SYM_ZZ
         if BLOCK_M == 1:
-            xk = _load_act(x_ptr, offs_r * PACK + j, r_mask, K, ACT_SILU_MUL)
-            part2 += xk[:, None] * f
-            xs2 += xk
+            part2 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+            xs2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
         else:
-            x_off = offs_m[:, None] * stride_xm + (offs_r * PACK + j)[None, :]
-            xk = _load_act(x_ptr, x_off, m_mask[:, None] & r_mask[None, :], K, ACT_SILU_MUL)
-            part3 += xk[:, :, None] * f[None, :, :]
-            xs3 += xk
-    if BLOCK_M == 1:
-        return scale * (part2 * TWO_B - zz * xs2[:, None])
-    else:
-        return scale[None, :, :] * (part3 * TWO_B - zz * xs3[:, :, None])
+            part3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
+            xs3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            if j * BITS <= HI:
+                placed = words << (HI - j * BITS)
+            else:
+                placed = words >> (j * BITS - HI)
+            f = ((placed & CMASK) | ONE).to(tl.float32, bitcast=True)
+            if BLOCK_M == 1:
+                xk = _load_act(x_ptr, offs_r * PACK + j, r_mask, K, ACT_SILU_MUL)
+                part2 += xk[:, None] * f
+                xs2 += xk
+            else:
+                x_off = offs_m[:, None] * stride_xm + (offs_r * PACK + j)[None, :]
+                xk = _load_act(x_ptr, x_off, m_mask[:, None] & r_mask[None, :], K, ACT_SILU_MUL)
+                part3 += xk[:, :, None] * f[None, :, :]
+                xs3 += xk
+        if BLOCK_M == 1:
+            return scale * (part2 * TWO_B - zz * xs2[:, None])
+        else:
+            return scale[None, :, :] * (part3 * TWO_B - zz * xs3[:, :, None])
 
 
 @triton.jit
@@ -266,8 +267,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
         words = tl.load(w_ptr + offs_r[:, None] * N + offs_n[None, :], mask=w_mask, other=0)
         if PDL:
             gdc_wait()
-        acc += _gemv_step(x_ptr, s_ptr, z_ptr, words, r_lo, offs_r, offs_n, offs_m, r_mask, n_mask, m_mask, w_mask,
-                          N, K, stride_xm, BITS, GROUP, HAS_ZERO, ACT_SILU_MUL, HALF2, BLOCK_M, BLOCK_R, BLOCK_N)
+        # an empty split (r_lo >= r_hi) still takes this step, its codes and activations masked to 0: the half2
+        # path reads one scale row per step from r0 alone, so r0 is kept on a real row
+        r_first = tl.minimum(r_lo, n_rows - 1)
+        acc += _gemv_step(x_ptr, s_ptr, z_ptr, words, r_first, offs_r, offs_n, offs_m, r_mask, n_mask, m_mask,
+                          w_mask, N, K, stride_xm, BITS, GROUP, HAS_ZERO, ACT_SILU_MUL, HALF2, BLOCK_M, BLOCK_R,
+                          BLOCK_N)
         r_start = r_lo + BLOCK_R
     elif PDL:  # launched as a programmatic dependent: x and the workspace are the previous kernel's until it is done
         gdc_wait()
@@ -296,7 +301,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
             for s in range(SPLIT_K):
                 total += tl.load(part_ptr + (s * BLOCK_M + offs_m[:, None]) * N + offs_n[None, :], mask=o_mask,
                                  other=0.0, cache_modifier=".cg")
-            _finish(total, b_ptr, r_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om, HAS_BIAS, HAS_RES)
+            _finish(total, b_ptr, r_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om, HAS_BIAS,
+                    HAS_RES)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch (and for CUDA-graph replays)
 
 
@@ -381,14 +387,18 @@ def gemv_candidates(m: int, n: int, k: int, bits: int, sms: int) -> list[dict]:
             continue
         tiles = -(-n // bn)
         # one split per tile shape (every candidate is compiled when a shape is first tuned): the one whose
-        # program count is closest to eight per multiprocessor (what tuning over all splits picked on the H100), within the K-rows available
+        # program count is closest to eight per multiprocessor (what tuning over all splits picked on the H100),
+        # within the K-rows available
         splits = [sp for sp in (1, 2, 4, 8, 16, 32) if sp == 1 or rows // sp >= 2 * br]
         split = min(splits, key=lambda sp: abs(math.log2(tiles * sp / (8 * sms))))
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2))
     return out
 
 
-def gemm_candidates(m: int, n: int, k: int, group: int, is_fp32: bool) -> list[dict]:
+def gemm_candidates(m: int, n: int, k: int, group: int, is_fp32: bool, bits: int = 4) -> list[dict]:
+    """Tiles x pipeline depth for the prefill GEMM, Hopper-sized tiles first. 128-deep K tiles of 8-bit codes in
+    groups smaller than the tile pipeline three stages, not four: four outgrow Hopper's 227 KiB of shared memory
+    there (242-254 KB at groups of 32, ``aot_check --all``; 64-deep tiles fit)."""
     if interpreting():
         return [dict(BLOCK_M=16, BLOCK_N=min(128, max(16, _pow2(n))), BLOCK_K=64 if k >= 64 else 32, GROUP_M=4)]
     if is_fp32:  # the exact path: FMA dots, smaller tiles
@@ -402,6 +412,8 @@ def gemm_candidates(m: int, n: int, k: int, group: int, is_fp32: bool) -> list[d
     for bm, bn, bk, warps, stages in tiles:
         if bm > max(16, _pow2(m)) or bk > max(32, _pow2(k)):
             continue
+        if bits == 8 and group < bk and bk >= 128:
+            stages = min(stages, 3)
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages))
     return out
 
@@ -491,9 +503,11 @@ def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
         meta.setdefault("HALF2", half2)
         if meta["HALF2"] and not half2:
             raise ValueError("HALF2 needs int4 codes, one fp16 activation row and a compiled (not interpreted) kernel")
-        # PDL (a bench variant, not a tuner candidate until timed): launched as a programmatic dependent of the
-        # kernel before it, so its launch overlaps that kernel's tail; PREFETCH peels the first weight tile off the
-        # loop, and with PDL reads it (and releases the next kernel) before waiting for the kernel before
+        # PDL: launched as a programmatic dependent of the kernel before it, so its launch overlaps that kernel's
+        # tail; PREFETCH peels the first weight tile off the loop, and with PDL reads it (and releases the next
+        # kernel) before waiting for the kernel before. Neither is a tuner candidate (timed in bench/triton_sweep.py);
+        # ``pdl`` adds both to the tuned tiles, which plain and PDL launches share (same key: the launch changes,
+        # not the tiles)
         opts.update(pdl_launch(meta, x.device))
         part, lock = _Workspace.get(x.device, meta["SPLIT_K"] * meta["BLOCK_M"] * n, -(-n // meta["BLOCK_N"]))
         grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -511,7 +525,7 @@ def _gemm(x, pw: PackedWeight, res, out, config):
     m, n, k = x.shape[0], pw.out_features, pw.in_features
     dummy = out
     is_fp32 = x.dtype == torch.float32
-    candidates = gemm_candidates(m, n, k, pw.group_size, is_fp32)
+    candidates = gemm_candidates(m, n, k, pw.group_size, is_fp32, pw.bits)
     key = (_pow2(m), n, k, pw.bits, pw.group_size, x.dtype)
 
     def launch(cfg):

@@ -269,7 +269,7 @@ def test_decode_attention_combine_in_column_chunks(device, dc):
     assert torch.equal(chunked, whole)
     ref = R.decode_attention_ref(q.cpu().float(), kview, vview, lens.cpu())
     torch.testing.assert_close(chunked.cpu().float(), ref, rtol=0, atol=1e-5)
-    for bad in (3, 2 * q.shape[-1]):
+    for bad in (0, 3, 2 * q.shape[-1]):
         with pytest.raises(ValueError, match="COMBINE_DC"):
             decode_attention(q, cache, lens, prefix, config={**cfg, "COMBINE_DC": bad})
 

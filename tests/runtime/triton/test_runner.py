@@ -67,15 +67,29 @@ def test_greedy_tokens_match_ort(exported):
         assert r.generate(ids, 6) == ort.generate(ids, 6)
 
 
-def test_pdl_gemvs_decode_the_same(exported):
+def test_pdl_gemvs_decode_the_same(exported, monkeypatch):
     """``pdl=True`` (each GEMV a programmatic dependent that reads its first weight tile before waiting) changes
-    when kernels run, not what they compute: the same logits through prefill and decode as the plain launches.
-    Under the interpreter PDL is a plain launch, so on CPU this covers the peeled first tile."""
+    when kernels run, not what they compute: the same logits through prefill and decode as the plain launches, and
+    every GEMV of the pdl runner is asked for it. Under the interpreter PDL is a plain launch, so on CPU this covers
+    the peeled first tile (here the whole of K; tests/runtime/triton/test_wq_matmul.py covers longer K)."""
+    from qcompile.runtime.triton import wq_matmul
+
+    seen = []
+    gemv = wq_matmul._gemv
+    monkeypatch.setattr(wq_matmul, "_gemv", lambda *a: seen.append(a[-1]) or gemv(*a))
     ids = PROMPTS[0]
-    plain, pdl = runner(exported["llama"]), runner(exported["llama"], pdl=True)
+    # eager decode (no CUDA graph on a GPU either), so every GEMV call passes the spy
+    plain = runner(exported["llama"], cuda_graph=False)
+    pdl = runner(exported["llama"], pdl=True, cuda_graph=False)
     torch.testing.assert_close(pdl.prefill(ids), plain.prefill(ids), rtol=0, atol=0)
     for t in (40, 41, 7):
-        torch.testing.assert_close(pdl.decode(t), plain.decode(t), rtol=0, atol=0)
+        seen.clear()
+        b = plain.decode(t)
+        assert seen and not any(seen)
+        seen.clear()
+        a = pdl.decode(t)
+        assert seen and all(seen)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_runs_a_group_query_attention_export(tiny_model_dirs, tmp_path):

@@ -67,6 +67,23 @@ def test_gemv_launch_variants_compute_the_same(device, extra, m):
     assert torch.equal(y, wq_linear(x, pw, config=cfg))
 
 
+def test_gemm_candidates_fit_shared_memory_for_small_8bit_groups(monkeypatch):
+    """The candidates a compiled run tunes over: 128-deep K tiles of 8-bit codes in groups smaller than the tile
+    pipeline 3 stages (4 need 242-254 KB of shared memory, over Hopper's 227 KiB: aot_check --all); 4-bit codes
+    and groups that cover the tile keep their 4 stages."""
+    from qcompile.runtime.triton import wq_matmul
+
+    monkeypatch.setattr(wq_matmul, "interpreting", lambda: False)
+
+    def deep(bits, group):
+        return {c["num_stages"] for c in gemm_candidates(2048, 4096, 4096, group, False, bits) if c["BLOCK_K"] == 128}
+
+    assert deep(8, 32) == {3} and deep(8, 64) == {3}
+    assert deep(8, 128) == deep(4, 32) == {4}
+    shallow = [c for c in gemm_candidates(2048, 4096, 4096, 32, False, 8) if c["BLOCK_K"] < 128]
+    assert shallow == [c for c in gemm_candidates(2048, 4096, 4096, 32, False, 4) if c["BLOCK_K"] < 128]
+
+
 def test_gemv_silu_mul_prologue(device):
     pw = packed(48, 64, 4, True, 32, device, torch.float32)
     x = torch.randn(2, 128, device=device)  # gate | up
@@ -183,6 +200,30 @@ def test_gemv_pdl_chain_under_cuda_graph(extra):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(outs[-1], plain)
+
+
+@pytest.mark.cuda
+def test_gemv_prefetch_empty_split():
+    """The half2 path (one scale row per step when a step lies in one group) with PREFETCH and an empty split
+    (33 splits of 512 word rows: the last starts at row 512): the peeled step of that split must read no scale
+    past the tensor. The scales sit in a buffer whose rows beyond them are NaN, so a stray read shows as NaN."""
+    from qcompile.runtime.triton._tune import supports_pdl
+
+    n, k = 256, 4096
+    pw = packed(n, k, 4, False, 128, "cuda", torch.float16, seed=4)
+    rows = pw.scale.shape[0]
+    buf = torch.full(((rows + 8) * n,), float("nan"), dtype=torch.float16, device="cuda")
+    buf[: rows * n] = pw.scale.reshape(-1)
+    pw.scale = buf[: rows * n].view(rows, n)
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    cfg = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_R=16, SPLIT_K=33, num_warps=4, num_stages=2)
+    plain = wq_linear(x, pw, config=cfg)
+    assert plain.isfinite().all()
+    check(plain.float(), R.wq_linear_ref(x.float(), pw.to(dtype=torch.float32)), 2e-3)
+    for extra in ({"PREFETCH": True}, {"PREFETCH": True, "PDL": True}):
+        if extra.get("PDL") and not supports_pdl("cuda"):
+            continue
+        assert torch.equal(wq_linear(x, pw, config={**cfg, **extra}), plain), extra
 
 
 @pytest.mark.cuda
