@@ -37,7 +37,8 @@ ROWS: dict[str, list[PassStep]] = {
     "float": [],
     "rotated float (R1+R2+R4)": [PassStep("rotate", RotateConfig())],
     "RTN W4 asym g64": [PassStep("rtn", W4)],
-    "RTN W4 asym g64, norms fused": [PassStep("canonicalize", CanonicalizeConfig(fuse_norms=True)), PassStep("rtn", W4)],
+    "RTN W4 asym g64, norms fused": [PassStep("canonicalize", CanonicalizeConfig(fuse_norms=True)),
+                                     PassStep("rtn", W4)],
     "RTN W4 asym g64 after rotation": [PassStep("rotate", RotateConfig()), PassStep("rtn", W4)],
 }
 
@@ -68,7 +69,8 @@ def main() -> None:
         recipe = Recipe(name=name, passes=steps)
         t0 = time.perf_counter()
         stats = run_passes(h, recipe)
-        row = {"recipe": recipe.to_dict()["passes"], "passes": stats, "passes_seconds": round(time.perf_counter() - t0, 2)}
+        row = {"recipe": recipe.to_dict()["passes"], "passes": stats,
+               "passes_seconds": round(time.perf_counter() - t0, 2)}
         with torch.inference_mode():
             row.update(perplexity(torch_logits_fn(h.model), test, desc=name))
             if name.startswith("rotated float"):

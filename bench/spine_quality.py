@@ -44,8 +44,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "rtn-mse-w4-sym": ("w4a16-g64-sym-rtn", ["rtn.mse_clip=true"]),
     "rtn-mse-w3-asym": ("w3a16-g64-rtn", ["rtn.mse_clip=true"]),
     "gptq-plain-w4-asym": ("w4a16-g64-gptq", PLAIN),
-    "gptq-ao-w4-asym": ("w4a16-g64-gptq", ["gptq.true_sequential=false", "gptq.mse_clip=false", "gptq.refit_scales=false"]),
-    "gptq-mse-w4-asym": ("w4a16-g64-gptq", ["gptq.act_order=false", "gptq.true_sequential=false", "gptq.refit_scales=false"]),
+    "gptq-ao-w4-asym": ("w4a16-g64-gptq",
+                        ["gptq.true_sequential=false", "gptq.mse_clip=false", "gptq.refit_scales=false"]),
+    "gptq-mse-w4-asym": ("w4a16-g64-gptq",
+                         ["gptq.act_order=false", "gptq.true_sequential=false", "gptq.refit_scales=false"]),
     "gptq-w4-asym": ("w4a16-g64-gptq", []),
     "gptq-w4-asym-head4": ("w4a16-g64-gptq", ["gptq.quantize_lm_head=true", "gptq.lm_head_bits=4"]),
     "gptq-w4-asym-head8": ("w4a16-g64-gptq", ["gptq.quantize_lm_head=true", "gptq.lm_head_bits=8"]),
@@ -179,7 +181,8 @@ def main() -> None:
     ap.add_argument("--ort", default="", help="comma list of variants to export and evaluate through ORT")
     ap.add_argument("--accuracy-levels", default="4", help="ORT MatMulNBits accuracy levels to evaluate, e.g. 4,1")
     ap.add_argument("--limit", type=int, default=None, help="first N test windows only (default: all 148)")
-    ap.add_argument("--ort-limit", type=int, default=None, help="first N test windows for the ORT rows (default: --limit)")
+    ap.add_argument("--ort-limit", type=int, default=None,
+                    help="first N test windows for the ORT rows (default: --limit)")
     ap.add_argument("--calib-samples", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="PASS.FIELD=VALUE",
                     help="override applied to every variant after its own (repeatable), e.g. a reduced-scale "
@@ -190,7 +193,8 @@ def main() -> None:
                     help="ORT sessions sharing the test windows on threads, --threads split among them (a 16-core "
                          "CPU stays busier with 2 sessions of 7 threads than with one of 14)")
     ap.add_argument("--skip-torch", action="store_true",
-                    help="no torch fake-quant ppl (e.g. ORT rows on a CPU where the torch rows were measured elsewhere)")
+                    help="no torch fake-quant ppl (e.g. ORT rows on a CPU where the torch rows were measured "
+                         "elsewhere)")
     ap.add_argument("--stage", choices=("all", "prepare", "ort"), default="all",
                     help="prepare: passes, torch rows, export of the --ort variants and a recorded torch parity "
                          "reference next to each export; ort: only the ORT rows, from what prepare left in "

@@ -249,10 +249,10 @@ def _attend_raw(q0, q1, q2, q3, qsum, k0, k1, k2, k3, ks, kz, v0, v1, v2, v3, vs
 def _attend_lean(q0, q1, q2, q3, qa, qb, k0, k1, k2, k3, ks, kz, v0, v1, v2, v3, vs, vz, smask, m_i, l_i,
                  a0, a1, a2, a3, sp, sz, BS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
                  MUL1: tl.constexpr, MUL2: tl.constexpr):
-    """UNPACK 2: parts hold ``1024 + m_p c`` (m_p = 1, MUL1, MUL2, MUL2); ``s = ks * (sum_p q_p.e_p / m_p - qa - kz qb)``
-    with ``qa = 1024 sum_p sum(q_p) / m_p``, ``qb = sum q``. The value dots accumulate in the tensor cores
-    (``tl.dot(pv, e, acc * alpha)``) and their offsets are kept per row (``sp = sum p*vs``, ``sz = sum p*vs*vz``,
-    both rescaled like the accumulators) and taken off once after the loop."""
+    """UNPACK 2: parts hold ``1024 + m_p c`` (m_p = 1, MUL1, MUL2, MUL2);
+    ``s = ks * (sum_p q_p.e_p / m_p - qa - kz qb)`` with ``qa = 1024 sum_p sum(q_p) / m_p``, ``qb = sum q``. The value
+    dots accumulate in the tensor cores (``tl.dot(pv, e, acc * alpha)``) and their offsets are kept per row
+    (``sp = sum p*vs``, ``sz = sum p*vs*vz``, both rescaled like the accumulators) and taken off once after the loop."""
     e0, e1, e2, e3 = _unpack(k0, k1, k2, k3, BS, D, BITS, 2, ASM)
     raw = tl.dot(q1, tl.trans(e1), tl.dot(q0, tl.trans(e0)))
     if MUL2 == 1.0:
@@ -556,8 +556,8 @@ def sass(args) -> int:
                     continue
                 n, mix = quant_loop(st["cubin"])
                 longest = loop_mix(st["cubin"])[0]
-                row = dict(longest_loop=longest, bits=bits, BLOCK_S=bs, num_warps=warps, num_stages=stages, kernel=name, regs=st["regs"],
-                           spills=st["spills"], shared=st["shared"], loop_instructions=n,
+                row = dict(longest_loop=longest, bits=bits, BLOCK_S=bs, num_warps=warps, num_stages=stages, kernel=name,
+                           regs=st["regs"], spills=st["spills"], shared=st["shared"], loop_instructions=n,
                            per_token_per_thread=n / bs, per_token_warp_instr=n * warps / bs,
                            ldgsts=mix.get("LDGSTS", 0), ldg=mix.get("LDG", 0), lds=mix.get("LDS", 0),
                            ldsm=mix.get("LDSM", 0), sts=mix.get("STS", 0), prmt=mix.get("PRMT", 0),

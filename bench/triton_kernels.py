@@ -165,7 +165,8 @@ def bench_int_gemm(ms=(1024, 2048, 4096)) -> list[dict]:
                 t_16 = graph_time([lambda w=w16: torch.matmul(x, w.t())])
                 t_launch = do_bench(lambda: int_linear(*quantize_rows(x, bits), pw))
                 tma = takes_tma_path(m, pw, xq)
-                key = (triton_pow2(m), n, k, False, torch.float16) if tma else (triton_pow2(m), n, k, bits, pw.group_size, False)
+                key = ((triton_pow2(m), n, k, False, torch.float16) if tma
+                       else (triton_pow2(m), n, k, bits, pw.group_size, False))
                 rows.append({
                     "weights": f"W{bits}A{bits}", "M": m, "N": n, "K": k, "gemm_us": t_gemm * 1e6,
                     "with_quant_us": t_full * 1e6, "fp16_us": t_16 * 1e6, "int_tops": tflops(m, n, k, t_gemm),

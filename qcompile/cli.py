@@ -23,7 +23,8 @@ def _torch_dtype(name: str):
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--recipe", required=required, help="built-in recipe name (see `qcompile recipes`) or a YAML/JSON file")
+    p.add_argument("--recipe", required=required,
+                   help="built-in recipe name (see `qcompile recipes`) or a YAML/JSON file")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PASS.FIELD=VALUE",
                    help="override one recipe field, e.g. --set gptq.act_order=false (repeatable)")
     p.add_argument("--bits", type=int, default=..., help="weight bits (2-8) for every weight quantizer")
@@ -35,7 +36,8 @@ def _add_recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--calib-text", default=..., help="calibration text file (default: WikiText-2 validation split)")
     p.add_argument("--calib-samples", type=int, default=..., help="number of calibration windows")
     p.add_argument("--train-state", default=None, metavar="DIR",
-                   help="learned passes (lwc/lsi/sde, dlqat, bisup, spinquant) save their trained state here and resume from it")
+                   help="learned passes (lwc/lsi/sde, dlqat, bisup, spinquant) save their trained state here and "
+                        "resume from it")
     p.add_argument("--kv-prefix", type=int, default=None, metavar="P",
                    help="keep the first P KV-cache positions (a system prompt) in float; recipes with kv_quant")
 
@@ -203,7 +205,8 @@ def _run_folder(model_dir: str, args) -> int:
 def _note_kv_prefix(model_dir: str, tok, args) -> None:
     """The float KV prefix is fixed at export (it is in the graph); say when the system turn does not fit in it."""
     meta_path = Path(model_dir) / "qcompile.json"
-    kv = json.loads(meta_path.read_text()).get("runtime_quantization", {}).get("kv_cache") if meta_path.is_file() else None
+    kv = (json.loads(meta_path.read_text()).get("runtime_quantization", {}).get("kv_cache")
+          if meta_path.is_file() else None)
     if not kv or not args.system or args.raw or not tok.chat_template:
         return
     ids = tok.apply_chat_template([{"role": "system", "content": args.system}], tokenize=True)
@@ -250,14 +253,16 @@ def cmd_recipes(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qcompile", description="Compile a Hugging Face causal LM into a quantized ONNX graph.")
+    ap = argparse.ArgumentParser(prog="qcompile",
+                                 description="Compile a Hugging Face causal LM into a quantized ONNX graph.")
     ap.add_argument("--version", action="version", version=f"qcompile {__import__('qcompile').__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common_model(p):
         p.add_argument("--device", default="cpu", help="torch device for passes/eval (cpu, cuda)")
         p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="torch dtype for passes/eval")
-        p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model (off by default)")
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="allow code shipped with the model (off by default)")
 
     def common_ort(p):
         p.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],

@@ -96,7 +96,8 @@ def test_spin_recipes_are_their_base_with_spinquant_before_gptq(base):
     gptq = next(s for s in plain["passes"] if s["pass"] == "gptq")
     act = next(s for s in plain["passes"] if s["pass"] == "act_quant")
     kv = next((s for s in plain["passes"] if s["pass"] == "kv_quant"), None)
-    assert (sq["w_bits"], sq["w_group_size"], sq["w_symmetric"]) == (gptq["bits"], gptq["group_size"], gptq["symmetric"])
+    assert (sq["w_bits"], sq["w_group_size"], sq["w_symmetric"]) == (
+        gptq["bits"], gptq["group_size"], gptq["symmetric"])
     assert (sq["a_bits"], sq["a_group_size"], sq["a_symmetric"]) == (act["bits"], act["group_size"], act["symmetric"])
     assert sq["kv_bits"] == (kv and kv["bits"]) and (kv is None or sq["kv_symmetric"] == kv["symmetric"])
     # --bits / --group-size / --train-state reach the training-time grid and the state folder too

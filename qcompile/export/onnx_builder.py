@@ -236,7 +236,8 @@ class _DecoderWriter:
         return self.b.tape.op_multi_out(
             "GroupQueryAttention", [q, k, v, past_k, past_v, *lengths, *(rotary_tables or ())], attributes=attrs,
             domain="com.microsoft", outputs=[ir.val(f"/layers.{i}/attn/gqa_out"), ir.val(f"present.{i}.key"),
-                                             ir.val(f"present.{i}.value")], name=f"/layers.{i}/attn/GroupQueryAttention")
+                                             ir.val(f"present.{i}.value")],
+            name=f"/layers.{i}/attn/GroupQueryAttention")
 
     def rotary_caches(self) -> tuple[ir.Value, ir.Value]:
         """cos/sin [max_positions, head_dim / 2] for GroupQueryAttention's own RoPE (times HF's attention
@@ -246,7 +247,8 @@ class _DecoderWriter:
         scale = float(self.geo.rope_scaling)
         cos = ir.tensor((np.cos(ang) * scale).astype(np.float32), name="rope.cos_cache")
         sin = ir.tensor((np.sin(ang) * scale).astype(np.float32), name="rope.sin_cache")
-        return (self.b.tape.initializer(cos, name="rope.cos_cache"), self.b.tape.initializer(sin, name="rope.sin_cache"))
+        return (self.b.tape.initializer(cos, name="rope.cos_cache"),
+                self.b.tape.initializer(sin, name="rope.sin_cache"))
 
     def mlp(self, x: ir.Value, layer: nn.Module) -> ir.Value:
         b, ad = self.b, self.ad

@@ -27,7 +27,8 @@ class Emitter:
 
     def op(self, op_type: str, *inputs: ir.Value | None, **attrs) -> ir.Value:
         self._count += 1
-        return self.tape.op(op_type, list(inputs), attributes=attrs or None, name=f"{self.scope}/{op_type}_{self._count}")
+        return self.tape.op(op_type, list(inputs), attributes=attrs or None,
+                            name=f"{self.scope}/{op_type}_{self._count}")
 
     def const(self, value, dtype=np.float32) -> ir.Value:
         arr = np.asarray(value, dtype=dtype)

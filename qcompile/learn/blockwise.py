@@ -9,10 +9,11 @@ OmniQuant's (arXiv 2308.13137), which LSI and CQE+ build on:
   ``L_l = ||B_l(X) - B_hat_l(X_hat)||^2 / ||B_l(X)||^2`` (relative, so one learning rate suits shallow and deep
   blocks whose residual streams differ by orders of magnitude).
 * **CLL** (Cross-layer Learning, CQE+; ``cll_window = k > 0``): the loss also follows the block's output through
-  the next ``k`` float blocks, ``+ cll_weight * sum_j ||B_{l+j}..B_{l+1}(B_l(X)) - B_{l+j}..B_{l+1}(B_hat_l(X_hat))||^2``
-  (relative too), so block ``l`` is not tuned greedily for its own output but for what the following blocks
-  make of it. The later blocks are frozen and float here (their run-time quantizers off); gradients flow
-  through them to block ``l``'s parameters. Costs roughly ``1 + k`` times the training compute.
+  the next ``k`` float blocks,
+  ``+ cll_weight * sum_j ||B_{l+j}..B_{l+1}(B_l(X)) - B_{l+j}..B_{l+1}(B_hat_l(X_hat))||^2`` (relative too), so block
+  ``l`` is not tuned greedily for its own output but for what the following blocks make of it. The later blocks are
+  frozen and float here (their run-time quantizers off); gradients flow through them to block ``l``'s parameters. Costs
+  roughly ``1 + k`` times the training compute.
 * Each target linear of the block gets a :class:`~qcompile.learn.weights.LearnedWeight` (through
   ``torch.nn.utils.parametrize``), so the layer's own forward computes with the fake-quantized weight; rounding
   is straight-through. Run-time quantizers installed by earlier passes (activations, KV cache) stay on in the

@@ -18,8 +18,8 @@ that has accumulated through all the layers before it (BiSup's "vertical" error 
 * **Extras**: a pass may add parameters outside the linears (BiSup's activation clipping and smoothing) as
   :class:`Extra` objects; they are installed before training and folded into the model afterwards.
 * **Resume**: with ``state_dir`` the trainable state and the optimiser are saved after every epoch
-  (``state_dir/<pass>/e2e_state.pt``, loaded with ``weights_only=True``); a run with the same configuration continues from the
-  last finished epoch.
+  (``state_dir/<pass>/e2e_state.pt``, loaded with ``weights_only=True``); a run with the same configuration continues
+  from the last finished epoch.
 * **Export**: every parametrization becomes an ordinary :class:`QuantizedWeight` on the handle; the graph is
   the same kind as an RTN graph.
 """
@@ -101,7 +101,8 @@ class Extra:
 MakeParam = Callable[[str, nn.Linear, QuantSpec, QuantizedWeight | None], LearnedWeight]
 
 
-def init_quantized(handle: ModelHandle, name: str, module: nn.Linear, spec: QuantSpec, mse_clip: bool) -> QuantizedWeight:
+def init_quantized(handle: ModelHandle, name: str, module: nn.Linear, spec: QuantSpec,
+                   mse_clip: bool) -> QuantizedWeight:
     """Where a fixed grid starts: the linear's current quantized state if it has this spec, else RTN."""
     qw = handle.quant_state.get(name)
     if qw is not None and qw.spec == spec:

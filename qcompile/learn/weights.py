@@ -161,7 +161,8 @@ class LearnedWeight(nn.Module):
         q, eff, zero = self._quantize(self.adjusted(w))
         qw = QuantizedWeight(q.reshape(w.shape).to(torch.int16), eff, zero, self.spec)
         if not torch.equal(qw.dequantize(), self.forward(w).float().cpu()):
-            raise RuntimeError(f"internal error: the exported grid of {self.name} does not reproduce the trained weight")
+            raise RuntimeError(f"internal error: the exported grid of {self.name} does not reproduce the "
+                               "trained weight")
         return qw
 
     def penalty(self, w: torch.Tensor) -> torch.Tensor:

@@ -143,7 +143,8 @@ class FamilyAdapter:
 
 LLAMA = FamilyAdapter(family="llama", architectures=("LlamaForCausalLM",))
 MISTRAL = FamilyAdapter(family="mistral", architectures=("MistralForCausalLM",))
-QWEN2 = FamilyAdapter(family="qwen2", architectures=("Qwen2ForCausalLM",), uses_sliding_window_flag="use_sliding_window")
+QWEN2 = FamilyAdapter(family="qwen2", architectures=("Qwen2ForCausalLM",),
+                      uses_sliding_window_flag="use_sliding_window")
 QWEN3 = FamilyAdapter(
     family="qwen3",
     architectures=("Qwen3ForCausalLM",),

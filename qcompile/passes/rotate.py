@@ -70,7 +70,8 @@ class RotateConfig:
     def __post_init__(self):
         for name in ("r1", "r2"):
             if getattr(self, name) not in (*KINDS, None):
-                raise RecipeError(f"rotate.{name} must be one of {', '.join(KINDS)} or null, got {getattr(self, name)!r}")
+                raise RecipeError(f"rotate.{name} must be one of {', '.join(KINDS)} or null, "
+                                  f"got {getattr(self, name)!r}")
 
 
 Config = RotateConfig

@@ -128,7 +128,8 @@ class SpinQuantConfig(CalibrationConfig):
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
             raise RecipeError(f"spinquant momentum must be a number in [0, 1), got {self.momentum!r}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise RecipeError(f"spinquant lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+            raise RecipeError(f"spinquant lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                              f"got {self.lr_schedule!r}")
         if self.loss not in LOSSES:
             raise RecipeError(f"spinquant loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         self.weight_spec(), self.act_spec(), self.kv_spec()  # bits / group sizes refused here, with the field

@@ -229,7 +229,8 @@ def _paley(kind: str, q: int) -> np.ndarray:
     # q ≡ 1 mod 4: C = [[0, 1ᵀ], [1, Q]] is a symmetric conference matrix; 0 -> [[1,-1],[-1,-1]], ±1 -> ±[[1,1],[1,-1]]
     C = np.zeros((q + 1, q + 1), dtype=np.int64)
     C[0, 1:], C[1:, 0], C[1:, 1:] = ones, ones, Q
-    return np.kron(C, np.array([[1, 1], [1, -1]])) + np.kron(np.eye(q + 1, dtype=np.int64), np.array([[1, -1], [-1, -1]]))
+    return (np.kron(C, np.array([[1, 1], [1, -1]]))
+            + np.kron(np.eye(q + 1, dtype=np.int64), np.array([[1, -1], [-1, -1]])))
 
 
 def sylvester(s: int) -> np.ndarray:
@@ -256,7 +257,8 @@ def _base_matrix(m: int) -> np.ndarray:
     else:
         H = _paley(*how)
     Hf = H.astype(np.float32)  # sums of ±1 products up to m <= 2^24 are exact in float32: an integer check
-    if H.shape != (m, m) or not np.array_equal(np.abs(H), np.ones_like(H)) or not np.array_equal(Hf @ Hf.T, m * np.eye(m)):
+    if (H.shape != (m, m) or not np.array_equal(np.abs(H), np.ones_like(H))
+            or not np.array_equal(Hf @ Hf.T, m * np.eye(m))):
         raise AssertionError(f"Hadamard construction {how} of order {m} is not orthogonal")
     H = H.astype(np.int8)
     H.flags.writeable = False

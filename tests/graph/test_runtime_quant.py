@@ -125,8 +125,9 @@ def test_cli_kv_prefix_reaches_the_graph_and_run_notes_a_longer_system_turn(tiny
     out = tmp_path / "kv"
     calib = tmp_path / "calib.txt"
     calib.write_text("The river runs past the old mill and the town square in spring. " * 40)
-    rc = main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "w4a4kv4", "--calib-text", str(calib), "--set",
-               "gptq.calib_samples=2", "--set", "gptq.calib_seq_len=64", "--group-size", "16", "--kv-prefix", "4"])
+    rc = main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "w4a4kv4",
+               "--calib-text", str(calib), "--set", "gptq.calib_samples=2", "--set", "gptq.calib_seq_len=64",
+               "--group-size", "16", "--kv-prefix", "4"])
     assert rc == 0
     import json
 

@@ -118,7 +118,8 @@ def _reference_gptq(w, h, spec, damp=0.01, blocksize=128):
     gs = spec.group_size
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1, q1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1), torch.zeros(w.shape[0], i2 - i1), hinv[i1:i2, i1:i2]
+        w1, q1, err1, hinv1 = (w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1), torch.zeros(w.shape[0], i2 - i1),
+                               hinv[i1:i2, i1:i2])
         for i in range(i2 - i1):
             if (i1 + i) % gs == 0:
                 s, z = compute_qparams(w[:, i1 + i : i1 + i + gs], QuantSpec(spec.bits, spec.symmetric, gs))

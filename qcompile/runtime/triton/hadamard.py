@@ -8,9 +8,9 @@ the prime-field Paley constructions below. Pass ``left=`` to use any other +-1 m
 How it runs: with the row viewed as a matrix X [R, C] (row-major, n = R * C, C = 2^c), ``x @ kron(P, H_C)`` is
 ``P^T X H_C`` where ``P = kron(H_m, H_{2^(k-c)})`` (Sylvester matrices split as Kronecker products). So one
 program per row does two tensor-core matmuls with constant matrices (the first in K-chunks read from L2) instead
-of log2(n) butterfly passes over shuffled registers; ±1 entries are exact in fp16, each stage is normalized (1/sqrt(R), then 1/sqrt(C)) so the
-fp16 intermediate cannot overflow. Rows of n <= 128 use one dense [n, n] matrix on a block of rows. Both kernels
-can quantize the result per token in the epilogue (the fused producer of a W4A4/W8A8 down_proj).
+of log2(n) butterfly passes over shuffled registers; ±1 entries are exact in fp16, each stage is normalized (1/sqrt(R),
+then 1/sqrt(C)) so the fp16 intermediate cannot overflow. Rows of n <= 128 use one dense [n, n] matrix on a block of
+rows. Both kernels can quantize the result per token in the epilogue (the fused producer of a W4A4/W8A8 down_proj).
 """
 
 from __future__ import annotations

@@ -468,7 +468,8 @@ def _check_metadata(folder: Path, w: ModelWeights) -> None:
 def _fused_widths(graph, inits, base: str, width: int, parts: int) -> list[int]:
     """Output widths of a fused linear's members: the sizes of the Split reading its MatMul (after the bias Add),
     or q|k|v packed into GroupQueryAttention (num_heads and kv_num_heads heads of one width)."""
-    w = next((n.outputs[0] for n in graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == f"{base}.weight_q"),
+    w = next((n.outputs[0] for n in graph
+              if n.op_type == "DequantizeLinear" and n.inputs[0].name == f"{base}.weight_q"),
              inits.get(f"{base}.weight"))
     y = next((n.outputs[0] for n, _ in w.uses() if n.op_type == "MatMul"), None) if w is not None else None
     readers = [n for n, _ in y.uses()] if y is not None else []

@@ -56,7 +56,8 @@ def _quant_rows_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, c
 def _int_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, bias_ptr, out_ptr,
                      M, N, K, stride_am, stride_bn, stride_om,
                      W4: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
     HALF: tl.constexpr = BLOCK_K // 2
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -165,8 +166,8 @@ def quantize_rows(x: torch.Tensor, bits: int = 8, *, norm: bool = False, norm_we
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     _, opts = launch_opts({"num_warps": warps, "num_stages": 1})
     _quant_rows_kernel[(m,)](x2, norm_weight if norm_weight is not None else x2, q, s, k, x2.stride(0), q.stride(0),
-                             float(eps), float(clip_ratio), QMAX=2 ** (bits - 1) - 1, NORM=norm, HAS_W=norm_weight is not None,
-                             BLOCK=block, **opts)
+                             float(eps), float(clip_ratio), QMAX=2 ** (bits - 1) - 1, NORM=norm,
+                             HAS_W=norm_weight is not None, BLOCK=block, **opts)
     return q, s
 
 
@@ -262,8 +263,8 @@ def int_linear(xq: torch.Tensor, xs: torch.Tensor, pw: PackedIntWeight, out_dtyp
         _int_gemm_kernel[grid](
             xq, xs, pw.qweight, pw.scale, pw.zero if pw.zero is not None else pw.scale,
             pw.bias if pw.bias is not None else pw.scale, out, m, n, k, xq.stride(0), pw.qweight.stride(0),
-            out.stride(0), W4=pw.bits == 4, GROUP=pw.group_size, PER_CHANNEL=pw.group_size >= k, HAS_ZERO=pw.zero is not None,
-            HAS_BIAS=pw.bias is not None, **meta, **opts)
+            out.stride(0), W4=pw.bits == 4, GROUP=pw.group_size, PER_CHANNEL=pw.group_size >= k,
+            HAS_ZERO=pw.zero is not None, HAS_BIAS=pw.bias is not None, **meta, **opts)
 
     _GEMM.run(key, int_gemm_candidates(m, n, k, pw), launch, config)
     return out
