@@ -9,8 +9,9 @@
   weights, so the logits of both are compared too (a check that the runner computes the same function).
 * SmolLM2 correctness (--smollm2 FOLDER, an exported folder): greedy tokens of the runner (fp16 and fp32) vs ONNX
   Runtime on five chat prompts.
-* On sm_90+, the 16-bit-cache runner again with every GEMV a programmatic dependent launch (``pdl=True``: its
-  first weight tile read while the kernel before finishes), beside the plain launches of the same run.
+* On sm_90+, the 16-bit-cache runner again with its decode step's Triton kernels as programmatic dependent launches
+  (``pdl=True``: each may launch while the kernel before drains; the GEMVs read their first weight tile then),
+  beside the plain launches of the same run.
 
     python bench/triton_e2e.py --out bench/results/triton_e2e.json [--smollm2 out/smollm2-w4]
 """
@@ -131,7 +132,8 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
         print(f"HF fp16 static cache + torch.compile: {res['hf_fp16_static_compiled']['tokens_per_s']:.1f} tok/s",
               flush=True)
 
-    # the 16-bit cache twice: plain launches, then every GEMV a programmatic dependent (``pdl``) where the GPU has it
+    # the 16-bit cache twice: plain launches, then the decode step's kernels as programmatic dependents (``pdl``)
+    # where the GPU has it
     pdl_ok = supports_pdl("cuda")
     for kv_bits, pdl in ((16, False),) + (((16, True),) if pdl_ok else ()) + ((8, False), (4, False)):
         t0 = time.time()
@@ -153,7 +155,7 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
             r["speedup_vs_plain_launches"] = r["tokens_per_s"] / res[f"triton_int4_kv{kv_bits}"]["tokens_per_s"]
         res[f"triton_int4_kv{kv_bits}" + ("_pdl" if pdl else "")] = r
         save(res)
-        print(f"qcompile Triton int4, KV {kv_bits}-bit{', PDL GEMVs' if pdl else ''}: {r['tokens_per_s']:.1f} tok/s "
+        print(f"qcompile Triton int4, KV {kv_bits}-bit{', PDL step' if pdl else ''}: {r['tokens_per_s']:.1f} tok/s "
               f"({r['speedup_vs_hf_fp16']:.2f}x HF fp16)", flush=True)
         del runner
         torch.cuda.empty_cache()

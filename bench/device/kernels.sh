@@ -20,7 +20,7 @@ T=tests/runtime/triton
 # (not all of test_wq_matmul.py: its every-config tests compile each GEMV/GEMM candidate, over 160 s when fresh)
 step gputest 160 python3 -m pytest -q -m cuda $T/test_kv_attention.py \
   "$T/test_wq_matmul.py::test_gemv_pdl_chain_under_cuda_graph" "$T/test_wq_matmul.py::test_gemv_prefetch_empty_split" \
-  "$T/test_runner.py::test_gpu_pdl_gemvs_in_the_captured_step" "$T/test_runner.py::test_gpu_cuda_graph_decode_equals_eager"
+  "$T/test_runner.py::test_gpu_pdl_decode_step_in_the_captured_step" "$T/test_runner.py::test_gpu_cuda_graph_decode_equals_eager"
 step sweep_gemv 90 python3 bench/triton_sweep.py --skip attention,attention_focus,gemm --out $O/sweep_gemv.json
 step e2e 200 python3 bench/triton_e2e.py --new-tokens 128 --repeats 2 --out $O/e2e.json
 step focus 110 python3 bench/triton_sweep.py --skip gemv,attention,gemm --contexts 32768 --out $O/focus.json

@@ -213,11 +213,11 @@ def cases(all_configs: bool):
                         SMAX="i32", clip="fp32")
         for d in (64, 128):
             for kv_bits, sym in ((16, False), (8, False), (4, True)):
-                for qk_norm in (False, True):
-                    yield (f"rope_store {dt} D={d} kv{kv_bits} qk_norm={qk_norm}", kv_attention._rope_store_kernel,
-                           rope_sig,
+                for qk_norm, pdl in ((False, False), (True, False), (False, True)):  # PDL: the runner's pdl option
+                    yield (f"rope_store {dt} D={d} kv{kv_bits} qk_norm={qk_norm} PDL={pdl}",
+                           kv_attention._rope_store_kernel, rope_sig,
                            dict(NH=32, NKV=8, D=d, KV_BITS=kv_bits, KV_SYM=sym, QK_NORM=qk_norm, OUT_KV=qk_norm,
-                                ROPE=True, STORE=True),
+                                ROPE=True, STORE=True, PDL=pdl),
                            dict(stride_qkv=48 * d), 1 if d <= 64 else 2, 2)
                 # R3: RoPE without the store, then store_kv (the rotated keys, no RoPE, no query heads)
                 for label, nh, rope, store, out_kv in (("rope only", 32, True, False, True),
@@ -264,11 +264,12 @@ def cases(all_configs: bool):
                 for w, pdl, dc in ((4, False, d), (8, False, d), (8, True, d), (4, True, 32), (8, True, 64)):
                     yield (f"combine D={d} {dt} SP=256 warps {w} PDL={pdl} DC={dc}", kv_attention._combine_kernel,
                            _combine_types(dt), dict(SP=256, D=d, DC=min(dc, d), PDL=pdl), {}, w, 2)
-        for n in (576, 4096):
-            yield (f"rms_norm {dt} N={n}", norm._rms_norm_kernel,
+        for n, pdl in ((576, False), (4096, False), (4096, True)):
+            yield (f"rms_norm {dt} N={n} PDL={pdl}", norm._rms_norm_kernel,
                    dict(x_ptr=_ptr(dt), w_ptr=_ptr(dt), y_ptr=_ptr(dt), N="i32", stride_x="i32", stride_y="i32",
                         eps="fp32"),
-                   dict(HAS_W=True, BLOCK=1 << (n - 1).bit_length()), dict(N=n, stride_x=n, stride_y=n), 4, 2)
+                   dict(HAS_W=True, BLOCK=1 << (n - 1).bit_length(), PDL=pdl), dict(N=n, stride_x=n, stride_y=n), 4,
+                   2)
 
 
 def small_cases():

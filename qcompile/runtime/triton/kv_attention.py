@@ -162,10 +162,13 @@ def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, q_out
                        T, stride_qkv, eps, PCAP, SMAX, clip,
                        NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, KV_BITS: tl.constexpr,
                        KV_SYM: tl.constexpr, QK_NORM: tl.constexpr, OUT_KV: tl.constexpr,
-                       ROPE: tl.constexpr = True, STORE: tl.constexpr = True):
+                       ROPE: tl.constexpr = True, STORE: tl.constexpr = True, PDL: tl.constexpr = False):
     H2: tl.constexpr = D // 2
     row = tl.program_id(0)
     head = tl.program_id(1)
+    if PDL:  # a programmatic dependent: release the next kernel, then wait for qkv and positions
+        gdc_launch_dependents()
+        gdc_wait()
     b = row // T
     pos = tl.load(pos_ptr + row)
     half = tl.arange(0, H2)
@@ -422,11 +425,12 @@ def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, NUM_SPLITS, SP: tl.constexp
 def rope_store(qkv: torch.Tensor, positions: torch.Tensor, tokens_per_seq: int, cos: torch.Tensor,
                sin: torch.Tensor, cache: KVCache, prefix: torch.Tensor, num_heads: int, num_kv_heads: int, *,
                q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
-               out_kv: bool = False, store: bool = True):
+               out_kv: bool = False, store: bool = True, pdl: bool = False):
     """qkv [B*T, (Hq + 2 Hkv) * D] (rows b*T + t) at ``positions`` [B*T] int32 -> q [B*T, Hq, D] after (q-norm and)
     RoPE; k/v are written into ``cache`` (float below ``prefix[b]``, quantized from there). With ``out_kv`` also
     returns the float k (after RoPE) and v [B*T, Hkv, D], what prefill attention reads. ``store=False`` leaves the
-    cache alone (with ``out_kv``: RoPE only, for a transform such as R3 before ``store_kv``)."""
+    cache alone (with ``out_kv``: RoPE only, for a transform such as R3 before ``store_kv``). ``pdl``: launched as
+    a programmatic dependent (sm_90+; a plain launch under the interpreter)."""
     rows = qkv.shape[0]
     d = cache.head_dim
     if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * d or qkv.stride(1) != 1:
@@ -435,13 +439,14 @@ def rope_store(qkv: torch.Tensor, positions: torch.Tensor, tokens_per_seq: int, 
     k = torch.empty((rows, num_kv_heads, d), dtype=qkv.dtype, device=qkv.device) if out_kv else q
     v = torch.empty((rows, num_kv_heads, d), dtype=qkv.dtype, device=qkv.device) if out_kv else q
     opts = {} if interpreting() else {"num_warps": 1 if d <= 64 else 2}
+    meta = {"PDL": pdl}
+    opts.update(pdl_launch(meta, qkv.device))
     _rope_store_kernel[(rows, num_heads + num_kv_heads)](
         qkv, positions, cos, sin, q_norm if q_norm is not None else cos, k_norm if k_norm is not None else cos,
         q, k, v, cache.k_float, cache.v_float, cache.k_q, cache.v_q, cache.k_scale, cache.k_zero, cache.v_scale,
         cache.v_zero, prefix, tokens_per_seq, qkv.stride(0), float(eps), cache.prefix_capacity, cache.max_len,
         cache.clip_ratio, NH=num_heads, NKV=num_kv_heads, D=d, KV_BITS=cache.bits, KV_SYM=cache.symmetric,
-        QK_NORM=q_norm is not None, OUT_KV=out_kv,
-        STORE=store, **opts)
+        QK_NORM=q_norm is not None, OUT_KV=out_kv, STORE=store, PDL=meta["PDL"], **opts)
     return (q, k, v) if out_kv else q
 
 
@@ -532,12 +537,13 @@ def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: boo
 
 def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix: torch.Tensor, *,
                      num_splits: int | None = None, window: int = 0, sm_scale: float | None = None,
-                     block_s: int | None = None, config: dict | None = None) -> torch.Tensor:
+                     block_s: int | None = None, config: dict | None = None, pdl: bool = False) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] against ``cache`` holding ``lens[b]`` positions (int32 device
     tensors ``lens`` and ``prefix``, [B]); a sliding ``window`` > 0 keeps only the last ``window`` positions.
     The split count, block size, warps, stages and launch variants (``decode_candidates``) are tuned once per
     shape on the GPU (``num_splits``/``block_s`` or ``config`` force them). fp16 caches with quantized parts attend
-    on the codes directly (``_attend_codes``)."""
+    on the codes directly (``_attend_codes``). ``pdl``: both kernels launched as programmatic dependents whatever
+    the tuner picks (sm_90+; a plain launch under the interpreter)."""
     b, hq, d = q.shape
     hkv = cache.kv_heads
     if hq % hkv or d != cache.head_dim:
@@ -559,6 +565,8 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
 
     def launch(cfg):
         meta, opts = launch_opts(cfg)
+        if pdl:
+            meta["PDL"] = True
         splits = meta["SPLITS"]
         # GP: query rows of the dots (the group padded to 16 by default, or the group rounded up to a power of two:
         # fewer accumulator registers); COMBINE_WARPS: the split combine's warps
@@ -576,7 +584,7 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
         if not 0 < dc <= d or d % dc or dc & (dc - 1):
             raise ValueError(f"COMBINE_DC={dc} must be a power of two dividing head_dim {d}")
         popts = pdl_launch(meta, q.device)
-        pdl = meta["PDL"]
+        as_dependents = meta["PDL"]
         po = torch.empty((b * hq, splits, d), dtype=torch.float32, device=q.device)
         pm = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
         pl = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
@@ -584,10 +592,10 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
             q, cache.k_float, cache.v_float, cache.k_q, cache.v_q, cache.k_scale, cache.k_zero, cache.v_scale,
             cache.v_zero, lens, prefix, po, pm, pl, scale, cache.prefix_capacity, cache.max_len, win, splits,
             NKV=hkv, G=g, GP=rows, D=d, KV_BITS=cache.bits, BLOCK_S=meta["BLOCK_S"], USE_DOT=use_dot, IEEE=fp32,
-            ON_CODES=on_codes, QK_I8=qk_i8, PDL=pdl, **opts, **popts)
+            ON_CODES=on_codes, QK_I8=qk_i8, PDL=as_dependents, **opts, **popts)
         copts = {} if interpreting() else {"num_warps": meta.get("COMBINE_WARPS", 4)}
         _combine_kernel[(b * hq, d // dc)](po, pm, pl, out, splits, SP=triton.next_power_of_2(splits), D=d, DC=dc,
-                                           PDL=pdl, **copts, **popts)
+                                           PDL=as_dependents, **copts, **popts)
 
     key = (b, hq, hkv, d, cache.bits, cache.max_len, q.dtype, win < 2**30)
     _DECODE.run(key, decode_candidates(b, hkv, cache.max_len, q.device, fp32, d, group=g, on_codes=on_codes), launch,

@@ -8,14 +8,21 @@ from __future__ import annotations
 import torch
 
 from qcompile.runtime.triton._env import interpreting, require_triton
+from qcompile.runtime.triton._tune import pdl_launch
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
     row = tl.program_id(0)
+    if PDL:  # a programmatic dependent: release the next kernel, then wait for x (the kernel before's output)
+        gdc_launch_dependents()
+        gdc_wait()
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
@@ -25,8 +32,9 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, eps, HAS_W: tl.
     tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim of x (rows of up to 65536 features); ``weight=None`` means a folded (unit) scale."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, pdl: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dim of x (rows of up to 65536 features); ``weight=None`` means a folded (unit) scale.
+    ``pdl``: launched as a programmatic dependent (sm_90+; a plain launch under the interpreter)."""
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
@@ -36,6 +44,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     if block > 65536:
         raise ValueError(f"rms_norm rows of {n} features exceed one tile (65536)")
     opts = {} if interpreting() else {"num_warps": 4 if block <= 4096 else 8}
+    meta = {"PDL": pdl}
+    opts.update(pdl_launch(meta, x.device))
     _rms_norm_kernel[(x2.shape[0],)](x2, weight if weight is not None else x2, y, n, x2.stride(0), y.stride(0),
-                                     float(eps), HAS_W=weight is not None, BLOCK=block, **opts)
+                                     float(eps), HAS_W=weight is not None, BLOCK=block, PDL=meta["PDL"], **opts)
     return y.reshape(x.shape)

@@ -676,9 +676,10 @@ class TritonCausalLM:
     ``kv_bits`` may only repeat its bits); otherwise 16 (float cache, what the graph computes, the default), 8 or 4
     (quantized by this runner per token per head, the first ``float_prefix`` positions of each prompt kept in
     float, at most ``prefix_capacity``). ``cuda_graph`` captures the decode step. ``integer_linears`` lists the
-    linears that run on the int8 GEMM (quantized inputs, 8-bit weights). ``pdl``: the weight-only GEMVs are launched
-    as programmatic dependents that stream their first weight tile while the kernel before finishes (sm_90+;
-    ``wq_linear(pdl=True)``).
+    linears that run on the int8 GEMM (quantized inputs, 8-bit weights). ``pdl``: the decode step's RMSNorms, RoPE
+    and cache stores, attention and weight-only GEMVs are launched as programmatic dependents (each may launch while
+    the kernel before drains and waits in-kernel for its writes; the GEMVs stream their first weight tile before
+    that wait), sm_90+; the rotations' and int8 GEMMs' kernels and torch's ops launch as usual.
     """
 
     def __init__(self, weights: ModelWeights, *, device="cuda", dtype: torch.dtype = torch.float16,
@@ -806,7 +807,7 @@ class TritonCausalLM:
     def _norm(self, x, w):
         from qcompile.runtime.triton.norm import rms_norm
 
-        return rms_norm(x, w, self.w.rms_eps)
+        return rms_norm(x, w, self.w.rms_eps, pdl=self.pdl)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         x = self._norm(h, self.final_norm)
@@ -825,7 +826,8 @@ class TritonCausalLM:
         nh, nkv = self.num_heads, self.num_kv_heads
         kw = dict(q_norm=layer.q_norm, k_norm=layer.k_norm, eps=self.w.rms_eps)
         if layer.r3 is None:
-            return rope_store(qkv, pos, t, self.cos, self.sin, cache, self._prefix, nh, nkv, out_kv=out_kv, **kw)
+            return rope_store(qkv, pos, t, self.cos, self.sin, cache, self._prefix, nh, nkv, out_kv=out_kv,
+                              pdl=self.pdl, **kw)
         q, k, v = rope_store(qkv, pos, t, self.cos, self.sin, cache, self._prefix, nh, nkv, out_kv=True,
                              store=False, **kw)
         q, k = layer.r3.rotate(q), layer.r3.rotate(k)
@@ -841,7 +843,8 @@ class TritonCausalLM:
         for layer, cache in zip(self.layers, self.caches):
             qkv = layer.qkv(self._norm(h, layer.input_norm))
             q = self._qkv_rope(layer, cache, qkv, self._pos, 1, out_kv=False)
-            attn = decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, window=self.window)
+            attn = decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, window=self.window,
+                                    pdl=self.pdl)
             h = layer.o(attn.view(1, nh * d), residual=h)
             h = layer.down(layer.gate_up(self._norm(h, layer.post_attn_norm)), act="silu_mul", residual=h)
         self._logits = self._head(h)

@@ -67,28 +67,37 @@ def test_greedy_tokens_match_ort(exported):
         assert r.generate(ids, 6) == ort.generate(ids, 6)
 
 
-def test_pdl_gemvs_decode_the_same(exported, monkeypatch):
-    """``pdl=True`` (each GEMV a programmatic dependent that reads its first weight tile before waiting) changes
-    when kernels run, not what they compute: the same logits through prefill and decode as the plain launches, and
-    every GEMV of the pdl runner is asked for it. Under the interpreter PDL is a plain launch, so on CPU this covers
-    the peeled first tile (here the whole of K; tests/runtime/triton/test_wq_matmul.py covers longer K)."""
-    from qcompile.runtime.triton import wq_matmul
+def test_pdl_decode_step_computes_the_same(exported, monkeypatch):
+    """``pdl=True`` (the decode step's RMSNorms, RoPE/cache stores, attention and GEMVs as programmatic dependents;
+    the GEMVs read their first weight tile before waiting) changes when kernels run, not what they compute: the
+    same logits through prefill and decode as the plain launches, and every one of those kernels of the pdl runner
+    is asked for it. Under the interpreter PDL is a plain launch, so on CPU this covers the forwarding and the
+    GEMV's peeled first tile (here the whole of K; tests/runtime/triton/test_wq_matmul.py covers longer K)."""
+    from qcompile.runtime.triton import kv_attention, norm, wq_matmul
 
-    seen = []
-    gemv = wq_matmul._gemv
-    monkeypatch.setattr(wq_matmul, "_gemv", lambda *a: seen.append(a[-1]) or gemv(*a))
+    seen = {"gemv": [], "rms_norm": [], "rope_store": [], "decode_attention": []}
+
+    def spy(mod, name, flag):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, **kw: seen[name.strip("_")].append(flag(a, kw)) or real(*a, **kw))
+
+    spy(wq_matmul, "_gemv", lambda a, kw: a[-1])
+    for mod, name in ((norm, "rms_norm"), (kv_attention, "rope_store"), (kv_attention, "decode_attention")):
+        spy(mod, name, lambda a, kw: kw.get("pdl", False))
     ids = PROMPTS[0]
-    # eager decode (no CUDA graph on a GPU either), so every GEMV call passes the spy
+    # eager decode (no CUDA graph on a GPU either), so every call passes the spies
     plain = runner(exported["llama"], cuda_graph=False)
     pdl = runner(exported["llama"], pdl=True, cuda_graph=False)
     torch.testing.assert_close(pdl.prefill(ids), plain.prefill(ids), rtol=0, atol=0)
     for t in (40, 41, 7):
-        seen.clear()
+        for flags in seen.values():
+            flags.clear()
         b = plain.decode(t)
-        assert seen and not any(seen)
-        seen.clear()
+        assert all(flags and not any(flags) for flags in seen.values()), seen
+        for flags in seen.values():
+            flags.clear()
         a = pdl.decode(t)
-        assert seen and all(seen)
+        assert all(flags and all(flags) for flags in seen.values()), seen
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -234,9 +243,10 @@ def test_gpu_cuda_graph_decode_equals_eager(larger_exports):
 
 
 @pytest.mark.cuda
-def test_gpu_pdl_gemvs_in_the_captured_step(larger_exports):
-    """fp16 decode captured in a CUDA graph with every GEMV a programmatic dependent (half2 path, weights read
-    before the wait, the next kernel released early): the same logits as the plain launches, bit for bit."""
+def test_gpu_pdl_decode_step_in_the_captured_step(larger_exports):
+    """fp16 decode captured in a CUDA graph with the RMSNorms, RoPE/cache stores, attention and GEMVs as
+    programmatic dependents (each releasing the next kernel early; the GEMVs' half2 path reading weights before
+    its wait): the same logits as the plain launches, bit for bit."""
     folder = larger_exports["w4-asym-g64"]
     for bits in (16, 4):
         plain = runner(folder, dtype=torch.float16, max_seq_len=256, kv_bits=bits)
