@@ -213,7 +213,7 @@ def cases(all_configs: bool):
                         SMAX="i32", clip="fp32")
         for d in (64, 128):
             for kv_bits, sym in ((16, False), (8, False), (4, True)):
-                for qk_norm, pdl in ((False, False), (True, False), (False, True)):  # PDL: the runner's pdl option
+                for qk_norm, pdl in ((False, False), (True, False), (False, True), (True, True)):  # PDL: runner's pdl
                     yield (f"rope_store {dt} D={d} kv{kv_bits} qk_norm={qk_norm} PDL={pdl}",
                            kv_attention._rope_store_kernel, rope_sig,
                            dict(NH=32, NKV=8, D=d, KV_BITS=kv_bits, KV_SYM=sym, QK_NORM=qk_norm, OUT_KV=qk_norm,
@@ -231,21 +231,25 @@ def cases(all_configs: bool):
                 # every configuration decode_candidates offers for this dtype (the tuner may pick any of them)
                 on_codes = kv_attention.attends_on_codes(True, dt == "fp16", kv_bits)
                 seen = set()
-                for cfg in kv_attention.decode_candidates(1, 8, 32768, "cpu", dt == "fp32", d, group=g,
-                                                          on_codes=on_codes):
+                cands = kv_attention.decode_candidates(1, 8, 32768, "cpu", dt == "fp32", d, group=g,
+                                                       on_codes=on_codes)
+                first = (cands[0]["BLOCK_S"], cands[0]["num_warps"], cands[0]["num_stages"])
+                for cfg in cands:
                     # splits and COMBINE_WARPS are not compiled into the decode kernel; the PDL candidates need
                     # an sm_90 device, which "cpu" is not: the --all variants below compile them
-                    extra = {"GP": cfg.get("GP", 16), "PDL": cfg.get("PDL", False)}
-                    name = (cfg["BLOCK_S"], cfg["num_warps"], cfg["num_stages"], tuple(extra.items()))
-                    if name in seen:
-                        continue
-                    seen.add(name)
-                    yield (f"decode_attention {dt} D={d} kv{kv_bits} G={g} block {cfg['BLOCK_S']} "
-                           f"warps {cfg['num_warps']}/{cfg['num_stages']} {extra}", kv_attention._decode_kernel,
-                           _decode_types(dt),
-                           dict(NKV=8, G=g, D=d, KV_BITS=kv_bits, BLOCK_S=cfg["BLOCK_S"], USE_DOT=True,
-                                IEEE=dt == "fp32", ON_CODES=on_codes, **extra),
-                           {}, cfg["num_warps"], cfg["num_stages"])
+                    # decode_attention(pdl=True) (the runner's pdl option) forces PDL on any of them
+                    for pdl in sorted({cfg.get("PDL", False), True}):
+                        extra = {"GP": cfg.get("GP", 16), "PDL": pdl}
+                        name = (cfg["BLOCK_S"], cfg["num_warps"], cfg["num_stages"], tuple(extra.items()))
+                        if name in seen or pdl and not all_configs and name[:3] != first:
+                            continue  # the default check: PDL on the first (default) tiles only
+                        seen.add(name)
+                        yield (f"decode_attention {dt} D={d} kv{kv_bits} G={g} block {cfg['BLOCK_S']} "
+                               f"warps {cfg['num_warps']}/{cfg['num_stages']} {extra}", kv_attention._decode_kernel,
+                               _decode_types(dt),
+                               dict(NKV=8, G=g, D=d, KV_BITS=kv_bits, BLOCK_S=cfg["BLOCK_S"], USE_DOT=True,
+                                    IEEE=dt == "fp32", ON_CODES=on_codes, **extra),
+                               {}, cfg["num_warps"], cfg["num_stages"])
                 if all_configs and dt == "fp16" and kv_bits != 16:
                     # bench/triton_sweep.py's launch variants: unpadded query rows with PDL (tuner candidates on
                     # sm_90) and int8 Q.K (never a candidate: it changes the result)

@@ -676,10 +676,11 @@ class TritonCausalLM:
     ``kv_bits`` may only repeat its bits); otherwise 16 (float cache, what the graph computes, the default), 8 or 4
     (quantized by this runner per token per head, the first ``float_prefix`` positions of each prompt kept in
     float, at most ``prefix_capacity``). ``cuda_graph`` captures the decode step. ``integer_linears`` lists the
-    linears that run on the int8 GEMM (quantized inputs, 8-bit weights). ``pdl``: the decode step's RMSNorms, RoPE
-    and cache stores, attention and weight-only GEMVs are launched as programmatic dependents (each may launch while
-    the kernel before drains and waits in-kernel for its writes; the GEMVs stream their first weight tile before
-    that wait), sm_90+; the rotations' and int8 GEMMs' kernels and torch's ops launch as usual.
+    linears that run on the int8 GEMM (quantized inputs, 8-bit weights). ``pdl``: the RMSNorms, RoPE and cache
+    stores, decode attention and weight-only GEMVs (of prefill too) are launched as programmatic dependents (each
+    may launch while the kernel before drains and waits in-kernel for its writes; the GEMVs stream their first
+    weight tile before that wait), sm_90+; the rotations' kernels (R3's RoPE and store included), the int8 GEMMs
+    and torch's ops launch as usual. Without it the attention's tuner may still pick a PDL launch of its own.
     """
 
     def __init__(self, weights: ModelWeights, *, device="cuda", dtype: torch.dtype = torch.float16,
