@@ -27,13 +27,13 @@ def supports_pdl(device) -> bool:
     return not interpreting() and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
 
 
-def pdl_launch(meta: dict, device) -> dict:
-    """Resolve a config's ``PDL`` (programmatic dependent launch) in ``meta``: off under the interpreter (a plain
-    launch there), refused below sm_90; returns the launch option to pass to each kernel it applies to."""
-    meta["PDL"] = bool(meta.get("PDL", False)) and not interpreting()
-    if meta["PDL"] and not supports_pdl(device):
+def pdl_flag(pdl: bool, device) -> tuple[bool, dict]:
+    """Resolve a request for programmatic dependent launch: off under the interpreter (a plain launch there),
+    refused below sm_90; returns the kernel's ``PDL`` flag and the launch option to pass with it."""
+    on = bool(pdl) and not interpreting()
+    if on and not supports_pdl(device):
         raise ValueError("PDL (programmatic dependent launch) needs an sm_90 or newer GPU")
-    return {"launch_pdl": True} if meta["PDL"] else {}
+    return on, ({"launch_pdl": True} if on else {})
 
 
 def launch_opts(cfg: dict) -> tuple[dict, dict]:

@@ -235,9 +235,9 @@ def cases(all_configs: bool):
                                                        on_codes=on_codes)
                 first = (cands[0]["BLOCK_S"], cands[0]["num_warps"], cands[0]["num_stages"])
                 for cfg in cands:
-                    # splits and COMBINE_WARPS are not compiled into the decode kernel; the PDL candidates need
-                    # an sm_90 device, which "cpu" is not: the --all variants below compile them
-                    # decode_attention(pdl=True) (the runner's pdl option) forces PDL on any of them
+                    # splits and COMBINE_WARPS are not compiled into the decode kernel; "cpu" gets no PDL
+                    # candidates (they need sm_90), but decode_attention(pdl=True) (the runner's pdl option) forces
+                    # PDL on any of them, so each is compiled with it too (the default check: the first tiles)
                     for pdl in sorted({cfg.get("PDL", False), True}):
                         extra = {"GP": cfg.get("GP", 16), "PDL": pdl}
                         name = (cfg["BLOCK_S"], cfg["num_warps"], cfg["num_stages"], tuple(extra.items()))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.runtime.triton._env import interpreting, require_triton
-from qcompile.runtime.triton._tune import Tuner, launch_opts, pdl_launch, supports_pdl
+from qcompile.runtime.triton._tune import Tuner, launch_opts, pdl_flag, supports_pdl
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402
@@ -439,14 +439,13 @@ def rope_store(qkv: torch.Tensor, positions: torch.Tensor, tokens_per_seq: int, 
     k = torch.empty((rows, num_kv_heads, d), dtype=qkv.dtype, device=qkv.device) if out_kv else q
     v = torch.empty((rows, num_kv_heads, d), dtype=qkv.dtype, device=qkv.device) if out_kv else q
     opts = {} if interpreting() else {"num_warps": 1 if d <= 64 else 2}
-    meta = {"PDL": pdl}
-    opts.update(pdl_launch(meta, qkv.device))
+    pdl, launch = pdl_flag(pdl, qkv.device)
     _rope_store_kernel[(rows, num_heads + num_kv_heads)](
         qkv, positions, cos, sin, q_norm if q_norm is not None else cos, k_norm if k_norm is not None else cos,
         q, k, v, cache.k_float, cache.v_float, cache.k_q, cache.v_q, cache.k_scale, cache.k_zero, cache.v_scale,
         cache.v_zero, prefix, tokens_per_seq, qkv.stride(0), float(eps), cache.prefix_capacity, cache.max_len,
         cache.clip_ratio, NH=num_heads, NKV=num_kv_heads, D=d, KV_BITS=cache.bits, KV_SYM=cache.symmetric,
-        QK_NORM=q_norm is not None, OUT_KV=out_kv, STORE=store, PDL=meta["PDL"], **opts)
+        QK_NORM=q_norm is not None, OUT_KV=out_kv, STORE=store, PDL=pdl, **opts, **launch)
     return (q, k, v) if out_kv else q
 
 
@@ -565,8 +564,6 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
 
     def launch(cfg):
         meta, opts = launch_opts(cfg)
-        if pdl:
-            meta["PDL"] = True
         splits = meta["SPLITS"]
         # GP: query rows of the dots (the group padded to 16 by default, or the group rounded up to a power of two:
         # fewer accumulator registers); COMBINE_WARPS: the split combine's warps
@@ -583,8 +580,7 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
         dc = meta.get("COMBINE_DC", d)
         if not 0 < dc <= d or d % dc or dc & (dc - 1):
             raise ValueError(f"COMBINE_DC={dc} must be a power of two dividing head_dim {d}")
-        popts = pdl_launch(meta, q.device)
-        as_dependents = meta["PDL"]
+        as_dependents, popts = pdl_flag(pdl or meta.get("PDL", False), q.device)
         po = torch.empty((b * hq, splits, d), dtype=torch.float32, device=q.device)
         pm = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
         pl = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)

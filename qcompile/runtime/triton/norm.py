@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from qcompile.runtime.triton._env import interpreting, require_triton
-from qcompile.runtime.triton._tune import pdl_launch
+from qcompile.runtime.triton._tune import pdl_flag
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402
@@ -44,8 +44,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, pdl: b
     if block > 65536:
         raise ValueError(f"rms_norm rows of {n} features exceed one tile (65536)")
     opts = {} if interpreting() else {"num_warps": 4 if block <= 4096 else 8}
-    meta = {"PDL": pdl}
-    opts.update(pdl_launch(meta, x.device))
+    pdl, launch = pdl_flag(pdl, x.device)
     _rms_norm_kernel[(x2.shape[0],)](x2, weight if weight is not None else x2, y, n, x2.stride(0), y.stride(0),
-                                     float(eps), HAS_W=weight is not None, BLOCK=block, PDL=meta["PDL"], **opts)
+                                     float(eps), HAS_W=weight is not None, BLOCK=block, PDL=pdl, **opts, **launch)
     return y.reshape(x.shape)

@@ -29,7 +29,7 @@ import math
 import torch
 
 from qcompile.runtime.triton._env import interpreting, require_triton
-from qcompile.runtime.triton._tune import Tuner, launch_opts, num_sms, pdl_launch
+from qcompile.runtime.triton._tune import Tuner, launch_opts, num_sms, pdl_flag
 from qcompile.runtime.triton.packing import PackedWeight
 
 triton = require_triton()
@@ -232,6 +232,17 @@ def _gemv_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, offs_m, r_mask, n
 
 
 @triton.jit
+def _load_tile(w_ptr, r0, r_hi, offs_n, n_mask, N, BLOCK_R: tl.constexpr):
+    """The ``[BLOCK_R words, BLOCK_N]`` weight tile at word row ``r0`` (rows from ``r_hi`` on masked to 0), with
+    its row offsets and masks."""
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < r_hi
+    w_mask = r_mask[:, None] & n_mask[None, :]
+    words = tl.load(w_ptr + offs_r[:, None] * N + offs_n[None, :], mask=w_mask, other=0)
+    return words, offs_r, r_mask, w_mask
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lock_ptr,
                  M, N, K, stride_xm, stride_rm, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -261,10 +272,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
         # launch at once (its gdc_wait still waits for all of this one)
         if PDL:
             gdc_launch_dependents()
-        offs_r = r_lo + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < r_hi
-        w_mask = r_mask[:, None] & n_mask[None, :]
-        words = tl.load(w_ptr + offs_r[:, None] * N + offs_n[None, :], mask=w_mask, other=0)
+        words, offs_r, r_mask, w_mask = _load_tile(w_ptr, r_lo, r_hi, offs_n, n_mask, N, BLOCK_R)
         if PDL:
             gdc_wait()
         # an empty split (r_lo >= r_hi) still takes this step, its codes and activations masked to 0: the half2
@@ -277,10 +285,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
     elif PDL:  # launched as a programmatic dependent: x and the workspace are the previous kernel's until it is done
         gdc_wait()
     for r0 in range(r_start, r_hi, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < r_hi
-        w_mask = r_mask[:, None] & n_mask[None, :]
-        words = tl.load(w_ptr + offs_r[:, None] * N + offs_n[None, :], mask=w_mask, other=0)
+        words, offs_r, r_mask, w_mask = _load_tile(w_ptr, r0, r_hi, offs_n, n_mask, N, BLOCK_R)
         acc += _gemv_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, offs_m, r_mask, n_mask, m_mask, w_mask,
                           N, K, stride_xm, BITS, GROUP, HAS_ZERO, ACT_SILU_MUL, HALF2, BLOCK_M, BLOCK_R, BLOCK_N)
     if PDL and not PREFETCH:  # every weight is read: the next kernel may start launching
@@ -508,7 +513,8 @@ def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
         # kernel) before waiting for the kernel before. Neither is a tuner candidate (timed in bench/triton_sweep.py);
         # ``pdl`` adds both to the tuned tiles, which plain and PDL launches share (same key: the launch changes,
         # not the tiles)
-        opts.update(pdl_launch(meta, x.device))
+        meta["PDL"], launch_pdl = pdl_flag(meta.get("PDL", False), x.device)
+        opts.update(launch_pdl)
         part, lock = _Workspace.get(x.device, meta["SPLIT_K"] * meta["BLOCK_M"] * n, -(-n // meta["BLOCK_N"]))
         grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
         _gemv_kernel[grid](
