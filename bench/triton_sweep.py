@@ -249,6 +249,17 @@ def sweep_w8a8(ms=(1024, 2048, 4096)) -> list[dict]:
 # -- 3. attention --------------------------------------------------------------------------------------------
 
 
+def _time_attention(q, caches, lens, prefix, cfg: dict,
+                    ref: torch.Tensor) -> tuple[float | None, str | None, float | None]:
+    """One forced attention configuration over the layers' ``caches``: seconds per call (or the error that stopped
+    it) and the largest |difference| of its output on the first cache from ``ref``."""
+    t, fail = _time_or_error([lambda c=c: decode_attention(q, c, lens, prefix, config=cfg) for c in caches])
+    err = None
+    if t:
+        err = (decode_attention(q, caches[0], lens, prefix, config=cfg).float() - ref.float()).abs().max().item()
+    return t, fail, err
+
+
 def sweep_attention(lengths=(8192, 32768), kv_bits=(8, 4)) -> list[dict]:
     nh, nkv, d = 32, 8, 128
     rows = []
@@ -285,12 +296,7 @@ def sweep_attention(lengths=(8192, 32768), kv_bits=(8, 4)) -> list[dict]:
             tuned = [c for c in decode_candidates(1, nkv, length, "cuda", False, d, group=nh // nkv, on_codes=True)
                      if c not in grid + variants]  # (the variants below include three of them)
             for cfg in grid + tuned + variants:
-                t, fail = _time_or_error([lambda c=c, cfg=cfg: decode_attention(q, c, lens, prefix,
-                                                                                config=cfg) for c in cs])
-                err = None
-                if t:
-                    err = (decode_attention(q, cs[0], lens, prefix, config=cfg).float()
-                           - ref.float()).abs().max().item()
+                t, fail, err = _time_attention(q, cs, lens, prefix, cfg, ref)
                 rows.append({"context": length, "kv_bits": bits, "config": cfg, "error": fail,
                              "max_abs_diff_vs_default": err, "sdpa_us": sdpa * 1e6,
                              **({"us": t * 1e6, "speedup_vs_sdpa": sdpa / t} if t else {})})
@@ -330,12 +336,7 @@ def sweep_attention_focus(lengths=(32768,), kv_bits=(8, 4)) -> list[dict]:
                        dict(num_warps=2, COMBINE_DC=32)]
             for change in changes:
                 cfg = {**pick, **change}
-                t, fail = _time_or_error([lambda c=c, cfg=cfg: decode_attention(q, c, lens, prefix, config=cfg)
-                                          for c in cs])
-                err = None
-                if t:
-                    err = (decode_attention(q, cs[0], lens, prefix, config=cfg).float()
-                           - ref.float()).abs().max().item()
+                t, fail, err = _time_attention(q, cs, lens, prefix, cfg, ref)
                 rows.append({"context": length, "kv_bits": bits, "config": cfg, "change": change, "error": fail,
                              "max_abs_diff_vs_pick": err, "sdpa_us": sdpa * 1e6,
                              **({"us": t * 1e6, "speedup_vs_sdpa": sdpa / t} if t else {})})
