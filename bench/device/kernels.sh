@@ -4,6 +4,7 @@
 # random 1B Llama (plain and PDL GEMVs); the attention around the tuner's pick at 32k. Run from the repository
 # root, carrying .whl (the device lacks onnx-ir):
 #   bash bench/device/kernels.sh            # each step capped; logs and JSON in $OUT
+#   STEPS="gputest e2e" bash bench/device/kernels.sh   # only those steps (default: all four)
 # Budget about 9.5 minutes on a fresh machine (compiling is most of it; the caps sum to 560 s, so use timeout_s
 # 600). A step cut by its cap leaves its log, and its JSON as far as it got where the script saves as it goes.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -12,6 +13,7 @@ export PYTHONPATH=/tmp/site:$(pwd) PYTHONUNBUFFERED=1
 O=${OUT:-/tmp/out}; mkdir -p $O; S=$(date +%s)
 step() {  # step NAME CAP command...
   local name=$1 cap=$2; shift 2
+  [[ " ${STEPS:-gputest sweep_gemv e2e focus} " == *" $name "* ]] || return 0
   timeout $cap "$@" > $O/$name.log 2>&1
   echo "$name rc=$? at $(( $(date +%s) - S )) s"; grep -v "generation_config" $O/$name.log | tail -4
 }
