@@ -315,8 +315,9 @@ def sweep_attention(lengths=(8192, 32768), kv_bits=(8, 4)) -> list[dict]:
 
 
 def sweep_attention_focus(lengths=(32768,), kv_bits=(8, 4)) -> list[dict]:
-    """Around the tuner's pick: the pick itself, then one change at a time (the split combine in column chunks
-    ``COMBINE_DC``, deeper pipelining, other split counts, 16-token blocks), each timed in the same run."""
+    """Around the tuner's pick: the pick itself, then one change at a time, each timed in the same run. The fifth
+    session's changes (combine chunks, deeper pipelining, other split counts, 16-token blocks, two warps: all slower
+    than the pick on the H100, bench/results/device_2026-12-05_s5/call4_h100/focus.json) gave way to occupancy ones."""
     nh, nkv, d = 32, 8, 128
     rows = []
     for length in lengths:
@@ -330,10 +331,14 @@ def sweep_attention_focus(lengths=(32768,), kv_bits=(8, 4)) -> list[dict]:
             DECODE_TUNER.best.clear()
             ref = decode_attention(q, cs[0], lens, prefix)
             pick = DECODE_TUNER.best[(1, nh, nkv, d, bits, length, torch.float16, False)]
-            changes = [{}, dict(COMBINE_DC=64), dict(COMBINE_DC=32), dict(COMBINE_DC=16), dict(num_stages=3),
-                       dict(num_stages=4), dict(SPLITS=pick["SPLITS"] * 3 // 4), dict(SPLITS=pick["SPLITS"] * 3 // 2),
-                       dict(SPLITS=min(512, pick["SPLITS"] * 2)), dict(BLOCK_S=16), dict(BLOCK_S=16, COMBINE_DC=32),
-                       dict(num_warps=2, COMBINE_DC=32)]
+            sp = pick["SPLITS"]
+            # occupancy (sixth session): Nsight Compute put the int8 pick at 8 one-warp programs per SM, held there
+            # by registers (180 a thread) and the two pipeline stages' shared memory (18 KB a program), at half the
+            # DRAM bandwidth. A register cap (maxnreg), one stage, or both, with the splits that fill the SMs again
+            changes = [{}, dict(maxnreg=128), dict(maxnreg=128, SPLITS=sp * 11 // 8), dict(num_stages=1),
+                       dict(num_stages=1, SPLITS=2 * sp), dict(num_stages=1, maxnreg=128, SPLITS=2 * sp),
+                       dict(num_stages=1, maxnreg=80, SPLITS=3 * sp), dict(BLOCK_S=64),
+                       dict(BLOCK_S=64, SPLITS=sp // 2), dict(BLOCK_S=64, num_stages=1, maxnreg=128, SPLITS=2 * sp)]
             for change in changes:
                 cfg = {**pick, **change}
                 t, fail, err = _time_attention(q, cs, lens, prefix, cfg, ref)

@@ -37,9 +37,14 @@ def pdl_flag(pdl: bool, device) -> tuple[bool, dict]:
 
 
 def launch_opts(cfg: dict) -> tuple[dict, dict]:
-    """Split a config into kernel meta-parameters and launch options (num_warps, num_stages)."""
-    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    opts = {} if interpreting() else {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
+    """Split a config into kernel meta-parameters and launch options (num_warps, num_stages, and ``maxnreg``, a
+    per-thread register cap that lets more programs share a multiprocessor, where a config names one)."""
+    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "maxnreg")}
+    if interpreting():
+        return meta, {}
+    opts = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
+    if cfg.get("maxnreg") is not None:
+        opts["maxnreg"] = cfg["maxnreg"]
     return meta, opts
 
 
