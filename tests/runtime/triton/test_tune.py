@@ -84,3 +84,16 @@ def test_falls_back_to_eager_timing_and_skips_failing_configs(fake):
 def test_every_config_failing_is_an_error(fake):
     with pytest.raises(RuntimeError, match="every configuration failed"):
         _tune.Tuner("t").run("k", [dict(name=n, us=1.0, fails=True) for n in "ab"], fake.launch)
+
+
+def test_launch_opts_splits_meta_parameters_from_launch_options(monkeypatch):
+    """num_warps, num_stages and a register cap (maxnreg) are launch options, never kernel arguments; under the
+    interpreter, which takes none of them, only the meta-parameters remain."""
+    cfg = dict(BLOCK_S=32, SPLITS=132, num_warps=1, num_stages=2, maxnreg=128, PDL=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    meta, opts = _tune.launch_opts(cfg)
+    assert meta == dict(BLOCK_S=32, SPLITS=132, PDL=True)
+    assert opts == dict(num_warps=1, num_stages=2, maxnreg=128)
+    assert "maxnreg" not in _tune.launch_opts(dict(BLOCK_S=32))[1]  # no cap unless a config names one
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _tune.launch_opts(cfg) == (dict(BLOCK_S=32, SPLITS=132, PDL=True), {})
