@@ -119,6 +119,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # ... on learned rotations (bench/recipes/w4a4kv4-spin-cqe.yaml, 10 epochs): SpinQuant was worth 30 % on RTN's
     # min/max grid, where CQE+ starts, and 0.5 % once GPTQ followed
     "w4a4kv4-spin-cqe-c09-e10": (str(BENCH_RECIPES / "w4a4kv4-spin-cqe.yaml"), ["act_quant.clip_ratio=0.9"]),
+    # ... with the activation clip ratios learned per quantized input, block by block with the weights (sde.act_clip,
+    # BiSup's fine-grained clipping), from 0.9: 4-bit activations are most of W4A4KV4's error (W4A8 is within 3 % of
+    # W4A16)
+    **{f"w4a4kv4-cqe-c09-e10-lac{tag}": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=10",
+                                                         "sde.act_clip=true", f"sde.lr_act_clip={lr}"])
+       for tag, lr in (("", 0.005), ("-lr2", 0.02))},
     # W4 (1.101x at 5 epochs, target 1.08x; more epochs and higher learning rates were flat): 5-epoch ablations of
     # what has not been tried at W4: a wider band, a dense corner over the largest singular values, no
     # distribution penalty (more calibration windows would only re-crop the validation split: 128 x 2048 tokens

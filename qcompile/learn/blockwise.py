@@ -27,6 +27,10 @@ OmniQuant's (arXiv 2308.13137), which LSI and CQE+ build on:
 * **Resume**: with ``state_dir`` the quantized weights of each finished block are saved in ``state_dir/<pass>``
   (``block_XXX.safetensors`` plus a fingerprint of the configuration); a later run with the same configuration
   loads the finished blocks instead of training them and continues with the next.
+* **Activation clipping** (``act_clip``): where an ``act_quant`` step ran before, the block's activation quantizers
+  also get one learnable clip ratio per quantized input (BiSup's fine-grained activation clipping,
+  :class:`~qcompile.learn.extras.ActivationClipping`), trained with the weights' parameters and frozen with them
+  into the quantizers' ``clip_ratio``: a constant the exported graph already holds.
 * lm_head, when targeted, is quantized by RTN at the end (a block-wise loss does not reach it).
 * **After an earlier weight pass** (e.g. ``gptq`` then ``sde``): the linears hold that pass's dequantized weights,
   which is where the learned parametrization starts (its base ``W``), while the float stream and the CLL
@@ -53,6 +57,7 @@ from tqdm.auto import tqdm
 from qcompile.data import CalibrationConfig
 from qcompile.errors import QCompileError, RecipeError, require_int, require_number
 from qcompile.learn.capture import LayerwiseRunner, _layer_output, on_device, resolve_device
+from qcompile.learn.extras import ActivationClipping
 from qcompile.learn.weights import LearnedWeight
 from qcompile.models.handle import ModelHandle
 from qcompile.quant.activations import runtime_quant_disabled
@@ -78,6 +83,10 @@ class BlockwiseConfig(WeightQuantConfig, CalibrationConfig):
     cll_window: int = 0  # CLL: follow each block's output through this many later blocks (0 = greedy)
     cll_weight: float = 1.0
     penalty: float = 0.0  # weight of sum ||W' - W||^2/||W||^2 over the block's linears (SDE's regulariser)
+    # learn one clip ratio per quantized activation of the block with its weights (BiSup's fine-grained activation
+    # clipping, qcompile.learn.extras); needs an act_quant step earlier in the recipe
+    act_clip: bool = False
+    lr_act_clip: float = 1e-3
     device: str | None = None
     offload_activations: bool = False
     tf32: bool = True  # TF32 matmuls on CUDA while training (the exported weights are exact either way)
@@ -88,7 +97,7 @@ class BlockwiseConfig(WeightQuantConfig, CalibrationConfig):
         for f in ("epochs", "batch_size"):
             require_int(getattr(self, f), f, minimum=1)
         require_int(self.cll_window, "cll_window")
-        for f in ("lr_clip", "lr_adjust", "lr_magnitude"):
+        for f in ("lr_clip", "lr_adjust", "lr_magnitude", "lr_act_clip"):
             require_number(getattr(self, f), f)
         for f in ("weight_decay", "cll_weight", "penalty"):
             require_number(getattr(self, f), f, positive=False)
@@ -96,7 +105,8 @@ class BlockwiseConfig(WeightQuantConfig, CalibrationConfig):
             raise RecipeError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
     def learning_rates(self) -> dict[str, float]:
-        return {"clip": self.lr_clip, "adjust": self.lr_adjust, "magnitude": self.lr_magnitude}
+        return {"clip": self.lr_clip, "adjust": self.lr_adjust, "magnitude": self.lr_magnitude,
+                "act_clip": self.lr_act_clip}
 
 
 MakeParam = Callable[[str, str, nn.Linear, QuantSpec], LearnedWeight]
@@ -141,19 +151,21 @@ class BlockState:
     def _path(self, index: int) -> Path:
         return self.dir / f"block_{index:03d}.safetensors"
 
-    def load(self, index: int) -> dict[str, QuantizedWeight] | None:
+    def load(self, index: int) -> tuple[dict[str, QuantizedWeight], dict] | None:
+        """A finished block's quantized weights and the statistics saved with them (None: not finished)."""
         if self.dir is None or not self._path(index).is_file():
             return None
         from safetensors.torch import load_file
 
         tensors = load_file(self._path(index))
         spec_meta = json.loads((self.dir / f"block_{index:03d}.json").read_text())
-        out = {}
+        out, stats = {}, {}
         for name, s in spec_meta.items():
             spec = QuantSpec(s["bits"], s["symmetric"], s["group_size"])
             out[name] = QuantizedWeight(tensors[f"{name}.qweight"], tensors[f"{name}.scale"],
                                         tensors.get(f"{name}.zero"), spec)
-        return out
+            stats = s.get("stats", {})
+        return out, stats
 
     def save(self, index: int, weights: dict[str, QuantizedWeight], stats: dict) -> None:
         if self.dir is None:
@@ -231,6 +243,9 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
     """Train, block by block, the parametrizations ``make_param`` gives each target linear; freeze them into
     quantized weights on ``handle``. Returns statistics for the report."""
     config.validate(handle)
+    if config.act_clip and not handle.act_quant:
+        raise RecipeError(f"{method}: act_clip learns the activation quantizers' clip ratios, but no activation is "
+                          "quantized; put an act_quant step before it in the recipe")
     todo = targets(handle, config)
     if not todo:
         return {"quantized_linears": 0}
@@ -269,8 +284,11 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
                         if id(m) in wanted]
                 saved = state.load(i)
                 if saved is not None:
-                    for name, qw in saved.items():
+                    weights, saved_stats = saved
+                    for name, qw in weights.items():
                         handle.set_quantized(name, qw)
+                    for name, ratio in saved_stats.get("act_clip", {}).items():  # learned with these weights
+                        handle.act_quant[name] = dataclasses.replace(handle.act_quant[name], clip_ratio=ratio)
                     resumed.append(i)
                     stats = {"resumed": True}
                 else:
@@ -301,6 +319,7 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     quantized_params = sum(m.weight.numel() for _, _, m, _ in todo)
     done = [s for s in per_block if "loss_after" in s]
+    ratios = [r for s in per_block for r in s.get("act_clip", {}).values()]
     return {
         "method": method,
         "quantized_linears": len(todo),
@@ -314,6 +333,8 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
         "mean_loss_after": sum(s["loss_after"] for s in done) / len(done) if done else None,
         "blocks": per_block,
         "resumed_blocks": resumed,
+        **({"act_clip_ratios": {"min": min(ratios), "mean": sum(ratios) / len(ratios), "max": max(ratios)}}
+           if ratios else {}),
         "device": str(device),
         "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
         "wall_seconds": time.perf_counter() - t0,
@@ -329,6 +350,7 @@ def _block_linears(adapter, layer: nn.Module) -> list[nn.Linear]:
 def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, lookahead, config, make_param, gen):
     """Train one block; returns (stats, number of trained parameters). Leaves the block's linears quantized."""
     params: dict[str, LearnedWeight] = {}
+    clips = ActivationClipping(handle, config.lr_act_clip, layers=[layer]) if config.act_clip else None
     try:
         for name, m, spec in mods:
             params[name] = make_param(name, m, spec).to(runner.device)
@@ -337,13 +359,16 @@ def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, loo
         for p in params.values():
             for kind, ps in p.param_groups().items():
                 groups.setdefault(kind, []).extend(ps)
+        if clips is not None:
+            clips.install(runner.device)
+            groups.update(clips.param_groups())
         lrs = config.learning_rates()
         opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k]} for k, ps in groups.items()],
                                 weight_decay=config.weight_decay)
         steps = config.epochs * len(runner.batches)
         sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if config.lr_schedule == "cosine"
                  else None)
-        n_trained = sum(p.num_trainable() for p in params.values())
+        n_trained = sum(p.num_trainable() for p in params.values()) + len(clips.sites if clips else ())
         block_index = handle.adapter.layers(handle.model).index(layer)
 
         def loss_of(bi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,6 +401,8 @@ def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, loo
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if clips is not None:
+                    clips.project()
                 if sched is not None:
                     sched.step()
         after = evaluate()
@@ -383,10 +410,18 @@ def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, loo
         with torch.no_grad():
             for name, m, _ in mods:
                 exported[name] = params[name].export(m.parametrizations.weight.original.detach())
+        stats = {"loss_before": before, "loss_after": after}
+        if clips is not None:
+            # the learned ratios become the quantizers' clip_ratio; saved with the block's weights for a resume
+            clips.finalize(handle)
+            stats["act_clip"] = {n: handle.act_quant[n].clip_ratio for names, _ in clips.sites for n in names}
+            clips = None
     finally:
+        if clips is not None:
+            clips.uninstall()
         for name, m, _ in mods:
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
     for name, qw in exported.items():
         handle.set_quantized(name, qw)
-    return {"loss_before": before, "loss_after": after}, n_trained
+    return stats, n_trained

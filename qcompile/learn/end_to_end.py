@@ -44,6 +44,7 @@ from qcompile.errors import QCompileError, require_int, require_number
 from qcompile.learn import epoch_state
 from qcompile.learn.blockwise import fingerprint
 from qcompile.learn.capture import on_device, resolve_device
+from qcompile.learn.extras import Extra
 from qcompile.learn.weights import LearnedWeight
 from qcompile.models.handle import ModelHandle
 from qcompile.quant.activations import runtime_quant_disabled
@@ -73,29 +74,6 @@ class EndToEndConfig(WeightQuantConfig, CalibrationConfig):
 
     def learning_rates(self) -> dict[str, float]:
         return {"clip": self.lr_clip, "adjust": self.lr_adjust, "magnitude": self.lr_magnitude}
-
-
-class Extra:
-    """Trainable parameters outside the linears' weights (installed before training, folded in after)."""
-
-    def install(self, device) -> None: ...
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {}
-
-    def learning_rates(self) -> dict[str, float]:
-        return {}
-
-    def penalty(self) -> torch.Tensor | float:
-        return 0.0
-
-    def project(self) -> None:
-        """Called after every optimiser step (keep parameters in their valid range)."""
-
-    def finalize(self, handle: ModelHandle) -> dict:
-        return {}
-
-    def uninstall(self) -> None: ...
 
 
 MakeParam = Callable[[str, nn.Linear, QuantSpec, QuantizedWeight | None], LearnedWeight]

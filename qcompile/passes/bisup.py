@@ -24,7 +24,6 @@ norm weights and activation clip ratios: no new kind of run-time op.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +31,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qcompile.errors import RecipeError, require_int
-from qcompile.learn.end_to_end import EndToEndConfig, Extra, train_end_to_end
+from qcompile.learn.end_to_end import EndToEndConfig, train_end_to_end
+from qcompile.learn.extras import ActivationClipping, Extra
 from qcompile.learn.weights import LearnedWeight
 from qcompile.models.handle import ModelHandle
-
-ACT_CLIP_RANGE = (0.3, 1.0)
 
 
 @dataclass
@@ -59,58 +57,6 @@ class BiSupConfig(EndToEndConfig):
 
 
 Config = BiSupConfig
-
-
-class ActivationClipping(Extra):
-    """One learnable clip ratio per quantized activation (the linears reading one tensor share it)."""
-
-    def __init__(self, handle: ModelHandle, lr: float):
-        self.handle, self.lr = handle, lr
-        self.sites: list[tuple[list[str], nn.Parameter]] = []
-        ad = handle.adapter
-        names = {m: n for n, m in handle.model.named_modules()}
-        for layer in ad.layers(handle.model):
-            for roles in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",)):
-                full = [names[ad.linear(layer, r)] for r in roles]
-                full = [n for n in full if n in handle.act_quant]
-                if full:
-                    start = min(handle.act_quant[n].clip_ratio for n in full)
-                    self.sites.append((full, nn.Parameter(torch.tensor(float(start)))))
-
-    def install(self, device):
-        for names, c in self.sites:
-            c.data = c.data.to(device)
-            for n in names:
-                self.handle.model.get_submodule(n)._qcompile_act_clip = c
-
-    def param_groups(self):
-        return {"act_clip": [c for _, c in self.sites]} if self.sites else {}
-
-    def learning_rates(self):
-        return {"act_clip": self.lr}
-
-    def project(self):
-        with torch.no_grad():
-            for _, c in self.sites:
-                c.clamp_(*ACT_CLIP_RANGE)
-
-    def finalize(self, handle):
-        ratios = []
-        for names, c in self.sites:
-            r = float(c.detach().cpu())
-            for n in names:
-                handle.act_quant[n] = dataclasses.replace(handle.act_quant[n], clip_ratio=r)
-            ratios.append(r)
-        self.uninstall()
-        return {"act_clip_ratios": {"min": min(ratios), "mean": sum(ratios) / len(ratios), "max": max(ratios)}
-                if ratios else {}}
-
-    def uninstall(self):
-        for names, _ in self.sites:
-            for n in names:
-                m = self.handle.model.get_submodule(n)
-                if hasattr(m, "_qcompile_act_clip"):
-                    del m._qcompile_act_clip
 
 
 class _DivideByExp(nn.Module):

@@ -172,3 +172,50 @@ def test_after_gptq_the_targets_are_the_float_model_and_training_starts_from_gpt
         assert torch.equal(chained.model.get_submodule(name).weight, qw.dequantize())
         assert not torch.equal(chained.float_weights[name], gptq_weights[name])
     assert chained_stats["blocks"][0]["loss_before"] < fresh_stats["blocks"][0]["loss_before"]
+
+
+def test_act_clip_learns_clip_ratios_into_the_graph_and_resumes_them(trained_llama, calib_file, tmp_path):
+    """``act_clip``: the block's activation quantizers get one learned clip ratio per quantized input (q/k/v share
+    one, gate/up another), frozen into ``handle.act_quant``, saved with the block for a resume, and run by ORT."""
+    from qcompile import passes
+    from qcompile.pipeline import export, run_passes
+    from qcompile.recipe import PassStep, Recipe
+    from qcompile.runtime.ort import OrtCausalLM
+
+    def recipe(**kw):
+        steps = [("canonicalize", dict(untie_embeddings=True)), ("act_quant", dict(bits=4, symmetric=False)),
+                 ("sde", dict(bits=4, group_size=16, calib_text=str(calib_file), calib_samples=8, calib_seq_len=SEQ,
+                              epochs=4, batch_size=2, cll_window=1, act_clip=True, lr_act_clip=0.05, **kw))]
+        return Recipe("test", [PassStep(n, passes.get(n).Config(**c)) for n, c in steps])
+
+    state = str(tmp_path / "state")
+    h1 = load(trained_llama)
+    st = run_passes(h1, recipe(state_dir=state))["2:sde"]
+    for block in st["blocks"]:
+        clips = block["act_clip"]
+        assert len(clips) == 7 and block["loss_after"] < block["loss_before"]
+        assert len({clips[n] for n in clips if n.endswith(("q_proj", "k_proj", "v_proj"))}) == 1  # one shared ratio
+    ratios = {n: s.clip_ratio for n, s in h1.act_quant.items()}
+    assert len(set(ratios.values())) > 1 and all(0.3 <= r <= 1.0 for r in ratios.values())
+    assert ratios == {n: r for b in st["blocks"] for n, r in b["act_clip"].items()}
+    assert 0.3 <= st["act_clip_ratios"]["min"] <= st["act_clip_ratios"]["max"] < 1.0
+    assert not any(hasattr(h1.model.get_submodule(n), "_qcompile_act_clip") for n in ratios)
+
+    # resume: block 0 from the saved state, clip ratios included
+    (tmp_path / "state" / "sde" / "block_001.safetensors").unlink()
+    h2 = load(trained_llama)
+    assert run_passes(h2, recipe(state_dir=state))["2:sde"]["resumed_blocks"] == [0]
+    assert {n: s.clip_ratio for n, s in h2.act_quant.items()} == ratios
+
+    # the graph holds the learned ratios: ORT computes what the torch model computes
+    export(h1, tmp_path / "out", recipe())
+    ids = cfg(sde, calib_file).load(h1.tokenizer)[:2]
+    with torch.no_grad():
+        ref = h1.model(input_ids=ids, use_cache=False).logits.numpy()
+    got = OrtCausalLM.from_dir(tmp_path / "out", accuracy_level=1).logits(ids.numpy())
+    assert abs(got - ref).max() < 1e-4 * max(1.0, abs(ref).max())
+
+
+def test_act_clip_without_activation_quantization_is_refused(trained_llama, calib_file):
+    with pytest.raises(RecipeError, match="act_quant"):
+        sde.apply(load(trained_llama), cfg(sde, calib_file, act_clip=True))
