@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from qcompile.data import CalibrationConfig
 from qcompile.errors import QCompileError, RecipeError, require_int, require_number
 from qcompile.learn.capture import LayerwiseRunner, _layer_output, on_device, resolve_device
-from qcompile.learn.extras import ActivationClipping
+from qcompile.learn.extras import ActivationClipping, clip_summary, set_clip_ratios
 from qcompile.learn.weights import LearnedWeight
 from qcompile.models.handle import ModelHandle
 from qcompile.quant.activations import runtime_quant_disabled
@@ -86,7 +86,7 @@ class BlockwiseConfig(WeightQuantConfig, CalibrationConfig):
     # learn one clip ratio per quantized activation of the block with its weights (BiSup's fine-grained activation
     # clipping, qcompile.learn.extras); needs an act_quant step earlier in the recipe
     act_clip: bool = False
-    lr_act_clip: float = 1e-3
+    lr_act_clip: float = 1e-3  # no weight decay on the ratios (it would pull them to the range's floor)
     device: str | None = None
     offload_activations: bool = False
     tf32: bool = True  # TF32 matmuls on CUDA while training (the exported weights are exact either way)
@@ -105,8 +105,7 @@ class BlockwiseConfig(WeightQuantConfig, CalibrationConfig):
             raise RecipeError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
     def learning_rates(self) -> dict[str, float]:
-        return {"clip": self.lr_clip, "adjust": self.lr_adjust, "magnitude": self.lr_magnitude,
-                "act_clip": self.lr_act_clip}
+        return {"clip": self.lr_clip, "adjust": self.lr_adjust, "magnitude": self.lr_magnitude}
 
 
 MakeParam = Callable[[str, str, nn.Linear, QuantSpec], LearnedWeight]
@@ -254,8 +253,10 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
     wanted = {id(m): (name, role, spec) for name, role, m, spec in todo}
     ids = config.load(handle.tokenizer)
     device = resolve_device(config.device, model)
+    # without act_clip its fields change nothing, so states saved before they existed stay valid
+    unused = () if config.act_clip else ("act_clip", "lr_act_clip")
     state = BlockState(str(Path(config.state_dir) / method) if config.state_dir else None,
-                       fingerprint(handle, config, method))
+                       fingerprint(handle, config, method, ignore=unused))
     layers = ad.layers(model)
     per_block, trained_params, resumed = [], 0, []
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -287,10 +288,10 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
                     weights, saved_stats = saved
                     for name, qw in weights.items():
                         handle.set_quantized(name, qw)
-                    for name, ratio in saved_stats.get("act_clip", {}).items():  # learned with these weights
-                        handle.act_quant[name] = dataclasses.replace(handle.act_quant[name], clip_ratio=ratio)
+                    set_clip_ratios(handle, saved_stats.get("act_clip", []))  # learned with these weights
                     resumed.append(i)
-                    stats = {"resumed": True}
+                    stats = {"resumed": True, **({"act_clip": saved_stats["act_clip"]} if "act_clip" in saved_stats
+                                                 else {})}
                 else:
                     with originals.active(ahead):  # the look-ahead blocks compute as the float model
                         stats, n = _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float,
@@ -319,7 +320,7 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     quantized_params = sum(m.weight.numel() for _, _, m, _ in todo)
     done = [s for s in per_block if "loss_after" in s]
-    ratios = [r for s in per_block for r in s.get("act_clip", {}).values()]
+    sites = [site for s in per_block for site in s.get("act_clip", [])]
     return {
         "method": method,
         "quantized_linears": len(todo),
@@ -333,8 +334,7 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
         "mean_loss_after": sum(s["loss_after"] for s in done) / len(done) if done else None,
         "blocks": per_block,
         "resumed_blocks": resumed,
-        **({"act_clip_ratios": {"min": min(ratios), "mean": sum(ratios) / len(ratios), "max": max(ratios)}}
-           if ratios else {}),
+        **({"act_clip_ratios": clip_summary(sites)} if sites else {}),
         "device": str(device),
         "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
         "wall_seconds": time.perf_counter() - t0,
@@ -362,9 +362,9 @@ def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, loo
         if clips is not None:
             clips.install(runner.device)
             groups.update(clips.param_groups())
-        lrs = config.learning_rates()
-        opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k]} for k, ps in groups.items()],
-                                weight_decay=config.weight_decay)
+        lrs = {**config.learning_rates(), **(clips.learning_rates() if clips is not None else {})}
+        opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k], **({"weight_decay": 0.0} if k == "act_clip" else {})}
+                                 for k, ps in groups.items()], weight_decay=config.weight_decay)
         steps = config.epochs * len(runner.batches)
         sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if config.lr_schedule == "cosine"
                  else None)
@@ -396,7 +396,7 @@ def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, loo
                 if not torch.isfinite(loss):
                     raise QCompileError(
                         f"{type(params[mods[0][0]]).__name__} training diverged in block {block_index} "
-                        f"(loss {float(loss)}); lower the learning rates"
+                        f"(loss {float(loss.detach())}); lower the learning rates"
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -413,12 +413,11 @@ def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, loo
         stats = {"loss_before": before, "loss_after": after}
         if clips is not None:
             # the learned ratios become the quantizers' clip_ratio; saved with the block's weights for a resume
+            stats["act_clip"] = clips.learned()
             clips.finalize(handle)
-            stats["act_clip"] = {n: handle.act_quant[n].clip_ratio for names, _ in clips.sites for n in names}
-            clips = None
     finally:
         if clips is not None:
-            clips.uninstall()
+            clips.uninstall()  # (a no-op after finalize)
         for name, m, _ in mods:
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)

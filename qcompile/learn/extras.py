@@ -75,16 +75,15 @@ class ActivationClipping(Extra):
             for _, c in self.sites:
                 c.clamp_(*ACT_CLIP_RANGE)
 
+    def learned(self) -> list[tuple[list[str], float]]:
+        """The sites and their current ratios (JSON-ready: saved with a block for a resume)."""
+        return [(list(names), float(c.detach().cpu())) for names, c in self.sites]
+
     def finalize(self, handle):
-        ratios = []
-        for names, c in self.sites:
-            r = float(c.detach().cpu())
-            for n in names:
-                handle.act_quant[n] = dataclasses.replace(handle.act_quant[n], clip_ratio=r)
-            ratios.append(r)
+        sites = self.learned()
+        set_clip_ratios(handle, sites)
         self.uninstall()
-        return {"act_clip_ratios": {"min": min(ratios), "mean": sum(ratios) / len(ratios), "max": max(ratios)}
-                if ratios else {}}
+        return {"act_clip_ratios": clip_summary(sites)} if sites else {}
 
     def uninstall(self):
         for names, _ in self.sites:
@@ -92,3 +91,16 @@ class ActivationClipping(Extra):
                 m = self.handle.model.get_submodule(n)
                 if hasattr(m, "_qcompile_act_clip"):
                     del m._qcompile_act_clip
+
+
+def set_clip_ratios(handle: ModelHandle, sites: list[tuple[list[str], float]]) -> None:
+    """Make learned ratios the activation quantizers' ``clip_ratio`` (what the exported graph computes)."""
+    for names, ratio in sites:
+        for n in names:
+            handle.act_quant[n] = dataclasses.replace(handle.act_quant[n], clip_ratio=ratio)
+
+
+def clip_summary(sites: list[tuple[list[str], float]]) -> dict:
+    """min / mean / max over sites (a ratio shared by q/k/v counts once)."""
+    ratios = [r for _, r in sites]
+    return {"min": min(ratios), "mean": sum(ratios) / len(ratios), "max": max(ratios)} if ratios else {}

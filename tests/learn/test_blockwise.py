@@ -174,46 +174,70 @@ def test_after_gptq_the_targets_are_the_float_model_and_training_starts_from_gpt
     assert chained_stats["blocks"][0]["loss_before"] < fresh_stats["blocks"][0]["loss_before"]
 
 
+def _act_clip_recipe(calib_file, **kw):
+    from qcompile import passes
+    from qcompile.recipe import PassStep, Recipe
+
+    sde_cfg = dict(bits=4, group_size=16, calib_text=str(calib_file), calib_samples=8, calib_seq_len=SEQ, epochs=4,
+                   batch_size=2, cll_window=1, act_clip=True, lr_act_clip=0.05)
+    steps = [("canonicalize", dict(untie_embeddings=True)),
+             ("act_quant", dict(bits=4, symmetric=False, clip_ratio=0.9)), ("sde", {**sde_cfg, **kw})]
+    return Recipe("test", [PassStep(n, passes.get(n).Config(**c)) for n, c in steps])
+
+
 def test_act_clip_learns_clip_ratios_into_the_graph_and_resumes_them(trained_llama, calib_file, tmp_path):
     """``act_clip``: the block's activation quantizers get one learned clip ratio per quantized input (q/k/v share
-    one, gate/up another), frozen into ``handle.act_quant``, saved with the block for a resume, and run by ORT."""
-    from qcompile import passes
+    one, gate/up another), starting from the recipe's, frozen into ``handle.act_quant``, saved with the block for a
+    resume, and run by ORT."""
     from qcompile.pipeline import export, run_passes
-    from qcompile.recipe import PassStep, Recipe
     from qcompile.runtime.ort import OrtCausalLM
 
-    def recipe(**kw):
-        steps = [("canonicalize", dict(untie_embeddings=True)), ("act_quant", dict(bits=4, symmetric=False)),
-                 ("sde", dict(bits=4, group_size=16, calib_text=str(calib_file), calib_samples=8, calib_seq_len=SEQ,
-                              epochs=4, batch_size=2, cll_window=1, act_clip=True, lr_act_clip=0.05, **kw))]
-        return Recipe("test", [PassStep(n, passes.get(n).Config(**c)) for n, c in steps])
-
     state = str(tmp_path / "state")
+    h0 = load(trained_llama)
+    fixed = run_passes(h0, _act_clip_recipe(calib_file, act_clip=False))["2:sde"]
     h1 = load(trained_llama)
-    st = run_passes(h1, recipe(state_dir=state))["2:sde"]
+    st = run_passes(h1, _act_clip_recipe(calib_file, state_dir=state))["2:sde"]
+    # the same start as the fixed ratio (0.9), 4 more parameters per block (q/k/v, o, gate/up, down)
+    assert st["blocks"][0]["loss_before"] == fixed["blocks"][0]["loss_before"]
+    assert st["trainable_params"] == fixed["trainable_params"] + 4 * len(st["blocks"])
     for block in st["blocks"]:
-        clips = block["act_clip"]
-        assert len(clips) == 7 and block["loss_after"] < block["loss_before"]
-        assert len({clips[n] for n in clips if n.endswith(("q_proj", "k_proj", "v_proj"))}) == 1  # one shared ratio
+        sites = block["act_clip"]
+        assert sorted(len(names) for names, _ in sites) == [1, 1, 2, 3]
+        assert block["loss_after"] < block["loss_before"]
     ratios = {n: s.clip_ratio for n, s in h1.act_quant.items()}
-    assert len(set(ratios.values())) > 1 and all(0.3 <= r <= 1.0 for r in ratios.values())
-    assert ratios == {n: r for b in st["blocks"] for n, r in b["act_clip"].items()}
-    assert 0.3 <= st["act_clip_ratios"]["min"] <= st["act_clip_ratios"]["max"] < 1.0
+    assert ratios == {n: r for b in st["blocks"] for names, r in b["act_clip"] for n in names}
+    assert 0.9 not in ratios.values() and all(0.3 <= r <= 1.0 for r in ratios.values())
+    assert st["act_clip_ratios"]["min"] < st["act_clip_ratios"]["max"]
     assert not any(hasattr(h1.model.get_submodule(n), "_qcompile_act_clip") for n in ratios)
 
-    # resume: block 0 from the saved state, clip ratios included
+    # resume: block 0 from the saved state, clip ratios included (block 1 then trains on the same stream)
     (tmp_path / "state" / "sde" / "block_001.safetensors").unlink()
     h2 = load(trained_llama)
-    assert run_passes(h2, recipe(state_dir=state))["2:sde"]["resumed_blocks"] == [0]
+    again = run_passes(h2, _act_clip_recipe(calib_file, state_dir=state))["2:sde"]
+    assert again["resumed_blocks"] == [0] and again["act_clip_ratios"] == st["act_clip_ratios"]
     assert {n: s.clip_ratio for n, s in h2.act_quant.items()} == ratios
+    with pytest.raises(QCompileError, match="another configuration"):  # the ratios' rate is part of the state
+        run_passes(load(trained_llama), _act_clip_recipe(calib_file, state_dir=state, lr_act_clip=0.01))
 
     # the graph holds the learned ratios: ORT computes what the torch model computes
-    export(h1, tmp_path / "out", recipe())
+    export(h1, tmp_path / "out", _act_clip_recipe(calib_file))
     ids = cfg(sde, calib_file).load(h1.tokenizer)[:2]
     with torch.no_grad():
         ref = h1.model(input_ids=ids, use_cache=False).logits.numpy()
     got = OrtCausalLM.from_dir(tmp_path / "out", accuracy_level=1).logits(ids.numpy())
     assert abs(got - ref).max() < 1e-4 * max(1.0, abs(ref).max())
+
+
+def test_act_clip_leaves_nothing_behind_when_training_fails(trained_llama, calib_file, monkeypatch):
+    from qcompile.learn import blockwise
+    from qcompile.pipeline import run_passes
+
+    h = load(trained_llama)
+    monkeypatch.setattr(blockwise, "relative_mse", lambda pred, target: (pred * float("nan")).sum())
+    with pytest.raises(QCompileError, match="diverged"):
+        run_passes(h, _act_clip_recipe(calib_file))
+    assert {s.clip_ratio for s in h.act_quant.values()} == {0.9}
+    assert not any(hasattr(m, "_qcompile_act_clip") for m in h.model.modules())
 
 
 def test_act_clip_without_activation_quantization_is_refused(trained_llama, calib_file):
