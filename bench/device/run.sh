@@ -11,6 +11,8 @@
 # start: assemble the GGUF (split in two because a call carries at most 64 MiB), install the carried wheels
 # (gguf, onnx-ir), convert the model once, start bench/device/pipeline.sh detached (it outlives the call), then
 # wait. collect: wait WAIT seconds or until the pipeline is done. Both pack /root/res into $OUT/res.tgz.
+# The device machine is given back about 30 s after a call ends, and the detached pipeline with it: issue each
+# collect at once (a call that runs something else first, e.g. kernels.sh, still counts as the next call).
 # $PARTS (default .devcarry/p2) holds gguf.part.ab and WikiText-2's wiki.test.raw / wiki.valid.raw.
 set -u
 P=$(pwd)/${PARTS:-.devcarry/p2}
