@@ -544,11 +544,14 @@ def sass(args) -> int:
     for bits in (8, 4):
         for bs, warps, stages in combos:
             kernels = [("existing", _decode_kernel, "*u8", dict(USE_DOT=True, IEEE=False, ON_CODES=True))]
+            if (bs, warps, stages) == (32, 1, 2):  # the tuner's 32k pick on the H100 (unpadded rows, PDL)
+                kernels.append(("pick", _decode_kernel, "*u8", dict(USE_DOT=True, IEEE=False, ON_CODES=True, GP=4,
+                                                                    PDL=True)))
             kernels += [(n, _variant_kernel, "*i32" if u else "*u8",
                          dict(UNPACK=u, PREFETCH=pf, ASM=True, **multipliers(u, bits)))
                         for n, (u, pf) in VARIANTS.items()]
             for name, fn, cty, extra in kernels:
-                consts = dict(NKV=8, G=4, GP=16, D=128, KV_BITS=bits, BLOCK_S=bs, **extra)
+                consts = {**dict(NKV=8, G=4, GP=16, D=128, KV_BITS=bits, BLOCK_S=bs), **extra}
                 try:
                     st = compile_one(fn, _types(cty), consts, {}, warps, stages, keep_cubin=True)
                 except Exception as e:  # noqa: BLE001 - report and go on
