@@ -7,6 +7,7 @@ is left behind (outputs are written to a temporary folder and renamed).
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
@@ -22,13 +23,26 @@ def _torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+def _group_size(text: str) -> int | None:
+    if text in ("none", "null"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a group size (a positive integer, or 'none' for "
+                                         "per-channel)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"group size must be positive, got {value} ('none' means per-channel)")
+    return value
+
+
 def _add_recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--recipe", required=required,
                    help="built-in recipe name (see `qcompile recipes`) or a YAML/JSON file")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PASS.FIELD=VALUE",
                    help="override one recipe field, e.g. --set gptq.act_order=false (repeatable)")
     p.add_argument("--bits", type=int, default=..., help="weight bits (2-8) for every weight quantizer")
-    p.add_argument("--group-size", type=lambda s: None if s in ("none", "null", "0") else int(s), default=...,
+    p.add_argument("--group-size", type=_group_size, default=...,
                    help="group size along the input dimension; 'none' for per-channel")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, default=...)
@@ -350,6 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qcompile: interrupted; no output was written", file=sys.stderr)
         return 130
+    except Exception as e:  # a failure without its own message: one line, not a traceback (unless debugging)
+        if os.environ.get("QCOMPILE_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"qcompile: error: {type(e).__name__}{': ' + first if first else ''} (no output was written; set "
+              "QCOMPILE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -391,3 +391,27 @@ def test_smollm2_bundle_runs_in_onnxruntime_genai(tmp_path):
     weights = info["graph"]["quantized_weights"]
     assert len(weights) == 210 and {(w["type"], w["group_size"]) for w in weights} == {("uint4", 64)}
     assert info["graph"]["bytes_by_kind"]["float embeddings (shared with lm_head)"] == 49152 * 576 * 4
+
+
+def test_package_refuses_a_truncated_weights_file(exported, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "short"
+    shutil.copytree(exported, src)
+    data = src / "model.onnx_data"
+    data.write_bytes(data.read_bytes()[:-100])
+    out = tmp_path / "b"
+    assert main(["package", str(src), "-o", str(out)]) == 2
+    assert "model.onnx_data is truncated" in _one_error(capsys) and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_damaged_graph_gives_one_error(exported, tmp_path, capsys, command):
+    import shutil
+
+    src = tmp_path / "damaged"
+    shutil.copytree(exported, src)
+    (src / "model.onnx").write_bytes((src / "model.onnx").read_bytes()[:500])
+    args = [command, str(src), "hello"] if command == "run" else [command, str(src), "--limit", "1"]
+    assert main(args) == 2
+    assert "ONNX Runtime cannot load" in _one_error(capsys)

@@ -95,6 +95,28 @@ def test_failure_during_export_leaves_nothing(tmp_path, tiny_model_dirs, monkeyp
 
     monkeypatch.setattr(artifact, "write_artifact", boom)
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="disk full"):
-        main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "fp32"])
+    args = ["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "fp32"]
+    assert main(args) == 1  # an unexpected error: one line, exit 1 (test_unexpected_error_is_one_line)
     assert not out.exists() and _no_leftovers(tmp_path)
+    monkeypatch.setenv("QCOMPILE_DEBUG", "1")  # the traceback, for debugging
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(args)
+    assert not out.exists() and _no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["0", "-64", "abc"])
+def test_group_size_must_be_positive_or_none(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "smollm2-135m", "-o", "unused", "--recipe", "w4a16-g64-rtn", "--group-size", value])
+    assert e.value.code == 2 and "group size" in capsys.readouterr().err
+
+
+def test_unexpected_error_is_one_line(tmp_path, tiny_model_dirs, monkeypatch, capsys):
+    """A failure with no message of its own still ends in one line naming it and exit 1, not a traceback."""
+    import qcompile.export.artifact as artifact
+
+    monkeypatch.setattr(artifact, "write_artifact", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(tmp_path / "o"), "--recipe", "fp32"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "qcompile: error: OSError: disk full" in err and "QCOMPILE_DEBUG" in err
+

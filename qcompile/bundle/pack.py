@@ -73,17 +73,28 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 def external_data_files(model_path: Path) -> list[str]:
     """The files the graph's initializers live in (names relative to the graph's folder)."""
-    graph = onnx.load(str(model_path), load_external_data=False)
-    names = set()
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # a truncated or foreign file: protobuf's DecodeError and the like
+        raise QCompileError(f"{model_path} is not a readable ONNX graph (damaged? re-export it): "
+                            f"{type(e).__name__}") from None
+    ends: dict[str, int] = {}  # per weights file, where its last tensor ends
     for tensor in _all_tensors(graph.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            info = {e.key: e.value for e in tensor.external_data}
+            location = info.get("location", "")
             parts = PurePosixPath(location.replace("\\", "/")).parts
             if not location or location.startswith(("/", "\\")) or ".." in parts or len(parts) != 1:
                 raise QCompileError(f"{model_path} keeps weights in {location!r}, outside its folder; "
                                     "re-export it")
-            names.add(location)
-    return sorted(names)
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+            ends[location] = max(ends.get(location, 0), end)
+    for location, end in ends.items():  # a missing file is the caller's message; a short one is damage
+        path = Path(model_path).parent / location
+        if path.is_file() and path.stat().st_size < end:
+            raise QCompileError(f"{path} is truncated ({path.stat().st_size} bytes, the graph's weights need {end}); "
+                                "re-export it")
+    return sorted(ends)
 
 
 def _measured(report: dict) -> dict:

@@ -116,22 +116,30 @@ def load_hf_folder(
 
     config = _read_config(folder, trust_remote_code)
     adapter = adapter_for_config(config)  # unsupported families fail here, before any weight is read
+    _check_model_type(config, folder, trust_remote_code)
     safetensors = sorted(folder.glob("*.safetensors"))
     torch_files = sorted(folder.glob("*.bin"))
     if not safetensors and not torch_files:
         raise QCompileError(f"{folder} has no weights (*.safetensors or *.bin)")
+    kind = "safetensors" if safetensors else "torch"
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             folder,
             config=config,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=bool(safetensors),
+            output_loading_info=True,
         )
     except Exception as e:  # transformers raises many types for unreadable files; name the file set
-        kind = "safetensors" if safetensors else "torch"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QCompileError(f"cannot load the {kind} weights in {folder} (corrupt or incomplete?): {first}") from None
+    # transformers fills a tensor the checkpoint lacks with random values and only warns: refuse instead
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise QCompileError(f"the {kind} weights in {folder} lack {len(missing)} tensor(s) the model needs "
+                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the checkpoint is "
+                            "incomplete")
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -141,6 +149,20 @@ def load_hf_folder(
     except Exception as e:
         raise QCompileError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
     return ModelHandle(model=model, tokenizer=tokenizer, adapter=adapter, source=str(folder))
+
+
+def _check_model_type(config, folder: Path, trust_remote_code: bool) -> None:
+    """transformers builds the class that ``model_type`` maps to, whatever ``architectures`` says; the adapter is
+    chosen from ``architectures``. A config where the two disagree would load one family's weights into another."""
+    if trust_remote_code and getattr(config, "auto_map", None):
+        return  # remote code names its own classes
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    built = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    named = (getattr(config, "architectures", None) or [None])[0]
+    if built != named:
+        raise QCompileError(f"{folder / 'config.json'} is inconsistent: model_type {config.model_type!r} builds "
+                            f"{built or 'no causal LM'}, but architectures names {named}")
 
 
 def check_finite(model: torch.nn.Module) -> None:

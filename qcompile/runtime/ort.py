@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qcompile.errors import QCompileError
+
 MODEL_FILE = "model.onnx"
 META_FILE = "qcompile.json"
 ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
@@ -54,7 +56,12 @@ def create_session(
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                       Path(optimized_model_path).name + "_data")
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT's own errors (truncated graph, missing or short weights file) name no remedy
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QCompileError(f"ONNX Runtime cannot load {model_path} (damaged or incomplete export? re-export "
+                            f"it): {first}") from None
 
 
 def matmul_op_counts(model_path: str | os.PathLike, *, accuracy_level: int | None = None) -> dict[str, int]:

@@ -89,3 +89,26 @@ def test_non_gguf_file(tmp_path):
     torch.save({}, f)
     with pytest.raises(QCompileError, match="not a .gguf model"):
         load(f)
+
+
+def test_missing_tensor_is_refused_not_filled_with_random_values(tmp_path, tiny_model_dirs):
+    """transformers initialises a tensor the checkpoint lacks at random and only warns: the loader refuses."""
+    folder = tmp_path / "missing"
+    shutil.copytree(tiny_model_dirs["llama"], folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(QCompileError, match=r"lack 1 tensor\(s\).*model\.layers\.1\.mlp\.down_proj\.weight"):
+        load(folder)
+
+
+def test_model_type_that_contradicts_architectures_is_refused(tmp_path, tiny_model_dirs):
+    """transformers builds the class model_type names; the adapter follows architectures: they must agree."""
+    folder = tmp_path / "bertish"
+    shutil.copytree(tiny_model_dirs["llama"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QCompileError, match="inconsistent: model_type 'bert' builds BertLMHeadModel, but "
+                                            "architectures names LlamaForCausalLM"):
+        load(folder)
