@@ -36,6 +36,47 @@ def _group_size(text: str) -> int | None:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = _temperature(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _check_device(device: str) -> None:
+    """The torch device of --device, before any model is read: a clear error for one this machine lacks."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise QCompileError(f"--device {device!r} is not a torch device (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QCompileError(f"--device {device}: no CUDA GPU is available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise QCompileError(f"--device {device}: qcompile runs passes on cpu or cuda")
+
+
 def _add_recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--recipe", required=required,
                    help="built-in recipe name (see `qcompile recipes`) or a YAML/JSON file")
@@ -80,6 +121,7 @@ def cmd_export(args) -> int:
     from qcompile.pipeline import compile_model, update_report
 
     recipe = _recipe_from_args(args)
+    _check_device(args.device)
     if args.report:
         from qcompile.eval.report import require_matplotlib
 
@@ -152,6 +194,7 @@ def cmd_eval(args) -> int:
         raise QCompileError("--backend torch evaluates a model (folder, GGUF or built-in name) with an optional "
                             "--recipe applied as fake-quant; for an exported folder use --backend ort")
     recipe = _recipe_from_args(args) if args.recipe else None
+    _check_device(args.device)
     handle = load(args.target, dtype=_torch_dtype(args.dtype), device=args.device,
                   trust_remote_code=args.trust_remote_code)
     if recipe is not None:
@@ -281,12 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     def common_ort(p):
         p.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
                        help="ORT MatMulNBits accuracy level (default: the exported recipe's)")
-        p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+        p.add_argument("--threads", type=_positive_int, default=None, help="ORT intra-op threads")
 
     def common_eval(p):
         p.add_argument("--text", default=None, help="text file (default: WikiText-2 test split)")
-        p.add_argument("--seq-len", type=int, default=2048)
-        p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+        p.add_argument("--seq-len", type=_positive_int, default=2048)
+        p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N windows")
         p.add_argument("--system-prompt", default=None, metavar="TEXT",
                        help="read every window after this system turn (chat template); only the text is scored")
 
@@ -316,10 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--system", default=None, help="system prompt (chat template)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=_temperature, default=0.7)
+    p.add_argument("--top-p", type=_top_p, default=0.9)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: ONNX Runtime; cuda: qcompile's Triton kernels on an NVIDIA GPU")

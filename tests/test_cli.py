@@ -120,3 +120,21 @@ def test_unexpected_error_is_one_line(tmp_path, tiny_model_dirs, monkeypatch, ca
     err = capsys.readouterr().err
     assert "Traceback" not in err and "qcompile: error: OSError: disk full" in err and "QCOMPILE_DEBUG" in err
 
+
+@pytest.mark.parametrize("args", [["eval", "unused", "--seq-len", "0"], ["eval", "unused", "--limit", "-1"],
+                                  ["run", "unused", "hi", "--max-new-tokens", "0"],
+                                  ["run", "unused", "hi", "--temperature", "-1"],
+                                  ["run", "unused", "hi", "--top-p", "5"], ["run", "unused", "hi", "--threads", "0"]])
+def test_impossible_numbers_are_refused_before_any_work(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device,message", [("meta", "qcompile runs passes on cpu or cuda"),
+                                            ("tpu", "is not a torch device")])
+def test_unusable_device_is_refused_before_loading(tiny_model_dirs, tmp_path, capsys, device, message):
+    out = tmp_path / "o"
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "fp32", "--device", device]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
