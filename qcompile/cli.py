@@ -63,6 +63,21 @@ def _top_p(text: str) -> float:
     return value
 
 
+def _export_tokenizer(folder):
+    """The tokenizer an export or bundle carries (a clear error where its files are missing or damaged)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QCompileError(f"cannot load the tokenizer in {folder} (are its tokenizer files missing? re-export "
+                            f"it): {first}") from None
+    if not callable(getattr(tok, "encode", None)):
+        raise QCompileError(f"{folder} holds no usable tokenizer; re-export it")
+    return tok
+
+
 def _check_device(device: str) -> None:
     """The torch device of --device, before any model is read: a clear error for one this machine lacks."""
     import torch
@@ -156,13 +171,12 @@ def _system_prefix(args, tokenizer):
 
 
 def _eval_export_dir(out_dir: str, args) -> dict:
-    from transformers import AutoTokenizer
 
     from qcompile.eval.perplexity import ort_logits_fn, perplexity
     from qcompile.runtime.ort import OrtCausalLM
 
     runner = OrtCausalLM.from_dir(out_dir, accuracy_level=args.accuracy_level, threads=args.threads)
-    tok = AutoTokenizer.from_pretrained(out_dir)
+    tok = _export_tokenizer(out_dir)
     text, wins = _eval_windows(args, tok)
     prefix = _system_prefix(args, tok)
     res = perplexity(ort_logits_fn(runner), wins, desc="ppl (ort)", prefix=prefix)
@@ -216,14 +230,13 @@ def cmd_run(args) -> int:
 
 
 def _run_folder(model_dir: str, args) -> int:
-    from transformers import AutoTokenizer
 
     from qcompile.runtime.ort import OrtCausalLM
 
     if not _is_export_dir(model_dir):
         raise QCompileError(f"{args.model_dir} is not an exported folder or bundle (no model.onnx); run "
                             "`qcompile export` first")
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = _export_tokenizer(model_dir)
     if args.device == "cuda":  # qcompile's Triton kernels (qcompile/runtime/triton); ONNX Runtime otherwise
         from qcompile.runtime.triton.runner import TritonCausalLM, system_prefix_length
 

@@ -4,6 +4,7 @@ error or an interrupt never leaves a half-written result behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -13,13 +14,32 @@ from qcompile.errors import QCompileError
 
 
 def check_output(target: str | os.PathLike, overwrite: bool) -> Path:
-    """The resolved output folder, or a clear error if it may not be (over)written."""
+    """The resolved output folder, or a clear error if it may not be (over)written. Checked before any work, so a
+    long export does not fail at its last step."""
     target = Path(target).expanduser().resolve()
     if target.exists() and not overwrite:
         raise QCompileError(f"output {target} already exists; choose another path or pass --overwrite")
     if target.exists() and not target.is_dir():
         raise QCompileError(f"output {target} exists and is not a folder")
+    ancestor = target.parent
+    while not ancestor.exists():  # the folders atomic_dir would create: the first existing one must take them
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise QCompileError(f"cannot write {target}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise QCompileError(f"cannot write {target}: no write permission in {ancestor}")
     return target
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON file of an export or bundle ({} when absent); a damaged one is a clear error, not a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QCompileError(f"{path} is damaged (not valid JSON: {e}); re-export the model") from None
 
 
 @contextlib.contextmanager

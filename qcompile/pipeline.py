@@ -176,10 +176,10 @@ def compile_model(
 
 def update_report(out_dir: str | os.PathLike, section: str, value) -> None:
     """Merge ``value`` under ``section`` into OUT/report.json (e.g. measured perplexity)."""
-    from qcompile.fsutil import atomic_write_text
+    from qcompile.fsutil import atomic_write_text, read_json
 
     path = Path(out_dir) / REPORT_FILE
-    report = json.loads(path.read_text()) if path.is_file() else {}
+    report = read_json(path)
     report.setdefault(section, {})
     if isinstance(value, dict):
         report[section].update(value)

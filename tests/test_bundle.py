@@ -415,3 +415,20 @@ def test_damaged_graph_gives_one_error(exported, tmp_path, capsys, command):
     args = [command, str(src), "hello"] if command == "run" else [command, str(src), "--limit", "1"]
     assert main(args) == 2
     assert "ONNX Runtime cannot load" in _one_error(capsys)
+
+
+@pytest.mark.parametrize("damage,message", [("qcompile.json", "is damaged (not valid JSON"),
+                                            ("tokenizer", "cannot load the tokenizer")])
+def test_damaged_export_metadata_gives_one_error(exported, tmp_path, capsys, damage, message):
+    import shutil
+
+    src = tmp_path / "damaged"
+    shutil.copytree(exported, src)
+    if damage == "tokenizer":
+        for p in src.iterdir():
+            if p.name.startswith(("tokenizer", "special_tokens")):
+                p.unlink()
+    else:
+        (src / damage).write_text("{not json")
+    assert main(["run", str(src), "hello"]) == 2
+    assert message in _one_error(capsys)

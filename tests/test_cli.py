@@ -138,3 +138,13 @@ def test_unusable_device_is_refused_before_loading(tiny_model_dirs, tmp_path, ca
     assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "fp32", "--device", device]) == 2
     assert message in capsys.readouterr().err and not out.exists()
 
+
+
+def test_output_under_a_file_is_refused_before_loading(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    import qcompile.pipeline as pipeline
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("loaded the model before checking the output"))
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(blocker / "sub" / "out"), "--recipe", "fp32"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

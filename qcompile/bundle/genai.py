@@ -13,12 +13,12 @@ standard graph concatenates past and new keys (present is past + new tokens long
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import onnx
 
+from qcompile.fsutil import read_json
 from qcompile.errors import QCompileError
 
 GENAI_CONFIG_FILE = "genai_config.json"
@@ -28,7 +28,7 @@ _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path)
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list:

@@ -6,7 +6,6 @@ graph's ``past_key_values.*`` inputs, so any graph with Optimum's decoder-with-p
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -19,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from qcompile.errors import QCompileError
+from qcompile.fsutil import read_json
 
 MODEL_FILE = "model.onnx"
 META_FILE = "qcompile.json"
@@ -119,8 +119,7 @@ class OrtCausalLM:
         """Open an exported folder; ``accuracy_level`` defaults to the one recorded in its qcompile.json."""
         folder = Path(out_dir)
         if accuracy_level is None:
-            meta_path = folder / META_FILE
-            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+            meta = read_json(folder / META_FILE)
             level = meta.get("ort_session_options", {}).get(ACCURACY_KEY)
             accuracy_level = None if level is None else int(level)
         session = create_session(folder / MODEL_FILE, accuracy_level=accuracy_level, intra_op_threads=threads)
