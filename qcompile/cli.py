@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from qcompile.errors import QCompileError
+from qcompile.errors import QCompileError, first_line
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16"}
 
@@ -23,37 +23,27 @@ def _torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+def _positive(convert, noun: str, hint: str = ""):
+    """An argparse type: ``convert(text)`` (int or float), which must be above 0; ``hint`` ends both errors."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}{hint}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {value}{hint}")
+        return value
+
+    return parse
+
+
+_positive_int = _positive(int, "an integer")
+_temperature = _positive(float, "a number")
+_group_size_value = _positive(int, "an integer", " (a group size: a positive integer, or 'none' for per-channel)")
+
+
 def _group_size(text: str) -> int | None:
-    if text in ("none", "null"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a group size (a positive integer, or 'none' for "
-                                         "per-channel)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"group size must be positive, got {value} ('none' means per-channel)")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-    return value
+    return None if text in ("none", "null") else _group_size_value(text)
 
 
 def _top_p(text: str) -> float:
@@ -68,14 +58,10 @@ def _export_tokenizer(folder):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QCompileError(f"cannot load the tokenizer in {folder} (are its tokenizer files missing? re-export "
-                            f"it): {first}") from None
-    if not callable(getattr(tok, "encode", None)):
-        raise QCompileError(f"{folder} holds no usable tokenizer; re-export it")
-    return tok
+                            f"it): {first_line(e)}") from None
 
 
 def _check_device(device: str) -> None:

@@ -17,6 +17,12 @@ class RecipeError(QCompileError):
     """A recipe is malformed or asks for something impossible."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run long), or its type when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def require_int(value, name: str, minimum: int = 0) -> None:
     """Refuse ``value`` unless it is an integer >= ``minimum`` (0: non-negative, 1: positive); bools are refused."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -27,10 +27,6 @@ GENAI_LLM_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 
 
-def _read_json(path: Path) -> dict:
-    return read_json(path)
-
-
 def _dims(value_info: onnx.ValueInfoProto) -> list:
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value_info.type.tensor_type.shape.dim]
 
@@ -41,7 +37,7 @@ def tokenizer_token_id(folder: Path, token: str | dict | None) -> int | None:
         token = token.get("content")
     if not token:
         return None
-    tok = _read_json(folder / "tokenizer.json")
+    tok = read_json(folder / "tokenizer.json")
     for added in tok.get("added_tokens", []):
         if added.get("content") == token:
             return int(added["id"])
@@ -58,9 +54,9 @@ def _ids(value) -> list[int]:
 def genai_config(folder: str | Path, graph: onnx.ModelProto, model_file: str = "model.onnx") -> dict:
     """The genai_config.json for ``folder`` whose graph is ``graph`` (loaded without its weights)."""
     folder = Path(folder)
-    cfg = _read_json(folder / "config.json")
-    gen = _read_json(folder / "generation_config.json")
-    tok_cfg = _read_json(folder / "tokenizer_config.json")
+    cfg = read_json(folder / "config.json")
+    gen = read_json(folder / "generation_config.json")
+    tok_cfg = read_json(folder / "tokenizer_config.json")
     inputs = {i.name: i for i in graph.graph.input}
     outputs = {o.name: o for o in graph.graph.output}
 
@@ -107,7 +103,7 @@ def genai_config(folder: str | Path, graph: onnx.ModelProto, model_file: str = "
         if optional in inputs:
             names[optional] = optional
     names.update(past_key_names="past_key_values.%d.key", past_value_names="past_key_values.%d.value")
-    meta = _read_json(folder / "qcompile.json")
+    meta = read_json(folder / "qcompile.json")
     session_options = {"log_id": "onnxruntime-genai", "provider_options": []}
     # any other key is passed to ORT as a session config entry, e.g. the MatMulNBits accuracy level
     session_options.update({k: str(v) for k, v in meta.get("ort_session_options", {}).items()})
@@ -180,7 +176,7 @@ def tokenizer_note(folder: str | Path) -> str | None:
     """
     from qcompile.models.loader import byte_level_with_byte_fallback
 
-    if byte_level_with_byte_fallback(_read_json(Path(folder) / "tokenizer.json")):
+    if byte_level_with_byte_fallback(read_json(Path(folder) / "tokenizer.json")):
         return ("tokenizer.json is a byte-level BPE with byte_fallback=true (as converted from GGUF): "
                 "onnxruntime-genai's tokenizer mis-encodes it; encode with transformers and pass token ids")
     return None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qcompile.errors import QCompileError
+from qcompile.errors import QCompileError, first_line
 from qcompile.models.adapters import adapter_for_config
 from qcompile.models.handle import ModelHandle
 
@@ -132,7 +132,7 @@ def load_hf_folder(
             output_loading_info=True,
         )
     except Exception as e:  # transformers raises many types for unreadable files; name the file set
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise QCompileError(f"cannot load the {kind} weights in {folder} (corrupt or incomplete?): {first}") from None
     # transformers fills a tensor the checkpoint lacks with random values and only warns: refuse instead
     missing = sorted(info.get("missing_keys") or [])
@@ -195,7 +195,7 @@ def gguf_to_folder(path: Path, sha: str) -> Path:
     except QCompileError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise QCompileError(f"cannot read GGUF file {path} (corrupt, truncated or unsupported): {first}") from None
     if not getattr(model.config, "architectures", None):  # GGUF configs carry none; the loaded class is the truth
         model.config.architectures = [type(model).__name__]

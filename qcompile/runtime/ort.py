@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qcompile.errors import QCompileError
+from qcompile.errors import QCompileError, first_line
 from qcompile.fsutil import read_json
 
 MODEL_FILE = "model.onnx"
@@ -59,7 +59,7 @@ def create_session(
     try:
         return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT's own errors (truncated graph, missing or short weights file) name no remedy
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise QCompileError(f"ONNX Runtime cannot load {model_path} (damaged or incomplete export? re-export "
                             f"it): {first}") from None
 
