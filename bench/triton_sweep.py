@@ -15,12 +15,15 @@ configuration costs, in the same run, so the candidate lists and the tuner's cho
    launch variants (unpadded query rows ``GP``, an 8-warp combine ``COMBINE_WARPS``, int8 Q.K ``QK_I8``,
    both kernels as programmatic dependent launches ``PDL``); the tuner offers all but ``QK_I8``;
 4. ``attention_focus``: the tuner's pick at the longest context, and one change at a time around it (the split
-   combine in column chunks ``COMBINE_DC``, pipelining depth, split counts, block size).
+   combine in column chunks ``COMBINE_DC``, pipelining depth, split counts, block size);
+5. ``gemm_focus``: the runtime's W8A8 TMA kernel at M = 1024 and 2048, every candidate of its tuner (the stream-K
+   variants for a partial last wave included) and the pick, vs fp16 ``torch.matmul``.
 
 Timing as in `triton_kernels.py`: CUDA-graph replays over enough copies of the operands (weights, caches) to
 stream from HBM rather than L2.
 
-    python bench/triton_sweep.py --out bench/results/triton_sweep.json [--skip gemv,gemm,attention,attention_focus]
+    python bench/triton_sweep.py --out bench/results/triton_sweep.json
+        [--skip gemv,gemm,attention,attention_focus,gemm_focus]
         [--contexts 8192,32768] [--kv-bits 8,4]     # attention: which context lengths and KV widths
 """
 
@@ -246,6 +249,54 @@ def sweep_w8a8(ms=(1024, 2048, 4096)) -> list[dict]:
     return rows
 
 
+def sweep_w8a8_focus(ms=(1024, 2048)) -> list[dict]:
+    """The runtime's TMA kernel, every candidate of its tuner (``w8a8.tma_candidates`` with the shape, so the
+    ``STREAM_K`` variants are in), and the tuner's pick, against fp16 ``torch.matmul`` in the same run. Each
+    stream-K output is compared bit for bit with the same tile's plain output (both sum the same int32 products)."""
+    from qcompile.runtime.triton.w8a8 import tma_candidates
+
+    gen = torch.Generator().manual_seed(1)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for n, k in SHAPES:
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        q, scale, _ = random_int_weight(n, k, 8, True, k, gen)
+        pw = pack_int_gemm(q, scale, None, bits=8).to("cuda")
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            xq, xs = quantize_rows(x, 8)
+            t16 = graph_time([lambda w=w16: torch.matmul(x, w.t())])
+            flops = 2 * m * n * k
+            TMA_TUNER.best.clear()
+            int_linear(xq, xs, pw, tma=True)
+            pick = TMA_TUNER.best.get((m, n, k, False, torch.float16))
+            tp = graph_time([lambda: int_linear(xq, xs, pw, tma=True)])
+            rows.append({"M": m, "N": n, "K": k, "kernel": "int8_tma", "tuner_pick": pick, "us": tp * 1e6,
+                         "speedup_vs_fp16": t16 / tp, "fp16_us": t16 * 1e6, "fp16_tflops": flops / t16 / 1e12})
+            print(f"w8a8 focus M={m} {n}x{k}: fp16 {t16 * 1e6:.1f} us; tuner pick {pick} {tp * 1e6:.1f} us "
+                  f"({t16 / tp:.2f}x)", flush=True)
+            plain = {}
+            for cfg in tma_candidates(m, torch.float16, n, sms):
+                t, fail = _time_or_error([lambda cfg=cfg: int_linear(xq, xs, pw, config=cfg, tma=True)])
+                same = None
+                if t:
+                    y = int_linear(xq, xs, pw, config=cfg, tma=True)
+                    tile = tuple((kk, v) for kk, v in sorted(cfg.items()) if kk != "STREAM_K")
+                    if cfg.get("STREAM_K"):
+                        same = bool(torch.equal(y, plain[tile])) if tile in plain else None
+                    else:
+                        plain[tile] = y
+                rows.append({"M": m, "N": n, "K": k, "kernel": "int8_tma", "config": cfg, "error": fail,
+                             "equal_to_plain": same, **({"us": t * 1e6, "tops": flops / t / 1e12,
+                                                         "speedup_vs_fp16": t16 / t} if t else {})})
+                print(f"  {cfg}: " + (f"{t * 1e6:.1f} us {flops / t / 1e12:.0f} TOPS {t16 / t:.2f}x"
+                                      + (f", equal to plain: {same}" if cfg.get("STREAM_K") else "")
+                                      if t else fail), flush=True)
+        del w16
+        torch.cuda.empty_cache()
+    return rows
+
+
 # -- 3. attention --------------------------------------------------------------------------------------------
 
 
@@ -384,7 +435,7 @@ def main() -> None:
 
     for name, fn in (("gemv", lambda: sweep_gemv(peak)), ("attention", lambda: sweep_attention(contexts, kv_bits)),
                      ("attention_focus", lambda: sweep_attention_focus((max(contexts),), kv_bits)),
-                     ("gemm", sweep_w8a8)):
+                     ("gemm", sweep_w8a8), ("gemm_focus", sweep_w8a8_focus)):
         if name not in skip:
             res[name] = fn()
             save()

@@ -4,7 +4,8 @@
 # random 1B Llama (plain and PDL GEMVs); the attention around the tuner's pick at 32k. Run from the repository
 # root, carrying .whl (the device lacks onnx-ir):
 #   bash bench/device/kernels.sh            # each step capped; logs and JSON in $OUT
-#   STEPS="gputest e2e" bash bench/device/kernels.sh   # only those steps (default: all four)
+#   STEPS="gputest e2e" bash bench/device/kernels.sh   # only those steps (default: the first four)
+#   STEPS=w8a8 bash bench/device/kernels.sh             # the W8A8 GEMM step (GPU tests, sweep, tuner's picks)
 # Budget about 9.5 minutes on a fresh machine (compiling is most of it; the caps sum to 560 s, so use timeout_s
 # 600). A step cut by its cap leaves its log, and its JSON as far as it got where the script saves as it goes.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -13,7 +14,7 @@ export PYTHONPATH=/tmp/site:$(pwd) PYTHONUNBUFFERED=1
 O=${OUT:-/tmp/out}; mkdir -p $O; S=$(date +%s)
 step() {  # step NAME CAP command...
   local name=$1 cap=$2; shift 2
-  [[ " ${STEPS:-gputest sweep_gemv e2e focus} " == *" $name "* ]] || return 0
+  [[ " ${STEPS:-gputest sweep_gemv e2e focus} " == *" $name "* ]] || return 0  # w8a8: only when named
   timeout $cap "$@" > $O/$name.log 2>&1
   echo "$name rc=$? at $(( $(date +%s) - S )) s"; grep -v "generation_config" $O/$name.log | tail -4
 }
@@ -23,6 +24,10 @@ T=tests/runtime/triton
 step gputest 160 python3 -m pytest -q -m cuda $T/test_kv_attention.py \
   "$T/test_wq_matmul.py::test_gemv_pdl_chain_under_cuda_graph" "$T/test_wq_matmul.py::test_gemv_prefetch_empty_split" \
   "$T/test_runner.py::test_gpu_pdl_decode_step_in_the_captured_step" "$T/test_runner.py::test_gpu_cuda_graph_decode_equals_eager"
-step sweep_gemv 90 python3 bench/triton_sweep.py --skip attention,attention_focus,gemm --out $O/sweep_gemv.json
+step sweep_gemv 90 python3 bench/triton_sweep.py --skip attention,attention_focus,gemm,gemm_focus --out $O/sweep_gemv.json
 step e2e 200 python3 bench/triton_e2e.py --new-tokens 128 --repeats 2 --out $O/e2e.json
-step focus 110 python3 bench/triton_sweep.py --skip gemv,attention,gemm --contexts 32768 --out $O/focus.json
+step focus 110 python3 bench/triton_sweep.py --skip gemv,attention,gemm,gemm_focus --contexts 32768 --out $O/focus.json
+# the W8A8 GEMM: its GPU tests (the stream-K tail included), every TMA candidate at M = 1024 / 2048, the tuner's picks
+step w8a8 330 bash -c "python3 -m pytest -q -m cuda $T/test_w8a8.py -k 'stream_k or 8-None' && \
+  python3 bench/triton_sweep.py --skip gemv,attention,attention_focus,gemm --out $O/gemm_focus.json && \
+  python3 bench/triton_kernels.py --skip gemv,attention --out $O/kernels_gemm.json"
