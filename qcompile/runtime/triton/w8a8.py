@@ -15,7 +15,8 @@
   1.34-1.60x for the pointer-based kernel below (bench/triton_sweep.py); warp specialization and a TMA store of
   the output measured no better. Where the output tiles do not fill the last wave of programs (e.g. 448 tiles on
   132 SMs: 3.4 waves, the fourth 39 % busy), the tuner also tries ``STREAM_K``: the tiles of that partial wave are
-  shared out by K-iterations, an equal span per program, and summed exactly in an int32 workspace.
+  shared out by K-iterations, an equal span per program, their int32 partial sums added exactly by the last
+  program to finish each tile.
 * W4A4: H100 has no int4 tensor cores (Hopper dropped the int4 MMA that Ampere had). 4-bit activations are held
   as int8 values in [-8, 7] and 4-bit weights are unpacked in registers from nibbles to int8, and the product runs
   on the int8 tensor cores: 4-bit halves the weight bytes and keeps 4-bit accuracy semantics, not the FLOPs.
@@ -156,18 +157,20 @@ def _int8_tma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, ws_ptr, 
 
     ``STREAM_K``: the tiles from ``DP_TILES`` on (fewer than NUM_PROGRAMS: the last, partial wave) are shared out
     by K-iterations instead, an equal contiguous span per program (stream-K, Osama et al. 2023), done first.
-    A tile whose K-range spans several programs is summed in an int32 workspace with atomic adds (exact, so the
-    result does not depend on their order); the last program to arrive (a counter per tile, acquire/release)
-    writes the output and leaves the workspace and the counter at zero for the next launch."""
+    A tile whose K-range spans several programs gets their int32 partial sums through a workspace, one slot per
+    program and tile (a span is shorter than a tile's K-range, so a program touches at most two tiles); the last
+    program to arrive (a counter per tile, acquire/release) adds them up (exact: the order does not matter),
+    writes the output and leaves the counter at zero for the next launch."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     if STREAM_K:
         iters = (num_tiles - DP_TILES) * k_tiles
         pid = tl.program_id(0)
-        g = pid * iters // NUM_PROGRAMS
+        g_start = pid * iters // NUM_PROGRAMS
         g_end = (pid + 1) * iters // NUM_PROGRAMS
         offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        while g < g_end:
+        g = g_start
+        while g < g_end:  # a span is shorter than one tile's K-iterations: at most two tiles, slots 0 and 1
             r = g // k_tiles
             k_lo = g - r * k_tiles
             k_hi = tl.minimum(k_tiles, k_lo + g_end - g)
@@ -181,15 +184,19 @@ def _int8_tma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, ws_ptr, 
                 _tma_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N,
                               stride_om, HAS_BIAS, BLOCK_M, BLOCK_N)
             else:
-                tile_ws = ws_ptr + r * (BLOCK_M * BLOCK_N) + offs
-                tl.atomic_add(tile_ws, acc, sem="relaxed")
-                tl.debug_barrier()  # every thread's adds are done before the (release) arrival below
-                if tl.atomic_add(count_ptr + r, 1) == last - first:  # the last to arrive
-                    total = tl.load(tile_ws, cache_modifier=".cg")
+                # each program stores its partial sum in a slot of its own (plain stores: element-wise atomic
+                # adds of whole tiles ran at the L2's atomic rate, slower than the idle wave they replaced)
+                slot = 2 * pid + (g != g_start).to(tl.int32)
+                tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + offs, acc)
+                tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
+                if tl.atomic_add(count_ptr + r, 1) == last - first:  # the last to arrive sums them in order
+                    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+                    for q in range(first, last + 1):
+                        q_slot = 2 * q + (r != (q * iters // NUM_PROGRAMS) // k_tiles).to(tl.int32)
+                        total += tl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
                     _tma_epilogue(total, pid_m * BLOCK_M, pid_n * BLOCK_N, as_ptr, bs_ptr, bias_ptr, out_ptr, M,
                                   N, stride_om, HAS_BIAS, BLOCK_M, BLOCK_N)
-                    tl.store(tile_ws, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32))
-                    tl.atomic_xchg(count_ptr + r, 0)
+                    tl.atomic_xchg(count_ptr + r, 0)  # ready for the next launch (and CUDA-graph replays)
             g += k_hi - k_lo
     for tile in tl.range(tl.program_id(0), DP_TILES, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -285,7 +292,7 @@ def takes_tma_path(m: int, pw: PackedIntWeight, xq: torch.Tensor) -> bool:
     return m >= TMA_MIN_M and _tma_capable(pw, xq)
 
 
-_STREAM_K = Workspace("stream-K", (torch.int32, True), (torch.int32, True))  # tile sums, arrival counters
+_STREAM_K = Workspace("stream-K", (torch.int32, False), (torch.int32, True))  # partial sums, counters
 
 
 def stream_k_split(m: int, n: int, block_m: int, block_n: int, programs: int) -> int:
@@ -310,7 +317,7 @@ def _int8_tma(xq, xs, pw: PackedIntWeight, out, config):
         ws = count = xs  # unused without STREAM_K
         if meta.get("STREAM_K"):
             dp_tiles = stream_k_split(m, n, meta["BLOCK_M"], meta["BLOCK_N"], programs)
-            ws, count = _STREAM_K.get(xq.device, programs * meta["BLOCK_M"] * meta["BLOCK_N"], programs)
+            ws, count = _STREAM_K.get(xq.device, 2 * programs * meta["BLOCK_M"] * meta["BLOCK_N"], programs)
         _int8_tma_kernel[(programs,)](
             a_desc, b_desc, xs, pw.scale, pw.bias if pw.bias is not None else pw.scale, out, ws, count, m, n, k,
             out.stride(0), dp_tiles, HAS_BIAS=pw.bias is not None, NUM_PROGRAMS=programs, **meta, **opts)
