@@ -13,10 +13,7 @@
   operands come through TMA tensor descriptors (one program per SM walking the output tiles in grouped order,
   128 x 256 x 128 tiles, 4 stages): 1.38-1.72x fp16 ``torch.matmul`` on the H200 at Llama-3-8B shapes against
   1.34-1.60x for the pointer-based kernel below (bench/triton_sweep.py); warp specialization and a TMA store of
-  the output measured no better. Where the output tiles do not fill the last wave of programs (e.g. 448 tiles on
-  132 SMs: 3.4 waves, the fourth 39 % busy), the tuner also tries ``STREAM_K``: the tiles of that partial wave are
-  shared out by K-iterations, an equal span per program, their int32 partial sums added exactly by the last
-  program to finish each tile.
+  the output measured no better.
 * W4A4: H100 has no int4 tensor cores (Hopper dropped the int4 MMA that Ampere had). 4-bit activations are held
   as int8 values in [-8, 7] and 4-bit weights are unpacked in registers from nibbles to int8, and the product runs
   on the int8 tensor cores: 4-bit halves the weight bytes and keeps 4-bit accuracy semantics, not the FLOPs.
@@ -28,7 +25,6 @@ import torch
 
 from qcompile.runtime.triton._env import interpreting, require_triton
 from qcompile.runtime.triton._tune import Tuner, launch_opts, num_sms
-from qcompile.runtime.triton._workspace import Workspace
 from qcompile.runtime.triton.packing import PackedIntWeight
 
 triton = require_triton()
@@ -120,89 +116,32 @@ def _int_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, bias_ptr, out_ptr,
 
 
 @triton.jit
-def _tma_tile_sum(a_desc, b_desc, om, on, k_lo, k_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """``sum_k a[om:, k] b[on:, k]`` over the K-tiles ``k_lo .. k_hi - 1`` of one output tile (int32, exact)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for ki in range(k_lo, k_hi):  # the descriptors zero-fill past M, N and K
-        a = a_desc.load([om, ki * BLOCK_K])
-        b = b_desc.load([on, ki * BLOCK_K])
-        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-    return acc
-
-
-@triton.jit
-def _tma_epilogue(acc, om, on, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_m = om + tl.arange(0, BLOCK_M)
-    offs_n = on + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    y = (acc.to(tl.float32) * tl.load(bs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-         * tl.load(as_ptr + offs_m, mask=m_mask, other=0.0)[:, None])
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def _int8_tma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_om,
-                     DP_TILES, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                     STREAM_K: tl.constexpr = False):
+def _int8_tma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
     """``xs[m] * s_w[n] * sum_k a[m, k] b[n, k]`` (+ bias) for int8 a [M, K] and per-channel symmetric int8 b
-    [N, K] read through TMA descriptors; persistent: program p computes output tiles p, p + NUM_PROGRAMS, ... of
-    the first ``DP_TILES`` tiles.
-
-    ``STREAM_K``: the tiles from ``DP_TILES`` on (fewer than NUM_PROGRAMS: the last, partial wave) are shared out
-    by K-iterations instead, an equal contiguous span per program (stream-K, Osama et al. 2023), done first.
-    A tile whose K-range spans several programs gets their int32 partial sums through a workspace, one slot per
-    program and tile (a span is shorter than a tile's K-range, so a program touches at most two tiles); the last
-    program to arrive (a counter per tile, acquire/release) adds them up (exact: the order does not matter),
-    writes the output and leaves the counter at zero for the next launch."""
+    [N, K] read through TMA descriptors; persistent: program p computes output tiles p, p + NUM_PROGRAMS, ..."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    if STREAM_K:
-        iters = (num_tiles - DP_TILES) * k_tiles
-        pid = tl.program_id(0)
-        g_start = pid * iters // NUM_PROGRAMS
-        g_end = (pid + 1) * iters // NUM_PROGRAMS
-        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        g = g_start
-        while g < g_end:  # a span is shorter than one tile's K-iterations: at most two tiles, slots 0 and 1
-            r = g // k_tiles
-            k_lo = g - r * k_tiles
-            k_hi = tl.minimum(k_tiles, k_lo + g_end - g)
-            pid_m, pid_n = grouped_tile(DP_TILES + r, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            acc = _tma_tile_sum(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_lo, k_hi, BLOCK_M, BLOCK_N,
-                                BLOCK_K)
-            # the programs whose spans cover this tile: owner(i) = ((i + 1) * P - 1) // iters holds K-iteration i
-            first = ((r * k_tiles + 1) * NUM_PROGRAMS - 1) // iters
-            last = ((r + 1) * k_tiles * NUM_PROGRAMS - 1) // iters
-            if first == last:
-                _tma_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N,
-                              stride_om, HAS_BIAS, BLOCK_M, BLOCK_N)
-            else:
-                # each program stores its partial sum in a slot of its own (plain stores: element-wise atomic
-                # adds of whole tiles ran at the L2's atomic rate, slower than the idle wave they replaced)
-                slot = 2 * pid + (g != g_start).to(tl.int32)
-                tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + offs, acc)
-                tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
-                if tl.atomic_add(count_ptr + r, 1) == last - first:  # the last to arrive sums them in order
-                    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-                    for q in range(first, last + 1):
-                        q_slot = 2 * q + (r != (q * iters // NUM_PROGRAMS) // k_tiles).to(tl.int32)
-                        total += tl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
-                    _tma_epilogue(total, pid_m * BLOCK_M, pid_n * BLOCK_N, as_ptr, bs_ptr, bias_ptr, out_ptr, M,
-                                  N, stride_om, HAS_BIAS, BLOCK_M, BLOCK_N)
-                    tl.atomic_xchg(count_ptr + r, 0)  # ready for the next launch (and CUDA-graph replays)
-            g += k_hi - k_lo
-    for tile in tl.range(tl.program_id(0), DP_TILES, NUM_PROGRAMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = _tma_tile_sum(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, 0, k_tiles, BLOCK_M, BLOCK_N, BLOCK_K)
-        _tma_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                      HAS_BIAS, BLOCK_M, BLOCK_N)
+        om = pid_m * BLOCK_M
+        on = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for ki in range(k_tiles):  # the descriptors zero-fill past M, N and K
+            a = a_desc.load([om, ki * BLOCK_K])
+            b = b_desc.load([on, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        offs_m = om + tl.arange(0, BLOCK_M)
+        offs_n = on + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        y = (acc.to(tl.float32) * tl.load(bs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+             * tl.load(as_ptr + offs_m, mask=m_mask, other=0.0)[:, None])
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 _QUANT = Tuner("quantize_rows")
@@ -249,29 +188,17 @@ def int_gemm_candidates(m: int, n: int, k: int, pw: PackedIntWeight) -> list[dic
     return out
 
 
-def tma_candidates(m: int, out_dtype: torch.dtype = torch.float16, n: int | None = None,
-                   sms: int | None = None) -> list[dict]:
+def tma_candidates(m: int, out_dtype: torch.dtype = torch.float16) -> list[dict]:
     """Tiles x pipeline depth; shared memory holds the stages plus the output tile on its way to the store, so
-    fp32 outputs (4 bytes per element) take the tiles whose total stays under Hopper's 227 KiB. Given ``n`` and
-    ``sms``, a tile whose last wave leaves multiprocessors idle (more tiles than programs, not a multiple of
-    them) is offered a second time with that wave shared out by K-iterations (``STREAM_K``)."""
+    fp32 outputs (4 bytes per element) take the tiles whose total stays under Hopper's 227 KiB."""
     if interpreting():
         return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
     if out_dtype == torch.float32:
         tiles = [(128, 128, 128, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3)]
     else:
         tiles = [(128, 256, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4)]
-    out = []
-    for bm, bn, bk, w, st in tiles:
-        if bm > max(128, triton.next_power_of_2(m)):
-            continue
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
-        out.append(cfg)
-        if n is not None and sms is not None:
-            tiles_mn = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-            if tiles_mn > sms and tiles_mn % sms:
-                out.append({**cfg, "STREAM_K": True})
-    return out
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in tiles if bm <= max(128, triton.next_power_of_2(m))]
 
 
 def _tma_capable(pw: PackedIntWeight, xq: torch.Tensor) -> bool:
@@ -292,16 +219,6 @@ def takes_tma_path(m: int, pw: PackedIntWeight, xq: torch.Tensor) -> bool:
     return m >= TMA_MIN_M and _tma_capable(pw, xq)
 
 
-_STREAM_K = Workspace("stream-K", (torch.int32, False), (torch.int32, True))  # partial sums, counters
-
-
-def stream_k_split(m: int, n: int, block_m: int, block_n: int, programs: int) -> int:
-    """The number of output tiles computed whole (``DP_TILES``): all but a last, partial wave when there are more
-    tiles than programs; the rest are shared out by K-iterations."""
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    return tiles - tiles % programs if tiles > programs else tiles
-
-
 def _int8_tma(xq, xs, pw: PackedIntWeight, out, config):
     m, k = xq.shape
     n = pw.out_features
@@ -311,19 +228,13 @@ def _int8_tma(xq, xs, pw: PackedIntWeight, out, config):
         meta, opts = launch_opts(cfg)
         a_desc = TensorDescriptor.from_tensor(xq, [meta["BLOCK_M"], meta["BLOCK_K"]])
         b_desc = TensorDescriptor.from_tensor(pw.qweight, [meta["BLOCK_N"], meta["BLOCK_K"]])
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        programs = min(sms, tiles)
-        dp_tiles = tiles
-        ws = count = xs  # unused without STREAM_K
-        if meta.get("STREAM_K"):
-            dp_tiles = stream_k_split(m, n, meta["BLOCK_M"], meta["BLOCK_N"], programs)
-            ws, count = _STREAM_K.get(xq.device, 2 * programs * meta["BLOCK_M"] * meta["BLOCK_N"], programs)
+        programs = min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))
         _int8_tma_kernel[(programs,)](
-            a_desc, b_desc, xs, pw.scale, pw.bias if pw.bias is not None else pw.scale, out, ws, count, m, n, k,
-            out.stride(0), dp_tiles, HAS_BIAS=pw.bias is not None, NUM_PROGRAMS=programs, **meta, **opts)
+            a_desc, b_desc, xs, pw.scale, pw.bias if pw.bias is not None else pw.scale, out, m, n, k, out.stride(0),
+            HAS_BIAS=pw.bias is not None, NUM_PROGRAMS=programs, **meta, **opts)
 
-    _TMA.run((triton.next_power_of_2(m), n, k, pw.bias is not None, out.dtype),
-             tma_candidates(m, out.dtype, n, sms), launch, config)
+    _TMA.run((triton.next_power_of_2(m), n, k, pw.bias is not None, out.dtype), tma_candidates(m, out.dtype), launch,
+             config)
     return out
 
 

@@ -30,7 +30,6 @@ import torch
 
 from qcompile.runtime.triton._env import interpreting, require_triton
 from qcompile.runtime.triton._tune import Tuner, launch_opts, num_sms, pdl_flag
-from qcompile.runtime.triton._workspace import Workspace
 from qcompile.runtime.triton.packing import PackedWeight
 
 triton = require_triton()
@@ -424,7 +423,24 @@ def gemm_candidates(m: int, n: int, k: int, group: int, is_fp32: bool, bits: int
     return out
 
 
-_WORKSPACE = Workspace("split-K", (torch.float32, False), (torch.int32, True))  # partials, counters
+class _Workspace:
+    """Split-K partials and per-tile arrival counters, one pair per device, grown before (never during) capture."""
+
+    buffers: dict = {}
+
+    @classmethod
+    def get(cls, device, part_numel: int, lock_numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        part, lock = cls.buffers.get(key, (None, None))
+        if part is None or part.numel() < part_numel or lock.numel() < lock_numel:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("split-K workspace must be sized before CUDA-graph capture (run once eagerly)")
+            part_numel = max(part_numel, 0 if part is None else part.numel())
+            lock_numel = max(lock_numel, 0 if lock is None else lock.numel())
+            part = torch.empty(part_numel, dtype=torch.float32, device=device)
+            lock = torch.zeros(lock_numel, dtype=torch.int32, device=device)
+            cls.buffers[key] = (part, lock)
+        return part, lock
 
 
 # -- entry points --------------------------------------------------------------------------------------------
@@ -499,7 +515,7 @@ def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
         # not the tiles)
         meta["PDL"], launch_pdl = pdl_flag(meta.get("PDL", False), x.device)
         opts.update(launch_pdl)
-        part, lock = _WORKSPACE.get(x.device, meta["SPLIT_K"] * meta["BLOCK_M"] * n, -(-n // meta["BLOCK_N"]))
+        part, lock = _Workspace.get(x.device, meta["SPLIT_K"] * meta["BLOCK_M"] * n, -(-n // meta["BLOCK_N"]))
         grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
         _gemv_kernel[grid](
             x, pw.qweight, pw.scale, pw.zero if pw.zero is not None else dummy,

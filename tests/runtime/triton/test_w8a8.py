@@ -6,13 +6,10 @@ import torch
 from qcompile.quant.grid import QuantizedWeight, QuantSpec
 from qcompile.runtime.triton import reference as R
 from qcompile.runtime.triton.packing import pack_int_gemm
-from qcompile.runtime.triton._tune import num_sms
 from qcompile.runtime.triton.w8a8 import (
-    _STREAM_K,
     int_gemm_candidates,
     int_linear,
     quantize_rows,
-    stream_k_split,
     takes_tma_path,
     tma_candidates,
     w8a8_linear,
@@ -87,48 +84,6 @@ def test_tma_gemm_matches_pointer_gemm_and_reference(device):
         int_linear(xq, xs, asym, tma=True)
 
 
-@pytest.mark.parametrize("k", [208, 32])
-def test_tma_stream_k_tail_is_bit_identical(device, k):
-    """The last, partial wave of output tiles shared out by K-iterations: at K = 208 (7 K-tiles) each of the
-    three tail tiles (27 tiles on the interpreter's 4 programs) is split across two programs, whose partial sums
-    meet in the workspace, and the middle programs' spans cross a tile boundary (their second slot); at K = 32
-    (one K-tile) each tail tile has one program, which writes it directly. Either way the output is the pointer
-    kernel's bit for bit (the same int32 sums), twice in a row (the last program to arrive leaves its counter at
-    zero), with fp16 and fp32 outputs and a bias."""
-    m, n = (140, 80) if device == "cpu" else (1000, 4000)  # more tiles than programs, not a multiple of them
-    cfg = (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4) if device == "cpu"
-           else dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3))
-    sms = num_sms(device)
-    dp = stream_k_split(m, n, cfg["BLOCK_M"], cfg["BLOCK_N"], sms)
-    tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
-    assert 0 < tiles - dp < sms and dp % sms == 0  # the case is what it claims: a partial last wave
-    pw = int_weight(n, k, 8, True, None, device, bias=True, seed=3)
-    x = torch.randn(m, k, device=device) * 3
-    xq, xs = quantize_rows(x, 8)
-    for out_dtype in (torch.float32, torch.float16):
-        want = int_linear(xq, xs, pw, out_dtype, tma=False)
-        for _ in range(2):
-            got = int_linear(xq, xs, pw, out_dtype, config={**cfg, "STREAM_K": True}, tma=True)
-            assert torch.equal(got, want)
-        _, count = _STREAM_K.buffers[str(torch.device(device))]
-        assert not count.any()
-
-
-def test_tma_candidates_offer_stream_k_only_for_a_partial_last_wave(monkeypatch):
-    monkeypatch.setattr("qcompile.runtime.triton.w8a8.interpreting", lambda: False)
-
-    def with_stream_k(n):
-        cands = tma_candidates(1024, torch.float16, n, 132)
-        assert len({tuple(sorted(c.items())) for c in cands}) == len(cands)
-        return sorted((c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) for c in cands if c.get("STREAM_K"))
-
-    # 14336 columns: 448 tiles of 128 x 256 or 256 x 128 and 896 of 128 x 128 on 132 SMs, a partial last wave each
-    assert with_stream_k(14336) == [(128, 128, 4), (128, 256, 3), (128, 256, 4), (256, 128, 3)]
-    # 4096 columns: 128 large tiles fit one wave; only the 256 tiles of 128 x 128 leave one partial
-    assert with_stream_k(4096) == [(128, 128, 4)]
-    assert not any(c.get("STREAM_K") for c in tma_candidates(1024, torch.float16))  # no shape given: none
-
-
 def test_w8a8_linear_end_to_end_error_is_quantization_error(device):
     """Quantize + GEMM against the float product: the error is what 8-bit rounding allows, not more."""
     torch.manual_seed(0)
@@ -154,6 +109,6 @@ def test_int_gemm_every_config_at_llama_shapes(n, k, bits, group):
         y = int_linear(xq, xs, pw, torch.float32, config=cfg, tma=False)
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=str(cfg))
     if takes_tma_path(1024, pw, xq):
-        for cfg in tma_candidates(1024, torch.float32, n, num_sms("cuda")):  # STREAM_K variants included
+        for cfg in tma_candidates(1024, torch.float32):
             y = int_linear(xq, xs, pw, torch.float32, config=cfg, tma=True)
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=str(cfg))
