@@ -16,8 +16,8 @@ configuration costs, in the same run, so the candidate lists and the tuner's cho
    both kernels as programmatic dependent launches ``PDL``); the tuner offers all but ``QK_I8``;
 4. ``attention_focus``: the tuner's pick at the longest context, and one change at a time around it (the split
    combine in column chunks ``COMBINE_DC``, pipelining depth, split counts, block size);
-5. ``gemm_focus``: the runtime's W8A8 TMA kernel at M = 1024 and 2048, every candidate of its tuner (the stream-K
-   variants for a partial last wave included) and the pick, vs fp16 ``torch.matmul``.
+5. ``gemm_focus``: the runtime's W8A8 path at M = 1024 and 2048, every candidate of its tuner (the Triton TMA
+   kernel and the Gluon wgmma kernel) and the pick, vs fp16 ``torch.matmul``.
 
 Timing as in `triton_kernels.py`: CUDA-graph replays over enough copies of the operands (weights, caches) to
 stream from HBM rather than L2.
@@ -250,13 +250,12 @@ def sweep_w8a8(ms=(1024, 2048, 4096)) -> list[dict]:
 
 
 def sweep_w8a8_focus(ms=(1024, 2048)) -> list[dict]:
-    """The runtime's TMA kernel, every candidate of its tuner (``w8a8.tma_candidates`` with the shape, so the
-    ``STREAM_K`` variants are in), and the tuner's pick, against fp16 ``torch.matmul`` in the same run. Each
-    stream-K output is compared bit for bit with the same tile's plain output (both sum the same int32 products)."""
-    from qcompile.runtime.triton.w8a8 import tma_candidates
+    """The runtime's W8A8 path at M >= 128: every candidate of its tuner (the Triton TMA kernel's tiles and, on
+    sm_90, the Gluon wgmma kernel's, ``WGMMA``) and the tuner's pick, against fp16 ``torch.matmul`` in the same
+    run. Every candidate's output is compared bit for bit with the first one's (the same int32 sums and epilogue)."""
+    from qcompile.runtime.triton.w8a8 import tma_candidates, wgmma_capable
 
     gen = torch.Generator().manual_seed(1)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for n, k in SHAPES:
         w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
@@ -275,22 +274,18 @@ def sweep_w8a8_focus(ms=(1024, 2048)) -> list[dict]:
                          "speedup_vs_fp16": t16 / tp, "fp16_us": t16 * 1e6, "fp16_tflops": flops / t16 / 1e12})
             print(f"w8a8 focus M={m} {n}x{k}: fp16 {t16 * 1e6:.1f} us; tuner pick {pick} {tp * 1e6:.1f} us "
                   f"({t16 / tp:.2f}x)", flush=True)
-            plain = {}
-            for cfg in tma_candidates(m, torch.float16, n, sms):
+            first = None
+            for cfg in tma_candidates(m, torch.float16, wgmma=wgmma_capable("cuda")):
                 t, fail = _time_or_error([lambda cfg=cfg: int_linear(xq, xs, pw, config=cfg, tma=True)])
                 same = None
                 if t:
                     y = int_linear(xq, xs, pw, config=cfg, tma=True)
-                    tile = tuple((kk, v) for kk, v in sorted(cfg.items()) if kk != "STREAM_K")
-                    if cfg.get("STREAM_K"):
-                        same = bool(torch.equal(y, plain[tile])) if tile in plain else None
-                    else:
-                        plain[tile] = y
-                rows.append({"M": m, "N": n, "K": k, "kernel": "int8_tma", "config": cfg, "error": fail,
-                             "equal_to_plain": same, **({"us": t * 1e6, "tops": flops / t / 1e12,
-                                                         "speedup_vs_fp16": t16 / t} if t else {})})
-                print(f"  {cfg}: " + (f"{t * 1e6:.1f} us {flops / t / 1e12:.0f} TOPS {t16 / t:.2f}x"
-                                      + (f", equal to plain: {same}" if cfg.get("STREAM_K") else "")
+                    first = y if first is None else first
+                    same = bool(torch.equal(y, first))
+                rows.append({"M": m, "N": n, "K": k, "kernel": "int8_wgmma" if cfg.get("WGMMA") else "int8_tma",
+                             "config": cfg, "error": fail, "equal_to_first": same,
+                             **({"us": t * 1e6, "tops": flops / t / 1e12, "speedup_vs_fp16": t16 / t} if t else {})})
+                print(f"  {cfg}: " + (f"{t * 1e6:.1f} us {flops / t / 1e12:.0f} TOPS {t16 / t:.2f}x, equal: {same}"
                                       if t else fail), flush=True)
         del w16
         torch.cuda.empty_cache()

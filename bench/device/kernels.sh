@@ -27,7 +27,8 @@ step gputest 160 python3 -m pytest -q -m cuda $T/test_kv_attention.py \
 step sweep_gemv 90 python3 bench/triton_sweep.py --skip attention,attention_focus,gemm,gemm_focus --out $O/sweep_gemv.json
 step e2e 200 python3 bench/triton_e2e.py --new-tokens 128 --repeats 2 --out $O/e2e.json
 step focus 110 python3 bench/triton_sweep.py --skip gemv,attention,gemm,gemm_focus --contexts 32768 --out $O/focus.json
-# the W8A8 GEMM: its GPU tests (the stream-K tail included), every TMA candidate at M = 1024 / 2048, the tuner's picks
-step w8a8 330 bash -c "python3 -m pytest -q -m cuda $T/test_w8a8.py -k 'stream_k or 8-None' && \
+# the W8A8 GEMM: its GPU tests (the Gluon wgmma kernel against the Triton one), every candidate at M = 1024 / 2048,
+# the tuner's picks
+step w8a8 330 bash -c "python3 -m pytest -q -m cuda $T/test_w8a8.py -k 'wgmma or 8-None' && \
   python3 bench/triton_sweep.py --skip gemv,attention,attention_focus,gemm --out $O/gemm_focus.json && \
   python3 bench/triton_kernels.py --skip gemv,attention --out $O/kernels_gemm.json"

@@ -62,14 +62,31 @@ def compile_one(fn, types: dict, consts: dict, ints: dict | None = None, num_war
         sig[name] = ty
         if ty.startswith("*") or (name in ints and ints[name] % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=sig, constexprs=dict(consts), attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel: its layouts are explicit, no pipeliner
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        src = GluonASTSource(fn=fn, signature=sig, constexprs=dict(consts), attrs=attrs)
+        options = {"num_warps": num_warps}
+    else:
+        src = ASTSource(fn=fn, signature=sig, constexprs=dict(consts), attrs=attrs)
+        options = {"num_warps": num_warps, "num_stages": num_stages}
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     regs, spills = _ptxas_stats(k.asm["ptx"], arch)
     out = {"shared": k.metadata.shared, "regs": regs, "spills": spills}
     if keep_cubin:  # for SASS inspection (bench/triton_gemv_sass.py)
         out["cubin"] = k.asm["cubin"]
     return out
+
+
+def _wgmma_types(bm: int, bn: int, bk: int, out_dt: str) -> dict:
+    """Argument types of ``w8a8._int8_wgmma_kernel``: Gluon tensor descriptors name their shared layout."""
+    from triton.experimental.gluon import language as gl
+
+    def desc(rows):
+        return f"tensordesc<i8[{rows}, {bk}],{gl.NVMMASharedLayout.get_default_for([rows, bk], gl.int8)!r}>"
+
+    return dict(a_desc=desc(bm), b_desc=desc(bn), as_ptr="*fp32", bs_ptr="*fp32", bias_ptr="*fp32",
+                out_ptr=_ptr(out_dt), M="i32", N="i32", K="i32", stride_om="i32")
 
 
 def _ptr(dtype):
@@ -183,6 +200,13 @@ def cases(all_configs: bool):
                               NUM_PROGRAMS=sms)
                 yield (f"int8_tma {out_dt} {n}x{k} {cfg}", w8a8._int8_tma_kernel, types, consts,
                        dict(N=n, K=k, stride_om=n), cfg["num_warps"], cfg["num_stages"])
+            wg = [c for c in w8a8.tma_candidates(4096, out_t, wgmma=True) if c.get("WGMMA")]
+            for cfg in (wg if all_configs else wg[:1]):
+                yield (f"int8_wgmma {out_dt} {n}x{k} {cfg}", w8a8._int8_wgmma_kernel,
+                       _wgmma_types(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out_dt),
+                       dict(HAS_BIAS=True, GROUP_M=cfg["GROUP_M"], STAGES=cfg["STAGES"], INSTR_N=cfg["INSTR_N"],
+                            num_warps=cfg["num_warps"]),
+                       dict(N=n, K=k, stride_om=n), cfg["num_warps"], 0)
 
     for n in (64, 128, 576, 1536, 4096, 11008, 14336, 18944, 28672):
         for dt in ("fp16", "fp32"):
@@ -328,6 +352,14 @@ def small_cases():
                         STORE=store), {}, 1, 2)
 
 
+def _small_wgmma_cases():
+    from qcompile.runtime.triton import w8a8
+
+    for dt in ("fp32", "fp16"):
+        yield (f"int8_wgmma {dt} small", w8a8._int8_wgmma_kernel, _wgmma_types(128, 128, 128, dt),
+               dict(HAS_BIAS=True, GROUP_M=8, STAGES=4, INSTR_N=128, num_warps=4), {}, 4, 0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--all", action="store_true", help="every tuning candidate at the Llama-3-8B shapes")
@@ -339,7 +371,8 @@ def main(argv=None) -> int:
         print("aot_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
     bad = spilled = 0
-    todo = small_cases() if args.small else itertools.chain(cases(args.all), small_cases())
+    todo = itertools.chain(small_cases(), _small_wgmma_cases()) if args.small else itertools.chain(
+        cases(args.all), small_cases(), _small_wgmma_cases())
     for label, fn, types, consts, ints, warps, stages in todo:
         if args.filter not in label:
             continue

@@ -32,6 +32,15 @@ import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from qcompile.runtime.triton._jit import MIN_SCALE, grouped_tile, round_half_even  # noqa: E402
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor  # noqa: E402
 
 
 @triton.jit
@@ -144,6 +153,75 @@ def _int8_tma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K,
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
+@gluon.jit
+def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+                       HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, INSTR_N: gl.constexpr,
+                       num_warps: gl.constexpr):
+    """``_int8_tma_kernel``'s product (same int32 sums, same epilogue arithmetic, so the same output bit for bit),
+    written in Gluon so that one wgmma stays in flight while the next K-tile's is issued.
+
+    Triton's pipeliner waits for every wgmma whose accumulator is not fp32 before the next is issued
+    (``dotCanBeProperlyAsync``, "Rule 2.1", in Triton 3.6), so the int8 kernel above runs its tensor-core ops one
+    at a time. Here the loop is written out by hand: STAGES TMA loads in flight on mbarriers, each wgmma issued
+    asynchronously and waited for one iteration later (``warpgroup_mma_wait(1)``), when its stage is refilled.
+    One output tile per program, tiles in grouped order. Hopper only (wgmma); no interpreter: the tests run it on
+    the GPU against the Triton kernel, and ``aot_check`` compiles it for sm_90 anywhere."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * gl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+    off_m = (first_m + (pid % per_group) % group_m) * BLOCK_M
+    off_n = ((pid % per_group) // group_m) * BLOCK_N
+
+    # warps stacked along M (16 rows each); int8 wgmma takes an N of at most 224 per instruction
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                          instr_shape=[16, INSTR_N, 32])
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    for i in gl.static_range(STAGES - 1):  # the first STAGES - 1 K-tiles in flight (the descriptors zero-fill)
+        ok = i < k_tiles
+        mbarrier.expect(bars.index(i), nbytes, pred=ok)
+        tma.async_copy_global_to_shared(a_desc, [off_m, i * BLOCK_K], bars.index(i), a_bufs.index(i), pred=ok)
+        tma.async_copy_global_to_shared(b_desc, [off_n, i * BLOCK_K], bars.index(i), b_bufs.index(i), pred=ok)
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=mma_layout)
+    for ki in range(k_tiles):
+        s = ki % STAGES
+        mbarrier.wait(bars.index(s), (ki // STAGES) & 1)
+        a_s = a_bufs.index(s)
+        b_s = b_bufs.index(s)
+        acc = warpgroup_mma(a_s, b_s.permute((1, 0)), acc, is_async=True)
+        # one wgmma left in flight: K-tile ki - 1's is done, so its stage takes K-tile ki + STAGES - 1
+        acc, a_s, b_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_s, b_s))
+        nk = ki + STAGES - 1
+        ns = nk % STAGES
+        ok = nk < k_tiles
+        mbarrier.expect(bars.index(ns), nbytes, pred=ok)
+        tma.async_copy_global_to_shared(a_desc, [off_m, nk * BLOCK_K], bars.index(ns), a_bufs.index(ns), pred=ok)
+        tma.async_copy_global_to_shared(b_desc, [off_n, nk * BLOCK_K], bars.index(ns), b_bufs.index(ns), pred=ok)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    y = (acc.to(gl.float32) * gl.load(bs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+         * gl.load(as_ptr + offs_m, mask=m_mask, other=0.0)[:, None])
+    if HAS_BIAS:
+        y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
 _QUANT = Tuner("quantize_rows")
 _TMA = Tuner("int8_tma_gemm")
 TMA_MIN_M = 128  # below one 128-row tile the pointer-based kernel's smaller tiles fit better
@@ -188,17 +266,34 @@ def int_gemm_candidates(m: int, n: int, k: int, pw: PackedIntWeight) -> list[dic
     return out
 
 
-def tma_candidates(m: int, out_dtype: torch.dtype = torch.float16) -> list[dict]:
+def tma_candidates(m: int, out_dtype: torch.dtype = torch.float16, wgmma: bool = False) -> list[dict]:
     """Tiles x pipeline depth; shared memory holds the stages plus the output tile on its way to the store, so
-    fp32 outputs (4 bytes per element) take the tiles whose total stays under Hopper's 227 KiB."""
+    fp32 outputs (4 bytes per element) take the tiles whose total stays under Hopper's 227 KiB. With ``wgmma``
+    (an sm_90 GPU) the Gluon kernel's tiles too (``WGMMA``; it stores from registers, so its stages alone count)."""
     if interpreting():
         return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
     if out_dtype == torch.float32:
         tiles = [(128, 128, 128, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3)]
     else:
         tiles = [(128, 256, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4)]
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in tiles if bm <= max(128, triton.next_power_of_2(m))]
+    out = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
+           for bm, bn, bk, w, st in tiles if bm <= max(128, triton.next_power_of_2(m))]
+    if wgmma:
+        out += [dict(WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, STAGES=st, INSTR_N=128,
+                     num_warps=w)
+                for bm, bn, w, st in WGMMA_TILES if bm <= max(128, triton.next_power_of_2(m))]
+    return out
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) of the Gluon wgmma kernel: 4 stages of 128 x 256 tiles take 192 KiB
+WGMMA_TILES = [(128, 256, 8, 4), (128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4)]
+
+
+def wgmma_capable(device) -> bool:
+    """The Gluon wgmma kernel runs on sm_90 (Hopper) GPUs only: wgmma is not in other architectures, and Gluon
+    kernels have no interpreter."""
+    dev = torch.device(device)
+    return not interpreting() and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] == 9
 
 
 def _tma_capable(pw: PackedIntWeight, xq: torch.Tensor) -> bool:
@@ -223,18 +318,29 @@ def _int8_tma(xq, xs, pw: PackedIntWeight, out, config):
     m, k = xq.shape
     n = pw.out_features
     sms = num_sms(xq.device)
+    bias = pw.bias if pw.bias is not None else pw.scale
 
     def launch(cfg):
+        if cfg.get("WGMMA"):
+            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+            a_desc = GluonTensorDescriptor.from_tensor(xq, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk],
+                                                                                                        gl.int8))
+            b_desc = GluonTensorDescriptor.from_tensor(pw.qweight, [bn, bk],
+                                                       gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
+            _int8_wgmma_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
+                a_desc, b_desc, xs, pw.scale, bias, out, m, n, k, out.stride(0), HAS_BIAS=pw.bias is not None,
+                GROUP_M=cfg["GROUP_M"], STAGES=cfg["STAGES"], INSTR_N=cfg["INSTR_N"], num_warps=cfg["num_warps"])
+            return
         meta, opts = launch_opts(cfg)
         a_desc = TensorDescriptor.from_tensor(xq, [meta["BLOCK_M"], meta["BLOCK_K"]])
         b_desc = TensorDescriptor.from_tensor(pw.qweight, [meta["BLOCK_N"], meta["BLOCK_K"]])
         programs = min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))
         _int8_tma_kernel[(programs,)](
-            a_desc, b_desc, xs, pw.scale, pw.bias if pw.bias is not None else pw.scale, out, m, n, k, out.stride(0),
+            a_desc, b_desc, xs, pw.scale, bias, out, m, n, k, out.stride(0),
             HAS_BIAS=pw.bias is not None, NUM_PROGRAMS=programs, **meta, **opts)
 
-    _TMA.run((triton.next_power_of_2(m), n, k, pw.bias is not None, out.dtype), tma_candidates(m, out.dtype), launch,
-             config)
+    _TMA.run((triton.next_power_of_2(m), n, k, pw.bias is not None, out.dtype),
+             tma_candidates(m, out.dtype, wgmma_capable(xq.device)), launch, config)
     return out
 
 

@@ -13,6 +13,7 @@ from qcompile.runtime.triton.w8a8 import (
     takes_tma_path,
     tma_candidates,
     w8a8_linear,
+    wgmma_capable,
 )
 
 
@@ -84,6 +85,39 @@ def test_tma_gemm_matches_pointer_gemm_and_reference(device):
         int_linear(xq, xs, asym, tma=True)
 
 
+def test_wgmma_candidates_only_where_the_gluon_kernel_runs(monkeypatch):
+    """The Gluon wgmma kernel has no interpreter and needs sm_90: never a candidate on CPU or unless asked."""
+    assert not wgmma_capable("cpu")
+    assert not any(c.get("WGMMA") for c in tma_candidates(1024, torch.float16))
+    monkeypatch.setattr("qcompile.runtime.triton.w8a8.interpreting", lambda: False)
+    wg = [c for c in tma_candidates(1024, torch.float16, wgmma=True) if c.get("WGMMA")]
+    assert [(c["BLOCK_M"], c["BLOCK_N"], c["STAGES"], c["num_warps"]) for c in wg] == [
+        (128, 256, 4, 8), (128, 256, 3, 8), (128, 128, 4, 8), (128, 128, 4, 4)]
+    assert all(c["BLOCK_N"] % c["INSTR_N"] == 0 and c["INSTR_N"] <= 224 for c in wg)  # int8 wgmma: N <= 224
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the Gluon wgmma kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("m,n,k", [(150, 80, 208), (1000, 4000, 4096)])
+def test_wgmma_gemm_is_the_tma_kernel_bit_for_bit(m, n, k):
+    """Every tile of the Gluon kernel (one wgmma in flight) against the Triton TMA kernel: the same int32 sums and
+    the same epilogue, so the same output bit for bit, with partial tiles in M, N and K (zero-filled by TMA),
+    a bias, fp16 and fp32 outputs."""
+    pw = int_weight(n, k, 8, True, None, "cuda", bias=True, seed=5)
+    x = torch.randn(m, k, device="cuda") * 3
+    xq, xs = quantize_rows(x, 8)
+    for out_dtype in (torch.float32, torch.float16):
+        cands = tma_candidates(m, out_dtype, wgmma=True)
+        want = int_linear(xq, xs, pw, out_dtype, config=[c for c in cands if not c.get("WGMMA")][0], tma=True)
+        ref = R.int_linear_ref(xq, xs, pw, torch.float32)
+        torch.testing.assert_close(want.float(), ref, rtol=1e-2 if out_dtype == torch.float16 else 1e-5,
+                                   atol=1e-4 * ref.abs().max().item())
+        for cfg in [c for c in cands if c.get("WGMMA")]:
+            got = int_linear(xq, xs, pw, out_dtype, config=cfg, tma=True)
+            assert torch.equal(got, want), cfg
+
+
 def test_w8a8_linear_end_to_end_error_is_quantization_error(device):
     """Quantize + GEMM against the float product: the error is what 8-bit rounding allows, not more."""
     torch.manual_seed(0)
@@ -109,6 +143,6 @@ def test_int_gemm_every_config_at_llama_shapes(n, k, bits, group):
         y = int_linear(xq, xs, pw, torch.float32, config=cfg, tma=False)
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=str(cfg))
     if takes_tma_path(1024, pw, xq):
-        for cfg in tma_candidates(1024, torch.float32):
+        for cfg in tma_candidates(1024, torch.float32, wgmma=wgmma_capable("cuda")):  # the Gluon kernel's too
             y = int_linear(xq, xs, pw, torch.float32, config=cfg, tma=True)
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=str(cfg))
