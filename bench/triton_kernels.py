@@ -173,9 +173,10 @@ def bench_int_gemm(ms=(1024, 2048, 4096)) -> list[dict]:
                     "fp16_tflops": tflops(m, n, k, t_16), "speedup_gemm": t_16 / t_gemm,
                     "speedup_with_quant": t_16 / t_full, "max_rel_err_vs_reference": err,
                     "with_quant_python_launch_us": t_launch * 1e6,
-                    "kernel": "int8_tma" if tma else "int_gemm",
                     "config": (TMA_TUNER if tma else INT_TUNER).best.get(key),
                 })
+                rows[-1]["kernel"] = ("int_gemm" if not tma else "int8_wgmma (Gluon)"
+                                      if (rows[-1]["config"] or {}).get("WGMMA") else "int8_tma")
                 print(f"W{bits}A{bits} M={m} {n}x{k}: {t_gemm * 1e6:.0f} us ({tflops(m, n, k, t_gemm):.0f} TOPS), "
                       f"+quant {t_full * 1e6:.0f} us; fp16 {t_16 * 1e6:.0f} us ({tflops(m, n, k, t_16):.0f} "
                       f"TFLOPS) -> {t_16 / t_gemm:.2f}x / {t_16 / t_full:.2f}x", flush=True)
