@@ -163,6 +163,8 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
             raise RecipeError(f"{source}: passes[{i}] must be a mapping with a 'pass' key")
         values = dict(item)
         name = values.pop("pass")
+        if not isinstance(name, str):
+            raise RecipeError(f"{source}: passes[{i}]: 'pass' must be one pass name, got {name!r}")
         module = passes.get(name)
         steps.append(PassStep(name, build_config(module.Config, values, f"{source}: passes[{i}] ({name})")))
     export = build_config(ExportConfig, data.get("export") or {}, f"{source}: export")
@@ -185,7 +187,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             raise RecipeError(
                 f"unknown recipe {str(name_or_path)!r}: not a file and not a built-in ({', '.join(builtins)})"
             )
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not a text recipe (not UTF-8: {e})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:

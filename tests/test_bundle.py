@@ -167,7 +167,9 @@ def test_tampered_archive_is_refused(bundle, tmp_path, capsys):
         for p in sorted(b.iterdir()):
             tf.add(p, arcname=p.name)
     assert main(["run", str(archive), "hello"]) == 2
-    assert "model.onnx_data does not match its sha256" in _one_error(capsys)
+    message = _one_error(capsys)
+    assert "model.onnx_data does not match its sha256" in message
+    assert f"bundle archive {archive} is damaged" in message and "qcompile-bundle-" not in message  # not the tmp
 
 
 def test_bundle_needing_newer_onnxruntime_is_refused(bundle, tmp_path, capsys):
@@ -293,6 +295,21 @@ def test_inspect_text_and_json(exported, bundle, tmp_path, capsys):
     (b / "config.json").write_text("{}")
     assert main(["inspect", str(b), "--verify"]) == 2
     assert "config.json has" in _one_error(capsys)
+
+
+def test_inspect_refuses_a_folder_without_its_weights(exported, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "partial"
+    shutil.copytree(exported, src)
+    (src / "model.onnx_data").unlink()
+    assert main(["inspect", str(src)]) == 2
+    assert "model.onnx_data are missing" in _one_error(capsys)
+    shutil.copy(exported / "model.onnx_data", src / "model.onnx_data")
+    with open(src / "model.onnx_data", "r+b") as f:
+        f.truncate(100)
+    assert main(["inspect", str(src)]) == 2
+    assert "is truncated (100 bytes" in _one_error(capsys)
 
 
 def test_tokenizer_note(bundle, tmp_path):

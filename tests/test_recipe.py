@@ -85,6 +85,17 @@ def test_invalid_yaml(tmp_path):
         load_recipe(f)
 
 
+def test_binary_recipe_file_and_non_string_pass_name(tmp_path):
+    binary = tmp_path / "r.yaml"
+    binary.write_bytes(b"\xff\xfe passes")
+    with pytest.raises(RecipeError, match="not a text recipe"):
+        load_recipe(binary)
+    listed = tmp_path / "l.yaml"
+    listed.write_text("passes:\n  - pass: [rtn]\n")
+    with pytest.raises(RecipeError, match=r"passes\[0\]: 'pass' must be one pass name, got \['rtn'\]"):
+        load_recipe(listed)
+
+
 @pytest.mark.parametrize("base", ["w4a4kv4", "w3a3-g64"])
 def test_spin_recipes_are_their_base_with_spinquant_before_gptq(base):
     spin, plain = load_recipe(f"{base}-spin").to_dict(), load_recipe(base).to_dict()

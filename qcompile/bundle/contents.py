@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from qcompile.bundle.archive import archive_format, read_members
-from qcompile.bundle.pack import MANIFEST_FILE, META_FILE, MODEL_FILE, verify
+from qcompile.bundle.pack import MANIFEST_FILE, META_FILE, MODEL_FILE, external_data_files, verify
 from qcompile.errors import QCompileError
 
 _QTYPES = {onnx.TensorProto.INT4: ("int4", 4), onnx.TensorProto.UINT4: ("uint4", 4),
@@ -109,6 +109,11 @@ def inspect(path: str | os.PathLike, check: bool = False) -> dict:
         kind = "bundle archive"
         files = None
     elif (path / MODEL_FILE).is_file():
+        # the weights the graph points at must be there in full: inspecting a broken export is an error
+        missing = [n for n in external_data_files(path / MODEL_FILE) if not (path / n).is_file()]
+        if missing:
+            raise QCompileError(f"{path} is incomplete: the graph's weights file(s) {', '.join(missing)} are "
+                                "missing; re-export it or copy the whole folder")
         blobs = {n: (path / n).read_bytes() for n in (MODEL_FILE, MANIFEST_FILE, META_FILE) if (path / n).is_file()}
         kind = "bundle" if MANIFEST_FILE in blobs else "exported folder"
         files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}

@@ -204,41 +204,43 @@ def package(src: str | os.PathLike, dest: str | os.PathLike, fmt: str | None = N
         shutil.rmtree(work, ignore_errors=True)
 
 
-def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST_FILE
+def read_manifest(folder: Path, where: str | None = None) -> dict:
+    where = where or f"bundle {folder}"
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"bundle {folder} has an unreadable {MANIFEST_FILE}: {e}") from None
+        raise BundleError(f"{where} has an unreadable {MANIFEST_FILE}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise BundleError(f"{path} is not a qcompile bundle manifest")
+        raise BundleError(f"{where}: its {MANIFEST_FILE} is not a qcompile bundle manifest")
     if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise BundleError(f"bundle {folder} was made by a newer qcompile (manifest format "
+        raise BundleError(f"{where} was made by a newer qcompile (manifest format "
                           f"{manifest['format_version']}); upgrade qcompile to load it")
     if not isinstance(manifest.get("files"), dict) or MODEL_FILE not in manifest["files"]:
-        raise BundleError(f"bundle {folder} has a {MANIFEST_FILE} that lists no {MODEL_FILE}")
+        raise BundleError(f"{where} has a {MANIFEST_FILE} that lists no {MODEL_FILE}")
     return manifest
 
 
-def verify(folder: str | os.PathLike) -> dict:
+def verify(folder: str | os.PathLike, label: str | None = None) -> dict:
     """Check every file the manifest lists (size first, then sha256); returns the manifest or raises
-    ``BundleError`` naming the first bad file. Files not in the manifest are ignored: nothing loads them."""
+    ``BundleError`` naming the first bad file. Files not in the manifest are ignored: nothing loads them.
+    ``label`` names the bundle in messages (an archive, not the temporary folder it was extracted to)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    where = label or f"bundle {folder}"
+    manifest = read_manifest(folder, where)
     fix = "re-copy or re-package the bundle"
     for name, entry in manifest["files"].items():
         parts = PurePosixPath(name).parts
         if len(parts) != 1 or name in (".", "..") or "\\" in name:
-            raise BundleError(f"bundle {folder} has a {MANIFEST_FILE} naming a file outside the bundle ({name!r})")
+            raise BundleError(f"{where} has a {MANIFEST_FILE} naming a file outside the bundle ({name!r})")
         path = folder / name
         if not path.is_file():
-            raise BundleError(f"bundle {folder} is incomplete: {name} is missing; {fix}")
+            raise BundleError(f"{where} is incomplete: {name} is missing; {fix}")
         size = path.stat().st_size
         if size != entry.get("bytes"):
-            raise BundleError(f"bundle {folder} is damaged: {name} has {size} bytes, {MANIFEST_FILE} says "
+            raise BundleError(f"{where} is damaged: {name} has {size} bytes, {MANIFEST_FILE} says "
                               f"{entry.get('bytes')} (truncated or altered); {fix}")
         if sha256_file(path) != entry.get("sha256"):
-            raise BundleError(f"bundle {folder} is damaged: {name} does not match its sha256 in {MANIFEST_FILE} "
+            raise BundleError(f"{where} is damaged: {name} does not match its sha256 in {MANIFEST_FILE} "
                               f"(altered or corrupted); {fix}")
     return manifest
 
@@ -275,7 +277,7 @@ def opened(path: str | os.PathLike) -> Iterator[Path]:
                     folder = subdirs[0]
                 else:
                     raise BundleError(f"archive {path} holds no {MANIFEST_FILE}: not a qcompile bundle")
-            check_runtime(verify(folder))
+            check_runtime(verify(folder, f"bundle archive {path}"))
             yield folder
         return
     if (path / MANIFEST_FILE).is_file():
