@@ -157,14 +157,17 @@ class BlockState:
         from safetensors.torch import load_file
 
         tensors = load_file(self._path(index))
-        spec_meta = json.loads((self.dir / f"block_{index:03d}.json").read_text())
-        out, stats = {}, {}
-        for name, s in spec_meta.items():
+        meta = json.loads((self.dir / f"block_{index:03d}.json").read_text())
+        # {"weights": {name: spec}, "stats": ...}; states saved before 2026-12-05 (seventh session) kept a copy of
+        # the block's stats in every weight's spec instead
+        specs, stats = (meta["weights"], meta.get("stats", {})) if "weights" in meta else (meta, None)
+        out = {}
+        for name, s in specs.items():
             spec = QuantSpec(s["bits"], s["symmetric"], s["group_size"])
             out[name] = QuantizedWeight(tensors[f"{name}.qweight"], tensors[f"{name}.scale"],
                                         tensors.get(f"{name}.zero"), spec)
-            stats = s.get("stats", {})
-        return out, stats
+            stats = s.get("stats", {}) if stats is None else stats
+        return out, stats or {}
 
     def save(self, index: int, weights: dict[str, QuantizedWeight], stats: dict) -> None:
         if self.dir is None:
@@ -180,10 +183,10 @@ class BlockState:
             if qw.zero is not None:
                 tensors[f"{name}.zero"] = qw.zero.contiguous()
             spec_meta[name] = {"bits": qw.spec.bits, "symmetric": qw.spec.symmetric,
-                               "group_size": qw.spec.group_size, "stats": stats}
+                               "group_size": qw.spec.group_size}
         tmp = self._path(index).with_suffix(".tmp")
         save_file(tensors, str(tmp))
-        atomic_write_text(self.dir / f"block_{index:03d}.json", json.dumps(spec_meta))
+        atomic_write_text(self.dir / f"block_{index:03d}.json", json.dumps({"weights": spec_meta, "stats": stats}))
         tmp.replace(self._path(index))  # the block counts as done only once its weights are complete
 
 
