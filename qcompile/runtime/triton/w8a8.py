@@ -171,7 +171,10 @@ def _wgmma_load(a_desc, b_desc, a_bufs, b_bufs, bars, i, total, k_tiles, M, N, N
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    off_m, off_n = _wgmma_tile(gl.program_id(0) + (i // k_tiles) * NUM_PROGRAMS, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # past the last iteration the loads are off (pred); the tile index is clamped so its arithmetic stays defined
+    tile = gl.minimum(gl.program_id(0) + (i // k_tiles) * NUM_PROGRAMS,
+                      gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) - 1)
+    off_m, off_n = _wgmma_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k = (i % k_tiles) * BLOCK_K
     s = i % STAGES
     ok = i < total
@@ -191,8 +194,8 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, 
     (``dotCanBeProperlyAsync``, "Rule 2.1", in Triton 3.6), so the int8 kernel above runs its tensor-core ops one
     at a time. Here the loop is written out by hand: STAGES TMA loads in flight on mbarriers, each wgmma issued
     asynchronously and waited for one iteration later (``warpgroup_mma_wait(1)``), when its stage is refilled.
-    Persistent: program p walks output tiles p, p + NUM_PROGRAMS, ... as one flat sequence of K-iterations, so
-    the loads of a tile's first K-tiles are in flight while the tile before is written out. Hopper only (wgmma);
+    Persistent: program p walks output tiles p, p + NUM_PROGRAMS, ...; its loads run over one flat sequence of
+    K-iterations, so a tile's first K-tiles are in flight while the tile before is written out. Hopper only (wgmma);
     no interpreter: the tests run it on the GPU against the Triton kernel, and ``aot_check`` compiles it for
     sm_90 anywhere."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
@@ -212,31 +215,35 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, 
     for i in gl.static_range(STAGES - 1):  # the first STAGES - 1 iterations in flight (the descriptors zero-fill)
         _wgmma_load(a_desc, b_desc, a_bufs, b_bufs, bars, i, total, k_tiles, M, N, NUM_PROGRAMS, GROUP_M, STAGES)
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=mma_layout)
-    for g in range(total):
-        s = g % STAGES
-        kk = g % k_tiles
-        mbarrier.wait(bars.index(s), (g // STAGES) & 1)
-        a_s = a_bufs.index(s)
-        b_s = b_bufs.index(s)
-        acc = warpgroup_mma(a_s, b_s.permute((1, 0)), acc, use_acc=kk != 0, is_async=True)
-        # one wgmma left in flight: iteration g - 1's is done, so its stage takes iteration g + STAGES - 1
-        acc, a_s, b_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_s, b_s))
-        _wgmma_load(a_desc, b_desc, a_bufs, b_bufs, bars, g + STAGES - 1, total, k_tiles, M, N, NUM_PROGRAMS,
-                    GROUP_M, STAGES)
-        if kk == k_tiles - 1:  # the tile's last K-tile: write it out while the next tile's loads are in flight
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            off_m, off_n = _wgmma_tile(gl.program_id(0) + (g // k_tiles) * NUM_PROGRAMS, M, N, BLOCK_M, BLOCK_N,
-                                       GROUP_M)
-            offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
-            offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
-            m_mask = offs_m < M
-            n_mask = offs_n < N
-            y = (acc.to(gl.float32) * gl.load(bs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-                 * gl.load(as_ptr + offs_m, mask=m_mask, other=0.0)[:, None])
-            if HAS_BIAS:
-                y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-            gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-                     mask=m_mask[:, None] & n_mask[None, :])
+    g = 0  # the program's flat K-iteration: stage g % STAGES, phase (g // STAGES) & 1
+    for t in range(total // k_tiles):
+        for kk in range(k_tiles):
+            s = g % STAGES
+            mbarrier.wait(bars.index(s), (g // STAGES) & 1)
+            a_s = a_bufs.index(s)
+            b_s = b_bufs.index(s)
+            acc = warpgroup_mma(a_s, b_s.permute((1, 0)), acc, use_acc=kk != 0, is_async=True)
+            # one wgmma left in flight: iteration g - 1's is done, so its stage takes iteration g + STAGES - 1
+            # (the next tile's first K-tiles near the end of this one)
+            acc, a_s, b_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_s, b_s))
+            _wgmma_load(a_desc, b_desc, a_bufs, b_bufs, bars, g + STAGES - 1, total, k_tiles, M, N, NUM_PROGRAMS,
+                        GROUP_M, STAGES)
+            g += 1
+        # the epilogue after the K loop, not under an `if` in one flat loop: ptxas then waits for every wgmma
+        # at the loop's back edge (its warning C7517), which undoes the overlap
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        off_m, off_n = _wgmma_tile(gl.program_id(0) + t * NUM_PROGRAMS, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        y = (acc.to(gl.float32) * gl.load(bs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+             * gl.load(as_ptr + offs_m, mask=m_mask, other=0.0)[:, None])
+        if HAS_BIAS:
+            y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=mma_layout)  # ends the old one's life (registers)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
