@@ -205,7 +205,7 @@ def cases(all_configs: bool):
                 yield (f"int8_wgmma {out_dt} {n}x{k} {cfg}", w8a8._int8_wgmma_kernel,
                        _wgmma_types(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out_dt),
                        dict(HAS_BIAS=True, GROUP_M=cfg["GROUP_M"], STAGES=cfg["STAGES"], INSTR_N=cfg["INSTR_N"],
-                            NUM_PROGRAMS=sms, num_warps=cfg["num_warps"]),
+                            num_warps=cfg["num_warps"]),
                        dict(N=n, K=k, stride_om=n), cfg["num_warps"], 0)
 
     for n in (64, 128, 576, 1536, 4096, 11008, 14336, 18944, 28672):
@@ -357,7 +357,7 @@ def _small_wgmma_cases():
 
     for dt in ("fp32", "fp16"):
         yield (f"int8_wgmma {dt} small", w8a8._int8_wgmma_kernel, _wgmma_types(128, 128, 128, dt),
-               dict(HAS_BIAS=True, GROUP_M=8, STAGES=4, INSTR_N=128, NUM_PROGRAMS=4, num_warps=4), {}, 4, 0)
+               dict(HAS_BIAS=True, GROUP_M=8, STAGES=4, INSTR_N=128, num_warps=4), {}, 4, 0)
 
 
 def main(argv=None) -> int:

@@ -154,39 +154,9 @@ def _int8_tma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K,
 
 
 @gluon.jit
-def _wgmma_tile(tile, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-    """(row, column) offsets of output tile ``tile`` in grouped order (``_jit.grouped_tile`` in Gluon)."""
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    per_group = GROUP_M * gl.cdiv(N, BLOCK_N)
-    first_m = (tile // per_group) * GROUP_M
-    group_m = gl.minimum(num_pid_m - first_m, GROUP_M)
-    return (first_m + (tile % per_group) % group_m) * BLOCK_M, ((tile % per_group) // group_m) * BLOCK_N
-
-
-@gluon.jit
-def _wgmma_load(a_desc, b_desc, a_bufs, b_bufs, bars, i, total, k_tiles, M, N, NUM_PROGRAMS: gl.constexpr,
-                GROUP_M: gl.constexpr, STAGES: gl.constexpr):
-    """Start the TMA loads of this program's flat iteration ``i`` (its ``i // k_tiles``-th tile, K-tile
-    ``i % k_tiles``) into stage ``i % STAGES``; nothing past the last iteration."""
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    # past the last iteration the loads are off (pred); the tile index is clamped so its arithmetic stays defined
-    tile = gl.minimum(gl.program_id(0) + (i // k_tiles) * NUM_PROGRAMS,
-                      gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) - 1)
-    off_m, off_n = _wgmma_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k = (i % k_tiles) * BLOCK_K
-    s = i % STAGES
-    ok = i < total
-    mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=ok)
-    tma.async_copy_global_to_shared(a_desc, [off_m, k], bars.index(s), a_bufs.index(s), pred=ok)
-    tma.async_copy_global_to_shared(b_desc, [off_n, k], bars.index(s), b_bufs.index(s), pred=ok)
-
-
-@gluon.jit
 def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
                        HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, INSTR_N: gl.constexpr,
-                       NUM_PROGRAMS: gl.constexpr, num_warps: gl.constexpr):
+                       num_warps: gl.constexpr):
     """``_int8_tma_kernel``'s product (same int32 sums, same epilogue arithmetic, so the same output bit for bit),
     written in Gluon so that one wgmma stays in flight while the next K-tile's is issued.
 
@@ -194,13 +164,21 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, 
     (``dotCanBeProperlyAsync``, "Rule 2.1", in Triton 3.6), so the int8 kernel above runs its tensor-core ops one
     at a time. Here the loop is written out by hand: STAGES TMA loads in flight on mbarriers, each wgmma issued
     asynchronously and waited for one iteration later (``warpgroup_mma_wait(1)``), when its stage is refilled.
-    Persistent: program p walks output tiles p, p + NUM_PROGRAMS, ...; its loads run over one flat sequence of
-    K-iterations, so a tile's first K-tiles are in flight while the tile before is written out. Hopper only (wgmma);
-    no interpreter: the tests run it on the GPU against the Triton kernel, and ``aot_check`` compiles it for
-    sm_90 anywhere."""
+    One output tile per program, tiles in grouped order: a persistent version (a program's loads running one flat
+    sequence of K-iterations over its tiles, the epilogue after each tile's K loop) measured 16-19 % slower on
+    the H100 at every shape (bench/results/device_2026-12-05_s7/call4_h100). Hopper only (wgmma); no interpreter:
+    the tests run it on the GPU against the Triton kernel, and ``aot_check`` compiles it for sm_90 anywhere."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * gl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+    off_m = (first_m + (pid % per_group) % group_m) * BLOCK_M
+    off_n = ((pid % per_group) // group_m) * BLOCK_N
+
     # warps stacked along M (16 rows each); int8 wgmma takes an N of at most 224 per instruction
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                           instr_shape=[16, INSTR_N, 32])
@@ -210,42 +188,41 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, 
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     k_tiles = gl.cdiv(K, BLOCK_K)
-    num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
-    total = gl.cdiv(num_tiles - gl.program_id(0), NUM_PROGRAMS) * k_tiles
-    for i in gl.static_range(STAGES - 1):  # the first STAGES - 1 iterations in flight (the descriptors zero-fill)
-        _wgmma_load(a_desc, b_desc, a_bufs, b_bufs, bars, i, total, k_tiles, M, N, NUM_PROGRAMS, GROUP_M, STAGES)
+    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    for i in gl.static_range(STAGES - 1):  # the first STAGES - 1 K-tiles in flight (the descriptors zero-fill)
+        ok = i < k_tiles
+        mbarrier.expect(bars.index(i), nbytes, pred=ok)
+        tma.async_copy_global_to_shared(a_desc, [off_m, i * BLOCK_K], bars.index(i), a_bufs.index(i), pred=ok)
+        tma.async_copy_global_to_shared(b_desc, [off_n, i * BLOCK_K], bars.index(i), b_bufs.index(i), pred=ok)
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=mma_layout)
-    g = 0  # the program's flat K-iteration: stage g % STAGES, phase (g // STAGES) & 1
-    for t in range(total // k_tiles):
-        for kk in range(k_tiles):
-            s = g % STAGES
-            mbarrier.wait(bars.index(s), (g // STAGES) & 1)
-            a_s = a_bufs.index(s)
-            b_s = b_bufs.index(s)
-            acc = warpgroup_mma(a_s, b_s.permute((1, 0)), acc, use_acc=kk != 0, is_async=True)
-            # one wgmma left in flight: iteration g - 1's is done, so its stage takes iteration g + STAGES - 1
-            # (the next tile's first K-tiles near the end of this one)
-            acc, a_s, b_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_s, b_s))
-            _wgmma_load(a_desc, b_desc, a_bufs, b_bufs, bars, g + STAGES - 1, total, k_tiles, M, N, NUM_PROGRAMS,
-                        GROUP_M, STAGES)
-            g += 1
-        # the epilogue after the K loop, not under an `if` in one flat loop: ptxas then waits for every wgmma
-        # at the loop's back edge (its warning C7517), which undoes the overlap
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        off_m, off_n = _wgmma_tile(gl.program_id(0) + t * NUM_PROGRAMS, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
-        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
-        m_mask = offs_m < M
-        n_mask = offs_n < N
-        y = (acc.to(gl.float32) * gl.load(bs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-             * gl.load(as_ptr + offs_m, mask=m_mask, other=0.0)[:, None])
-        if HAS_BIAS:
-            y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=mma_layout)  # ends the old one's life (registers)
+    for ki in range(k_tiles):
+        s = ki % STAGES
+        mbarrier.wait(bars.index(s), (ki // STAGES) & 1)
+        a_s = a_bufs.index(s)
+        b_s = b_bufs.index(s)
+        acc = warpgroup_mma(a_s, b_s.permute((1, 0)), acc, is_async=True)
+        # one wgmma left in flight: K-tile ki - 1's is done, so its stage takes K-tile ki + STAGES - 1
+        acc, a_s, b_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_s, b_s))
+        nk = ki + STAGES - 1
+        ns = nk % STAGES
+        ok = nk < k_tiles
+        mbarrier.expect(bars.index(ns), nbytes, pred=ok)
+        tma.async_copy_global_to_shared(a_desc, [off_m, nk * BLOCK_K], bars.index(ns), a_bufs.index(ns), pred=ok)
+        tma.async_copy_global_to_shared(b_desc, [off_n, nk * BLOCK_K], bars.index(ns), b_bufs.index(ns), pred=ok)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    y = (acc.to(gl.float32) * gl.load(bs_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+         * gl.load(as_ptr + offs_m, mask=m_mask, other=0.0)[:, None])
+    if HAS_BIAS:
+        y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
 
 _QUANT = Tuner("quantize_rows")
 _TMA = Tuner("int8_tma_gemm")
@@ -352,11 +329,9 @@ def _int8_tma(xq, xs, pw: PackedIntWeight, out, config):
                                                                                                         gl.int8))
             b_desc = GluonTensorDescriptor.from_tensor(pw.qweight, [bn, bk],
                                                        gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
-            programs = min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn))
-            _int8_wgmma_kernel[(programs,)](
+            _int8_wgmma_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
                 a_desc, b_desc, xs, pw.scale, bias, out, m, n, k, out.stride(0), HAS_BIAS=pw.bias is not None,
-                GROUP_M=cfg["GROUP_M"], STAGES=cfg["STAGES"], INSTR_N=cfg["INSTR_N"], NUM_PROGRAMS=programs,
-                num_warps=cfg["num_warps"])
+                GROUP_M=cfg["GROUP_M"], STAGES=cfg["STAGES"], INSTR_N=cfg["INSTR_N"], num_warps=cfg["num_warps"])
             return
         meta, opts = launch_opts(cfg)
         a_desc = TensorDescriptor.from_tensor(xq, [meta["BLOCK_M"], meta["BLOCK_K"]])
