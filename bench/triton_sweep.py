@@ -192,10 +192,10 @@ TMA_VARIANTS = [dict(), dict(GROUP_M=4), dict(GROUP_M=16), dict(TMA_STORE=True),
                 dict(WS=True, TMA_STORE=True)]
 
 
-def sweep_w8a8(ms=(1024, 2048, 4096)) -> list[dict]:
+def _w8a8_cases(ms):
+    """(m, n, k, fp16 weight, packed int8 per-channel weight, fp16 x, int8 x, x scales) for the Llama-3-8B
+    shapes, the weights made once per shape."""
     gen = torch.Generator().manual_seed(1)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rows = []
     for n, k in SHAPES:
         w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
         q, scale, _ = random_int_weight(n, k, 8, True, k, gen)
@@ -203,49 +203,56 @@ def sweep_w8a8(ms=(1024, 2048, 4096)) -> list[dict]:
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             xq, xs = quantize_rows(x, 8)
-            ref = R.int_linear_ref(xq, xs, pw, torch.float32)
-            t16 = graph_time([lambda w=w16: torch.matmul(x, w.t())])
-            flops = 2 * m * n * k
-            INT_TUNER.best.clear()
-            TMA_TUNER.best.clear()
-            int_linear(xq, xs, pw)  # the runtime's default path and its tuner's pick
-            tma = takes_tma_path(m, pw, xq)
-            pick = (TMA_TUNER.best.get((m, n, k, False, torch.float16)) if tma
-                    else INT_TUNER.best.get((m, n, k, 8, pw.group_size, False)))
-            tp = graph_time([lambda: int_linear(xq, xs, pw)])
-            rows.append({"M": m, "N": n, "K": k, "kernel": "int8_tma" if tma else "int_gemm", "tuner_pick": pick,
-                         "us": tp * 1e6,
-                         "speedup_vs_fp16": t16 / tp, "fp16_us": t16 * 1e6, "fp16_tflops": flops / t16 / 1e12})
-            print(f"w8a8 M={m} {n}x{k}: fp16 {t16 * 1e6:.1f} us; tuner pick {pick} {tp * 1e6:.1f} us "
-                  f"({t16 / tp:.2f}x)", flush=True)
-            for bm, bn, bk, warps, stages in KERNEL_TILES[:3]:
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
-                t, fail = _time_or_error([lambda cfg=cfg: int_linear(xq, xs, pw, config=cfg, tma=False)])
-                err = None
-                if t:
-                    y = int_linear(xq, xs, pw, config=cfg, tma=False)
-                    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                rows.append({"M": m, "N": n, "K": k, "kernel": "int_gemm", "config": cfg, "error": fail,
-                             "max_rel_err": err, **({"us": t * 1e6, "tops": flops / t / 1e12,
-                                                     "speedup_vs_fp16": t16 / t} if t else {})})
-                print(f"  int_gemm {cfg}: " + (f"{t * 1e6:.1f} us {flops / t / 1e12:.0f} TOPS {t16 / t:.2f}x"
-                                               if t else fail), flush=True)
-            out = torch.empty(m, n, device="cuda", dtype=torch.float16)
-            for (bm, bn, bk, warps, stages), extra in [(t, v) for t in TMA_TILES[:1] for v in TMA_VARIANTS] + [
-                    (t, v) for t in TMA_TILES[1:] for v in TMA_VARIANTS[3:5]]:
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **extra)
-                t, fail = _time_or_error([lambda cfg=cfg: w8a8_tma(xq, xs, pw.qweight, pw.scale, cfg, sms, out)])
-                err = None
-                if t:
-                    y = w8a8_tma(xq, xs, pw.qweight, pw.scale, cfg, sms, out)
-                    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                rows.append({"M": m, "N": n, "K": k, "kernel": "tma_persistent", "config": cfg, "error": fail,
-                             "max_rel_err": err, **({"us": t * 1e6, "tops": flops / t / 1e12,
-                                                     "speedup_vs_fp16": t16 / t} if t else {})})
-                print(f"  tma {cfg}: " + (f"{t * 1e6:.1f} us {flops / t / 1e12:.0f} TOPS {t16 / t:.2f}x, "
-                                          f"err {err:.1e}" if t else fail), flush=True)
+            yield m, n, k, w16, pw, x, xq, xs
         del w16
         torch.cuda.empty_cache()
+
+
+def sweep_w8a8(ms=(1024, 2048, 4096)) -> list[dict]:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for m, n, k, w16, pw, x, xq, xs in _w8a8_cases(ms):
+        ref = R.int_linear_ref(xq, xs, pw, torch.float32)
+        t16 = graph_time([lambda w=w16: torch.matmul(x, w.t())])
+        flops = 2 * m * n * k
+        INT_TUNER.best.clear()
+        TMA_TUNER.best.clear()
+        int_linear(xq, xs, pw)  # the runtime's default path and its tuner's pick
+        tma = takes_tma_path(m, pw, xq)
+        pick = (TMA_TUNER.best.get((m, n, k, False, torch.float16)) if tma
+                else INT_TUNER.best.get((m, n, k, 8, pw.group_size, False)))
+        tp = graph_time([lambda: int_linear(xq, xs, pw)])
+        rows.append({"M": m, "N": n, "K": k, "kernel": "int8_tma" if tma else "int_gemm", "tuner_pick": pick,
+                     "us": tp * 1e6,
+                     "speedup_vs_fp16": t16 / tp, "fp16_us": t16 * 1e6, "fp16_tflops": flops / t16 / 1e12})
+        print(f"w8a8 M={m} {n}x{k}: fp16 {t16 * 1e6:.1f} us; tuner pick {pick} {tp * 1e6:.1f} us "
+              f"({t16 / tp:.2f}x)", flush=True)
+        for bm, bn, bk, warps, stages in KERNEL_TILES[:3]:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+            t, fail = _time_or_error([lambda cfg=cfg: int_linear(xq, xs, pw, config=cfg, tma=False)])
+            err = None
+            if t:
+                y = int_linear(xq, xs, pw, config=cfg, tma=False)
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+            rows.append({"M": m, "N": n, "K": k, "kernel": "int_gemm", "config": cfg, "error": fail,
+                         "max_rel_err": err, **({"us": t * 1e6, "tops": flops / t / 1e12,
+                                                 "speedup_vs_fp16": t16 / t} if t else {})})
+            print(f"  int_gemm {cfg}: " + (f"{t * 1e6:.1f} us {flops / t / 1e12:.0f} TOPS {t16 / t:.2f}x"
+                                           if t else fail), flush=True)
+        out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+        for (bm, bn, bk, warps, stages), extra in [(t, v) for t in TMA_TILES[:1] for v in TMA_VARIANTS] + [
+                (t, v) for t in TMA_TILES[1:] for v in TMA_VARIANTS[3:5]]:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **extra)
+            t, fail = _time_or_error([lambda cfg=cfg: w8a8_tma(xq, xs, pw.qweight, pw.scale, cfg, sms, out)])
+            err = None
+            if t:
+                y = w8a8_tma(xq, xs, pw.qweight, pw.scale, cfg, sms, out)
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+            rows.append({"M": m, "N": n, "K": k, "kernel": "tma_persistent", "config": cfg, "error": fail,
+                         "max_rel_err": err, **({"us": t * 1e6, "tops": flops / t / 1e12,
+                                                 "speedup_vs_fp16": t16 / t} if t else {})})
+            print(f"  tma {cfg}: " + (f"{t * 1e6:.1f} us {flops / t / 1e12:.0f} TOPS {t16 / t:.2f}x, "
+                                      f"err {err:.1e}" if t else fail), flush=True)
     return rows
 
 
@@ -255,40 +262,31 @@ def sweep_w8a8_focus(ms=(1024, 2048)) -> list[dict]:
     run. Every candidate's output is compared bit for bit with the first one's (the same int32 sums and epilogue)."""
     from qcompile.runtime.triton.w8a8 import tma_candidates, wgmma_capable
 
-    gen = torch.Generator().manual_seed(1)
     rows = []
-    for n, k in SHAPES:
-        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
-        q, scale, _ = random_int_weight(n, k, 8, True, k, gen)
-        pw = pack_int_gemm(q, scale, None, bits=8).to("cuda")
-        for m in ms:
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            xq, xs = quantize_rows(x, 8)
-            t16 = graph_time([lambda w=w16: torch.matmul(x, w.t())])
-            flops = 2 * m * n * k
-            TMA_TUNER.best.clear()
-            int_linear(xq, xs, pw, tma=True)
-            pick = TMA_TUNER.best.get((m, n, k, False, torch.float16))
-            tp = graph_time([lambda: int_linear(xq, xs, pw, tma=True)])
-            rows.append({"M": m, "N": n, "K": k, "kernel": "int8_tma", "tuner_pick": pick, "us": tp * 1e6,
-                         "speedup_vs_fp16": t16 / tp, "fp16_us": t16 * 1e6, "fp16_tflops": flops / t16 / 1e12})
-            print(f"w8a8 focus M={m} {n}x{k}: fp16 {t16 * 1e6:.1f} us; tuner pick {pick} {tp * 1e6:.1f} us "
-                  f"({t16 / tp:.2f}x)", flush=True)
-            first = None
-            for cfg in tma_candidates(m, torch.float16, wgmma=wgmma_capable("cuda")):
-                t, fail = _time_or_error([lambda cfg=cfg: int_linear(xq, xs, pw, config=cfg, tma=True)])
-                same = None
-                if t:
-                    y = int_linear(xq, xs, pw, config=cfg, tma=True)
-                    first = y if first is None else first
-                    same = bool(torch.equal(y, first))
-                rows.append({"M": m, "N": n, "K": k, "kernel": "int8_wgmma" if cfg.get("WGMMA") else "int8_tma",
-                             "config": cfg, "error": fail, "equal_to_first": same,
-                             **({"us": t * 1e6, "tops": flops / t / 1e12, "speedup_vs_fp16": t16 / t} if t else {})})
-                print(f"  {cfg}: " + (f"{t * 1e6:.1f} us {flops / t / 1e12:.0f} TOPS {t16 / t:.2f}x, equal: {same}"
-                                      if t else fail), flush=True)
-        del w16
-        torch.cuda.empty_cache()
+    for m, n, k, w16, pw, x, xq, xs in _w8a8_cases(ms):
+        t16 = graph_time([lambda w=w16: torch.matmul(x, w.t())])
+        flops = 2 * m * n * k
+        TMA_TUNER.best.clear()
+        int_linear(xq, xs, pw, tma=True)
+        pick = TMA_TUNER.best.get((m, n, k, False, torch.float16))
+        tp = graph_time([lambda: int_linear(xq, xs, pw, tma=True)])
+        rows.append({"M": m, "N": n, "K": k, "kernel": "int8_tma", "tuner_pick": pick, "us": tp * 1e6,
+                     "speedup_vs_fp16": t16 / tp, "fp16_us": t16 * 1e6, "fp16_tflops": flops / t16 / 1e12})
+        print(f"w8a8 focus M={m} {n}x{k}: fp16 {t16 * 1e6:.1f} us; tuner pick {pick} {tp * 1e6:.1f} us "
+              f"({t16 / tp:.2f}x)", flush=True)
+        first = None
+        for cfg in tma_candidates(m, torch.float16, wgmma=wgmma_capable("cuda")):
+            t, fail = _time_or_error([lambda cfg=cfg: int_linear(xq, xs, pw, config=cfg, tma=True)])
+            same = None
+            if t:
+                y = int_linear(xq, xs, pw, config=cfg, tma=True)
+                first = y if first is None else first
+                same = bool(torch.equal(y, first))
+            rows.append({"M": m, "N": n, "K": k, "kernel": "int8_wgmma" if cfg.get("WGMMA") else "int8_tma",
+                         "config": cfg, "error": fail, "equal_to_first": same,
+                         **({"us": t * 1e6, "tops": flops / t / 1e12, "speedup_vs_fp16": t16 / t} if t else {})})
+            print(f"  {cfg}: " + (f"{t * 1e6:.1f} us {flops / t / 1e12:.0f} TOPS {t16 / t:.2f}x, equal: {same}"
+                                  if t else fail), flush=True)
     return rows
 
 
