@@ -287,10 +287,8 @@ def tma_candidates(m: int, out_dtype: torch.dtype = torch.float16, wgmma: bool =
     return out
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) of the Gluon wgmma kernel: 4 stages of 128 x 256 tiles take 192 KiB; the
-# last three fit two programs on a multiprocessor (96 / 80 KiB), so one's epilogue overlaps the other's K loop
-WGMMA_TILES = [(128, 256, 8, 4), (128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 128, 4, 3),
-               (128, 128, 4, 2), (64, 256, 4, 2)]
+# (BLOCK_M, BLOCK_N, warps, stages) of the Gluon wgmma kernel: 4 stages of 128 x 256 tiles take 192 KiB
+WGMMA_TILES = [(128, 256, 8, 4), (128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4)]
 
 
 def wgmma_capable(device) -> bool:
