@@ -7,8 +7,8 @@ is left behind (outputs are written to a temporary folder and renamed).
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -157,7 +157,6 @@ def _system_prefix(args, tokenizer):
 
 
 def _eval_export_dir(out_dir: str, args) -> dict:
-
     from qcompile.eval.perplexity import ort_logits_fn, perplexity
     from qcompile.runtime.ort import OrtCausalLM
 
@@ -216,7 +215,6 @@ def cmd_run(args) -> int:
 
 
 def _run_folder(model_dir: str, args) -> int:
-
     from qcompile.runtime.ort import OrtCausalLM
 
     if not _is_export_dir(model_dir):
@@ -409,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a failure without its own message: one line, not a traceback (unless debugging)
         if os.environ.get("QCOMPILE_DEBUG"):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e) if str(e).strip() else ""
         print(f"qcompile: error: {type(e).__name__}{': ' + first if first else ''} (no output was written; set "
               "QCOMPILE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1

@@ -158,16 +158,16 @@ class BlockState:
 
         tensors = load_file(self._path(index))
         meta = json.loads((self.dir / f"block_{index:03d}.json").read_text())
-        # {"weights": {name: spec}, "stats": ...}; states saved before 2026-12-05 (seventh session) kept a copy of
-        # the block's stats in every weight's spec instead
-        specs, stats = (meta["weights"], meta.get("stats", {})) if "weights" in meta else (meta, None)
+        if "weights" in meta:  # {"weights": {name: spec}, "stats": ...}
+            specs, stats = meta["weights"], meta.get("stats", {})
+        else:  # saved before 2026-12-05 (seventh session): the same stats copied into every weight's spec
+            specs, stats = meta, next(iter(meta.values()), {}).get("stats", {})
         out = {}
         for name, s in specs.items():
             spec = QuantSpec(s["bits"], s["symmetric"], s["group_size"])
             out[name] = QuantizedWeight(tensors[f"{name}.qweight"], tensors[f"{name}.scale"],
                                         tensors.get(f"{name}.zero"), spec)
-            stats = s.get("stats", {}) if stats is None else stats
-        return out, stats or {}
+        return out, stats
 
     def save(self, index: int, weights: dict[str, QuantizedWeight], stats: dict) -> None:
         if self.dir is None:

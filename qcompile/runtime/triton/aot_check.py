@@ -302,10 +302,12 @@ def cases(all_configs: bool):
 
 def small_cases():
     """The tiny shapes the tests (and tiny models) launch on a GPU: non-dot attention (head_dim 16), batched GEMV
-    tiles, padded Hadamard sizes."""
-    from qcompile.runtime.triton import act_quant, hadamard, kv_attention, wq_matmul
+    tiles, padded Hadamard sizes, the Gluon W8A8 kernel's 128 x 128 tile."""
+    from qcompile.runtime.triton import act_quant, hadamard, kv_attention, w8a8, wq_matmul
 
     for dt in ("fp32", "fp16"):
+        yield (f"int8_wgmma {dt} small", w8a8._int8_wgmma_kernel, _wgmma_types(128, 128, 128, dt),
+               dict(HAS_BIAS=True, GROUP_M=8, STAGES=4, INSTR_N=128, num_warps=4), {}, 4, 0)
         for g, sym in ((16, False), (96, True), (192, False)):
             yield (f"fake_quant {dt} G={g} sym={sym} small", act_quant._fake_quant_kernel,
                    dict(x_ptr=_ptr(dt), y_ptr=_ptr(dt), G="i32", clip="fp32"),
@@ -352,14 +354,6 @@ def small_cases():
                         STORE=store), {}, 1, 2)
 
 
-def _small_wgmma_cases():
-    from qcompile.runtime.triton import w8a8
-
-    for dt in ("fp32", "fp16"):
-        yield (f"int8_wgmma {dt} small", w8a8._int8_wgmma_kernel, _wgmma_types(128, 128, 128, dt),
-               dict(HAS_BIAS=True, GROUP_M=8, STAGES=4, INSTR_N=128, num_warps=4), {}, 4, 0)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--all", action="store_true", help="every tuning candidate at the Llama-3-8B shapes")
@@ -371,8 +365,7 @@ def main(argv=None) -> int:
         print("aot_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
     bad = spilled = 0
-    todo = itertools.chain(small_cases(), _small_wgmma_cases()) if args.small else itertools.chain(
-        cases(args.all), small_cases(), _small_wgmma_cases())
+    todo = small_cases() if args.small else itertools.chain(cases(args.all), small_cases())
     for label, fn, types, consts, ints, warps, stages in todo:
         if args.filter not in label:
             continue
