@@ -165,8 +165,8 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, 
     at a time. Here the loop is written out by hand: STAGES TMA loads in flight on mbarriers, each wgmma issued
     asynchronously and waited for one iteration later (``warpgroup_mma_wait(1)``), when its stage is refilled.
     One output tile per program, tiles in grouped order: a persistent version (a program's loads running one flat
-    sequence of K-iterations over its tiles, the epilogue after each tile's K loop) measured 16-19 % slower on
-    the H100 at every shape (bench/results/device_2026-12-05_s7/call4_h100). Hopper only (wgmma); no interpreter:
+    sequence of K-iterations over its tiles, the epilogue after each tile's K loop) measured 10-19 % slower on
+    the H100 at every shape (bench/results/device_2026-12-05_s7/call{3,4}_h100). Hopper only (wgmma); no interpreter:
     the tests run it on the GPU against the Triton kernel, and ``aot_check`` compiles it for sm_90 anywhere."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
