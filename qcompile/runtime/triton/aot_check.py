@@ -78,15 +78,19 @@ def compile_one(fn, types: dict, consts: dict, ints: dict | None = None, num_war
     return out
 
 
-def _wgmma_types(bm: int, bn: int, bk: int, out_dt: str) -> dict:
-    """Argument types of ``w8a8._int8_wgmma_kernel``: Gluon tensor descriptors name their shared layout."""
+def _wgmma_types(bm: int, bn: int, bk: int, out_dt: str, epilogue: int = 0) -> dict:
+    """Argument types of ``w8a8._int8_wgmma_kernel``: Gluon tensor descriptors name their shared layout; the
+    output's descriptor is the TMA-store epilogue's (2), the A descriptor again otherwise (unused)."""
     from triton.experimental.gluon import language as gl
 
-    def desc(rows):
-        return f"tensordesc<i8[{rows}, {bk}],{gl.NVMMASharedLayout.get_default_for([rows, bk], gl.int8)!r}>"
+    def desc(ty, gl_ty, rows, cols):
+        return f"tensordesc<{ty}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gl_ty)!r}>"
 
-    return dict(a_desc=desc(bm), b_desc=desc(bn), as_ptr="*fp32", bs_ptr="*fp32", bias_ptr="*fp32",
-                out_ptr=_ptr(out_dt), M="i32", N="i32", K="i32", stride_om="i32")
+    c_desc = (desc(out_dt, gl.float16 if out_dt == "fp16" else gl.float32, bm, bn) if epilogue == 2
+              else desc("i8", gl.int8, bm, bk))
+    return dict(a_desc=desc("i8", gl.int8, bm, bk), b_desc=desc("i8", gl.int8, bn, bk), as_ptr="*fp32",
+                bs_ptr="*fp32", bias_ptr="*fp32", out_ptr=_ptr(out_dt), c_desc=c_desc, M="i32", N="i32", K="i32",
+                stride_om="i32")
 
 
 def _ptr(dtype):
@@ -200,12 +204,12 @@ def cases(all_configs: bool):
                               NUM_PROGRAMS=sms)
                 yield (f"int8_tma {out_dt} {n}x{k} {cfg}", w8a8._int8_tma_kernel, types, consts,
                        dict(N=n, K=k, stride_om=n), cfg["num_warps"], cfg["num_stages"])
-            wg = [c for c in w8a8.tma_candidates(4096, out_t, wgmma=True) if c.get("WGMMA")]
-            for cfg in (wg if all_configs else wg[:1]):
+            wg = [c for c in w8a8.tma_candidates(4096, out_t, wgmma=True, tma_store=True) if c.get("WGMMA")]
+            for cfg in (wg if all_configs else wg[:3]):  # the first tile's three epilogues
                 yield (f"int8_wgmma {out_dt} {n}x{k} {cfg}", w8a8._int8_wgmma_kernel,
-                       _wgmma_types(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out_dt),
+                       _wgmma_types(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out_dt, cfg["EPILOGUE"]),
                        dict(HAS_BIAS=True, GROUP_M=cfg["GROUP_M"], STAGES=cfg["STAGES"], INSTR_N=cfg["INSTR_N"],
-                            num_warps=cfg["num_warps"]),
+                            num_warps=cfg["num_warps"], EPILOGUE=cfg["EPILOGUE"]),
                        dict(N=n, K=k, stride_om=n), cfg["num_warps"], 0)
 
     for n in (64, 128, 576, 1536, 4096, 11008, 14336, 18944, 28672):

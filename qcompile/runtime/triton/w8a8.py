@@ -35,6 +35,7 @@ from qcompile.runtime.triton._jit import MIN_SCALE, grouped_tile, round_half_eve
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -154,9 +155,9 @@ def _int8_tma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K,
 
 
 @gluon.jit
-def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, c_desc, M, N, K, stride_om,
                        HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, INSTR_N: gl.constexpr,
-                       num_warps: gl.constexpr):
+                       num_warps: gl.constexpr, EPILOGUE: gl.constexpr = 0):
     """``_int8_tma_kernel``'s product (same int32 sums, same epilogue arithmetic, so the same output bit for bit),
     written in Gluon so that one wgmma stays in flight while the next K-tile's is issued.
 
@@ -167,7 +168,12 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, 
     One output tile per program, tiles in grouped order: a persistent version (a program's loads running one flat
     sequence of K-iterations over its tiles, the epilogue after each tile's K loop) measured 10-19 % slower on
     the H100 at every shape (bench/results/device_2026-12-05_s7/call{3,4}_h100). Hopper only (wgmma); no interpreter:
-    the tests run it on the GPU against the Triton kernel, and ``aot_check`` compiles it for sm_90 anywhere."""
+    the tests run it on the GPU against the Triton kernel, and ``aot_check`` compiles it for sm_90 anywhere.
+
+    ``EPILOGUE`` moves the same output values three ways (Gluon does not re-layout a store by itself, as Triton's
+    coalescing pass does): 0 stores straight from the wgmma accumulator layout (each thread two adjacent columns of
+    a row), 1 re-lays the tile out first so each thread stores 16 contiguous bytes, 2 writes it to shared memory
+    and stores it with one TMA copy (``c_desc``; the operand stages are dead by then, so it can reuse their space)."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -220,8 +226,23 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, 
          * gl.load(as_ptr + offs_m, mask=m_mask, other=0.0)[:, None])
     if HAS_BIAS:
         y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    if EPILOGUE == 2:  # TMA store: it clips the tile at M and N itself
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
+        c_smem.store(y.to(c_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
+        tma.store_wait(pendings=0)
+    elif EPILOGUE == 1:  # 16 bytes a thread, a warp along one row (or two, for 128 columns)
+        VEC: gl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth
+        TPW_N: gl.constexpr = BLOCK_N // VEC if BLOCK_N // VEC < 32 else 32
+        row_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
+        yc = gl.convert_layout(y.to(out_ptr.dtype.element_ty), row_layout)
+        rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, row_layout))
+        rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, row_layout))
+        gl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], yc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+    else:
+        gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 _QUANT = Tuner("quantize_rows")
@@ -268,10 +289,12 @@ def int_gemm_candidates(m: int, n: int, k: int, pw: PackedIntWeight) -> list[dic
     return out
 
 
-def tma_candidates(m: int, out_dtype: torch.dtype = torch.float16, wgmma: bool = False) -> list[dict]:
+def tma_candidates(m: int, out_dtype: torch.dtype = torch.float16, wgmma: bool = False,
+                   tma_store: bool = False) -> list[dict]:
     """Tiles x pipeline depth; shared memory holds the stages plus the output tile on its way to the store, so
     fp32 outputs (4 bytes per element) take the tiles whose total stays under Hopper's 227 KiB. With ``wgmma``
-    (an sm_90 GPU) the Gluon kernel's tiles too (``WGMMA``; it stores from registers, so its stages alone count)."""
+    (an sm_90 GPU) the Gluon kernel's tiles too (``WGMMA``), each with its epilogues (``EPILOGUE``: the re-laid-out
+    store, 1, spills registers at 256 columns; the TMA store, 2, needs ``tma_store``: 16-byte aligned output rows)."""
     if interpreting():
         return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
     if out_dtype == torch.float32:
@@ -282,13 +305,18 @@ def tma_candidates(m: int, out_dtype: torch.dtype = torch.float16, wgmma: bool =
            for bm, bn, bk, w, st in tiles if bm <= max(128, triton.next_power_of_2(m))]
     if wgmma:
         out += [dict(WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, STAGES=st, INSTR_N=128,
-                     num_warps=w)
-                for bm, bn, w, st in WGMMA_TILES if bm <= max(128, triton.next_power_of_2(m))]
+                     num_warps=w, EPILOGUE=epi)
+                for bm, bn, w, st in WGMMA_TILES if bm <= max(128, triton.next_power_of_2(m))
+                for epi in (0, 1, 2) if (epi != 2 or tma_store) and (epi != 1 or bn < 256)]  # 1 spills at 256
     return out
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) of the Gluon wgmma kernel: 4 stages of 128 x 256 tiles take 192 KiB
-WGMMA_TILES = [(128, 256, 8, 4), (128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4)]
+# (BLOCK_M, BLOCK_N, warps, stages) of the Gluon wgmma kernel: 4 stages of 128 x 256 tiles take 192 KiB; the
+# last three fit two programs on a multiprocessor (96 / 64 / 80 KiB), so that at K = 4096, where one 128 x 256
+# tile per SM leaves the pipeline's fill and the store exposed, one program's fill and store overlap the other's
+# K loop
+WGMMA_TILES = [(128, 256, 8, 4), (128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 128, 4, 3),
+               (128, 128, 4, 2), (64, 256, 4, 2)]
 
 
 def wgmma_capable(device) -> bool:
@@ -310,6 +338,10 @@ def _tma_capable(pw: PackedIntWeight, xq: torch.Tensor) -> bool:
     return xq.is_cuda and torch.cuda.get_device_capability(xq.device)[0] >= 9
 
 
+def _tma_storable(out: torch.Tensor) -> bool:
+    return out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
+
+
 def takes_tma_path(m: int, pw: PackedIntWeight, xq: torch.Tensor) -> bool:
     """Whether ``int_linear`` runs the TMA kernel by default: at least one 128-row tile of activations on
     weights and a device it can take (``_tma_capable``)."""
@@ -329,9 +361,15 @@ def _int8_tma(xq, xs, pw: PackedIntWeight, out, config):
                                                                                                         gl.int8))
             b_desc = GluonTensorDescriptor.from_tensor(pw.qweight, [bn, bk],
                                                        gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
+            epilogue = cfg.get("EPILOGUE", 0)
+            if epilogue == 2 and not _tma_storable(out):
+                raise ValueError("the TMA-store epilogue needs 16-byte aligned output rows and base")
+            c_desc = (GluonTensorDescriptor.from_tensor(out, [bm, bn], gl.NVMMASharedLayout.get_default_for(
+                [bm, bn], gl.float16 if out.dtype == torch.float16 else gl.float32)) if epilogue == 2 else a_desc)
             _int8_wgmma_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
-                a_desc, b_desc, xs, pw.scale, bias, out, m, n, k, out.stride(0), HAS_BIAS=pw.bias is not None,
-                GROUP_M=cfg["GROUP_M"], STAGES=cfg["STAGES"], INSTR_N=cfg["INSTR_N"], num_warps=cfg["num_warps"])
+                a_desc, b_desc, xs, pw.scale, bias, out, c_desc, m, n, k, out.stride(0),
+                HAS_BIAS=pw.bias is not None, GROUP_M=cfg["GROUP_M"], STAGES=cfg["STAGES"], INSTR_N=cfg["INSTR_N"],
+                num_warps=cfg["num_warps"], EPILOGUE=epilogue)
             return
         meta, opts = launch_opts(cfg)
         a_desc = TensorDescriptor.from_tensor(xq, [meta["BLOCK_M"], meta["BLOCK_K"]])
@@ -342,7 +380,7 @@ def _int8_tma(xq, xs, pw: PackedIntWeight, out, config):
             HAS_BIAS=pw.bias is not None, NUM_PROGRAMS=programs, **meta, **opts)
 
     _TMA.run((triton.next_power_of_2(m), n, k, pw.bias is not None, out.dtype),
-             tma_candidates(m, out.dtype, wgmma_capable(xq.device)), launch, config)
+             tma_candidates(m, out.dtype, wgmma_capable(xq.device), _tma_storable(out)), launch, config)
     return out
 
 

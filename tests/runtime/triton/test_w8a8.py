@@ -90,20 +90,28 @@ def test_wgmma_candidates_only_where_the_gluon_kernel_runs(monkeypatch):
     assert not wgmma_capable("cpu")
     assert not any(c.get("WGMMA") for c in tma_candidates(1024, torch.float16))
     monkeypatch.setattr("qcompile.runtime.triton.w8a8.interpreting", lambda: False)
-    wg = [c for c in tma_candidates(1024, torch.float16, wgmma=True) if c.get("WGMMA")]
-    assert [(c["BLOCK_M"], c["BLOCK_N"], c["STAGES"], c["num_warps"]) for c in wg] == [
-        (128, 256, 4, 8), (128, 256, 3, 8), (128, 128, 4, 8), (128, 128, 4, 4)]
+    wg = [c for c in tma_candidates(1024, torch.float16, wgmma=True, tma_store=True) if c.get("WGMMA")]
+    tiles = [(128, 256, 4, 8), (128, 256, 3, 8), (128, 128, 4, 8), (128, 128, 4, 4), (128, 128, 3, 4),
+             (128, 128, 2, 4), (64, 256, 2, 4)]
+    assert sorted({(c["BLOCK_M"], c["BLOCK_N"], c["STAGES"], c["num_warps"]) for c in wg}) == sorted(tiles)
     assert all(c["BLOCK_N"] % c["INSTR_N"] == 0 and c["INSTR_N"] <= 224 for c in wg)  # int8 wgmma: N <= 224
+    # every tile with the direct and the TMA-store epilogue; the re-laid-out store only below 256 columns
+    for epi, want in ((0, tiles), (2, tiles), (1, [t for t in tiles if t[1] < 256])):
+        assert sorted((c["BLOCK_M"], c["BLOCK_N"], c["STAGES"], c["num_warps"]) for c in wg
+                      if c["EPILOGUE"] == epi) == sorted(want)
+    # no TMA store where the output rows are not 16-byte aligned
+    assert not any(c.get("EPILOGUE") == 2 for c in tma_candidates(1024, torch.float16, wgmma=True))
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="the Gluon wgmma kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("m,n,k", [(150, 80, 208), (1000, 4000, 4096)])
+@pytest.mark.parametrize("m,n,k", [(150, 80, 208), (150, 84, 208), (1000, 4000, 4096)])
 def test_wgmma_gemm_is_the_tma_kernel_bit_for_bit(m, n, k):
-    """Every tile of the Gluon kernel (one wgmma in flight) against the Triton TMA kernel: the same int32 sums and
-    the same epilogue, so the same output bit for bit, with partial tiles in M, N and K (zero-filled by TMA),
-    a bias, fp16 and fp32 outputs."""
+    """Every tile and epilogue of the Gluon kernel (one wgmma in flight) against the Triton TMA kernel: the same
+    int32 sums and the same epilogue arithmetic, so the same output bit for bit, with partial tiles in M, N and K
+    (zero-filled by TMA, clipped by the TMA store), a bias, fp16 and fp32 outputs; N = 84 gives fp16 rows that
+    are not 16-byte aligned (no TMA-store candidate, and forcing one is refused)."""
     pw = int_weight(n, k, 8, True, None, "cuda", bias=True, seed=5)
     x = torch.randn(m, k, device="cuda") * 3
     xq, xs = quantize_rows(x, 8)
@@ -113,9 +121,14 @@ def test_wgmma_gemm_is_the_tma_kernel_bit_for_bit(m, n, k):
         ref = R.int_linear_ref(xq, xs, pw, torch.float32)
         torch.testing.assert_close(want.float(), ref, rtol=1e-2 if out_dtype == torch.float16 else 1e-5,
                                    atol=1e-4 * ref.abs().max().item())
-        for cfg in [c for c in cands if c.get("WGMMA")]:
+        wg = [c for c in cands if c.get("WGMMA")]
+        assert any(c["EPILOGUE"] == 2 for c in wg) == (n * want.element_size() % 16 == 0)
+        for cfg in wg:
             got = int_linear(xq, xs, pw, out_dtype, config=cfg, tma=True)
             assert torch.equal(got, want), cfg
+        if n * want.element_size() % 16:
+            with pytest.raises(ValueError, match="16-byte aligned"):
+                int_linear(xq, xs, pw, out_dtype, config=dict(wg[0], EPILOGUE=2), tma=True)
 
 
 def test_w8a8_linear_end_to_end_error_is_quantization_error(device):
@@ -143,6 +156,7 @@ def test_int_gemm_every_config_at_llama_shapes(n, k, bits, group):
         y = int_linear(xq, xs, pw, torch.float32, config=cfg, tma=False)
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=str(cfg))
     if takes_tma_path(1024, pw, xq):
-        for cfg in tma_candidates(1024, torch.float32, wgmma=wgmma_capable("cuda")):  # the Gluon kernel's too
+        # the Gluon kernel's too, with every epilogue (fp32 rows of these N are 16-byte aligned)
+        for cfg in tma_candidates(1024, torch.float32, wgmma=wgmma_capable("cuda"), tma_store=True):
             y = int_linear(xq, xs, pw, torch.float32, config=cfg, tma=True)
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=str(cfg))
