@@ -66,6 +66,9 @@ class KVCache:
             raise ValueError(f"KV bits must be 16, 8 or 4, got {bits}")
         if head_dim & (head_dim - 1) or head_dim < 4:
             raise ValueError(f"head_dim must be a power of two >= 4, got {head_dim}")
+        if batch * kv_heads * max_len * head_dim >= 2**31:  # the kernels index the cache in int32
+            raise ValueError(f"a KV cache of {batch} x {kv_heads} heads x {max_len} positions x {head_dim} exceeds "
+                             f"2^31 entries a layer: use a smaller batch or max_len")
         cap = max_len if bits == 16 else max(1, min(prefix_capacity, max_len))
         fshape = (batch, kv_heads, cap, head_dim)
         if bits == 16:

@@ -121,8 +121,10 @@ def _int_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, bias_ptr, out_ptr,
         y = acc_f * a_scale[:, None]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    # M x N may pass 2^31: the tile's first row offset in int64, its rows in int32
+    m0 = pid_m * BLOCK_M
+    tl.store(out_ptr + m0.to(tl.int64) * stride_om + (offs_m - m0)[:, None] * stride_om + offs_n[None, :],
+             y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -150,8 +152,8 @@ def _int8_tma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K,
              * tl.load(as_ptr + offs_m, mask=m_mask, other=0.0)[:, None])
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+        tl.store(out_ptr + om.to(tl.int64) * stride_om + (offs_m - om)[:, None] * stride_om + offs_n[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])  # int64 tile base
 
 
 @gluon.jit
@@ -232,17 +234,20 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, c_desc
         fence_async_shared()
         tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
         tma.store_wait(pendings=0)
-    elif EPILOGUE == 1:  # 16 bytes a thread, a warp along one row (or two, for 128 columns)
-        VEC: gl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth
-        TPW_N: gl.constexpr = BLOCK_N // VEC if BLOCK_N // VEC < 32 else 32
-        row_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
-        yc = gl.convert_layout(y.to(out_ptr.dtype.element_ty), row_layout)
-        rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, row_layout))
-        rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, row_layout))
-        gl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], yc, mask=(rm < M)[:, None] & (rn < N)[None, :])
-    else:
-        gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+    else:  # M x N may pass 2^31: the tile's first row offset in int64, its rows in int32
+        out_tile = out_ptr + off_m.to(gl.int64) * stride_om
+        if EPILOGUE == 1:  # 16 bytes a thread, a warp along one row (or two, for 128 columns)
+            VEC: gl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth
+            TPW_N: gl.constexpr = BLOCK_N // VEC if BLOCK_N // VEC < 32 else 32
+            row_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
+            yc = gl.convert_layout(y.to(out_ptr.dtype.element_ty), row_layout)
+            rm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, row_layout))
+            rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, row_layout))
+            gl.store(out_tile + rm[:, None] * stride_om + rn[None, :], yc,
+                     mask=(off_m + rm < M)[:, None] & (rn < N)[None, :])
+        else:
+            gl.store(out_tile + (offs_m - off_m)[:, None] * stride_om + offs_n[None, :],
+                     y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 _QUANT = Tuner("quantize_rows")

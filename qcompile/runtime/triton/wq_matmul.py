@@ -42,14 +42,20 @@ GEMV_MAX_M = 8
 
 
 @triton.jit
-def _finish(y, b_ptr, r_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om,
+def _finish(y, b_ptr, r_ptr, out_ptr, m0, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om,
             HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    """Bias, residual, store of the rows ``offs_m`` (the tile's first is ``m0``). M x N may pass 2^31 (all the
+    prompt's logits over a large vocabulary): the tile's first row is offset in int64, its rows in int32."""
     mask = m_mask[:, None] & n_mask[None, :]
+    m64 = tl.cast(m0, tl.int64)
+    rows = (offs_m - m0)[:, None]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
-        y += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        y += tl.load(r_ptr + m64 * stride_rm + rows * stride_rm + offs_n[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+    tl.store(out_ptr + m64 * stride_om + rows * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -296,7 +302,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
         y = tl.sum(acc, axis=1)
     o_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
-        _finish(y, b_ptr, r_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om, HAS_BIAS, HAS_RES)
+        _finish(y, b_ptr, r_ptr, out_ptr, 0, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om, HAS_BIAS,
+                HAS_RES)
     else:
         tl.store(part_ptr + (pid_k * BLOCK_M + offs_m[:, None]) * N + offs_n[None, :], y, mask=o_mask)
         tl.debug_barrier()  # every thread's partial is written before the (release) arrival below
@@ -306,7 +313,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
             for s in range(SPLIT_K):
                 total += tl.load(part_ptr + (s * BLOCK_M + offs_m[:, None]) * N + offs_n[None, :], mask=o_mask,
                                  other=0.0, cache_modifier=".cg")
-            _finish(total, b_ptr, r_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om, HAS_BIAS,
+            _finish(total, b_ptr, r_ptr, out_ptr, 0, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om, HAS_BIAS,
                     HAS_RES)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch (and for CUDA-graph replays)
 
@@ -360,7 +367,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr,
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w, acc)
-    _finish(acc, b_ptr, r_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om, HAS_BIAS, HAS_RES)
+    _finish(acc, b_ptr, r_ptr, out_ptr, pid_m * BLOCK_M, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om,
+            HAS_BIAS, HAS_RES)
 
 
 # -- configurations ------------------------------------------------------------------------------------------

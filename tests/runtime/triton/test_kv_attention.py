@@ -153,6 +153,9 @@ def test_cache_refuses_bad_geometry():
         KVCache.allocate(1, 1, 48, 8, 8, device="cpu")
     with pytest.raises(ValueError, match="16, 8 or 4"):
         KVCache.allocate(1, 1, 64, 8, 2, device="cpu")
+    # the kernels index a layer's cache in int32: refused before anything is allocated
+    with pytest.raises(ValueError, match="exceeds 2\\^31 entries"):
+        KVCache.allocate(64, 8, 131072, 128, 8, device="cpu")
 
 
 # -- real shapes ------------------------------------------------------------------------------------------

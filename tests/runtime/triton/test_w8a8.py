@@ -160,3 +160,20 @@ def test_int_gemm_every_config_at_llama_shapes(n, k, bits, group):
         for cfg in tma_candidates(1024, torch.float32, wgmma=wgmma_capable("cuda"), tma_store=True):
             y = int_linear(xq, xs, pw, torch.float32, config=cfg, tma=True)
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=str(cfg))
+
+
+@pytest.mark.cuda
+def test_int8_gemm_output_past_two_to_the_31_elements():
+    """M x N >= 2^31 outputs through every TMA-path candidate (Triton and, on sm_90, each Gluon epilogue): the
+    epilogue's row offsets must not wrap in int32."""
+    n, k, m = 131200, 64, 16384
+    pw = int_weight(n, k, 8, True, None, "cuda")
+    xq, xs = quantize_rows(torch.randn(m, k, device="cuda"), 8)
+    refs = {rows: R.int_linear_ref(xq[rows], xs[rows], pw, torch.float32)
+            for rows in (slice(0, 2), slice(m - 2, m))}
+    for cfg in tma_candidates(m, torch.float16, wgmma=wgmma_capable("cuda"), tma_store=True):
+        y = int_linear(xq, xs, pw, torch.float16, config=cfg, tma=True)
+        for rows, ref in refs.items():
+            torch.testing.assert_close(y[rows].float(), ref, rtol=1e-2, atol=1e-3 * ref.abs().max().item(),
+                                       msg=str(cfg))
+        del y

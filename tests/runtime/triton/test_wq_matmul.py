@@ -251,3 +251,16 @@ def test_gemv_half2_path_matches_float_path(sym, group):
     buf = torch.randn(k + 1, device="cuda", dtype=torch.float16)
     x_odd = buf[1:].view(1, k)  # 2-byte aligned: the int32 activation loads would fault
     check(wq_linear(x_odd, pw), R.wq_linear_ref(x_odd.float(), ref_pw), 2e-3)
+
+
+@pytest.mark.cuda
+def test_gemm_output_past_two_to_the_31_elements():
+    """All the prompt's logits over a large vocabulary: M x N >= 2^31 outputs, so the epilogue's row offsets must
+    not wrap in int32 (the last rows landed on the first ones when they did)."""
+    n, k, m = 131200, 64, 16384  # M x N = 2.15e9 > 2^31
+    pw = packed(n, k, 4, False, 32, "cuda", torch.float16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    y = wq_linear(x, pw)
+    for rows in (slice(0, 2), slice(m - 2, m)):
+        ref = R.wq_linear_ref(x[rows].float(), pw.to(dtype=torch.float32))
+        check(y[rows], ref, 2e-3)
