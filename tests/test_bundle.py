@@ -310,6 +310,9 @@ def test_inspect_refuses_a_folder_without_its_weights(exported, tmp_path, capsys
         f.truncate(100)
     assert main(["inspect", str(src)]) == 2
     assert "is truncated (100 bytes" in _one_error(capsys)
+    (src / "model.onnx").write_bytes((src / "model.onnx").read_bytes()[:50])  # the graph itself cut short
+    assert main(["inspect", str(src)]) == 2
+    assert "cannot read model.onnx in" in _one_error(capsys)
 
 
 def test_tokenizer_note(bundle, tmp_path):

@@ -109,11 +109,6 @@ def inspect(path: str | os.PathLike, check: bool = False) -> dict:
         kind = "bundle archive"
         files = None
     elif (path / MODEL_FILE).is_file():
-        # the weights the graph points at must be there in full: inspecting a broken export is an error
-        missing = [n for n in external_data_files(path / MODEL_FILE) if not (path / n).is_file()]
-        if missing:
-            raise QCompileError(f"{path} is incomplete: the graph's weights file(s) {', '.join(missing)} are "
-                                "missing; re-export it or copy the whole folder")
         blobs = {n: (path / n).read_bytes() for n in (MODEL_FILE, MANIFEST_FILE, META_FILE) if (path / n).is_file()}
         kind = "bundle" if MANIFEST_FILE in blobs else "exported folder"
         files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
@@ -125,6 +120,12 @@ def inspect(path: str | os.PathLike, check: bool = False) -> dict:
         graph = onnx.load_model_from_string(blobs[MODEL_FILE])
     except Exception as e:  # protobuf raises its own DecodeError
         raise QCompileError(f"cannot read {MODEL_FILE} in {path} (corrupt?): {str(e).splitlines()[0] if str(e) else e}")
+    if files is not None:
+        # the weights the graph points at must be there in full: inspecting a broken export is an error
+        missing = [n for n in external_data_files(path / MODEL_FILE, graph) if not (path / n).is_file()]
+        if missing:
+            raise QCompileError(f"{path} is incomplete: the graph's weights file(s) {', '.join(missing)} are "
+                                "missing; re-export it or copy the whole folder")
     try:
         manifest = json.loads(blobs[MANIFEST_FILE]) if MANIFEST_FILE in blobs else None
         meta = json.loads(blobs[META_FILE]) if META_FILE in blobs else {}

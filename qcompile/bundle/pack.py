@@ -71,13 +71,15 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _all_tensors(sub)
 
 
-def external_data_files(model_path: Path) -> list[str]:
-    """The files the graph's initializers live in (names relative to the graph's folder)."""
-    try:
-        graph = onnx.load(str(model_path), load_external_data=False)
-    except Exception as e:  # a truncated or foreign file: protobuf's DecodeError and the like
-        raise QCompileError(f"{model_path} is not a readable ONNX graph (damaged? re-export it): "
-                            f"{type(e).__name__}") from None
+def external_data_files(model_path: Path, graph: onnx.ModelProto | None = None) -> list[str]:
+    """The files the graph's initializers live in (names relative to the graph's folder). ``graph``: the graph
+    already read from ``model_path`` (without its external data), so it is not parsed twice."""
+    if graph is None:
+        try:
+            graph = onnx.load(str(model_path), load_external_data=False)
+        except Exception as e:  # a truncated or foreign file: protobuf's DecodeError and the like
+            raise QCompileError(f"{model_path} is not a readable ONNX graph (damaged? re-export it): "
+                                f"{type(e).__name__}") from None
     ends: dict[str, int] = {}  # per weights file, where its last tensor ends
     for tensor in _all_tensors(graph.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
