@@ -375,14 +375,13 @@ def sweep_attention_focus(lengths=(32768,), kv_bits=(8, 4)) -> list[dict]:
             DECODE_TUNER.best.clear()
             ref = decode_attention(q, cs[0], lens, prefix)
             pick = DECODE_TUNER.best[(1, nh, nkv, d, bits, length, torch.float16, False)]
-            sp = pick["SPLITS"]
-            # occupancy (sixth session): Nsight Compute put the int8 pick at 8 one-warp programs per SM, held there
-            # by registers (180 a thread) and the two pipeline stages' shared memory (18 KB a program), at half the
-            # DRAM bandwidth. A register cap (maxnreg), one stage, or both, with the splits that fill the SMs again
-            changes = [{}, dict(maxnreg=128), dict(maxnreg=128, SPLITS=sp * 11 // 8), dict(num_stages=1),
-                       dict(num_stages=1, SPLITS=2 * sp), dict(num_stages=1, maxnreg=128, SPLITS=2 * sp),
-                       dict(num_stages=1, maxnreg=80, SPLITS=3 * sp), dict(BLOCK_S=64),
-                       dict(BLOCK_S=64, SPLITS=sp // 2), dict(BLOCK_S=64, num_stages=1, maxnreg=128, SPLITS=2 * sp)]
+            # split counts that keep one wave (8 one-warp programs a SM at most: sixth session's Nsight Compute) and
+            # 8 blocks a program, with a power-of-two count so the combine's split axis is not padded to 256
+            # (132 -> 256 rows); earlier rounds (occupancy: register caps, one stage, 64-token blocks; combine
+            # chunks, 99 / 198 / 264 splits) were all slower than the pick on the H100
+            # (bench/results/device_2026-12-05_s{5,6}/*/focus.json)
+            changes = [{}, dict(SPLITS=128), dict(SPLITS=128, COMBINE_DC=16), dict(SPLITS=128, COMBINE_DC=64),
+                       dict(SPLITS=120), dict(SPLITS=112)]
             for change in changes:
                 cfg = {**pick, **change}
                 t, fail, err = _time_attention(q, cs, lens, prefix, cfg, ref)
