@@ -311,7 +311,7 @@ def small_cases():
 
     for dt in ("fp32", "fp16"):
         yield (f"int8_wgmma {dt} small", w8a8._int8_wgmma_kernel, _wgmma_types(128, 128, 128, dt),
-               dict(HAS_BIAS=True, GROUP_M=8, STAGES=4, INSTR_N=128, num_warps=4), {}, 4, 0)
+               dict(HAS_BIAS=True, GROUP_M=8, STAGES=3, INSTR_N=128, num_warps=4), {}, 4, 0)
         for g, sym in ((16, False), (96, True), (192, False)):
             yield (f"fake_quant {dt} G={g} sym={sym} small", act_quant._fake_quant_kernel,
                    dict(x_ptr=_ptr(dt), y_ptr=_ptr(dt), G="i32", clip="fp32"),

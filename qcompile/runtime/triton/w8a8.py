@@ -13,7 +13,9 @@
   operands come through TMA tensor descriptors (one program per SM walking the output tiles in grouped order,
   128 x 256 x 128 tiles, 4 stages): 1.38-1.72x fp16 ``torch.matmul`` on the H200 at Llama-3-8B shapes against
   1.34-1.60x for the pointer-based kernel below (bench/triton_sweep.py); warp specialization and a TMA store of
-  the output measured no better.
+  the output measured no better. On sm_90 the tuner also offers ``_int8_wgmma_kernel`` (Gluon: one wgmma in
+  flight, the output through shared memory and a TMA store): 1.66-2.09x on the H100 at every Llama-3-8B shape,
+  M = 1024-4096 (bench/results/device_2026-12-05_s8/call1_h100/kernels_gemm.json).
 * W4A4: H100 has no int4 tensor cores (Hopper dropped the int4 MMA that Ampere had). 4-bit activations are held
   as int8 values in [-8, 7] and 4-bit weights are unpacked in registers from nibbles to int8, and the product runs
   on the int8 tensor cores: 4-bit halves the weight bytes and keeps 4-bit accuracy semantics, not the FLOPs.
@@ -175,7 +177,10 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, c_desc
     ``EPILOGUE`` moves the same output values three ways (Gluon does not re-layout a store by itself, as Triton's
     coalescing pass does): 0 stores straight from the wgmma accumulator layout (each thread two adjacent columns of
     a row), 1 re-lays the tile out first so each thread stores 16 contiguous bytes, 2 writes it to shared memory
-    and stores it with one TMA copy (``c_desc``; the operand stages are dead by then, so it can reuse their space)."""
+    and stores it with one TMA copy (``c_desc``; the operand stages are dead by then, so it can reuse their space).
+    On the H100 the TMA store took 15-18 % off the direct store at K = 4096 and 5-7 % at K = 14336 (128 x 256
+    tiles; bench/results/device_2026-12-05_s8/call1_h100/gemm_focus.json): the store, not the K loop, was what
+    kept this kernel level with the Triton one at K = 4096."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -316,12 +321,13 @@ def tma_candidates(m: int, out_dtype: torch.dtype = torch.float16, wgmma: bool =
     return out
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) of the Gluon wgmma kernel: 4 stages of 128 x 256 tiles take 192 KiB; the
-# last three fit two programs on a multiprocessor (96 / 64 / 80 KiB), so that at K = 4096, where one 128 x 256
-# tile per SM leaves the pipeline's fill and the store exposed, one program's fill and store overlap the other's
-# K loop
-WGMMA_TILES = [(128, 256, 8, 4), (128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 128, 4, 3),
-               (128, 128, 4, 2), (64, 256, 4, 2)]
+# (BLOCK_M, BLOCK_N, warps, stages) of the Gluon wgmma kernel: 4 stages of 128 x 256 tiles take 192 KiB; 3 stages
+# of 128 x 128 with 4 warps (96 KiB, 208 registers) fit two programs on a multiprocessor, so one's pipeline fill
+# and store overlap the other's K loop. On the H100 at the Llama-3-8B shapes, M = 1024 / 2048, these two were the
+# best tiles (the first at four of the six cases, the second at two); every other Gluon tile tried (128 x 256 with
+# 3 stages, 128 x 128 with 8 warps or 4 / 2 stages, 64 x 256) came 3-61 % behind the best at every case
+# (bench/results/device_2026-12-05_s8/call1_h100/gemm_focus.json, each tile with its best epilogue)
+WGMMA_TILES = [(128, 256, 8, 4), (128, 128, 4, 3)]
 
 
 def wgmma_capable(device) -> bool:
