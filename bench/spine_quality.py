@@ -100,6 +100,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dlqat-e3-w4": ("w4a16-g64-dlqat", ["dlqat.epochs=3"]),
     "cqe-dlqat-w3": ("w3a16-g64-cqe-dlqat", []),
     # ... at W4: CQE+ as w4a16-g64-cqe (5 epochs), then DL-QAT as w4a16-g64-dlqat (3 epochs) from CQE+'s grid
+    # (the W3 recipe with its bits overridden: the result JSON's recipe name and description still say int3)
     "cqe-dlqat-w4": ("w3a16-g64-cqe-dlqat", ["sde.bits=4", "dlqat.bits=4", "dlqat.epochs=3"]),
     "w4a4kv4-cqe": ("w4a4kv4-cqe", []),
     # CQE+ starting from GPTQ's weights instead of a min/max grid (bench/recipes/*-gptq-cqe.yaml); W2 without the

@@ -275,6 +275,7 @@ def sweep_w8a8_focus(ms=(1024, 2048)) -> list[dict]:
         print(f"w8a8 focus M={m} {n}x{k}: fp16 {t16 * 1e6:.1f} us; tuner pick {pick} {tp * 1e6:.1f} us "
               f"({t16 / tp:.2f}x)", flush=True)
         first = None
+        # fp16 outputs: 16-byte aligned rows where N % 8 == 0
         for cfg in tma_candidates(m, torch.float16, wgmma=wgmma_capable("cuda"), tma_store=n % 8 == 0):
             t, fail = _time_or_error([lambda cfg=cfg: int_linear(xq, xs, pw, config=cfg, tma=True)])
             same = None

@@ -86,8 +86,8 @@ def _wgmma_types(bm: int, bn: int, bk: int, out_dt: str, epilogue: int = 0) -> d
     def desc(ty, gl_ty, rows, cols):
         return f"tensordesc<{ty}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gl_ty)!r}>"
 
-    c_desc = (desc(out_dt, gl.float16 if out_dt == "fp16" else gl.float32, bm, bn) if epilogue == 2
-              else desc("i8", gl.int8, bm, bk))
+    gl_out = {"fp16": gl.float16, "bf16": gl.bfloat16, "fp32": gl.float32}[out_dt]
+    c_desc = desc(out_dt, gl_out, bm, bn) if epilogue == 2 else desc("i8", gl.int8, bm, bk)
     return dict(a_desc=desc("i8", gl.int8, bm, bk), b_desc=desc("i8", gl.int8, bn, bk), as_ptr="*fp32",
                 bs_ptr="*fp32", bias_ptr="*fp32", out_ptr=_ptr(out_dt), c_desc=c_desc, M="i32", N="i32", K="i32",
                 stride_om="i32")
@@ -193,7 +193,7 @@ def cases(all_configs: bool):
                        cfg.get("num_warps", 4), cfg.get("num_stages", 2))
         # the TMA int8 GEMM (per-channel weights, M >= 128), per output dtype: its shared memory holds the stages
         # and the output tile on its way to the store
-        for out_dt, out_t in (("fp16", torch.float16), ("fp32", torch.float32)):
+        for out_dt, out_t in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
             cands = w8a8.tma_candidates(4096, out_t)
             for cfg in (cands if all_configs else cands[:1]):
                 bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -205,7 +205,9 @@ def cases(all_configs: bool):
                 yield (f"int8_tma {out_dt} {n}x{k} {cfg}", w8a8._int8_tma_kernel, types, consts,
                        dict(N=n, K=k, stride_om=n), cfg["num_warps"], cfg["num_stages"])
             wg = [c for c in w8a8.tma_candidates(4096, out_t, wgmma=True, tma_store=True) if c.get("WGMMA")]
-            for cfg in (wg if all_configs else wg[:3]):  # the first tile's three epilogues
+            if not all_configs:  # the first candidate with each epilogue
+                wg = [next(c for c in wg if c["EPILOGUE"] == e) for e in sorted({c["EPILOGUE"] for c in wg})]
+            for cfg in wg:
                 yield (f"int8_wgmma {out_dt} {n}x{k} {cfg}", w8a8._int8_wgmma_kernel,
                        _wgmma_types(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out_dt, cfg["EPILOGUE"]),
                        dict(HAS_BIAS=True, GROUP_M=cfg["GROUP_M"], STAGES=cfg["STAGES"], INSTR_N=cfg["INSTR_N"],

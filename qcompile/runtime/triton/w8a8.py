@@ -241,7 +241,7 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, c_desc
         tma.store_wait(pendings=0)
     else:  # M x N may pass 2^31: the tile's first row offset in int64, its rows in int32
         out_tile = out_ptr + off_m.to(gl.int64) * stride_om
-        if EPILOGUE == 1:  # 16 bytes a thread, a warp along one row (or two, for 128 columns)
+        if EPILOGUE == 1:  # 16 bytes a thread, a warp along one row (two rows: 128 16-bit columns)
             VEC: gl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth
             TPW_N: gl.constexpr = BLOCK_N // VEC if BLOCK_N // VEC < 32 else 32
             row_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
@@ -349,8 +349,13 @@ def _tma_capable(pw: PackedIntWeight, xq: torch.Tensor) -> bool:
     return xq.is_cuda and torch.cuda.get_device_capability(xq.device)[0] >= 9
 
 
+# the TMA store's shared layout depends on the element type (its swizzle and box width): one entry per output dtype
+_GL_OUT = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}
+
+
 def _tma_storable(out: torch.Tensor) -> bool:
-    return out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
+    return (out.dtype in _GL_OUT and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
+            and out.data_ptr() % 16 == 0)
 
 
 def takes_tma_path(m: int, pw: PackedIntWeight, xq: torch.Tensor) -> bool:
@@ -374,9 +379,10 @@ def _int8_tma(xq, xs, pw: PackedIntWeight, out, config):
                                                        gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
             epilogue = cfg.get("EPILOGUE", 0)
             if epilogue == 2 and not _tma_storable(out):
-                raise ValueError("the TMA-store epilogue needs 16-byte aligned output rows and base")
+                raise ValueError("the TMA-store epilogue needs 16-byte aligned output rows and base, and an fp16, "
+                                 "bf16 or fp32 output")
             c_desc = (GluonTensorDescriptor.from_tensor(out, [bm, bn], gl.NVMMASharedLayout.get_default_for(
-                [bm, bn], gl.float16 if out.dtype == torch.float16 else gl.float32)) if epilogue == 2 else a_desc)
+                [bm, bn], _GL_OUT[out.dtype])) if epilogue == 2 else a_desc)
             _int8_wgmma_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
                 a_desc, b_desc, xs, pw.scale, bias, out, c_desc, m, n, k, out.stride(0),
                 HAS_BIAS=pw.bias is not None, GROUP_M=cfg["GROUP_M"], STAGES=cfg["STAGES"], INSTR_N=cfg["INSTR_N"],

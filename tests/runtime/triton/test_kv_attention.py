@@ -155,7 +155,7 @@ def test_cache_refuses_bad_geometry():
         KVCache.allocate(1, 1, 64, 8, 2, device="cpu")
     # the kernels index a layer's cache in int32: refused before anything is allocated
     with pytest.raises(ValueError, match="exceeds 2\\^31 entries"):
-        KVCache.allocate(64, 8, 131072, 128, 8, device="cpu")
+        KVCache.allocate(64, 8, 128, 131072, 8, device="cpu")  # batch, kv heads, head_dim, max_len, bits
 
 
 # -- real shapes ------------------------------------------------------------------------------------------

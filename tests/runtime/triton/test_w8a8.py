@@ -7,6 +7,7 @@ from qcompile.quant.grid import QuantizedWeight, QuantSpec
 from qcompile.runtime.triton import reference as R
 from qcompile.runtime.triton.packing import pack_int_gemm
 from qcompile.runtime.triton.w8a8 import (
+    _tma_storable,
     int_gemm_candidates,
     int_linear,
     quantize_rows,
@@ -85,6 +86,17 @@ def test_tma_gemm_matches_pointer_gemm_and_reference(device):
         int_linear(xq, xs, asym, tma=True)
 
 
+def test_tma_store_needs_aligned_float_rows():
+    """The TMA-store epilogue's precondition: 16-byte aligned rows and base, and an output type it has a layout for."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert _tma_storable(torch.empty(4, 64, dtype=dtype))
+        assert not _tma_storable(torch.empty(4, 64, dtype=dtype)[:, 1:])  # unit stride, base off by one element
+    assert not _tma_storable(torch.empty(4, 84, dtype=torch.float16))  # 168-byte rows
+    assert _tma_storable(torch.empty(4, 84, dtype=torch.float32))  # 336-byte rows
+    assert not _tma_storable(torch.empty(4, 64, dtype=torch.int32))
+    assert not _tma_storable(torch.empty(64, 4, dtype=torch.float16).t())  # column-major
+
+
 def test_wgmma_candidates_only_where_the_gluon_kernel_runs(monkeypatch):
     """The Gluon wgmma kernel has no interpreter and needs sm_90: never a candidate on CPU or unless asked."""
     assert not wgmma_capable("cpu")
@@ -109,23 +121,27 @@ def test_wgmma_candidates_only_where_the_gluon_kernel_runs(monkeypatch):
 def test_wgmma_gemm_is_the_tma_kernel_bit_for_bit(m, n, k):
     """Every tile and epilogue of the Gluon kernel (one wgmma in flight) against the Triton TMA kernel: the same
     int32 sums and the same epilogue arithmetic, so the same output bit for bit, with partial tiles in M, N and K
-    (zero-filled by TMA, clipped by the TMA store), a bias, fp16 and fp32 outputs; N = 84 gives fp16 rows that
-    are not 16-byte aligned (no TMA-store candidate, and forcing one is refused)."""
+    (zero-filled by TMA, clipped by the TMA store), a bias, fp32, fp16 and bf16 outputs (the TMA store's shared
+    layout differs per element type); N = 84 gives 16-bit rows that are not 16-byte aligned (no TMA-store
+    candidate, and forcing one is refused). Each output is poisoned with NaN once checked, so the next candidate,
+    which the allocator hands the same memory, cannot pass by leaving it as it was."""
     pw = int_weight(n, k, 8, True, None, "cuda", bias=True, seed=5)
     x = torch.randn(m, k, device="cuda") * 3
     xq, xs = quantize_rows(x, 8)
-    for out_dtype in (torch.float32, torch.float16):
+    for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
         aligned = n * torch.empty(0, dtype=out_dtype).element_size() % 16 == 0
+        assert _tma_storable(torch.empty(m, n, dtype=out_dtype, device="cuda")) == aligned
         cands = tma_candidates(m, out_dtype, wgmma=True, tma_store=aligned)
         want = int_linear(xq, xs, pw, out_dtype, config=[c for c in cands if not c.get("WGMMA")][0], tma=True)
         ref = R.int_linear_ref(xq, xs, pw, torch.float32)
-        torch.testing.assert_close(want.float(), ref, rtol=1e-2 if out_dtype == torch.float16 else 1e-5,
+        torch.testing.assert_close(want.float(), ref, rtol=1e-5 if out_dtype == torch.float32 else 1e-2,
                                    atol=1e-4 * ref.abs().max().item())
         wg = [c for c in cands if c.get("WGMMA")]
         assert any(c["EPILOGUE"] == 2 for c in wg) == aligned
         for cfg in wg:
             got = int_linear(xq, xs, pw, out_dtype, config=cfg, tma=True)
             assert torch.equal(got, want), cfg
+            got.fill_(float("nan"))
         if not aligned:
             with pytest.raises(ValueError, match="16-byte aligned"):
                 int_linear(xq, xs, pw, out_dtype, config=dict(wg[0], EPILOGUE=2), tma=True)
@@ -163,9 +179,11 @@ def test_int_gemm_every_config_at_llama_shapes(n, k, bits, group):
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="the TMA kernels need a Hopper-or-newer GPU")
 def test_int8_gemm_output_past_two_to_the_31_elements():
     """M x N >= 2^31 outputs through every TMA-path candidate (Triton and, on sm_90, each Gluon epilogue): the
-    epilogue's row offsets must not wrap in int32."""
+    epilogue's row offsets must not wrap in int32 (4.3 GB of output; poisoned between candidates)."""
     n, k, m = 131200, 64, 16384
     pw = int_weight(n, k, 8, True, None, "cuda")
     xq, xs = quantize_rows(torch.randn(m, k, device="cuda"), 8)
@@ -176,4 +194,5 @@ def test_int8_gemm_output_past_two_to_the_31_elements():
         for rows, ref in refs.items():
             torch.testing.assert_close(y[rows].float(), ref, rtol=1e-2, atol=1e-3 * ref.abs().max().item(),
                                        msg=str(cfg))
+        y.fill_(float("nan"))
         del y
