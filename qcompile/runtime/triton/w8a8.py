@@ -178,9 +178,9 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, c_desc
     coalescing pass does): 0 stores straight from the wgmma accumulator layout (each thread two adjacent columns of
     a row), 1 re-lays the tile out first so each thread stores 16 contiguous bytes, 2 writes it to shared memory
     and stores it with one TMA copy (``c_desc``; the operand stages are dead by then, so it can reuse their space).
-    On the H100 the TMA store took 15-18 % off the direct store at K = 4096 and 5-7 % at K = 14336 (128 x 256
-    tiles; bench/results/device_2026-12-05_s8/call1_h100/gemm_focus.json): the store, not the K loop, was what
-    kept this kernel level with the Triton one at K = 4096."""
+    On the H100 the TMA store took 15-18 % off the direct store at K = 4096 and 5-7 % at K = 14336 (the 128 x 256
+    tile with 4 stages; bench/results/device_2026-12-05_s8/call1_h100/gemm_focus.json): the store, not the K loop,
+    was what kept this kernel level with the Triton one at K = 4096."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
