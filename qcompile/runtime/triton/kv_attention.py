@@ -497,14 +497,14 @@ def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: boo
                       group: int = 0, on_codes: bool = False) -> list[dict]:
     """Block sizes x split counts x warps/stages, the default guess first (fp32 keeps its one register-safe
     configuration). Where the attention runs on the codes (``on_codes``) and the ``group`` of query heads per KV
-    head is below the 16 rows the dots are padded to, four launch variants follow (timed on the H100,
+    head is below the 16 rows the dots are padded to, five launch variants follow (timed on the H100,
     docs/BENCHMARKS.md: 30.3-30.5 against 32.0 us at 32k int4): the query rows unpadded (``GP``, the group rounded
     up to a power of two, at least 4: fewer accumulator registers, more programs per SM), an 8-warp combine (4
     warps spill registers at 256 split rows) over chunks of 32 columns (``COMBINE_DC``: D / 32 combine programs a
     query row instead of one; 3-4 % off the 32k pick on the H200, bench/triton_sweep.py's attention_focus) and, on
     sm_90+, both kernels as programmatic dependent launches (``PDL``), also at 2.75x the splits (about 11 one-warp
-    programs per SM). ``QK_I8`` (Q.K on int8 tensor cores) is never a candidate: it rounds the queries to int8, so
-    it changes the result, not just the speed."""
+    programs per SM) and at 2x rounded down to a power of two. ``QK_I8`` (Q.K on int8 tensor cores) is never a
+    candidate: it rounds the queries to int8, so it changes the result, not just the speed."""
     if interpreting():
         return [dict(BLOCK_S=16, SPLITS=default_splits(batch, kv_heads, max_len, device, 16))]
     base = default_splits(batch, kv_heads, max_len, device, 64)
@@ -527,10 +527,14 @@ def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: boo
     if on_codes and head_dim // 2 >= 16 and rows < 16:
         pdl = supports_pdl(device)
         for block, warps, mult, extra in ((32, 1, 2, {}), (64, 2, 1, {}), (32, 1, 2, dict(PDL=True)),
-                                          (32, 1, 2.75, dict(PDL=True))):
+                                          (32, 1, 2.75, dict(PDL=True)), (32, 1, "pow2", dict(PDL=True))):
             if extra.get("PDL") and not pdl:
                 continue
-            cfg = dict(BLOCK_S=block, SPLITS=splits(block, mult), num_warps=warps, num_stages=2, GP=rows,
+            # "pow2": twice the default splits rounded down to a power of two (132 -> 128 on 132 SMs at 8 KV
+            # heads): still one wave, and the combine's split axis is not padded (0.3 us off the 32k pick on the
+            # H100, bench/results/device_2026-12-05_s8/call3_h100/focus.json)
+            n_splits = 1 << (splits(block, 2).bit_length() - 1) if mult == "pow2" else splits(block, mult)
+            cfg = dict(BLOCK_S=block, SPLITS=n_splits, num_warps=warps, num_stages=2, GP=rows,
                        COMBINE_WARPS=8, COMBINE_DC=32, **extra)
             if cfg not in out:
                 out.append(cfg)

@@ -285,6 +285,7 @@ def test_decode_candidates_offer_unpadded_rows_where_the_attention_runs_on_codes
     float cache, or a group that fills the 16 rows anyway."""
     monkeypatch.setattr(kv_attention, "interpreting", lambda: False)
     monkeypatch.setattr(kv_attention, "supports_pdl", lambda device: pdl)
+    monkeypatch.setattr("qcompile.runtime.triton._tune.num_sms", lambda device: 132)  # an H100's
 
     def cands(group, on_codes=True, fp32=False):
         return kv_attention.decode_candidates(1, 8, 32768, "cpu", fp32, 128, group=group, on_codes=on_codes)
@@ -295,9 +296,11 @@ def test_decode_candidates_offer_unpadded_rows_where_the_attention_runs_on_codes
         c = cands(group)
         assert c[:len(padded)] == padded  # the padded grid first, unchanged
         extra = c[len(padded):]
-        assert len(extra) == (4 if pdl else 2)
+        assert len(extra) == (5 if pdl else 2)
         assert all(e["GP"] == rows and e["COMBINE_WARPS"] == 8 and e["COMBINE_DC"] == 32 for e in extra)
-        assert sum(bool(e.get("PDL")) for e in extra) == (2 if pdl else 0)
+        assert sum(bool(e.get("PDL")) for e in extra) == (3 if pdl else 0)
+        if pdl:  # twice the default splits (2 x 66 on 132 SMs) and that rounded down to a power of two
+            assert [e["SPLITS"] for e in extra if e.get("PDL")] == [132, 181, 128]
         assert all(e["SPLITS"] <= 256 and e["SPLITS"] <= 32768 // e["BLOCK_S"] for e in c)
         assert not any(e.get("QK_I8") for e in c)
     assert cands(16) == padded
