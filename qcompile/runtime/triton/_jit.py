@@ -28,3 +28,11 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     first_m = (pid // per_group) * GROUP_M
     group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
+@triton.jit
+def tile_rows(ptr, m0, offs_m, stride):
+    """Pointers to the rows ``offs_m`` (a column vector) of a tile whose first row is ``m0``: that row's offset in
+    int64 (M x N outputs may pass 2^31: all of a long prompt's logits over a large vocabulary), the rows within
+    the tile in int32."""
+    return ptr + tl.cast(m0, tl.int64) * stride + (offs_m - m0)[:, None] * stride

@@ -33,7 +33,7 @@ triton = require_triton()
 import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
-from qcompile.runtime.triton._jit import MIN_SCALE, grouped_tile, round_half_even  # noqa: E402
+from qcompile.runtime.triton._jit import MIN_SCALE, grouped_tile, round_half_even, tile_rows  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
@@ -123,9 +123,7 @@ def _int_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, bias_ptr, out_ptr,
         y = acc_f * a_scale[:, None]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    # M x N may pass 2^31: the tile's first row offset in int64, its rows in int32
-    m0 = pid_m * BLOCK_M
-    tl.store(out_ptr + m0.to(tl.int64) * stride_om + (offs_m - m0)[:, None] * stride_om + offs_n[None, :],
+    tl.store(tile_rows(out_ptr, pid_m * BLOCK_M, offs_m, stride_om) + offs_n[None, :],
              y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -154,8 +152,8 @@ def _int8_tma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K,
              * tl.load(as_ptr + offs_m, mask=m_mask, other=0.0)[:, None])
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        tl.store(out_ptr + om.to(tl.int64) * stride_om + (offs_m - om)[:, None] * stride_om + offs_n[None, :],
-                 y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])  # int64 tile base
+        tl.store(tile_rows(out_ptr, om, offs_m, stride_om) + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 @gluon.jit
@@ -239,7 +237,7 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, c_desc
         fence_async_shared()
         tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
         tma.store_wait(pendings=0)
-    else:  # M x N may pass 2^31: the tile's first row offset in int64, its rows in int32
+    else:  # M x N may pass 2^31: the tile's first row offset in int64, its rows in int32 (as _jit.tile_rows)
         out_tile = out_ptr + off_m.to(gl.int64) * stride_om
         if EPILOGUE == 1:  # 16 bytes a thread, a warp along one row (two rows: 128 16-bit columns)
             VEC: gl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth

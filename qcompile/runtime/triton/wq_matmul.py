@@ -35,7 +35,7 @@ from qcompile.runtime.triton.packing import PackedWeight
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
-from qcompile.runtime.triton._jit import grouped_tile  # noqa: E402
+from qcompile.runtime.triton._jit import grouped_tile, tile_rows  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 GEMV_MAX_M = 8
@@ -44,18 +44,14 @@ GEMV_MAX_M = 8
 @triton.jit
 def _finish(y, b_ptr, r_ptr, out_ptr, m0, offs_m, offs_n, m_mask, n_mask, stride_rm, stride_om,
             HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
-    """Bias, residual, store of the rows ``offs_m`` (the tile's first is ``m0``). M x N may pass 2^31 (all the
-    prompt's logits over a large vocabulary): the tile's first row is offset in int64, its rows in int32."""
+    """Bias, residual, store of the rows ``offs_m`` (the tile's first is ``m0``; ``tile_rows``: M x N may pass
+    2^31)."""
     mask = m_mask[:, None] & n_mask[None, :]
-    m64 = tl.cast(m0, tl.int64)
-    rows = (offs_m - m0)[:, None]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
-        y += tl.load(r_ptr + m64 * stride_rm + rows * stride_rm + offs_n[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
-    tl.store(out_ptr + m64 * stride_om + rows * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=mask)
+        y += tl.load(tile_rows(r_ptr, m0, offs_m, stride_rm) + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(tile_rows(out_ptr, m0, offs_m, stride_om) + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
