@@ -526,14 +526,15 @@ def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: boo
     rows = max(4, triton.next_power_of_2(max(1, group)))
     if on_codes and head_dim // 2 >= 16 and rows < 16:
         pdl = supports_pdl(device)
-        for block, warps, mult, extra in ((32, 1, 2, {}), (64, 2, 1, {}), (32, 1, 2, dict(PDL=True)),
-                                          (32, 1, 2.75, dict(PDL=True)), (32, 1, "pow2", dict(PDL=True))):
+        twice = splits(32, 2)
+        # the last: twice the default splits rounded down to a power of two (132 -> 128 on 132 SMs at 8 KV heads):
+        # still one wave, and the combine's split axis is not padded (0.3 us off the 32k pick on the H100,
+        # bench/results/device_2026-12-05_s8/call3_h100/focus.json)
+        for block, warps, n_splits, extra in ((32, 1, twice, {}), (64, 2, splits(64, 1), {}),
+                                              (32, 1, twice, dict(PDL=True)), (32, 1, splits(32, 2.75), dict(PDL=True)),
+                                              (32, 1, 1 << (twice.bit_length() - 1), dict(PDL=True))):
             if extra.get("PDL") and not pdl:
                 continue
-            # "pow2": twice the default splits rounded down to a power of two (132 -> 128 on 132 SMs at 8 KV
-            # heads): still one wave, and the combine's split axis is not padded (0.3 us off the 32k pick on the
-            # H100, bench/results/device_2026-12-05_s8/call3_h100/focus.json)
-            n_splits = 1 << (splits(block, 2).bit_length() - 1) if mult == "pow2" else splits(block, mult)
             cfg = dict(BLOCK_S=block, SPLITS=n_splits, num_warps=warps, num_stages=2, GP=rows,
                        COMBINE_WARPS=8, COMBINE_DC=32, **extra)
             if cfg not in out:
