@@ -32,6 +32,6 @@ def require_int(value, name: str, minimum: int = 0) -> None:
 
 def require_number(value, name: str, positive: bool = True) -> None:
     """Refuse ``value`` unless it is a number > 0 (``positive``, NaN refused) or >= 0; bools are refused."""
-    bad = not value > 0 if positive else value < 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or bad:
+    # the type first: comparing a string with 0 would raise TypeError instead of this message
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (not value > 0 if positive else value < 0):
         raise RecipeError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")

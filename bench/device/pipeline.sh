@@ -1,7 +1,8 @@
 #!/bin/bash
 # Device pipeline (started by bench/device/run.sh): GPU lanes (training + torch rows + export, --stage prepare) and one CPU lane for ORT rows
 # (--stage ort) that takes the first ready job in ORT_JOBS order. Runs detached; results in /root/res.
-# env: GPU_A, GPU_B, GPU_C ("variant[:ort] ..."; lane C on cores 14-15), ORT_JOBS ("variant ..."), ORT_CORES (default 4-15)
+# env: GPU_A, GPU_B, GPU_C ("variant[:ort] ..."; lane C on cores 14-15), ORT_JOBS ("variant ..."), ORT_CORES (default 4-15),
+# ORT_LIMITS ("variant=N ...": score that job's ORT row on the first N test windows only; default all 148)
 R=/root/repo; M=/root/m/smollm2.gguf; RES=/root/res; EXP=/root/exp
 export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 QCOMPILE_DATA_DIR=/root/data QCOMPILE_CACHE=/root/cache
 export TOKENIZERS_PARALLELISM=false
@@ -28,10 +29,11 @@ ortlane() {
       sleep 5; continue
     fi
     left=$(echo " $left " | sed "s/ $pick / /")
-    echo "$(date +%T) ort start $pick" >> $RES/lanes.log
+    lim=$(echo " ${ORT_LIMITS:-} " | grep -o " $pick=[0-9]*" | cut -d= -f2)
+    echo "$(date +%T) ort start $pick ${lim:+(first $lim windows)}" >> $RES/lanes.log
     OMP_NUM_THREADS=12 taskset -c ${ORT_CORES:-4-15} python3 bench/spine_quality.py --model $M --variants $pick --ort $pick \
       --stage ort --export-dir $EXP --out $RES/ort_$pick.json --threads 12 --ort-sessions 2 --accuracy-levels 1 \
-      > $RES/ort_$pick.log 2>&1
+      ${lim:+--ort-limit $lim} > $RES/ort_$pick.log 2>&1
     rc=$?
     echo "$(date +%T) ort end $pick rc=$rc" >> $RES/lanes.log
   done

@@ -24,9 +24,13 @@ OmniQuant's (arXiv 2308.13137), which LSI and CQE+ build on:
   exactly what the graph will), and both streams advance through the block.
 * **Memory**: one block's activations for backward (``1 + k`` blocks with CLL) plus the cached streams (two, plus
   ``k`` CLL targets) of ``samples x seq_len x hidden`` floats; ``offload_activations`` keeps the streams on CPU.
-* **Resume**: with ``state_dir`` the quantized weights of each finished block are saved in ``state_dir/<pass>``
-  (``block_XXX.safetensors`` plus a fingerprint of the configuration); a later run with the same configuration
-  loads the finished blocks instead of training them and continues with the next.
+* **Resume**: with ``state_dir`` the quantized weights of each finished block (and the trained parameters they
+  came from) are saved in ``state_dir/<pass>`` (``block_XXX.safetensors`` plus a fingerprint of the
+  configuration); a later run with the same configuration loads the finished blocks instead of training them and
+  continues with the next. Fields named ``e2e_*`` configure a pass's later end-to-end stage, not this training,
+  so they are left out of the fingerprint.
+* **Trained parameters** of every linear stay on the handle (``handle.learned_params``, CPU) after the block is
+  frozen: a pass's end-to-end stage (sde's ``e2e_epochs``) continues from exactly them.
 * **Activation clipping** (``act_clip``): where an ``act_quant`` step ran before, the block's activation quantizers
   also get one learnable clip ratio per quantized input (BiSup's fine-grained activation clipping,
   :class:`~qcompile.learn.extras.ActivationClipping`), trained with the weights' parameters and frozen with them
@@ -121,14 +125,15 @@ def fingerprint(handle: ModelHandle, config, method: str, ignore: tuple[str, ...
     """What saved training state depends on: method, configuration (minus where state lives and ``ignore``),
     model and earlier passes."""
     skip = {"state_dir", "device", "offload_activations", *ignore}
-    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip and not k.startswith("e2e_")}
     blob = json.dumps({"method": method, "config": cfg, "source": handle.source_sha256 or handle.source,
                        "passes": handle.applied_passes}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class BlockState:
-    """``state_dir/block_XXX.safetensors`` (integers, scales, zero points of one block) + ``state.json``."""
+    """``state_dir/block_XXX.safetensors`` (integers, scales, zero points of one block, and the trained parameters
+    behind them) + ``state.json``."""
 
     def __init__(self, directory: str | None, key: str):
         self.dir = Path(directory) if directory else None
@@ -150,8 +155,9 @@ class BlockState:
     def _path(self, index: int) -> Path:
         return self.dir / f"block_{index:03d}.safetensors"
 
-    def load(self, index: int) -> tuple[dict[str, QuantizedWeight], dict] | None:
-        """A finished block's quantized weights and the statistics saved with them (None: not finished)."""
+    def load(self, index: int) -> tuple[dict[str, QuantizedWeight], dict, dict[str, dict]] | None:
+        """A finished block's quantized weights, the statistics saved with them and its linears' trained
+        parameters (empty for blocks saved before 2026-12-06; None: not finished)."""
         if self.dir is None or not self._path(index).is_file():
             return None
         from safetensors.torch import load_file
@@ -162,14 +168,19 @@ class BlockState:
             specs, stats = meta["weights"], meta.get("stats", {})
         else:  # saved before 2026-12-05 (seventh session): the same stats copied into every weight's spec
             specs, stats = meta, next(iter(meta.values()), {}).get("stats", {})
-        out = {}
+        out, learned = {}, {}
         for name, s in specs.items():
             spec = QuantSpec(s["bits"], s["symmetric"], s["group_size"])
             out[name] = QuantizedWeight(tensors[f"{name}.qweight"], tensors[f"{name}.scale"],
                                         tensors.get(f"{name}.zero"), spec)
-        return out, stats
+            prefix = f"{name}.learned."
+            params = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if params:
+                learned[name] = params
+        return out, stats, learned
 
-    def save(self, index: int, weights: dict[str, QuantizedWeight], stats: dict) -> None:
+    def save(self, index: int, weights: dict[str, QuantizedWeight], stats: dict,
+             learned: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
         if self.dir is None:
             return
         from safetensors.torch import save_file
@@ -184,6 +195,8 @@ class BlockState:
                 tensors[f"{name}.zero"] = qw.zero.contiguous()
             spec_meta[name] = {"bits": qw.spec.bits, "symmetric": qw.spec.symmetric,
                                "group_size": qw.spec.group_size}
+            for k, v in (learned or {}).get(name, {}).items():
+                tensors[f"{name}.learned.{k}"] = v.contiguous()
         tmp = self._path(index).with_suffix(".tmp")
         save_file(tensors, str(tmp))
         atomic_write_text(self.dir / f"block_{index:03d}.json", json.dumps({"weights": spec_meta, "stats": stats}))
@@ -288,20 +301,22 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
                         if id(m) in wanted]
                 saved = state.load(i)
                 if saved is not None:
-                    weights, saved_stats = saved
+                    weights, saved_stats, learned = saved
                     for name, qw in weights.items():
                         handle.set_quantized(name, qw)
+                    handle.learned_params.update(learned)
                     set_clip_ratios(handle, saved_stats.get("act_clip", []))  # learned with these weights
                     resumed.append(i)
                     stats = {"resumed": True, **({"act_clip": saved_stats["act_clip"]} if "act_clip" in saved_stats
                                                  else {})}
                 else:
                     with originals.active(ahead):  # the look-ahead blocks compute as the float model
-                        stats, n = _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float,
-                                                lookahead, config, make_param,
-                                                torch.Generator().manual_seed(config.seed * 100003 + i))
+                        stats, n, learned = _train_block(handle, runner, layer, ahead, mods, x_quant,
+                                                         targets_float, lookahead, config, make_param,
+                                                         torch.Generator().manual_seed(config.seed * 100003 + i))
                     trained_params += n
-                    state.save(i, {name: handle.quant_state[name] for name, _, _ in mods}, stats)
+                    handle.learned_params.update(learned)
+                    state.save(i, {name: handle.quant_state[name] for name, _, _ in mods}, stats, learned)
                 per_block.append(stats)
                 if "loss_after" in stats:
                     bar.set_postfix(loss=f"{stats['loss_after']:.4g}")
@@ -351,7 +366,8 @@ def _block_linears(adapter, layer: nn.Module) -> list[nn.Linear]:
 
 
 def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, lookahead, config, make_param, gen):
-    """Train one block; returns (stats, number of trained parameters). Leaves the block's linears quantized."""
+    """Train one block; returns (stats, number of trained parameters, each linear's trained parameters). Leaves
+    the block's linears quantized."""
     params: dict[str, LearnedWeight] = {}
     clips = ActivationClipping(handle, config.lr_act_clip, layers=[layer]) if config.act_clip else None
     try:
@@ -413,6 +429,7 @@ def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, loo
         with torch.no_grad():
             for name, m, _ in mods:
                 exported[name] = params[name].export(m.parametrizations.weight.original.detach())
+        learned = {name: p.trained_state() for name, p in params.items()}
         stats = {"loss_before": before, "loss_after": after}
         if clips is not None:
             # the learned ratios become the quantizers' clip_ratio; saved with the block's weights for a resume
@@ -426,4 +443,4 @@ def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, loo
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
     for name, qw in exported.items():
         handle.set_quantized(name, qw)
-    return stats, n_trained
+    return stats, n_trained, learned

@@ -15,6 +15,14 @@ that has accumulated through all the layers before it (BiSup's "vertical" error 
 * **Loss**: ``KL(p_teacher || p_student)`` per token, averaged, on the calibration windows (``batch_size``
   windows per AdamW step, shuffled, seeded), plus any regulariser the pass adds. ``autocast`` runs the
   forwards in bfloat16 on CUDA (rounding decisions on the weights stay float32).
+* **Base weight**: by default each parametrization's base ``W`` is the linear's current weight (an earlier
+  pass's dequantized one). With ``from_float`` it is the float original (``handle.float_weights``): a pass whose
+  block-wise stage trained parameters on the float weights continues them here (sde's end-to-end stage, which
+  loads ``handle.learned_params`` into its parametrizations, so training starts from the block-wise result).
+  ``start_code_changes`` in the report counts the integer codes where that start differs from the handle's
+  quantized state (0 when the hand-over is exact).
+* **Penalty**: ``weight_penalty * sum ||W' - W||^2 / ||W||^2`` over every target linear (SDE's regulariser),
+  added to the KL when > 0.
 * **Extras**: a pass may add parameters outside the linears (BiSup's activation clipping and smoothing) as
   :class:`Extra` objects; they are installed before training and folded into the model afterwards.
 * **Resume**: with ``state_dir`` the trainable state and the optimiser are saved after every epoch
@@ -111,12 +119,13 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 def train_end_to_end(
     handle: ModelHandle, config: EndToEndConfig, make_param: MakeParam, method: str, extras: list[Extra] = (),
-    stages: list[tuple[int, set[str]]] | None = None,
+    stages: list[tuple[int, set[str]]] | None = None, from_float: bool = False, weight_penalty: float = 0.0,
 ) -> dict:
     """Train the parametrizations ``make_param`` gives each target linear (and ``extras``) end to end.
 
     ``stages``: (epochs, parameter kinds trained) in order, e.g. DL-QAT's ``[(1, {"magnitude"}), (2, {...})]``;
-    default: all kinds for ``config.epochs``.
+    default: all kinds for ``config.epochs``. ``from_float``: the parametrizations' base is the float original of
+    each linear (module docstring); ``weight_penalty``: SDE's regulariser's weight.
     """
     config.validate(handle)
     todo = targets(handle, config)
@@ -141,9 +150,18 @@ def train_end_to_end(
                 torch.backends.cuda.matmul.allow_tf32 = config.tf32
                 torch.cuda.reset_peak_memory_stats(device)
             teacher = build_teacher(handle, list(modules), device)
+            start_changes, start_codes = 0, 0
             for name, _, m, spec in todo:
                 init = init_quantized(handle, name, m, spec, config.mse_clip)
+                if from_float and name in handle.float_weights:
+                    with torch.no_grad():
+                        m.weight.copy_(handle.float_weights[name].to(m.weight.device, m.weight.dtype))
                 params[name] = make_param(name, m, spec, init).to(device)
+                if from_float and name in handle.quant_state:
+                    with torch.no_grad():
+                        start = params[name].export(m.weight.detach())
+                    start_changes += int((start.qweight != handle.quant_state[name].qweight).sum())
+                    start_codes += start.qweight.numel()
             for ex in extras:  # before the weights are parametrized: extras may parametrize norms, set hooks
                 ex.install(device)
                 installed.append(ex)
@@ -179,6 +197,9 @@ def train_end_to_end(
                     s_logits = model(input_ids=batch, use_cache=False).logits
                 kl = kl_loss(s_logits, t_logits)
                 pen = sum((ex.penalty() for ex in extras), torch.zeros((), device=device))
+                if weight_penalty:
+                    pen = pen + weight_penalty * sum(p.penalty(modules[n].parametrizations.weight.original)
+                                                     for n, p in params.items())
                 return kl + pen, kl
 
             @torch.no_grad()
@@ -236,9 +257,12 @@ def train_end_to_end(
             installed.clear()
             teacher = None  # free its memory before the stats (the closures above are done with it)
     finally:
-        for m in modules.values():
+        for name, m in modules.items():
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+            if from_float and name in handle.quant_state:  # failed midway: the modules compute their quantized
+                with torch.no_grad():  # state again, not the float originals swapped in above
+                    m.weight.copy_(handle.quant_state[name].dequantize().to(m.weight.device, m.weight.dtype))
         for ex in installed:
             ex.uninstall()
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
@@ -253,6 +277,7 @@ def train_end_to_end(
         "trainable_params": n_trained,
         "trainable_share_of_quantized": n_trained / quantized_params,
         "trainable_share_of_model": n_trained / total_params,
+        **({"start_code_changes": start_changes, "start_codes": start_codes} if from_float else {}),
         "kl_before": kl_before,
         "kl_after": kl_after,
         "kl_per_epoch": history,

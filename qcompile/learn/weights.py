@@ -149,6 +149,12 @@ class LearnedWeight(nn.Module):
         return q, eff, zero
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        # float32 even inside the end-to-end engine's bfloat16 autocast: the adjustment's matmuls (U D V^T, B A)
+        # decide roundings, and they must be the ones export() computes
+        with torch.autocast(device_type=w.device.type, enabled=False):
+            return self._fake_quant(w)
+
+    def _fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         q, eff, zero = self._quantize(self.adjusted(w))
         if zero is not None:
             q = q - zero.unsqueeze(-1)
@@ -169,6 +175,20 @@ class LearnedWeight(nn.Module):
         """``||W' - W||^2 / ||W||^2``: how far the adjustment moved the float weight (SDE's regulariser)."""
         w = w.float()
         return (self.adjusted(w) - w).pow(2).sum() / w.pow(2).sum().clamp(min=1e-12)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors by name (CPU copies): with the same weight, spec and options,
+        :meth:`load_trained_state` rebuilds this parametrization (the SVD factors are recomputed, not stored)."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.named_parameters()}
+
+    def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        if set(state) != set(params) or any(state[n].shape != p.shape for n, p in params.items()):
+            raise ValueError(f"saved parameters of {self.name} ({', '.join(sorted(state))}) do not fit this "
+                             f"parametrization ({', '.join(sorted(params))})")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -8,16 +8,29 @@ singular values, plus the regulariser ``penalty * sum ||W' - W||^2 / ||W||^2`` o
 keeps the weight distribution close to the original (LSI's known weakness is drifting towards the calibration
 text). Entries are learned in units of ``sqrt(s_i s_j)``. Clipping is learned as in LWC.
 
-CLL (Cross-layer Learning) is the block-wise engine's ``cll_window``: the CQE+ recipes train with a window of 1
-(the "two-layer-ahead" loss). Everything folds into integers and scales; the graph equals an RTN graph in kind.
+CLL (Cross-layer Learning) "improves overall quantization outcomes by distributing errors more evenly across
+layers". Two readings, both here, both measured (docs/BENCHMARKS.md, "Learned passes"):
+
+* across a few blocks: the block-wise engine's ``cll_window`` (each block's output also followed through the next
+  ``k`` float blocks; the recipes use 1, the "two-layer-ahead" loss);
+* across the whole network (``e2e_epochs`` > 0): after the block-wise training, the same parameters of every
+  block (the expansion ``D`` and the learned clipping, exactly as the block-wise stage left them:
+  ``handle.learned_params``) train together against the float model's output distribution (KL on the logits,
+  :mod:`qcompile.learn.end_to_end`) for ``e2e_epochs`` more epochs, with the same regulariser. A block-wise
+  loss balances each block's error against the next few; this one lets every block trade error against every
+  other, measured where it counts. The block-wise stage is its starting point, not replaced by it.
+
+Everything folds into integers and scales; the graph equals an RTN graph in kind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from qcompile.errors import require_int
+from qcompile.errors import QCompileError, require_int, require_number
 from qcompile.learn.blockwise import BlockwiseConfig, train_blocks
+from qcompile.learn.end_to_end import EndToEndConfig, train_end_to_end
 from qcompile.learn.weights import LearnedWeight
 from qcompile.models.handle import ModelHandle
 
@@ -27,19 +40,52 @@ class SDEConfig(BlockwiseConfig):
     svd_band: int = 2  # off-diagonals on each side of the singular-value diagonal
     svd_corner: int = 0
     penalty: float = 1.0
+    # CLL across the whole network (module docstring): epochs of end-to-end training after the block-wise stage
+    # (0: none), with its own learning rates (it fine-tunes parameters that are already trained)
+    e2e_epochs: int = 0
+    e2e_lr_clip: float = 0.01
+    e2e_lr_adjust: float = 0.001
 
     def __post_init__(self):
         super().__post_init__()
-        for f in ("svd_band", "svd_corner"):
+        for f in ("svd_band", "svd_corner", "e2e_epochs"):
             require_int(getattr(self, f), f"sde {f}")
+        for f in ("e2e_lr_clip", "e2e_lr_adjust"):
+            require_number(getattr(self, f), f"sde {f}")
+
+    def end_to_end(self) -> EndToEndConfig:
+        """The end-to-end stage's configuration: this one's quantization, calibration text, batch size, device and
+        seed, with the ``e2e_*`` epochs and learning rates."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(EndToEndConfig)
+                  if hasattr(self, f.name) and f.init}
+        return EndToEndConfig(**{**shared, "epochs": self.e2e_epochs, "lr_clip": self.e2e_lr_clip,
+                                 "lr_adjust": self.e2e_lr_adjust})
 
 
 Config = SDEConfig
 
 
 def apply(handle: ModelHandle, config: SDEConfig) -> dict:
-    def make(name, module, spec):
+    def make(name, module, spec, init=None):
         return LearnedWeight(module.weight, spec, scales="learned", svd_band=config.svd_band,
                              svd_corner=config.svd_corner, name=name)
 
-    return train_blocks(handle, config, make, "sde")
+    stats = train_blocks(handle, config, make, "sde")
+    if not config.e2e_epochs or not stats.get("quantized_linears"):
+        return stats
+    head = handle.adapter.lm_head(handle.model)
+
+    def resume(name, module, spec, init):
+        """The block-wise stage's parametrization of ``name``, rebuilt on its float weight (the engine's base)."""
+        p = make(name, module, spec)
+        saved = handle.learned_params.get(name)
+        if saved is not None:
+            p.load_trained_state(saved)
+        elif module is not head:  # lm_head is RTN in the block-wise stage: it starts from LWC's initial clipping
+            raise QCompileError(f"sde: the end-to-end stage needs the block-wise parameters of {name}, which its "
+                                "saved training state lacks (written before they were kept); delete the state_dir")
+        return p
+
+    stats["end_to_end"] = train_end_to_end(handle, config.end_to_end(), resume, "sde_e2e", from_float=True,
+                                           weight_penalty=config.penalty)
+    return stats

@@ -246,8 +246,9 @@ def test_act_clip_without_activation_quantization_is_refused(trained_llama, cali
 
 
 def test_block_state_keeps_stats_once_and_reads_the_older_layout(tmp_path):
-    """A finished block's weights and its statistics survive a save/load; the JSON holds the statistics once,
-    and states written by the earlier layout (a copy of the statistics in every weight's spec) still load."""
+    """A finished block's weights, its statistics and the trained parameters behind them survive a save/load; the
+    JSON holds the statistics once, and states written by the earlier layout (a copy of the statistics in every
+    weight's spec, no trained parameters) still load."""
     import json
 
     from qcompile.learn.blockwise import BlockState
@@ -256,16 +257,20 @@ def test_block_state_keeps_stats_once_and_reads_the_older_layout(tmp_path):
     spec = QuantSpec(bits=4, symmetric=False, group_size=8)
     weights = {f"model.layers.0.{n}": QuantizedWeight.from_float(torch.randn(4, 16), spec) for n in ("q", "k")}
     stats = {"loss_before": 0.5, "loss_after": 0.25, "act_clip": [[["model.layers.0.q"], 0.8]]}
+    learned = {"model.layers.0.q": {"d": torch.randn(7), "clip_hi": torch.randn(4, 2)}}
     state = BlockState(str(tmp_path), "fingerprint-1")
-    state.save(0, weights, stats)
+    state.save(0, weights, stats, learned)
     meta = json.loads((tmp_path / "block_000.json").read_text())
     assert meta["stats"] == stats and all("stats" not in s for s in meta["weights"].values())
-    loaded, got = state.load(0)
+    loaded, got, got_learned = state.load(0)
     assert got == stats and loaded.keys() == weights.keys()
+    assert got_learned.keys() == learned.keys() and got_learned["model.layers.0.q"].keys() == {"d", "clip_hi"}
+    for k, v in learned["model.layers.0.q"].items():
+        assert torch.equal(got_learned["model.layers.0.q"][k], v)
     for name, qw in weights.items():
         assert torch.equal(loaded[name].qweight, qw.qweight) and torch.equal(loaded[name].scale, qw.scale)
         assert torch.equal(loaded[name].zero, qw.zero) and loaded[name].spec == spec
     old = {name: {**s, "stats": stats} for name, s in meta["weights"].items()}  # the earlier layout
     (tmp_path / "block_000.json").write_text(json.dumps(old))
-    loaded, got = state.load(0)
+    loaded, got, _ = state.load(0)
     assert got == stats and torch.equal(loaded["model.layers.0.k"].qweight, weights["model.layers.0.k"].qweight)

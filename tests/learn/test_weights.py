@@ -82,3 +82,27 @@ def test_learned_clipping_starts_near_rtn_and_can_reach_it():
         p.clip_hi.fill_(50.0)
         p.clip_lo.fill_(50.0)  # sigmoid = 1: plain min/max
     assert torch.equal(p.export(W).qweight, QuantizedWeight.from_float(W, spec).qweight)
+
+
+@pytest.mark.parametrize("opts", [o for o in OPTIONS if o.get("svd_band") is not None or o.get("lora_rank")])
+def test_forward_inside_bfloat16_autocast_is_what_export_gives(opts):
+    """The end-to-end engine runs its forwards under bfloat16 autocast; the adjustment's matmuls must still be
+    float32 there, or training would round other codes than the exported weight has."""
+    p = LearnedWeight(W, QuantSpec(3, False, 16), **opts)
+    _perturb(p, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w_train = p(W)
+    assert w_train.dtype == torch.float32
+    assert torch.equal(w_train, p.export(W).dequantize())
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_trained_state_rebuilds_the_parametrization(opts):
+    p = LearnedWeight(W, QuantSpec(4, False, 16), **opts)
+    _perturb(p, seed=4)
+    q = LearnedWeight(W, QuantSpec(4, False, 16), **opts)
+    q.load_trained_state(p.trained_state())
+    assert torch.equal(q(W), p(W))
+    with pytest.raises(ValueError, match="do not fit"):
+        LearnedWeight(W, QuantSpec(4, False, 16), scales="learned").load_trained_state(
+            {**p.trained_state(), "extra": torch.zeros(1)})

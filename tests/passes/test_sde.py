@@ -1,0 +1,79 @@
+"""sde's end-to-end stage (CLL across the whole network) on a tiny trained Llama (CPU, seconds)."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qcompile.errors import QCompileError, RecipeError
+from qcompile.models import load
+from qcompile.passes import sde
+
+SEQ = 32
+
+
+def cfg(calib_file, **kw):
+    base = dict(bits=3, group_size=16, calib_text=str(calib_file), calib_samples=8, calib_seq_len=SEQ, epochs=2,
+                batch_size=2, cll_window=1)
+    return sde.SDEConfig(**{**base, **kw})
+
+
+def kl_to_float(h, ref_logprobs, ids) -> float:
+    with torch.no_grad():
+        s = torch.log_softmax(h.model(input_ids=ids, use_cache=False).logits, -1)
+    return float((ref_logprobs.exp() * (ref_logprobs - s)).sum(-1).mean())
+
+
+def test_end_to_end_stage_starts_from_the_blockwise_result_and_lowers_the_kl(trained_llama, calib_file):
+    """The stage rebuilds each linear's block-wise parametrization on its float weight: its start is the
+    block-wise model code for code; training then lowers the KL to the float model, and what it leaves is an
+    ordinary quantized weight the module computes with."""
+    f = load(trained_llama)
+    ids = cfg(calib_file).load(f.tokenizer)
+    with torch.no_grad():
+        ref = torch.log_softmax(f.model(input_ids=ids, use_cache=False).logits, -1)
+    blockwise = load(trained_llama)
+    sde.apply(blockwise, cfg(calib_file))
+    h = load(trained_llama)
+    stats = sde.apply(h, cfg(calib_file, e2e_epochs=3, e2e_lr_clip=0.05, e2e_lr_adjust=0.005))
+    e2e = stats["end_to_end"]
+    assert e2e["start_codes"] == sum(qw.qweight.numel() for qw in blockwise.quant_state.values())
+    assert e2e["start_code_changes"] == 0
+    assert e2e["kl_before"] == pytest.approx(kl_to_float(blockwise, ref, ids), rel=1e-4)
+    assert e2e["kl_after"] < e2e["kl_before"]
+    assert kl_to_float(h, ref, ids) < kl_to_float(blockwise, ref, ids)
+    assert e2e["trainable_params"] == stats["trainable_params"]  # the same parameters, continued
+    for name, qw in h.quant_state.items():
+        assert qw.spec == blockwise.quant_state[name].spec
+        assert torch.equal(h.model.get_submodule(name).weight, qw.dequantize())
+        assert not hasattr(h.model.get_submodule(name), "parametrizations")
+    # the block-wise figures are those of the block-wise run: the stage comes after it, it does not replace it
+    assert stats["mean_loss_after"] == pytest.approx(
+        sde.apply(load(trained_llama), cfg(calib_file))["mean_loss_after"], rel=1e-6)
+
+
+def test_end_to_end_stage_resumes_from_saved_blocks_and_needs_their_parameters(trained_llama, calib_file, tmp_path):
+    """Finished blocks keep the trained parameters with their weights: a run with other end-to-end settings
+    reuses them (the ``e2e_*`` fields are not part of the block-wise fingerprint); a state saved without them is
+    refused with a clear message, not continued from a wrong start."""
+    state = str(tmp_path / "state")
+    first = load(trained_llama)
+    sde.apply(first, cfg(calib_file, state_dir=state, e2e_epochs=1))
+    shutil.rmtree(tmp_path / "state" / "sde_e2e")  # the end-to-end stage's own state is per configuration
+    again = load(trained_llama)
+    stats = sde.apply(again, cfg(calib_file, state_dir=state, e2e_epochs=1, e2e_lr_adjust=0.002))
+    assert stats["resumed_blocks"] == [0, 1] and stats["end_to_end"]["start_code_changes"] == 0
+    for name, qw in first.quant_state.items():  # same start; only the end-to-end rates differ
+        assert qw.spec == again.quant_state[name].spec
+    for path in (tmp_path / "state" / "sde").glob("block_*.safetensors"):  # as written before 2026-12-06
+        save_file({k: v for k, v in load_file(path).items() if ".learned." not in k}, str(path))
+    shutil.rmtree(tmp_path / "state" / "sde_e2e")
+    with pytest.raises(QCompileError, match="block-wise parameters .* delete the state_dir"):
+        sde.apply(load(trained_llama), cfg(calib_file, state_dir=state, e2e_epochs=1, e2e_lr_adjust=0.003))
+
+
+@pytest.mark.parametrize("bad", [dict(e2e_epochs=-1), dict(e2e_epochs=1.5), dict(e2e_lr_clip="fast")])
+def test_impossible_end_to_end_settings_are_refused(bad):
+    with pytest.raises(RecipeError):
+        sde.SDEConfig(bits=4, group_size=16, **bad)
