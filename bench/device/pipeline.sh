@@ -11,6 +11,8 @@ lane() {  # $1 cores, rest jobs
   local cores=$1; shift
   for job in "$@"; do
     name=${job%%:*}; ort=""; [ "$job" != "$name" ] && ort="--ort $name"
+    lim=$(echo " ${ORT_LIMITS:-} " | grep -o " $name=[0-9]*" | head -1 | cut -d= -f2)
+    [ -n "$ort" ] && [ -n "$lim" ] && ort="$ort --ort-limit $lim"  # the torch row on the ORT row's windows too
     echo "$(date +%T) start $name" >> $RES/lanes.log
     OMP_NUM_THREADS=2 taskset -c $cores python3 bench/spine_quality.py --model $M --device cuda --variants $name $ort \
       --stage prepare --export-dir $EXP --out $RES/gpu_$name.json > $RES/gpu_$name.log 2>&1
@@ -29,7 +31,7 @@ ortlane() {
       sleep 5; continue
     fi
     left=$(echo " $left " | sed "s/ $pick / /")
-    lim=$(echo " ${ORT_LIMITS:-} " | grep -o " $pick=[0-9]*" | cut -d= -f2)
+    lim=$(echo " ${ORT_LIMITS:-} " | grep -o " $pick=[0-9]*" | head -1 | cut -d= -f2)
     echo "$(date +%T) ort start $pick ${lim:+(first $lim windows)}" >> $RES/lanes.log
     OMP_NUM_THREADS=12 taskset -c ${ORT_CORES:-4-15} python3 bench/spine_quality.py --model $M --variants $pick --ort $pick \
       --stage ort --export-dir $EXP --out $RES/ort_$pick.json --threads 12 --ort-sessions 2 --accuracy-levels 1 \

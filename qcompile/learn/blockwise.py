@@ -274,6 +274,8 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
     state = BlockState(str(Path(config.state_dir) / method) if config.state_dir else None,
                        fingerprint(handle, config, method, ignore=unused))
     layers = ad.layers(model)
+    for name, _, _, _ in todo:  # trained parameters of an earlier learned pass no longer describe these weights
+        handle.learned_params.pop(name, None)
     per_block, trained_params, resumed = [], 0, []
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     if device.type == "cuda":

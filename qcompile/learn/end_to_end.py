@@ -35,6 +35,7 @@ that has accumulated through all the layers before it (BiSup's "vertical" error 
 from __future__ import annotations
 
 import contextlib
+import warnings
 import copy
 import time
 from collections.abc import Callable
@@ -120,12 +121,14 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 def train_end_to_end(
     handle: ModelHandle, config: EndToEndConfig, make_param: MakeParam, method: str, extras: list[Extra] = (),
     stages: list[tuple[int, set[str]]] | None = None, from_float: bool = False, weight_penalty: float = 0.0,
+    state_key: str = "",
 ) -> dict:
     """Train the parametrizations ``make_param`` gives each target linear (and ``extras``) end to end.
 
     ``stages``: (epochs, parameter kinds trained) in order, e.g. DL-QAT's ``[(1, {"magnitude"}), (2, {...})]``;
     default: all kinds for ``config.epochs``. ``from_float``: the parametrizations' base is the float original of
-    each linear (module docstring); ``weight_penalty``: SDE's regulariser's weight.
+    each linear (module docstring); ``weight_penalty``: SDE's regulariser's weight; ``state_key``: what else the
+    saved state depends on (sde: its block-wise stage's fingerprint, since that stage is where this one starts).
     """
     config.validate(handle)
     todo = targets(handle, config)
@@ -138,7 +141,7 @@ def train_end_to_end(
     stages = stages or [(config.epochs, None)]
     total_epochs = sum(e for e, _ in stages)
     state_path = Path(config.state_dir) / method / "e2e_state.pt" if config.state_dir else None
-    key = fingerprint(handle, config, method, ignore=("epochs",))  # more epochs = resume and extend
+    key = fingerprint(handle, config, method + state_key, ignore=("epochs",))  # more epochs = resume and extend
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     use_autocast = config.autocast and device.type == "cuda"
     params: dict[str, LearnedWeight] = {}
@@ -149,7 +152,8 @@ def train_end_to_end(
             if device.type == "cuda":
                 torch.backends.cuda.matmul.allow_tf32 = config.tf32
                 torch.cuda.reset_peak_memory_stats(device)
-            teacher = build_teacher(handle, list(modules), device)
+            # every linear quantized so far computes in float in the teacher, trained here or not (e.g. lm_head)
+            teacher = build_teacher(handle, list(handle.float_weights), device)
             start_changes, start_codes = 0, 0
             for name, _, m, spec in todo:
                 init = init_quantized(handle, name, m, spec, config.mse_clip)
@@ -162,6 +166,9 @@ def train_end_to_end(
                         start = params[name].export(m.weight.detach())
                     start_changes += int((start.qweight != handle.quant_state[name].qweight).sum())
                     start_codes += start.qweight.numel()
+            if start_changes:  # e.g. SVD factors recomputed on another device than the block-wise stage's
+                warnings.warn(f"{method}: the start differs from the quantized model in {start_changes} of "
+                              f"{start_codes} codes", stacklevel=2)
             for ex in extras:  # before the weights are parametrized: extras may parametrize norms, set hooks
                 ex.install(device)
                 installed.append(ex)

@@ -18,7 +18,11 @@ layers". Two readings, both here, both measured (docs/BENCHMARKS.md, "Learned pa
   ``handle.learned_params``) train together against the float model's output distribution (KL on the logits,
   :mod:`qcompile.learn.end_to_end`) for ``e2e_epochs`` more epochs, with the same regulariser. A block-wise
   loss balances each block's error against the next few; this one lets every block trade error against every
-  other, measured where it counts. The block-wise stage is its starting point, not replaced by it.
+  other, measured where it counts. The block-wise stage is its starting point, not replaced by it. The stage
+  rebuilds each parametrization on the float weight (recomputing the SVD), so it starts code for code at the
+  block-wise result when both run on the same device (the report's ``start_code_changes``; a warning otherwise).
+  It trains the blocks' linears only (a quantized lm_head keeps the block-wise stage's RTN), and it refuses to
+  follow another weight pass (gptq, rtn): the block-wise parameters would then adjust that pass's weights.
 
 Everything folds into integers and scales; the graph equals an RTN graph in kind.
 """
@@ -28,8 +32,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from qcompile.errors import QCompileError, require_int, require_number
-from qcompile.learn.blockwise import BlockwiseConfig, train_blocks
+from qcompile.errors import QCompileError, RecipeError, require_int, require_number
+from qcompile.learn.blockwise import BlockwiseConfig, fingerprint, train_blocks
 from qcompile.learn.end_to_end import EndToEndConfig, train_end_to_end
 from qcompile.learn.weights import LearnedWeight
 from qcompile.models.handle import ModelHandle
@@ -58,8 +62,9 @@ class SDEConfig(BlockwiseConfig):
         seed, with the ``e2e_*`` epochs and learning rates."""
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(EndToEndConfig)
                   if hasattr(self, f.name) and f.init}
+        # lm_head (RTN in the block-wise stage, nothing trained) keeps its quantization; the stage trains the blocks
         return EndToEndConfig(**{**shared, "epochs": self.e2e_epochs, "lr_clip": self.e2e_lr_clip,
-                                 "lr_adjust": self.e2e_lr_adjust})
+                                 "lr_adjust": self.e2e_lr_adjust, "quantize_lm_head": False})
 
 
 Config = SDEConfig
@@ -70,22 +75,26 @@ def apply(handle: ModelHandle, config: SDEConfig) -> dict:
         return LearnedWeight(module.weight, spec, scales="learned", svd_band=config.svd_band,
                              svd_corner=config.svd_corner, name=name)
 
+    if config.e2e_epochs and any(name in handle.quant_state for name, _, _ in handle.linears()):
+        # the block-wise parameters would describe an adjustment of that pass's weights, and the stage rebuilds them
+        # on the float originals
+        raise RecipeError("sde e2e_epochs continues parameters trained on the float weights; it cannot follow "
+                          "another weight pass (gptq, rtn, ...) in the recipe")
     stats = train_blocks(handle, config, make, "sde")
     if not config.e2e_epochs or not stats.get("quantized_linears"):
         return stats
-    head = handle.adapter.lm_head(handle.model)
+    blockwise_key = fingerprint(handle, config, "sde")
 
     def resume(name, module, spec, init):
         """The block-wise stage's parametrization of ``name``, rebuilt on its float weight (the engine's base)."""
         p = make(name, module, spec)
         saved = handle.learned_params.get(name)
-        if saved is not None:
-            p.load_trained_state(saved)
-        elif module is not head:  # lm_head is RTN in the block-wise stage: it starts from LWC's initial clipping
+        if saved is None:
             raise QCompileError(f"sde: the end-to-end stage needs the block-wise parameters of {name}, which its "
                                 "saved training state lacks (written before they were kept); delete the state_dir")
+        p.load_trained_state(saved)
         return p
 
     stats["end_to_end"] = train_end_to_end(handle, config.end_to_end(), resume, "sde_e2e", from_float=True,
-                                           weight_penalty=config.penalty)
+                                           weight_penalty=config.penalty, state_key=blockwise_key)
     return stats

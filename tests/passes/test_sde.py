@@ -77,3 +77,59 @@ def test_end_to_end_stage_resumes_from_saved_blocks_and_needs_their_parameters(t
 def test_impossible_end_to_end_settings_are_refused(bad):
     with pytest.raises(RecipeError):
         sde.SDEConfig(bits=4, group_size=16, **bad)
+
+
+def test_end_to_end_stage_refuses_to_follow_another_weight_pass(trained_llama, calib_file):
+    """After GPTQ the block-wise parameters adjust GPTQ's weights, not the float ones the stage rebuilds on."""
+    from qcompile.passes import gptq
+
+    h = load(trained_llama)
+    gptq.apply(h, gptq.GPTQConfig(bits=3, group_size=16, calib_text=str(calib_file), calib_samples=8,
+                                  calib_seq_len=SEQ))
+    with pytest.raises(RecipeError, match="cannot follow another weight pass"):
+        sde.apply(h, cfg(calib_file, e2e_epochs=1))
+
+
+def test_end_to_end_stage_keeps_a_quantized_lm_head_and_its_teacher_is_float(trained_llama, calib_file):
+    """lm_head is RTN in the block-wise stage and not trained by this one: it keeps its integers, and the stage
+    still starts at the block-wise model (its teacher's lm_head is the float one)."""
+    blockwise = load(trained_llama)
+    sde.apply(blockwise, cfg(calib_file, quantize_lm_head=True))
+    h = load(trained_llama)
+    stats = sde.apply(h, cfg(calib_file, quantize_lm_head=True, e2e_epochs=1))
+    head = "lm_head"
+    assert torch.equal(h.quant_state[head].qweight, blockwise.quant_state[head].qweight)
+    assert stats["end_to_end"]["quantized_linears"] == len(h.quant_state) - 1
+    assert stats["end_to_end"]["start_code_changes"] == 0
+    assert stats["end_to_end"]["kl_before"] > 0
+
+
+def test_a_failure_midway_leaves_the_modules_on_their_quantized_state(trained_llama, calib_file, monkeypatch):
+    from qcompile.learn import end_to_end
+
+    calls = {"n": 0}
+    real = end_to_end.kl_loss
+
+    def failing(s, t):
+        calls["n"] += 1
+        if calls["n"] > 6:  # after evaluate() and a few training steps
+            raise RuntimeError("interrupted")
+        return real(s, t)
+
+    monkeypatch.setattr(end_to_end, "kl_loss", failing)
+    h = load(trained_llama)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        sde.apply(h, cfg(calib_file, e2e_epochs=2))
+    for name, qw in h.quant_state.items():
+        m = h.model.get_submodule(name)
+        assert not hasattr(m, "parametrizations")
+        assert torch.equal(m.weight, qw.dequantize())
+
+
+def test_a_saved_end_to_end_state_from_other_blockwise_settings_is_refused(trained_llama, calib_file, tmp_path):
+    """The stage starts where the block-wise stage ended: its saved state belongs to those settings too."""
+    state = str(tmp_path / "state")
+    sde.apply(load(trained_llama), cfg(calib_file, state_dir=state, e2e_epochs=1))
+    shutil.rmtree(tmp_path / "state" / "sde")  # the block-wise state, as its own refusal tells the user to do
+    with pytest.raises(QCompileError, match="another configuration"):
+        sde.apply(load(trained_llama), cfg(calib_file, state_dir=state, e2e_epochs=1, epochs=1))
