@@ -7,11 +7,14 @@ R=/root/repo; M=/root/m/smollm2.gguf; RES=/root/res; EXP=/root/exp
 export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 QCOMPILE_DATA_DIR=/root/data QCOMPILE_CACHE=/root/cache
 export TOKENIZERS_PARALLELISM=false
 cd $R
+limit_of() {  # $1 job name -> its ORT_LIMITS window count, or nothing
+  echo " ${ORT_LIMITS:-} " | grep -o " $1=[0-9]*" | head -1 | cut -d= -f2
+}
 lane() {  # $1 cores, rest jobs
   local cores=$1; shift
   for job in "$@"; do
     name=${job%%:*}; ort=""; [ "$job" != "$name" ] && ort="--ort $name"
-    lim=$(echo " ${ORT_LIMITS:-} " | grep -o " $name=[0-9]*" | head -1 | cut -d= -f2)
+    lim=$(limit_of $name)
     [ -n "$ort" ] && [ -n "$lim" ] && ort="$ort --ort-limit $lim"  # the torch row on the ORT row's windows too
     echo "$(date +%T) start $name" >> $RES/lanes.log
     OMP_NUM_THREADS=2 taskset -c $cores python3 bench/spine_quality.py --model $M --device cuda --variants $name $ort \
@@ -31,7 +34,7 @@ ortlane() {
       sleep 5; continue
     fi
     left=$(echo " $left " | sed "s/ $pick / /")
-    lim=$(echo " ${ORT_LIMITS:-} " | grep -o " $pick=[0-9]*" | head -1 | cut -d= -f2)
+    lim=$(limit_of $pick)
     echo "$(date +%T) ort start $pick ${lim:+(first $lim windows)}" >> $RES/lanes.log
     OMP_NUM_THREADS=12 taskset -c ${ORT_CORES:-4-15} python3 bench/spine_quality.py --model $M --variants $pick --ort $pick \
       --stage ort --export-dir $EXP --out $RES/ort_$pick.json --threads 12 --ort-sessions 2 --accuracy-levels 1 \

@@ -147,6 +147,7 @@ def train_end_to_end(
     params: dict[str, LearnedWeight] = {}
     modules = {name: m for name, _, m, _ in todo}
     installed: list[Extra] = []
+    finished: set[str] = set()  # linears whose trained weight is set on the handle
     try:
         with on_device(model, device):
             if device.type == "cuda":
@@ -258,6 +259,7 @@ def train_end_to_end(
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
             for name, qw in exported.items():
                 handle.set_quantized(name, qw)
+                finished.add(name)
             extra_stats = {}
             for ex in installed:
                 extra_stats.update(ex.finalize(handle))
@@ -267,8 +269,8 @@ def train_end_to_end(
         for name, m in modules.items():
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
-            if from_float and name in handle.quant_state:  # failed midway: the modules compute their quantized
-                with torch.no_grad():  # state again, not the float originals swapped in above
+            if from_float and name in handle.quant_state and name not in finished:  # failed midway: the modules
+                with torch.no_grad():  # compute their quantized state again, not the float originals swapped in
                     m.weight.copy_(handle.quant_state[name].dequantize().to(m.weight.device, m.weight.dtype))
         for ex in installed:
             ex.uninstall()

@@ -71,7 +71,7 @@ Config = SDEConfig
 
 
 def apply(handle: ModelHandle, config: SDEConfig) -> dict:
-    def make(name, module, spec, init=None):
+    def make(name, module, spec):
         return LearnedWeight(module.weight, spec, scales="learned", svd_band=config.svd_band,
                              svd_corner=config.svd_corner, name=name)
 
