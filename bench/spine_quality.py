@@ -34,6 +34,8 @@ from qcompile.recipe import apply_overrides, load_recipe  # noqa: E402
 
 BENCH_RECIPES = Path(__file__).resolve().parent / "recipes"
 PLAIN = ["gptq.act_order=false", "gptq.true_sequential=false", "gptq.mse_clip=false", "gptq.refit_scales=false"]
+# the CQE+ recipes' block-wise stage alone: sde's end-to-end stage off (the W4 and W4A4KV4 recipes turn it on)
+BLOCKWISE = ["sde.e2e_epochs=0"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "fp32": ("fp32", []),
     "rtn-w4-asym": ("w4a16-g64-rtn", []),
@@ -85,14 +87,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "w4a4kv4-c09": ("w4a4kv4", ["act_quant.clip_ratio=0.9"]),
     "w3a3-g64-c09": ("w3a3-g64", ["act_quant.clip_ratio=0.9"]),
     # learned passes (issues 5 and 6): the CQE+ ablation per bit width, then DL-QAT and BiSup
-    # (5 epochs each: the tables' rows; the built-in W2 and W3 recipes train 10 since cqe-e10-w2 / cqe-e10-w3)
+    # (5 epochs each: the tables' rows; the built-in W2 and W3 recipes train 10 since cqe-e10-w2 / cqe-e10-w3).
+    # The W4 and W4A4KV4 recipes add sde's end-to-end stage (e2e_epochs: 3) since cqe-e2e-w4 / w4a4kv4-cqe-e2e; the
+    # block-wise variants built on them pin it off (BLOCKWISE), so each name keeps measuring what its rows measured
     **{f"{m}-w{b}": (f"w{b}a16-g64-cqe", s + [f"{p}.epochs=5"]) for b in (4, 3, 2) for m, p, s in (
         ("lwc", "lwc", ["swap:sde=lwc", "lwc.cll_window=0", "lwc.penalty=0"]),
         ("lsi", "lsi", ["swap:sde=lsi", "lsi.cll_window=0", "lsi.penalty=0"]),
-        ("sde", "sde", ["sde.cll_window=0"]), ("cqe", "sde", []))},
+        ("sde", "sde", ["sde.cll_window=0", *BLOCKWISE]), ("cqe", "sde", BLOCKWISE))},
     # the CQE+ recipes with the engine's default learning rates (clipping 1e-2, singular values 1e-3), 5x lower
     # than the recipes' (first measured as cqe-w4/cqe-w3 in bench/results/learned_a.json, before the change)
-    **{f"cqe-lr1x-w{b}": (f"w{b}a16-g64-cqe", ["sde.lr_clip=0.01", "sde.lr_adjust=0.001", "sde.epochs=5"])
+    **{f"cqe-lr1x-w{b}": (f"w{b}a16-g64-cqe", ["sde.lr_clip=0.01", "sde.lr_adjust=0.001", "sde.epochs=5", *BLOCKWISE])
        for b in (4, 3, 2)},
     "dlqat-w4": ("w4a16-g64-dlqat", []),  # 3 epochs since the e3 run below; was 2
     "dlqat-e2-w4": ("w4a16-g64-dlqat", ["dlqat.epochs=2"]),
@@ -102,9 +106,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # ... at W4: CQE+ as w4a16-g64-cqe (5 epochs), then DL-QAT as w4a16-g64-dlqat (3 epochs) from CQE+'s grid
     # (the W3 recipe with its bits overridden: the result JSON's recipe name and description still say int3)
     "cqe-dlqat-w4": ("w3a16-g64-cqe-dlqat", ["sde.bits=4", "dlqat.bits=4", "dlqat.epochs=3"]),
-    "w4a4kv4-cqe": ("w4a4kv4-cqe", []),
+    "w4a4kv4-cqe": ("w4a4kv4-cqe", BLOCKWISE),
     # CLL across the whole network (sde's end-to-end stage, 2026-12-06): the block-wise recipe, then the same
-    # parameters of every block trained together against the float model's logits for 3 epochs
+    # parameters of every block trained together against the float model's logits for 3 epochs (the first two are
+    # the built-in W4 and W4A4KV4 recipes since then)
     "cqe-e2e-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.e2e_epochs=3"]),
     "w4a4kv4-cqe-e2e": ("w4a4kv4-cqe", ["sde.e2e_epochs=3"]),
     "cqe-e2e-lr03-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.e2e_epochs=3", "sde.e2e_lr_clip=0.003",
@@ -116,15 +121,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
        for b in (4, 3)},
     "w4a4kv4-gptq-cqe": (str(BENCH_RECIPES / "w4a4kv4-gptq-cqe.yaml"), []),
     # the CQE+ recipes trained twice as long, and W2 with Cross-layer Learning two blocks ahead
-    **{f"cqe-e10-w{b}": (f"w{b}a16-g64-cqe", ["sde.epochs=10"]) for b in (4, 3, 2)},
+    **{f"cqe-e10-w{b}": (f"w{b}a16-g64-cqe", ["sde.epochs=10", *BLOCKWISE]) for b in (4, 3, 2)},
     "cqe-cll2-w2": ("w2a16-g64-cqe", ["sde.cll_window=2", "sde.epochs=5"]),
     # W4 with twice the recipe's learning rates (5x the engine defaults gained 5 % at W4: cqe-lr1x-w4 above)
-    "cqe-lr2x-w4": ("w4a16-g64-cqe", ["sde.lr_clip=0.1", "sde.lr_adjust=0.01", "sde.epochs=5"]),
+    "cqe-lr2x-w4": ("w4a16-g64-cqe", ["sde.lr_clip=0.1", "sde.lr_adjust=0.01", "sde.epochs=5", *BLOCKWISE]),
     # W4A4KV4 CQE+ with QuaRot's activation clip (0.9: -7 % on rotation + GPTQ) and 10 epochs (-19 % at W2)
-    "w4a4kv4-cqe-c09-e10": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=10"]),
+    "w4a4kv4-cqe-c09-e10": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=10", *BLOCKWISE]),
     # ... with the first position's KV (the attention sink) float in training and at run time, and twice the epochs
-    "w4a4kv4-cqe-c09-e10-p1": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=10", "kv_quant.prefix=1"]),
-    "w4a4kv4-cqe-c09-e20": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=20"]),
+    "w4a4kv4-cqe-c09-e10-p1": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=10", "kv_quant.prefix=1",
+                                               *BLOCKWISE]),
+    "w4a4kv4-cqe-c09-e20": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=20", *BLOCKWISE]),
     # ... on learned rotations (bench/recipes/w4a4kv4-spin-cqe.yaml, 10 epochs): SpinQuant was worth 30 % on RTN's
     # min/max grid, where CQE+ starts, and 0.5 % once GPTQ followed
     "w4a4kv4-spin-cqe-c09-e10": (str(BENCH_RECIPES / "w4a4kv4-spin-cqe.yaml"), ["act_quant.clip_ratio=0.9"]),
@@ -132,20 +138,20 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # BiSup's fine-grained clipping), from 0.9: 4-bit activations are most of W4A4KV4's error (W4A8 is within 3 % of
     # W4A16)
     **{f"w4a4kv4-cqe-c09-e10-lac{tag}": ("w4a4kv4-cqe", ["act_quant.clip_ratio=0.9", "sde.epochs=10",
-                                                         "sde.act_clip=true", f"sde.lr_act_clip={lr}"])
+                                                         "sde.act_clip=true", f"sde.lr_act_clip={lr}", *BLOCKWISE])
        for tag, lr in (("", 0.005), ("-lr2", 0.02))},
     # W4 (1.101x at 5 epochs, target 1.08x; more epochs and higher learning rates were flat): 5-epoch ablations of
     # what has not been tried at W4: a wider band, a dense corner over the largest singular values, no
     # distribution penalty (more calibration windows would only re-crop the validation split: 128 x 2048 tokens
     # already cover it about once)
-    "cqe-band4-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.svd_band=4"]),
-    "cqe-corner32-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.svd_corner=32"]),
-    "cqe-pen0-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.penalty=0"]),
+    "cqe-band4-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.svd_band=4", *BLOCKWISE]),
+    "cqe-corner32-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.svd_corner=32", *BLOCKWISE]),
+    "cqe-pen0-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.penalty=0", *BLOCKWISE]),
     # the W4 recipe with a second training seed (shuffle order and initial values): the spread between two seeds at
     # full scale, against which W4's differences of 0.2-0.4 % (5 vs 10 epochs, learning rates) are read
-    "cqe-w4-seed1": ("w4a16-g64-cqe", ["sde.seed=1"]),
+    "cqe-w4-seed1": ("w4a16-g64-cqe", ["sde.seed=1", *BLOCKWISE]),
     # ... and every learning rate decayed to 0 over each block's steps (cosine) instead of held constant
-    "cqe-cos-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.lr_schedule=cosine"]),
+    "cqe-cos-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.lr_schedule=cosine", *BLOCKWISE]),
     # CQE+ on the Hadamard-rotated model (R1 + R2 folded, no online rotation), and its GPTQ reference
     **{f"rot-cqe-w{b}": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), [f"sde.bits={b}"]) for b in (4, 3, 2)},
     "rot-cqe-r4-w4": (str(BENCH_RECIPES / "w4a16-g64-rot-cqe.yaml"), ["rotate.online_r4=true"]),
