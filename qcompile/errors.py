@@ -4,6 +4,8 @@ Anything the user can fix (a bad path, a corrupt file, an impossible recipe) rai
 sentence naming the problem; the CLI prints it and exits non-zero without a traceback.
 """
 
+import math
+
 
 class QCompileError(Exception):
     """An error caused by the user's input, reported as one clear message."""
@@ -31,7 +33,10 @@ def require_int(value, name: str, minimum: int = 0) -> None:
 
 
 def require_number(value, name: str, positive: bool = True) -> None:
-    """Refuse ``value`` unless it is a number > 0 (``positive``, NaN refused) or >= 0; bools are refused."""
-    # the type first: comparing a string with 0 would raise TypeError instead of this message
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (not value > 0 if positive else value < 0):
+    """Refuse ``value`` unless it is a finite number > 0 (``positive``) or >= 0; bools, NaN and infinities are
+    refused."""
+    # the type first: comparing a string with 0 would raise TypeError instead of this message; NaN compares False
+    # with everything, so "not < 0" alone would let it through
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (value <= 0 if positive else value < 0)):
         raise RecipeError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")

@@ -99,7 +99,8 @@ def test_resume_loads_finished_blocks_and_gives_the_same_model(trained_llama, ca
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(cll_window=-1), dict(lr_clip=0),
-                                 dict(penalty=-1.0), dict(lr_schedule="linear")])
+                                 dict(penalty=-1.0), dict(lr_schedule="linear"), dict(penalty=float("nan")),
+                                 dict(lr_clip=float("nan")), dict(weight_decay=float("inf")), dict(lr_clip="0.1")])
 def test_impossible_training_settings_are_refused(bad):
     with pytest.raises(RecipeError):
         BlockwiseConfig(**bad)
