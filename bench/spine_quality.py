@@ -103,7 +103,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dlqat-w3": ("w3a16-g64-dlqat", []),
     "dlqat-e3-w4": ("w4a16-g64-dlqat", ["dlqat.epochs=3"]),
     "cqe-dlqat-w3": ("w3a16-g64-cqe-dlqat", []),
-    # ... at W4: CQE+ as w4a16-g64-cqe (5 epochs), then DL-QAT as w4a16-g64-dlqat (3 epochs) from CQE+'s grid
+    # ... at W4: CQE+ block-wise as cqe-w4 (5 epochs), then DL-QAT as w4a16-g64-dlqat (3 epochs) from CQE+'s grid
     # (the W3 recipe with its bits overridden: the result JSON's recipe name and description still say int3)
     "cqe-dlqat-w4": ("w3a16-g64-cqe-dlqat", ["sde.bits=4", "dlqat.bits=4", "dlqat.epochs=3"]),
     "w4a4kv4-cqe": ("w4a4kv4-cqe", BLOCKWISE),
@@ -113,7 +113,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cqe-e2e-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.e2e_epochs=3"]),
     "w4a4kv4-cqe-e2e": ("w4a4kv4-cqe", ["sde.e2e_epochs=3"]),
     "cqe-e2e-lr03-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.e2e_epochs=3", "sde.e2e_lr_clip=0.003",
-                                          "sde.e2e_lr_adjust=0.0003"]),  # a third of the stage's rates
+                                          "sde.e2e_lr_adjust=0.0003"]),  # 0.3x the stage's rates
     # CQE+ starting from GPTQ's weights instead of a min/max grid (bench/recipes/*-gptq-cqe.yaml); W2 without the
     # scale refit, GPTQ's best W2 setting (115.83)
     "gptq-cqe-w2": (str(BENCH_RECIPES / "w2a16-g64-gptq-cqe.yaml"), ["gptq.refit_scales=false"]),

@@ -37,6 +37,7 @@ def require_number(value, name: str, positive: bool = True) -> None:
     refused."""
     # the type first: comparing a string with 0 would raise TypeError instead of this message; NaN compares False
     # with everything, so "not < 0" alone would let it through
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or (value <= 0 if positive else value < 0)):
-        raise RecipeError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
+    # (isfinite only on floats: it raises OverflowError on ints too large for a float, which are finite anyway)
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value)) or (value <= 0 if positive else value < 0)):
+        raise RecipeError(f"{name} must be a finite {'positive' if positive else 'non-negative'} number, got {value!r}")

@@ -240,7 +240,7 @@ def test_resume_gives_the_uninterrupted_result(trained_llama, calib_file, tmp_pa
 @pytest.mark.parametrize("bad, message", [
     (dict(epochs=-1), "epochs must be a non-negative integer"),
     (dict(batch_size=0), "batch_size must be a positive integer"),
-    (dict(lr=0), "lr must be a positive number"),
+    (dict(lr=0), "lr must be a finite positive number"),
     (dict(momentum=1.0), r"momentum must be a number in \[0, 1\)"),
     (dict(loss="mse"), "loss must be one of kl, ce"),
     (dict(lr_schedule="step"), "lr_schedule must be one of cosine, constant"),
