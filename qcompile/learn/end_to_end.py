@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from qcompile.data import CalibrationConfig
@@ -71,6 +72,9 @@ class EndToEndConfig(WeightQuantConfig, CalibrationConfig):
     weight_decay: float = 0.0
     device: str | None = None
     autocast: bool = True  # bfloat16 forwards on CUDA
+    # recompute each decoder layer's activations in backward instead of keeping them (transformers' gradient
+    # checkpointing): less memory for about one more forward per step; the trained result is the same
+    grad_checkpoint: bool = False
     tf32: bool = True
     state_dir: str | None = None
     seed: int = 0
@@ -111,11 +115,45 @@ def build_teacher(handle: ModelHandle, names: list[str], device) -> nn.Module:
     return teacher
 
 
-def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), in float32."""
+KL_CHUNK_TOKENS = 1024
+
+
+def _kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     s = F.log_softmax(student_logits.float(), dim=-1)
     t = F.log_softmax(teacher_logits.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    return (t.exp() * (t - s)).sum()
+
+
+def enable_grad_checkpointing(model: nn.Module, method: str) -> None:
+    """transformers' gradient checkpointing, which needs training mode: refused where that mode would turn on
+    dropout and so change what is trained."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise QCompileError(f"{method}: grad_checkpoint: {type(model).__name__} does not support gradient "
+                            "checkpointing")
+    dropout = getattr(model.config, "attention_dropout", 0.0) or max(
+        (m.p for m in model.modules() if isinstance(m, nn.Dropout)), default=0.0)
+    if dropout:
+        raise QCompileError(f"{method}: grad_checkpoint needs training mode, which would turn on this model's "
+                            f"dropout ({dropout}); train without it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            chunk_tokens: int = KL_CHUNK_TOKENS) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), in float32, ``chunk_tokens`` tokens at a time.
+
+    The float32 softmaxes of one chunk are alive at once, and with gradients each chunk is recomputed in backward
+    instead of saved: over a whole batch they are several tensors of tokens x vocabulary floats each (1.6 GB
+    apiece at 8192 tokens x 49152, the SmolLM2 recipes' batch).
+    """
+    vocab = student_logits.shape[-1]
+    s, t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    grad = torch.is_grad_enabled() and s.requires_grad
+    total = torch.zeros((), dtype=torch.float32, device=s.device)
+    for i in range(0, s.shape[0], chunk_tokens):
+        chunk = (s[i : i + chunk_tokens], t[i : i + chunk_tokens])
+        total = total + (checkpoint(_kl_sum, *chunk, use_reentrant=False) if grad else _kl_sum(*chunk))
+    return total / s.shape[0]
 
 
 def train_end_to_end(
@@ -141,7 +179,8 @@ def train_end_to_end(
     stages = stages or [(config.epochs, None)]
     total_epochs = sum(e for e, _ in stages)
     state_path = Path(config.state_dir) / method / "e2e_state.pt" if config.state_dir else None
-    key = fingerprint(handle, config, method + state_key, ignore=("epochs",))  # more epochs = resume and extend
+    # more epochs = resume and extend; checkpointing changes memory, not the result
+    key = fingerprint(handle, config, method + state_key, ignore=("epochs", "grad_checkpoint"))
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     use_autocast = config.autocast and device.type == "cuda"
     params: dict[str, LearnedWeight] = {}
@@ -189,6 +228,8 @@ def train_end_to_end(
                                     weight_decay=config.weight_decay)
             trainable = [p for ps in kinds.values() for p in ps]
             n_trained = sum(p.numel() for p in trainable)
+            if config.grad_checkpoint:
+                enable_grad_checkpointing(model, method)
 
             saved = epoch_state.resume(state_path, key, device, trainable, opt)
             start_epoch = 0 if saved is None else int(saved["epoch"])
@@ -230,6 +271,8 @@ def train_end_to_end(
                         continue
                     running = 0.0
                     for bi in torch.randperm(len(batches), generator=gen).tolist():
+                        # transformers checkpoints a layer only in training mode (through backward's recompute too)
+                        model.train(config.grad_checkpoint)
                         loss, kl = losses(batches[bi])
                         if not torch.isfinite(loss):
                             raise QCompileError(f"{method} training diverged (loss {float(loss)}); lower the learning "
@@ -241,6 +284,7 @@ def train_end_to_end(
                                 for p in group["params"]:
                                     p.grad = None
                         opt.step()
+                        model.eval()
                         for ex in extras:
                             ex.project()
                         running += float(kl.detach())
@@ -265,6 +309,11 @@ def train_end_to_end(
                 extra_stats.update(ex.finalize(handle))
             installed.clear()
             teacher = None  # free its memory before the stats (the closures above are done with it)
+    except torch.OutOfMemoryError as e:
+        teacher = None
+        hint = ("set grad_checkpoint: true (sde: e2e_grad_checkpoint), " if not config.grad_checkpoint else "")
+        raise QCompileError(f"{method}: out of {device.type.upper()} memory while training the whole model "
+                            f"({hint}lower batch_size, or calib_seq_len)") from e
     finally:
         for name, m in modules.items():
             if parametrize.is_parametrized(m, "weight"):
@@ -274,6 +323,9 @@ def train_end_to_end(
                     m.weight.copy_(handle.quant_state[name].dequantize().to(m.weight.device, m.weight.dtype))
         for ex in installed:
             ex.uninstall()
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        model.eval()
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     quantized_params = sum(m.weight.numel() for m in modules.values())
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -51,6 +51,7 @@ class SDEConfig(BlockwiseConfig):
     e2e_epochs: int = 0
     e2e_lr_clip: float = 0.01
     e2e_lr_adjust: float = 0.001
+    e2e_grad_checkpoint: bool = False  # the stage's grad_checkpoint (EndToEndConfig): less memory, same result
 
     def __post_init__(self):
         super().__post_init__()
@@ -66,7 +67,8 @@ class SDEConfig(BlockwiseConfig):
                   if hasattr(self, f.name) and f.init}
         # lm_head (RTN in the block-wise stage, nothing trained) keeps its quantization; the stage trains the blocks
         return EndToEndConfig(**{**shared, "epochs": self.e2e_epochs, "lr_clip": self.e2e_lr_clip,
-                                 "lr_adjust": self.e2e_lr_adjust, "quantize_lm_head": False})
+                                 "lr_adjust": self.e2e_lr_adjust, "grad_checkpoint": self.e2e_grad_checkpoint,
+                                 "quantize_lm_head": False})
 
 
 Config = SDEConfig

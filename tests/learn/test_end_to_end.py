@@ -113,3 +113,78 @@ def test_bisup_trains_clips_smoothing_and_low_rank_into_the_graph(trained_llama,
 def test_impossible_settings_are_refused(bad):
     with pytest.raises(RecipeError):
         EndToEndConfig(**bad)
+
+
+@pytest.mark.parametrize("tokens", [7, 64])
+def test_chunked_kl_equals_the_whole_batch_formula_in_value_and_gradient(tokens):
+    """kl_loss computes a chunk of tokens at a time (recomputing each in backward); the value and the gradient
+    are the whole-batch formula's, chunk sizes that do not divide the token count included."""
+    from qcompile.learn.end_to_end import kl_loss
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, tokens, 50, generator=g, requires_grad=True)
+    t = torch.randn(2, tokens, 50, generator=g)
+    ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    whole = (lt.exp() * (lt - ls)).sum(-1).mean()
+    (g_whole,) = torch.autograd.grad(whole, s)
+    for chunk in (1, 5, 2 * tokens, 1024):
+        kl = kl_loss(s, t, chunk_tokens=chunk)
+        (g_chunk,) = torch.autograd.grad(kl, s)
+        assert torch.allclose(kl, whole, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(g_chunk, g_whole, rtol=1e-5, atol=1e-8)
+    with torch.no_grad():
+        assert torch.allclose(kl_loss(s, t, chunk_tokens=3), whole, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["dlqat", "bisup"])
+def test_gradient_checkpointing_trains_the_same_model(trained_llama, calib_file, method):
+    """grad_checkpoint recomputes each decoder layer in backward: the trained integers and scales (and BiSup's
+    activation clips) are those of a run without it, and the model is left in eval mode with checkpointing off."""
+    base = [("canonicalize", {})]
+    if method == "bisup":  # on the rotated W4A4KV4 model, its extras (clips, smoothing) inside the layers
+        base = [("canonicalize", dict(untie_embeddings=True)), ("rotate", {}), ("act_quant", dict(bits=4)),
+                ("kv_quant", dict(bits=4))]
+    runs, layer_calls = [], []
+    for ckpt in (False, True):
+        h = load(trained_llama)
+        calls = []
+        # a pre-hook on the layer's first linear: the recompute stops early, after that layer's last saved tensor
+        h.model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda *_: calls.append(1))
+        stats = run_passes(h, _recipe(*base, (method, dict(
+            bits=4, group_size=16, epochs=2, batch_size=2, grad_checkpoint=ckpt, **calib(calib_file)))))
+        assert not h.model.training and not h.model.is_gradient_checkpointing
+        runs.append((h, stats[f"{len(base)}:{method}"]))
+        layer_calls.append(len(calls))
+    (plain, s0), (ckpt, s1) = runs
+    steps = s0["epochs"] * 8 // 2  # 8 windows in batches of 2
+    assert layer_calls[1] == layer_calls[0] + steps  # each training step ran the layer again in backward
+    assert s1["kl_per_epoch"] == pytest.approx(s0["kl_per_epoch"], rel=1e-5)
+    for name, qw in plain.quant_state.items():
+        assert torch.equal(ckpt.quant_state[name].qweight, qw.qweight)
+        assert torch.allclose(ckpt.quant_state[name].scale, qw.scale, rtol=1e-6, atol=0)
+    for name, spec in plain.act_quant.items():
+        assert ckpt.act_quant[name].clip_ratio == pytest.approx(spec.clip_ratio, rel=1e-6)
+
+
+def test_gradient_checkpointing_is_refused_where_training_mode_would_turn_on_dropout(tmp_path, calib_file):
+    from tiny_models import make_tiny_model
+
+    folder = make_tiny_model("llama", tmp_path / "m", attention_dropout=0.1)
+    with pytest.raises(QCompileError, match="dropout"):
+        run_passes(load(folder), _recipe(("canonicalize", {}), ("dlqat", dict(
+            bits=4, group_size=16, epochs=1, grad_checkpoint=True, **calib(calib_file)))))
+
+
+def test_running_out_of_memory_names_the_settings_that_lower_it(trained_llama, calib_file, monkeypatch):
+    from qcompile.learn import end_to_end
+
+    def oom(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(end_to_end, "kl_loss", oom)
+    h = load(trained_llama)
+    with pytest.raises(QCompileError, match="out of CPU memory.*grad_checkpoint: true.*batch_size"):
+        run_passes(h, _recipe(("canonicalize", {}), ("dlqat", dict(bits=4, group_size=16, epochs=1,
+                                                                  **calib(calib_file)))))
+    for name, m in h.model.named_modules():  # the parametrizations are gone again
+        assert not hasattr(m, "parametrizations"), name

@@ -133,3 +133,18 @@ def test_a_saved_end_to_end_state_from_other_blockwise_settings_is_refused(train
     shutil.rmtree(tmp_path / "state" / "sde")  # the block-wise state, as its own refusal tells the user to do
     with pytest.raises(QCompileError, match="another configuration"):
         sde.apply(load(trained_llama), cfg(calib_file, state_dir=state, e2e_epochs=1, epochs=1))
+
+
+def test_end_to_end_stage_with_gradient_checkpointing_trains_the_same_model(trained_llama, calib_file):
+    """e2e_grad_checkpoint is the stage's grad_checkpoint: same integers and scales, less memory."""
+    runs = []
+    for ckpt in (False, True):
+        h = load(trained_llama)
+        stats = sde.apply(h, cfg(calib_file, e2e_epochs=2, e2e_grad_checkpoint=ckpt))
+        assert not h.model.is_gradient_checkpointing
+        runs.append((h, stats["end_to_end"]))
+    (plain, s0), (ckpt, s1) = runs
+    assert s1["kl_per_epoch"] == pytest.approx(s0["kl_per_epoch"], rel=1e-5)
+    for name, qw in plain.quant_state.items():
+        assert torch.equal(ckpt.quant_state[name].qweight, qw.qweight)
+        assert torch.allclose(ckpt.quant_state[name].scale, qw.scale, rtol=1e-6, atol=0)
