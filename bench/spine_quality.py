@@ -112,6 +112,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # the built-in W4 and W4A4KV4 recipes since then)
     "cqe-e2e-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.e2e_epochs=3"]),
     "w4a4kv4-cqe-e2e": ("w4a4kv4-cqe", ["sde.e2e_epochs=3"]),
+    # ... and on the W3 and W2 recipes (10 block-wise epochs), which meet their targets without it
+    **{f"cqe-e2e-w{b}": (f"w{b}a16-g64-cqe", ["sde.e2e_epochs=3"]) for b in (3, 2)},
     "cqe-e2e-lr03-w4": ("w4a16-g64-cqe", ["sde.epochs=5", "sde.e2e_epochs=3", "sde.e2e_lr_clip=0.003",
                                           "sde.e2e_lr_adjust=0.0003"]),  # 0.3x the stage's rates
     # CQE+ starting from GPTQ's weights instead of a min/max grid (bench/recipes/*-gptq-cqe.yaml); W2 without the
