@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import copy
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,18 +125,30 @@ def _kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return (t.exp() * (t - s)).sum()
 
 
-def enable_grad_checkpointing(model: nn.Module, method: str) -> None:
-    """transformers' gradient checkpointing, which needs training mode: refused where that mode would turn on
-    dropout and so change what is trained."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise QCompileError(f"{method}: grad_checkpoint: {type(model).__name__} does not support gradient "
-                            "checkpointing")
-    dropout = getattr(model.config, "attention_dropout", 0.0) or max(
-        (m.p for m in model.modules() if isinstance(m, nn.Dropout)), default=0.0)
-    if dropout:
-        raise QCompileError(f"{method}: grad_checkpoint needs training mode, which would turn on this model's "
-                            f"dropout ({dropout}); train without it")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def set_grad_checkpointing(handle: ModelHandle, on: bool, method: str) -> None:
+    """Gradient checkpointing of each decoder layer through transformers' own switch on the layer
+    (``GradientCheckpointingLayer``: active in training mode), with non-reentrant ``torch.utils.checkpoint``.
+
+    Set on the adapter's layers rather than through ``model.gradient_checkpointing_enable``, which in transformers
+    5 also hooks the embedding to make its output require grad and leaves that hook behind when disabled. Refused
+    where training mode would turn on dropout and so change what is trained."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = handle.model
+    layers = handle.adapter.layers(model)
+    if on:
+        if not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
+            raise QCompileError(f"{method}: grad_checkpoint: {type(model).__name__}'s decoder layers do not "
+                                "support gradient checkpointing")
+        dropout = getattr(model.config, "attention_dropout", 0.0) or max(
+            (m.p for m in model.modules() if isinstance(m, nn.Dropout)), default=0.0)
+        if dropout:
+            raise QCompileError(f"{method}: grad_checkpoint needs training mode, which would turn on this model's "
+                                f"dropout ({dropout}); train without it")
+    for layer in layers:
+        if isinstance(layer, GradientCheckpointingLayer):
+            layer.gradient_checkpointing = on
+            layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -229,7 +242,7 @@ def train_end_to_end(
             trainable = [p for ps in kinds.values() for p in ps]
             n_trained = sum(p.numel() for p in trainable)
             if config.grad_checkpoint:
-                enable_grad_checkpointing(model, method)
+                set_grad_checkpointing(handle, True, method)
 
             saved = epoch_state.resume(state_path, key, device, trainable, opt)
             start_epoch = 0 if saved is None else int(saved["epoch"])
@@ -312,7 +325,7 @@ def train_end_to_end(
     except torch.OutOfMemoryError as e:
         teacher = None
         hint = ("set grad_checkpoint: true (sde: e2e_grad_checkpoint), " if not config.grad_checkpoint else "")
-        raise QCompileError(f"{method}: out of {device.type.upper()} memory while training the whole model "
+        raise QCompileError(f"{method}: out of {device.type.upper()} memory in end-to-end training "
                             f"({hint}lower batch_size, or calib_seq_len)") from e
     finally:
         for name, m in modules.items():
@@ -323,8 +336,8 @@ def train_end_to_end(
                     m.weight.copy_(handle.quant_state[name].dequantize().to(m.weight.device, m.weight.dtype))
         for ex in installed:
             ex.uninstall()
-        if getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
+        if config.grad_checkpoint:
+            set_grad_checkpointing(handle, False, method)
         model.eval()
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     quantized_params = sum(m.weight.numel() for m in modules.values())

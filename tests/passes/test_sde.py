@@ -137,13 +137,17 @@ def test_a_saved_end_to_end_state_from_other_blockwise_settings_is_refused(train
 
 def test_end_to_end_stage_with_gradient_checkpointing_trains_the_same_model(trained_llama, calib_file):
     """e2e_grad_checkpoint is the stage's grad_checkpoint: same integers and scales, less memory."""
-    runs = []
+    runs, layer_calls = [], []
     for ckpt in (False, True):
         h = load(trained_llama)
+        calls = []
+        h.model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda *_: calls.append(1))
         stats = sde.apply(h, cfg(calib_file, e2e_epochs=2, e2e_grad_checkpoint=ckpt))
         assert not h.model.is_gradient_checkpointing
         runs.append((h, stats["end_to_end"]))
+        layer_calls.append(len(calls))
     (plain, s0), (ckpt, s1) = runs
+    assert layer_calls[1] == layer_calls[0] + 2 * 8 // 2  # the stage's 8 steps each ran the layer again
     assert s1["kl_per_epoch"] == pytest.approx(s0["kl_per_epoch"], rel=1e-5)
     for name, qw in plain.quant_state.items():
         assert torch.equal(ckpt.quant_state[name].qweight, qw.qweight)
