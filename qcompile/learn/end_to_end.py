@@ -125,6 +125,32 @@ def _kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return (t.exp() * (t - s)).sum()
 
 
+class _ChunkedKL(torch.autograd.Function):
+    """Mean KL(teacher || student) over the rows of [tokens, vocabulary] logits, a chunk of rows at a time in both
+    directions: the gradient with respect to the student's logits is ``(softmax(s) - softmax(t)) / tokens`` per
+    row, written chunk by chunk into one buffer (nothing of the forward is kept but its inputs)."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, chunk_tokens: int):
+        n = student_logits.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        for i in range(0, n, chunk_tokens):
+            total += _kl_sum(student_logits[i : i + chunk_tokens], teacher_logits[i : i + chunk_tokens])
+        ctx.save_for_backward(student_logits, teacher_logits)
+        ctx.chunk_tokens = chunk_tokens
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s, t = ctx.saved_tensors
+        scale = grad_out.float() / s.shape[0]
+        grad = torch.empty_like(s)
+        for i in range(0, s.shape[0], ctx.chunk_tokens):
+            rows = slice(i, i + ctx.chunk_tokens)
+            grad[rows] = ((F.softmax(s[rows].float(), -1) - F.softmax(t[rows].float(), -1)) * scale).to(grad.dtype)
+        return grad, None, None
+
+
 def set_grad_checkpointing(handle: ModelHandle, on: bool, method: str) -> None:
     """Gradient checkpointing of each decoder layer through transformers' own switch on the layer
     (``GradientCheckpointingLayer``: active in training mode), with non-reentrant ``torch.utils.checkpoint``.
@@ -155,18 +181,13 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             chunk_tokens: int = KL_CHUNK_TOKENS) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student), in float32, ``chunk_tokens`` tokens at a time.
 
-    The float32 softmaxes of one chunk are alive at once, and with gradients each chunk is recomputed in backward
-    instead of saved: over a whole batch they are several tensors of tokens x vocabulary floats each (1.6 GB
-    apiece at 8192 tokens x 49152, the SmolLM2 recipes' batch).
+    Only one chunk's float32 softmaxes are alive at once, forward and backward (:class:`_ChunkedKL`): over a whole
+    batch they are several tensors of tokens x vocabulary floats each (1.6 GB apiece at 8192 tokens x 49152, the
+    SmolLM2 recipes' batch).
     """
     vocab = student_logits.shape[-1]
-    s, t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
-    grad = torch.is_grad_enabled() and s.requires_grad
-    total = torch.zeros((), dtype=torch.float32, device=s.device)
-    for i in range(0, s.shape[0], chunk_tokens):
-        chunk = (s[i : i + chunk_tokens], t[i : i + chunk_tokens])
-        total = total + (checkpoint(_kl_sum, *chunk, use_reentrant=False) if grad else _kl_sum(*chunk))
-    return total / s.shape[0]
+    s, t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab).detach()
+    return _ChunkedKL.apply(s, t, chunk_tokens)
 
 
 def train_end_to_end(
