@@ -6,7 +6,7 @@ Each setting runs in its own process (peak memory is per process): SmolLM2-135M,
 grid (W4 g64, no GPTQ: the engine's memory is the question, not the result), ``--samples`` validation windows of
 ``--seq-len`` tokens in one batch, ``--epochs`` epochs. On CPU the figure is the process's peak resident memory
 (ru_maxrss) and its rise over the resident memory just before training; on CUDA, torch's peak allocated memory.
-Steps/s are printed too (on a shared CPU they are noisy). Printed and saved as JSON.
+The pass's seconds are printed too (on a shared CPU they are noise). Printed and saved as JSON.
 
     python bench/e2e_memory.py --out bench/results/e2e_memory_cpu.json
     python bench/e2e_memory.py --device cuda --samples 4 --out bench/results/e2e_memory_cuda.json

@@ -35,10 +35,10 @@ that has accumulated through all the layers before it (BiSup's "vertical" error 
 from __future__ import annotations
 
 import contextlib
-import warnings
 import copy
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,8 +305,8 @@ def train_end_to_end(
                         continue
                     running = 0.0
                     for bi in torch.randperm(len(batches), generator=gen).tolist():
-                        # transformers checkpoints a layer only in training mode (through backward's recompute too)
-                        model.train(config.grad_checkpoint)
+                        if config.grad_checkpoint:  # transformers checkpoints a layer only in training mode
+                            model.train()  # (through backward's recompute too)
                         loss, kl = losses(batches[bi])
                         if not torch.isfinite(loss):
                             raise QCompileError(f"{method} training diverged (loss {float(loss)}); lower the learning "
@@ -318,7 +318,8 @@ def train_end_to_end(
                                 for p in group["params"]:
                                     p.grad = None
                         opt.step()
-                        model.eval()
+                        if config.grad_checkpoint:
+                            model.eval()
                         for ex in extras:
                             ex.project()
                         running += float(kl.detach())
