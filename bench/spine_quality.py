@@ -34,7 +34,7 @@ from qcompile.recipe import apply_overrides, load_recipe  # noqa: E402
 
 BENCH_RECIPES = Path(__file__).resolve().parent / "recipes"
 PLAIN = ["gptq.act_order=false", "gptq.true_sequential=false", "gptq.mse_clip=false", "gptq.refit_scales=false"]
-# the CQE+ recipes' block-wise stage alone: sde's end-to-end stage off (the W4 and W4A4KV4 recipes turn it on)
+# the CQE+ recipes' block-wise stage alone: sde's end-to-end stage off (the four CQE+ recipes turn it on)
 BLOCKWISE = ["sde.e2e_epochs=0"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "fp32": ("fp32", []),

@@ -23,9 +23,9 @@ layers". Two readings, both here, both measured (docs/BENCHMARKS.md, "Learned pa
   block-wise result when both run on the same device (the report's ``start_code_changes``; a warning otherwise).
   It trains the blocks' linears only (a quantized lm_head keeps the block-wise stage's RTN), and it refuses to
   follow another weight pass (gptq, rtn): the block-wise parameters would then adjust that pass's weights.
-  The config's default is 0 (block-wise only); the four CQE+ recipes run 3 epochs (SmolLM2-135M on one H100,
-  through ORT: W4 24.27 -> 23.02 ppl from the same block-wise model, W3 27.68 and W2 53.27 against 31.54 and
-  106.05 block-wise on an H200, W4A4KV4 30.8).
+  The config's default is 0 (block-wise only); the four CQE+ recipes run 3 epochs (SmolLM2-135M on one H100:
+  W4 24.27 (torch) -> 23.02 (ORT) ppl from the same block-wise model; W3 27.68 and W2 53.27 through ORT, against
+  31.54 and 106.05 block-wise on an H200; W4A4KV4 30.8 through ORT).
 
 Everything folds into integers and scales; the graph equals an RTN graph in kind.
 """

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from hook_checks import module_hooks
 
 from qcompile import passes
 from qcompile.errors import QCompileError, RecipeError
@@ -136,16 +137,6 @@ def test_chunked_kl_equals_the_whole_batch_formula_in_value_and_gradient(tokens)
         assert torch.allclose(kl_loss(s, t, chunk_tokens=3), whole, rtol=1e-5, atol=1e-7)
 
 
-def _hooks(model: torch.nn.Module) -> dict[str, int]:
-    """Forward, forward-pre and backward hooks per module (modules that have any)."""
-    out = {}
-    for name, m in model.named_modules():
-        n = len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
-        if n:
-            out[name] = n
-    return out
-
-
 @pytest.mark.parametrize("method", ["dlqat", "bisup"])
 def test_gradient_checkpointing_trains_the_same_model(trained_llama, calib_file, method):
     """grad_checkpoint recomputes each decoder layer in backward: the trained integers and scales (and BiSup's
@@ -161,13 +152,13 @@ def test_gradient_checkpointing_trains_the_same_model(trained_llama, calib_file,
         # a pre-hook on the layer's first linear: the recompute stops early, after that layer's last saved tensor
         h.model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda *_: calls.append(1))
         run_passes(h, _recipe(*base))
-        hooks_before = _hooks(h.model)  # the quantizers' hooks included (act_quant, kv_quant)
+        hooks_before = module_hooks(h.model)  # the quantizers' hooks included (act_quant, kv_quant)
         stats = run_passes(h, _recipe((method, dict(
             bits=4, group_size=16, epochs=2, batch_size=2, grad_checkpoint=ckpt, **calib(calib_file)))))
         assert not h.model.training and not h.model.is_gradient_checkpointing
-        # no hook left behind on any module (transformers 5's gradient_checkpointing_enable leaves one on the
-        # embedding; the training's own capture hooks must go too)
-        assert _hooks(h.model) == hooks_before
+        # the same hooks on every module as before, the quantizers' included (transformers 5's
+        # gradient_checkpointing_enable leaves one on the embedding)
+        assert module_hooks(h.model) == hooks_before
         assert not h.model(input_ids=torch.tensor([[1, 2, 3]])).logits.requires_grad
         runs.append((h, stats[f"0:{method}"]))
         layer_calls.append(len(calls))

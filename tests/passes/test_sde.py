@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from hook_checks import module_hooks
 from safetensors.torch import load_file, save_file
 
 from qcompile.errors import QCompileError, RecipeError
@@ -142,8 +143,10 @@ def test_end_to_end_stage_with_gradient_checkpointing_trains_the_same_model(trai
         h = load(trained_llama)
         calls = []
         h.model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda *_: calls.append(1))
+        hooks_before = module_hooks(h.model)
         stats = sde.apply(h, cfg(calib_file, e2e_epochs=2, e2e_grad_checkpoint=ckpt))
         assert not h.model.is_gradient_checkpointing
+        assert module_hooks(h.model) == hooks_before  # the block-wise capture hooks are gone too
         runs.append((h, stats["end_to_end"]))
         layer_calls.append(len(calls))
     (plain, s0), (ckpt, s1) = runs
