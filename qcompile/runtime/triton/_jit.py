@@ -31,8 +31,15 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def row_ptr(ptr, row, stride):
+    """``ptr + row * stride`` with the product in int64: a row-major tensor of 2^31 elements or more (a long
+    prompt's activations: 75k tokens of a 70B model's 28672-wide MLP) puts its last rows' offsets past int32."""
+    return ptr + tl.cast(row, tl.int64) * stride
+
+
+@triton.jit
 def tile_rows(ptr, m0, offs_m, stride):
     """Pointers to the rows ``offs_m`` (a column vector) of a tile whose first row is ``m0``: that row's offset in
-    int64 (M x N outputs may pass 2^31: all of a long prompt's logits over a large vocabulary), the rows within
-    the tile in int32."""
+    int64 (M x N outputs may pass 2^31: all of a long prompt's logits over a large vocabulary; so may M x K
+    activations, see ``row_ptr``), the rows within the tile in int32."""
     return ptr + tl.cast(m0, tl.int64) * stride + (offs_m - m0)[:, None] * stride

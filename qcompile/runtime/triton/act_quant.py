@@ -23,7 +23,7 @@ from qcompile.runtime.triton._env import interpreting, require_triton
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
-from qcompile.runtime.triton._jit import MIN_SCALE, round_half_even  # noqa: E402
+from qcompile.runtime.triton._jit import MIN_SCALE, round_half_even, row_ptr  # noqa: E402
 
 MAX_GROUP = 32768  # one group per program, held in registers
 
@@ -34,7 +34,7 @@ def _fake_quant_kernel(x_ptr, y_ptr, G, clip, QMAX: tl.constexpr, SYM: tl.conste
     offs = tl.arange(0, BLOCK)
     mask = offs < G
     # padding reads 0, which changes neither max|x| nor the ranges (both contain 0 by construction)
-    x = tl.load(x_ptr + row * G + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(row_ptr(x_ptr, row, G) + offs, mask=mask, other=0.0).to(tl.float32)
     if SYM:
         QMIN: tl.constexpr = -QMAX - 1
         scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0) * clip, QMAX), MIN_SCALE)
@@ -47,7 +47,7 @@ def _fake_quant_kernel(x_ptr, y_ptr, G, clip, QMAX: tl.constexpr, SYM: tl.conste
         zero = round_half_even(tl.div_rn(-lo, scale))
         q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x, scale)) + zero, 0.0), QMAX)
         y = (q - zero) * scale
-    tl.store(y_ptr + row * G + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(row_ptr(y_ptr, row, G) + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,

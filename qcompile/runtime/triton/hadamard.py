@@ -27,7 +27,7 @@ from qcompile.runtime.triton.reference import sylvester
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
-from qcompile.runtime.triton._jit import MIN_SCALE, round_half_even  # noqa: E402
+from qcompile.runtime.triton._jit import MIN_SCALE, round_half_even, row_ptr, tile_rows  # noqa: E402
 
 MAX_DENSE = 128  # rows up to this size: one dense matrix
 MAX_TILE = 32768  # elements of the [R, C] tile one program holds (fp32 accumulators: 64 per thread at 16 warps)
@@ -128,7 +128,7 @@ def _had_2d_kernel(x_ptr, l_ptr, h_ptr, y_ptr, q_ptr, qs_ptr, R, C, stride_x, st
     row = tl.program_id(0)
     r = tl.arange(0, RP)
     c = tl.arange(0, CP)
-    x_row = x_ptr + row * stride_x
+    x_row = row_ptr(x_ptr, row, stride_x)
     t = tl.zeros((RP, CP), dtype=tl.float32)
     for k0 in tl.static_range(0, RP, BK):  # t = P^T X, K-chunks of X re-read from L2
         kr = k0 + tl.arange(0, BK)
@@ -146,19 +146,20 @@ def _had_2d_kernel(x_ptr, l_ptr, h_ptr, y_ptr, q_ptr, qs_ptr, R, C, stride_x, st
     mask = (r < R)[:, None] & (c < C)[None, :]
     inner = r[:, None] * C + c[None, :]
     if QUANT:
-        _quant_store(y, q_ptr, qs_ptr, row, row * stride_y + inner, mask, QMAX)
+        _quant_store(y, row_ptr(q_ptr, row, stride_y), qs_ptr, row, inner, mask, QMAX)
     else:
-        tl.store(y_ptr + row * stride_y + inner, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(row_ptr(y_ptr, row, stride_y) + inner, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _had_dense_kernel(x_ptr, m_ptr, y_ptr, q_ptr, qs_ptr, M, N, stride_x, stride_y, scale,
                       NP: tl.constexpr, BLOCK_M: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
                       IEEE: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = tl.program_id(0) * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, NP)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(tile_rows(x_ptr, m0, rows, stride_x) + cols[None, :], mask=mask, other=0.0)
     h = tl.load(m_ptr + cols[:, None] * NP + cols[None, :])
     if IEEE:
         y = tl.dot(x, h, input_precision="ieee") * scale
@@ -167,10 +168,10 @@ def _had_dense_kernel(x_ptr, m_ptr, y_ptr, q_ptr, qs_ptr, M, N, stride_x, stride
     if QUANT:  # per row: one quantizer per token
         s = tl.maximum(tl.div_rn(tl.max(tl.abs(y), axis=1), QMAX), MIN_SCALE)
         q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(y, s[:, None])), -QMAX - 1), QMAX)
-        tl.store(q_ptr + rows[:, None] * stride_y + cols[None, :], q.to(tl.int8), mask=mask)
+        tl.store(tile_rows(q_ptr, m0, rows, stride_y) + cols[None, :], q.to(tl.int8), mask=mask)
         tl.store(qs_ptr + rows, s, mask=rows < M)
     else:
-        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(tile_rows(y_ptr, m0, rows, stride_y) + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # -- plans -----------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from qcompile.runtime.triton._tune import Tuner, launch_opts, pdl_flag, supports
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
-from qcompile.runtime.triton._jit import MIN_SCALE, round_half_even  # noqa: E402
+from qcompile.runtime.triton._jit import MIN_SCALE, round_half_even, row_ptr  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 LOG2E = 1.4426950408889634
@@ -181,13 +181,13 @@ def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, q_out
     else:  # store_kv (no query heads, NH = 0: the query branch below is still compiled)
         cos = tl.full((H2,), 1.0, tl.float32)
         sin = tl.zeros((H2,), tl.float32)
-    base = qkv_ptr + row * stride_qkv
+    base = row_ptr(qkv_ptr, row, stride_qkv)
     if head < NH:
         x1 = tl.load(base + head * D + half).to(tl.float32)
         x2 = tl.load(base + head * D + H2 + half).to(tl.float32)
         if QK_NORM:
             x1, x2 = _rms(x1, x2, qn_ptr, half, eps, D)
-        q_dst = q_out + (row * NH + head) * D
+        q_dst = row_ptr(q_out, row, NH * D) + head * D
         tl.store(q_dst + half, (x1 * cos - x2 * sin).to(q_out.dtype.element_ty))
         tl.store(q_dst + H2 + half, (x2 * cos + x1 * sin).to(q_out.dtype.element_ty))
     else:
@@ -205,11 +205,13 @@ def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, q_out
             r1 = k1
             r2 = k2
         if OUT_KV:
-            kv_off = (row * NKV + kvh) * D
-            tl.store(k_out + kv_off + half, r1.to(k_out.dtype.element_ty))
-            tl.store(k_out + kv_off + H2 + half, r2.to(k_out.dtype.element_ty))
-            tl.store(v_out + kv_off + half, v1.to(v_out.dtype.element_ty))
-            tl.store(v_out + kv_off + H2 + half, v2.to(v_out.dtype.element_ty))
+            kv_off = kvh * D
+            k_row = row_ptr(k_out, row, NKV * D)
+            v_row = row_ptr(v_out, row, NKV * D)
+            tl.store(k_row + kv_off + half, r1.to(k_out.dtype.element_ty))
+            tl.store(k_row + kv_off + H2 + half, r2.to(k_out.dtype.element_ty))
+            tl.store(v_row + kv_off + half, v1.to(v_out.dtype.element_ty))
+            tl.store(v_row + kv_off + H2 + half, v2.to(v_out.dtype.element_ty))
         slot = b * NKV + kvh
         if STORE:
             if KV_BITS == 16:

@@ -13,6 +13,7 @@ from qcompile.runtime.triton._tune import pdl_flag
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
+from qcompile.runtime.triton._jit import row_ptr  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 
@@ -25,11 +26,11 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, eps, HAS_W: tl.
         gdc_wait()
     offs = tl.arange(0, BLOCK)
     mask = offs < N
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(row_ptr(x_ptr, row, stride_x) + offs, mask=mask, other=0.0).to(tl.float32)
     y = x * tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=0) / N + eps))
     if HAS_W:
         y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(row_ptr(y_ptr, row, stride_y) + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, pdl: bool = False) -> torch.Tensor:

@@ -33,7 +33,7 @@ triton = require_triton()
 import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
-from qcompile.runtime.triton._jit import MIN_SCALE, grouped_tile, round_half_even, tile_rows  # noqa: E402
+from qcompile.runtime.triton._jit import MIN_SCALE, grouped_tile, round_half_even, row_ptr, tile_rows  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
@@ -52,7 +52,7 @@ def _quant_rows_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, c
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(row_ptr(x_ptr, row, stride_x) + offs, mask=mask, other=0.0).to(tl.float32)
     if NORM:
         x = tl.div_rn(x, tl.sqrt_rn(tl.sum(x * x, axis=0) / K + eps))
         if HAS_W:
@@ -60,7 +60,7 @@ def _quant_rows_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, c
     # IEEE-rounded division (tl.div_rn) and ties-to-even: codes bit-identical to torch's round(x / scale)
     scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0) * clip, QMAX), MIN_SCALE)
     q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(x, scale)), -QMAX - 1), QMAX)
-    tl.store(q_ptr + row * stride_q + offs, q.to(tl.int8), mask=mask)
+    tl.store(row_ptr(q_ptr, row, stride_q) + offs, q.to(tl.int8), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
@@ -79,12 +79,12 @@ def _int_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, bias_ptr, out_ptr,
     acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    a_rows = tile_rows(a_ptr, pid_m * BLOCK_M, offs_m, stride_am)
     for k0 in range(0, K, BLOCK_K):
         if W4:
             offs_h = tl.arange(0, HALF)
-            a_lo = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + offs_h)[None, :], mask=m_mask[:, None], other=0)
-            a_hi = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + HALF + offs_h)[None, :], mask=m_mask[:, None],
-                           other=0)
+            a_lo = tl.load(a_rows + (k0 + offs_h)[None, :], mask=m_mask[:, None], other=0)
+            a_hi = tl.load(a_rows + (k0 + HALF + offs_h)[None, :], mask=m_mask[:, None], other=0)
             byte = tl.load(b_ptr + offs_n[:, None] * stride_bn + (k0 // 2 + offs_h)[None, :], mask=n_mask[:, None],
                            other=0x88).to(tl.int32)
             w_lo = ((byte & 15) - 8).to(tl.int8)
@@ -95,8 +95,7 @@ def _int_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bz_ptr, bias_ptr, out_ptr,
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0)
+            a = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
                         other=0)
             part = tl.dot(a, tl.trans(b), out_dtype=tl.int32)

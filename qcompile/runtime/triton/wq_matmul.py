@@ -334,10 +334,10 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr,
     shifts = tl.arange(0, PACK) * BITS
     n_rows = K // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = tile_rows(x_ptr, pid_m * BLOCK_M, offs_m, stride_xm)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :],
-                    other=0.0)
+        a = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
         rr = k0 // PACK + offs_r
         words = tl.load(w_ptr + rr[:, None] * N + offs_n[None, :], mask=(rr < n_rows)[:, None] & n_mask[None, :],
                         other=0)

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from rows_past_int32 import run_in_subprocess
+
 from qcompile.runtime.triton import reference as R
 from qcompile.runtime.triton import kv_attention
 from qcompile.runtime.triton.kv_attention import LOG2E, KVCache, decode_attention, rope_store
@@ -346,3 +348,8 @@ def test_decode_attention_with_int8_query_key_dots(device, bits):
     with pytest.raises(ValueError, match="QK_I8"):
         decode_attention(q.float(), KVCache.allocate(2, 2, 32, 40, bits, prefix_capacity=8, dtype=torch.float32,
                                                      device=device), lens, prefix, config={**cfg, "QK_I8": True})
+
+
+def test_rope_store_reads_rows_past_two_to_the_31_elements(device):
+    """qkv rows starting past 2^31 elements: q, k, v and the cache written as from a small tensor."""
+    run_in_subprocess("rope_store", device)

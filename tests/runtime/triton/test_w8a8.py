@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from rows_past_int32 import run_in_subprocess
+
 from qcompile.quant.grid import QuantizedWeight, QuantSpec
 from qcompile.runtime.triton import reference as R
 from qcompile.runtime.triton.packing import pack_int_gemm
@@ -196,3 +198,9 @@ def test_int8_gemm_output_past_two_to_the_31_elements():
                                        msg=str(cfg))
         y.fill_(float("nan"))
         del y
+
+
+def test_int_gemm_reads_activation_rows_past_two_to_the_31_elements(device):
+    """The pointer kernel (4-bit weights; 8-bit in groups) on a row tile of int8 activations starting past 2^31
+    elements: its offset is taken in int64."""
+    run_in_subprocess("int_gemm", device)

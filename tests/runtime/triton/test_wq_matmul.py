@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from rows_past_int32 import run_in_subprocess
+
 from qcompile.quant.grid import QuantizedWeight, QuantSpec
 from qcompile.runtime.triton import reference as R
 from qcompile.runtime.triton.packing import pack_from_export
@@ -264,3 +266,9 @@ def test_gemm_output_past_two_to_the_31_elements():
     for rows in (slice(0, 2), slice(m - 2, m)):
         ref = R.wq_linear_ref(x[rows].float(), pw.to(dtype=torch.float32))
         check(y[rows], ref, 2e-3)
+
+
+def test_gemm_reads_activation_rows_past_two_to_the_31_elements(device):
+    """A row tile of activations starting past 2^31 elements (75k tokens of a 28672-wide MLP input): its offset is
+    taken in int64 (in int32 the load landed outside the tensor)."""
+    run_in_subprocess("wq_gemm", device)
