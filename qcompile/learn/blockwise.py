@@ -30,7 +30,9 @@ OmniQuant's (arXiv 2308.13137), which LSI and CQE+ build on:
   continues with the next. Fields named ``e2e_*`` configure a pass's later end-to-end stage, not this training,
   so they are left out of the fingerprint.
 * **Trained parameters** of every linear stay on the handle (``handle.learned_params``, CPU) after the block is
-  frozen: a pass's end-to-end stage (sde's ``e2e_epochs``) continues from exactly them.
+  frozen when the pass asks for them (``keep_learned``): its end-to-end stage (sde's ``e2e_epochs``) continues
+  from exactly them. Otherwise they are dropped with the block (3.6 % of the weights' size for sde: gigabytes on
+  a large model); ``state_dir`` saves them either way, so a saved state resumes into an end-to-end stage.
 * **Activation clipping** (``act_clip``): where an ``act_quant`` step ran before, the block's activation quantizers
   also get one learnable clip ratio per quantized input (BiSup's fine-grained activation clipping,
   :class:`~qcompile.learn.extras.ActivationClipping`), trained with the weights' parameters and frozen with them
@@ -254,9 +256,11 @@ def _advance(layers: list[nn.Module], hiddens: list[torch.Tensor], runner: Layer
     return out
 
 
-def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeParam, method: str) -> dict:
+def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeParam, method: str,
+                 keep_learned: bool = False) -> dict:
     """Train, block by block, the parametrizations ``make_param`` gives each target linear; freeze them into
-    quantized weights on ``handle``. Returns statistics for the report."""
+    quantized weights on ``handle``; with ``keep_learned``, keep each linear's trained parameters in
+    ``handle.learned_params``. Returns statistics for the report."""
     config.validate(handle)
     if config.act_clip and not handle.act_quant:
         raise RecipeError(f"{method}: act_clip learns the activation quantizers' clip ratios, but no activation is "
@@ -306,7 +310,8 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
                     weights, saved_stats, learned = saved
                     for name, qw in weights.items():
                         handle.set_quantized(name, qw)
-                    handle.learned_params.update(learned)
+                    if keep_learned:
+                        handle.learned_params.update(learned)
                     set_clip_ratios(handle, saved_stats.get("act_clip", []))  # learned with these weights
                     resumed.append(i)
                     stats = {"resumed": True, **({"act_clip": saved_stats["act_clip"]} if "act_clip" in saved_stats
@@ -317,7 +322,8 @@ def train_blocks(handle: ModelHandle, config: BlockwiseConfig, make_param: MakeP
                                                          targets_float, lookahead, config, make_param,
                                                          torch.Generator().manual_seed(config.seed * 100003 + i))
                     trained_params += n
-                    handle.learned_params.update(learned)
+                    if keep_learned:
+                        handle.learned_params.update(learned)
                     state.save(i, {name: handle.quant_state[name] for name, _, _ in mods}, stats, learned)
                 per_block.append(stats)
                 if "loss_after" in stats:

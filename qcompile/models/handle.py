@@ -36,8 +36,8 @@ class ModelHandle:
     # each quantized linear's float weight from before its first quantization (CPU): the teacher of the
     # end-to-end training passes (bisup, dlqat), which may run after GPTQ has replaced the module's weights
     float_weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    # each linear's trained parameters (by parameter name, CPU) from the last block-wise pass that trained it: what
-    # that pass's end-to-end stage continues from (sde's ``e2e_epochs``)
+    # each linear's trained parameters (by parameter name, CPU) from a block-wise pass that keeps them for its
+    # end-to-end stage (sde with ``e2e_epochs``), until that stage has run
     learned_params: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property

@@ -85,7 +85,7 @@ def apply(handle: ModelHandle, config: SDEConfig) -> dict:
         # on the float originals
         raise RecipeError("sde e2e_epochs continues parameters trained on the float weights; it cannot follow "
                           "another weight pass (gptq, rtn, ...) in the recipe")
-    stats = train_blocks(handle, config, make, "sde")
+    stats = train_blocks(handle, config, make, "sde", keep_learned=bool(config.e2e_epochs))
     if not config.e2e_epochs or not stats.get("quantized_linears"):
         return stats
     blockwise_key = fingerprint(handle, config, "sde")
@@ -102,4 +102,6 @@ def apply(handle: ModelHandle, config: SDEConfig) -> dict:
 
     stats["end_to_end"] = train_end_to_end(handle, config.end_to_end(), resume, "sde_e2e", from_float=True,
                                            weight_penalty=config.penalty, state_key=blockwise_key)
+    for name, _, _ in handle.linears(include_lm_head=True):  # the block-wise parameters no longer describe them
+        handle.learned_params.pop(name, None)
     return stats

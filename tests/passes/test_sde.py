@@ -155,3 +155,30 @@ def test_end_to_end_stage_with_gradient_checkpointing_trains_the_same_model(trai
     for name, qw in plain.quant_state.items():
         assert torch.equal(ckpt.quant_state[name].qweight, qw.qweight)
         assert torch.allclose(ckpt.quant_state[name].scale, qw.scale, rtol=1e-6, atol=0)
+
+
+def test_trained_parameters_are_kept_only_for_the_end_to_end_stage(trained_llama, calib_file, tmp_path):
+    """Block-wise only, the trained parameters go with each block (a large model's would fill the CPU's memory);
+    with the stage they are kept until it has run, then dropped. The state folder saves them either way: a
+    block-wise-only state resumes into the stage and gives what a fresh run gives."""
+    h = load(trained_llama)
+    sde.apply(h, cfg(calib_file, state_dir=str(tmp_path / "state")))
+    assert h.quant_state and not h.learned_params
+    seen = []
+    real = sde.train_end_to_end
+
+    def spy(handle, *args, **kwargs):
+        seen.append(sorted(handle.learned_params))  # what the stage starts from
+        return real(handle, *args, **kwargs)
+
+    resumed = load(trained_llama)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sde, "train_end_to_end", spy)
+        stats = sde.apply(resumed, cfg(calib_file, state_dir=str(tmp_path / "state"), e2e_epochs=1))
+    assert stats["resumed_blocks"] == [0, 1]
+    assert seen == [sorted(resumed.quant_state)] and not resumed.learned_params
+    fresh = load(trained_llama)
+    sde.apply(fresh, cfg(calib_file, e2e_epochs=1))
+    for name, qw in fresh.quant_state.items():
+        assert torch.equal(resumed.quant_state[name].qweight, qw.qweight)
+        assert torch.equal(resumed.quant_state[name].scale, qw.scale)
