@@ -87,9 +87,18 @@ def check_int_gemm(device):
 
 def run_in_subprocess(check: str, device: str) -> None:
     """``check`` in a subprocess (int32 row offsets crash it rather than fail an assert): the tests' entry."""
+    import os
     import subprocess
+    from pathlib import Path
 
-    proc = subprocess.run([sys.executable, __file__, check, device], capture_output=True, text=True, timeout=600)
+    import qcompile
+
+    # the child imports the qcompile this process tests (its sys.path[0] is tests/, where an installed copy from
+    # another checkout would otherwise win)
+    root = str(Path(qcompile.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, __file__, check, device, qcompile.__file__], capture_output=True,
+                          text=True, timeout=600, env=env)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
         f"{check} on rows past 2^31 elements: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
@@ -98,5 +107,9 @@ CHECKS = {"rms_norm": check_rms_norm, "rope_store": check_rope_store, "wq_gemm":
           "int_gemm": check_int_gemm}
 
 if __name__ == "__main__":
+    if len(sys.argv) > 3:  # the parent's qcompile: the kernels checked must be the ones it tests
+        import qcompile
+
+        assert qcompile.__file__ == sys.argv[3], (qcompile.__file__, sys.argv[3])
     CHECKS[sys.argv[1]](sys.argv[2])
     print("ok")

@@ -100,8 +100,10 @@ def apply(handle: ModelHandle, config: SDEConfig) -> dict:
         p.load_trained_state(saved)
         return p
 
-    stats["end_to_end"] = train_end_to_end(handle, config.end_to_end(), resume, "sde_e2e", from_float=True,
-                                           weight_penalty=config.penalty, state_key=blockwise_key)
-    for name, _, _ in handle.linears(include_lm_head=True):  # the block-wise parameters no longer describe them
-        handle.learned_params.pop(name, None)
+    try:
+        stats["end_to_end"] = train_end_to_end(handle, config.end_to_end(), resume, "sde_e2e", from_float=True,
+                                               weight_penalty=config.penalty, state_key=blockwise_key)
+    finally:  # kept for the stage only: afterwards they describe no weight on the handle
+        for name, _, _ in handle.linears(include_lm_head=True):
+            handle.learned_params.pop(name, None)
     return stats
