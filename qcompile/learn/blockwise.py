@@ -417,21 +417,24 @@ def _train_block(handle, runner, layer, ahead, mods, x_quant, targets_float, loo
             return sum(float(loss_of(bi)[1]) for bi in range(len(runner.batches))) / len(runner.batches)
 
         before = evaluate()
-        for _ in range(config.epochs):
-            for bi in torch.randperm(len(runner.batches), generator=gen).tolist():
-                loss, _ = loss_of(bi)
-                if not torch.isfinite(loss):
-                    raise QCompileError(
-                        f"{type(params[mods[0][0]]).__name__} training diverged in block {block_index} "
-                        f"(loss {float(loss.detach())}); lower the learning rates"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if clips is not None:
-                    clips.project()
-                if sched is not None:
-                    sched.step()
+        # a block's steps can take minutes each on a CPU: this bar moves between the outer one's block updates
+        with tqdm(total=steps, desc=f"block {block_index}", unit="step", leave=False, position=1) as steps_bar:
+            for _ in range(config.epochs):
+                for bi in torch.randperm(len(runner.batches), generator=gen).tolist():
+                    loss, _ = loss_of(bi)
+                    if not torch.isfinite(loss):
+                        raise QCompileError(
+                            f"{type(params[mods[0][0]]).__name__} training diverged in block {block_index} "
+                            f"(loss {float(loss.detach())}); lower the learning rates"
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if clips is not None:
+                        clips.project()
+                    if sched is not None:
+                        sched.step()
+                    steps_bar.update(1)
         after = evaluate()
         exported = {}
         with torch.no_grad():
