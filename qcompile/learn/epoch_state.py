@@ -30,8 +30,9 @@ def resume(path: Path | None, key: str, device, params: list[torch.Tensor], opti
         return None
     saved = torch.load(path, map_location=device, weights_only=True)
     if saved.get("fingerprint") != key:
-        raise QCompileError(f"training state {path} belongs to another configuration; use another state_dir or "
-                            "delete it")
+        raise QCompileError(f"training state {path} belongs to another configuration; use another state_dir, or "
+                            f"delete that file to train this stage again (other files in {path.parent.parent} "
+                            "stay valid)")
     with torch.no_grad():
         for p, v in zip(params, saved["params"]):
             p.copy_(v)

@@ -74,8 +74,12 @@ def test_resume_refuses_another_configuration(trained_llama, calib_file, tmp_pat
     kw = dict(group_size=16, epochs=1, magnitude_epochs=0, batch_size=4, state_dir=str(tmp_path / "s"),
               **calib(calib_file))
     run_passes(load(trained_llama), _recipe(("canonicalize", {}), ("dlqat", dict(bits=4, **kw))))
-    with pytest.raises(QCompileError, match="another configuration"):
+    with pytest.raises(QCompileError, match="another configuration") as err:
         run_passes(load(trained_llama), _recipe(("canonicalize", {}), ("dlqat", dict(bits=3, **kw))))
+    saved = tmp_path / "s" / "dlqat" / "e2e_state.pt"
+    assert "delete that file to train this stage again" in str(err.value) and str(saved) in str(err.value)
+    saved.unlink()  # as the message says: the other configuration then trains from the start
+    run_passes(load(trained_llama), _recipe(("canonicalize", {}), ("dlqat", dict(bits=3, **kw))))
 
 
 def test_bisup_trains_clips_smoothing_and_low_rank_into_the_graph(trained_llama, calib_file, tmp_path):
