@@ -123,6 +123,10 @@ def cmd_export(args) -> int:
 
     recipe = _recipe_from_args(args)
     _check_device(args.device)
+    if args.eval:  # the evaluation text is found before the export is written, not after
+        from qcompile.data import resolve_text
+
+        resolve_text(args.text, "test")
     if args.report:
         from qcompile.eval.report import require_matplotlib
 
@@ -402,14 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qcompile: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qcompile: interrupted; no output was written", file=sys.stderr)
+        print("qcompile: interrupted; no partial output was left", file=sys.stderr)
         return 130
     except Exception as e:  # a failure without its own message: one line, not a traceback (unless debugging)
         if os.environ.get("QCOMPILE_DEBUG"):
             raise
         first = first_line(e) if str(e).strip() else ""
-        print(f"qcompile: error: {type(e).__name__}{': ' + first if first else ''} (no output was written; set "
-              "QCOMPILE_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"qcompile: error: {type(e).__name__}{': ' + first if first else ''} (no partial output was left; "
+              "set QCOMPILE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 
 

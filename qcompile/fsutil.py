@@ -13,10 +13,22 @@ from pathlib import Path
 from qcompile.errors import QCompileError
 
 
-def check_output(target: str | os.PathLike, overwrite: bool) -> Path:
+def check_output(target: str | os.PathLike, overwrite: bool, inputs: tuple = ()) -> Path:
     """The resolved output folder, or a clear error if it may not be (over)written. Checked before any work, so a
-    long export does not fail at its last step."""
+    long export does not fail at its last step. Never a folder that holds the user's work: the current folder or
+    one of its parents, the home folder, the root, or ``inputs`` (paths the command reads) or a folder holding them:
+    ``--overwrite`` replaces the whole output."""
+    if not str(target).strip():
+        raise QCompileError("the output path is empty; name the folder to write")
     target = Path(target).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents or target == Path.home().resolve() or target == Path(target.anchor):
+        raise QCompileError(f"output {target} is the current folder, the home folder or a folder above them; "
+                            "writing it would replace their contents: name a new folder")
+    for src in inputs:
+        src = Path(src).expanduser().resolve()
+        if src.exists() and (target == src or target in src.parents):
+            raise QCompileError(f"output {target} would replace the input {src}; choose another output")
     if target.exists() and not overwrite:
         raise QCompileError(f"output {target} already exists; choose another path or pass --overwrite")
     if target.exists() and not target.is_dir():

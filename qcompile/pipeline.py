@@ -160,7 +160,7 @@ def compile_model(
     overwrite: bool = False,
     trust_remote_code: bool = False,
 ) -> CompileResult:
-    out = check_output(out_dir, overwrite)  # fail before minutes of calibration, not after
+    out = check_output(out_dir, overwrite, inputs=(source,))  # fail before minutes of calibration, not after
     t0 = time.perf_counter()
     handle = load(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     t_load = time.perf_counter() - t0

@@ -57,8 +57,12 @@ class ExportConfig:
             raise RecipeError(f"export.attention must be 'standard' or 'gqa', got {self.attention!r}")
         if self.online_hadamard not in ("kron", "dense"):
             raise RecipeError(f"export.online_hadamard must be 'kron' or 'dense', got {self.online_hadamard!r}")
-        if self.opset < 21:
-            raise RecipeError(f"export.opset must be >= 21 (int4 DequantizeLinear with block_size), got {self.opset}")
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+        if not 21 <= self.opset <= newest:
+            raise RecipeError(f"export.opset must be 21 (int4 DequantizeLinear with block_size) to {newest} (the "
+                              f"newest opset the installed onnx knows), got {self.opset}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise RecipeError(f"export.accuracy_level must be 0-4, got {self.accuracy_level}")
 

@@ -148,3 +148,42 @@ def test_output_under_a_file_is_refused_before_loading(tiny_model_dirs, tmp_path
     monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("loaded the model before checking the output"))
     assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(blocker / "sub" / "out"), "--recipe", "fp32"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_overwrite_never_replaces_the_working_folder_or_the_input(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    """--overwrite replaces the whole output folder: an empty path, the current folder (or one above it) and the
+    model being read are refused before anything is loaded or written."""
+    import shutil
+
+    import qcompile.pipeline as pipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dirs["llama"], model)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("loaded the model before checking the output"))
+    for out, message in (("", "output path is empty"), (".", "current folder"), ("..", "current folder"),
+                         (str(model), "would replace the input")):
+        assert main(["export", str(model), "-o", out, "--recipe", "fp32", "--overwrite"]) == 2
+        assert message in capsys.readouterr().err
+    assert (work / "keep.txt").read_text() == "mine" and (model / "config.json").is_file()
+    monkeypatch.undo()
+    export = tmp_path / "export"
+    assert main(["export", str(model), "-o", str(export), "--recipe", "w4a16-g64-rtn"]) == 0
+    for out in (str(export), ""):  # a bundle folder over its own export
+        assert main(["package", str(export), "-o", out, "--overwrite"]) == 2
+    assert (export / "model.onnx").is_file()
+
+
+def test_export_eval_with_a_missing_text_fails_before_writing(tiny_model_dirs, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "fp32", "--eval",
+                 "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_opset_onnx_does_not_know_is_refused(capsys):
+    assert main(["export", "smollm2-135m", "-o", "unused", "--recipe", "fp32", "--set", "export.opset=99"]) == 2
+    assert "export.opset must be 21" in capsys.readouterr().err

@@ -184,11 +184,11 @@ def package(src: str | os.PathLike, dest: str | os.PathLike, fmt: str | None = N
         raise QCompileError(f"{src} is not an exported folder (no {MODEL_FILE}); run `qcompile export` first")
     fmt = resolve_format(dest, fmt)
     if fmt == "dir":
-        target = check_output(dest, overwrite)
-        if target == src.resolve():
-            raise QCompileError("the bundle cannot replace the folder it is made from; choose another output")
+        target = check_output(dest, overwrite, inputs=(src,))
         with atomic_dir(target, overwrite=overwrite) as tmp:
             return _write_bundle(src, tmp)
+    if not str(dest).strip():
+        raise QCompileError("the output path is empty; name the file to write")
     target = Path(dest).expanduser().resolve()
     if target.exists() and not overwrite:
         raise QCompileError(f"output {target} already exists; choose another path or pass --overwrite")
