@@ -187,3 +187,11 @@ def test_export_eval_with_a_missing_text_fails_before_writing(tiny_model_dirs, t
 def test_an_opset_onnx_does_not_know_is_refused(capsys):
     assert main(["export", "smollm2-135m", "-o", "unused", "--recipe", "fp32", "--set", "export.opset=99"]) == 2
     assert "export.opset must be 21" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", ["rtn.lm_head_bits=0", "rtn.lm_head_group_size=0"])
+def test_lm_head_fields_of_zero_are_refused_not_taken_for_unset(field, tiny_model_dirs, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "w4a16-g64-rtn",
+                 "--set", "rtn.quantize_lm_head=true", "--set", field]) == 2
+    assert "lm_head:" in capsys.readouterr().err and not out.exists()

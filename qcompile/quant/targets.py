@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from qcompile.models.handle import ModelHandle
+from qcompile.errors import RecipeError
 from qcompile.quant.grid import QuantSpec
 
 
@@ -26,10 +27,19 @@ class WeightQuantConfig:
         return QuantSpec(self.bits, self.symmetric, self.group_size)
 
     def lm_head_spec(self) -> QuantSpec:
-        return QuantSpec(self.lm_head_bits or self.bits, self.symmetric, self.lm_head_group_size or self.group_size)
+        """lm_head's spec: the ``lm_head_*`` fields where set (None: the linears' own; 0 is refused, not taken
+        for unset)."""
+        try:
+            return QuantSpec(self.bits if self.lm_head_bits is None else self.lm_head_bits, self.symmetric,
+                             self.group_size if self.lm_head_group_size is None else self.lm_head_group_size)
+        except RecipeError as e:
+            raise RecipeError(f"lm_head: {e}") from None
 
     def validate(self, handle: ModelHandle) -> None:
-        """Fail before any work if a group size cannot divide a target's input dimension."""
+        """Fail before any work on impossible lm_head fields (even unused) or a group size that cannot divide a
+        target's input dimension."""
+        if self.lm_head_bits is not None or self.lm_head_group_size is not None:
+            self.lm_head_spec()
         for name, _, module, spec in targets(handle, self):
             spec.groups(module.in_features, name)
 
