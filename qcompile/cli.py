@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from qcompile.errors import QCompileError, first_line
+from qcompile.fsutil import read_json
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16"}
 
@@ -263,8 +264,7 @@ def _run_folder(model_dir: str, args) -> int:
 def _note_kv_prefix(model_dir: str, tok, args) -> None:
     """The float KV prefix is fixed at export (it is in the graph); say when the system turn does not fit in it."""
     meta_path = Path(model_dir) / "qcompile.json"
-    kv = (json.loads(meta_path.read_text()).get("runtime_quantization", {}).get("kv_cache")
-          if meta_path.is_file() else None)
+    kv = read_json(meta_path).get("runtime_quantization", {}).get("kv_cache")
     if not kv or not args.system or args.raw or not tok.chat_template:
         return
     ids = tok.apply_chat_template([{"role": "system", "content": args.system}], tokenize=True)

@@ -49,9 +49,12 @@ def read_json(path: str | os.PathLike) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QCompileError(f"{path} is damaged (not valid JSON: {e}); re-export the model") from None
+    if not isinstance(data, dict):
+        raise QCompileError(f"{path} is damaged (a JSON {type(data).__name__}, not an object); re-export the model")
+    return data
 
 
 @contextlib.contextmanager

@@ -195,3 +195,23 @@ def test_lm_head_fields_of_zero_are_refused_not_taken_for_unset(field, tiny_mode
     assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "w4a16-g64-rtn",
                  "--set", "rtn.quantize_lm_head=true", "--set", field]) == 2
     assert "lm_head:" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("command,damage", [
+    *((c, ("qcompile.json", "[1, 2, 3]")) for c in ("eval", "run", "package", "inspect")),
+    ("package", ("report.json", "{not json")),  # the one command that reads the report
+])
+def test_damaged_metadata_is_one_message(command, damage, tiny_model_dirs, tmp_path, capsys):
+    """qcompile.json that is JSON but not an object, or a report.json that is not JSON: one message naming the
+    file, exit 2, no output."""
+    out = tmp_path / "o"
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "w4a16-g64-rtn"]) == 0
+    name, text = damage
+    (out / name).write_text(text)
+    argv = {"eval": ["eval", str(out), "--limit", "1", "--seq-len", "32"], "run": ["run", str(out), "hi"],
+            "package": ["package", str(out), "-o", str(tmp_path / "b")], "inspect": ["inspect", str(out)]}[command]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert name in err and "damaged" in err and "Traceback" not in err, err
+    assert not (tmp_path / "b").exists()

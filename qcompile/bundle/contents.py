@@ -129,8 +129,11 @@ def inspect(path: str | os.PathLike, check: bool = False) -> dict:
     try:
         manifest = json.loads(blobs[MANIFEST_FILE]) if MANIFEST_FILE in blobs else None
         meta = json.loads(blobs[META_FILE]) if META_FILE in blobs else {}
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QCompileError(f"cannot read the JSON files in {path}: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(manifest, (dict, type(None))):
+        raise QCompileError(f"cannot read the JSON files in {path}: {MANIFEST_FILE} and {META_FILE} must be JSON "
+                            "objects")
     info = {"path": str(path), "kind": kind, "graph": graph_summary(graph)}
     if manifest is not None:
         info["manifest"] = {k: manifest.get(k) for k in ("qcompile_version", "exported_with", "source", "measured",

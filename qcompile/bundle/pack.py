@@ -17,7 +17,7 @@ import qcompile
 from qcompile.bundle.archive import FORMATS, archive_format, extract, write_archive
 from qcompile.bundle.genai import GENAI_CONFIG_FILE, genai_config, tokenizer_note
 from qcompile.errors import QCompileError
-from qcompile.fsutil import atomic_dir, check_output
+from qcompile.fsutil import atomic_dir, check_output, read_json
 from qcompile.runtime.ort import META_FILE, MODEL_FILE
 
 MANIFEST_FILE = "manifest.json"
@@ -141,8 +141,7 @@ def _write_bundle(src: Path, out: Path) -> dict:
     files[GENAI_CONFIG_FILE] = {"sha256": sha256_file(out / GENAI_CONFIG_FILE),
                                 "bytes": (out / GENAI_CONFIG_FILE).stat().st_size}
 
-    meta = json.loads((src / META_FILE).read_text()) if (src / META_FILE).is_file() else {}
-    report = json.loads((src / REPORT_FILE).read_text()) if (src / REPORT_FILE).is_file() else {}
+    meta, report = read_json(src / META_FILE), read_json(src / REPORT_FILE)  # {} when absent
     versions = _runtime_versions()
     manifest = {
         "format": FORMAT_NAME,

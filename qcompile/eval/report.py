@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import os
 import re
@@ -65,12 +64,9 @@ def load_export(path: str | os.PathLike) -> Export:
     folder = Path(path)
     if not (folder / MODEL_FILE).is_file():
         raise QCompileError(f"{folder} is not an exported folder (no {MODEL_FILE}); run `qcompile export` first")
-    report_path = folder / REPORT_JSON
-    try:
-        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise QCompileError(f"{report_path} is not valid JSON ({e}); re-export the folder") from None
-    return Export(folder, report, sizes=tensor_sizes(folder / MODEL_FILE))
+    from qcompile.fsutil import read_json
+
+    return Export(folder, read_json(folder / REPORT_JSON), sizes=tensor_sizes(folder / MODEL_FILE))
 
 
 # -- data ---------------------------------------------------------------------------------------------------

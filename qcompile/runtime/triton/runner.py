@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.errors import QCompileError
+from qcompile.fsutil import read_json
 from qcompile.graph.fuse_projections import SEPARATOR, member_names
 from qcompile.runtime.triton._env import check_device, interpreting, require_triton
 from qcompile.runtime.triton.rewrites import FloatPrefix, Hadamard, Rewrites, Step, const_value, describe
@@ -424,7 +425,7 @@ def _check_metadata(folder: Path, w: ModelWeights) -> None:
     from qcompile.quant.activations import TokenQuantSpec
 
     path = folder / "qcompile.json"
-    rq = json.loads(path.read_text()).get("runtime_quantization") if path.is_file() else None
+    rq = read_json(path).get("runtime_quantization")
     if not rq:
         return
     linears = [lin for layer in w.layers for lin in layer.linears.values()]
