@@ -110,6 +110,9 @@ def _recipe_from_args(args):
             raise QCompileError(f"--kv-prefix needs a recipe that quantizes the KV cache (kv_quant); "
                                 f"{recipe.name!r} has none")
         sets.append(f"kv_quant.prefix={kv_prefix}")
+    state = getattr(args, "train_state", None)
+    if state and Path(state).expanduser().exists() and not Path(state).expanduser().is_dir():
+        raise QCompileError(f"--train-state {state} is a file; it must be a folder (created when missing)")
     return apply_overrides(recipe, sets, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
                            calib_text=args.calib_text, calib_samples=args.calib_samples,
                            state_dir=getattr(args, "train_state", None) or ...)
@@ -240,6 +243,8 @@ def _run_folder(model_dir: str, args) -> int:
             ids = ids["input_ids"]
     else:
         ids = tok(args.prompt, add_special_tokens=True)["input_ids"]
+    if not len(ids):
+        raise QCompileError("the prompt is empty (no tokens to start from); give some text")
     printed, generated = "", []
 
     def on_token(token_id: int) -> None:

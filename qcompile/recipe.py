@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from qcompile import passes
-from qcompile.errors import RecipeError
+from qcompile.errors import RecipeError, first_line
 from qcompile.quant.targets import WeightQuantConfig
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -227,7 +227,10 @@ def apply_overrides(recipe: Recipe, sets: list[str] = (), **weight_fields) -> Re
             raise RecipeError(f"--set {item!r}: expected PASS.FIELD=VALUE (e.g. rtn.bits=3) or export.FIELD=VALUE")
         key, raw = item.split("=", 1)
         target, fname = key.rsplit(".", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML ({first_line(e)})") from None
         if target == "export":
             data["export"][fname] = value
             continue

@@ -61,11 +61,15 @@ def test_export_eval_run(tmp_path, tiny_model_dirs, text_file, capsys):
         (["export", "{llama}", "--recipe", "nonsense"], "unknown recipe 'nonsense'"),
         (["eval", "{llama}", "--backend", "ort"], "not an exported folder"),
         (["run", "{llama}", "hi"], "not an exported folder"),
+        (["export", "{llama}", "--recipe", "w4a16-g64-rtn", "--set", "rtn.bits=[4"], "not valid YAML"),
+        (["export", "{llama}", "--recipe", "w4a16-g64-cqe", "--train-state", "{afile}"], "is a file"),
     ],
 )
 def test_bad_input_one_message_nonzero_exit_no_output(argv, message, tmp_path, tiny_model_dirs, capsys):
     out = tmp_path / "out"
-    argv = [a.replace("{llama}", str(tiny_model_dirs["llama"])) for a in argv]
+    (tmp_path / "afile").write_text("x")
+    argv = [a.replace("{llama}", str(tiny_model_dirs["llama"])).replace("{afile}", str(tmp_path / "afile"))
+            for a in argv]
     if argv[0] == "export":
         argv += ["-o", str(out)]
     rc = main(argv)
@@ -74,6 +78,29 @@ def test_bad_input_one_message_nonzero_exit_no_output(argv, message, tmp_path, t
     errors = [line for line in err.splitlines() if line.startswith("qcompile: error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
     assert not out.exists() and _no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: {**c, "num_hidden_layers": 1}, "config.json has no place for"),  # the checkpoint has 2 layers
+    (lambda c: [c], "must hold a JSON object"),
+])
+def test_config_that_does_not_describe_the_checkpoint_is_refused(change, message, tiny_model_dirs, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dirs["llama"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(change(cfg)))
+    assert main(["export", str(model), "-o", str(tmp_path / "o"), "--recipe", "fp32"]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_run_with_an_empty_prompt_is_refused(tiny_model_dirs, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "w4a16-g64-rtn"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(out), "", "--raw"]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
 
 
 def test_existing_output_needs_overwrite(tmp_path, tiny_model_dirs, capsys):

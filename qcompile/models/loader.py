@@ -103,7 +103,8 @@ def _read_config(folder: Path, trust_remote_code: bool):
     if not cfg_path.is_file():
         raise QCompileError(f"{folder} has no config.json: not a Hugging Face model folder")
     try:
-        json.loads(cfg_path.read_text())
+        if not isinstance(json.loads(cfg_path.read_text()), dict):
+            raise QCompileError(f"cannot read {cfg_path}: it must hold a JSON object (the model's settings)")
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (json.JSONDecodeError, ValueError, KeyError, OSError) as e:
         raise QCompileError(f"cannot read {cfg_path}: {str(e).splitlines()[0]}") from None
@@ -140,6 +141,13 @@ def load_hf_folder(
         raise QCompileError(f"the {kind} weights in {folder} lack {len(missing)} tensor(s) the model needs "
                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the checkpoint is "
                             "incomplete")
+    # ... and drops tensors the config has no place for (e.g. num_hidden_layers below the checkpoint's): the
+    # model would be a different, truncated one
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not k.endswith("inv_freq"))  # (recomputed)
+    if unexpected:
+        raise QCompileError(f"the {kind} weights in {folder} hold {len(unexpected)} tensor(s) that config.json has "
+                            f"no place for ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}): "
+                            "config.json does not describe this checkpoint")
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
