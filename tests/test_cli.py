@@ -242,3 +242,20 @@ def test_damaged_metadata_is_one_message(command, damage, tiny_model_dirs, tmp_p
     err = capsys.readouterr().err
     assert name in err and "damaged" in err and "Traceback" not in err, err
     assert not (tmp_path / "b").exists()
+
+
+def test_empty_graph_and_damaged_files_are_named_in_the_users_folder(tiny_model_dirs, tmp_path, capsys):
+    """An empty model.onnx is an error for inspect and package (inspect printed an empty summary with exit 0), and
+    package names the export's own files, not its temporary copy."""
+    out = tmp_path / "o"
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "w4a16-g64-rtn"]) == 0
+    (out / "config.json").write_text("{damaged")
+    capsys.readouterr()
+    assert main(["package", str(out), "-o", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert str(out / "config.json") in err and ".tmp-" not in err, err
+    (out / "model.onnx").write_bytes(b"")
+    for argv in (["inspect", str(out)], ["package", str(out), "-o", str(tmp_path / "b")]):
+        assert main(argv) == 2
+        assert "holds no graph" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -120,6 +120,8 @@ def inspect(path: str | os.PathLike, check: bool = False) -> dict:
         graph = onnx.load_model_from_string(blobs[MODEL_FILE])
     except Exception as e:  # protobuf raises its own DecodeError
         raise QCompileError(f"cannot read {MODEL_FILE} in {path} (corrupt?): {str(e).splitlines()[0] if str(e) else e}")
+    if not graph.graph.node:
+        raise QCompileError(f"{MODEL_FILE} in {path} holds no graph (empty or damaged); re-export it")
     if files is not None:
         # the weights the graph points at must be there in full: inspecting a broken export is an error
         missing = [n for n in external_data_files(path / MODEL_FILE, graph) if not (path / n).is_file()]

@@ -16,7 +16,7 @@ import onnx
 import qcompile
 from qcompile.bundle.archive import FORMATS, archive_format, extract, write_archive
 from qcompile.bundle.genai import GENAI_CONFIG_FILE, genai_config, tokenizer_note
-from qcompile.errors import QCompileError
+from qcompile.errors import QCompileError, first_line
 from qcompile.fsutil import atomic_dir, check_output, read_json
 from qcompile.runtime.ort import META_FILE, MODEL_FILE
 
@@ -136,8 +136,14 @@ def _write_bundle(src: Path, out: Path) -> dict:
             raise QCompileError(f"{src} is incomplete: the graph's weights file {name} is missing; re-export it")
     files = {name: _copy_hashed(src / name, out / name) for name in names}
 
-    graph = onnx.load(str(out / MODEL_FILE), load_external_data=False)
-    (out / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(out, graph, MODEL_FILE), indent=2))
+    # read from the export (the same bytes as the copies) so that an error names the user's folder
+    try:
+        graph = onnx.load(str(src / MODEL_FILE), load_external_data=False)
+    except Exception as e:  # protobuf raises its own DecodeError
+        raise QCompileError(f"cannot read {src / MODEL_FILE} (damaged?): {first_line(e)}; re-export it") from None
+    if not graph.graph.node:
+        raise QCompileError(f"{src / MODEL_FILE} holds no graph (empty or damaged); re-export it")
+    (out / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(src, graph, MODEL_FILE), indent=2))
     files[GENAI_CONFIG_FILE] = {"sha256": sha256_file(out / GENAI_CONFIG_FILE),
                                 "bytes": (out / GENAI_CONFIG_FILE).stat().st_size}
 
