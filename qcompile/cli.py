@@ -99,6 +99,15 @@ def _add_recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="keep the first P KV-cache positions (a system prompt) in float; recipes with kv_quant")
 
 
+def _recipe_options_given(args) -> list[str]:
+    """The recipe flags on the command line (they change a recipe, so they mean nothing without one)."""
+    flags = {"--set": args.sets, "--bits": args.bits is not ..., "--group-size": args.group_size is not ...,
+             "--sym/--asym": args.symmetric is not ..., "--calib-text": args.calib_text is not ...,
+             "--calib-samples": args.calib_samples is not ..., "--train-state": args.train_state is not None,
+             "--kv-prefix": getattr(args, "kv_prefix", None) is not None}
+    return [flag for flag, given in flags.items() if given]
+
+
 def _recipe_from_args(args):
     from qcompile.recipe import apply_overrides, load_recipe
 
@@ -113,7 +122,8 @@ def _recipe_from_args(args):
     state = getattr(args, "train_state", None)
     if state and Path(state).expanduser().exists() and not Path(state).expanduser().is_dir():
         raise QCompileError(f"--train-state {state} is a file; it must be a folder (created when missing)")
-    return apply_overrides(recipe, sets, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+    return apply_overrides(recipe, sets, strict=True, bits=args.bits, group_size=args.group_size,
+                           symmetric=args.symmetric,
                            calib_text=args.calib_text, calib_samples=args.calib_samples,
                            state_dir=getattr(args, "train_state", None) or ...)
 
@@ -184,6 +194,13 @@ def _eval_export_dir(out_dir: str, args) -> dict:
 def cmd_eval(args) -> int:
     from qcompile.pipeline import update_report
 
+    given = _recipe_options_given(args)
+    if args.backend == "ort" and (given or args.recipe):
+        raise QCompileError(f"{', '.join((['--recipe'] if args.recipe else []) + given)}: an exported folder is "
+                            "already quantized; to evaluate a recipe, export with it, or use --backend torch on the "
+                            "model")
+    if given and not args.recipe:
+        raise QCompileError(f"{', '.join(given)} change a recipe: give one with --recipe")
     if args.backend == "ort":
         if not _is_export_dir(args.target):
             raise QCompileError(f"{args.target} is not an exported folder (no model.onnx); run `qcompile export` "
@@ -228,6 +245,9 @@ def _run_folder(model_dir: str, args) -> int:
     if not _is_export_dir(model_dir):
         raise QCompileError(f"{args.model_dir} is not an exported folder or bundle (no model.onnx); run "
                             "`qcompile export` first")
+    if args.kv_bits is not None and args.device != "cuda":
+        raise QCompileError("--kv-bits sets the Triton runtime's KV cache (--device cuda); on the CPU, ONNX Runtime "
+                            "runs the KV cache the graph was exported with")
     tok = _export_tokenizer(model_dir)
     if args.device == "cuda":  # qcompile's Triton kernels (qcompile/runtime/triton); ONNX Runtime otherwise
         from qcompile.runtime.triton.runner import TritonCausalLM, system_prefix_length

@@ -202,16 +202,18 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return recipe_from_dict(data, str(path))
 
 
-def apply_overrides(recipe: Recipe, sets: list[str] = (), **weight_fields) -> Recipe:
+def apply_overrides(recipe: Recipe, sets: list[str] = (), strict: bool = False, **weight_fields) -> Recipe:
     """Return a new recipe with ``--set pass.field=value`` entries and shortcut fields applied.
 
     ``weight_fields`` (e.g. bits=3, group_size=None, symmetric=True) go to every weight quantizer (and to a
     pass's ``WEIGHT_SHORTCUTS`` aliases, e.g. spinquant's fake-quant ``w_bits``); a value of
     ``...`` (Ellipsis) means "not given". Calibration shortcuts (calib_text, calib_samples) go to every pass
     that has such a field, and so does ``state_dir`` (``--train-state``; spinquant is no weight quantizer).
+    ``strict`` (the CLI): a shortcut that no pass takes is an error, not silently dropped.
     """
     data = recipe.to_dict()
     shortcuts = {k: v for k, v in weight_fields.items() if v is not ...}
+    applied = set()
     for step in data["passes"]:
         module = passes.get(step["pass"])
         fields = {f.name for f in dataclasses.fields(module.Config)}
@@ -220,8 +222,16 @@ def apply_overrides(recipe: Recipe, sets: list[str] = (), **weight_fields) -> Re
         for k, v in shortcuts.items():
             if k in fields and (is_wq or k.startswith("calib_") or k == "state_dir"):
                 step[k] = v
+                applied.add(k)
             elif k in aliases:
                 step[aliases[k]] = v
+                applied.add(k)
+    unused = [k for k in shortcuts if k not in applied]
+    if strict and unused:  # a flag that changes nothing would be a silent surprise (e.g. --bits 3 on fp32)
+        flags = {"bits": "--bits", "group_size": "--group-size", "symmetric": "--sym/--asym",
+                 "calib_text": "--calib-text", "calib_samples": "--calib-samples", "state_dir": "--train-state"}
+        raise RecipeError(f"{', '.join(flags.get(k, k) for k in unused)}: no pass of recipe {recipe.name!r} takes "
+                          f"it (passes: {', '.join(s['pass'] for s in data['passes']) or 'none'})")
     for item in sets:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise RecipeError(f"--set {item!r}: expected PASS.FIELD=VALUE (e.g. rtn.bits=3) or export.FIELD=VALUE")

@@ -259,3 +259,22 @@ def test_empty_graph_and_damaged_files_are_named_in_the_users_folder(tiny_model_
         assert main(argv) == 2
         assert "holds no graph" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "{llama}", "--backend", "torch", "--bits", "3"], "give one with --recipe"),
+    (["eval", "{export}", "--recipe", "w4a16-g64-rtn"], "already quantized"),
+    (["export", "{llama}", "-o", "{new}", "--recipe", "fp32", "--bits", "3"], "no pass of recipe 'fp32' takes it"),
+    (["export", "{llama}", "-o", "{new}", "--recipe", "w4a16-g64-rtn", "--calib-samples", "4"], "--calib-samples"),
+    (["run", "{export}", "hi", "--kv-bits", "4"], "--device cuda"),
+])
+def test_options_that_would_change_nothing_are_refused(argv, message, tiny_model_dirs, tmp_path, capsys):
+    """A flag the command would silently ignore (a quantization on an already quantized export, a weight flag on a
+    recipe without weight quantization, the Triton KV cache on the CPU) is an error, not a surprise later."""
+    export = tmp_path / "export"
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(export), "--recipe", "w4a16-g64-rtn"]) == 0
+    capsys.readouterr()
+    subs = {"{llama}": str(tiny_model_dirs["llama"]), "{export}": str(export), "{new}": str(tmp_path / "new")}
+    assert main([subs.get(a, a) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
