@@ -59,6 +59,12 @@ def test_calibration_shortcuts_reach_gptq():
         ({"passes": []}, "'passes' must be a non-empty list"),
         ({"passes": [{"pass": "rtn"}], "extra": 1}, r"unknown top-level key\(s\) \['extra'\]"),
         ({"passes": [{"pass": "rtn"}], "export": {"opset": 17}}, "opset must be 21 .* to "),
+        ({"passes": [{"pass": "rtn"}], "export": {"opset": 99}}, "opset must be 21 .* got 99"),
+        # read with the recipe, not after the weight passes before them (minutes of GPTQ on a real model)
+        ({"passes": [{"pass": "act_quant", "bits": 0}]}, "act_quant: activation/KV bits must be"),
+        ({"passes": [{"pass": "act_quant", "group_size": 0}]}, "act_quant: .*group_size must be"),
+        ({"passes": [{"pass": "kv_quant", "clip_ratio": float("nan")}]}, r"kv_quant: clip_ratio must be in \(0, 1\]"),
+        ({"passes": [{"pass": "kv_quant", "bits": 9}]}, "kv_quant: activation/KV bits must be"),
     ],
 )
 def test_bad_recipes_name_the_problem(data, message):

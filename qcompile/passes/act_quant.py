@@ -32,6 +32,10 @@ class ActQuantConfig:
         bad = [r for r in self.roles if r not in LINEAR_ROLES]
         if bad:
             raise RecipeError(f"act_quant roles {bad} unknown; roles are {', '.join(LINEAR_ROLES)}")
+        try:  # bits, group size and clip ratio: refused when the recipe is read, not after the passes before
+            self.spec()
+        except RecipeError as e:
+            raise RecipeError(f"act_quant: {e}") from None
 
     def spec(self) -> TokenQuantSpec:
         return TokenQuantSpec(self.bits, self.symmetric, self.group_size, self.clip_ratio)

@@ -38,6 +38,10 @@ class KVQuantConfig:
 
     def __post_init__(self):
         require_int(self.prefix, "kv_quant prefix")
+        try:  # bits, group size and clip ratio: refused when the recipe is read, not after the passes before
+            self.spec()
+        except RecipeError as e:
+            raise RecipeError(f"kv_quant: {e}") from None
 
     def spec(self) -> TokenQuantSpec:
         return TokenQuantSpec(self.bits, self.symmetric, self.group_size, self.clip_ratio)
