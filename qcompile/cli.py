@@ -265,6 +265,10 @@ def _run_folder(model_dir: str, args) -> int:
         ids = tok(args.prompt, add_special_tokens=True)["input_ids"]
     if not len(ids):
         raise QCompileError("the prompt is empty (no tokens to start from); give some text")
+    positions = read_json(Path(model_dir) / "config.json").get("max_position_embeddings")
+    if isinstance(positions, int) and len(ids) + args.max_new_tokens > positions:
+        raise QCompileError(f"{len(ids)} prompt + {args.max_new_tokens} new tokens exceed the model's {positions} "
+                            "positions (max_position_embeddings); lower --max-new-tokens")
     printed, generated = "", []
 
     def on_token(token_id: int) -> None:
@@ -362,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="quantize a model and write an ONNX folder")
     p.add_argument("model", help="Hugging Face folder, .gguf file, or built-in name (smollm2-135m)")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (only once the new one is complete)")
     p.add_argument("--eval", action="store_true", help="measure perplexity through ORT after export")
     p.add_argument("--report", action="store_true", help="write OUT/report/ (HTML + PNG figures) after export/eval")
     _add_recipe_args(p, required=True)
@@ -404,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="bundle folder or archive (written atomically)")
     p.add_argument("--format", choices=["dir", "zip", "tar.gz"], default=None,
                    help="default: from the output name (.zip, .tar.gz/.tgz), else a folder")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (only once the new one is complete)")
     p.set_defaults(func=cmd_package)
 
     p = sub.add_parser("inspect", help="show what an exported folder or bundle holds, without running it")

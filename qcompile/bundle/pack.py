@@ -177,6 +177,9 @@ def resolve_format(dest: str | os.PathLike, fmt: str | None) -> str:
         return archive_format(dest) or "dir"
     if fmt not in FORMATS:
         raise QCompileError(f"unknown bundle format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    named = archive_format(dest)
+    if named is not None and named != fmt:  # a tar in a .zip name (or the reverse) misleads whoever opens it
+        raise QCompileError(f"{dest} names a .{named} archive but --format is {fmt}; make them agree")
     return fmt
 
 
