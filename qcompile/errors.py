@@ -20,9 +20,13 @@ class RecipeError(QCompileError):
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (libraries' messages run long), or its type when it has none."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """The first line of an exception's message (libraries' messages run long), or its type when it has none; a
+    first line that only introduces the next (ends with ':', e.g. torch's "Error(s) in loading state_dict for
+    Linear:") brings that one with it."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def require_int(value, name: str, minimum: int = 0) -> None:
