@@ -195,6 +195,9 @@ def cmd_eval(args) -> int:
     from qcompile.pipeline import update_report
 
     given = _recipe_options_given(args)
+    if args.backend == "ort" and not _is_export_dir(args.target):
+        raise QCompileError(f"{args.target} is not an exported folder (no model.onnx); run `qcompile export` "
+                            "first or use --backend torch")
     if args.backend == "ort" and (given or args.recipe):
         raise QCompileError(f"{', '.join((['--recipe'] if args.recipe else []) + given)}: an exported folder is "
                             "already quantized; to evaluate a recipe, export with it, or use --backend torch on the "
@@ -202,9 +205,6 @@ def cmd_eval(args) -> int:
     if given and not args.recipe:
         raise QCompileError(f"{', '.join(given)} change a recipe: give one with --recipe")
     if args.backend == "ort":
-        if not _is_export_dir(args.target):
-            raise QCompileError(f"{args.target} is not an exported folder (no model.onnx); run `qcompile export` "
-                                "first or use --backend torch")
         res = _eval_export_dir(args.target, args)
         update_report(args.target, "eval", {res.pop("key"): res})
         return 0
@@ -245,7 +245,7 @@ def _run_folder(model_dir: str, args) -> int:
     if not _is_export_dir(model_dir):
         raise QCompileError(f"{args.model_dir} is not an exported folder or bundle (no model.onnx); run "
                             "`qcompile export` first")
-    if args.kv_bits is not None and args.device != "cuda":
+    if args.kv_bits not in (None, 16) and args.device != "cuda":
         raise QCompileError("--kv-bits sets the Triton runtime's KV cache (--device cuda); on the CPU, ONNX Runtime "
                             "runs the KV cache the graph was exported with")
     tok = _export_tokenizer(model_dir)
@@ -265,7 +265,13 @@ def _run_folder(model_dir: str, args) -> int:
         ids = tok(args.prompt, add_special_tokens=True)["input_ids"]
     if not len(ids):
         raise QCompileError("the prompt is empty (no tokens to start from); give some text")
-    positions = read_json(Path(model_dir) / "config.json").get("max_position_embeddings")
+    cfg = read_json(Path(model_dir) / "config.json")
+    positions = cfg.get("max_position_embeddings")
+    scaling = cfg.get("rope_scaling")
+    if isinstance(positions, int) and isinstance(scaling, dict) and isinstance(scaling.get("factor"), (int, float)):
+        # RoPE scaling (YaRN, linear) extends the context; some configs keep the unscaled length here
+        base = scaling.get("original_max_position_embeddings")
+        positions = max(positions, int((base if isinstance(base, int) else positions) * scaling["factor"]))
     if isinstance(positions, int) and len(ids) + args.max_new_tokens > positions:
         raise QCompileError(f"{len(ids)} prompt + {args.max_new_tokens} new tokens exceed the model's {positions} "
                             "positions (max_position_embeddings); lower --max-new-tokens")

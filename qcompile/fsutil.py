@@ -21,10 +21,19 @@ def check_output(target: str | os.PathLike, overwrite: bool, inputs: tuple = ())
     if not str(target).strip():
         raise QCompileError("the output path is empty; name the folder to write")
     target = Path(target).expanduser().resolve()
-    cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents or target == Path.home().resolve() or target == Path(target.anchor):
+    protected = {Path(target.anchor)}
+    for where, with_parents in ((Path.cwd, True), (Path.home, False)):
+        try:  # either can be unknowable (a deleted current folder; no HOME and no passwd entry)
+            folder = where().resolve()
+        except (OSError, RuntimeError, KeyError):
+            continue
+        protected.add(folder)
+        if with_parents:
+            protected.update(folder.parents)
+    if target in protected:
         raise QCompileError(f"output {target} is the current folder, the home folder or a folder above them; "
-                            "writing it would replace their contents: name a new folder")
+                            "writing it would replace their contents: name a new output, or run from another "
+                            "folder")
     for src in inputs:
         src = Path(src).expanduser().resolve()
         if src.exists() and (target == src or target in src.parents):

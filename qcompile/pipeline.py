@@ -160,7 +160,10 @@ def compile_model(
     overwrite: bool = False,
     trust_remote_code: bool = False,
 ) -> CompileResult:
-    out = check_output(out_dir, overwrite, inputs=(source,))  # fail before minutes of calibration, not after
+    from qcompile.models.loader import BUILTIN_MODELS
+
+    # fail before minutes of calibration, not after; a built-in name is not a path in this folder
+    out = check_output(out_dir, overwrite, inputs=() if str(source) in BUILTIN_MODELS else (source,))
     t0 = time.perf_counter()
     handle = load(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     t_load = time.perf_counter() - t0

@@ -280,3 +280,20 @@ def test_options_that_would_change_nothing_are_refused(argv, message, tiny_model
     assert main([a.replace("{new}", subs["{new}"]) if a.startswith("{new}") else subs.get(a, a) for a in argv]) == 2
     assert message in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("new")]
+
+
+def test_a_built_in_name_is_not_taken_for_a_folder_beside_it(tmp_path, monkeypatch):
+    """Re-exporting the built-in model into a folder named after it is allowed: the name is not read from there
+    (the same folder given as a path is, and is refused)."""
+    import qcompile.pipeline as pipeline
+    from qcompile.errors import QCompileError
+    from qcompile.fsutil import check_output
+    from qcompile.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m").mkdir()
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("past the check")))
+    with pytest.raises(RuntimeError, match="past the check"):
+        pipeline.compile_model("smollm2-135m", "smollm2-135m", load_recipe("fp32"), overwrite=True)
+    with pytest.raises(QCompileError, match="would replace the input"):
+        check_output("smollm2-135m", True, inputs=("smollm2-135m",))
