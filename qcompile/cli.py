@@ -123,9 +123,8 @@ def _recipe_from_args(args):
     if state and Path(state).expanduser().exists() and not Path(state).expanduser().is_dir():
         raise QCompileError(f"--train-state {state} is a file; it must be a folder (created when missing)")
     return apply_overrides(recipe, sets, strict=True, bits=args.bits, group_size=args.group_size,
-                           symmetric=args.symmetric,
-                           calib_text=args.calib_text, calib_samples=args.calib_samples,
-                           state_dir=getattr(args, "train_state", None) or ...)
+                           symmetric=args.symmetric, calib_text=args.calib_text, calib_samples=args.calib_samples,
+                           state_dir=state or ...)
 
 
 def _is_export_dir(path: str) -> bool:

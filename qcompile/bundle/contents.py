@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from qcompile.bundle.archive import archive_format, read_members
-from qcompile.bundle.pack import MANIFEST_FILE, META_FILE, MODEL_FILE, external_data_files, verify
+from qcompile.bundle.pack import MANIFEST_FILE, META_FILE, MODEL_FILE, external_data_files, read_graph, verify
 from qcompile.errors import QCompileError
 
 _QTYPES = {onnx.TensorProto.INT4: ("int4", 4), onnx.TensorProto.UINT4: ("uint4", 4),
@@ -116,12 +116,7 @@ def inspect(path: str | os.PathLike, check: bool = False) -> dict:
         raise QCompileError(f"{path} is neither an exported folder, a bundle folder nor a .zip/.tar.gz bundle")
     if MODEL_FILE not in blobs:
         raise QCompileError(f"{path} holds no {MODEL_FILE}")
-    try:
-        graph = onnx.load_model_from_string(blobs[MODEL_FILE])
-    except Exception as e:  # protobuf raises its own DecodeError
-        raise QCompileError(f"cannot read {MODEL_FILE} in {path} (corrupt?): {str(e).splitlines()[0] if str(e) else e}")
-    if not graph.graph.node:
-        raise QCompileError(f"{MODEL_FILE} in {path} holds no graph (empty or damaged); re-export it")
+    graph = read_graph(blobs[MODEL_FILE], f"{MODEL_FILE} in {path}")
     if files is not None:
         # the weights the graph points at must be there in full: inspecting a broken export is an error
         missing = [n for n in external_data_files(path / MODEL_FILE, graph) if not (path / n).is_file()]

@@ -122,6 +122,18 @@ def _runtime_versions() -> dict:
     return {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": genai}
 
 
+def read_graph(blob: bytes, where: str) -> onnx.ModelProto:
+    """The graph of a model.onnx's bytes (its external weights not loaded); a damaged or empty one is one clear
+    error naming ``where``."""
+    try:
+        graph = onnx.load_model_from_string(blob)
+    except Exception as e:  # protobuf raises its own DecodeError
+        raise QCompileError(f"cannot read {where} (corrupt?): {first_line(e)}; re-export it") from None
+    if not graph.graph.node:
+        raise QCompileError(f"{where} holds no graph (empty or damaged); re-export it")
+    return graph
+
+
 def _write_bundle(src: Path, out: Path) -> dict:
     """Fill the empty folder ``out`` with the bundle of the exported folder ``src``; returns the manifest."""
     for name in REQUIRED:
@@ -137,12 +149,7 @@ def _write_bundle(src: Path, out: Path) -> dict:
     files = {name: _copy_hashed(src / name, out / name) for name in names}
 
     # read from the export (the same bytes as the copies) so that an error names the user's folder
-    try:
-        graph = onnx.load(str(src / MODEL_FILE), load_external_data=False)
-    except Exception as e:  # protobuf raises its own DecodeError
-        raise QCompileError(f"cannot read {src / MODEL_FILE} (damaged?): {first_line(e)}; re-export it") from None
-    if not graph.graph.node:
-        raise QCompileError(f"{src / MODEL_FILE} holds no graph (empty or damaged); re-export it")
+    graph = read_graph((src / MODEL_FILE).read_bytes(), str(src / MODEL_FILE))
     (out / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(src, graph, MODEL_FILE), indent=2))
     files[GENAI_CONFIG_FILE] = {"sha256": sha256_file(out / GENAI_CONFIG_FILE),
                                 "bytes": (out / GENAI_CONFIG_FILE).stat().st_size}

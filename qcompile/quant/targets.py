@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from qcompile.models.handle import ModelHandle
 from qcompile.errors import RecipeError
+from qcompile.models.handle import ModelHandle
 from qcompile.quant.grid import QuantSpec
 
 
