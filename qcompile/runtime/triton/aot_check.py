@@ -125,8 +125,9 @@ def cases(all_configs: bool):
                 for m in ((1, 4, 8) if all_configs else (1,)):
                     cands = wq_matmul.gemv_candidates(m, n, k, bits, sms)
                     # the first candidate also as a programmatic dependent launch, with and without the first
-                    # tile read before the wait (bench variants, fp16 int4)
-                    pdl = ([dict(cands[0], PDL=True), dict(cands[0], PDL=True, PREFETCH=True)]
+                    # tile read before the wait, and on column bands (bench variants, fp16 int4)
+                    pdl = ([dict(cands[0], PDL=True), dict(cands[0], PDL=True, PREFETCH=True),
+                            dict(cands[0], BAND=cands[0]["BLOCK_N"])]
                            if act_dt == "fp16" and bits == 4 else [])
                     for cfg in (cands if all_configs else cands[:1]) + pdl:
                         meta = {kk: v for kk, v in cfg.items() if kk not in ("num_warps", "num_stages")}

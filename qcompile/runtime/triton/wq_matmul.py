@@ -15,6 +15,10 @@ GEMV (decode is memory bound: the kernel must stream the packed weight once at c
 * split-K partials go to an fp32 workspace; the last program to finish a column tile (an arrival counter per tile,
   acquire/release atomics) sums the partials in split order and writes the output, so the result is deterministic
   and one launch does it all (a second reduction kernel would cost as much as the GEMV itself at 4096x4096);
+  wide programs (8-16 warps over a 32-64-column band and a long run of K) need few splits or none, and where they
+  win the tuner picks them: their warps' sums meet in shared memory, with no workspace and no last-program tail;
+* ``BAND`` (a bench variant) reads the words from column bands ``[N / BAND, K / pack, BAND]`` instead, so that a
+  program's slice is one contiguous run; no packer writes that layout (bench/triton_sweep.py times it);
 * the epilogue adds bias and a residual, and the prologue can compute SwiGLU's ``silu(gate) * up`` on the fly
   (``act="silu_mul"``), so down_proj reads the gate|up output directly.
 
@@ -125,6 +129,26 @@ def _dot8_half2(words, x04, x15, x26, x37, s2, zz, mz):
 
 
 @triton.jit
+def _half2_consts(scale, z):
+    """``_dot8_half2``'s per-column constants from a scale (fp16) and a zero point (0..15): (s, s), (1024 + z,
+    1024 + z) and (-(64 + z), -(64 + z)) as half2 bit patterns, three instructions a column: the zero point's byte
+    placed under 0x64 reads as 1024 + z (one ``prmt``), and -(64 + z) = 960 - (1024 + z) exactly."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 m1, c960;
+        mov.b32 $0, {$3, $3};
+        prmt.b32 $1, $4, 0x64006400, 0x7050;
+        mov.b32 m1, 0xBC00BC00;
+        mov.b32 c960, 0x63806380;
+        fma.rn.f16x2 $2, $1, m1, c960;
+        }
+        """,
+        constraints="=r,=r,=r,h,r", args=[scale.to(tl.float16), z.to(tl.int32)],
+        dtype=(tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
 def _act_pair_half2(x_ptr, offs_r, j: tl.constexpr, r_mask, K):
     """The half2 (x_j, x_{j+4}) of each word row's eight SwiGLU activations ``silu(gate) * up``."""
     lo = _load_act(x_ptr, offs_r * 8 + j, r_mask, K, True).to(tl.float16)
@@ -168,15 +192,15 @@ def _half2_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, r_mask, n_mask, 
     else:
         sn = (offs_r // (GROUP // 8))[:, None] * N + offs_n[None, :]
         s_mask = w_mask
-    scale = tl.load(s_ptr + sn, mask=s_mask, other=0.0).to(tl.float16)
+    scale = tl.load(s_ptr + sn, mask=s_mask, other=0.0)
     if HAS_ZERO:
-        z = tl.load(z_ptr + sn, mask=s_mask, other=0).to(tl.float16)
+        z = tl.load(z_ptr + sn, mask=s_mask, other=0)
     else:
-        z = tl.full(sn.shape, 8.0, tl.float16)
-    s2 = tl.broadcast_to(_pack_half2(scale, scale), shape)
-    zz = tl.broadcast_to(_pack_half2(z + 1024.0, z + 1024.0), shape)
-    mz = tl.broadcast_to(_pack_half2(-(z + 64.0), -(z + 64.0)), shape)
-    return _dot8_half2(words, x04, x15, x26, x37, s2, zz, mz)
+        z = tl.full(sn.shape, 8, tl.uint8)
+    # the constants per scale element (once per column when the step lies in one group), then broadcast
+    s2, zz, mz = _half2_consts(scale, z)
+    return _dot8_half2(words, x04, x15, x26, x37, tl.broadcast_to(s2, shape), tl.broadcast_to(zz, shape),
+                       tl.broadcast_to(mz, shape))
 
 
 @triton.jit
@@ -234,13 +258,17 @@ def _gemv_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, offs_m, r_mask, n
 
 
 @triton.jit
-def _load_tile(w_ptr, r0, r_hi, offs_n, n_mask, N, BLOCK_R: tl.constexpr):
+def _load_tile(w_ptr, r0, r_hi, offs_n, n_mask, N, n_rows, BLOCK_R: tl.constexpr, BAND: tl.constexpr):
     """The ``[BLOCK_R words, BLOCK_N]`` weight tile at word row ``r0`` (rows from ``r_hi`` on masked to 0), with
-    its row offsets and masks."""
+    its row offsets and masks. ``BAND`` > 0: the words are stored in column bands, ``[N / BAND, K / pack, BAND]``."""
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < r_hi
     w_mask = r_mask[:, None] & n_mask[None, :]
-    words = tl.load(w_ptr + offs_r[:, None] * N + offs_n[None, :], mask=w_mask, other=0)
+    if BAND:
+        off = offs_r[:, None] * BAND + ((offs_n // BAND) * n_rows * BAND + offs_n % BAND)[None, :]
+    else:
+        off = offs_r[:, None] * N + offs_n[None, :]
+    words = tl.load(w_ptr + off, mask=w_mask, other=0)
     return words, offs_r, r_mask, w_mask
 
 
@@ -250,7 +278,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_RES: tl.constexpr, ACT_SILU_MUL: tl.constexpr, HALF2: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
-                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, BAND: tl.constexpr = 0):
     PACK: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -274,7 +302,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
         # launch at once (its gdc_wait still waits for all of this one)
         if PDL:
             gdc_launch_dependents()
-        words, offs_r, r_mask, w_mask = _load_tile(w_ptr, r_lo, r_hi, offs_n, n_mask, N, BLOCK_R)
+        words, offs_r, r_mask, w_mask = _load_tile(w_ptr, r_lo, r_hi, offs_n, n_mask, N, n_rows, BLOCK_R, BAND)
         if PDL:
             gdc_wait()
         # an empty split (r_lo >= r_hi) still takes this step, its codes and activations masked to 0: the half2
@@ -287,7 +315,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
     elif PDL:  # launched as a programmatic dependent: x and the workspace are the previous kernel's until it is done
         gdc_wait()
     for r0 in range(r_start, r_hi, BLOCK_R):
-        words, offs_r, r_mask, w_mask = _load_tile(w_ptr, r0, r_hi, offs_n, n_mask, N, BLOCK_R)
+        words, offs_r, r_mask, w_mask = _load_tile(w_ptr, r0, r_hi, offs_n, n_mask, N, n_rows, BLOCK_R, BAND)
         acc += _gemv_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, offs_m, r_mask, n_mask, m_mask, w_mask,
                           N, K, stride_xm, BITS, GROUP, HAS_ZERO, ACT_SILU_MUL, HALF2, BLOCK_M, BLOCK_R, BLOCK_N)
     if PDL and not PREFETCH:  # every weight is read: the next kernel may start launching
@@ -401,6 +429,19 @@ def gemv_candidates(m: int, n: int, k: int, bits: int, sms: int) -> list[dict]:
         splits = [sp for sp in (1, 2, 4, 8, 16, 32) if sp == 1 or rows // sp >= 2 * br]
         split = min(splits, key=lambda sp: abs(math.log2(tiles * sp / (8 * sms))))
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2))
+    if bm == 1 and bits == 4:  # (8-bit codes: these tiles spill registers on the float path, aot_check --all)
+        # wide programs: 8-16 warps on a band of 32-64 columns and a long run of K rows, with few or no K splits:
+        # the warps' sums meet in shared memory rather than in the split-K workspace, so the last program's
+        # reduction shrinks or goes. Split so that about 16 warps run per multiprocessor (one wave). On the H100
+        # they took 3-10 % off the best tile above at the Llama-3-8B shapes (bench/triton_sweep.py, 2026-12-06)
+        for bn, br_k, warps in ((32, 1024, 16), (32, 512, 8), (64, 1024, 8), (32, 2048, 16)):
+            br = br_k // pack
+            tiles = -(-n // bn)
+            splits = [sp for sp in (1, 2, 4, 8) if sp == 1 or rows // sp >= br]
+            split = min(splits, key=lambda sp: abs(math.log2(tiles * sp * warps / (16 * sms))))
+            if br <= max(rows, 1) * 2 and (bn, br, warps, split) not in [
+                    (c["BLOCK_N"], c["BLOCK_R"], c["num_warps"], c["SPLIT_K"]) for c in out]:
+                out.append(dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2))
     return out
 
 

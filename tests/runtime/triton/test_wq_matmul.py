@@ -1,5 +1,7 @@
 """Weight-only GEMV/GEMM against the torch reference: small shapes (interpreter on CPU), real shapes on CUDA."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -119,6 +121,19 @@ def test_dtype_and_shape_errors(device):
         wq_linear(torch.randn(1, 64, device=device, dtype=torch.float16), pw)
     with pytest.raises(ValueError, match="expects 64"):
         wq_linear(torch.randn(1, 32, device=device), pw)
+
+
+def test_gemv_column_bands_compute_the_same(device):
+    """BAND (the words stored in column bands ``[N / BAND, K / 8, BAND]``, a bench variant: each program of BAND
+    columns reads one contiguous run) addresses the same words: bit-identical to the plain layout, one band per
+    tile and two tiles per band, with K splits."""
+    pw = packed(64, 128, 4, False, 32, device, torch.float32, seed=5)
+    x = torch.randn(1, 128, device=device)
+    for band, bn in ((16, 16), (32, 16), (32, 32)):
+        banded = replace(pw, qweight=pw.qweight.view(16, 64 // band, band).transpose(0, 1).contiguous().view(16, 64))
+        for split in (1, 3):
+            cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=4, SPLIT_K=split)
+            assert torch.equal(wq_linear(x, banded, config=dict(cfg, BAND=band)), wq_linear(x, pw, config=cfg))
 
 
 # -- real shapes (H100) -----------------------------------------------------------------------------------
