@@ -4,9 +4,10 @@
 configuration costs, in the same run, so the candidate lists and the tuner's choices can be checked:
 
 1. int4 GEMV, batch 1, fp16 activations, groups of 128 (Llama-3-8B shapes): the half2 decode path (``HALF2``,
-   ``wq_matmul._dot8_half2``) and the float-mantissa path it replaced, the half2 path with its first weight tile
-   peeled off the loop (``PREFETCH``), and both launched as programmatic dependents (``PDL``), each candidate as a
-   fraction of the peak copy bandwidth measured in the same run;
+   ``wq_matmul._dot8_half2``), each tuner candidate launched plainly and with its first weight tile peeled off the
+   loop and read before a programmatic dependent launch's wait (``PREFETCH`` + ``PDL``); wide programs beyond the
+   tuner's (``WIDE_GEMV_TILES``: 8-16 warps, long K runs, few splits); and the weights stored in column bands
+   (``BAND``), each as a fraction of the peak copy bandwidth measured in the same run;
 2. W8A8 GEMM, per-channel weights: the runtime's default (the TMA kernel ``w8a8._int8_tma_kernel`` at M >= 128)
    and its tuner's pick, the pointer-based kernel's tiles, and variants of the TMA kernel the runtime does not
    use (``_w8a8_tma_kernel`` below: warp specialization, a TMA store of the output, other tile orders), vs fp16
@@ -80,6 +81,16 @@ def _time_or_error(calls) -> tuple[float | None, str | None]:
 # -- 1. GEMV -------------------------------------------------------------------------------------------------
 
 
+# (HALF2, launch variant) pairs timed for every GEMV candidate; the float path, the PDL-alone and PREFETCH-alone
+# launches, register double buffering and L2 prefetching were timed in earlier sessions (docs/BENCHMARKS.md) and
+# lost to these
+GEMV_VARIANTS = ((True, {}), (True, {"PDL": True, "PREFETCH": True}))
+
+
+WIDE_GEMV_TILES = [(bn, br, warps, split) for bn in (32, 64) for br in (64, 128, 256) for warps in (8, 16)
+                   for split in (1, 2, 4)]
+
+
 def sweep_gemv(peak: float, group: int = 128) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -98,29 +109,51 @@ def sweep_gemv(peak: float, group: int = 128) -> list[dict]:
         ws = [w16] + [w16.clone() for _ in range(copies_for(w16.numel() * 2, cap=16) - 1)]
         t16 = graph_time([lambda w=w: F.linear(x, w) for w in ws])
         del ws, w16
-        # every candidate on both paths, and the half2 path as a programmatic dependent launch (PDL: each GEMV's
-        # launch overlaps the previous one's tail in the graph's chain; a bench variant, not a tuner candidate)
-        # (PREFETCH: the first weight tile peeled off the loop; with PDL it is read, and the next kernel released,
-        # before the wait for the kernel before, so the weight stream of one GEMV overlaps the tail of the last)
-        for half2, extra in ((True, {}), (False, {}), (True, {"PDL": True}), (True, {"PREFETCH": True}),
-                             (True, {"PDL": True, "PREFETCH": True})):
+
+        def time_one(cfg, weights, half2=True, **tags):
+            """One configuration over ``weights`` (the copies), its error on the first, a row."""
+            c = dict(cfg, HALF2=half2)
+            t, fail = _time_or_error([lambda p=p, o=o: wq_linear(x, p, out=o, config=c)
+                                      for p, o in zip(weights, outs)])
+            err = None
+            if t:
+                y = wq_linear(x, weights[0], config=c)
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+            row = {"N": n, "K": k, "half2": half2, "config": cfg, **tags, "max_rel_err": err, "error": fail}
+            if t:
+                bw = bytes_read / t / 1e12
+                row.update(us=t * 1e6, fraction_of_peak_copy=bw / peak, speedup_vs_fp16=t16 / t)
+            rows.append(row)
+            print(f"gemv {n}x{k} {' '.join(tags)} half2={half2} {cfg}: "
+                  + (f"{t * 1e6:.2f} us, {bw / peak:.0%} of peak, {t16 / t:.2f}x fp16" if t else fail)
+                  + f", err {err}", flush=True)
+
+        # every candidate, plainly and as a programmatic dependent launch (PDL: each GEMV's launch overlaps the
+        # previous one's tail in the graph's chain) with the first weight tile peeled off the loop (PREFETCH: read,
+        # and the next kernel released, before the wait for the kernel before)
+        for half2, extra in GEMV_VARIANTS:
             for cfg in gemv_candidates(1, n, k, 4, sms):
-                cfg = dict(cfg, **extra)
-                c = dict(cfg, HALF2=half2)
-                t, fail = _time_or_error([lambda p=p, o=o, c=c: wq_linear(x, p, out=o, config=c)
-                                          for p, o in zip(packed, outs)])
-                err = None
-                if t:
-                    y = wq_linear(x, base, config=c)
-                    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                row = {"N": n, "K": k, "half2": half2, "config": cfg, "max_rel_err": err, "error": fail}
-                if t:
-                    bw = bytes_read / t / 1e12
-                    row.update(us=t * 1e6, fraction_of_peak_copy=bw / peak, speedup_vs_fp16=t16 / t)
-                rows.append(row)
-                print(f"gemv {n}x{k} half2={half2} {cfg}: "
-                      + (f"{t * 1e6:.2f} us, {bw / peak:.0%} of peak, {t16 / t:.2f}x fp16" if t else fail)
-                      + f", err {err}", flush=True)
+                time_one(dict(cfg, **extra), packed, half2)
+        # wide programs: many warps over a narrow column band and a long run of K rows, few or no K splits (the
+        # split-K tail shrinks or goes; the warps' partial sums meet in shared memory instead of the workspace)
+        for bn, br, warps, split in WIDE_GEMV_TILES:
+            if bn * br <= 32 * 32 * warps and br * split <= k // 8 * 2:
+                time_one(dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2),
+                         packed, wide=True)
+        # column bands: the same words stored [N / BAND, K / 8, BAND], so that a program of BLOCK_N = BAND columns
+        # reads one contiguous run of memory instead of a BAND-word piece of every row
+        for band in (32, 64):
+            banded = [replace(p, qweight=p.qweight.view(k // 8, n // band, band).transpose(0, 1).contiguous()
+                              .view(k // 8, n)) for p in packed]
+            tiles = [(c["BLOCK_N"], c["BLOCK_R"], c["num_warps"], c["SPLIT_K"])
+                     for c in gemv_candidates(1, n, k, 4, sms)]
+            for bn, br, warps, split in dict.fromkeys(tiles + WIDE_GEMV_TILES):  # (wide tiles are candidates too)
+                if bn != band or bn * br > 32 * 32 * warps or br * split > k // 8 * 2:
+                    continue
+                for extra in GEMV_VARIANTS:
+                    time_one(dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2,
+                                  BAND=band, **extra[1]), banded, banded=band)
+            del banded
         GEMV_TUNER.best.clear()
         wq_linear(x, base)  # the runtime's own pick
         pick = GEMV_TUNER.best.get((1, n, k, 4, group, torch.float16, None))
