@@ -135,6 +135,8 @@ def _check_type(value, hint, where: str):
 
 
 def build_config(cls, values: dict, where: str):
+    if not isinstance(values, dict):  # e.g. ``export: [1]``: a list's items would read as unknown field names
+        raise RecipeError(f"{where} must be a mapping of field: value, got {type(values).__name__} {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)

@@ -65,6 +65,8 @@ def test_calibration_shortcuts_reach_gptq():
         ({"passes": [{"pass": "act_quant", "group_size": 0}]}, "act_quant: .*group_size must be"),
         ({"passes": [{"pass": "kv_quant", "clip_ratio": float("nan")}]}, r"kv_quant: clip_ratio must be in \(0, 1\]"),
         ({"passes": [{"pass": "kv_quant", "bits": 9}]}, "kv_quant: activation/KV bits must be"),
+        # a list where a mapping belongs: its items used to read as "unknown field(s) [1]"
+        ({"passes": [{"pass": "rtn"}], "export": [1]}, r"export must be a mapping of field: value, got list \[1\]"),
     ],
 )
 def test_bad_recipes_name_the_problem(data, message):
