@@ -136,10 +136,10 @@ def cmd_export(args) -> int:
 
     recipe = _recipe_from_args(args)
     _check_device(args.device)
-    if args.eval:  # the evaluation text is found before the export is written, not after
-        from qcompile.data import resolve_text
+    if args.eval:  # the evaluation text is found and checked before the export is written, not after
+        from qcompile.data import precheck_text, resolve_text
 
-        resolve_text(args.text, "test")
+        precheck_text(resolve_text(args.text, "test"), args.seq_len)
     if args.report:
         from qcompile.eval.report import require_matplotlib
 
@@ -150,7 +150,11 @@ def cmd_export(args) -> int:
     files = result.report["files"]
     print(json.dumps({"output": str(result.out_dir), "files": files}, indent=2))
     if args.eval:
-        res = _eval_export_dir(str(result.out_dir), args)
+        try:
+            res = _eval_export_dir(str(result.out_dir), args)
+        except QCompileError as e:  # e.g. a text of enough bytes but too few tokens: the export itself stands
+            raise QCompileError(f"the export in {result.out_dir} is complete, but --eval failed: {e}; evaluate it "
+                                f"with `qcompile eval {result.out_dir} --text ...`") from None
         update_report(result.out_dir, "eval", {res.pop("key"): res})
     if args.report:
         from qcompile.eval.report import write_report

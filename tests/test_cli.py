@@ -5,6 +5,7 @@ import json
 import pytest
 
 from qcompile.cli import main
+from qcompile.errors import QCompileError
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 40 + "\n") * 10
 
@@ -209,6 +210,36 @@ def test_export_eval_with_a_missing_text_fails_before_writing(tiny_model_dirs, t
     assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "fp32", "--eval",
                  "--text", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("content, message", [(b"too short", "9 bytes, too few for one window of 64 tokens"),
+                                              (b"\xff\xfe" * 64, "is not UTF-8 text")], ids=["short", "not-utf8"])
+def test_export_eval_with_an_unusable_text_fails_before_writing(content, message, tiny_model_dirs, tmp_path,
+                                                                  capsys):
+    text, out = tmp_path / "t.txt", tmp_path / "o"
+    text.write_bytes(content)
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "fp32", "--eval",
+                 "--text", str(text), "--seq-len", "64"]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_export_eval_that_fails_after_the_export_says_the_export_stands(tiny_model_dirs, text_file, tmp_path,
+                                                                          capsys, monkeypatch):
+    """Enough bytes but too few tokens shows only once the export's tokenizer has read the text (the tiny models'
+    byte tokenizer has one token per byte, so the evaluation's failure is stood in for here): the error says the
+    export is complete and how to evaluate it, and the export stays."""
+    import qcompile.cli as cli
+
+    def too_few_tokens(out_dir, args):
+        raise QCompileError("the text has 200 tokens, fewer than one window of 256")
+
+    monkeypatch.setattr(cli, "_eval_export_dir", too_few_tokens)
+    out = tmp_path / "o"
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(out), "--recipe", "fp32", "--eval",
+                 "--text", str(text_file), "--seq-len", "256"]) == 2
+    err = capsys.readouterr().err
+    assert f"the export in {out} is complete, but --eval failed: the text has 200 tokens" in err
+    assert f"qcompile eval {out} --text" in err and (out / "model.onnx").is_file()
 
 
 def test_an_opset_onnx_does_not_know_is_refused(capsys):
