@@ -131,6 +131,13 @@ def _is_export_dir(path: str) -> bool:
     return (Path(path) / "model.onnx").is_file()
 
 
+def _is_bundle_dir(path: str) -> bool:
+    """A folder made by ``qcompile package`` (its files are listed and hashed in a manifest)."""
+    from qcompile.bundle.pack import MANIFEST_FILE
+
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
 def cmd_export(args) -> int:
     from qcompile.pipeline import compile_model, update_report
 
@@ -209,7 +216,11 @@ def cmd_eval(args) -> int:
         raise QCompileError(f"{', '.join(given)} change a recipe: give one with --recipe")
     if args.backend == "ort":
         res = _eval_export_dir(args.target, args)
-        update_report(args.target, "eval", {res.pop("key"): res})
+        if _is_bundle_dir(args.target):  # a packaged bundle stays as it was shipped
+            print(f"qcompile: {args.target} is a bundle: left unchanged, the figures above are not stored",
+                  file=sys.stderr)
+        else:
+            update_report(args.target, "eval", {res.pop("key"): res})
         return 0
     import torch
 
@@ -336,6 +347,9 @@ def cmd_inspect(args) -> int:
 def cmd_report(args) -> int:
     from qcompile.eval.report import write_report
 
+    if _is_bundle_dir(args.out_dir):
+        raise QCompileError(f"{args.out_dir} is a bundle (it has a manifest): it is left as it was shipped and has "
+                            "no report.json; run `qcompile report` on the exported folder it was packaged from")
     print(write_report(args.out_dir, args.compare))
     return 0
 

@@ -242,6 +242,23 @@ def test_export_eval_that_fails_after_the_export_says_the_export_stands(tiny_mod
     assert f"qcompile eval {out} --text" in err and (out / "model.onnx").is_file()
 
 
+def test_eval_and_report_leave_a_bundle_folder_as_shipped(tiny_model_dirs, text_file, tmp_path, capsys):
+    """eval on a bundle folder prints its figures but writes nothing there; report refuses one (a bundle has no
+    report.json) and names the exported folder instead."""
+    export, bundle = tmp_path / "export", tmp_path / "bundle"
+    assert main(["export", str(tiny_model_dirs["llama"]), "-o", str(export), "--recipe", "w4a16-g64-rtn",
+                 "--group-size", "16"]) == 0
+    assert main(["package", str(export), "-o", str(bundle)]) == 0
+    before = sorted(p.name for p in bundle.iterdir())
+    capsys.readouterr()
+    assert main(["eval", str(bundle), "--text", str(text_file), "--seq-len", "64", "--limit", "1"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["windows"] == 1 and "left unchanged" in out.err
+    assert main(["report", str(bundle)]) == 2
+    assert "is a bundle" in capsys.readouterr().err
+    assert sorted(p.name for p in bundle.iterdir()) == before
+
+
 def test_an_opset_onnx_does_not_know_is_refused(capsys):
     assert main(["export", "smollm2-135m", "-o", "unused", "--recipe", "fp32", "--set", "export.opset=99"]) == 2
     assert "export.opset must be 21" in capsys.readouterr().err
