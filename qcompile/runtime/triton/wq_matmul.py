@@ -86,9 +86,10 @@ def _dot8_half2(words, x04, x15, x26, x37, s2, zz, mz):
     for c_2/c_6 and c_3/c_7. The codes are centred exactly (``v - (1024 + z)``, ``v / 16 - (64 + z)``), scaled
     in fp16 (the rounding a fp16 DequantizeLinear does), and multiplied into a half2 sum of four products per
     lane, which is widened to fp32 once per word: about 20 instructions per 8 codes instead of 4 per code.
-    Whole loop, from the SASS (bench/triton_gemv_sass.py): 4.6 instructions per code against 6.1 at 64 x 16
-    tiles, 5.6 against 7.1 at 64 x 8 (the layout conversion of these narrow tiles stays); on the H200 that made the
-    int4 GEMV 15-23 % faster at the Llama-3-8B shapes (bench/triton_sweep.py).
+    Whole loop, from the SASS (bench/triton_gemv_sass.py): 4.1 instructions per code against 6.1 at 64 x 16
+    tiles, 4.6 against 7.1 at 64 x 8 (the layout conversion of these narrow tiles stays; ``_half2_consts`` took
+    the first figures from 4.6 and 5.6); on the H200 the half2 path made the int4 GEMV 15-23 % faster at the
+    Llama-3-8B shapes (bench/triton_sweep.py).
     ``x04`` ... ``x37``: the activations as half2 pairs (x_0, x_4), ...; ``s2``: (s, s); ``zz``: (1024 + z,
     1024 + z); ``mz``: (-(64 + z), -(64 + z)) -- all int32 bit patterns.
     """
@@ -432,16 +433,18 @@ def gemv_candidates(m: int, n: int, k: int, bits: int, sms: int) -> list[dict]:
     if bm == 1 and bits == 4:  # (8-bit codes: these tiles spill registers on the float path, aot_check --all)
         # wide programs: 8-16 warps on a band of 32-64 columns and a long run of K rows, with few or no K splits:
         # the warps' sums meet in shared memory rather than in the split-K workspace, so the last program's
-        # reduction shrinks or goes. Split so that about 16 warps run per multiprocessor (one wave). On the H100
-        # they took 3-10 % off the best tile above at the Llama-3-8B shapes (bench/triton_sweep.py, 2026-12-06)
+        # reduction shrinks or goes. Each is offered at the split that runs about 16 warps per multiprocessor (one
+        # wave) and at twice that: on the H100 the first won at 4096 x 4096 (no split) and the second at
+        # 4096 x 14336 (bench/triton_sweep.py, 2026-12-06)
         for bn, br_k, warps in ((32, 1024, 16), (32, 512, 8), (64, 1024, 8), (32, 2048, 16)):
             br = br_k // pack
+            if br > 2 * rows:  # a step mostly past K (tiny models)
+                continue
             tiles = -(-n // bn)
-            splits = [sp for sp in (1, 2, 4, 8) if sp == 1 or rows // sp >= br]
+            splits = [sp for sp in (1, 2, 4, 8, 16) if sp == 1 or rows // sp >= br]
             split = min(splits, key=lambda sp: abs(math.log2(tiles * sp * warps / (16 * sms))))
-            if br <= max(rows, 1) * 2 and (bn, br, warps, split) not in [
-                    (c["BLOCK_N"], c["BLOCK_R"], c["num_warps"], c["SPLIT_K"]) for c in out]:
-                out.append(dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2))
+            for sp in dict.fromkeys((split, min(2 * split, splits[-1]))):
+                out.append(dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=sp, num_warps=warps, num_stages=2))
     return out
 
 
@@ -559,6 +562,8 @@ def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
         # ``pdl`` adds both to the tuned tiles, which plain and PDL launches share (same key: the launch changes,
         # not the tiles)
         meta["PDL"], launch_pdl = pdl_flag(meta.get("PDL", False), x.device)
+        if meta.get("BAND") and n % meta["BAND"]:
+            raise ValueError(f"BAND={meta['BAND']} needs N ({n}) to be a multiple of it")
         opts.update(launch_pdl)
         part, lock = _Workspace.get(x.device, meta["SPLIT_K"] * meta["BLOCK_M"] * n, -(-n // meta["BLOCK_N"]))
         grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])

@@ -71,6 +71,30 @@ def test_gemv_launch_variants_compute_the_same(device, extra, m):
     assert torch.equal(y, wq_linear(x, pw, config=cfg))
 
 
+def test_wide_gemv_candidates_where_they_fit(monkeypatch):
+    """The compiled run's GEMV candidates: wide programs (8-16 warps, 32-64 columns) only for 4-bit codes at batch 1
+    (8-bit ones spill registers on the float path), each at two split factors within the K rows; none whose step
+    is mostly past K; every split leaves each split at least one step."""
+    from qcompile.runtime.triton import wq_matmul
+
+    monkeypatch.setattr(wq_matmul, "interpreting", lambda: False)
+
+    def wide(m, n, k, bits):
+        return [c for c in gemv_candidates(m, n, k, bits, 132) if c["num_warps"] >= 8 and c["BLOCK_N"] <= 64]
+
+    big = wide(1, 4096, 14336, 4)
+    assert {(c["BLOCK_N"], c["BLOCK_R"], c["num_warps"]) for c in big} == {
+        (32, 128, 16), (32, 64, 8), (64, 128, 8), (32, 256, 16)}
+    assert {(c["BLOCK_N"], c["BLOCK_R"], c["SPLIT_K"]) for c in big} >= {(32, 128, 1), (32, 64, 4)}
+    assert len({tuple(sorted(c.items())) for c in big}) == len(big) == 8
+    assert wide(1, 4096, 4096, 8) == [] and wide(4, 4096, 4096, 4) == []
+    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (576, 576)):
+        for c in wide(1, n, k, 4):
+            rows = k // 8
+            assert c["BLOCK_R"] <= 2 * rows and (c["SPLIT_K"] == 1 or rows // c["SPLIT_K"] >= c["BLOCK_R"]), c
+    assert {c["BLOCK_R"] for c in wide(1, 576, 576, 4)} == {64, 128}  # 72 word rows: no 256-row step
+
+
 def test_gemm_candidates_fit_shared_memory_for_small_8bit_groups(monkeypatch):
     """The candidates a compiled run tunes over: 128-deep K tiles of 8-bit codes in groups smaller than the tile
     pipeline 3 stages (4 need 242-254 KB of shared memory, over Hopper's 227 KiB: aot_check --all); 4-bit codes
@@ -126,10 +150,10 @@ def test_dtype_and_shape_errors(device):
 def test_gemv_column_bands_compute_the_same(device):
     """BAND (the words stored in column bands ``[N / BAND, K / 8, BAND]``, a bench variant: each program of BAND
     columns reads one contiguous run) addresses the same words: bit-identical to the plain layout, one band per
-    tile and two tiles per band, with K splits."""
+    tile, two tiles per band and two bands per tile, with K splits."""
     pw = packed(64, 128, 4, False, 32, device, torch.float32, seed=5)
     x = torch.randn(1, 128, device=device)
-    for band, bn in ((16, 16), (32, 16), (32, 32)):
+    for band, bn in ((16, 16), (32, 16), (32, 32), (16, 32)):
         banded = replace(pw, qweight=pw.qweight.view(16, 64 // band, band).transpose(0, 1).contiguous().view(16, 64))
         for split in (1, 3):
             cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=4, SPLIT_K=split)
