@@ -39,6 +39,7 @@ from qcompile.runtime.triton.packing import pack_from_export, pack_int_gemm  # n
 from qcompile.runtime.triton.w8a8 import _GEMM as INT_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import _TMA as TMA_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import int_linear, quantize_rows, takes_tma_path  # noqa: E402
+from qcompile.runtime.triton._tune import supports_pdl  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import _GEMV as GEMV_TUNER  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import half2_gemv, wq_linear  # noqa: E402
 
@@ -113,7 +114,8 @@ def bench_gemv(peak: float, bits: int, group: int = 128) -> list[dict]:
         t_q = graph_time([lambda p=p, o=o: wq_linear(x, p, out=o) for p, o in zip(packed, outs)])
         # the same chain with each GEMV launched as a programmatic dependent of the one before (the tuned tiles,
         # first weight tile read before the wait): how the runner's ``pdl=True`` decode step launches them
-        t_pdl = graph_time([lambda p=p, o=o: wq_linear(x, p, out=o, pdl=True) for p, o in zip(packed, outs)])
+        t_pdl = (graph_time([lambda p=p, o=o: wq_linear(x, p, out=o, pdl=True) for p, o in zip(packed, outs)])
+                 if supports_pdl("cuda") else None)  # sm_90+
         del packed
         w16 = torch.randn(n, k, device="cuda", dtype=torch.float16)
         c16 = copies_for(w16.numel() * 2, cap=16)
@@ -129,13 +131,15 @@ def bench_gemv(peak: float, bits: int, group: int = 128) -> list[dict]:
             "fraction_of_peak_copy": bw / peak, "fp16_us": t_16 * 1e6,
             "fp16_effective_tb_per_s": (n * k * 2 + k * 2 + n * 2) / t_16 / 1e12, "speedup_vs_fp16": t_16 / t_q,
             "max_rel_err_vs_reference": err, "weight_copies": copies, "config": GEMV_TUNER.best.get(key),
-            "half2": half2_gemv(bits, 1, torch.float16), "pdl_chain_us": t_pdl * 1e6,
-            "pdl_chain_fraction_of_peak_copy": bytes_read / t_pdl / 1e12 / peak,
-            "pdl_chain_speedup_vs_fp16": t_16 / t_pdl,
+            "half2": half2_gemv(bits, 1, torch.float16),
+            "pdl_chain_us": t_pdl and t_pdl * 1e6,
+            "pdl_chain_fraction_of_peak_copy": t_pdl and bytes_read / t_pdl / 1e12 / peak,
+            "pdl_chain_speedup_vs_fp16": t_pdl and t_16 / t_pdl,
         })
+        pdl_note = (f"; PDL chain {t_pdl * 1e6:.2f} us = {bytes_read / t_pdl / 1e12 / peak:.0%}, "
+                    f"{t_16 / t_pdl:.2f}x" if t_pdl else "")
         print(f"int{bits} GEMV {n}x{k}: {t_q * 1e6:.2f} us, {bw:.2f} TB/s = {bw / peak:.0%} of copy peak; "
-              f"fp16 {t_16 * 1e6:.2f} us -> {t_16 / t_q:.2f}x; PDL chain {t_pdl * 1e6:.2f} us = "
-              f"{bytes_read / t_pdl / 1e12 / peak:.0%}, {t_16 / t_pdl:.2f}x", flush=True)
+              f"fp16 {t_16 * 1e6:.2f} us -> {t_16 / t_q:.2f}x{pdl_note}", flush=True)
     return rows
 
 
