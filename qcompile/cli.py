@@ -159,9 +159,11 @@ def cmd_export(args) -> int:
     if args.eval:
         try:
             res = _eval_export_dir(str(result.out_dir), args)
-        except QCompileError as e:  # e.g. a text of enough bytes but too few tokens: the export itself stands
-            raise QCompileError(f"the export in {result.out_dir} is complete, but --eval failed: {e}; evaluate it "
-                                f"with `qcompile eval {result.out_dir} --text ...`") from None
+        except Exception as e:  # e.g. a text of enough bytes but too few tokens: the export itself stands
+            skipped = " (and --report was not written)" if args.report else ""
+            raise QCompileError(f"the export in {result.out_dir} is complete, but --eval failed{skipped}: "
+                                f"{first_line(e)}; evaluate it with `qcompile eval {result.out_dir}` and the "
+                                "options that fit") from None
         update_report(result.out_dir, "eval", {res.pop("key"): res})
     if args.report:
         from qcompile.eval.report import write_report

@@ -52,14 +52,15 @@ def resolve_text(path: str | os.PathLike | None, default_split: str) -> Path:
 
 def precheck_text(path: Path, seq_len: int) -> None:
     """What can be known of a text's fitness for ``seq_len``-token windows without a tokenizer: it is UTF-8, and
-    it has at least ``seq_len`` bytes (every token of a byte-level or SentencePiece vocabulary covers at least one
-    byte, so fewer bytes cannot fill one window). Lets ``export --eval`` refuse before minutes of export."""
+    it has at least ``seq_len - 1`` bytes (every token of a byte-level or SentencePiece vocabulary covers at least
+    one byte, but for SentencePiece's one dummy-prefix piece, so fewer bytes cannot fill one window). Lets
+    ``export --eval`` refuse before minutes of export; the tokenizer has the last word."""
     data = Path(path).read_bytes()
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:
         raise QCompileError(f"{path} is not UTF-8 text") from None
-    if len(data) < seq_len:
+    if len(data) + 1 < seq_len:
         raise QCompileError(f"the text {path} has {len(data)} bytes, too few for one window of {seq_len} tokens")
 
 

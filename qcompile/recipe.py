@@ -173,7 +173,8 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
             raise RecipeError(f"{source}: passes[{i}]: 'pass' must be one pass name, got {name!r}")
         module = passes.get(name)
         steps.append(PassStep(name, build_config(module.Config, values, f"{source}: passes[{i}] ({name})")))
-    export = build_config(ExportConfig, data.get("export") or {}, f"{source}: export")
+    export = data.get("export")  # absent or empty (None) means the defaults; anything else must be a mapping
+    export = build_config(ExportConfig, {} if export is None else export, f"{source}: export")
     return Recipe(name=str(data.get("name") or Path(source).stem), passes=steps,
                   description=str(data.get("description") or ""), export=export)
 

@@ -239,7 +239,7 @@ def test_export_eval_that_fails_after_the_export_says_the_export_stands(tiny_mod
                  "--text", str(text_file), "--seq-len", "256"]) == 2
     err = capsys.readouterr().err
     assert f"the export in {out} is complete, but --eval failed: the text has 200 tokens" in err
-    assert f"qcompile eval {out} --text" in err and (out / "model.onnx").is_file()
+    assert f"qcompile eval {out}`" in err and (out / "model.onnx").is_file()
 
 
 def test_eval_and_report_leave_a_bundle_folder_as_shipped(tiny_model_dirs, text_file, tmp_path, capsys):

@@ -67,6 +67,8 @@ def test_calibration_shortcuts_reach_gptq():
         ({"passes": [{"pass": "kv_quant", "bits": 9}]}, "kv_quant: activation/KV bits must be"),
         # a list where a mapping belongs: its items used to read as "unknown field(s) [1]"
         ({"passes": [{"pass": "rtn"}], "export": [1]}, r"export must be a mapping of field: value, got list \[1\]"),
+        ({"passes": [{"pass": "rtn"}], "export": []}, r"export must be a mapping of field: value, got list \[\]"),
+        ({"passes": [{"pass": "rtn"}], "export": False}, "export must be a mapping of field: value, got bool"),
     ],
 )
 def test_bad_recipes_name_the_problem(data, message):
