@@ -125,7 +125,8 @@ def _raw(c_ptr, idx, smask, D: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.cons
 def _raw_side(q_ptr, s_ptr, z_ptr, idx, smask, D: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.constexpr):
     """One block of the keys (or of the values): its raw codes (``_raw``) and its per-token scales and zeros."""
     c0, c1, c2, c3 = _raw(q_ptr, idx, smask, D, BITS, UNPACK)
-    return c0, c1, c2, c3, tl.load(s_ptr + idx, mask=smask, other=0.0), tl.load(z_ptr + idx, mask=smask, other=0.0)
+    return (c0, c1, c2, c3, tl.load(s_ptr + idx, mask=smask, other=0.0),
+            tl.load(z_ptr + idx, mask=smask, other=0).to(tl.float32))  # zero points: uint8 in the cache
 
 
 @triton.jit
@@ -501,7 +502,7 @@ def check(args) -> int:
 
 def _types(code_ty: str) -> dict:
     return dict(q_ptr="*fp16", kf_ptr="*fp16", vf_ptr="*fp16", kq_ptr=code_ty, vq_ptr=code_ty, ks_ptr="*fp32",
-                kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32", lens_ptr="*i32", prefix_ptr="*i32", po_ptr="*fp32",
+                kz_ptr="*u8", vs_ptr="*fp32", vz_ptr="*u8", lens_ptr="*i32", prefix_ptr="*i32", po_ptr="*fp32",
                 pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32", PCAP="i32", SMAX="i32", WINDOW="i32",
                 NUM_SPLITS="i32")
 

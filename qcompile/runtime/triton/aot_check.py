@@ -100,7 +100,7 @@ def _ptr(dtype):
 def _decode_types(dt):
     """``kv_attention._decode_kernel``'s argument types for query/float-cache dtype ``dt``."""
     return dict(q_ptr=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32",
-                kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32", lens_ptr="*i32", prefix_ptr="*i32", po_ptr="*fp32",
+                kz_ptr="*u8", vs_ptr="*fp32", vz_ptr="*u8", lens_ptr="*i32", prefix_ptr="*i32", po_ptr="*fp32",
                 pm_ptr="*fp32", pl_ptr="*fp32", qk_scale="fp32", PCAP="i32", SMAX="i32", WINDOW="i32",
                 NUM_SPLITS="i32")
 
@@ -239,8 +239,8 @@ def cases(all_configs: bool):
     for dt in ("fp16", "fp32"):
         rope_sig = dict(qkv_ptr=_ptr(dt), pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", qn_ptr="*fp32",
                         kn_ptr="*fp32", q_out=_ptr(dt), k_out=_ptr(dt), v_out=_ptr(dt), kf_ptr=_ptr(dt),
-                        vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32",
-                        vz_ptr="*fp32", prefix_ptr="*i32", T="i32", stride_qkv="i32", eps="fp32", PCAP="i32",
+                        vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*u8", vs_ptr="*fp32",
+                        vz_ptr="*u8", prefix_ptr="*i32", T="i32", stride_qkv="i32", eps="fp32", PCAP="i32",
                         SMAX="i32", clip="fp32")
         for d in (64, 128):
             for kv_bits, sym in ((16, False), (8, False), (4, True)):
@@ -345,7 +345,7 @@ def small_cases():
         yield (f"rope_store {dt} D=16 small", kv_attention._rope_store_kernel,
                dict(qkv_ptr=_ptr(dt), pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", qn_ptr=_ptr(dt),
                     kn_ptr=_ptr(dt), q_out=_ptr(dt), k_out=_ptr(dt), v_out=_ptr(dt), kf_ptr=_ptr(dt), vf_ptr=_ptr(dt),
-                    kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32", vz_ptr="*fp32",
+                    kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*u8", vs_ptr="*fp32", vz_ptr="*u8",
                     prefix_ptr="*i32", T="i32", stride_qkv="i32", eps="fp32", PCAP="i32", SMAX="i32", clip="fp32"),
                dict(NH=4, NKV=2, D=16, KV_BITS=4, KV_SYM=False, QK_NORM=True, OUT_KV=True, ROPE=True, STORE=True),
                {}, 1, 2)
@@ -354,8 +354,8 @@ def small_cases():
             yield (f"rope_store {label} {dt} D=16 small", kv_attention._rope_store_kernel,
                    dict(qkv_ptr=_ptr(dt), pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", qn_ptr=_ptr(dt),
                         kn_ptr=_ptr(dt), q_out=_ptr(dt), k_out=_ptr(dt), v_out=_ptr(dt), kf_ptr=_ptr(dt),
-                        vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*fp32", vs_ptr="*fp32",
-                        vz_ptr="*fp32", prefix_ptr="*i32", T="i32", stride_qkv="i32", eps="fp32", PCAP="i32",
+                        vf_ptr=_ptr(dt), kq_ptr="*u8", vq_ptr="*u8", ks_ptr="*fp32", kz_ptr="*u8", vs_ptr="*fp32",
+                        vz_ptr="*u8", prefix_ptr="*i32", T="i32", stride_qkv="i32", eps="fp32", PCAP="i32",
                         SMAX="i32", clip="fp32"),
                    dict(NH=nh, NKV=2, D=16, KV_BITS=8, KV_SYM=True, QK_NORM=False, OUT_KV=out_kv, ROPE=rope,
                         STORE=store), {}, 1, 2)

@@ -8,7 +8,9 @@ Cache of one layer (``KVCache``), positions indexed absolutely:
   over D with the arithmetic of ``qcompile.quant.activations.fake_quantize_tokens`` (asymmetric with an integer
   zero point and a range that contains 0, or symmetric; optional clip ratio; ties-to-even rounding), so the cache
   holds exactly the grid values the graph's KV fake quantization computes: ``x = (code - zero) * scale``
-  (``scale/zero`` float32 [B, Hkv, S]; symmetric codes are stored offset by 2^(b-1)). 4-bit codes are packed
+  (``scale`` float32 [B, Hkv, S]; ``zero`` uint8 [B, Hkv, S], an integer in [0, 2^b - 1] by construction, so a
+  byte holds it exactly and a decode step reads 3 bytes less per token and head than a float32 would take;
+  symmetric codes are stored offset by 2^(b-1)). 4-bit codes are packed
   ``byte[j] = code[j] | code[j + D/2] << 4``: the two halves RoPE already splits, so every load is contiguous;
 * ``bits=16`` keeps everything in the float buffers (P_cap = S, prefix = S): the unquantized cache.
 
@@ -83,8 +85,8 @@ class KVCache:
         if not 0 < clip_ratio <= 1:
             raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
         return cls(bits, z(fshape, dtype), z(fshape, dtype), z(qshape, torch.uint8), z(qshape, torch.uint8),
-                   z(sshape, torch.float32), z(sshape, torch.float32), z(sshape, torch.float32),
-                   z(sshape, torch.float32), bool(symmetric), float(clip_ratio))
+                   z(sshape, torch.float32), z(sshape, torch.uint8), z(sshape, torch.float32),
+                   z(sshape, torch.uint8), bool(symmetric), float(clip_ratio))
 
     def clear(self) -> None:
         """Back to the state ``allocate`` returns (every code, scale, zero point and float entry zero)."""
@@ -148,7 +150,7 @@ def _kv_quant_store(x1, x2, q_ptr, s_ptr, z_ptr, idx, half, clip, D: tl.constexp
     else:
         tl.store(q_ptr + idx * (D // 2) + half, (c1 | (c2 << 4)).to(tl.uint8))
     tl.store(s_ptr + idx, scale)
-    tl.store(z_ptr + idx, zero)
+    tl.store(z_ptr + idx, zero.to(tl.uint8))  # an integer in [0, QMAX]
 
 
 @triton.jit
@@ -273,7 +275,7 @@ def _load_codes(q_ptr, idx, smask, half, D: tl.constexpr, BITS: tl.constexpr, ct
 def _dequant_block(q_ptr, s_ptr, z_ptr, idx, smask, half, D: tl.constexpr, BITS: tl.constexpr,
                    dtype: tl.constexpr):
     scale = tl.load(s_ptr + idx, mask=smask, other=0.0)[:, None]
-    zero = tl.load(z_ptr + idx, mask=smask, other=0.0)[:, None]
+    zero = tl.load(z_ptr + idx, mask=smask, other=0).to(tl.float32)[:, None]
     c1, c2 = _load_codes(q_ptr, idx, smask, half, D, BITS, tl.int32)
     x1 = ((c1.to(tl.float32) - zero) * scale).to(dtype)
     x2 = ((c2.to(tl.float32) - zero) * scale).to(dtype)
@@ -302,14 +304,14 @@ def _attend_codes(q1, q2, qsum, qsc, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_
         if BITS == 8:  # (c ^ 0x80) read as int8 is c - 128
             k1 = k1 ^ -128
             k2 = k2 ^ -128
-            kz = tl.load(kz_ptr + idx, mask=smask, other=0.0) - 128.0
+            kz = tl.load(kz_ptr + idx, mask=smask, other=0).to(tl.float32) - 128.0
         else:
-            kz = tl.load(kz_ptr + idx, mask=smask, other=0.0)
+            kz = tl.load(kz_ptr + idx, mask=smask, other=0).to(tl.float32)
         raw = (tl.dot(q1, tl.trans(k1), out_dtype=tl.int32) + tl.dot(q2, tl.trans(k2), out_dtype=tl.int32))
         s = (qsc[:, None] * ks[None, :]) * (raw.to(tl.float32) - qsum[:, None] * kz[None, :])
     else:
         k1, k2 = _codes_f16(kq_ptr, idx, smask, half, D, BITS)
-        kz = tl.load(kz_ptr + idx, mask=smask, other=0.0) + 1024.0
+        kz = tl.load(kz_ptr + idx, mask=smask, other=0).to(tl.float32) + 1024.0
         raw = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
         s = ks[None, :] * (raw - qsum[:, None] * kz[None, :])
     s = tl.where(smask[None, :], s, float("-inf"))
@@ -319,7 +321,7 @@ def _attend_codes(q1, q2, qsum, qsc, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v1, v2 = _codes_f16(vq_ptr, idx, smask, half, D, BITS)
     vs = tl.load(vs_ptr + idx, mask=smask, other=0.0)
-    vz = tl.load(vz_ptr + idx, mask=smask, other=0.0) + 1024.0
+    vz = tl.load(vz_ptr + idx, mask=smask, other=0).to(tl.float32) + 1024.0
     pv = (p * vs[None, :]).to(tl.float16)
     corr = tl.sum(pv.to(tl.float32) * vz[None, :], axis=1)[:, None]
     acc1 = acc1 * alpha[:, None] + (tl.dot(pv, v1) - corr)

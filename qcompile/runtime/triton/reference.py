@@ -160,7 +160,7 @@ def kv_quantize_ref(x: torch.Tensor, bits: int, symmetric: bool = False, clip_ra
 
 
 def kv_dequantize_ref(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (codes.float() - zero[..., None]) * scale[..., None]
+    return (codes.float() - zero[..., None].float()) * scale[..., None]
 
 
 def pack_kv_int4(codes: torch.Tensor) -> torch.Tensor:
