@@ -26,8 +26,9 @@ that has accumulated through all the layers before it (BiSup's "vertical" error 
 * **Extras**: a pass may add parameters outside the linears (BiSup's activation clipping and smoothing) as
   :class:`Extra` objects; they are installed before training and folded into the model afterwards.
 * **Resume**: with ``state_dir`` the trainable state and the optimiser are saved after every epoch
-  (``state_dir/<pass>/e2e_state.pt``, loaded with ``weights_only=True``); a run with the same configuration continues
-  from the last finished epoch.
+  (``state_dir/<pass>/e2e_state-<digest>.pt``, one file per configuration, loaded with ``weights_only=True``); a
+  run with the same configuration continues from the last finished epoch; other settings train into their own
+  file beside it (``learn.epoch_state``).
 * **Export**: every parametrization becomes an ordinary :class:`QuantizedWeight` on the handle; the graph is
   the same kind as an RTN graph.
 """
@@ -212,9 +213,10 @@ def train_end_to_end(
     device = resolve_device(config.device, model)
     stages = stages or [(config.epochs, None)]
     total_epochs = sum(e for e, _ in stages)
-    state_path = Path(config.state_dir) / method / "e2e_state.pt" if config.state_dir else None
     # more epochs = resume and extend; checkpointing changes memory, not the result
     key = fingerprint(handle, config, method + state_key, ignore=("epochs", "grad_checkpoint"))
+    state_path = (epoch_state.state_path(Path(config.state_dir) / method, "e2e_state", key) if config.state_dir
+                  else None)
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     use_autocast = config.autocast and device.type == "cuda"
     params: dict[str, LearnedWeight] = {}

@@ -51,8 +51,9 @@ steps); they have not been tuned on a real model here. ``autocast`` runs our for
 (rotated weights are computed in float32).
 
 **Resume**: with ``state_dir`` the rotations and the optimiser are saved after every epoch
-(``state_dir/spinquant/state.pt``, loaded with ``weights_only=True``); a run with the same configuration continues
-after the last finished epoch and ends with the same rotations as an uninterrupted one.
+(``state_dir/spinquant/state-<digest>.pt``, one file per configuration, loaded with ``weights_only=True``); a run
+with the same configuration continues after the last finished epoch and ends with the same rotations as an
+uninterrupted one; other settings train into their own file beside it (``learn.epoch_state``).
 """
 
 from __future__ import annotations
@@ -383,8 +384,9 @@ def apply(handle: ModelHandle, config: SpinQuantConfig) -> dict:
     n_layers, hidden = len(ad.layers(model)), model.config.hidden_size
     ids = config.load(handle.tokenizer)
     device = resolve_device(config.device, model)
-    state_path = Path(config.state_dir) / "spinquant" / "state.pt" if config.state_dir else None
     key = fingerprint(handle, config, "spinquant")
+    state_path = (epoch_state.state_path(Path(config.state_dir) / "spinquant", "state", key) if config.state_dir
+                  else None)
     use_autocast = config.autocast and device.type == "cuda"
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     inst = None

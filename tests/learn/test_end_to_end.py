@@ -70,16 +70,37 @@ def test_end_to_end_resume_continues_from_the_saved_epoch(trained_llama, calib_f
         assert torch.allclose(resumed.quant_state[name].scale, qw.scale, rtol=1e-6, atol=0)
 
 
-def test_resume_refuses_another_configuration(trained_llama, calib_file, tmp_path):
+def test_other_settings_train_beside_a_saved_state(trained_llama, calib_file, tmp_path):
+    """A state is kept per configuration: other settings train into their own file and leave the first alone, and
+    going back to the first settings finds their training finished (same model, no epoch run again). A file whose
+    fingerprint does not match its name is refused, and a state saved under the old single-file name resumes."""
     kw = dict(group_size=16, epochs=1, magnitude_epochs=0, batch_size=4, state_dir=str(tmp_path / "s"),
               **calib(calib_file))
-    run_passes(load(trained_llama), _recipe(("canonicalize", {}), ("dlqat", dict(bits=4, **kw))))
-    with pytest.raises(QCompileError, match="another configuration") as err:
-        run_passes(load(trained_llama), _recipe(("canonicalize", {}), ("dlqat", dict(bits=3, **kw))))
-    saved = tmp_path / "s" / "dlqat" / "e2e_state.pt"
-    assert "delete that file to train this stage again" in str(err.value) and str(saved) in str(err.value)
-    saved.unlink()  # as the message says: the other configuration then trains from the start
-    run_passes(load(trained_llama), _recipe(("canonicalize", {}), ("dlqat", dict(bits=3, **kw))))
+    folder = tmp_path / "s" / "dlqat"
+
+    def run(bits):
+        h = load(trained_llama)
+        st = run_passes(h, _recipe(("canonicalize", {}), ("dlqat", dict(bits=bits, **kw))))["1:dlqat"]
+        return h, st
+
+    h4, st4 = run(4)
+    (first,) = folder.glob("e2e_state-*.pt")
+    saved = first.read_bytes()
+    _, st3 = run(3)
+    assert len(st3["kl_per_epoch"]) == 1 and len(list(folder.glob("e2e_state-*.pt"))) == 2
+    assert first.read_bytes() == saved  # untouched by the other settings
+    again, st = run(4)
+    assert st["kl_per_epoch"] == [] and len(st4["kl_per_epoch"]) == 1  # finished: nothing trained again
+    for name, qw in h4.quant_state.items():
+        assert torch.equal(again.quant_state[name].qweight, qw.qweight)
+    other = next(p for p in folder.glob("e2e_state-*.pt") if p != first)
+    first.write_bytes(other.read_bytes())  # a bits=3 state under the bits=4 name
+    with pytest.raises(QCompileError, match="another configuration than its name says"):
+        run(4)
+    first.unlink()
+    other.rename(folder / "e2e_state.pt")  # the bits=3 state as an earlier qcompile named it
+    _, st = run(3)
+    assert st["kl_per_epoch"] == [] and not list(folder.glob("e2e_state-*.pt"))
 
 
 def test_bisup_trains_clips_smoothing_and_low_rank_into_the_graph(trained_llama, calib_file, tmp_path):

@@ -127,13 +127,17 @@ def test_a_failure_midway_leaves_the_modules_on_their_quantized_state(trained_ll
         assert torch.equal(m.weight, qw.dequantize())
 
 
-def test_a_saved_end_to_end_state_from_other_blockwise_settings_is_refused(trained_llama, calib_file, tmp_path):
-    """The stage starts where the block-wise stage ended: its saved state belongs to those settings too."""
+def test_a_saved_end_to_end_state_from_other_blockwise_settings_is_not_used(trained_llama, calib_file, tmp_path):
+    """The stage starts where the block-wise stage ended: its saved state belongs to those settings too, so other
+    block-wise settings train the stage into a file of their own, beside the first."""
     state = str(tmp_path / "state")
     sde.apply(load(trained_llama), cfg(calib_file, state_dir=state, e2e_epochs=1))
+    e2e = tmp_path / "state" / "sde_e2e"
+    (first,) = e2e.glob("e2e_state-*.pt")
     shutil.rmtree(tmp_path / "state" / "sde")  # the block-wise state, as its own refusal tells the user to do
-    with pytest.raises(QCompileError, match="another configuration"):
-        sde.apply(load(trained_llama), cfg(calib_file, state_dir=state, e2e_epochs=1, epochs=1))
+    st = sde.apply(load(trained_llama), cfg(calib_file, state_dir=state, e2e_epochs=1, epochs=1))
+    assert len(st["end_to_end"]["kl_per_epoch"]) == 1 and len(list(e2e.glob("e2e_state-*.pt"))) == 2
+    assert first.is_file()
 
 
 def test_end_to_end_stage_with_gradient_checkpointing_trains_the_same_model(trained_llama, calib_file):
