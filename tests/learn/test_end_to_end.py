@@ -86,7 +86,8 @@ def test_other_settings_train_beside_a_saved_state(trained_llama, calib_file, tm
     h4, st4 = run(4)
     (first,) = folder.glob("e2e_state-*.pt")
     saved = first.read_bytes()
-    _, st3 = run(3)
+    with pytest.warns(UserWarning, match="training states of other settings"):
+        _, st3 = run(3)
     assert len(st3["kl_per_epoch"]) == 1 and len(list(folder.glob("e2e_state-*.pt"))) == 2
     assert first.read_bytes() == saved  # untouched by the other settings
     again, st = run(4)
@@ -98,9 +99,15 @@ def test_other_settings_train_beside_a_saved_state(trained_llama, calib_file, tm
     with pytest.raises(QCompileError, match="another configuration than its name says"):
         run(4)
     first.unlink()
-    other.rename(folder / "e2e_state.pt")  # the bits=3 state as an earlier qcompile named it
+    legacy = folder / "e2e_state.pt"
+    other.rename(legacy)  # the bits=3 state as an earlier qcompile named it
     _, st = run(3)
-    assert st["kl_per_epoch"] == [] and not list(folder.glob("e2e_state-*.pt"))
+    assert st["kl_per_epoch"] == [] and not list(folder.glob("e2e_state-*.pt"))  # resumed from it: finished
+    kept = legacy.read_bytes()
+    with pytest.warns(UserWarning, match=r"other settings \(e2e_state.pt\)"):
+        _, st = run(4)  # another configuration: trains into its own file, the old one untouched
+    assert len(st["kl_per_epoch"]) == 1 and len(list(folder.glob("e2e_state-*.pt"))) == 1
+    assert legacy.read_bytes() == kept
 
 
 def test_bisup_trains_clips_smoothing_and_low_rank_into_the_graph(trained_llama, calib_file, tmp_path):

@@ -9,7 +9,7 @@ Cache of one layer (``KVCache``), positions indexed absolutely:
   zero point and a range that contains 0, or symmetric; optional clip ratio; ties-to-even rounding), so the cache
   holds exactly the grid values the graph's KV fake quantization computes: ``x = (code - zero) * scale``
   (``scale`` float32 [B, Hkv, S]; ``zero`` uint8 [B, Hkv, S], an integer in [0, 2^b - 1] by construction, so a
-  byte holds it exactly and a decode step reads 3 bytes less per token and head than a float32 would take;
+  byte holds it exactly and a decode step reads 6 bytes less per token and KV head (K's and V's) than float32;
   symmetric codes are stored offset by 2^(b-1)). 4-bit codes are packed
   ``byte[j] = code[j] | code[j + D/2] << 4``: the two halves RoPE already splits, so every load is contiguous;
 * ``bits=16`` keeps everything in the float buffers (P_cap = S, prefix = S): the unquantized cache.

@@ -69,11 +69,12 @@ def test_rope_store_writes_the_reference_cache(device, bits, sym, clip, qk_norm)
             assert ((kview[bi, :, p] - kref[bi, :, j]).abs() <= tol_k).all()
             assert ((vview[bi, :, p] - vref[bi, :, j]).abs() <= tol_v).all()
     if bits < 16:  # codes are exactly the reference quantizer's
-        codes, scale, _ = R.kv_quantize_ref(kref[1], bits, sym, clip)
+        codes, scale, zero = R.kv_quantize_ref(kref[1], bits, sym, clip)
         got = cache.k_q[1, :, 5:5 + t].cpu()
         got = R.unpack_kv_int4(got) if bits == 4 else got.int()
         assert torch.equal(got, codes)
         torch.testing.assert_close(cache.k_scale[1, :, 5:5 + t].cpu(), scale)
+        assert cache.k_zero.dtype == torch.uint8 and torch.equal(cache.k_zero[1, :, 5:5 + t].cpu().float(), zero)
 
 
 def fill_cache(cache: KVCache, prefix, seed=0):
