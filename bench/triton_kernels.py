@@ -33,13 +33,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qcompile.runtime.triton import reference as R  # noqa: E402
+from qcompile.runtime.triton._tune import supports_pdl  # noqa: E402
 from qcompile.runtime.triton.kv_attention import _DECODE as DECODE_TUNER  # noqa: E402
 from qcompile.runtime.triton.kv_attention import KVCache, decode_attention, rope_store  # noqa: E402
 from qcompile.runtime.triton.packing import pack_from_export, pack_int_gemm  # noqa: E402
 from qcompile.runtime.triton.w8a8 import _GEMM as INT_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import _TMA as TMA_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import int_linear, quantize_rows, takes_tma_path  # noqa: E402
-from qcompile.runtime.triton._tune import supports_pdl  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import _GEMV as GEMV_TUNER  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import half2_gemv, wq_linear  # noqa: E402
 

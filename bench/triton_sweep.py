@@ -81,10 +81,10 @@ def _time_or_error(calls) -> tuple[float | None, str | None]:
 # -- 1. GEMV -------------------------------------------------------------------------------------------------
 
 
-# (HALF2, launch variant) pairs timed for every GEMV candidate; the float path, the PDL-alone and PREFETCH-alone
-# launches, register double buffering and L2 prefetching were timed in earlier sessions (docs/BENCHMARKS.md) and
-# lost to these
-GEMV_VARIANTS = ((True, {}), (True, {"PDL": True, "PREFETCH": True}))
+# launch variants of the half2 path timed for every GEMV configuration; the float path, the PDL-alone and
+# PREFETCH-alone launches, register double buffering and L2 prefetching were timed in earlier sessions
+# (docs/BENCHMARKS.md) and lost to these
+GEMV_VARIANTS = ({}, {"PDL": True, "PREFETCH": True})
 
 
 WIDE_GEMV_TILES = [(bn, br, warps, split) for bn in (32, 64) for br in (64, 128, 256) for warps in (8, 16)
@@ -110,34 +110,37 @@ def sweep_gemv(peak: float, group: int = 128) -> list[dict]:
         t16 = graph_time([lambda w=w: F.linear(x, w) for w in ws])
         del ws, w16
 
-        def time_one(cfg, weights, half2=True, **tags):
-            """One configuration over ``weights`` (the copies), its error on the first, a row."""
-            c = dict(cfg, HALF2=half2)
+        def fits(bn, br, warps, split):  # at most 32 words a thread, and no split past twice the word rows
+            return bn * br <= 32 * 32 * warps and br * split <= k // 8 * 2
+
+        def time_one(cfg, weights, **tags):
+            """One configuration over ``weights`` (the copies) on the half2 path, its error on the first, a row."""
+            c = dict(cfg, HALF2=True)
             t, fail = _time_or_error([lambda p=p, o=o: wq_linear(x, p, out=o, config=c)
                                       for p, o in zip(weights, outs)])
             err = None
             if t:
                 y = wq_linear(x, weights[0], config=c)
                 err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-            row = {"N": n, "K": k, "half2": half2, "config": cfg, **tags, "max_rel_err": err, "error": fail}
+            row = {"N": n, "K": k, "half2": True, "config": cfg, **tags, "max_rel_err": err, "error": fail}
             if t:
                 bw = bytes_read / t / 1e12
                 row.update(us=t * 1e6, fraction_of_peak_copy=bw / peak, speedup_vs_fp16=t16 / t)
             rows.append(row)
-            print(f"gemv {n}x{k} {' '.join(tags)} half2={half2} {cfg}: "
+            print(f"gemv {n}x{k} {' '.join(tags)} {cfg}: "
                   + (f"{t * 1e6:.2f} us, {bw / peak:.0%} of peak, {t16 / t:.2f}x fp16" if t else fail)
                   + f", err {err}", flush=True)
 
         # every candidate, plainly and as a programmatic dependent launch (PDL: each GEMV's launch overlaps the
         # previous one's tail in the graph's chain) with the first weight tile peeled off the loop (PREFETCH: read,
         # and the next kernel released, before the wait for the kernel before)
-        for half2, extra in GEMV_VARIANTS:
+        for extra in GEMV_VARIANTS:
             for cfg in gemv_candidates(1, n, k, 4, sms):
-                time_one(dict(cfg, **extra), packed, half2)
+                time_one(dict(cfg, **extra), packed)
         # wide programs: many warps over a narrow column band and a long run of K rows, few or no K splits (the
         # split-K tail shrinks or goes; the warps' partial sums meet in shared memory instead of the workspace)
         for bn, br, warps, split in WIDE_GEMV_TILES:
-            if bn * br <= 32 * 32 * warps and br * split <= k // 8 * 2:
+            if fits(bn, br, warps, split):
                 time_one(dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2),
                          packed, wide=True)
         # column bands: the same words stored [N / BAND, K / 8, BAND], so that a program of BLOCK_N = BAND columns
@@ -148,11 +151,11 @@ def sweep_gemv(peak: float, group: int = 128) -> list[dict]:
             tiles = [(c["BLOCK_N"], c["BLOCK_R"], c["num_warps"], c["SPLIT_K"])
                      for c in gemv_candidates(1, n, k, 4, sms)]
             for bn, br, warps, split in dict.fromkeys(tiles + WIDE_GEMV_TILES):  # (wide tiles are candidates too)
-                if bn != band or bn * br > 32 * 32 * warps or br * split > k // 8 * 2:
+                if bn != band or not fits(bn, br, warps, split):
                     continue
                 for extra in GEMV_VARIANTS:
                     time_one(dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2,
-                                  BAND=band, **extra[1]), banded, banded=band)
+                                  BAND=band, **extra), banded, banded=band)
             del banded
         GEMV_TUNER.best.clear()
         wq_linear(x, base)  # the runtime's own pick

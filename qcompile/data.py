@@ -55,22 +55,22 @@ def precheck_text(path: Path, seq_len: int) -> None:
     it has at least ``seq_len - 1`` bytes (every token of a byte-level or SentencePiece vocabulary covers at least
     one byte, but for SentencePiece's one dummy-prefix piece, so fewer bytes cannot fill one window). Lets
     ``export --eval`` refuse before minutes of export; the tokenizer has the last word."""
-    data = Path(path).read_bytes()
+    _read_text(path)
+    size = Path(path).stat().st_size
+    if size + 1 < seq_len:
+        raise QCompileError(f"the text {path} has {size} bytes, too few for one window of {seq_len} tokens")
+
+
+def _read_text(path: str | os.PathLike) -> str:
     try:
-        data.decode("utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise QCompileError(f"{path} is not UTF-8 text") from None
-    if len(data) + 1 < seq_len:
-        raise QCompileError(f"the text {path} has {len(data)} bytes, too few for one window of {seq_len} tokens")
 
 
 @lru_cache(maxsize=8)
 def _tokenize_file(path: str, tokenizer) -> torch.Tensor:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise QCompileError(f"{path} is not UTF-8 text") from None
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(_read_text(path), add_special_tokens=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 

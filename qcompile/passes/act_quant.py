@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from qcompile.errors import RecipeError
 from qcompile.models.adapters import LINEAR_ROLES
 from qcompile.models.handle import ModelHandle
-from qcompile.quant.activations import TokenQuantSpec, fake_quantize_tokens
+from qcompile.quant.activations import TokenQuantSpec, fake_quantize_tokens, token_spec
 
 
 @dataclass
@@ -32,13 +32,10 @@ class ActQuantConfig:
         bad = [r for r in self.roles if r not in LINEAR_ROLES]
         if bad:
             raise RecipeError(f"act_quant roles {bad} unknown; roles are {', '.join(LINEAR_ROLES)}")
-        try:  # bits, group size and clip ratio: refused when the recipe is read, not after the passes before
-            self.spec()
-        except RecipeError as e:
-            raise RecipeError(f"act_quant: {e}") from None
+        self.spec()  # bits, group size and clip ratio: refused when the recipe is read, not after the passes before
 
     def spec(self) -> TokenQuantSpec:
-        return TokenQuantSpec(self.bits, self.symmetric, self.group_size, self.clip_ratio)
+        return token_spec("act_quant", self.bits, self.symmetric, self.group_size, self.clip_ratio)
 
 
 Config = ActQuantConfig

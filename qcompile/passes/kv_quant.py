@@ -23,7 +23,7 @@ import torch
 
 from qcompile.errors import RecipeError, require_int
 from qcompile.models.handle import ModelHandle
-from qcompile.quant.activations import TokenQuantSpec, fake_quantize_tokens
+from qcompile.quant.activations import TokenQuantSpec, fake_quantize_tokens, token_spec
 
 ATTN_NAME = "qcompile_kv_quant"
 
@@ -38,13 +38,10 @@ class KVQuantConfig:
 
     def __post_init__(self):
         require_int(self.prefix, "kv_quant prefix")
-        try:  # bits, group size and clip ratio: refused when the recipe is read, not after the passes before
-            self.spec()
-        except RecipeError as e:
-            raise RecipeError(f"kv_quant: {e}") from None
+        self.spec()  # bits, group size and clip ratio: refused when the recipe is read, not after the passes before
 
     def spec(self) -> TokenQuantSpec:
-        return TokenQuantSpec(self.bits, self.symmetric, self.group_size, self.clip_ratio)
+        return token_spec("kv_quant", self.bits, self.symmetric, self.group_size, self.clip_ratio)
 
 
 Config = KVQuantConfig

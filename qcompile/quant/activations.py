@@ -97,6 +97,14 @@ class TokenQuantSpec:
                 "clip_ratio": self.clip_ratio}
 
 
+def token_spec(where: str, bits: int, symmetric: bool, group_size: int | None, clip_ratio: float) -> TokenQuantSpec:
+    """A :class:`TokenQuantSpec` whose errors name ``where`` (the pass whose fields these are)."""
+    try:
+        return TokenQuantSpec(bits, symmetric, group_size, clip_ratio)
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
 def fake_quantize_tokens(
     x: torch.Tensor, spec: TokenQuantSpec, what: str = "tensor", clip: torch.Tensor | None = None
 ) -> torch.Tensor:
