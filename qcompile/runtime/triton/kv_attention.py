@@ -290,28 +290,28 @@ def _codes_f16(q_ptr, idx, smask, half, D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _attend_codes(q1, q2, qsum, qsc, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr, idx, smask, half, m_i, l_i,
+def _attend_codes(q1, q2, qsum, qsc, kq_ptr, ks_ptr, kz, vq_ptr, vs_ptr, vz, idx, smask, half, m_i, l_i,
                   acc1, acc2, D: tl.constexpr, BITS: tl.constexpr, QK_I8: tl.constexpr):
     """A quantized block without dequantizing it: the dots run on the codes and scale/zero act per token on the
     scores (``s = ks * (q.c_k - kz * sum q)``) and on the probabilities (``p.v = (p*vs).c_v - sum p*vs*vz``).
 
     ``QK_I8``: q arrives as int8 (``q ~ qsc * q_i8`` per row, ``qsum`` = sum of q_i8) and Q.K runs on int8 tensor
     cores, the key codes fed as they are (8-bit codes shifted by -128 to fit int8, the zero point with them), so
-    the score is ``qsc * ks * (q_i8.c_k - kz * sum q_i8)`` with the integer part exact."""
+    the score is ``qsc * ks * (q_i8.c_k - kz * sum q_i8)`` with the integer part exact.
+
+    ``kz``/``vz``: the block's zero points (float32, [BLOCK_S]), loaded by the caller a block ahead."""
     ks = tl.load(ks_ptr + idx, mask=smask, other=0.0)
     if QK_I8:
         k1, k2 = _load_codes(kq_ptr, idx, smask, half, D, BITS, tl.int8)
         if BITS == 8:  # (c ^ 0x80) read as int8 is c - 128
             k1 = k1 ^ -128
             k2 = k2 ^ -128
-            kz = tl.load(kz_ptr + idx, mask=smask, other=0).to(tl.float32) - 128.0
-        else:
-            kz = tl.load(kz_ptr + idx, mask=smask, other=0).to(tl.float32)
+            kz = kz - 128.0
         raw = (tl.dot(q1, tl.trans(k1), out_dtype=tl.int32) + tl.dot(q2, tl.trans(k2), out_dtype=tl.int32))
         s = (qsc[:, None] * ks[None, :]) * (raw.to(tl.float32) - qsum[:, None] * kz[None, :])
     else:
         k1, k2 = _codes_f16(kq_ptr, idx, smask, half, D, BITS)
-        kz = tl.load(kz_ptr + idx, mask=smask, other=0).to(tl.float32) + 1024.0
+        kz = kz + 1024.0
         raw = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
         s = ks[None, :] * (raw - qsum[:, None] * kz[None, :])
     s = tl.where(smask[None, :], s, float("-inf"))
@@ -321,7 +321,7 @@ def _attend_codes(q1, q2, qsum, qsc, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v1, v2 = _codes_f16(vq_ptr, idx, smask, half, D, BITS)
     vs = tl.load(vs_ptr + idx, mask=smask, other=0.0)
-    vz = tl.load(vz_ptr + idx, mask=smask, other=0).to(tl.float32) + 1024.0
+    vz = vz + 1024.0
     pv = (p * vs[None, :]).to(tl.float16)
     corr = tl.sum(pv.to(tl.float32) * vz[None, :], axis=1)[:, None]
     acc1 = acc1 * alpha[:, None] + (tl.dot(pv, v1) - corr)
@@ -386,13 +386,24 @@ def _decode_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr
                 qk2 = q2
                 qsc = tl.full((GP,), 1.0, tl.float32)
                 qsum = tl.sum(q1.to(tl.float32), axis=1) + tl.sum(q2.to(tl.float32), axis=1)
-        for s0 in range(tl.maximum(lo, prefix), hi, BLOCK_S):  # quantized rest
+        q_lo = tl.maximum(lo, prefix)
+        if ON_CODES:  # the first block's zero points (one byte a token: too narrow for the pipeliner's cp.async,
+            # which takes 4 bytes and more, so each block loads the next block's itself, a step ahead)
+            s = q_lo + tl.arange(0, BLOCK_S)
+            kz_next = tl.load(kz_ptr + slot * SMAX + s, mask=s < hi, other=0)
+            vz_next = tl.load(vz_ptr + slot * SMAX + s, mask=s < hi, other=0)
+        for s0 in range(q_lo, hi, BLOCK_S):  # quantized rest
             s = s0 + tl.arange(0, BLOCK_S)
             smask = s < hi
             idx = slot * SMAX + s
             if ON_CODES:
-                m_i, l_i, acc1, acc2 = _attend_codes(qk1, qk2, qsum, qsc, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr,
-                                                     vz_ptr, idx, smask, half, m_i, l_i, acc1, acc2, D, KV_BITS,
+                kz = kz_next.to(tl.float32)
+                vz = vz_next.to(tl.float32)
+                s_next = s + BLOCK_S
+                kz_next = tl.load(kz_ptr + idx + BLOCK_S, mask=s_next < hi, other=0)
+                vz_next = tl.load(vz_ptr + idx + BLOCK_S, mask=s_next < hi, other=0)
+                m_i, l_i, acc1, acc2 = _attend_codes(qk1, qk2, qsum, qsc, kq_ptr, ks_ptr, kz, vq_ptr, vs_ptr,
+                                                     vz, idx, smask, half, m_i, l_i, acc1, acc2, D, KV_BITS,
                                                      QK_I8)
             else:
                 k1, k2 = _dequant_block(kq_ptr, ks_ptr, kz_ptr, idx, smask, half, D, KV_BITS, dtype)
