@@ -57,7 +57,7 @@ from qcompile.runtime.triton.kv_attention import (  # noqa: E402
     decode_candidates,
     default_splits,
 )
-from qcompile.runtime.triton.packing import pack_from_export, pack_int_gemm  # noqa: E402
+from qcompile.runtime.triton.packing import column_bands, pack_from_export, pack_int_gemm  # noqa: E402
 from qcompile.runtime.triton.w8a8 import _GEMM as INT_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import _TMA as TMA_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import int_linear, quantize_rows, takes_tma_path  # noqa: E402
@@ -146,8 +146,7 @@ def sweep_gemv(peak: float, group: int = 128) -> list[dict]:
         # column bands: the same words stored [N / BAND, K / 8, BAND], so that a program of BLOCK_N = BAND columns
         # reads one contiguous run of memory instead of a BAND-word piece of every row
         for band in (32, 64):
-            banded = [replace(p, qweight=p.qweight.view(k // 8, n // band, band).transpose(0, 1).contiguous()
-                              .view(k // 8, n)) for p in packed]
+            banded = [column_bands(p, band) for p in packed]
             tiles = [(c["BLOCK_N"], c["BLOCK_R"], c["num_warps"], c["SPLIT_K"])
                      for c in gemv_candidates(1, n, k, 4, sms)]
             for bn, br, warps, split in dict.fromkeys(tiles + WIDE_GEMV_TILES):  # (wide tiles are candidates too)

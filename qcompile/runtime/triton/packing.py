@@ -171,6 +171,16 @@ def concat_packed(weights: list[PackedWeight]) -> PackedWeight:
     )
 
 
+def column_bands(pw: PackedWeight, band: int) -> PackedWeight:
+    """``pw`` with its words stored in column bands, ``[N / band, K / pack, band]`` flattened to the same shape: the
+    layout the GEMV kernel's ``BAND=band`` reads (each program of ``band`` columns then reads one contiguous run).
+    Only the benchmarks use it (bench/triton_sweep.py); the runner keeps the row-major words."""
+    rows, n = pw.qweight.shape
+    if n % band:
+        raise ValueError(f"column bands of {band} need N ({n}) to be a multiple of it")
+    return replace(pw, qweight=pw.qweight.view(rows, n // band, band).transpose(0, 1).contiguous().view(rows, n))
+
+
 # -- W8A8 / W4A4 ---------------------------------------------------------------------------------------------
 
 

@@ -18,7 +18,8 @@ GEMV (decode is memory bound: the kernel must stream the packed weight once at c
   wide programs (8-16 warps over a 32-64-column band and a long run of K) need few splits or none, and where they
   win the tuner picks them: their warps' sums meet in shared memory, with no workspace and no last-program tail;
 * ``BAND`` (a bench variant) reads the words from column bands ``[N / BAND, K / pack, BAND]`` instead, so that a
-  program's slice is one contiguous run; no packer writes that layout (bench/triton_sweep.py times it);
+  program's slice is one contiguous run; ``packing.column_bands`` writes it, for bench/triton_sweep.py only (the
+  runner packs row-major);
 * the epilogue adds bias and a residual, and the prologue can compute SwiGLU's ``silu(gate) * up`` on the fly
   (``act="silu_mul"``), so down_proj reads the gate|up output directly.
 

@@ -1,7 +1,5 @@
 """Weight-only GEMV/GEMM against the torch reference: small shapes (interpreter on CPU), real shapes on CUDA."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -9,7 +7,7 @@ from rows_past_int32 import run_in_subprocess
 
 from qcompile.quant.grid import QuantizedWeight, QuantSpec
 from qcompile.runtime.triton import reference as R
-from qcompile.runtime.triton.packing import pack_from_export
+from qcompile.runtime.triton.packing import column_bands, pack_from_export
 from qcompile.runtime.triton.wq_matmul import gemm_candidates, gemv_candidates, wq_linear
 
 
@@ -154,10 +152,15 @@ def test_gemv_column_bands_compute_the_same(device):
     pw = packed(64, 128, 4, False, 32, device, torch.float32, seed=5)
     x = torch.randn(1, 128, device=device)
     for band, bn in ((16, 16), (32, 16), (32, 32), (16, 32)):
-        banded = replace(pw, qweight=pw.qweight.view(16, 64 // band, band).transpose(0, 1).contiguous().view(16, 64))
+        banded = column_bands(pw, band)
+        # word (r, b * band + c) of the plain layout sits at [b, r, c] of the banded one
+        assert torch.equal(banded.qweight.view(64 // band, 16, band), pw.qweight.view(16, 64 // band, band)
+                           .permute(1, 0, 2))
         for split in (1, 3):
             cfg = dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=4, SPLIT_K=split)
             assert torch.equal(wq_linear(x, banded, config=dict(cfg, BAND=band)), wq_linear(x, pw, config=cfg))
+    with pytest.raises(ValueError, match="multiple"):
+        column_bands(pw, 48)
 
 
 # -- real shapes (H100) -----------------------------------------------------------------------------------
