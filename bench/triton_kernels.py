@@ -112,8 +112,8 @@ def bench_gemv(peak: float, bits: int, group: int = 128) -> list[dict]:
         ref = R.wq_linear_ref(x.float(), base.to(dtype=torch.float32))
         err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
         t_q = graph_time([lambda p=p, o=o: wq_linear(x, p, out=o) for p, o in zip(packed, outs)])
-        # the same chain with each GEMV launched as a programmatic dependent of the one before (the tuned tiles,
-        # first weight tile read before the wait): how the runner's ``pdl=True`` decode step launches them
+        # the same chain with each GEMV launched as a programmatic dependent of the one before (first weight tile
+        # read before the wait; tiles tuned for such chains): how the runner's ``pdl=True`` decode step launches them
         t_pdl = (graph_time([lambda p=p, o=o: wq_linear(x, p, out=o, pdl=True) for p, o in zip(packed, outs)])
                  if supports_pdl("cuda") else None)  # sm_90+
         del packed
@@ -132,7 +132,7 @@ def bench_gemv(peak: float, bits: int, group: int = 128) -> list[dict]:
             "fp16_effective_tb_per_s": (n * k * 2 + k * 2 + n * 2) / t_16 / 1e12, "speedup_vs_fp16": t_16 / t_q,
             "max_rel_err_vs_reference": err, "weight_copies": copies, "config": GEMV_TUNER.best.get(key),
             "half2": half2_gemv(bits, 1, torch.float16),
-            "pdl_chain_us": t_pdl and t_pdl * 1e6,
+            "pdl_chain_us": t_pdl and t_pdl * 1e6, "pdl_config": GEMV_TUNER.best.get(key + ("pdl",)),
             "pdl_chain_fraction_of_peak_copy": t_pdl and bytes_read / t_pdl / 1e12 / peak,
             "pdl_chain_speedup_vs_fp16": t_pdl and t_16 / t_pdl,
         })
@@ -268,6 +268,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/triton_kernels.json")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: gemv,gemm,attention")
+    ap.add_argument("--gemv-bits", default="4,8", help="GEMV code widths (comma-separated: 4, 8)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="processes that compile the int4 GEMV's candidates before the tuner times them")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("triton_kernels: needs a CUDA GPU")
@@ -287,7 +290,12 @@ def main() -> None:
     peak = res["peak_copy"]["tb_per_s"]
     print(f"peak device-to-device copy: {peak:.2f} TB/s (read + write)", flush=True)
     if "gemv" not in skip:
-        res["gemv"] = bench_gemv(peak, 4) + bench_gemv(peak, 8)
+        bits = [int(b) for b in args.gemv_bits.split(",")]
+        if args.jobs > 1 and 4 in bits:
+            from bench.triton_sweep import precompile_gemv
+
+            precompile_gemv(torch.cuda.get_device_properties(0).multi_processor_count, False, args.jobs)
+        res["gemv"] = [r for b in bits for r in bench_gemv(peak, b)]
         save()
     if "gemm" not in skip:
         res["int_gemm"] = bench_int_gemm()
@@ -301,6 +309,10 @@ def main() -> None:
     res["targets"] = {
         "int4_gemv_min_fraction_of_peak (>= 0.75)": min((r["fraction_of_peak_copy"] for r in g4), default=None),
         "int4_gemv_min_speedup_vs_fp16 (>= 2.5)": min((r["speedup_vs_fp16"] for r in g4), default=None),
+        "int4_gemv_pdl_chain_min_fraction_of_peak": min((r["pdl_chain_fraction_of_peak_copy"] or 0 for r in g4),
+                                                        default=None),
+        "int4_gemv_pdl_chain_min_speedup_vs_fp16": min((r["pdl_chain_speedup_vs_fp16"] or 0 for r in g4),
+                                                       default=None),
         "w8a8_min_speedup_gemm (>= 1.6)": min((r["speedup_gemm"] for r in w8), default=None),
         "w8a8_min_speedup_with_quant": min((r["speedup_with_quant"] for r in w8), default=None),
         "w4a4_min_speedup_gemm": min((r["speedup_gemm"] for r in w4), default=None),

@@ -81,19 +81,67 @@ def _time_or_error(calls) -> tuple[float | None, str | None]:
 # -- 1. GEMV -------------------------------------------------------------------------------------------------
 
 
-# launch variants of the half2 path timed for every GEMV configuration; the float path, the PDL-alone and
-# PREFETCH-alone launches, register double buffering and L2 prefetching were timed in earlier sessions
-# (docs/BENCHMARKS.md) and lost to these
-GEMV_VARIANTS = ({}, {"PDL": True, "PREFETCH": True})
+# launch variants of the half2 path timed for every GEMV configuration, each with the per-word decode and with
+# row pairs (``PAIRS``: two words of a column per decode, the scale applied per group in fp32); the float path, the
+# PDL-alone and PREFETCH-alone launches, register double buffering and L2 prefetching were timed in earlier
+# sessions (docs/BENCHMARKS.md) and lost to these
+GEMV_VARIANTS = ({}, {"PDL": True, "PREFETCH": True}, {"PAIRS": True}, {"PAIRS": True, "PDL": True, "PREFETCH": True})
 
 
 WIDE_GEMV_TILES = [(bn, br, warps, split) for bn in (32, 64) for br in (64, 128, 256) for warps in (8, 16)
                    for split in (1, 2, 4)]
 
 
-def sweep_gemv(peak: float, group: int = 128) -> list[dict]:
+def _gemv_configs(n: int, k: int, sms: int, wide: bool) -> list[dict]:
+    """The plain-layout configurations ``sweep_gemv`` times at one shape (column bands aside)."""
+    out = [dict(cfg, **extra) for extra in GEMV_VARIANTS for cfg in gemv_candidates(1, n, k, 4, sms)]
+    for bn, br, warps, split in WIDE_GEMV_TILES if wide else ():
+        if bn * br <= 32 * 32 * warps and br * split <= k // 8 * 2:
+            for pairs in ({}, {"PAIRS": True}):
+                out.append(dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2,
+                                **pairs))
+    return out
+
+
+def _compile_gemv(job) -> int:
+    """Worker: launch each configuration once at one shape, which compiles it into Triton's disk cache."""
+    n, k, cfgs = job
+    gen = torch.Generator().manual_seed(0)
+    q, scale, zero = random_int_weight(n, k, 4, False, 128, gen)
+    pw = pack_from_export(q, scale, zero, bits=4, dtype=torch.float16).to("cuda")
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    failed = 0
+    for cfg in cfgs:
+        try:
+            wq_linear(x, pw, config=dict(cfg, HALF2=True))
+        except Exception:  # noqa: BLE001 (timed, and reported, by the sweep itself)
+            failed += 1
+    torch.cuda.synchronize()
+    return failed
+
+
+def precompile_gemv(sms: int, wide: bool, jobs: int) -> None:
+    """Compile the sweep's GEMV configurations in ``jobs`` processes first: one process compiles one at a time,
+    about 1.5 s each, and the sweep holds a few hundred."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    work = []
+    for n, k in SHAPES:
+        cfgs = _gemv_configs(n, k, sms, wide)
+        work += [(n, k, cfgs[i::jobs]) for i in range(jobs)]
+    t0 = time.time()
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+        failed = sum(ex.map(_compile_gemv, work))
+    print(f"gemv: {sum(len(w[2]) for w in work)} configurations compiled in {time.time() - t0:.0f} s "
+          f"({failed} failed)", flush=True)
+
+
+def sweep_gemv(peak: float, group: int = 128, bands=(32, 64), wide: bool = True, jobs: int = 1) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if jobs > 1:
+        precompile_gemv(sms, wide, jobs)
     rows = []
     for n, k in SHAPES:
         q, scale, zero = random_int_weight(n, k, 4, False, group, gen)
@@ -134,25 +182,21 @@ def sweep_gemv(peak: float, group: int = 128) -> list[dict]:
         # every candidate, plainly and as a programmatic dependent launch (PDL: each GEMV's launch overlaps the
         # previous one's tail in the graph's chain) with the first weight tile peeled off the loop (PREFETCH: read,
         # and the next kernel released, before the wait for the kernel before)
-        for extra in GEMV_VARIANTS:
-            for cfg in gemv_candidates(1, n, k, 4, sms):
-                time_one(dict(cfg, **extra), packed)
-        # wide programs: many warps over a narrow column band and a long run of K rows, few or no K splits (the
+        # and wide programs: many warps over a narrow column band and a long run of K rows, few or no K splits (the
         # split-K tail shrinks or goes; the warps' partial sums meet in shared memory instead of the workspace)
-        for bn, br, warps, split in WIDE_GEMV_TILES:
-            if fits(bn, br, warps, split):
-                time_one(dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2),
-                         packed, wide=True)
+        n_plain = len(GEMV_VARIANTS) * len(gemv_candidates(1, n, k, 4, sms))
+        for i, cfg in enumerate(_gemv_configs(n, k, sms, wide)):
+            time_one(cfg, packed, **({"wide": True} if i >= n_plain else {}))
         # column bands: the same words stored [N / BAND, K / 8, BAND], so that a program of BLOCK_N = BAND columns
         # reads one contiguous run of memory instead of a BAND-word piece of every row
-        for band in (32, 64):
+        for band in bands:
             banded = [column_bands(p, band) for p in packed]
             tiles = [(c["BLOCK_N"], c["BLOCK_R"], c["num_warps"], c["SPLIT_K"])
                      for c in gemv_candidates(1, n, k, 4, sms)]
             for bn, br, warps, split in dict.fromkeys(tiles + WIDE_GEMV_TILES):  # (wide tiles are candidates too)
                 if bn != band or not fits(bn, br, warps, split):
                     continue
-                for extra in GEMV_VARIANTS:
+                for extra in GEMV_VARIANTS[:2]:  # (row pairs read row-major words)
                     time_one(dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2,
                                   BAND=band, **extra), banded, banded=band)
             del banded
@@ -437,6 +481,9 @@ def main() -> None:
     ap.add_argument("--skip", default="")
     ap.add_argument("--contexts", default="8192,32768", help="attention context lengths (comma-separated)")
     ap.add_argument("--kv-bits", default="8,4", help="attention KV-cache widths (comma-separated: 8, 4)")
+    ap.add_argument("--gemv-bands", default="32,64", help="GEMV column-band widths to time ('' for none)")
+    ap.add_argument("--gemv-no-wide", action="store_true", help="leave out the GEMV's wide tiles beyond the tuner's")
+    ap.add_argument("--jobs", type=int, default=1, help="processes that compile the GEMV configurations first")
     args = ap.parse_args()
     try:
         contexts = tuple(int(x) for x in args.contexts.split(","))
@@ -461,7 +508,9 @@ def main() -> None:
         res["seconds"] = round(time.time() - t0, 1)
         out.write_text(json.dumps(res, indent=2, default=str))
 
-    for name, fn in (("gemv", lambda: sweep_gemv(peak)), ("attention", lambda: sweep_attention(contexts, kv_bits)),
+    bands = tuple(int(b) for b in args.gemv_bands.split(",") if b)
+    for name, fn in (("gemv", lambda: sweep_gemv(peak, bands=bands, wide=not args.gemv_no_wide, jobs=args.jobs)),
+                     ("attention", lambda: sweep_attention(contexts, kv_bits)),
                      ("attention_focus", lambda: sweep_attention_focus((max(contexts),), kv_bits)),
                      ("gemm", sweep_w8a8), ("gemm_focus", sweep_w8a8_focus)):
         if name not in skip:

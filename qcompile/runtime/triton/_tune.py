@@ -55,7 +55,11 @@ class Tuner:
         self.name = name
         self.best: dict = {}
 
-    def run(self, key, candidates: list[dict], launch: Callable[[dict], None], config: dict | None = None) -> dict:
+    def run(self, key, candidates: list[dict], launch: Callable[[dict], None], config: dict | None = None,
+            timing: Callable[[], Callable[[dict], None]] | None = None) -> dict:
+        """Launch the best candidate for ``key`` (tuning it first if new). ``timing``, if given, is called once per
+        tuning and returns the launcher that the candidates are timed with instead of ``launch`` (e.g. a chain of
+        launches over copies of the operands, where one launch alone would not show what differs)."""
         if config is not None:
             launch(config)
             return config
@@ -69,7 +73,7 @@ class Tuner:
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(f"{self.name}: shape {key} was not tuned before CUDA-graph capture; run the same "
                                    "call once eagerly first")
-            cfg = self._tune(key, candidates, launch)
+            cfg = self._tune(key, candidates, timing() if timing is not None else launch)
         launch(cfg)
         return cfg
 

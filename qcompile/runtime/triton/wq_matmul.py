@@ -30,6 +30,7 @@ GEMM: a grouped-ordering tiled matmul; the weight tile is unpacked and dequantiz
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -206,6 +207,131 @@ def _half2_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, r_mask, n_mask, 
 
 
 @triton.jit
+def _dot16_half2(we, wo, xe04, xe15, xe26, xe37, xo04, xo15, xo26, xo37, zz, mz):
+    """Two words of one column in word rows 2i and 2i + 1 of one group (16 codes): ``sum_j x_j * (c_j - z)`` in
+    fp32, the scale left out (``_pairs_step`` applies it per group in fp32). As ``_dot8_half2`` without the four
+    per-word scale products, and one fp32 conversion per two words: 15 instructions a word instead of 21. The
+    activations come pre-scaled by 1/32, so a half2 lane sums eight products of at most 15/32 |x| each and stays
+    finite wherever |x| < 17000."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 a, q, acc;
+        .reg .b16 h0, h1;
+        .reg .f32 f0, f1;
+        lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
+        sub.rn.f16x2 a, a, $11;
+        mul.rn.f16x2 acc, a, $3;
+        lop3.b32 a, $1, 0x00F000F0, 0x64006400, 0xEA;
+        fma.rn.f16x2 a, a, $13, $12;
+        fma.rn.f16x2 acc, a, $4, acc;
+        shr.b32 q, $1, 8;
+        lop3.b32 a, q, 0x000F000F, 0x64006400, 0xEA;
+        sub.rn.f16x2 a, a, $11;
+        fma.rn.f16x2 acc, a, $5, acc;
+        lop3.b32 a, q, 0x00F000F0, 0x64006400, 0xEA;
+        fma.rn.f16x2 a, a, $13, $12;
+        fma.rn.f16x2 acc, a, $6, acc;
+        lop3.b32 a, $2, 0x000F000F, 0x64006400, 0xEA;
+        sub.rn.f16x2 a, a, $11;
+        fma.rn.f16x2 acc, a, $7, acc;
+        lop3.b32 a, $2, 0x00F000F0, 0x64006400, 0xEA;
+        fma.rn.f16x2 a, a, $13, $12;
+        fma.rn.f16x2 acc, a, $8, acc;
+        shr.b32 q, $2, 8;
+        lop3.b32 a, q, 0x000F000F, 0x64006400, 0xEA;
+        sub.rn.f16x2 a, a, $11;
+        fma.rn.f16x2 acc, a, $9, acc;
+        lop3.b32 a, q, 0x00F000F0, 0x64006400, 0xEA;
+        fma.rn.f16x2 a, a, $13, $12;
+        fma.rn.f16x2 acc, a, $10, acc;
+        mov.b32 {h0, h1}, acc;
+        cvt.f32.f16 f0, h0;
+        cvt.f32.f16 f1, h1;
+        add.rn.f32 f0, f0, f1;
+        mov.b32 $0, f0;
+        }
+        """,
+        constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+        args=[we, wo, xe04, xe15, xe26, xe37, xo04, xo15, xo26, xo37, zz, mz,
+              tl.full(we.shape, 0x2C002C00, tl.int32)],  # (1/16, 1/16)
+        dtype=tl.int32, is_pure=True, pack=1,
+    ).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_pairs_scaled(x_ptr, offs_r, r_mask, K, ACT_SILU_MUL: tl.constexpr):
+    """The half2 pairs (x0,x4) (x1,x5) (x2,x6) (x3,x7) of word rows ``offs_r``, times 1/32 (exact: a power of
+    two, down to fp16's subnormals)."""
+    if ACT_SILU_MUL:
+        a04 = _act_pair_half2(x_ptr, offs_r, 0, r_mask, K)
+        a15 = _act_pair_half2(x_ptr, offs_r, 1, r_mask, K)
+        a26 = _act_pair_half2(x_ptr, offs_r, 2, r_mask, K)
+        a37 = _act_pair_half2(x_ptr, offs_r, 3, r_mask, K)
+    else:
+        xw = x_ptr.to(tl.pointer_type(tl.int32)) + offs_r * 4
+        a04 = tl.load(xw, mask=r_mask, other=0)
+        a15 = tl.load(xw + 1, mask=r_mask, other=0)
+        a26 = tl.load(xw + 2, mask=r_mask, other=0)
+        a37 = tl.load(xw + 3, mask=r_mask, other=0)
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 k, p0, p1, p2, p3;
+        mov.b32 k, 0x28002800;
+        prmt.b32 p0, $4, $6, 0x5410;
+        prmt.b32 p1, $4, $6, 0x7632;
+        prmt.b32 p2, $5, $7, 0x5410;
+        prmt.b32 p3, $5, $7, 0x7632;
+        mul.rn.f16x2 $0, p0, k;
+        mul.rn.f16x2 $1, p1, k;
+        mul.rn.f16x2 $2, p2, k;
+        mul.rn.f16x2 $3, p3, k;
+        }
+        """ if not ACT_SILU_MUL else """
+        {
+        .reg .b32 k;
+        mov.b32 k, 0x28002800;
+        mul.rn.f16x2 $0, $4, k;
+        mul.rn.f16x2 $1, $5, k;
+        mul.rn.f16x2 $2, $6, k;
+        mul.rn.f16x2 $3, $7, k;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r,r,r,r", args=[a04, a15, a26, a37], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+        is_pure=True, pack=1)
+
+
+@triton.jit
+def _pairs_step(x_ptr, s_ptr, z_ptr, we, wo, r0, offs_p, offs_n, p_mask, n_mask, wp_mask, N, K,
+                GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, ACT_SILU_MUL: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """One step of the batch-1 int4 GEMV with row pairs (``PAIRS``): ``we``/``wo`` are the words of rows
+    ``offs_p`` (even) and ``offs_p + 1``; returns the step's [BLOCK_R / 2, BLOCK_N] increment, in units of 1/32."""
+    shape: tl.constexpr = (BLOCK_R // 2, BLOCK_N)
+    xe04, xe15, xe26, xe37 = _x_pairs_scaled(x_ptr, offs_p, p_mask, K, ACT_SILU_MUL)
+    xo04, xo15, xo26, xo37 = _x_pairs_scaled(x_ptr, offs_p + 1, p_mask, K, ACT_SILU_MUL)
+    if GROUP % (BLOCK_R * 8) == 0:  # the whole step lies in one group
+        sn = (r0 // (GROUP // 8)) * N + offs_n[None, :]
+        s_mask = n_mask[None, :]
+    else:
+        sn = (offs_p // (GROUP // 8))[:, None] * N + offs_n[None, :]
+        s_mask = wp_mask
+    scale = tl.load(s_ptr + sn, mask=s_mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + sn, mask=s_mask, other=0)
+    else:
+        z = tl.full(sn.shape, 8, tl.uint8)
+    _s2, zz, mz = _half2_consts(tl.zeros(sn.shape, tl.float16), z)
+    part = _dot16_half2(we, wo, tl.broadcast_to(xe04[:, None], shape), tl.broadcast_to(xe15[:, None], shape),
+                        tl.broadcast_to(xe26[:, None], shape), tl.broadcast_to(xe37[:, None], shape),
+                        tl.broadcast_to(xo04[:, None], shape), tl.broadcast_to(xo15[:, None], shape),
+                        tl.broadcast_to(xo26[:, None], shape), tl.broadcast_to(xo37[:, None], shape),
+                        tl.broadcast_to(zz, shape), tl.broadcast_to(mz, shape))
+    return part * scale
+
+
+@triton.jit
 def _gemv_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, offs_m, r_mask, n_mask, m_mask, w_mask, N, K,
                stride_xm, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                ACT_SILU_MUL: tl.constexpr, HALF2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -275,12 +401,26 @@ def _load_tile(w_ptr, r0, r_hi, offs_n, n_mask, N, n_rows, BLOCK_R: tl.constexpr
 
 
 @triton.jit
+def _load_pair_tiles(w_ptr, r0, r_hi, offs_n, n_mask, N, BLOCK_R: tl.constexpr):
+    """The step at word row ``r0`` as two ``[BLOCK_R / 2, BLOCK_N]`` tiles: the even rows and the odd rows (each
+    row still one coalesced run along N); steps and splits start on even rows, and K / 8 is even (groups of 16+)."""
+    offs_p = r0 + 2 * tl.arange(0, BLOCK_R // 2)
+    p_mask = offs_p < r_hi
+    wp_mask = p_mask[:, None] & n_mask[None, :]
+    off = offs_p[:, None] * N + offs_n[None, :]
+    we = tl.load(w_ptr + off, mask=wp_mask, other=0)
+    wo = tl.load(w_ptr + off + N, mask=wp_mask, other=0)
+    return we, wo, offs_p, p_mask, wp_mask
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lock_ptr,
                  M, N, K, stride_xm, stride_rm, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_RES: tl.constexpr, ACT_SILU_MUL: tl.constexpr, HALF2: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
-                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, BAND: tl.constexpr = 0):
+                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, BAND: tl.constexpr = 0,
+                 PAIRS: tl.constexpr = False):
     PACK: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -294,12 +434,30 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
     m_mask = offs_m < M
     # batch 1 (decode) keeps every tile 2-D in the weight's own layout: a 3-D [M, R, N] product would make the
     # compiler shuffle each dequantized tile through shared memory to broadcast it over M
-    if BLOCK_M == 1:
+    if PAIRS:
+        acc = tl.zeros((BLOCK_R // 2, BLOCK_N), dtype=tl.float32)
+    elif BLOCK_M == 1:
         acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
     r_start = r_lo
-    if PREFETCH:  # the first weight tile is read before waiting (PDL): weights are constants, not the kernel before's
+    if PAIRS:  # batch 1, int4, fp16 activations, row-major words: see _pairs_step
+        if PREFETCH:
+            if PDL:
+                gdc_launch_dependents()
+            we, wo, offs_p, p_mask, wp_mask = _load_pair_tiles(w_ptr, r_lo, r_hi, offs_n, n_mask, N, BLOCK_R)
+            if PDL:
+                gdc_wait()
+            acc += _pairs_step(x_ptr, s_ptr, z_ptr, we, wo, tl.minimum(r_lo, n_rows - 2), offs_p, offs_n, p_mask,
+                               n_mask, wp_mask, N, K, GROUP, HAS_ZERO, ACT_SILU_MUL, BLOCK_R, BLOCK_N)
+            r_start = r_lo + BLOCK_R
+        elif PDL:
+            gdc_wait()
+        for r0 in range(r_start, r_hi, BLOCK_R):
+            we, wo, offs_p, p_mask, wp_mask = _load_pair_tiles(w_ptr, r0, r_hi, offs_n, n_mask, N, BLOCK_R)
+            acc += _pairs_step(x_ptr, s_ptr, z_ptr, we, wo, r0, offs_p, offs_n, p_mask, n_mask, wp_mask, N, K,
+                               GROUP, HAS_ZERO, ACT_SILU_MUL, BLOCK_R, BLOCK_N)
+    elif PREFETCH:  # the first weight tile is read before waiting (PDL): weights are constants, not the kernel before's
         # output, so their stream overlaps that kernel's tail instead of starting after it; and the next kernel may
         # launch at once (its gdc_wait still waits for all of this one)
         if PDL:
@@ -316,13 +474,16 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
         r_start = r_lo + BLOCK_R
     elif PDL:  # launched as a programmatic dependent: x and the workspace are the previous kernel's until it is done
         gdc_wait()
-    for r0 in range(r_start, r_hi, BLOCK_R):
-        words, offs_r, r_mask, w_mask = _load_tile(w_ptr, r0, r_hi, offs_n, n_mask, N, n_rows, BLOCK_R, BAND)
-        acc += _gemv_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, offs_m, r_mask, n_mask, m_mask, w_mask,
-                          N, K, stride_xm, BITS, GROUP, HAS_ZERO, ACT_SILU_MUL, HALF2, BLOCK_M, BLOCK_R, BLOCK_N)
+    if not PAIRS:
+        for r0 in range(r_start, r_hi, BLOCK_R):
+            words, offs_r, r_mask, w_mask = _load_tile(w_ptr, r0, r_hi, offs_n, n_mask, N, n_rows, BLOCK_R, BAND)
+            acc += _gemv_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, offs_m, r_mask, n_mask, m_mask, w_mask,
+                              N, K, stride_xm, BITS, GROUP, HAS_ZERO, ACT_SILU_MUL, HALF2, BLOCK_M, BLOCK_R, BLOCK_N)
     if PDL and not PREFETCH:  # every weight is read: the next kernel may start launching
         gdc_launch_dependents()
-    if BLOCK_M == 1:
+    if PAIRS:
+        y = tl.sum(acc, axis=0)[None, :] * 32.0  # the activations' 1/32
+    elif BLOCK_M == 1:
         y = tl.sum(acc, axis=0)[None, :]
     else:
         y = tl.sum(acc, axis=1)
@@ -499,9 +660,9 @@ def wq_linear(x: torch.Tensor, pw: PackedWeight, *, residual: torch.Tensor | Non
               out: torch.Tensor | None = None, config: dict | None = None, pdl: bool = False) -> torch.Tensor:
     """``act(x) @ W (+ bias) (+ residual)`` with W dequantized on the fly; x [.., K] ([.., 2K] gate|up with
     ``act="silu_mul"``, GEMV only), result [.., N] in x's dtype. M <= 8 rows take the GEMV, more the GEMM.
-    ``pdl``: the GEMV (whatever tiles the tuner picks) is launched as a programmatic dependent that reads its first
-    weight tile before waiting for the kernel before (``PDL`` + ``PREFETCH``; sm_90+, a plain launch under the
-    interpreter)."""
+    ``pdl``: the GEMV is launched as a programmatic dependent that reads its first weight tile before waiting for
+    the kernel before (``PDL`` + ``PREFETCH``; sm_90+, a plain launch under the interpreter), with tiles tuned for
+    chains of such launches."""
     k, n = pw.in_features, pw.out_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -548,20 +709,25 @@ def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
     # a config may set HALF2 explicitly (the benchmark times both paths)
     half2 = half2_gemv(pw.bits, m, x.dtype) and x.data_ptr() % 4 == 0  # activations read as int32 pairs
     candidates = gemv_candidates(m, n, k, pw.bits, num_sms(x.device))
-    key = (m, n, k, pw.bits, pw.group_size, x.dtype, act)
+    if half2 and pw.group_size % 16 == 0:  # two words a decode (_pairs_step): faster at every tile the H100 picked
+        candidates = [dict(c, PAIRS=True) for c in candidates]
+    # PDL launches are tuned apart, as chains: what they change is how a launch overlaps the one before
+    key = (m, n, k, pw.bits, pw.group_size, x.dtype, act) + (("pdl",) if pdl else ())
 
-    def launch(cfg):
+    def launch(cfg, pw=pw, out=out):
         meta, opts = launch_opts(cfg)
         if pdl:
             meta.update(PDL=True, PREFETCH=True)
         meta.setdefault("HALF2", half2)
         if meta["HALF2"] and not half2:
             raise ValueError("HALF2 needs int4 codes, one fp16 activation row and a compiled (not interpreted) kernel")
+        if meta.get("PAIRS") and not (meta["HALF2"] and pw.group_size % 16 == 0 and not meta.get("BAND")):
+            raise ValueError("PAIRS needs the half2 path (int4, one fp16 row, compiled), groups of a multiple of 16 "
+                             "and row-major words")
         # PDL: launched as a programmatic dependent of the kernel before it, so its launch overlaps that kernel's
         # tail; PREFETCH peels the first weight tile off the loop, and with PDL reads it (and releases the next
-        # kernel) before waiting for the kernel before. Neither is a tuner candidate (timed in bench/triton_sweep.py);
-        # ``pdl`` adds both to the tuned tiles, which plain and PDL launches share (same key: the launch changes,
-        # not the tiles)
+        # kernel) before waiting for the kernel before. ``pdl`` adds both to every candidate, tuned as a chain
+        # (``pdl_chain``) under a key of its own
         meta["PDL"], launch_pdl = pdl_flag(meta.get("PDL", False), x.device)
         if meta.get("BAND") and n % meta["BAND"]:
             raise ValueError(f"BAND={meta['BAND']} needs N ({n}) to be a multiple of it")
@@ -575,7 +741,19 @@ def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
             BITS=pw.bits, GROUP=pw.group_size, HAS_ZERO=pw.zero is not None, HAS_BIAS=pw.bias is not None,
             HAS_RES=res is not None, ACT_SILU_MUL=act == "silu_mul", **meta, **opts)
 
-    return _GEMV.run(key, candidates, launch, config)
+    def pdl_chain():
+        """The candidates of a PDL launch are timed as a chain of launches over copies of the weight, enough to
+        stream from HBM rather than L2, as a decode step runs its layers: a single launch has no kernel before it
+        to overlap with, so it would time every candidate as a plain launch (bench/triton_sweep.py: the best PDL
+        tiles differ from the best plain ones)."""
+        l2 = torch.cuda.get_device_properties(x.device).L2_cache_size if x.device.type == "cuda" else 0
+        copies = [pw] + [replace(pw, qweight=pw.qweight.clone(), scale=pw.scale.clone(),
+                                 zero=None if pw.zero is None else pw.zero.clone())
+                         for _ in range(max(1, min(15, math.ceil(2 * l2 / pw.nbytes))))]
+        outs = [torch.empty_like(out) for _ in copies]
+        return lambda cfg: [launch(cfg, p, o) for p, o in zip(copies, outs)]
+
+    return _GEMV.run(key, candidates, launch, config, timing=pdl_chain if pdl else None)
 
 
 def _gemm(x, pw: PackedWeight, res, out, config):

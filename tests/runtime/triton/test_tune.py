@@ -81,6 +81,27 @@ def test_falls_back_to_eager_timing_and_skips_failing_configs(fake):
     assert fake.timed == [("eager", "b"), ("graph", "c")]
 
 
+def test_candidates_timed_through_the_timing_launcher(fake):
+    """``timing`` builds, once per tuning, the launcher the candidates are timed with (a chain, for PDL): the
+    pick follows its costs, not those of ``launch``, which then runs the pick; a tuned key calls neither again."""
+    built = []
+
+    def timing():
+        built.append(1)
+
+        def chained(cfg):  # what a chain costs: "b" is the faster alone, "c" overlaps better
+            fake.launch(dict(cfg, us={"b": 40.0, "c": 25.0}[cfg["name"]]))
+        return chained
+
+    launched = []
+    tuner = _tune.Tuner("t")
+    cands = [dict(name="b", us=12.0), dict(name="c", us=18.0)]
+    assert tuner.run("k", cands, lambda cfg: launched.append(cfg["name"]), timing=timing)["name"] == "c"
+    assert built == [1] and launched == ["c"]
+    assert tuner.run("k", cands, lambda cfg: launched.append(cfg["name"]), timing=timing)["name"] == "c"
+    assert built == [1] and launched == ["c", "c"]
+
+
 def test_every_config_failing_is_an_error(fake):
     with pytest.raises(RuntimeError, match="every configuration failed"):
         _tune.Tuner("t").run("k", [dict(name=n, us=1.0, fails=True) for n in "ab"], fake.launch)

@@ -178,7 +178,10 @@ def test_gemv_every_config_at_llama_shapes(n, k, bits, sym):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = R.wq_linear_ref(x.float(), ref_pw)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for cfg in gemv_candidates(m, n, k, pw.bits, sms):
+        cands = gemv_candidates(m, n, k, pw.bits, sms)
+        if m == 1 and bits == 4:  # the tuner's half2 candidates decode row pairs (PAIRS); the per-word decode too
+            cands = cands + [dict(c, PAIRS=True) for c in cands]
+        for cfg in cands:
             y = wq_linear(x, pw, config=cfg)
             check(y, ref, 2e-3)
             assert torch.equal(y, wq_linear(x, pw, config=cfg)), cfg  # deterministic split-K
@@ -268,6 +271,58 @@ def test_gemv_prefetch_empty_split():
         if extra.get("PDL") and not supports_pdl("cuda"):
             continue
         assert torch.equal(wq_linear(x, pw, config={**cfg, **extra}), plain), extra
+
+
+def test_gemv_row_pairs_need_the_half2_path(device):
+    """PAIRS is a variant of the half2 decode (inline PTX): refused where that path is off, here fp32 activations
+    (and, under the interpreter, every launch)."""
+    pw = packed(64, 256, 4, False, 128, device, torch.float32)
+    x = torch.randn(1, 256, device=device)
+    with pytest.raises(ValueError, match="PAIRS needs"):
+        wq_linear(x, pw, config=dict(BLOCK_M=1, BLOCK_N=32, BLOCK_R=16, SPLIT_K=1, PAIRS=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sym,group", [(False, 128), (True, 64), (False, 32), (False, 16)])
+def test_gemv_row_pairs_match_reference(sym, group):
+    """PAIRS (two words of a column per decode, the scale applied per group in fp32, activations pre-scaled by
+    1/32): every candidate tile against the fp32 reference, one group per step (128, 64) and several (32, 16),
+    symmetric and not, bias and residual; bit-identical as PDL + PREFETCH launches; the SwiGLU prologue;
+    outlier activations in the thousands (the half2 sums must stay finite); and an empty split whose peeled step must
+    read no scale past the tensor (the rows beyond it are NaN)."""
+    from qcompile.runtime.triton._tune import supports_pdl
+
+    n, k = 1536, 576 * 2
+    pw = packed(n, k, 4, sym, group, "cuda", torch.float16, bias=True)
+    ref_pw = pw.to(dtype=torch.float32)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    res = torch.randn(1, n, device="cuda", dtype=torch.float16)
+    ref = R.wq_linear_ref(x.float(), ref_pw, residual=res.float())
+    for cfg in gemv_candidates(1, n, k, 4, sms):
+        y = wq_linear(x, pw, residual=res, config=dict(cfg, PAIRS=True))
+        check(y, ref, 2e-3)
+        if supports_pdl("cuda"):
+            assert torch.equal(wq_linear(x, pw, residual=res, config=dict(cfg, PAIRS=True, PDL=True, PREFETCH=True)),
+                               y), cfg
+    first = dict(gemv_candidates(1, n, k, 4, sms)[0], PAIRS=True)
+    gu = torch.randn(1, 2 * k, device="cuda", dtype=torch.float16)
+    check(wq_linear(gu, pw, act="silu_mul", config=first), R.wq_linear_ref(gu.float(), ref_pw, act="silu_mul"), 2e-3)
+    big = x.clone()
+    big[0, ::97] = 2000  # outlier channels in the thousands (the output stays within fp16)
+    y_big = wq_linear(big, pw, config=first)
+    assert y_big.isfinite().all()
+    check(y_big, R.wq_linear_ref(big.float(), ref_pw), 2e-3)
+    if group == 128:
+        rows = pw.scale.shape[0]
+        buf = torch.full(((rows + 8) * n,), float("nan"), dtype=torch.float16, device="cuda")
+        buf[: rows * n] = pw.scale.reshape(-1)
+        pw.scale = buf[: rows * n].view(rows, n)
+        cfg = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_R=16, SPLIT_K=12, num_warps=4, num_stages=2, PAIRS=True)  # 9 steps
+        plain = wq_linear(x, pw, config=cfg)
+        check(plain, R.wq_linear_ref(x.float(), ref_pw), 2e-3)
+        if supports_pdl("cuda"):
+            assert torch.equal(wq_linear(x, pw, config=dict(cfg, PREFETCH=True, PDL=True)), plain)
 
 
 @pytest.mark.cuda
