@@ -12,6 +12,8 @@ GEMV (decode is memory bound: the kernel must stream the packed weight once at c
   (the zero point costs nothing per code); int4 at batch 1 on fp16 activations (compiled kernels, activations
   4-byte aligned) decodes two codes per instruction in half2 registers instead (``_dot8_half2``, inline PTX; the
   interpreter and fp32 activations take the float path);
+* ``PAIRS`` (opt-in, ``QCOMPILE_GEMV_PAIRS=1``): the half2 path two words of a column at a time, the scale per group
+  in fp32 (``_pairs_step``): 5-9 % faster on the H100, rounded differently from a fp16 DequantizeLinear;
 * split-K partials go to an fp32 workspace; the last program to finish a column tile (an arrival counter per tile,
   acquire/release atomics) sums the partials in split order and writes the output, so the result is deterministic
   and one launch does it all (a second reduction kernel would cost as much as the GEMV itself at 4096x4096);
