@@ -92,11 +92,16 @@ WIDE_GEMV_TILES = [(bn, br, warps, split) for bn in (32, 64) for br in (64, 128,
                    for split in (1, 2, 4)]
 
 
+def gemv_tile_fits(k: int, bn: int, br: int, warps: int, split: int) -> bool:
+    """At most 32 words a thread, and no split past twice the word rows."""
+    return bn * br <= 32 * 32 * warps and br * split <= k // 8 * 2
+
+
 def _gemv_configs(n: int, k: int, sms: int, wide: bool) -> list[dict]:
     """The plain-layout configurations ``sweep_gemv`` times at one shape (column bands aside)."""
     out = [dict(cfg, **extra) for extra in GEMV_VARIANTS for cfg in gemv_candidates(1, n, k, 4, sms)]
     for bn, br, warps, split in WIDE_GEMV_TILES if wide else ():
-        if bn * br <= 32 * 32 * warps and br * split <= k // 8 * 2:
+        if gemv_tile_fits(k, bn, br, warps, split):
             for pairs in ({}, {"PAIRS": True}):
                 out.append(dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2,
                                 **pairs))
@@ -158,9 +163,6 @@ def sweep_gemv(peak: float, group: int = 128, bands=(32, 64), wide: bool = True,
         t16 = graph_time([lambda w=w: F.linear(x, w) for w in ws])
         del ws, w16
 
-        def fits(bn, br, warps, split):  # at most 32 words a thread, and no split past twice the word rows
-            return bn * br <= 32 * 32 * warps and br * split <= k // 8 * 2
-
         def time_one(cfg, weights, **tags):
             """One configuration over ``weights`` (the copies) on the half2 path, its error on the first, a row."""
             c = dict(cfg, HALF2=True)
@@ -194,7 +196,7 @@ def sweep_gemv(peak: float, group: int = 128, bands=(32, 64), wide: bool = True,
             tiles = [(c["BLOCK_N"], c["BLOCK_R"], c["num_warps"], c["SPLIT_K"])
                      for c in gemv_candidates(1, n, k, 4, sms)]
             for bn, br, warps, split in dict.fromkeys(tiles + WIDE_GEMV_TILES):  # (wide tiles are candidates too)
-                if bn != band or not fits(bn, br, warps, split):
+                if bn != band or not gemv_tile_fits(k, bn, br, warps, split):
                     continue
                 for extra in GEMV_VARIANTS[:2]:  # (row pairs read row-major words)
                     time_one(dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=split, num_warps=warps, num_stages=2,

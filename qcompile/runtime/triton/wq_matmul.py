@@ -163,11 +163,8 @@ def _act_pair_half2(x_ptr, offs_r, j: tl.constexpr, r_mask, K):
 
 
 @triton.jit
-def _half2_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, r_mask, n_mask, w_mask, N, K,
-                GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, ACT_SILU_MUL: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One [BLOCK_R words, BLOCK_N] step of the batch-1 int4 GEMV on fp16 activations (``_dot8_half2``)."""
-    shape: tl.constexpr = (BLOCK_R, BLOCK_N)
+def _x_pairs_half2(x_ptr, offs_r, r_mask, K, ACT_SILU_MUL: tl.constexpr):
+    """The half2 activation pairs (x0,x4) (x1,x5) (x2,x6) (x3,x7) of each word row ``offs_r``."""
     if ACT_SILU_MUL:  # silu(gate) * up computed per value, then paired
         x04 = _act_pair_half2(x_ptr, offs_r, 0, r_mask, K)
         x15 = _act_pair_half2(x_ptr, offs_r, 1, r_mask, K)
@@ -188,6 +185,16 @@ def _half2_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, r_mask, n_mask, 
             """,
             constraints="=r,=r,=r,=r,r,r,r,r", args=[a, b, c, d], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
             is_pure=True, pack=1)
+    return x04, x15, x26, x37
+
+
+@triton.jit
+def _half2_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, r_mask, n_mask, w_mask, N, K,
+                GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, ACT_SILU_MUL: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One [BLOCK_R words, BLOCK_N] step of the batch-1 int4 GEMV on fp16 activations (``_dot8_half2``)."""
+    shape: tl.constexpr = (BLOCK_R, BLOCK_N)
+    x04, x15, x26, x37 = _x_pairs_half2(x_ptr, offs_r, r_mask, K, ACT_SILU_MUL)
     x04 = tl.broadcast_to(x04[:, None], shape)
     x15 = tl.broadcast_to(x15[:, None], shape)
     x26 = tl.broadcast_to(x26[:, None], shape)
@@ -209,6 +216,40 @@ def _half2_step(x_ptr, s_ptr, z_ptr, words, r0, offs_r, offs_n, r_mask, n_mask, 
                        tl.broadcast_to(mz, shape))
 
 
+def _pair_word_ptx(w: int, x: int, first: bool) -> str:
+    """PTX of one word (operand ``$w``) in ``_dot16_half2``: its activation pairs are ``$x`` .. ``$x+3``; the zero
+    terms are ``$11`` (1024 + z) and ``$12`` (-(64 + z)), ``$13`` is (1/16, 1/16)."""
+    start = f"mul.rn.f16x2 acc, a, ${x};" if first else f"fma.rn.f16x2 acc, a, ${x}, acc;"
+    return f"""
+        lop3.b32 a, ${w}, 0x000F000F, 0x64006400, 0xEA;
+        sub.rn.f16x2 a, a, $11;
+        {start}
+        lop3.b32 a, ${w}, 0x00F000F0, 0x64006400, 0xEA;
+        fma.rn.f16x2 a, a, $13, $12;
+        fma.rn.f16x2 acc, a, ${x + 1}, acc;
+        shr.b32 q, ${w}, 8;
+        lop3.b32 a, q, 0x000F000F, 0x64006400, 0xEA;
+        sub.rn.f16x2 a, a, $11;
+        fma.rn.f16x2 acc, a, ${x + 2}, acc;
+        lop3.b32 a, q, 0x00F000F0, 0x64006400, 0xEA;
+        fma.rn.f16x2 a, a, $13, $12;
+        fma.rn.f16x2 acc, a, ${x + 3}, acc;"""
+
+
+_DOT16_PTX = tl.constexpr("""
+        {
+        .reg .b32 a, q, acc;
+        .reg .b16 h0, h1;
+        .reg .f32 f0, f1;""" + _pair_word_ptx(1, 3, True) + _pair_word_ptx(2, 7, False) + """
+        mov.b32 {h0, h1}, acc;
+        cvt.f32.f16 f0, h0;
+        cvt.f32.f16 f1, h1;
+        add.rn.f32 f0, f0, f1;
+        mov.b32 $0, f0;
+        }
+        """)  # a constexpr: jitted code may read a global only as one
+
+
 @triton.jit
 def _dot16_half2(we, wo, xe04, xe15, xe26, xe37, xo04, xo15, xo26, xo37, zz, mz):
     """Two words of one column in word rows 2i and 2i + 1 of one group (16 codes): ``sum_j x_j * (c_j - z)`` in
@@ -217,44 +258,7 @@ def _dot16_half2(we, wo, xe04, xe15, xe26, xe37, xo04, xo15, xo26, xo37, zz, mz)
     activations come pre-scaled by 1/32, so a half2 lane sums eight products of at most 15/32 |x| each and stays
     finite wherever |x| < 17000."""
     return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 a, q, acc;
-        .reg .b16 h0, h1;
-        .reg .f32 f0, f1;
-        lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
-        sub.rn.f16x2 a, a, $11;
-        mul.rn.f16x2 acc, a, $3;
-        lop3.b32 a, $1, 0x00F000F0, 0x64006400, 0xEA;
-        fma.rn.f16x2 a, a, $13, $12;
-        fma.rn.f16x2 acc, a, $4, acc;
-        shr.b32 q, $1, 8;
-        lop3.b32 a, q, 0x000F000F, 0x64006400, 0xEA;
-        sub.rn.f16x2 a, a, $11;
-        fma.rn.f16x2 acc, a, $5, acc;
-        lop3.b32 a, q, 0x00F000F0, 0x64006400, 0xEA;
-        fma.rn.f16x2 a, a, $13, $12;
-        fma.rn.f16x2 acc, a, $6, acc;
-        lop3.b32 a, $2, 0x000F000F, 0x64006400, 0xEA;
-        sub.rn.f16x2 a, a, $11;
-        fma.rn.f16x2 acc, a, $7, acc;
-        lop3.b32 a, $2, 0x00F000F0, 0x64006400, 0xEA;
-        fma.rn.f16x2 a, a, $13, $12;
-        fma.rn.f16x2 acc, a, $8, acc;
-        shr.b32 q, $2, 8;
-        lop3.b32 a, q, 0x000F000F, 0x64006400, 0xEA;
-        sub.rn.f16x2 a, a, $11;
-        fma.rn.f16x2 acc, a, $9, acc;
-        lop3.b32 a, q, 0x00F000F0, 0x64006400, 0xEA;
-        fma.rn.f16x2 a, a, $13, $12;
-        fma.rn.f16x2 acc, a, $10, acc;
-        mov.b32 {h0, h1}, acc;
-        cvt.f32.f16 f0, h0;
-        cvt.f32.f16 f1, h1;
-        add.rn.f32 f0, f0, f1;
-        mov.b32 $0, f0;
-        }
-        """,
+        asm=_DOT16_PTX,
         constraints="=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
         args=[we, wo, xe04, xe15, xe26, xe37, xo04, xo15, xo26, xo37, zz, mz,
               tl.full(we.shape, 0x2C002C00, tl.int32)],  # (1/16, 1/16)
@@ -264,34 +268,10 @@ def _dot16_half2(we, wo, xe04, xe15, xe26, xe37, xo04, xo15, xo26, xo37, zz, mz)
 
 @triton.jit
 def _x_pairs_scaled(x_ptr, offs_r, r_mask, K, ACT_SILU_MUL: tl.constexpr):
-    """The half2 pairs (x0,x4) (x1,x5) (x2,x6) (x3,x7) of word rows ``offs_r``, times 1/32 (exact: a power of
-    two, down to fp16's subnormals)."""
-    if ACT_SILU_MUL:
-        a04 = _act_pair_half2(x_ptr, offs_r, 0, r_mask, K)
-        a15 = _act_pair_half2(x_ptr, offs_r, 1, r_mask, K)
-        a26 = _act_pair_half2(x_ptr, offs_r, 2, r_mask, K)
-        a37 = _act_pair_half2(x_ptr, offs_r, 3, r_mask, K)
-    else:
-        xw = x_ptr.to(tl.pointer_type(tl.int32)) + offs_r * 4
-        a04 = tl.load(xw, mask=r_mask, other=0)
-        a15 = tl.load(xw + 1, mask=r_mask, other=0)
-        a26 = tl.load(xw + 2, mask=r_mask, other=0)
-        a37 = tl.load(xw + 3, mask=r_mask, other=0)
+    """``_x_pairs_half2`` times 1/32 (exact: a power of two, down to fp16's subnormals)."""
+    x04, x15, x26, x37 = _x_pairs_half2(x_ptr, offs_r, r_mask, K, ACT_SILU_MUL)
     return tl.inline_asm_elementwise(
         asm="""
-        {
-        .reg .b32 k, p0, p1, p2, p3;
-        mov.b32 k, 0x28002800;
-        prmt.b32 p0, $4, $6, 0x5410;
-        prmt.b32 p1, $4, $6, 0x7632;
-        prmt.b32 p2, $5, $7, 0x5410;
-        prmt.b32 p3, $5, $7, 0x7632;
-        mul.rn.f16x2 $0, p0, k;
-        mul.rn.f16x2 $1, p1, k;
-        mul.rn.f16x2 $2, p2, k;
-        mul.rn.f16x2 $3, p3, k;
-        }
-        """ if not ACT_SILU_MUL else """
         {
         .reg .b32 k;
         mov.b32 k, 0x28002800;
@@ -301,7 +281,7 @@ def _x_pairs_scaled(x_ptr, offs_r, r_mask, K, ACT_SILU_MUL: tl.constexpr):
         mul.rn.f16x2 $3, $7, k;
         }
         """,
-        constraints="=r,=r,=r,=r,r,r,r,r", args=[a04, a15, a26, a37], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+        constraints="=r,=r,=r,=r,r,r,r,r", args=[x04, x15, x26, x37], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
         is_pure=True, pack=1)
 
 

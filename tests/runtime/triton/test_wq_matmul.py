@@ -273,6 +273,17 @@ def test_gemv_prefetch_empty_split():
         assert torch.equal(wq_linear(x, pw, config={**cfg, **extra}), plain), extra
 
 
+def half2_case(sym, group):
+    """The half2 GPU tests' layer (1536 x 1152, bias), activation row, residual and fp32 reference."""
+    n, k = 1536, 576 * 2
+    pw = packed(n, k, 4, sym, group, "cuda", torch.float16, bias=True)
+    ref_pw = pw.to(dtype=torch.float32)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    res = torch.randn(1, n, device="cuda", dtype=torch.float16)
+    return n, k, pw, ref_pw, sms, x, res, R.wq_linear_ref(x.float(), ref_pw, residual=res.float())
+
+
 def test_gemv_row_pairs_need_the_half2_path(device):
     """PAIRS is a variant of the half2 decode (inline PTX): refused where that path is off, here fp32 activations
     (and, under the interpreter, every launch)."""
@@ -292,13 +303,7 @@ def test_gemv_row_pairs_match_reference(sym, group):
     read no scale past the tensor (the rows beyond it are NaN)."""
     from qcompile.runtime.triton._tune import supports_pdl
 
-    n, k = 1536, 576 * 2
-    pw = packed(n, k, 4, sym, group, "cuda", torch.float16, bias=True)
-    ref_pw = pw.to(dtype=torch.float32)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    res = torch.randn(1, n, device="cuda", dtype=torch.float16)
-    ref = R.wq_linear_ref(x.float(), ref_pw, residual=res.float())
+    n, k, pw, ref_pw, sms, x, res, ref = half2_case(sym, group)
     for cfg in gemv_candidates(1, n, k, 4, sms):
         y = wq_linear(x, pw, residual=res, config=dict(cfg, PAIRS=True))
         check(y, ref, 2e-3)
@@ -331,13 +336,7 @@ def test_gemv_half2_path_matches_float_path(sym, group):
     """The half2 decode (inline PTX, fp16 products summed four to a lane) against the float-mantissa path and the
     fp32 reference: one group per step (128, 64) and several (32), symmetric and not, bias, residual, the SwiGLU
     prologue, and activations that start 2 bytes past an aligned address (which must take the float path)."""
-    n, k = 1536, 576 * 2
-    pw = packed(n, k, 4, sym, group, "cuda", torch.float16, bias=True)
-    ref_pw = pw.to(dtype=torch.float32)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    res = torch.randn(1, n, device="cuda", dtype=torch.float16)
-    ref = R.wq_linear_ref(x.float(), ref_pw, residual=res.float())
+    n, k, pw, ref_pw, sms, x, res, ref = half2_case(sym, group)
     for cfg in gemv_candidates(1, n, k, 4, sms):
         y = wq_linear(x, pw, residual=res, config=dict(cfg, HALF2=True))
         check(y, ref, 2e-3)
