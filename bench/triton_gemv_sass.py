@@ -1,4 +1,5 @@
-"""Instructions per code in the int4 GEMV's inner loop, float-mantissa path vs half2 path, from the SASS.
+"""Instructions per code in the int4 GEMV's inner loop, from the SASS: float-mantissa path, half2 path, half2 row
+pairs.
 
 Compiles ``wq_matmul._gemv_kernel`` for sm_90 on this machine (Triton's bundled ptxas and cuobjdump; no GPU),
 finds the loop (the longest backward branch) and divides its instruction count by the codes one thread decodes per
@@ -51,14 +52,15 @@ def main() -> None:
                  stride_rm="i32", stride_om="i32")
     for tile in args.tiles.split(","):
         bn, br, warps = (int(v) for v in tile.split("x"))
-        for half2 in (False, True):
+        for half2, pairs in ((False, False), (True, False), (True, True)):
             consts = dict(BITS=4, GROUP=args.group, HAS_ZERO=True, HAS_BIAS=False, HAS_RES=False,
-                          ACT_SILU_MUL=False, HALF2=half2, BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=8)
+                          ACT_SILU_MUL=False, HALF2=half2, BLOCK_M=1, BLOCK_N=bn, BLOCK_R=br, SPLIT_K=8, PAIRS=pairs)
+            path = "half2 pairs" if pairs else "half2" if half2 else "float"
             stats = compile_one(wq_matmul._gemv_kernel, types, consts, dict(N=4096, K=4096, stride_xm=4096,
                                 stride_rm=4096, stride_om=4096), warps, 2, keep_cubin=True)
             n, mix = loop_mix(stats["cubin"])
             codes = br * 8 * bn / (warps * 32)
-            print(f"{bn}x{br} tiles, {warps} warps, {'half2' if half2 else 'float'}: {n} instructions per loop, "
+            print(f"{bn}x{br} tiles, {warps} warps, {path}: {n} instructions per loop, "
                   f"{n / codes:.2f} per code; top: {', '.join(f'{k} {v}' for k, v in mix.most_common(6))}")
 
 
