@@ -163,6 +163,13 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
 
 
 def bench_smollm2(folder: str, new_tokens: int) -> dict:
+    """Greedy tokens of the runner vs ORT's (fp32, accuracy level 1) on five chat prompts, for the runner in fp32,
+    in fp16 and in fp16 with the GEMV's row pairs (``QCOMPILE_GEMV_PAIRS=1``); and, along ORT's own greedy path
+    (the runner fed ORT's tokens one decode step at a time, so every step runs the batch-1 GEMVs), how often the
+    runner's top token is ORT's and how far its logits are from ORT's. First divergences alone compare badly:
+    one flipped near-tie changes every token after it."""
+    import os
+
     from transformers import AutoTokenizer
 
     from qcompile.runtime.ort import OrtCausalLM
@@ -176,19 +183,45 @@ def bench_smollm2(folder: str, new_tokens: int) -> dict:
     for q in prompts:
         ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        refs.append((q, ids, ort.generate(ids, new_tokens)))
-    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
-        runner = TritonCausalLM.from_dir(folder, dtype=dtype, max_seq_len=512)
-        rows = []
-        for q, ids, ref in refs:
-            got = runner.generate(ids, new_tokens)
-            first = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
-            rows.append({"prompt": q, "equal": got == ref, "first_divergence": first,
-                         "text": tok.decode(got, skip_special_tokens=True)})
-        out[name] = {"prompts_equal": sum(r["equal"] for r in rows), "of": len(rows), "rows": rows,
-                     "notes": runner.notes}
-        print(f"SmolLM2 {name}: {out[name]['prompts_equal']}/{len(rows)} prompts with ORT's greedy tokens",
-              flush=True)
+        ref = ort.generate(ids, new_tokens)
+        # ORT's logits at the positions that predicted its tokens, one full forward over prompt + tokens
+        ref_logits = ort.logits(np.asarray([ids + ref[:-1]], dtype=np.int64))[0, len(ids) - 1:]
+        refs.append((q, ids, ref, ref_logits.astype(np.float32)))
+    for name, dtype, pairs in (("fp32", torch.float32, False), ("fp16", torch.float16, False),
+                               ("fp16_pairs", torch.float16, True)):
+        before = os.environ.pop("QCOMPILE_GEMV_PAIRS", None)
+        if pairs:
+            os.environ["QCOMPILE_GEMV_PAIRS"] = "1"
+        try:
+            runner = TritonCausalLM.from_dir(folder, dtype=dtype, max_seq_len=512)
+            rows = []
+            for q, ids, ref, ref_logits in refs:
+                got = runner.generate(ids, new_tokens)
+                first = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
+                steps = [runner.prefill(ids)] + [runner.decode(t) for t in ref[:-1]]
+                forced = torch.stack(steps).cpu().numpy()
+                diff = forced - ref_logits
+                rows.append({"prompt": q, "equal": got == ref, "first_divergence": first,
+                             "forced_top1_agree": float((forced.argmax(-1) == ref_logits.argmax(-1)).mean()),
+                             "forced_max_abs_logit_err": float(np.abs(diff).max()),
+                             "forced_rms_logit_err": float(np.sqrt((diff ** 2).mean())),
+                             "text": tok.decode(got, skip_special_tokens=True)})
+        finally:
+            os.environ.pop("QCOMPILE_GEMV_PAIRS", None)
+            if before is not None:
+                os.environ["QCOMPILE_GEMV_PAIRS"] = before
+        out[name] = {"prompts_equal": sum(r["equal"] for r in rows), "of": len(rows),
+                     "tokens_before_divergence": sum(new_tokens if r["first_divergence"] is None
+                                                     else r["first_divergence"] for r in rows),
+                     "forced_top1_agree": statistics.mean(r["forced_top1_agree"] for r in rows),
+                     "forced_max_abs_logit_err": max(r["forced_max_abs_logit_err"] for r in rows),
+                     "forced_rms_logit_err": statistics.mean(r["forced_rms_logit_err"] for r in rows),
+                     "rows": rows, "notes": runner.notes}
+        o = out[name]
+        print(f"SmolLM2 {name}: {o['prompts_equal']}/{len(rows)} prompts with ORT's greedy tokens "
+              f"({o['tokens_before_divergence']} tokens before the first divergence); along ORT's path: top-1 "
+              f"{o['forced_top1_agree']:.4f}, logit error max {o['forced_max_abs_logit_err']:.4f} "
+              f"rms {o['forced_rms_logit_err']:.5f}", flush=True)
         del runner
     return out
 

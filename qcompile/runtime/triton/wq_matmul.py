@@ -580,8 +580,9 @@ def gemv_candidates(m: int, n: int, k: int, bits: int, sms: int) -> list[dict]:
         # the warps' sums meet in shared memory rather than in the split-K workspace, so the last program's
         # reduction shrinks or goes. Each is offered at the split that runs about 16 warps per multiprocessor (one
         # wave) and at twice that: on the H100 the first won at 4096 x 4096 (no split) and the second at
-        # 4096 x 14336 (bench/triton_sweep.py, 2026-12-06)
-        for bn, br_k, warps in ((32, 1024, 16), (32, 512, 8), (64, 1024, 8), (32, 2048, 16)):
+        # 4096 x 14336 (bench/triton_sweep.py, 2026-12-06). 32 x 4096 holds a whole 4096-deep slice in one step,
+        # so a PDL launch reads all its words before waiting on the kernel before (PREFETCH peels one step)
+        for bn, br_k, warps in ((32, 1024, 16), (32, 512, 8), (64, 1024, 8), (32, 2048, 16), (32, 4096, 16)):
             br = br_k // pack
             if br > 2 * rows:  # a step mostly past K (tiny models)
                 continue
@@ -694,10 +695,12 @@ def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
     candidates = gemv_candidates(m, n, k, pw.bits, num_sms(x.device))
     # row pairs (_pairs_step) are 5-9 % faster on the H100 but round differently (the scale in fp32, not a fp16
     # DequantizeLinear per code): opt-in until greedy tokens are checked against ORT on the GPU (docs/BENCHMARKS.md)
-    if half2 and pw.group_size % 16 == 0 and os.environ.get("QCOMPILE_GEMV_PAIRS") == "1":
+    pairs = half2 and pw.group_size % 16 == 0 and os.environ.get("QCOMPILE_GEMV_PAIRS") == "1"
+    if pairs:
         candidates = [dict(c, PAIRS=True) for c in candidates]
-    # PDL launches are tuned apart, as chains: what they change is how a launch overlaps the one before
-    key = (m, n, k, pw.bits, pw.group_size, x.dtype, act) + (("pdl",) if pdl else ())
+    # PDL launches are tuned apart, as chains: what they change is how a launch overlaps the one before; and
+    # the row-pair candidates apart from the per-word ones (the switch may change within a process)
+    key = (m, n, k, pw.bits, pw.group_size, x.dtype, act) + (("pdl",) if pdl else ()) + (("pairs",) if pairs else ())
 
     def launch(cfg, pw=pw, out=out):
         meta, opts = launch_opts(cfg)
