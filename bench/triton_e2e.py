@@ -164,7 +164,8 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
 
 def bench_smollm2(folder: str, new_tokens: int) -> dict:
     """Greedy tokens of the runner vs ORT's (fp32, accuracy level 1) on five chat prompts, for the runner in fp32,
-    in fp16 and in fp16 with the GEMV's row pairs (``QCOMPILE_GEMV_PAIRS=1``); and, along ORT's own greedy path
+    and in fp16 with the int4 GEMV's per-word decode (``QCOMPILE_GEMV_PAIRS=0``) and row pairs (the default); and,
+    along ORT's own greedy path
     (the runner fed ORT's tokens one decode step at a time, so every step runs the batch-1 GEMVs), how often the
     runner's top token is ORT's and how far its logits are from ORT's. First divergences alone compare badly:
     one flipped near-tie changes every token after it."""
@@ -187,11 +188,10 @@ def bench_smollm2(folder: str, new_tokens: int) -> dict:
         # ORT's logits at the positions that predicted its tokens, one full forward over prompt + tokens
         ref_logits = ort.logits(np.asarray([ids + ref[:-1]], dtype=np.int64))[0, len(ids) - 1:]
         refs.append((q, ids, ref, ref_logits.astype(np.float32)))
-    for name, dtype, pairs in (("fp32", torch.float32, False), ("fp16", torch.float16, False),
-                               ("fp16_pairs", torch.float16, True)):
-        before = os.environ.pop("QCOMPILE_GEMV_PAIRS", None)
-        if pairs:
-            os.environ["QCOMPILE_GEMV_PAIRS"] = "1"
+    for name, dtype, pairs in (("fp32", torch.float32, "1"), ("fp16_words", torch.float16, "0"),
+                               ("fp16_pairs", torch.float16, "1")):
+        before = os.environ.get("QCOMPILE_GEMV_PAIRS")
+        os.environ["QCOMPILE_GEMV_PAIRS"] = pairs
         try:
             runner = TritonCausalLM.from_dir(folder, dtype=dtype, max_seq_len=512)
             rows = []

@@ -41,7 +41,7 @@ from qcompile.runtime.triton.w8a8 import _GEMM as INT_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import _TMA as TMA_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import int_linear, quantize_rows, takes_tma_path  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import _GEMV as GEMV_TUNER  # noqa: E402
-from qcompile.runtime.triton.wq_matmul import half2_gemv, wq_linear  # noqa: E402
+from qcompile.runtime.triton.wq_matmul import gemv_tuning_key, half2_gemv, wq_linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N out, K in): q/o_proj, gate/up_proj, down_proj
 L2_BYTES = 50 * 2**20
@@ -125,14 +125,15 @@ def bench_gemv(peak: float, bits: int, group: int = 128) -> list[dict]:
         torch.cuda.empty_cache()
         bytes_read = wbytes + x.numel() * 2 + n * 2
         bw = bytes_read / t_q / 1e12
-        key = (1, n, k, bits, group, torch.float16, None)
         rows.append({
             "bits": bits, "group": group, "N": n, "K": k, "us": t_q * 1e6, "effective_tb_per_s": bw,
             "fraction_of_peak_copy": bw / peak, "fp16_us": t_16 * 1e6,
             "fp16_effective_tb_per_s": (n * k * 2 + k * 2 + n * 2) / t_16 / 1e12, "speedup_vs_fp16": t_16 / t_q,
-            "max_rel_err_vs_reference": err, "weight_copies": copies, "config": GEMV_TUNER.best.get(key),
+            "max_rel_err_vs_reference": err, "weight_copies": copies,
+            "config": GEMV_TUNER.best.get(gemv_tuning_key(x, base)),
             "half2": half2_gemv(bits, 1, torch.float16),
-            "pdl_chain_us": t_pdl and t_pdl * 1e6, "pdl_config": GEMV_TUNER.best.get(key + ("pdl",)),
+            "pdl_chain_us": t_pdl and t_pdl * 1e6,
+            "pdl_config": GEMV_TUNER.best.get(gemv_tuning_key(x, base, pdl=True)),
             "pdl_chain_fraction_of_peak_copy": t_pdl and bytes_read / t_pdl / 1e12 / peak,
             "pdl_chain_speedup_vs_fp16": t_pdl and t_16 / t_pdl,
         })

@@ -927,7 +927,8 @@ class TritonCausalLM:
 
     @torch.inference_mode()
     def decode(self, token: int) -> torch.Tensor:
-        """Feed one token after the current position; returns its logits [vocab] (float32)."""
+        """Feed one token after the current position; returns its logits [vocab] (float32, a tensor of its own: the
+        step's buffer is overwritten by the next step)."""
         if self._host_pos >= self.max_seq_len:
             raise QCompileError(f"the {self.max_seq_len}-token cache is full")
         self._host_pos += 1
@@ -936,7 +937,7 @@ class TritonCausalLM:
             self._graph.replay()
         else:
             self._step()
-        return self._logits[0].float()
+        return self._logits[0].to(torch.float32, copy=True)
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,

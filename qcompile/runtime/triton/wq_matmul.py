@@ -12,8 +12,10 @@ GEMV (decode is memory bound: the kernel must stream the packed weight once at c
   (the zero point costs nothing per code); int4 at batch 1 on fp16 activations (compiled kernels, activations
   4-byte aligned) decodes two codes per instruction in half2 registers instead (``_dot8_half2``, inline PTX; the
   interpreter and fp32 activations take the float path);
-* ``PAIRS`` (opt-in, ``QCOMPILE_GEMV_PAIRS=1``): the half2 path two words of a column at a time, the scale per group
-  in fp32 (``_pairs_step``): 5-9 % faster on the H100, rounded differently from a fp16 DequantizeLinear;
+* ``PAIRS`` (the default where it applies; ``QCOMPILE_GEMV_PAIRS=0`` turns it off): the half2 path two words of a
+  column at a time, the scale per group in fp32 (``_pairs_step``): 4-9 % faster on the H100; rounded differently
+  from a fp16 DequantizeLinear, and on SmolLM2 as close to ORT's greedy tokens as the per-word decode
+  (docs/BENCHMARKS.md, fifteenth session);
 * split-K partials go to an fp32 workspace; the last program to finish a column tile (an arrival counter per tile,
   acquire/release atomics) sums the partials in split order and writes the output, so the result is deterministic
   and one launch does it all (a second reduction kernel would cost as much as the GEMV itself at 4096x4096);
@@ -686,21 +688,38 @@ def half2_gemv(bits: int, m: int, dtype: torch.dtype) -> bool:
     return bits == 4 and m == 1 and dtype == torch.float16 and not interpreting()
 
 
+def gemv_row_pairs(pw: PackedWeight, half2: bool) -> bool:
+    """Whether the tuner's candidates decode row pairs (``PAIRS``): on the half2 path, groups of a multiple of 16,
+    unless ``QCOMPILE_GEMV_PAIRS=0``. Pairs are 4-9 % faster on the H100 and round differently (the scale applied
+    per group in fp32, not a fp16 DequantizeLinear per code); on SmolLM2 they keep ORT's greedy tokens as often as
+    the per-word decode (bench/triton_e2e.py --smollm2)."""
+    return half2 and pw.group_size % 16 == 0 and os.environ.get("QCOMPILE_GEMV_PAIRS", "1") != "0"
+
+
+def gemv_tuning_key(x: torch.Tensor, pw: PackedWeight, act: str | None = None, pdl: bool = False) -> tuple:
+    """The GEMV tuner's key for these operands (``x`` as passed to ``wq_linear``, 2-D). PDL launches are tuned
+    apart, as chains (what they change is how a launch overlaps the one before); row-pair candidates apart from
+    per-word ones (the switch may change within a process)."""
+    m = x.shape[0]
+    return ((m, pw.out_features, pw.in_features, pw.bits, pw.group_size, x.dtype, act) + (("pdl",) if pdl else ())
+            + (("pairs",) if gemv_row_pairs(pw, _gemv_half2(x, pw)) else ()))
+
+
+def _gemv_half2(x: torch.Tensor, pw: PackedWeight) -> bool:
+    """The half2 path for these operands: ``half2_gemv``, and activations 4-byte aligned (read as int32 pairs)."""
+    return half2_gemv(pw.bits, x.shape[0], x.dtype) and x.data_ptr() % 4 == 0
+
+
 def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
     m, n, k = x.shape[0], pw.out_features, pw.in_features
     dummy = out
     # int4 codes at batch 1 on fp16 activations decode in half2 registers (inline PTX: compiled kernels only);
     # a config may set HALF2 explicitly (the benchmark times both paths)
-    half2 = half2_gemv(pw.bits, m, x.dtype) and x.data_ptr() % 4 == 0  # activations read as int32 pairs
+    half2 = _gemv_half2(x, pw)
     candidates = gemv_candidates(m, n, k, pw.bits, num_sms(x.device))
-    # row pairs (_pairs_step) are 5-9 % faster on the H100 but round differently (the scale in fp32, not a fp16
-    # DequantizeLinear per code): opt-in until greedy tokens are checked against ORT on the GPU (docs/BENCHMARKS.md)
-    pairs = half2 and pw.group_size % 16 == 0 and os.environ.get("QCOMPILE_GEMV_PAIRS") == "1"
-    if pairs:
+    if gemv_row_pairs(pw, half2):
         candidates = [dict(c, PAIRS=True) for c in candidates]
-    # PDL launches are tuned apart, as chains: what they change is how a launch overlaps the one before; and
-    # the row-pair candidates apart from the per-word ones (the switch may change within a process)
-    key = (m, n, k, pw.bits, pw.group_size, x.dtype, act) + (("pdl",) if pdl else ()) + (("pairs",) if pairs else ())
+    key = gemv_tuning_key(x, pw, act, pdl)
 
     def launch(cfg, pw=pw, out=out):
         meta, opts = launch_opts(cfg)

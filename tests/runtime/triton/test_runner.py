@@ -67,6 +67,20 @@ def test_greedy_tokens_match_ort(exported):
         assert r.generate(ids, 6) == ort.generate(ids, 6)
 
 
+def test_decode_logits_match_ort_along_its_tokens(exported):
+    """Each decode step's logits, fed ORT's greedy tokens, against ORT's logits of the same positions; and each
+    step returns a tensor of its own (in float32 the step's buffer is not handed out to be overwritten)."""
+    r = runner(exported["llama"])
+    ort = OrtCausalLM.from_dir(exported["llama"], accuracy_level=1)
+    ids = PROMPTS[1]
+    ref_tokens = ort.generate(ids, 5)
+    ref = ort.logits(np.array([ids + ref_tokens[:-1]]))[0, len(ids) - 1:]
+    steps = [r.prefill(ids)] + [r.decode(t) for t in ref_tokens[:-1]]
+    got = torch.stack(steps).cpu().numpy()
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    assert len({s.data_ptr() for s in steps}) == len(steps)
+
+
 def test_pdl_decode_step_computes_the_same(exported, monkeypatch):
     """``pdl=True`` (the decode step's RMSNorms, RoPE/cache stores, attention and GEMVs as programmatic dependents;
     the GEMVs read their first weight tile before waiting) changes when kernels run, not what they compute: the

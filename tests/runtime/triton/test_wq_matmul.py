@@ -295,6 +295,25 @@ def test_gemv_row_pairs_need_the_half2_path(device):
         wq_linear(x, pw, config=dict(BLOCK_M=1, BLOCK_N=32, BLOCK_R=16, SPLIT_K=1, PAIRS=True))
 
 
+def test_gemv_row_pairs_by_default_where_they_apply(monkeypatch):
+    """The tuner offers row pairs on the half2 path for groups of a multiple of 16 unless QCOMPILE_GEMV_PAIRS=0,
+    and keys their tuning apart from the per-word decode's."""
+    from qcompile.runtime.triton import wq_matmul
+
+    pw = packed(64, 256, 4, False, 128, "cpu", torch.float16)
+    monkeypatch.delenv("QCOMPILE_GEMV_PAIRS", raising=False)
+    assert wq_matmul.gemv_row_pairs(pw, True) and not wq_matmul.gemv_row_pairs(pw, False)
+    assert not wq_matmul.gemv_row_pairs(packed(64, 256, 4, False, 8, "cpu", torch.float16), True)
+    monkeypatch.setattr(wq_matmul, "interpreting", lambda: False)  # a compiled run: fp16 batch 1 is half2
+    x = torch.randn(1, 256, dtype=torch.float16)
+    pairs_key = wq_matmul.gemv_tuning_key(x, pw)
+    monkeypatch.setenv("QCOMPILE_GEMV_PAIRS", "0")
+    assert not wq_matmul.gemv_row_pairs(pw, True)
+    words_key = wq_matmul.gemv_tuning_key(x, pw)
+    assert pairs_key == words_key + ("pairs",)
+    assert wq_matmul.gemv_tuning_key(x, pw, pdl=True) == words_key + ("pdl",)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("sym,group", [(False, 128), (True, 64), (False, 32), (False, 16)])
 def test_gemv_row_pairs_match_reference(sym, group):
