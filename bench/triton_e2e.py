@@ -165,10 +165,9 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
 def bench_smollm2(folder: str, new_tokens: int) -> dict:
     """Greedy tokens of the runner vs ORT's (fp32, accuracy level 1) on five chat prompts, for the runner in fp32,
     and in fp16 with the int4 GEMV's per-word decode (``QCOMPILE_GEMV_PAIRS=0``) and row pairs (the default); and,
-    along ORT's own greedy path
-    (the runner fed ORT's tokens one decode step at a time, so every step runs the batch-1 GEMVs), how often the
-    runner's top token is ORT's and how far its logits are from ORT's. First divergences alone compare badly:
-    one flipped near-tie changes every token after it."""
+    along ORT's own greedy path (the runner fed ORT's tokens one decode step at a time, so every step runs the
+    batch-1 GEMVs), how often the runner's top token is ORT's and how far its logits are from ORT's. First
+    divergences alone compare badly: one flipped near-tie changes every token after it."""
     import os
 
     from transformers import AutoTokenizer

@@ -116,16 +116,20 @@ def test_bisup_trains_clips_smoothing_and_low_rank_into_the_graph(trained_llama,
 
     f = load(trained_llama)
     base = [("canonicalize", dict(untie_embeddings=True)), ("rotate", {}),
-            ("gptq", dict(bits=4, group_size=16, **calib(calib_file))), ("act_quant", dict(bits=4, symmetric=False)),
+            ("gptq", dict(bits=4, group_size=16, **calib(calib_file))), ("act_quant", dict(bits=3, symmetric=False)),
             ("kv_quant", dict(bits=4, prefix=2))]
     ids = EndToEndConfig(**calib(calib_file)).load(f.tokenizer)
     hb = load(trained_llama)
     run_passes(hb, _recipe(*base))
     h = load(trained_llama)
-    recipe = _recipe(*base, ("bisup", dict(bits=4, group_size=16, epochs=4, batch_size=2, **calib(calib_file))))
+    # W4A3KV4 and 16 windows in batches of 8: at A4 the rotated tiny model's KL (0.003) left nothing to learn, and
+    # with 8 windows in batches of 2 the step-to-step noise of the loss decided the sign of the change, which went
+    # either way by CPU (here, A3: 0.035 -> 0.021 on the training windows, 0.039 -> 0.016 on ``ids``)
+    recipe = _recipe(*base, ("bisup", dict(bits=4, group_size=16, epochs=16, batch_size=8,
+                                           **{**calib(calib_file), "calib_samples": 16})))
     st = run_passes(h, recipe)["5:bisup"]
-    assert st["kl_after"] < st["kl_before"]
-    assert kl_to_float(h, f, ids) < kl_to_float(hb, f, ids)
+    assert st["kl_after"] < 0.8 * st["kl_before"]
+    assert kl_to_float(h, f, ids) < 0.8 * kl_to_float(hb, f, ids)
     assert st["smoothed_norms"] == 4 and st["smoothing_max_abs_log_scale"] > 0
     clips = {spec.clip_ratio for spec in h.act_quant.values()}
     assert clips != {1.0} and all(0.3 <= c <= 1.0 for c in clips)

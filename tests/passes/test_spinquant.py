@@ -159,10 +159,10 @@ def test_training_lowers_the_loss(trained_llama, calib_file):
             ("rotate", dict(r1=None, r2=None, online_r3=False, online_r4=False))]
     quant = [("rtn", dict(bits=4, group_size=16)), ("act_quant", dict(bits=4, symmetric=False))]
     h = outlier_model()
-    st = run_passes(h, _recipe(*base, spin(calib_file, samples=16, epochs=6, batch_size=16, lr=1.5, momentum=0.5,
+    st = run_passes(h, _recipe(*base, spin(calib_file, samples=16, epochs=12, batch_size=16, lr=1.0, momentum=0.5,
                                            kv_bits=None)))["2:spinquant"]
     print({k: st[k] for k in ("loss_before", "loss_after", "loss_per_epoch", "r1_change")})
-    assert st["loss_after"] < 0.85 * st["loss_before"] and st["steps"] == 6
+    assert st["loss_after"] < 0.85 * st["loss_before"] and st["steps"] == 12
     run_passes(h, _recipe(*quant))
     plain = outlier_model()
     run_passes(plain, _recipe(*base, *quant))

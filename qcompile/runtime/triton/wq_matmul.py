@@ -583,7 +583,8 @@ def gemv_candidates(m: int, n: int, k: int, bits: int, sms: int) -> list[dict]:
         # reduction shrinks or goes. Each is offered at the split that runs about 16 warps per multiprocessor (one
         # wave) and at twice that: on the H100 the first won at 4096 x 4096 (no split) and the second at
         # 4096 x 14336 (bench/triton_sweep.py, 2026-12-06). 32 x 4096 holds a whole 4096-deep slice in one step,
-        # so a PDL launch reads all its words before waiting on the kernel before (PREFETCH peels one step)
+        # so a PDL launch reads all its words before waiting on the kernel before (PREFETCH peels one step); the
+        # per-word tuner did not pick it on the H100 (docs/BENCHMARKS.md, fifteenth session)
         for bn, br_k, warps in ((32, 1024, 16), (32, 512, 8), (64, 1024, 8), (32, 2048, 16), (32, 4096, 16)):
             br = br_k // pack
             if br > 2 * rows:  # a step mostly past K (tiny models)
