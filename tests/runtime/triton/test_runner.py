@@ -195,6 +195,26 @@ def test_cli_refuses_cuda_without_gpu(exported, capsys):
     assert "needs an NVIDIA GPU" in capsys.readouterr().err
 
 
+def test_cli_hands_pdl_and_kv_bits_to_the_runner(exported, capsys, monkeypatch):
+    """``qcompile run --device cuda --pdl --kv-bits 8`` builds the runner with those settings (the runner is
+    stopped right there: this machine may have no GPU)."""
+    from qcompile.cli import main
+
+    seen = {}
+
+    def from_dir(folder, **kw):
+        seen.update(kw, folder=str(folder))
+        raise QCompileError("stopped after from_dir")
+
+    monkeypatch.setattr(TritonCausalLM, "from_dir", staticmethod(from_dir))
+    folder = str(exported["llama"])
+    assert main(["run", folder, "hi", "--device", "cuda", "--raw", "--pdl", "--kv-bits", "8"]) == 2
+    assert "stopped after from_dir" in capsys.readouterr().err
+    assert seen == {"folder": folder, "kv_bits": 8, "pdl": True}
+    assert main(["run", folder, "hi", "--device", "cuda", "--raw"]) == 2
+    assert seen["pdl"] is False and seen["kv_bits"] is None
+
+
 # -- GPU ------------------------------------------------------------------------------------------------------
 
 
