@@ -159,6 +159,8 @@ def test_training_lowers_the_loss(trained_llama, calib_file):
             ("rotate", dict(r1=None, r2=None, online_r3=False, online_r4=False))]
     quant = [("rtn", dict(bits=4, group_size=16)), ("act_quant", dict(bits=4, symmetric=False))]
     h = outlier_model()
+    # 12 epochs at lr 1.0: the loss moves up and down from step to step, and 6 at lr 1.5 ended on a step that an
+    # AVX512-FP16 CPU left at 0.89x (here 0.73x)
     st = run_passes(h, _recipe(*base, spin(calib_file, samples=16, epochs=12, batch_size=16, lr=1.0, momentum=0.5,
                                            kv_bits=None)))["2:spinquant"]
     print({k: st[k] for k in ("loss_before", "loss_after", "loss_per_epoch", "r1_change")})

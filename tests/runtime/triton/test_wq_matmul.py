@@ -86,7 +86,7 @@ def test_wide_gemv_candidates_where_they_fit(monkeypatch):
     assert {(c["BLOCK_N"], c["BLOCK_R"], c["SPLIT_K"]) for c in big} >= {(32, 128, 1), (32, 64, 4)}
     assert len({tuple(sorted(c.items())) for c in big}) == len(big) == 10
     # at K = 4096 the 512-word step is the whole slice: one step per program, no split
-    assert [(c["SPLIT_K"]) for c in wide(1, 4096, 4096, 4) if c["BLOCK_R"] == 512] == [1]
+    assert [c["SPLIT_K"] for c in wide(1, 4096, 4096, 4) if c["BLOCK_R"] == 512] == [1]
     assert wide(1, 4096, 4096, 8) == [] and wide(4, 4096, 4096, 4) == []
     for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (576, 576)):
         for c in wide(1, n, k, 4):
