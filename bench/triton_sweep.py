@@ -62,7 +62,7 @@ from qcompile.runtime.triton.w8a8 import _GEMM as INT_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import _TMA as TMA_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import int_linear, quantize_rows, takes_tma_path  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import _GEMV as GEMV_TUNER  # noqa: E402
-from qcompile.runtime.triton.wq_matmul import gemv_candidates, wq_linear  # noqa: E402
+from qcompile.runtime.triton.wq_matmul import gemv_candidates, gemv_tuning_key, wq_linear  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -204,7 +204,7 @@ def sweep_gemv(peak: float, group: int = 128, bands=(32, 64), wide: bool = True,
             del banded
         GEMV_TUNER.best.clear()
         wq_linear(x, base)  # the runtime's own pick
-        pick = GEMV_TUNER.best.get((1, n, k, 4, group, torch.float16, None))
+        pick = GEMV_TUNER.best.get(gemv_tuning_key(x, base))
         t = graph_time([lambda p=p, o=o: wq_linear(x, p, out=o) for p, o in zip(packed, outs)])
         rows.append({"N": n, "K": k, "tuner_pick": pick, "us": t * 1e6,
                      "fraction_of_peak_copy": bytes_read / t / 1e12 / peak, "speedup_vs_fp16": t16 / t,
