@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# a benchmark times the tuner's own picks, not those an earlier run left in the disk cache (_tune.TuningCache)
+os.environ.setdefault("QCOMPILE_TUNE_CACHE", "0")
 
 from qcompile.quant.grid import QuantizedWeight, QuantSpec  # noqa: E402
 from qcompile.runtime.triton._tune import supports_pdl  # noqa: E402

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# a benchmark times the tuner's own picks, not those an earlier run left in the disk cache (_tune.TuningCache)
+os.environ.setdefault("QCOMPILE_TUNE_CACHE", "0")
 
 from qcompile.runtime.triton import reference as R  # noqa: E402
 from qcompile.runtime.triton._tune import supports_pdl  # noqa: E402

@@ -52,6 +52,12 @@ def check_output(target: str | os.PathLike, overwrite: bool, inputs: tuple = ())
     return target
 
 
+def cache_root() -> Path:
+    """qcompile's cache folder (converted GGUF models, kernel tuning): ``$QCOMPILE_CACHE``, else
+    ``~/.cache/qcompile``."""
+    return Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile"))
+
+
 def read_json(path: str | os.PathLike) -> dict:
     """A JSON file of an export or bundle ({} when absent); a damaged one is a clear error, not a traceback."""
     path = Path(path)

