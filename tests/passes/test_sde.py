@@ -37,13 +37,15 @@ def test_end_to_end_stage_starts_from_the_blockwise_result_and_lowers_the_kl(tra
     blockwise = load(trained_llama)
     sde.apply(blockwise, cfg(calib_file))
     h = load(trained_llama)
-    stats = sde.apply(h, cfg(calib_file, e2e_epochs=3, e2e_lr_clip=0.05, e2e_lr_adjust=0.005))
+    # rates of 0.05 / 0.005 overshot: KL 0.94x on one trained fixture, 1.5x on another (one CPU thread instead of
+    # two); 0.02 / 0.002 give about 0.62x
+    stats = sde.apply(h, cfg(calib_file, e2e_epochs=3, e2e_lr_clip=0.02, e2e_lr_adjust=0.002))
     e2e = stats["end_to_end"]
     assert e2e["start_codes"] == sum(qw.qweight.numel() for qw in blockwise.quant_state.values())
     assert e2e["start_code_changes"] == 0
     assert e2e["kl_before"] == pytest.approx(kl_to_float(blockwise, ref, ids), rel=1e-4)
-    assert e2e["kl_after"] < e2e["kl_before"]
-    assert kl_to_float(h, ref, ids) < kl_to_float(blockwise, ref, ids)
+    assert e2e["kl_after"] < 0.8 * e2e["kl_before"]
+    assert kl_to_float(h, ref, ids) < 0.8 * kl_to_float(blockwise, ref, ids)
     assert e2e["trainable_params"] == stats["trainable_params"]  # the same parameters, continued
     for name, qw in h.quant_state.items():
         assert qw.spec == blockwise.quant_state[name].spec
