@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 import warnings
 from collections.abc import Callable
@@ -70,8 +71,6 @@ class TuningCache:
 
     @staticmethod
     def enabled() -> bool:
-        import os
-
         return os.environ.get("QCOMPILE_TUNE_CACHE", "1") != "0"
 
     def path(self) -> Path:

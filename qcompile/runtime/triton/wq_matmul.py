@@ -701,9 +701,12 @@ def gemv_tuning_key(x: torch.Tensor, pw: PackedWeight, act: str | None = None, p
     """The GEMV tuner's key for these operands (``x`` as passed to ``wq_linear``, 2-D). PDL launches are tuned
     apart, as chains (what they change is how a launch overlaps the one before); row-pair candidates apart from
     per-word ones (the switch may change within a process)."""
-    m = x.shape[0]
-    return ((m, pw.out_features, pw.in_features, pw.bits, pw.group_size, x.dtype, act) + (("pdl",) if pdl else ())
-            + (("pairs",) if gemv_row_pairs(pw, _gemv_half2(x, pw)) else ()))
+    return _gemv_key(x, pw, act, pdl, gemv_row_pairs(pw, _gemv_half2(x, pw)))
+
+
+def _gemv_key(x: torch.Tensor, pw: PackedWeight, act: str | None, pdl: bool, pairs: bool) -> tuple:
+    return ((x.shape[0], pw.out_features, pw.in_features, pw.bits, pw.group_size, x.dtype, act)
+            + (("pdl",) if pdl else ()) + (("pairs",) if pairs else ()))
 
 
 def _gemv_half2(x: torch.Tensor, pw: PackedWeight) -> bool:
@@ -717,10 +720,11 @@ def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
     # int4 codes at batch 1 on fp16 activations decode in half2 registers (inline PTX: compiled kernels only);
     # a config may set HALF2 explicitly (the benchmark times both paths)
     half2 = _gemv_half2(x, pw)
+    pairs = gemv_row_pairs(pw, half2)
     candidates = gemv_candidates(m, n, k, pw.bits, num_sms(x.device))
-    if gemv_row_pairs(pw, half2):
+    if pairs:
         candidates = [dict(c, PAIRS=True) for c in candidates]
-    key = gemv_tuning_key(x, pw, act, pdl)
+    key = _gemv_key(x, pw, act, pdl, pairs)  # as gemv_tuning_key, without deciding half2 and pairs again
 
     def launch(cfg, pw=pw, out=out):
         meta, opts = launch_opts(cfg)
