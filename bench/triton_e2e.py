@@ -171,8 +171,6 @@ def bench_smollm2(folder: str, new_tokens: int) -> dict:
     along ORT's own greedy path (the runner fed ORT's tokens one decode step at a time, so every step runs the
     batch-1 GEMVs), how often the runner's top token is ORT's and how far its logits are from ORT's. First
     divergences alone compare badly: one flipped near-tie changes every token after it."""
-    import os
-
     from transformers import AutoTokenizer
 
     from qcompile.runtime.ort import OrtCausalLM
