@@ -5,7 +5,8 @@ derived from N, K and the SM count), a test can force any candidate, and a key s
 graph is being captured is an error naming the kernel (tuning must happen in the eager warm-up before capture).
 
 Picks are kept on disk (``TuningCache``), so a later process on the same GPU model, with the same Triton, torch
-and kernel sources, starts without tuning: a 1.2B model's first decode step tunes for 24-62 s on an H100.
+and kernel sources, starts without tuning (tuning is part of a 1.2B model's 24-62 s setup on an H100; how much
+was not measured apart).
 ``QCOMPILE_TUNE_CACHE=0`` turns the disk cache off.
 """
 
