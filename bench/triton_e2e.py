@@ -167,7 +167,8 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
 
 def bench_smollm2(folder: str, new_tokens: int) -> dict:
     """Greedy tokens of the runner vs ORT's (fp32, accuracy level 1) on five chat prompts, for the runner in fp32,
-    and in fp16 with the int4 GEMV's per-word decode (``QCOMPILE_GEMV_PAIRS=0``) and row pairs (the default); and,
+    and in fp16 with the int4 GEMV's per-word decode (``QCOMPILE_GEMV_PAIRS=0``) and row pairs (the default), each
+    with the runner's default launches (PDL on sm_90+), and row pairs with plain launches too; and,
     along ORT's own greedy path (the runner fed ORT's tokens one decode step at a time, so every step runs the
     batch-1 GEMVs), how often the runner's top token is ORT's and how far its logits are from ORT's. First
     divergences alone compare badly: one flipped near-tie changes every token after it."""
@@ -188,12 +189,15 @@ def bench_smollm2(folder: str, new_tokens: int) -> dict:
         # ORT's logits at the positions that predicted its tokens, one full forward over prompt + tokens
         ref_logits = ort.logits(np.asarray([ids + ref[:-1]], dtype=np.int64))[0, len(ids) - 1:]
         refs.append((q, ids, ref, ref_logits.astype(np.float32)))
-    for name, dtype, pairs in (("fp32", torch.float32, "1"), ("fp16_words", torch.float16, "0"),
-                               ("fp16_pairs", torch.float16, "1")):
+    # the runner's default launches (PDL on sm_90+), and the default fp16 decode once more with plain launches
+    # (PDL GEMVs are tuned as chains: other tiles, other K splits, so other roundings)
+    for name, dtype, pairs, pdl in (("fp32", torch.float32, "1", None), ("fp16_words", torch.float16, "0", None),
+                                    ("fp16_pairs", torch.float16, "1", None),
+                                    ("fp16_pairs_plain", torch.float16, "1", False)):
         before = os.environ.get("QCOMPILE_GEMV_PAIRS")
         os.environ["QCOMPILE_GEMV_PAIRS"] = pairs
         try:
-            runner = TritonCausalLM.from_dir(folder, dtype=dtype, max_seq_len=512)
+            runner = TritonCausalLM.from_dir(folder, dtype=dtype, max_seq_len=512, pdl=pdl)
             rows = []
             for q, ids, ref, ref_logits in refs:
                 got = runner.generate(ids, new_tokens)
@@ -218,7 +222,9 @@ def bench_smollm2(folder: str, new_tokens: int) -> dict:
                      "forced_rms_logit_err": statistics.mean(r["forced_rms_logit_err"] for r in rows),
                      "rows": rows, "notes": runner.notes}
         o = out[name]
-        print(f"SmolLM2 {name}: {o['prompts_equal']}/{len(rows)} prompts with ORT's greedy tokens "
+        o["pdl"] = runner.pdl
+        print(f"SmolLM2 {name}{' (PDL)' if runner.pdl else ''}: {o['prompts_equal']}/{len(rows)} prompts with ORT's "
+              "greedy tokens "
               f"({o['tokens_before_divergence']} tokens before the first divergence); along ORT's path: top-1 "
               f"{o['forced_top1_agree']:.4f}, logit error max {o['forced_max_abs_logit_err']:.4f} "
               f"rms {o['forced_rms_logit_err']:.5f}", flush=True)

@@ -264,9 +264,9 @@ def _run_folder(model_dir: str, args) -> int:
     if args.kv_bits not in (None, 16) and args.device != "cuda":
         raise QCompileError("--kv-bits sets the Triton runtime's KV cache (--device cuda); on the CPU, ONNX Runtime "
                             "runs the KV cache the graph was exported with")
-    if args.pdl and args.device != "cuda":
-        raise QCompileError("--pdl sets how the Triton runtime launches its kernels (--device cuda); ONNX Runtime on "
-                            "the CPU has no such launches")
+    if args.pdl is not None and args.device != "cuda":
+        raise QCompileError("--pdl / --no-pdl set how the Triton runtime launches its kernels (--device cuda); ONNX "
+                            "Runtime on the CPU has no such launches")
     tok = _export_tokenizer(model_dir)
     if args.device == "cuda":  # qcompile's Triton kernels (qcompile/runtime/triton); ONNX Runtime otherwise
         from qcompile.runtime.triton.runner import TritonCausalLM, system_prefix_length
@@ -428,10 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-bits", type=int, choices=[16, 8, 4], default=None,
                    help="KV cache bits with --device cuda (the system prompt's keys/values stay float); default: the "
                         "graph's own (16 unless the recipe quantizes the KV cache, whose layout it fixes)")
-    p.add_argument("--pdl", action="store_true",
-                   help="with --device cuda on an sm_90+ GPU (Hopper): launch the decode step's kernels as "
-                        "programmatic dependent launches, each overlapping the end of the one before (5.9-14.7 %% "
-                        "faster decode in four H100 runs; the first step's tuning takes longer)")
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --device cuda: launch the decode step's kernels as programmatic dependent launches, "
+                        "each overlapping the end of the one before (5.9-14.7 %% faster decode in four H100 runs; "
+                        "the first run's kernel tuning takes longer, later runs read it from the tuning cache). "
+                        "Default: on where the GPU supports it (sm_90+, Hopper); --no-pdl for plain launches")
     common_ort(p)
     p.set_defaults(func=cmd_run)
 

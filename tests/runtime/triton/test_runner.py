@@ -100,7 +100,7 @@ def test_pdl_decode_step_computes_the_same(exported, monkeypatch):
         spy(mod, name, lambda a, kw: kw.get("pdl", False))
     ids = PROMPTS[0]
     # eager decode (no CUDA graph on a GPU either), so every call passes the spies
-    plain = runner(exported["llama"], cuda_graph=False)
+    plain = runner(exported["llama"], pdl=False, cuda_graph=False)
     pdl = runner(exported["llama"], pdl=True, cuda_graph=False)
     torch.testing.assert_close(pdl.prefill(ids), plain.prefill(ids), rtol=0, atol=0)
     for t in (40, 41, 7):
@@ -113,6 +113,16 @@ def test_pdl_decode_step_computes_the_same(exported, monkeypatch):
         a = pdl.decode(t)
         assert all(flags and all(flags) for flags in seen.values()), seen
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_pdl_defaults_to_what_the_device_supports(exported):
+    """``pdl=None`` (the default) turns programmatic dependent launches on exactly where ``supports_pdl`` says
+    the device runs them (sm_90+, compiled kernels): off under the interpreter and below Hopper, on an H100."""
+    from qcompile.runtime.triton._tune import supports_pdl
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    assert runner(exported["llama"]).pdl is supports_pdl(device)
+    assert runner(exported["llama"], pdl=False).pdl is False
 
 
 def test_runs_a_group_query_attention_export(tiny_model_dirs, tmp_path):
@@ -212,7 +222,13 @@ def test_cli_hands_pdl_and_kv_bits_to_the_runner(exported, capsys, monkeypatch):
     assert "stopped after from_dir" in capsys.readouterr().err
     assert seen == {"folder": folder, "kv_bits": 8, "pdl": True}
     assert main(["run", folder, "hi", "--device", "cuda", "--raw"]) == 2
-    assert seen["pdl"] is False and seen["kv_bits"] is None
+    assert seen["pdl"] is None and seen["kv_bits"] is None  # the runner's default: on where the GPU supports it
+    assert main(["run", folder, "hi", "--device", "cuda", "--raw", "--no-pdl"]) == 2
+    assert seen["pdl"] is False
+    capsys.readouterr()
+    for flag in ("--pdl", "--no-pdl"):  # ONNX Runtime on the CPU: refused, not ignored
+        assert main(["run", folder, "hi", "--raw", flag]) == 2
+        assert "--device cuda" in capsys.readouterr().err
 
 
 # -- GPU ------------------------------------------------------------------------------------------------------
@@ -285,7 +301,7 @@ def test_gpu_pdl_decode_step_in_the_captured_step(larger_exports):
     race would show as a difference in some of them)."""
     folder = larger_exports["w4-asym-g64"]
     for bits in (16, 4):
-        plain = runner(folder, dtype=torch.float16, max_seq_len=256, kv_bits=bits)
+        plain = runner(folder, dtype=torch.float16, max_seq_len=256, kv_bits=bits, pdl=False)
         pdl = runner(folder, dtype=torch.float16, max_seq_len=256, kv_bits=bits, pdl=True)
         assert pdl._graph is not None
         for ids in prompt_set(320, seed=3)[:2]:
