@@ -172,8 +172,12 @@ class Tuner:
         return cfg
 
     def _tune(self, key, candidates: list[dict], launch: Callable[[dict], None]) -> dict:
+        from tqdm.auto import tqdm
+
         best, best_ms, last_err = None, float("inf"), None
-        for cfg in candidates:
+        # a model's first run on a GPU tunes a few dozen keys (tens of seconds, silent otherwise); later runs read
+        # the picks from DISK and show nothing
+        for cfg in tqdm(candidates, desc=f"tuning {self.name}", unit="config", leave=False):
             try:
                 ms = _time_config(launch, cfg)
             except Exception as e:  # a config the compiler or the device rejects (e.g. shared memory)

@@ -77,6 +77,17 @@ def test_times_graph_replays_and_keeps_the_fastest(fake):
     assert [kind for kind, _ in fake.timed] == ["graph"] * 3
 
 
+def test_tuning_shows_progress_and_a_cached_pick_shows_none(fake, capsys):
+    """A first tuning shows a progress bar on stderr (a model's first run on a GPU tunes for tens of seconds);
+    a pick read back from the disk cache tunes nothing and shows nothing."""
+    cands = [dict(name="a", us=30.0), dict(name="b", us=12.0)]
+    assert _tune.Tuner("wq_gemv").run("k", cands, fake.launch)["name"] == "b"
+    err = capsys.readouterr().err
+    assert "tuning wq_gemv" in err and "/2" in err  # (of 2 candidates)
+    assert _tune.Tuner("wq_gemv").run("k", cands, fake.launch)["name"] == "b"  # a new process: from disk
+    assert "tuning" not in capsys.readouterr().err
+
+
 def test_falls_back_to_eager_timing_and_skips_failing_configs(fake):
     # "b" cannot be captured: timed eagerly, its launch gap counts, so "c" (graph-timed) wins; "a" fails outright
     cands = [dict(name="a", us=1.0, fails=True), dict(name="b", us=12.0, capturable=False), dict(name="c", us=18.0)]
