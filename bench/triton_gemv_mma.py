@@ -123,6 +123,17 @@ _MMA_PTX = gl.constexpr("""
 
 
 @gluon.jit
+def _gdc_wait():
+    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gdc_launch_dependents():
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
 def _mma_group(w, x, zz, mz):
     """One lane's eight words of a group (one 16-row block) and its sixteen activation pairs: eight mma.sync
     chained from zero, the group's C fragment (c0..c3)."""
@@ -150,9 +161,11 @@ def _split8(v, L3: gl.constexpr):
 
 @gluon.jit
 def gemv_mma_kernel(xw_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, E: gl.constexpr, SPLIT_K: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    num_warps: gl.constexpr, PDL: gl.constexpr = False):
     """xw: x [K] fp16 viewed as int32 pairs; words ``pack_mma``; scale [K/128, N] fp16, zero [K/128, N] uint8; out
-    [N] fp32, atomically added (zero it first). Each warp owns E blocks of 16 rows; programs split K by groups."""
+    [N] fp32, atomically added (zero it first). Each warp owns E blocks of 16 rows; programs split K by groups.
+    The next group's words are loaded before this group's decode (registers double-buffered); with ``PDL`` the
+    first group's are loaded, and the next kernel released, before waiting for the kernel before."""
     L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 1, 32, 1], [num_warps, 1, 1, 1], [3, 2, 1, 0])
     L3: gl.constexpr = gl.SliceLayout(3, L)
     pid_n = gl.program_id(0)
@@ -180,8 +193,14 @@ def gemv_mma_kernel(xw_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, E: gl.constexpr,
     x_ok = (lane_x < 4)[None, None, :, None] & (m_x >= 0)[None, None, None, :]
     acc_a = gl.zeros([num_warps, E, 32], gl.float32, L3)
     acc_b = gl.zeros([num_warps, E, 32], gl.float32, L3)
+    w_mask = rb_ok[:, :, :, None]
+    nxt = gl.load(w_ptr + w_off + g_lo * 256, mask=w_mask & (g_lo < g_hi), other=0)  # two 16-byte loads
+    if PDL:  # weights are constants, not the kernel before's output
+        _gdc_launch_dependents()
+        _gdc_wait()
     for grp in range(g_lo, g_hi):
-        words = gl.load(w_ptr + w_off + grp * 256, mask=rb_ok[:, :, :, None], other=0)  # two 16-byte loads
+        words = nxt
+        nxt = gl.load(w_ptr + w_off + (grp + 1) * 256, mask=w_mask & (grp + 1 < g_hi), other=0)
         xs = gl.load(xw_ptr + grp * 64 + x_off, mask=x_ok, other=0)  # [1, 1, 32, 16]
         xa, xb = gl.split(gl.reshape(xs, [1, 1, 32, 8, 2]))  # element 2 m + d
         x_even = _split8(xa, L3)
@@ -231,8 +250,8 @@ def sass_counts(warps_e=((4, 1), (4, 2), (4, 4), (8, 2))) -> list:
     types = dict(xw_ptr="*i32", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", out_ptr="*fp32", N="i32", K="i32")
     rows = []
     for warps, e in warps_e:
-        st = compile_one(gemv_mma_kernel, types, dict(E=e, SPLIT_K=4, num_warps=warps), dict(N=4096, K=4096), warps,
-                         keep_cubin=True)
+        st = compile_one(gemv_mma_kernel, types, dict(E=e, SPLIT_K=4, num_warps=warps, PDL=True),
+                         dict(N=4096, K=4096), warps, keep_cubin=True)
         n, mix = loop_mix(st["cubin"])
         words = 8 * e  # a group's words per lane: eight k16 steps per row block
         rows.append(dict(warps=warps, E=e, regs=st["regs"], spills=st["spills"], per_word=n / words,
@@ -242,11 +261,12 @@ def sass_counts(warps_e=((4, 1), (4, 2), (4, 4), (8, 2))) -> list:
     return rows
 
 
-def launch(x, wm, scale, zero, out, e: int, warps: int, split: int):
+def launch(x, wm, scale, zero, out, e: int, warps: int, split: int, pdl: bool = False):
     n = scale.shape[1]
     k = x.numel()
     grid = (-(-(n // 16) // (warps * e)), split)
-    gemv_mma_kernel[grid](x.view(torch.int32), wm, scale, zero, out, n, k, E=e, SPLIT_K=split, num_warps=warps)
+    gemv_mma_kernel[grid](x.view(torch.int32), wm, scale, zero, out, n, k, E=e, SPLIT_K=split, num_warps=warps,
+                          PDL=pdl, **({"launch_pdl": True} if pdl else {}))
 
 
 def gpu(configs) -> dict:
@@ -269,9 +289,12 @@ def gpu(configs) -> dict:
                 copies = copies_for(wm.numel() * 4)
                 ws = [wm] + [wm.clone() for _ in range(copies - 1)]
                 outs = [torch.zeros(n, device="cuda", dtype=torch.float32) for _ in ws]
-                t = graph_time([lambda w=w, o=o: launch(xc, w, sc, zc, o, e, warps, split) for w, o in zip(ws, outs)])
                 nbytes = wm.numel() * 4 + sc.numel() * 2 + zc.numel() + 2 * k + 4 * n
-                row.update(us=t * 1e6, fraction_of_peak_copy=nbytes / t / 1e12 / peak)
+                for pdl in (False, True):
+                    t = graph_time([lambda w=w, o=o: launch(xc, w, sc, zc, o, e, warps, split, pdl)
+                                    for w, o in zip(ws, outs)])
+                    tag = "pdl_" if pdl else ""
+                    row.update({f"{tag}us": t * 1e6, f"{tag}fraction_of_peak_copy": nbytes / t / 1e12 / peak})
             res["rows"].append(row)
             print(row, flush=True)
         if (n, k) in SHAPES:  # the runtime's tuned GEMV on the same integers, same run
@@ -282,9 +305,11 @@ def gpu(configs) -> dict:
             pws = [pw] + [pw.to("cuda") for _ in range(copies - 1)]
             outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in pws]
             wq_linear(xx, pw)
+            wq_linear(xx, pw, pdl=True)
             t = graph_time([lambda p=p, o=o: wq_linear(xx, p, out=o) for p, o in zip(pws, outs)])
-            res["rows"].append({"N": n, "K": k, "runtime_us": t * 1e6})
-            print(f"runtime GEMV {n}x{k}: {t * 1e6:.2f} us", flush=True)
+            tp = graph_time([lambda p=p, o=o: wq_linear(xx, p, out=o, pdl=True) for p, o in zip(pws, outs)])
+            res["rows"].append({"N": n, "K": k, "runtime_us": t * 1e6, "runtime_pdl_us": tp * 1e6})
+            print(f"runtime GEMV {n}x{k}: {t * 1e6:.2f} us, PDL chain {tp * 1e6:.2f} us", flush=True)
     return res
 
 
