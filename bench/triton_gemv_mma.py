@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -302,7 +303,8 @@ def gpu(configs) -> dict:
                                   bits=4, dtype=torch.float16).to("cuda")
             xx = xc.view(1, k)
             copies = copies_for(pw.nbytes)
-            pws = [pw] + [pw.to("cuda") for _ in range(copies - 1)]
+            pws = [pw] + [replace(pw, qweight=pw.qweight.clone(), scale=pw.scale.clone(), zero=pw.zero.clone())
+                          for _ in range(copies - 1)]  # copies, so that the chain streams from HBM
             outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in pws]
             wq_linear(xx, pw)
             wq_linear(xx, pw, pdl=True)
