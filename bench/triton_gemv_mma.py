@@ -235,18 +235,17 @@ def gemv_mma_kernel(xw_ptr, x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, p
     rb_ok = rb * 16 < N
     t0 = (t == 0)[None, None, :]
     w_off = (rb * n_groups * (32 * STEPS) + lane[None, None, :] * STEPS)[:, :, :, None] + ks[None, None, None, :]
-    # a lane's activations for a group: K positions G grp + (G / 4) t + [0, G / 4), in lanes (0, t) only; as
-    # halves (SwiGLU computed here) or as int32 pairs
-    LX: gl.constexpr = gl.BlockedLayout([1, 1, 1, 2 * XP], [1, 1, 32, 1], [num_warps, 1, 1, 1], [3, 2, 1, 0])
+    # a lane's activations for a group: K positions G grp + (G / 4) t + [0, G / 4), as int32 pairs. Only lanes
+    # 0-3 feed B's column 0, the one read out; the other lanes load their t's run too (B column j only reaches C
+    # column j), which saves zeroing them
     LP: gl.constexpr = gl.BlockedLayout([1, 1, 1, XP], [1, 1, 32, 1], [num_warps, 1, 1, 1], [3, 2, 1, 0])
-    lane_x = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LX))))
-    m_x = gl.arange(0, 2 * XP, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LX))))
-    x_off = ((GROUP // 4) * (lane_x % 4))[None, None, :, None] + m_x[None, None, None, :]
-    x_ok = (lane_x < 4)[None, None, :, None] & (m_x >= 0)[None, None, None, :]
     lane_p = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LP))))
     m_p = gl.arange(0, XP, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LP))))
     p_off = (XP * (lane_p % 4))[None, None, :, None] + m_p[None, None, None, :]
-    p_ok = (lane_p < 4)[None, None, :, None] & (m_p >= 0)[None, None, None, :]
+    # SwiGLU: computed spread over the lanes (LA: G / 32 values each), then gathered so that lane l holds run l % 4
+    LA: gl.constexpr = gl.BlockedLayout([1, GROUP // 32], [1, 32], [num_warps, 1], [1, 0])
+    LB: gl.constexpr = gl.BlockedLayout([1, 1, GROUP // 4], [8, 4, 1], [1, 1, num_warps], [2, 1, 0])
+    s_off = gl.arange(0, GROUP, layout=gl.SliceLayout(0, LA))[None, :]
     acc_a = gl.zeros([num_warps, E, 32], gl.float32, L3)
     acc_b = gl.zeros([num_warps, E, 32], gl.float32, L3)
     w_mask = rb_ok[:, :, :, None]
@@ -257,12 +256,15 @@ def gemv_mma_kernel(xw_ptr, x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, p
     for grp in range(g_lo, g_hi):
         words = nxt
         nxt = gl.load(w_ptr + w_off + (grp + 1) * (32 * STEPS), mask=w_mask & (grp + 1 < g_hi), other=0)
-        if ACT_SILU_MUL:
-            gate = gl.load(x_ptr + grp * GROUP + x_off, mask=x_ok, other=0.0).to(gl.float32)
-            up = gl.load(x_ptr + K + grp * GROUP + x_off, mask=x_ok, other=0.0).to(gl.float32)
-            xs = _pack_pairs((gate / (1.0 + gl.exp(-gate)) * up).to(gl.float16), XP)
+        if ACT_SILU_MUL:  # SwiGLU once per value (G / 32 a lane), then each lane's run gathered to it
+            gate = gl.load(x_ptr + grp * GROUP + s_off).to(gl.float32)
+            up = gl.load(x_ptr + K + grp * GROUP + s_off).to(gl.float32)
+            h = (gate / (1.0 + gl.exp(-gate)) * up).to(gl.float16)  # [1, G]
+            h = gl.convert_layout(gl.reshape(h, [1, 4, GROUP // 4]), LB)  # lane l: run l % 4
+            h = gl.broadcast(h, gl.zeros([8, 4, GROUP // 4], gl.float16, LB))[0]
+            xs = _pack_pairs(gl.reshape(h, [1, 1, 32, GROUP // 4]), XP)
         else:
-            xs = gl.load(xw_ptr + grp * XP * 4 + p_off, mask=p_ok, other=0)
+            xs = gl.load(xw_ptr + grp * XP * 4 + p_off)
         xa, xb = gl.split(gl.reshape(xs, [1, 1, 32, STEPS, 2]))  # pair 2 ks + r
         za = gl.load(z_ptr + grp * N + row, mask=rb_ok, other=0).to(gl.int32)
         zb = gl.load(z_ptr + grp * N + row + 8, mask=rb_ok, other=0).to(gl.int32)
