@@ -609,6 +609,10 @@ class _Linear:
                 packed = [pack_from_export(p.qweight, p.scale, p.zero, bits=p.bits, layout="in_out", dtype=dtype,
                                            bias=p.bias, name=name) for p in parts]
                 self.packed = concat_packed(packed).to(device, dtype)
+                if os.environ.get("QCOMPILE_GEMV_MMA", "0") == "1":  # the tensor-core GEMV, opt-in (gemv_mma)
+                    from qcompile.runtime.triton.gemv_mma import attach
+
+                    self.packed = attach(self.packed)
                 return
             except ValueError as e:  # e.g. a group size the kernels cannot pack: run it dequantized
                 notes.append(f"{name}: {e}; running it as a float matmul")

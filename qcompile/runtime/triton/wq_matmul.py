@@ -714,7 +714,34 @@ def _gemv_half2(x: torch.Tensor, pw: PackedWeight) -> bool:
     return half2_gemv(pw.bits, x.shape[0], x.dtype) and x.data_ptr() % 4 == 0
 
 
+def _gemv_mma(x, pw: PackedWeight, res, act, out, config, pdl: bool):
+    """The tensor-core GEMV (``gemv_mma``, opt-in) for a weight that carries its re-packed words."""
+    from qcompile.runtime.triton import gemv_mma
+
+    n = pw.out_features
+    pdl, _ = pdl_flag(pdl, x.device)
+    key = _gemv_key(x, pw, act, pdl, False) + ("mma",)
+
+    def launch(cfg, pw=pw, out=out):
+        programs = -(-(n // 16) // (cfg["num_warps"] * cfg["E"]))
+        part, lock = _Workspace.get(x.device, cfg["SPLIT_K"] * n, programs)
+        gemv_mma.launch(x, pw, res, act, out, cfg, part, lock, pdl=pdl)
+
+    def pdl_chain():  # as in _gemv: PDL candidates timed as a chain over copies streaming from HBM
+        l2 = torch.cuda.get_device_properties(x.device).L2_cache_size
+        copies = [pw] + [replace(pw, scale=pw.scale.clone(),
+                                 mma=gemv_mma.MmaWeight(pw.mma.words.clone(), pw.mma.zero.clone()))
+                         for _ in range(max(1, min(15, math.ceil(2 * l2 / pw.nbytes))))]
+        outs = [torch.empty_like(out) for _ in copies]
+        return lambda cfg: [launch(cfg, p, o) for p, o in zip(copies, outs)]
+
+    return _GEMV.run(key, gemv_mma.candidates(n, num_sms(x.device)), launch, config,
+                     timing=pdl_chain if pdl else None)
+
+
 def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
+    if pw.mma is not None and _gemv_half2(x, pw) and (config is None or config.get("MMA")):
+        return _gemv_mma(x, pw, res, act, out, config, pdl)
     m, n, k = x.shape[0], pw.out_features, pw.in_features
     dummy = out
     # int4 codes at batch 1 on fp16 activations decode in half2 registers (inline PTX: compiled kernels only);

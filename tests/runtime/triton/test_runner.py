@@ -331,3 +331,26 @@ def test_gpu_smollm2_greedy_tokens_match_ort(dtype, tie):
         scale = float(np.abs(ort.logits(np.array([ids]))[0, -1]).max())
         matched.append(same_greedy(ort, r, ids, 32, tie * scale))
     assert sum(matched) >= len(matched) - 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9, reason="the mma GEMV needs sm_90")
+@pytest.mark.parametrize("name", ["w4-asym-g64", "w4-sym-g128"])
+def test_gpu_mma_gemv_decode_follows_ort(larger_exports, name, monkeypatch):
+    """``QCOMPILE_GEMV_MMA=1``: the decode's int4 GEMVs on tensor cores (gemv_mma). Fed ORT's greedy tokens, each
+    decode step's logits stay within fp16 rounding of ORT's, as the default fp16 decode's do."""
+    from qcompile.runtime.triton import gemv_mma
+
+    calls = []
+    real = gemv_mma.launch
+    monkeypatch.setattr(gemv_mma, "launch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("QCOMPILE_GEMV_MMA", "1")
+    folder = larger_exports[name]
+    ort = OrtCausalLM.from_dir(folder, accuracy_level=1)
+    r = runner(folder, dtype=torch.float16, max_seq_len=128)
+    assert calls  # the warm-up before capture ran the mma kernel
+    for ids in prompt_set(320, seed=1)[:3]:
+        tokens = ort.generate(ids, 16)
+        ref = ort.logits(np.array([ids + tokens[:-1]]))[0, len(ids) - 1:]
+        got = torch.stack([r.prefill(ids)] + [r.decode(t) for t in tokens[:-1]]).cpu().numpy()
+        assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
