@@ -261,8 +261,10 @@ def gemv_mma_kernel(xw_ptr, x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, p
         xa, xb = gl.split(gl.reshape(xs, [1, 1, 32, STEPS, 2]))  # pair 2 ks + r
         za = gl.load(z_ptr + grp * N + row, mask=rb_ok, other=0).to(gl.int32)
         zb = gl.load(z_ptr + grp * N + row + 8, mask=rb_ok, other=0).to(gl.int32)
-        zz = (0x6400 + za) * 0x10001  # (1024 + z) of row g in both fp16 halves
-        mz = (0xD400 + 16 * zb) * 0x10001  # -(64 + z) of row g + 8
+        za = 0x6400 + za  # 1024 + z of row g as fp16 bits (the mantissa's unit at 1024 is 1)
+        zb = 0xD400 + 16 * zb  # -(64 + z) of row g + 8 (sign bit; the unit at 64 is 1/16)
+        zz = za | (za << 16)  # both fp16 halves (shifts, not a multiply past 2^31)
+        mz = zb | (zb << 16)
         if STEPS == 8:
             x_r0 = _split8(xa, L3)
             x_r1 = _split8(xb, L3)
