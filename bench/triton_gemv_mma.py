@@ -92,8 +92,8 @@ def sass_counts(cases=((128, 4, 1), (128, 4, 2), (128, 4, 4), (128, 8, 2), (64, 
     return rows
 
 
-def launch(x, wm, scale, zero, out, e: int, warps: int, split: int, pdl: bool = False, bias=None, res=None,
-           act: bool = False):
+def launch(x, wm, scale, zero, out, e: int, warps: int, split: int, ahead: int, pdl: bool = False, bias=None,
+           res=None, act: bool = False):
     from qcompile.runtime.triton.wq_matmul import _Workspace
 
     n = scale.shape[1]
@@ -104,7 +104,7 @@ def launch(x, wm, scale, zero, out, e: int, warps: int, split: int, pdl: bool = 
     gemv_mma_kernel[(programs, split)](
         x.view(torch.int32), x, wm, scale, zero, bias if bias is not None else out, res if res is not None else out,
         out, part, lock, n, k, GROUP=group, HAS_BIAS=bias is not None, HAS_RES=res is not None, ACT_SILU_MUL=act,
-        E=e, SPLIT_K=split, num_warps=warps, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+        E=e, SPLIT_K=split, num_warps=warps, PDL=pdl, AHEAD=ahead, **({"launch_pdl": True} if pdl else {}))
 
 
 def gpu(configs) -> dict:
@@ -123,16 +123,17 @@ def gpu(configs) -> dict:
         wm = pack_mma(codes, group).cuda()
         # every configuration at the plain Llama shape (the ones timed below); a few, splits included, at the
         # others (each set of epilogue flags compiles every configuration anew: ~1.5 s each)
-        some = configs if n == 4096 else [c for c in configs if c in ((1, 4, 1), (2, 4, 2), (4, 4, 8), (2, 8, 4))]
-        for e, warps, split in some:
+        some = configs if n == 4096 else [c for c in configs if c in ((1, 4, 2, 2), (2, 4, 2, 1), (4, 4, 8, 1),
+                                                                       (2, 8, 16, 2), (1, 8, 4, 2))]
+        for e, warps, split, ahead in some:
             for pdl in (False, True):
                 out = torch.empty(n, device="cuda", dtype=torch.float16)
-                launch(xc, wm, sc, zc, out, e, warps, split, pdl, bc, rc, act)
+                launch(xc, wm, sc, zc, out, e, warps, split, ahead, pdl, bc, rc, act)
                 out2 = torch.empty_like(out)
-                launch(xc, wm, sc, zc, out2, e, warps, split, pdl, bc, rc, act)
+                launch(xc, wm, sc, zc, out2, e, warps, split, ahead, pdl, bc, rc, act)
                 err = ((out.float().cpu() - ref).abs().max() / ref.abs().max()).item()
                 res["check"].append({"N": n, "K": k, "group": group, "bias_res": bias, "silu_mul": act, "E": e,
-                                     "warps": warps, "split": split, "pdl": pdl, "rel_err": err,
+                                     "warps": warps, "split": split, "ahead": ahead, "pdl": pdl, "rel_err": err,
                                      "deterministic": bool(torch.equal(out, out2))})
     bad = [c for c in res["check"] if not (c["rel_err"] < 2e-3 and c["deterministic"])]
     worst = max(c["rel_err"] for c in res["check"])
@@ -161,17 +162,17 @@ def gpu(configs) -> dict:
                "configs": []}
         print(f"{n}x{k}: runtime GEMV {t_rt * 1e6:.2f} us ({row['runtime_fraction']:.0%}), PDL chain "
               f"{t_rtp * 1e6:.2f} us ({row['runtime_pdl_fraction']:.0%})", flush=True)
-        for e, warps, split in configs:
-            c = {"E": e, "warps": warps, "split": split}
+        for e, warps, split, ahead in configs:
+            c = {"E": e, "warps": warps, "split": split, "ahead": ahead}
             for pdl in (False, True):
-                t = graph_time([lambda w=w, o=o: launch(xc, w, sc, zc, o, e, warps, split, pdl)
+                t = graph_time([lambda w=w, o=o: launch(xc, w, sc, zc, o, e, warps, split, ahead, pdl)
                                 for w, o in zip(ws, outs)])
                 tag = "pdl_" if pdl else ""
                 c.update({f"{tag}us": t * 1e6, f"{tag}fraction_of_peak_copy": nbytes / t / 1e12 / peak})
             row["configs"].append(c)
         best = sorted(row["configs"], key=lambda c: c["pdl_us"])[:4]
         for c in best:
-            print(f"  mma E={c['E']} warps={c['warps']} split={c['split']}: {c['us']:.2f} us "
+            print(f"  mma E={c['E']} warps={c['warps']} split={c['split']} ahead={c['ahead']}: {c['us']:.2f} us "
                   f"({c['fraction_of_peak_copy']:.0%}), PDL chain {c['pdl_us']:.2f} us "
                   f"({c['pdl_fraction_of_peak_copy']:.0%})", flush=True)
         res["rows"].append(row)
@@ -192,7 +193,9 @@ def main() -> None:
     if args.sass or not torch.cuda.is_available():
         res["sass"] = sass_counts()
     if torch.cuda.is_available() and not (args.emulate or args.sass):
-        res["gpu"] = gpu([(e, w, s) for w in (4, 8) for e in (1, 2, 4) for s in (1, 2, 4, 8)])
+        # registers: two groups ahead for up to two row blocks a warp, one for four
+        res["gpu"] = gpu([(e, w, s, a) for w in (4, 8) for e in (1, 2, 4) for s in (2, 4, 8, 16) for a in (1, 2)
+                          if e * a <= 4])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
 

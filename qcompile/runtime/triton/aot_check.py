@@ -174,7 +174,7 @@ def cases(all_configs: bool):
             for act in (False, True):
                 for cfg in (cands if all_configs else cands[:1]):
                     consts = dict(GROUP=group, HAS_BIAS=True, HAS_RES=True, ACT_SILU_MUL=act, E=cfg["E"],
-                                  SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], PDL=True)
+                                  SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], PDL=True, AHEAD=cfg["AHEAD"])
                     yield (f"gemv_mma {n}x{k} g{group} act={act} {cfg}", gemv_mma.gemv_mma_kernel, mma_types, consts,
                            dict(N=n, K=k), cfg["num_warps"], 2)
 

@@ -42,12 +42,13 @@ def pack_mma(codes: torch.Tensor, group: int = 128) -> torch.Tensor:
     if group not in (64, 128) or k % group or n % 16:
         raise ValueError(f"needs groups of 64 or 128 dividing K ({k}, group {group}) and N ({n}) a multiple of 16")
     steps = group // 16
-    lane = torch.arange(32)
+    dev = codes.device  # index tensors beside the codes (the runner packs CUDA weights)
+    lane = torch.arange(32, device=dev)
     t, g = lane % 4, lane // 4
-    grp = torch.arange(k // group)
-    ks = torch.arange(steps)
-    rb = torch.arange(n // 16)
-    words = torch.zeros(n // 16, k // group, 32, steps, dtype=torch.int64)
+    grp = torch.arange(k // group, device=dev)
+    ks = torch.arange(steps, device=dev)
+    rb = torch.arange(n // 16, device=dev)
+    words = torch.zeros(n // 16, k // group, 32, steps, dtype=torch.int64, device=dev)
     base = (group * grp)[None, :, None, None] + (group // 4 * t)[None, None, :, None] + (4 * ks)[None, None, None, :]
     row = (16 * rb)[:, None, None, None] + g[None, None, :, None]
     for j, (dr, dk) in enumerate(_NIBBLE):
@@ -188,6 +189,30 @@ def _pack_pairs(h, XP: gl.constexpr):
 
 
 @gluon.jit
+def _fetch_w(w_ptr, s_ptr, z_ptr, w_off, w_mask, row, rb_ok, t0, N, grp, ok, STEPS: gl.constexpr):
+    """Group ``grp``'s words, zero points and scales (masked off past the program's last group)."""
+    words = gl.load(w_ptr + w_off + grp * (32 * STEPS), mask=w_mask & ok, other=0)
+    za = gl.load(z_ptr + grp * N + row, mask=rb_ok & ok, other=0)
+    zb = gl.load(z_ptr + grp * N + row + 8, mask=rb_ok & ok, other=0)
+    sa = gl.load(s_ptr + grp * N + row, mask=rb_ok & t0 & ok, other=0.0)
+    sb = gl.load(s_ptr + grp * N + row + 8, mask=rb_ok & t0 & ok, other=0.0)
+    return words, za, zb, sa, sb
+
+
+@gluon.jit
+def _fetch_x(xw_ptr, x_ptr, p_off, s_off, K, grp, ok, GROUP: gl.constexpr, XP: gl.constexpr,
+             ACT_SILU_MUL: gl.constexpr):
+    """Group ``grp``'s activations: each lane's run as int32 pairs (and 0), or gate and up spread over the lanes."""
+    if ACT_SILU_MUL:
+        gate = gl.load(x_ptr + grp * GROUP + s_off, mask=ok & (s_off >= 0), other=0.0)
+        up = gl.load(x_ptr + K + grp * GROUP + s_off, mask=ok & (s_off >= 0), other=0.0)
+    else:
+        gate = gl.load(xw_ptr + grp * XP * 4 + p_off, mask=ok & (p_off >= 0), other=0)
+        up = 0
+    return gate, up
+
+
+@gluon.jit
 def _finish(y, b_ptr, r_ptr, out_ptr, rows, mask, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr):
     if HAS_BIAS:
         y += gl.load(b_ptr + rows, mask=mask, other=0.0).to(gl.float32)
@@ -200,7 +225,7 @@ def _finish(y, b_ptr, r_ptr, out_ptr, rows, mask, HAS_BIAS: gl.constexpr, HAS_RE
 def gemv_mma_kernel(xw_ptr, x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lock_ptr, N, K,
                     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
                     ACT_SILU_MUL: gl.constexpr, E: gl.constexpr, SPLIT_K: gl.constexpr,
-                    num_warps: gl.constexpr, PDL: gl.constexpr = False):
+                    num_warps: gl.constexpr, PDL: gl.constexpr = False, AHEAD: gl.constexpr = 2):
     """``act(x) @ W (+ bias) (+ residual)``, one fp16 row. xw: x [K] viewed as int32 pairs (``ACT_SILU_MUL``: x
     [2K] = gate | up, read as fp16 through ``x_ptr``); words ``pack_mma``; scale [K/G, N] fp16, zero [K/G, N]
     uint8; out [N] fp16. Each warp owns E blocks of 16 rows; programs split K by groups, the last to arrive (an
@@ -242,27 +267,39 @@ def gemv_mma_kernel(xw_ptr, x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, p
     acc_a = gl.zeros([num_warps, E, 32], gl.float32, L3)
     acc_b = gl.zeros([num_warps, E, 32], gl.float32, L3)
     w_mask = rb_ok[:, :, :, None]
-    nxt = gl.load(w_ptr + w_off + g_lo * (32 * STEPS), mask=w_mask & (g_lo < g_hi), other=0)
-    if PDL:  # weights are constants, not the kernel before's output
+    # every load a group needs is issued AHEAD groups before its decode (registers; Gluon does not pipeline
+    # loops): loads issued inside the loop for the group being decoded cost a memory round trip a group
+    w0, za0, zb0, sa0, sb0 = _fetch_w(w_ptr, s_ptr, z_ptr, w_off, w_mask, row, rb_ok, t0, N, g_lo, g_lo < g_hi,
+                                      STEPS)
+    if AHEAD == 2:
+        w1, za1, zb1, sa1, sb1 = _fetch_w(w_ptr, s_ptr, z_ptr, w_off, w_mask, row, rb_ok, t0, N, g_lo + 1,
+                                          g_lo + 1 < g_hi, STEPS)
+    if PDL:  # weights, scales and zero points are constants, not the kernel before's output; x is its output
         _gdc_launch_dependents()
         _gdc_wait()
+    x0, u0 = _fetch_x(xw_ptr, x_ptr, p_off, s_off, K, g_lo, g_lo < g_hi, GROUP, XP, ACT_SILU_MUL)
+    if AHEAD == 2:
+        x1, u1 = _fetch_x(xw_ptr, x_ptr, p_off, s_off, K, g_lo + 1, g_lo + 1 < g_hi, GROUP, XP, ACT_SILU_MUL)
     for grp in range(g_lo, g_hi):
-        words = nxt
-        nxt = gl.load(w_ptr + w_off + (grp + 1) * (32 * STEPS), mask=w_mask & (grp + 1 < g_hi), other=0)
+        words, za, zb, sa, sb, xs, us = w0, za0, zb0, sa0, sb0, x0, u0
+        if AHEAD == 2:
+            w0, za0, zb0, sa0, sb0, x0, u0 = w1, za1, zb1, sa1, sb1, x1, u1
+            w1, za1, zb1, sa1, sb1 = _fetch_w(w_ptr, s_ptr, z_ptr, w_off, w_mask, row, rb_ok, t0, N, grp + 2,
+                                              grp + 2 < g_hi, STEPS)
+            x1, u1 = _fetch_x(xw_ptr, x_ptr, p_off, s_off, K, grp + 2, grp + 2 < g_hi, GROUP, XP, ACT_SILU_MUL)
+        else:
+            w0, za0, zb0, sa0, sb0 = _fetch_w(w_ptr, s_ptr, z_ptr, w_off, w_mask, row, rb_ok, t0, N, grp + 1,
+                                              grp + 1 < g_hi, STEPS)
+            x0, u0 = _fetch_x(xw_ptr, x_ptr, p_off, s_off, K, grp + 1, grp + 1 < g_hi, GROUP, XP, ACT_SILU_MUL)
         if ACT_SILU_MUL:  # SwiGLU once per value (G / 32 a lane), then each lane's run gathered to it
-            gate = gl.load(x_ptr + grp * GROUP + s_off).to(gl.float32)
-            up = gl.load(x_ptr + K + grp * GROUP + s_off).to(gl.float32)
-            h = (gate / (1.0 + gl.exp(-gate)) * up).to(gl.float16)  # [1, G]
+            gate = xs.to(gl.float32)
+            h = (gate / (1.0 + gl.exp(-gate)) * us.to(gl.float32)).to(gl.float16)  # [1, G]
             h = gl.convert_layout(gl.reshape(h, [1, 4, GROUP // 4]), LB)  # lane l: run l % 4
             h = gl.broadcast(h, gl.zeros([8, 4, GROUP // 4], gl.float16, LB))[0]
             xs = _pack_pairs(gl.reshape(h, [1, 1, 32, GROUP // 4]), XP)
-        else:
-            xs = gl.load(xw_ptr + grp * XP * 4 + p_off)
         xa, xb = gl.split(gl.reshape(xs, [1, 1, 32, STEPS, 2]))  # pair 2 ks + r
-        za = gl.load(z_ptr + grp * N + row, mask=rb_ok, other=0).to(gl.int32)
-        zb = gl.load(z_ptr + grp * N + row + 8, mask=rb_ok, other=0).to(gl.int32)
-        za = 0x6400 + za  # 1024 + z of row g as fp16 bits (the mantissa's unit at 1024 is 1)
-        zb = 0xD400 + 16 * zb  # -(64 + z) of row g + 8 (sign bit; the unit at 64 is 1/16)
+        za = 0x6400 + za.to(gl.int32)  # 1024 + z of row g as fp16 bits (the mantissa's unit at 1024 is 1)
+        zb = 0xD400 + 16 * zb.to(gl.int32)  # -(64 + z) of row g + 8 (sign bit; the unit at 64 is 1/16)
         zz = za | (za << 16)  # both fp16 halves (shifts, not a multiply past 2^31)
         mz = zb | (zb << 16)
         if STEPS == 8:
@@ -277,10 +314,8 @@ def gemv_mma_kernel(xw_ptr, x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, p
             x_r1 = _split4(xb, L3)
             c0, c1, c2, c3 = _mma_group4(
                 _split4(words, L3), (x_r0[0], x_r1[0], x_r0[1], x_r1[1], x_r0[2], x_r1[2], x_r0[3], x_r1[3]), zz, mz)
-        sa = gl.load(s_ptr + grp * N + row, mask=rb_ok & t0, other=0.0).to(gl.float32)
-        sb = gl.load(s_ptr + grp * N + row + 8, mask=rb_ok & t0, other=0.0).to(gl.float32)
-        acc_a += c0 * sa
-        acc_b += c2 * sb
+        acc_a += c0 * sa.to(gl.float32)
+        acc_b += c2 * sb.to(gl.float32)
     ok = rb_ok & t0 & (row < N)
     if SPLIT_K == 1:
         _finish(acc_a, b_ptr, r_ptr, out_ptr, row, ok, HAS_BIAS, HAS_RES)
@@ -293,7 +328,7 @@ def gemv_mma_kernel(xw_ptr, x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, p
         if arrived == SPLIT_K - 1:  # last to arrive: sum the partials in split order (deterministic)
             ya = gl.zeros([num_warps, E, 32], gl.float32, L3)
             yb = gl.zeros([num_warps, E, 32], gl.float32, L3)
-            for sp in range(SPLIT_K):
+            for sp in gl.static_range(SPLIT_K):  # unrolled: the loads go out together, not one round trip each
                 ya += gl.load(part_ptr + sp * N + row, mask=ok, other=0.0, cache_modifier=".cg")
                 yb += gl.load(part_ptr + sp * N + row + 8, mask=ok, other=0.0, cache_modifier=".cg")
             _finish(ya, b_ptr, r_ptr, out_ptr, row, ok, HAS_BIAS, HAS_RES)
@@ -339,14 +374,15 @@ def attach(pw):
 
 
 def candidates(n: int, sms: int) -> list[dict]:
-    """Warps x row blocks a warp x K splits: each with the split whose program count is nearest two per
-    multiprocessor."""
+    """Warps x row blocks a warp x groups loaded ahead x K splits: each with the split whose program count is
+    nearest four per multiprocessor, and its neighbours (the loop is latency-bound: a warp's groups cost a memory
+    round trip per AHEAD + 1 of them, so short slices over many programs win)."""
     out = []
-    for warps, e in ((4, 1), (4, 2), (4, 4), (8, 1), (8, 2)):
+    for warps, e, ahead in ((4, 1, 2), (4, 2, 2), (8, 1, 2), (8, 2, 2), (4, 4, 1), (4, 2, 1)):
         programs = -(-(n // 16) // (warps * e))
-        split = min((1, 2, 4, 8), key=lambda s: abs(programs * s - 2 * sms))
-        for sp in dict.fromkeys((split, max(1, split // 2), min(8, 2 * split))):
-            out.append(dict(MMA=True, E=e, num_warps=warps, SPLIT_K=sp))
+        split = min((1, 2, 4, 8, 16), key=lambda s: abs(programs * s - 4 * sms))
+        for sp in dict.fromkeys((split, max(1, split // 2), min(16, 2 * split))):
+            out.append(dict(MMA=True, E=e, num_warps=warps, SPLIT_K=sp, AHEAD=ahead))
     return out
 
 
@@ -361,4 +397,5 @@ def launch(x, pw, res, act, out, cfg: dict, part, lock, pdl: bool = False):
         pw.bias if pw.bias is not None else out, res if res is not None else out, out, part, lock, n, k,
         GROUP=pw.group_size, HAS_BIAS=pw.bias is not None, HAS_RES=res is not None,
         ACT_SILU_MUL=act == "silu_mul", E=cfg["E"], SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], PDL=pdl,
+        AHEAD=cfg["AHEAD"],
         **({"launch_pdl": True} if pdl else {}))
