@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -194,9 +195,7 @@ def bench_smollm2(folder: str, new_tokens: int) -> dict:
     for name, dtype, pairs, pdl in (("fp32", torch.float32, "1", None), ("fp16_words", torch.float16, "0", None),
                                     ("fp16_pairs", torch.float16, "1", None),
                                     ("fp16_pairs_plain", torch.float16, "1", False)):
-        before = os.environ.get("QCOMPILE_GEMV_PAIRS")
-        os.environ["QCOMPILE_GEMV_PAIRS"] = pairs
-        try:
+        with mock.patch.dict(os.environ, {"QCOMPILE_GEMV_PAIRS": pairs}):
             runner = TritonCausalLM.from_dir(folder, dtype=dtype, max_seq_len=512, pdl=pdl)
             rows = []
             for q, ids, ref, ref_logits in refs:
@@ -210,10 +209,6 @@ def bench_smollm2(folder: str, new_tokens: int) -> dict:
                              "forced_max_abs_logit_err": float(np.abs(diff).max()),
                              "forced_rms_logit_err": float(np.sqrt((diff ** 2).mean())),
                              "text": tok.decode(got, skip_special_tokens=True)})
-        finally:
-            os.environ.pop("QCOMPILE_GEMV_PAIRS", None)
-            if before is not None:
-                os.environ["QCOMPILE_GEMV_PAIRS"] = before
         out[name] = {"prompts_equal": sum(r["equal"] for r in rows), "of": len(rows),
                      "tokens_before_divergence": sum(new_tokens if r["first_divergence"] is None
                                                      else r["first_divergence"] for r in rows),
