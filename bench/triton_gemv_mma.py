@@ -1,22 +1,9 @@
-"""Experiment (branch exp/mma-gemv, not wired into the runtime): a batch-1 int4 GEMV whose products run on tensor
-cores through ``mma.sync.m16n8k16`` in inline PTX, the words stored pre-permuted so that each lane's word decodes
-straight into its A-operand fragment (as Marlin does, with the roles of weights and activations as in a GEMV: 16
-output features x 16 K per mma, the activations the B operand's column 0), in Gluon (explicit layouts: which lane
-holds which word is fixed).
-
-Why: the pointer GEMV's PDL chain at 4096 x 4096 is bound by the decode after its wait (docs/BENCHMARKS.md,
-sixteenth session), 21-27 SASS instructions a word. Here a word costs one SHF, four LOP3, two HSUB2 and two HFMA2
-(codes minus zero point, exact in fp16) and one HMMA (its eight products and their sums), the scale applied per
-group in fp32 on the accumulators.
-
-Layout ``pack_mma``: int32 ``[N / 16, K / 128, 32, 8]``, word ``[rb, grp, lane, ks]`` for lane ``(g, t) = (lane //
-4, lane % 4)``: rows ``16 rb + g`` and ``16 rb + g + 8``, and within group ``grp`` the K positions ``128 grp + 32 t +
-4 ks + (0, 1, 2, 3)`` (K permuted inside the group so that a lane's activations are one contiguous run). Nibbles:
-(row g, +0) (row g+8, +0) (row g, +2) (row g+8, +2) (row g, +1) (row g+8, +1) (row g, +3) (row g+8, +3), so that
-mask 0x000F000F, mask 0x00F000F0 and the same after a shift by 8 give the A fragment's four registers. A lane's
-eight words of a group are 32 contiguous bytes, a warp's 1 KB. Activations: lane (0, t) holds B's column 0 (the
-pairs 64 grp + 16 t + 2 ks + r, r = 0, 1), the other lanes zeros; outputs: c0 (row g) and c2 (row g + 8) of lanes
-t = 0. Groups of 128.
+"""The tensor-core int4 GEMV (``qcompile/runtime/triton/gemv_mma.py``, the runner's ``mma_gemv``) on its own, over
+its configurations (row blocks a warp E, warps, K splits, groups loaded ahead), beside the runtime's tuned GEMV on
+the same integers in the same run: correctness at four shapes (groups of 64 and 128, bias / residual, SwiGLU,
+splits, PDL, determinism), then plain and PDL-chain timings at the Llama-3-8B shapes. On CPU: the packing against a
+fragment-level emulation, and SASS instruction counts of the compiled loop. Layout and fragment mapping: the
+module's docstring.
 
     python bench/triton_gemv_mma.py --emulate        # CPU: packing + fragment mapping against the reference
     python bench/triton_gemv_mma.py --sass           # CPU: compile for sm_90, count the loop's instructions
@@ -194,8 +181,9 @@ def main() -> None:
         res["sass"] = sass_counts()
     if torch.cuda.is_available() and not (args.emulate or args.sass):
         # registers: two groups ahead for up to two row blocks a warp, one for four
+        # (and one group a program: 32 splits at K = 4096)
         res["gpu"] = gpu([(e, w, s, a) for w in (4, 8) for e in (1, 2, 4) for s in (2, 4, 8, 16) for a in (1, 2)
-                          if e * a <= 4])
+                          if e * a <= 4] + [(e, w, 32, 1) for w in (4, 8) for e in (1, 2)])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
 

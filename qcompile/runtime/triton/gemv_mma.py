@@ -1,11 +1,13 @@
-"""The batch-1 int4 GEMV on tensor cores (``mma.sync.m16n8k16`` in inline PTX; Gluon, sm_90), opt-in with
-``QCOMPILE_GEMV_MMA=1`` (experimental: branch exp/mma-gemv, not yet timed on a GPU).
+"""The batch-1 int4 GEMV on tensor cores (``mma.sync.m16n8k16`` in inline PTX; Gluon, sm_90): a candidate of the
+GEMV's tuner for weights that carry its words (``attach``; the runner's ``mma_gemv``, ``qcompile run --mma-gemv``).
 
-The pointer GEMV (``wq_matmul._gemv_kernel``) spends 21-27 SASS instructions a word, and a chain of its PDL
-launches waits on that decode (docs/BENCHMARKS.md, sixteenth session). Here the weights are the A operand (16
-output features x 16 K per mma), the activations column 0 of B, and each lane's word decodes straight into its A
-fragment (one SHF, four LOP3, two HSUB2, two HFMA2: codes minus zero point, exact in fp16; then one HMMA): 15-20
-instructions a word for sm_90. The scale is applied per group to the fp32 accumulators.
+The pointer GEMV (``wq_matmul._gemv_kernel``) spends 21-27 SASS instructions a word. Here the weights are the A
+operand (16 output features x 16 K per mma), the activations column 0 of B, and each lane's word decodes straight
+into its A fragment (one SHF, four LOP3, two HSUB2, two HFMA2: codes minus zero point, exact in fp16; then one
+HMMA): 15-25 instructions a word for sm_90. The scale is applied per group to the fp32 accumulators. Gluon does not
+pipeline loops, so every load a group needs (words, zero points, scales, activations) is issued ``AHEAD`` groups
+before its decode, in registers: loaded in the iteration that decodes them, each group cost a memory round trip
+(about 1 µs on the H100, docs/BENCHMARKS.md, seventeenth session).
 
 Layout ``pack_mma``: int32 ``[N / 16, K / G, 32, G / 16]`` (groups G of 64 or 128); word ``[rb, grp, lane, ks]``
 for lane ``(g, t) = (lane // 4, lane % 4)``: rows ``16 rb + g`` and ``16 rb + g + 8``, and within group ``grp``
