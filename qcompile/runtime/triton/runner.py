@@ -690,7 +690,7 @@ class TritonCausalLM:
     and torch's ops launch as usual. Without it the attention's tuner may still pick a PDL launch of its own.
     ``mma_gemv`` (sm_90+): int4 weights in groups of 64 or 128 also kept in the tensor-core GEMV's layout
     (``gemv_mma``; twice their int4 memory), which the batch-1 GEMV's tuner then times beside the pointer GEMV, keeping
-    the faster per shape (on the H100, 2-10 % faster GEMV chains at the Llama-3-8B MLP shapes).
+    the faster per shape (on the H100, a 7-10 % faster PDL chain at 4096 x 14336; docs/BENCHMARKS.md).
     """
 
     def __init__(self, weights: ModelWeights, *, device="cuda", dtype: torch.dtype = torch.float16,
