@@ -11,7 +11,8 @@
   Runtime on five chat prompts.
 * On sm_90+, the 16-bit-cache runner again with its decode step's Triton kernels as programmatic dependent launches
   (``pdl=True``: each may launch while the kernel before drains; the GEMVs read their first weight tile then),
-  beside the plain launches of the same run.
+  beside the plain launches of the same run; and once more with the tensor-core int4 GEMV among the GEMV tuner's
+  candidates (``mma_gemv=True``).
 
     python bench/triton_e2e.py --out bench/results/triton_e2e.json [--smollm2 out/smollm2-w4]
 """
@@ -136,13 +137,15 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
         print(f"HF fp16 static cache + torch.compile: {res['hf_fp16_static_compiled']['tokens_per_s']:.1f} tok/s",
               flush=True)
 
-    # the 16-bit cache twice: plain launches, then the decode step's kernels as programmatic dependents (``pdl``)
-    # where the GPU has it
+    # the 16-bit cache three times: plain launches, then the decode step's kernels as programmatic dependents
+    # (``pdl``), then those with the tensor-core GEMV among the tuner's candidates (``mma_gemv``), where the GPU has
+    # them (sm_90+)
     pdl_ok = supports_pdl("cuda")
-    for kv_bits, pdl in ((16, False),) + (((16, True),) if pdl_ok else ()) + ((8, False), (4, False)):
+    for kv_bits, pdl, mma in (((16, False, False),) + (((16, True, False), (16, True, True)) if pdl_ok else ())
+                              + ((8, False, False), (4, False, False))):
         t0 = time.time()
         runner = TritonCausalLM(weights, dtype=torch.float16, kv_bits=kv_bits, max_seq_len=args.prompt_len +
-                                args.new_tokens + 16, pdl=pdl)
+                                args.new_tokens + 16, pdl=pdl, mma_gemv=mma)
         setup = time.time() - t0
         r = decode_rate(runner.generate, ids, args.new_tokens, args.repeats)
         r["setup_s"] = round(setup, 1)
@@ -157,9 +160,12 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
             r["decode_tokens_equal_hf"] = runner.generate(ids, 32) == hf_generate(ids, 32)
         if pdl:
             r["speedup_vs_plain_launches"] = r["tokens_per_s"] / res[f"triton_int4_kv{kv_bits}"]["tokens_per_s"]
-        res[f"triton_int4_kv{kv_bits}" + ("_pdl" if pdl else "")] = r
+        if mma:
+            r["speedup_vs_pdl_without_mma"] = r["tokens_per_s"] / res[f"triton_int4_kv{kv_bits}_pdl"]["tokens_per_s"]
+        res[f"triton_int4_kv{kv_bits}" + ("_pdl" if pdl else "") + ("_mma" if mma else "")] = r
         save(res)
-        print(f"qcompile Triton int4, KV {kv_bits}-bit{', PDL step' if pdl else ''}: {r['tokens_per_s']:.1f} tok/s "
+        print(f"qcompile Triton int4, KV {kv_bits}-bit{', PDL step' if pdl else ''}{', mma GEMV' if mma else ''}: "
+              f"{r['tokens_per_s']:.1f} tok/s "
               f"({r['speedup_vs_hf_fp16']:.2f}x HF fp16)", flush=True)
         del runner
         torch.cuda.empty_cache()
@@ -169,7 +175,8 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
 def bench_smollm2(folder: str, new_tokens: int) -> dict:
     """Greedy tokens of the runner vs ORT's (fp32, accuracy level 1) on five chat prompts, for the runner in fp32,
     and in fp16 with the int4 GEMV's per-word decode (``QCOMPILE_GEMV_PAIRS=0``) and row pairs (the default), each
-    with the runner's default launches (PDL on sm_90+), and row pairs with plain launches too; and,
+    with the runner's default launches (PDL on sm_90+), row pairs with plain launches too, and (sm_90+) with the
+    tensor-core GEMV among the tuner's candidates (``mma_gemv``); and,
     along ORT's own greedy path (the runner fed ORT's tokens one decode step at a time, so every step runs the
     batch-1 GEMVs), how often the runner's top token is ORT's and how far its logits are from ORT's. First
     divergences alone compare badly: one flipped near-tie changes every token after it."""
@@ -190,13 +197,16 @@ def bench_smollm2(folder: str, new_tokens: int) -> dict:
         # ORT's logits at the positions that predicted its tokens, one full forward over prompt + tokens
         ref_logits = ort.logits(np.asarray([ids + ref[:-1]], dtype=np.int64))[0, len(ids) - 1:]
         refs.append((q, ids, ref, ref_logits.astype(np.float32)))
-    # the runner's default launches (PDL on sm_90+), and the default fp16 decode once more with plain launches
-    # (PDL GEMVs are tuned as chains: other tiles, other K splits, so other roundings)
-    for name, dtype, pairs, pdl in (("fp32", torch.float32, "1", None), ("fp16_words", torch.float16, "0", None),
-                                    ("fp16_pairs", torch.float16, "1", None),
-                                    ("fp16_pairs_plain", torch.float16, "1", False)):
+    # the runner's default launches (PDL on sm_90+), the default fp16 decode once more with plain launches (PDL
+    # GEMVs are tuned as chains: other tiles, other K splits, so other roundings), and with the tensor-core GEMV among
+    # the tuner's candidates (``mma_gemv``, sm_90+ as PDL)
+    runs = [("fp32", torch.float32, "1", None, False), ("fp16_words", torch.float16, "0", None, False),
+            ("fp16_pairs", torch.float16, "1", None, False), ("fp16_pairs_plain", torch.float16, "1", False, False)]
+    if supports_pdl("cuda"):
+        runs.append(("fp16_mma_gemv", torch.float16, "1", None, True))
+    for name, dtype, pairs, pdl, mma in runs:
         with mock.patch.dict(os.environ, {"QCOMPILE_GEMV_PAIRS": pairs}):
-            runner = TritonCausalLM.from_dir(folder, dtype=dtype, max_seq_len=512, pdl=pdl)
+            runner = TritonCausalLM.from_dir(folder, dtype=dtype, max_seq_len=512, pdl=pdl, mma_gemv=mma)
             rows = []
             for q, ids, ref, ref_logits in refs:
                 got = runner.generate(ids, new_tokens)

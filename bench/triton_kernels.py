@@ -25,7 +25,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,7 +43,7 @@ from qcompile.runtime.triton.w8a8 import _GEMM as INT_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import _TMA as TMA_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import int_linear, quantize_rows, takes_tma_path  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import _GEMV as GEMV_TUNER  # noqa: E402
-from qcompile.runtime.triton.wq_matmul import gemv_tuning_key, half2_gemv, wq_linear  # noqa: E402
+from qcompile.runtime.triton.wq_matmul import copy_weight, gemv_tuning_key, half2_gemv, wq_linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N out, K in): q/o_proj, gate/up_proj, down_proj
 L2_BYTES = 50 * 2**20
@@ -99,16 +98,22 @@ def random_int_weight(n, k, bits, sym, group, gen):
     return q, scale, zero
 
 
-def bench_gemv(peak: float, bits: int, group: int = 128) -> list[dict]:
+def bench_gemv(peak: float, bits: int, group: int = 128, mma: bool = False) -> list[dict]:
+    """``mma``: the weights also carry the tensor-core GEMV's words (the runner's ``mma_gemv``), so the tuner
+    times that kernel beside the pointer GEMV and keeps the faster (int4 only)."""
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n, k in SHAPES:
         q, scale, zero = random_int_weight(n, k, bits, False, group, gen)
         base = pack_from_export(q, scale, zero, bits=bits, dtype=torch.float16).to("cuda")
-        wbytes = base.nbytes
+        if mma:
+            from qcompile.runtime.triton.gemv_mma import attach
+
+            base = attach(base)
+            assert base.mma is not None, "the mma GEMV needs an sm_90 GPU"
+        wbytes = base.nbytes  # the bytes one call reads (the mma words replace the row-major ones, same size)
         copies = copies_for(wbytes)
-        packed = [base] + [replace(base, qweight=base.qweight.clone(), scale=base.scale.clone(),
-                                   zero=None if base.zero is None else base.zero.clone()) for _ in range(copies - 1)]
+        packed = [base] + [copy_weight(base) for _ in range(copies - 1)]
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
         y = wq_linear(x, base)
@@ -129,7 +134,7 @@ def bench_gemv(peak: float, bits: int, group: int = 128) -> list[dict]:
         bytes_read = wbytes + x.numel() * 2 + n * 2
         bw = bytes_read / t_q / 1e12
         rows.append({
-            "bits": bits, "group": group, "N": n, "K": k, "us": t_q * 1e6, "effective_tb_per_s": bw,
+            "bits": bits, "group": group, "mma_gemv": mma, "N": n, "K": k, "us": t_q * 1e6, "effective_tb_per_s": bw,
             "fraction_of_peak_copy": bw / peak, "fp16_us": t_16 * 1e6,
             "fp16_effective_tb_per_s": (n * k * 2 + k * 2 + n * 2) / t_16 / 1e12, "speedup_vs_fp16": t_16 / t_q,
             "max_rel_err_vs_reference": err, "weight_copies": copies,
@@ -142,7 +147,10 @@ def bench_gemv(peak: float, bits: int, group: int = 128) -> list[dict]:
         })
         pdl_note = (f"; PDL chain {t_pdl * 1e6:.2f} us = {bytes_read / t_pdl / 1e12 / peak:.0%}, "
                     f"{t_16 / t_pdl:.2f}x" if t_pdl else "")
-        print(f"int{bits} GEMV {n}x{k}: {t_q * 1e6:.2f} us, {bw:.2f} TB/s = {bw / peak:.0%} of copy peak; "
+        picks = [rows[-1]["config"], rows[-1]["pdl_config"]]
+        tag = (f" (mma_gemv; tensor-core kernel picked: plain {bool(picks[0] and picks[0].get('MMA'))}, "
+               f"PDL {bool(picks[1] and picks[1].get('MMA'))})" if mma else "")
+        print(f"int{bits} GEMV{tag} {n}x{k}: {t_q * 1e6:.2f} us, {bw:.2f} TB/s = {bw / peak:.0%} of copy peak; "
               f"fp16 {t_16 * 1e6:.2f} us -> {t_16 / t_q:.2f}x{pdl_note}", flush=True)
     return rows
 
@@ -273,6 +281,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/triton_kernels.json")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: gemv,gemm,attention")
     ap.add_argument("--gemv-bits", default="4,8", help="GEMV code widths (comma-separated: 4, 8)")
+    ap.add_argument("--mma-gemv", action="store_true",
+                    help="also time the int4 GEMV with the tensor-core kernel among the tuner's candidates "
+                         "(the runner's mma_gemv), sm_90+")
     ap.add_argument("--jobs", type=int, default=1,
                     help="processes that compile the int4 GEMV's candidates before the tuner times them")
     args = ap.parse_args()
@@ -300,13 +311,16 @@ def main() -> None:
 
             precompile_gemv(torch.cuda.get_device_properties(0).multi_processor_count, False, args.jobs)
         res["gemv"] = [r for b in bits for r in bench_gemv(peak, b)]
+        if args.mma_gemv:
+            res["gemv"] += bench_gemv(peak, 4, mma=True)
         save()
     if "gemm" not in skip:
         res["int_gemm"] = bench_int_gemm()
         save()
     if "attention" not in skip:
         res["decode_attention"] = bench_attention()
-    g4 = [r for r in res.get("gemv", []) if r["bits"] == 4]
+    g4 = [r for r in res.get("gemv", []) if r["bits"] == 4 and not r["mma_gemv"]]
+    g4m = [r for r in res.get("gemv", []) if r["mma_gemv"]]
     w8 = [r for r in res.get("int_gemm", []) if r["weights"] == "W8A8"]
     w4 = [r for r in res.get("int_gemm", []) if r["weights"] == "W4A4"]
     att = {r["context"]: r for r in res.get("decode_attention", [])}
@@ -317,6 +331,10 @@ def main() -> None:
                                                         default=None),
         "int4_gemv_pdl_chain_min_speedup_vs_fp16": min((r["pdl_chain_speedup_vs_fp16"] or 0 for r in g4),
                                                        default=None),
+        "int4_gemv_mma_pdl_chain_min_fraction_of_peak": min((r["pdl_chain_fraction_of_peak_copy"] or 0 for r in g4m),
+                                                            default=None),
+        "int4_gemv_mma_pdl_chain_min_speedup_vs_fp16": min((r["pdl_chain_speedup_vs_fp16"] or 0 for r in g4m),
+                                                           default=None),
         "w8a8_min_speedup_gemm (>= 1.6)": min((r["speedup_gemm"] for r in w8), default=None),
         "w8a8_min_speedup_with_quant": min((r["speedup_with_quant"] for r in w8), default=None),
         "w4a4_min_speedup_gemm": min((r["speedup_gemm"] for r in w4), default=None),

@@ -267,11 +267,14 @@ def _run_folder(model_dir: str, args) -> int:
     if args.pdl is not None and args.device != "cuda":
         raise QCompileError("--pdl / --no-pdl set how the Triton runtime launches its kernels (--device cuda); ONNX "
                             "Runtime on the CPU has no such launches")
+    if args.mma_gemv and args.device != "cuda":
+        raise QCompileError("--mma-gemv picks the Triton runtime's int4 GEMV (--device cuda); ONNX Runtime on the CPU "
+                            "runs its own")
     tok = _export_tokenizer(model_dir)
     if args.device == "cuda":  # qcompile's Triton kernels (qcompile/runtime/triton); ONNX Runtime otherwise
         from qcompile.runtime.triton.runner import TritonCausalLM, system_prefix_length
 
-        runner = TritonCausalLM.from_dir(model_dir, kv_bits=args.kv_bits, pdl=args.pdl)
+        runner = TritonCausalLM.from_dir(model_dir, kv_bits=args.kv_bits, pdl=args.pdl, mma_gemv=args.mma_gemv)
     else:
         runner = OrtCausalLM.from_dir(model_dir, accuracy_level=args.accuracy_level, threads=args.threads)
     if tok.chat_template and not args.raw:
@@ -433,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "each overlapping the end of the one before (5.9-14.7 %% faster decode in four H100 runs; "
                         "the first run's kernel tuning takes longer, later runs read it from the tuning cache). "
                         "Default: on where the GPU supports it (sm_90+, Hopper); --no-pdl for plain launches")
+    p.add_argument("--mma-gemv", action="store_true",
+                   help="with --device cuda on sm_90+: also keep int4 weights (groups of 64 or 128) in the tensor-core "
+                        "GEMV's layout, twice their int4 memory; the decode's GEMV tuner keeps whichever kernel is "
+                        "faster per shape")
     common_ort(p)
     p.set_defaults(func=cmd_run)
 

@@ -163,6 +163,21 @@ def cases(all_configs: bool):
                                        types, consts, dict(N=n, K=k, stride_xm=k, stride_rm=n, stride_om=n),
                                        cfg.get("num_warps", 4), cfg.get("num_stages", 2))
 
+    # the tensor-core GEMV (gemv_mma, opt-in): every candidate, both group sizes, with and without SwiGLU
+    from qcompile.runtime.triton import gemv_mma
+
+    mma_types = dict(xw_ptr="*i32", x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", b_ptr="*fp16",
+                     r_ptr="*fp16", out_ptr="*fp16", part_ptr="*fp32", lock_ptr="*i32", N="i32", K="i32")
+    for n, k in shapes:
+        cands = gemv_mma.candidates(n, sms)
+        for group in (128, 64):
+            for act in (False, True):
+                for cfg in (cands if all_configs else cands[:1]):
+                    consts = dict(GROUP=group, HAS_BIAS=True, HAS_RES=True, ACT_SILU_MUL=act, E=cfg["E"],
+                                  SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], PDL=True, AHEAD=cfg["AHEAD"])
+                    yield (f"gemv_mma {n}x{k} g{group} act={act} {cfg}", gemv_mma.gemv_mma_kernel, mma_types, consts,
+                           dict(N=n, K=k), cfg["num_warps"], 2)
+
     for k, group in ((4096, None), (14336, None), (4096, 64), (4096, 128)):
         for dt in ("fp16", "fp32"):
             for sym in (True, False):

@@ -84,6 +84,8 @@ class PackedWeight:
     in_features: int
     out_features: int
     bias: torch.Tensor | None = None
+    # the same codes re-packed for the tensor-core GEMV (gemv_mma.MmaWeight), when opted in; dropped by ``to``
+    mma: object | None = None
 
     @property
     def pack(self) -> int:
@@ -102,6 +104,7 @@ class PackedWeight:
             scale=self.scale.to(device, dt),
             zero=None if self.zero is None else self.zero.to(device),
             bias=None if self.bias is None else self.bias.to(device, dt),
+            mma=None,
         )
 
     @property

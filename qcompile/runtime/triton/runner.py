@@ -576,7 +576,8 @@ class _Linear:
     GEMM on the codes (``w8a8.int_linear``: the same products, accumulated exactly in int32)."""
 
     def __init__(self, parts: list[ExportedLinear], device, dtype, name: str, notes: list[str],
-                 steps: tuple[Step, ...] = (), integer: list[str] | None = None, pdl: bool = False):
+                 steps: tuple[Step, ...] = (), integer: list[str] | None = None, pdl: bool = False,
+                 mma_gemv: bool = False):
         from qcompile.runtime.triton.packing import concat_packed, pack_from_export, pack_int_gemm
 
         self.pdl = pdl
@@ -609,6 +610,10 @@ class _Linear:
                 packed = [pack_from_export(p.qweight, p.scale, p.zero, bits=p.bits, layout="in_out", dtype=dtype,
                                            bias=p.bias, name=name) for p in parts]
                 self.packed = concat_packed(packed).to(device, dtype)
+                if mma_gemv:  # the tensor-core GEMV's words beside the row-major ones (gemv_mma)
+                    from qcompile.runtime.triton.gemv_mma import attach
+
+                    self.packed = attach(self.packed)
                 return
             except ValueError as e:  # e.g. a group size the kernels cannot pack: run it dequantized
                 notes.append(f"{name}: {e}; running it as a float matmul")
@@ -683,11 +688,14 @@ class TritonCausalLM:
     may launch while the kernel before drains and waits in-kernel for its writes; the GEMVs stream their first
     weight tile before that wait), sm_90+; the rotations' kernels (R3's RoPE and store included), the int8 GEMMs
     and torch's ops launch as usual. Without it the attention's tuner may still pick a PDL launch of its own.
+    ``mma_gemv`` (sm_90+): int4 weights in groups of 64 or 128 also kept in the tensor-core GEMV's layout
+    (``gemv_mma``; twice their int4 memory), which the batch-1 GEMV's tuner then times beside the pointer GEMV, keeping
+    the faster per shape (on the H100, a 7-10 % faster PDL chain at 4096 x 14336; docs/BENCHMARKS.md).
     """
 
     def __init__(self, weights: ModelWeights, *, device="cuda", dtype: torch.dtype = torch.float16,
                  kv_bits: int | None = None, prefix_capacity: int = 1024, max_seq_len: int | None = None,
-                 cuda_graph: bool = True, pdl: bool | None = None):
+                 cuda_graph: bool = True, pdl: bool | None = None, mma_gemv: bool = False):
         require_triton()
         check_device(device)
         from qcompile.runtime.triton._tune import supports_pdl
@@ -698,6 +706,9 @@ class TritonCausalLM:
         if pdl and not supports_pdl(device) and not interpreting():
             raise QCompileError("pdl (programmatic dependent launch) needs an sm_90 or newer GPU")
         self.pdl = bool(pdl)
+        if mma_gemv and not (supports_pdl(device) and not interpreting()):  # sm_90+ as PDL, compiled kernels
+            raise QCompileError("mma_gemv (the tensor-core int4 GEMV) needs an sm_90 or newer GPU and compiled kernels")
+        self.mma_gemv = mma_gemv
 
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise QCompileError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
@@ -788,7 +799,8 @@ class TritonCausalLM:
             else:
                 runs.append([p])
         mods = [_Linear(run, self.device, self.dtype, name if len(runs) == 1 else f"{name}[{j}]", self.notes,
-                        run[0].input_steps, self.integer_linears, pdl=self.pdl) for j, run in enumerate(runs)]
+                        run[0].input_steps, self.integer_linears, pdl=self.pdl, mma_gemv=self.mma_gemv)
+                for j, run in enumerate(runs)]
         return mods[0] if len(mods) == 1 else _Concat(mods)
 
     def _check_rotations(self) -> None:

@@ -700,18 +700,26 @@ def gemv_row_pairs(pw: PackedWeight, half2: bool) -> bool:
 def gemv_tuning_key(x: torch.Tensor, pw: PackedWeight, act: str | None = None, pdl: bool = False) -> tuple:
     """The GEMV tuner's key for these operands (``x`` as passed to ``wq_linear``, 2-D). PDL launches are tuned
     apart, as chains (what they change is how a launch overlaps the one before); row-pair candidates apart from
-    per-word ones (the switch may change within a process)."""
-    return _gemv_key(x, pw, act, pdl, gemv_row_pairs(pw, _gemv_half2(x, pw)))
+    per-word ones (the switch may change within a process); weights that carry the tensor-core GEMV's words
+    (``gemv_mma``) apart, their candidates including that kernel's."""
+    half2 = _gemv_half2(x, pw)
+    return _gemv_key(x, pw, act, pdl, gemv_row_pairs(pw, half2), _gemv_mma_ready(pw, half2))
 
 
-def _gemv_key(x: torch.Tensor, pw: PackedWeight, act: str | None, pdl: bool, pairs: bool) -> tuple:
+def _gemv_key(x: torch.Tensor, pw: PackedWeight, act: str | None, pdl: bool, pairs: bool, mma: bool) -> tuple:
     return ((x.shape[0], pw.out_features, pw.in_features, pw.bits, pw.group_size, x.dtype, act)
-            + (("pdl",) if pdl else ()) + (("pairs",) if pairs else ()))
+            + (("pdl",) if pdl else ()) + (("pairs",) if pairs else ()) + (("mma",) if mma else ()))
 
 
 def _gemv_half2(x: torch.Tensor, pw: PackedWeight) -> bool:
     """The half2 path for these operands: ``half2_gemv``, and activations 4-byte aligned (read as int32 pairs)."""
     return half2_gemv(pw.bits, x.shape[0], x.dtype) and x.data_ptr() % 4 == 0
+
+
+def _gemv_mma_ready(pw: PackedWeight, half2: bool) -> bool:
+    """Whether the tensor-core GEMV (``gemv_mma``) can run: the weight carries its words (``gemv_mma.attach``),
+    on the half2 path (one fp16 row, int4)."""
+    return pw.mma is not None and half2
 
 
 def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
@@ -721,12 +729,27 @@ def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
     # a config may set HALF2 explicitly (the benchmark times both paths)
     half2 = _gemv_half2(x, pw)
     pairs = gemv_row_pairs(pw, half2)
+    mma = _gemv_mma_ready(pw, half2)
     candidates = gemv_candidates(m, n, k, pw.bits, num_sms(x.device))
     if pairs:
         candidates = [dict(c, PAIRS=True) for c in candidates]
-    key = _gemv_key(x, pw, act, pdl, pairs)  # as gemv_tuning_key, without deciding half2 and pairs again
+    if mma:  # the tensor-core GEMV competes per shape (the tuner keeps whichever is faster)
+        from qcompile.runtime.triton import gemv_mma
+
+        candidates = candidates + gemv_mma.candidates(n, num_sms(x.device))
+    key = _gemv_key(x, pw, act, pdl, pairs, mma)  # as gemv_tuning_key, without deciding the paths again
 
     def launch(cfg, pw=pw, out=out):
+        if cfg.get("MMA"):
+            if not _gemv_mma_ready(pw, half2):
+                raise ValueError("MMA needs a weight that carries the tensor-core GEMV's words (gemv_mma.attach) "
+                                 "and one fp16 activation row")
+            from qcompile.runtime.triton import gemv_mma
+
+            programs = -(-(n // 16) // (cfg["num_warps"] * cfg["E"]))
+            part, lock = _Workspace.get(x.device, cfg["SPLIT_K"] * n, programs)
+            gemv_mma.launch(x, pw, res, act, out, cfg, part, lock, pdl=pdl_flag(pdl, x.device)[0])
+            return
         meta, opts = launch_opts(cfg)
         if pdl:
             meta.update(PDL=True, PREFETCH=True)
@@ -759,13 +782,19 @@ def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
         to overlap with, so it would time every candidate as a plain launch (bench/triton_sweep.py: the best PDL
         tiles differ from the best plain ones)."""
         l2 = torch.cuda.get_device_properties(x.device).L2_cache_size if x.device.type == "cuda" else 0
-        copies = [pw] + [replace(pw, qweight=pw.qweight.clone(), scale=pw.scale.clone(),
-                                 zero=None if pw.zero is None else pw.zero.clone())
-                         for _ in range(max(1, min(15, math.ceil(2 * l2 / pw.nbytes))))]
+        copies = [pw] + [copy_weight(pw) for _ in range(max(1, min(15, math.ceil(2 * l2 / pw.nbytes))))]
         outs = [torch.empty_like(out) for _ in copies]
         return lambda cfg: [launch(cfg, p, o) for p, o in zip(copies, outs)]
 
     return _GEMV.run(key, candidates, launch, config, timing=pdl_chain if pdl else None)
+
+
+def copy_weight(pw: PackedWeight) -> PackedWeight:
+    """``pw`` with every tensor a kernel reads cloned (the tensor-core GEMV's words too): chains of launches over
+    such copies stream their weights from HBM, not L2."""
+    mma = pw.mma and type(pw.mma)(pw.mma.words.clone(), pw.mma.zero.clone())
+    return replace(pw, qweight=pw.qweight.clone(), scale=pw.scale.clone(),
+                   zero=None if pw.zero is None else pw.zero.clone(), mma=mma)
 
 
 def _gemm(x, pw: PackedWeight, res, out, config):

@@ -115,6 +115,14 @@ def test_pdl_decode_step_computes_the_same(exported, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9, reason="checks the refusal")
+def test_mma_gemv_refused_where_it_cannot_run(exported):
+    """The tensor-core GEMV needs compiled kernels on sm_90+: asked for elsewhere (a CPU under the interpreter, an
+    older GPU), the runner says so instead of silently running the pointer GEMV."""
+    with pytest.raises(QCompileError, match="mma_gemv .* needs an sm_90"):
+        runner(exported["llama"], mma_gemv=True)
+
+
 def test_pdl_defaults_to_what_the_device_supports(exported):
     """``pdl=None`` (the default) turns programmatic dependent launches on exactly where ``supports_pdl`` says
     the device runs them (sm_90+, compiled kernels): off under the interpreter and below Hopper, on an H100."""
@@ -205,9 +213,9 @@ def test_cli_refuses_cuda_without_gpu(exported, capsys):
     assert "needs an NVIDIA GPU" in capsys.readouterr().err
 
 
-def test_cli_hands_pdl_and_kv_bits_to_the_runner(exported, capsys, monkeypatch):
-    """``qcompile run --device cuda --pdl --kv-bits 8`` builds the runner with those settings (the runner is
-    stopped right there: this machine may have no GPU)."""
+def test_cli_hands_pdl_mma_gemv_and_kv_bits_to_the_runner(exported, capsys, monkeypatch):
+    """``qcompile run --device cuda --pdl --mma-gemv --kv-bits 8`` builds the runner with those settings (the
+    runner is stopped right there: this machine may have no GPU)."""
     from qcompile.cli import main
 
     seen = {}
@@ -218,11 +226,12 @@ def test_cli_hands_pdl_and_kv_bits_to_the_runner(exported, capsys, monkeypatch):
 
     monkeypatch.setattr(TritonCausalLM, "from_dir", staticmethod(from_dir))
     folder = str(exported["llama"])
-    assert main(["run", folder, "hi", "--device", "cuda", "--raw", "--pdl", "--kv-bits", "8"]) == 2
+    assert main(["run", folder, "hi", "--device", "cuda", "--raw", "--pdl", "--mma-gemv", "--kv-bits", "8"]) == 2
     assert "stopped after from_dir" in capsys.readouterr().err
-    assert seen == {"folder": folder, "kv_bits": 8, "pdl": True}
+    assert seen == {"folder": folder, "kv_bits": 8, "pdl": True, "mma_gemv": True}
     assert main(["run", folder, "hi", "--device", "cuda", "--raw"]) == 2
     assert seen["pdl"] is None and seen["kv_bits"] is None  # the runner's default: on where the GPU supports it
+    assert seen["mma_gemv"] is False
     assert main(["run", folder, "hi", "--device", "cuda", "--raw", "--no-pdl"]) == 2
     assert seen["pdl"] is False  # (both flags without --device cuda: refused, tests/test_cli.py)
 
@@ -327,3 +336,29 @@ def test_gpu_smollm2_greedy_tokens_match_ort(dtype, tie):
         scale = float(np.abs(ort.logits(np.array([ids]))[0, -1]).max())
         matched.append(same_greedy(ort, r, ids, 32, tie * scale))
     assert sum(matched) >= len(matched) - 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9, reason="the mma GEMV needs sm_90")
+@pytest.mark.parametrize("name", ["w4-asym-g64", "w4-sym-g128"])
+def test_gpu_mma_gemv_decode_follows_ort(larger_exports, name, monkeypatch):
+    """``mma_gemv=True`` with the pointer GEMV's candidates taken away: the decode's int4 GEMVs on tensor cores
+    (gemv_mma). Fed ORT's greedy tokens, each decode step's logits stay within fp16 rounding of ORT's, as the
+    default fp16 decode's do."""
+    from qcompile.runtime.triton import gemv_mma, wq_matmul
+
+    calls = []
+    real = gemv_mma.launch
+    monkeypatch.setattr(gemv_mma, "launch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    gemv = wq_matmul.gemv_candidates
+    # batch 1 on fp16 (the half2 path) has only the mma candidates; prefill's M <= 8 GEMVs keep theirs
+    monkeypatch.setattr(wq_matmul, "gemv_candidates", lambda m, *a: [] if m == 1 else gemv(m, *a))
+    folder = larger_exports[name]
+    ort = OrtCausalLM.from_dir(folder, accuracy_level=1)
+    r = runner(folder, dtype=torch.float16, max_seq_len=128, mma_gemv=True)
+    assert calls  # the warm-up before capture ran the mma kernel
+    for ids in prompt_set(320, seed=1)[:3]:
+        tokens = ort.generate(ids, 16)
+        ref = ort.logits(np.array([ids + tokens[:-1]]))[0, len(ids) - 1:]
+        got = torch.stack([r.prefill(ids)] + [r.decode(t) for t in tokens[:-1]]).cpu().numpy()
+        assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()

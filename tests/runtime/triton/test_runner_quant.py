@@ -272,7 +272,8 @@ def test_linears_with_different_input_quantizers_run_side_by_side(device):
                             scale=(g.random((4, n)) * 0.02 + 0.01).astype(np.float32),
                             zero=g.integers(4, 12, (4, n)).astype(np.int16), bits=4, input_steps=(spec,))
              for n, spec in zip((64, 32, 32), specs)]
-    owner = SimpleNamespace(device=torch.device(device), dtype=torch.float32, notes=[], integer_linears=[], pdl=False)
+    owner = SimpleNamespace(device=torch.device(device), dtype=torch.float32, notes=[], integer_linears=[], pdl=False,
+                            mma_gemv=False)
     mod = TritonCausalLM._linear(owner, parts, "qkv")
     assert isinstance(mod, _Concat) and len(mod.parts) == 2 and owner.notes == []
     x = torch.randn(5, 64) * 3

@@ -1,0 +1,192 @@
+"""The tensor-core int4 GEMV (``qcompile/runtime/triton/gemv_mma.py``, the runner's ``mma_gemv``) on its own, over
+its configurations (row blocks a warp E, warps, K splits, groups loaded ahead), beside the runtime's tuned GEMV on
+the same integers in the same run: correctness at four shapes (groups of 64 and 128, bias / residual, SwiGLU,
+splits, PDL, determinism), then plain and PDL-chain timings at the Llama-3-8B shapes. On CPU: the packing against a
+fragment-level emulation, and SASS instruction counts of the compiled loop. Layout and fragment mapping: the
+module's docstring.
+
+    python bench/triton_gemv_mma.py --emulate        # CPU: packing + fragment mapping against the reference
+    python bench/triton_gemv_mma.py --sass           # CPU: compile for sm_90, count the loop's instructions
+    python bench/triton_gemv_mma.py                  # GPU: correctness and timing against the runtime's GEMV
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+from qcompile.runtime.triton.gemv_mma import emulate, gemv_mma_kernel, pack_mma  # noqa: E402
+
+
+def _random_case(n: int, k: int, group: int = 128, seed: int = 0, bias: bool = False, act: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.001).half()
+    zero = torch.randint(0, 16, (k // group, n), generator=gen, dtype=torch.uint8)
+    x = torch.randn(2 * k if act else k, generator=gen).half()
+    b = torch.randn(n, generator=gen).half() if bias else None
+    r = torch.randn(n, generator=gen).half() if bias else None
+    w = (codes.float() - zero.float().repeat_interleave(group, 0)) * scale.float().repeat_interleave(group, 0)
+    xa = x.float()
+    if act:  # SwiGLU of gate | up, rounded to fp16 as the kernel feeds it
+        xa = (torch.nn.functional.silu(xa[:k]) * xa[k:]).half().float()
+    ref = xa @ w + (b.float() + r.float() if bias else 0.0)
+    return x, codes, scale, zero, b, r, ref
+
+
+def check_emulation() -> dict:
+    out = {}
+    for n, k, group in ((16, 256, 128), (32, 128, 128), (16, 192, 64)):
+        x, codes, scale, zero, _, _, ref = _random_case(n, k, group)
+        y = emulate(x, pack_mma(codes, group), scale, zero, group)
+        err = ((y - ref).abs().max() / ref.abs().max()).item()
+        out[f"{n}x{k}g{group}"] = err
+        print(f"emulated {n}x{k}, groups of {group}: max rel err {err:.2e}", flush=True)
+        assert err < 1e-5, err
+    return out
+
+
+def _types():
+    return dict(xw_ptr="*i32", x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", b_ptr="*fp16", r_ptr="*fp16",
+                out_ptr="*fp16", part_ptr="*fp32", lock_ptr="*i32", N="i32", K="i32")
+
+
+def sass_counts(cases=((128, 4, 1), (128, 4, 2), (128, 4, 4), (128, 8, 2), (64, 4, 2), (64, 4, 4))) -> list:
+    from bench.triton_gemv_sass import loop_mix
+    from qcompile.runtime.triton.aot_check import compile_one
+
+    rows = []
+    for group, warps, e in cases:
+        for act in (False, True):
+            st = compile_one(gemv_mma_kernel, _types(), dict(GROUP=group, HAS_BIAS=True, HAS_RES=True,
+                                                              ACT_SILU_MUL=act, E=e, SPLIT_K=4, num_warps=warps,
+                                                              PDL=True), dict(N=4096, K=4096), warps, keep_cubin=True)
+            n, mix = loop_mix(st["cubin"])
+            words = group // 16 * e  # a group's words per lane
+            rows.append(dict(group=group, warps=warps, E=e, silu_mul=act, regs=st["regs"], spills=st["spills"],
+                             per_word=n / words, mix=dict(mix.most_common(12))))
+            print(f"groups of {group}{', SwiGLU' if act else ''}, {warps} warps x {e} row blocks: {st['regs']} "
+                  f"registers, {st['spills']} B spilled, {n} instructions per group loop, {n / words:.1f} per word; "
+                  f"top: {', '.join(f'{k} {v}' for k, v in mix.most_common(8))}", flush=True)
+    return rows
+
+
+def launch(x, wm, scale, zero, out, e: int, warps: int, split: int, ahead: int, pdl: bool = False, bias=None,
+           res=None, act: bool = False):
+    from qcompile.runtime.triton.wq_matmul import _Workspace
+
+    n = scale.shape[1]
+    group = 16 * wm.shape[-1]
+    k = wm.shape[1] * group
+    programs = -(-(n // 16) // (warps * e))
+    part, lock = _Workspace.get(x.device, split * n, programs)
+    gemv_mma_kernel[(programs, split)](
+        x.view(torch.int32), x, wm, scale, zero, bias if bias is not None else out, res if res is not None else out,
+        out, part, lock, n, k, GROUP=group, HAS_BIAS=bias is not None, HAS_RES=res is not None, ACT_SILU_MUL=act,
+        E=e, SPLIT_K=split, num_warps=warps, PDL=pdl, AHEAD=ahead, **({"launch_pdl": True} if pdl else {}))
+
+
+def gpu(configs) -> dict:
+    from bench.triton_kernels import SHAPES, copies_for, graph_time, peak_copy_bandwidth
+    from qcompile.runtime.triton.packing import pack_from_export
+    from qcompile.runtime.triton.wq_matmul import wq_linear
+
+    res = {"device": torch.cuda.get_device_name(), "peak_copy": peak_copy_bandwidth(), "check": [], "rows": []}
+    peak = res["peak_copy"]["tb_per_s"]
+    # correctness: both group sizes, the epilogues and SwiGLU, split or not, plain and PDL launches
+    for n, k, group, bias, act in ((256, 512, 128, False, False), (1008, 384, 64, True, False),
+                                   (512, 1024, 128, True, True), (4096, 4096, 128, False, False)):
+        x, codes, scale, zero, b, r, ref = _random_case(n, k, group, seed=1, bias=bias, act=act)
+        xc, sc, zc = x.cuda(), scale.cuda(), zero.cuda()
+        bc, rc = (b.cuda(), r.cuda()) if bias else (None, None)
+        wm = pack_mma(codes, group).cuda()
+        # every configuration at the plain Llama shape (the ones timed below); a few, splits included, at the
+        # others (each set of epilogue flags compiles every configuration anew: ~1.5 s each)
+        some = configs if n == 4096 else [c for c in configs if c in ((1, 4, 2, 2), (2, 4, 2, 1), (4, 4, 8, 1),
+                                                                       (2, 8, 16, 2), (1, 8, 4, 2))]
+        for e, warps, split, ahead in some:
+            for pdl in (False, True):
+                out = torch.empty(n, device="cuda", dtype=torch.float16)
+                launch(xc, wm, sc, zc, out, e, warps, split, ahead, pdl, bc, rc, act)
+                out2 = torch.empty_like(out)
+                launch(xc, wm, sc, zc, out2, e, warps, split, ahead, pdl, bc, rc, act)
+                err = ((out.float().cpu() - ref).abs().max() / ref.abs().max()).item()
+                res["check"].append({"N": n, "K": k, "group": group, "bias_res": bias, "silu_mul": act, "E": e,
+                                     "warps": warps, "split": split, "ahead": ahead, "pdl": pdl, "rel_err": err,
+                                     "deterministic": bool(torch.equal(out, out2))})
+    bad = [c for c in res["check"] if not (c["rel_err"] < 2e-3 and c["deterministic"])]
+    worst = max(c["rel_err"] for c in res["check"])
+    print(f"check: {len(res['check'])} cases, worst rel err {worst:.2e}, {len(bad)} bad {bad[:3]}", flush=True)
+    for n, k in SHAPES:
+        x, codes, scale, zero, _, _, _ = _random_case(n, k, seed=2)
+        xc, sc, zc = x.cuda(), scale.cuda(), zero.cuda()
+        wm = pack_mma(codes).cuda()
+        nbytes = wm.numel() * 4 + sc.numel() * 2 + zc.numel() + 2 * k + 2 * n
+        copies = copies_for(wm.numel() * 4)
+        ws = [wm] + [wm.clone() for _ in range(copies - 1)]
+        outs = [torch.empty(n, device="cuda", dtype=torch.float16) for _ in ws]
+        # the runtime's tuned GEMV on the same integers, same run
+        pw = pack_from_export(codes.T.contiguous().to(torch.int32), scale.T.contiguous(), zero.T.contiguous(),
+                              bits=4, dtype=torch.float16).to("cuda")
+        xx = xc.view(1, k)
+        pws = [pw] + [replace(pw, qweight=pw.qweight.clone(), scale=pw.scale.clone(), zero=pw.zero.clone())
+                      for _ in range(copies_for(pw.nbytes) - 1)]  # copies, so that the chain streams from HBM
+        routs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in pws]
+        wq_linear(xx, pw)
+        wq_linear(xx, pw, pdl=True)
+        t_rt = graph_time([lambda p=p, o=o: wq_linear(xx, p, out=o) for p, o in zip(pws, routs)])
+        t_rtp = graph_time([lambda p=p, o=o: wq_linear(xx, p, out=o, pdl=True) for p, o in zip(pws, routs)])
+        row = {"N": n, "K": k, "runtime_us": t_rt * 1e6, "runtime_pdl_us": t_rtp * 1e6,
+               "runtime_fraction": nbytes / t_rt / 1e12 / peak, "runtime_pdl_fraction": nbytes / t_rtp / 1e12 / peak,
+               "configs": []}
+        print(f"{n}x{k}: runtime GEMV {t_rt * 1e6:.2f} us ({row['runtime_fraction']:.0%}), PDL chain "
+              f"{t_rtp * 1e6:.2f} us ({row['runtime_pdl_fraction']:.0%})", flush=True)
+        for e, warps, split, ahead in configs:
+            c = {"E": e, "warps": warps, "split": split, "ahead": ahead}
+            for pdl in (False, True):
+                t = graph_time([lambda w=w, o=o: launch(xc, w, sc, zc, o, e, warps, split, ahead, pdl)
+                                for w, o in zip(ws, outs)])
+                tag = "pdl_" if pdl else ""
+                c.update({f"{tag}us": t * 1e6, f"{tag}fraction_of_peak_copy": nbytes / t / 1e12 / peak})
+            row["configs"].append(c)
+        best = sorted(row["configs"], key=lambda c: c["pdl_us"])[:4]
+        for c in best:
+            print(f"  mma E={c['E']} warps={c['warps']} split={c['split']} ahead={c['ahead']}: {c['us']:.2f} us "
+                  f"({c['fraction_of_peak_copy']:.0%}), PDL chain {c['pdl_us']:.2f} us "
+                  f"({c['pdl_fraction_of_peak_copy']:.0%})", flush=True)
+        res["rows"].append(row)
+        del ws, pws
+        torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--emulate", action="store_true")
+    ap.add_argument("--sass", action="store_true")
+    ap.add_argument("--out", default="bench/results/triton_gemv_mma.json")
+    args = ap.parse_args()
+    res = {}
+    if args.emulate or not torch.cuda.is_available():
+        res["emulation"] = check_emulation()
+    if args.sass or not torch.cuda.is_available():
+        res["sass"] = sass_counts()
+    if torch.cuda.is_available() and not (args.emulate or args.sass):
+        # registers: two groups ahead for up to two row blocks a warp, one for four
+        # (and one group a program: 32 splits at K = 4096)
+        res["gpu"] = gpu([(e, w, s, a) for w in (4, 8) for e in (1, 2, 4) for s in (2, 4, 8, 16) for a in (1, 2)
+                          if e * a <= 4] + [(e, w, 32, 1) for w in (4, 8) for e in (1, 2)])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
