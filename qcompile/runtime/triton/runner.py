@@ -706,6 +706,8 @@ class TritonCausalLM:
         if pdl and not supports_pdl(device) and not interpreting():
             raise QCompileError("pdl (programmatic dependent launch) needs an sm_90 or newer GPU")
         self.pdl = bool(pdl)
+        if mma_gemv and dtype != torch.float16:  # its words would sit unused beside the fp32 / bf16 GEMV's
+            raise QCompileError(f"mma_gemv runs the float16 decode's GEMV; this runner's dtype is {dtype}")
         if mma_gemv and not (supports_pdl(device) and not interpreting()):  # sm_90+ as PDL, compiled kernels
             raise QCompileError("mma_gemv (the tensor-core int4 GEMV) needs an sm_90 or newer GPU and compiled kernels")
         self.mma_gemv = mma_gemv

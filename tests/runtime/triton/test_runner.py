@@ -120,7 +120,13 @@ def test_mma_gemv_refused_where_it_cannot_run(exported):
     """The tensor-core GEMV needs compiled kernels on sm_90+: asked for elsewhere (a CPU under the interpreter, an
     older GPU), the runner says so instead of silently running the pointer GEMV."""
     with pytest.raises(QCompileError, match="mma_gemv .* needs an sm_90"):
-        runner(exported["llama"], mma_gemv=True)
+        runner(exported["llama"], mma_gemv=True, dtype=torch.float16)
+
+
+def test_mma_gemv_refused_off_float16(exported):
+    """The tensor-core GEMV is the fp16 decode's: with fp32 or bf16 activations its words would only take memory."""
+    with pytest.raises(QCompileError, match="mma_gemv runs the float16 decode"):
+        runner(exported["llama"], mma_gemv=True, dtype=torch.float32)
 
 
 def test_pdl_defaults_to_what_the_device_supports(exported):
