@@ -231,8 +231,9 @@ def gemv_mma_kernel(xw_ptr, x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, p
     [2K] = gate | up, read as fp16 through ``x_ptr``); words ``pack_mma``; scale [K/G, N] fp16, zero [K/G, N]
     uint8; out [N] fp16. Each warp owns E blocks of 16 rows; programs split K by groups, the last to arrive (an
     arrival counter per program column) summing the fp32 partials in split order: deterministic, one launch.
-    The next group's words are loaded before this group's decode (registers double-buffered); with ``PDL`` the
-    first group's are loaded, and the next kernel released, before waiting for the kernel before."""
+    Everything a group reads is loaded ``AHEAD`` (1 or 2) groups before its decode, in registers; with ``PDL`` the
+    first ``AHEAD`` groups' words, zero points and scales are loaded, and the next kernel released, before waiting
+    for the kernel before (whose output x is)."""
     STEPS: gl.constexpr = GROUP // 16  # k16 steps (words) per lane per group
     XP: gl.constexpr = GROUP // 8  # activation pairs per lane per group (lanes 0-3)
     L: gl.constexpr = gl.BlockedLayout([1, 1, 1, STEPS], [1, 1, 32, 1], [num_warps, 1, 1, 1], [3, 2, 1, 0])

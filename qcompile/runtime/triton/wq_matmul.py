@@ -21,6 +21,9 @@ GEMV (decode is memory bound: the kernel must stream the packed weight once at c
   and one launch does it all (a second reduction kernel would cost as much as the GEMV itself at 4096x4096);
   wide programs (8-16 warps over a 32-64-column band and a long run of K) need few splits or none, and where they
   win the tuner picks them: their warps' sums meet in shared memory, with no workspace and no last-program tail;
+* ``MMA``: a weight that also carries the tensor-core GEMV's words (``gemv_mma.attach``, the runner's
+  ``mma_gemv``) adds that kernel's configurations to the batch-1 fp16 candidates, under a key of its own; the tuner
+  keeps the faster per shape (``gemv_mma``: products on ``mma.sync``, words pre-permuted into its operand layout);
 * ``BAND`` (a bench variant) reads the words from column bands ``[N / BAND, K / pack, BAND]`` instead, so that a
   program's slice is one contiguous run; ``packing.column_bands`` writes it, for bench/triton_sweep.py only (the
   runner packs row-major);
