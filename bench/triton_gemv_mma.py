@@ -79,25 +79,28 @@ def sass_counts(cases=((128, 4, 1), (128, 4, 2), (128, 4, 4), (128, 8, 2), (64, 
     return rows
 
 
-def launch(x, wm, scale, zero, out, e: int, warps: int, split: int, ahead: int, pdl: bool = False, bias=None,
-           res=None, act: bool = False):
-    from qcompile.runtime.triton.wq_matmul import _Workspace
+def with_words(codes, scale, zero, group: int = 128, bias=None):
+    """The runtime's PackedWeight of these integers on the GPU (codes [K, N], scale / zero [K / G, N]), carrying the
+    mma words packed from ``codes`` here (``pack_mma``, the layout the emulation checks)."""
+    from qcompile.runtime.triton.gemv_mma import MmaWeight
+    from qcompile.runtime.triton.packing import pack_from_export
 
-    n = scale.shape[1]
-    group = 16 * wm.shape[-1]
-    k = wm.shape[1] * group
-    programs = -(-(n // 16) // (warps * e))
-    part, lock = _Workspace.get(x.device, split * n, programs)
-    gemv_mma_kernel[(programs, split)](
-        x.view(torch.int32), x, wm, scale, zero, bias if bias is not None else out, res if res is not None else out,
-        out, part, lock, n, k, GROUP=group, HAS_BIAS=bias is not None, HAS_RES=res is not None, ACT_SILU_MUL=act,
-        E=e, SPLIT_K=split, num_warps=warps, PDL=pdl, AHEAD=ahead, **({"launch_pdl": True} if pdl else {}))
+    pw = pack_from_export(codes.T.contiguous().to(torch.int32), scale.T.contiguous(), zero.T.contiguous(), bits=4,
+                          dtype=torch.float16, bias=bias).to("cuda")
+    return replace(pw, mma=MmaWeight(pack_mma(codes, group).cuda(), zero.cuda()))
+
+
+def launch(x, pw, out, e: int, warps: int, split: int, ahead: int, pdl: bool = False, res=None, act: bool = False):
+    """One configuration of the mma kernel through the runtime's launcher (``gemv_mma.launch``)."""
+    from qcompile.runtime.triton import gemv_mma
+
+    gemv_mma.launch(x, pw, res, "silu_mul" if act else None, out,
+                    dict(E=e, num_warps=warps, SPLIT_K=split, AHEAD=ahead), pdl=pdl)
 
 
 def gpu(configs) -> dict:
     from bench.triton_kernels import SHAPES, copies_for, graph_time, peak_copy_bandwidth
-    from qcompile.runtime.triton.packing import pack_from_export
-    from qcompile.runtime.triton.wq_matmul import wq_linear
+    from qcompile.runtime.triton.wq_matmul import copy_weight, wq_linear
 
     res = {"device": torch.cuda.get_device_name(), "peak_copy": peak_copy_bandwidth(), "check": [], "rows": []}
     peak = res["peak_copy"]["tb_per_s"]
@@ -105,9 +108,9 @@ def gpu(configs) -> dict:
     for n, k, group, bias, act in ((256, 512, 128, False, False), (1008, 384, 64, True, False),
                                    (512, 1024, 128, True, True), (4096, 4096, 128, False, False)):
         x, codes, scale, zero, b, r, ref = _random_case(n, k, group, seed=1, bias=bias, act=act)
-        xc, sc, zc = x.cuda(), scale.cuda(), zero.cuda()
-        bc, rc = (b.cuda(), r.cuda()) if bias else (None, None)
-        wm = pack_mma(codes, group).cuda()
+        xc = x.cuda()
+        rc = r.cuda() if bias else None
+        pw = with_words(codes, scale, zero, group, bias=b)
         # every configuration at the plain Llama shape (the ones timed below); a few, splits included, at the
         # others (each set of epilogue flags compiles every configuration anew: ~1.5 s each)
         some = configs if n == 4096 else [c for c in configs if c in ((1, 4, 2, 2), (2, 4, 2, 1), (4, 4, 8, 1),
@@ -115,9 +118,9 @@ def gpu(configs) -> dict:
         for e, warps, split, ahead in some:
             for pdl in (False, True):
                 out = torch.empty(n, device="cuda", dtype=torch.float16)
-                launch(xc, wm, sc, zc, out, e, warps, split, ahead, pdl, bc, rc, act)
+                launch(xc, pw, out, e, warps, split, ahead, pdl, rc, act)
                 out2 = torch.empty_like(out)
-                launch(xc, wm, sc, zc, out2, e, warps, split, ahead, pdl, bc, rc, act)
+                launch(xc, pw, out2, e, warps, split, ahead, pdl, rc, act)
                 err = ((out.float().cpu() - ref).abs().max() / ref.abs().max()).item()
                 res["check"].append({"N": n, "K": k, "group": group, "bias_res": bias, "silu_mul": act, "E": e,
                                      "warps": warps, "split": split, "ahead": ahead, "pdl": pdl, "rel_err": err,
@@ -127,23 +130,19 @@ def gpu(configs) -> dict:
     print(f"check: {len(res['check'])} cases, worst rel err {worst:.2e}, {len(bad)} bad {bad[:3]}", flush=True)
     for n, k in SHAPES:
         x, codes, scale, zero, _, _, _ = _random_case(n, k, seed=2)
-        xc, sc, zc = x.cuda(), scale.cuda(), zero.cuda()
-        wm = pack_mma(codes).cuda()
-        nbytes = wm.numel() * 4 + sc.numel() * 2 + zc.numel() + 2 * k + 2 * n
-        copies = copies_for(wm.numel() * 4)
-        ws = [wm] + [wm.clone() for _ in range(copies - 1)]
-        outs = [torch.empty(n, device="cuda", dtype=torch.float16) for _ in ws]
-        # the runtime's tuned GEMV on the same integers, same run
-        pw = pack_from_export(codes.T.contiguous().to(torch.int32), scale.T.contiguous(), zero.T.contiguous(),
-                              bits=4, dtype=torch.float16).to("cuda")
+        xc = x.cuda()
+        pw = with_words(codes, scale, zero)
+        nbytes = pw.nbytes + 2 * k + 2 * n  # words, scales, zero points (either layout), x and the output
+        # copies, so that the chains stream from HBM; the runtime's tuned GEMV on the same integers in the same run
+        # reads them without the mma words (its default candidates)
+        pws = [pw] + [copy_weight(pw) for _ in range(copies_for(pw.nbytes) - 1)]
+        plain = [replace(p, mma=None) for p in pws]
+        outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in pws]
         xx = xc.view(1, k)
-        pws = [pw] + [replace(pw, qweight=pw.qweight.clone(), scale=pw.scale.clone(), zero=pw.zero.clone())
-                      for _ in range(copies_for(pw.nbytes) - 1)]  # copies, so that the chain streams from HBM
-        routs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in pws]
-        wq_linear(xx, pw)
-        wq_linear(xx, pw, pdl=True)
-        t_rt = graph_time([lambda p=p, o=o: wq_linear(xx, p, out=o) for p, o in zip(pws, routs)])
-        t_rtp = graph_time([lambda p=p, o=o: wq_linear(xx, p, out=o, pdl=True) for p, o in zip(pws, routs)])
+        wq_linear(xx, plain[0])
+        wq_linear(xx, plain[0], pdl=True)
+        t_rt = graph_time([lambda p=p, o=o: wq_linear(xx, p, out=o) for p, o in zip(plain, outs)])
+        t_rtp = graph_time([lambda p=p, o=o: wq_linear(xx, p, out=o, pdl=True) for p, o in zip(plain, outs)])
         row = {"N": n, "K": k, "runtime_us": t_rt * 1e6, "runtime_pdl_us": t_rtp * 1e6,
                "runtime_fraction": nbytes / t_rt / 1e12 / peak, "runtime_pdl_fraction": nbytes / t_rtp / 1e12 / peak,
                "configs": []}
@@ -152,8 +151,8 @@ def gpu(configs) -> dict:
         for e, warps, split, ahead in configs:
             c = {"E": e, "warps": warps, "split": split, "ahead": ahead}
             for pdl in (False, True):
-                t = graph_time([lambda w=w, o=o: launch(xc, w, sc, zc, o, e, warps, split, ahead, pdl)
-                                for w, o in zip(ws, outs)])
+                t = graph_time([lambda p=p, o=o: launch(xx, p, o, e, warps, split, ahead, pdl)
+                                for p, o in zip(pws, outs)])
                 tag = "pdl_" if pdl else ""
                 c.update({f"{tag}us": t * 1e6, f"{tag}fraction_of_peak_copy": nbytes / t / 1e12 / peak})
             row["configs"].append(c)
@@ -163,7 +162,7 @@ def gpu(configs) -> dict:
                   f"({c['fraction_of_peak_copy']:.0%}), PDL chain {c['pdl_us']:.2f} us "
                   f"({c['pdl_fraction_of_peak_copy']:.0%})", flush=True)
         res["rows"].append(row)
-        del ws, pws
+        del pws, plain
         torch.cuda.empty_cache()
     return res
 

@@ -34,7 +34,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,7 +61,7 @@ from qcompile.runtime.triton.w8a8 import _GEMM as INT_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import _TMA as TMA_TUNER  # noqa: E402
 from qcompile.runtime.triton.w8a8 import int_linear, quantize_rows, takes_tma_path  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import _GEMV as GEMV_TUNER  # noqa: E402
-from qcompile.runtime.triton.wq_matmul import gemv_candidates, gemv_tuning_key, wq_linear  # noqa: E402
+from qcompile.runtime.triton.wq_matmul import copy_weight, gemv_candidates, gemv_tuning_key, wq_linear  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -152,8 +151,7 @@ def sweep_gemv(peak: float, group: int = 128, bands=(32, 64), wide: bool = True,
         q, scale, zero = random_int_weight(n, k, 4, False, group, gen)
         base = pack_from_export(q, scale, zero, bits=4, dtype=torch.float16).to("cuda")
         copies = copies_for(base.nbytes)
-        packed = [base] + [replace(base, qweight=base.qweight.clone(), scale=base.scale.clone(),
-                                   zero=base.zero.clone()) for _ in range(copies - 1)]
+        packed = [base] + [copy_weight(base) for _ in range(copies - 1)]
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
         ref = R.wq_linear_ref(x.float(), base.to(dtype=torch.float32))

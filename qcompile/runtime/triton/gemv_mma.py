@@ -385,11 +385,15 @@ def candidates(n: int, sms: int) -> list[dict]:
     return out
 
 
-def launch(x, pw, res, act, out, cfg: dict, part, lock, pdl: bool = False):
-    """One launch on ``x`` [1, K] (or [1, 2K] gate | up with ``act="silu_mul"``) fp16 into ``out`` [1, N]."""
+def launch(x, pw, res, act, out, cfg: dict, pdl: bool = False):
+    """One launch on ``x`` [1, K] (or [1, 2K] gate | up with ``act="silu_mul"``) fp16 into ``out`` [1, N], its
+    split-K workspace the pointer GEMV's (``wq_matmul._Workspace``)."""
+    from qcompile.runtime.triton.wq_matmul import _Workspace
+
     mw = pw.mma
     n, k = pw.out_features, pw.in_features
     programs = -(-(n // 16) // (cfg["num_warps"] * cfg["E"]))
+    part, lock = _Workspace.get(x.device, cfg["SPLIT_K"] * n, programs)
     xv = x.view(-1)
     gemv_mma_kernel[(programs, cfg["SPLIT_K"])](
         xv.view(torch.int32) if act is None else xv[:2].view(torch.int32), xv, mw.words, pw.scale, mw.zero,

@@ -749,9 +749,7 @@ def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
                                  "and one fp16 activation row")
             from qcompile.runtime.triton import gemv_mma
 
-            programs = -(-(n // 16) // (cfg["num_warps"] * cfg["E"]))
-            part, lock = _Workspace.get(x.device, cfg["SPLIT_K"] * n, programs)
-            gemv_mma.launch(x, pw, res, act, out, cfg, part, lock, pdl=pdl_flag(pdl, x.device)[0])
+            gemv_mma.launch(x, pw, res, act, out, cfg, pdl=pdl_flag(pdl, x.device)[0])
             return
         meta, opts = launch_opts(cfg)
         if pdl:
