@@ -54,21 +54,16 @@ def check_emulation() -> dict:
     return out
 
 
-def _types():
-    return dict(xw_ptr="*i32", x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", b_ptr="*fp16", r_ptr="*fp16",
-                out_ptr="*fp16", part_ptr="*fp32", lock_ptr="*i32", N="i32", K="i32")
-
-
 def sass_counts(cases=((128, 4, 1), (128, 4, 2), (128, 4, 4), (128, 8, 2), (64, 4, 2), (64, 4, 4))) -> list:
     from bench.triton_gemv_sass import loop_mix
-    from qcompile.runtime.triton.aot_check import compile_one
+    from qcompile.runtime.triton.aot_check import GEMV_MMA_TYPES, compile_one
 
     rows = []
     for group, warps, e in cases:
         for act in (False, True):
-            st = compile_one(gemv_mma_kernel, _types(), dict(GROUP=group, HAS_BIAS=True, HAS_RES=True,
-                                                              ACT_SILU_MUL=act, E=e, SPLIT_K=4, num_warps=warps,
-                                                              PDL=True), dict(N=4096, K=4096), warps, keep_cubin=True)
+            consts = dict(GROUP=group, HAS_BIAS=True, HAS_RES=True, ACT_SILU_MUL=act, E=e, SPLIT_K=4, num_warps=warps,
+                          PDL=True)
+            st = compile_one(gemv_mma_kernel, GEMV_MMA_TYPES, consts, dict(N=4096, K=4096), warps, keep_cubin=True)
             n, mix = loop_mix(st["cubin"])
             words = group // 16 * e  # a group's words per lane
             rows.append(dict(group=group, warps=warps, E=e, silu_mul=act, regs=st["regs"], spills=st["spills"],

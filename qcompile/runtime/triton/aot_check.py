@@ -24,6 +24,9 @@ import sys
 import tempfile
 
 SHARED_LIMIT = 232448  # bytes of shared memory one block may opt into on H100 (227 KiB)
+# argument types of the tensor-core GEMV (gemv_mma.gemv_mma_kernel), fp16 activations
+GEMV_MMA_TYPES = dict(xw_ptr="*i32", x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", b_ptr="*fp16",
+                      r_ptr="*fp16", out_ptr="*fp16", part_ptr="*fp32", lock_ptr="*i32", N="i32", K="i32")
 
 
 def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
@@ -166,8 +169,6 @@ def cases(all_configs: bool):
     # the tensor-core GEMV (gemv_mma, opt-in): every candidate, both group sizes, with and without SwiGLU
     from qcompile.runtime.triton import gemv_mma
 
-    mma_types = dict(xw_ptr="*i32", x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", b_ptr="*fp16",
-                     r_ptr="*fp16", out_ptr="*fp16", part_ptr="*fp32", lock_ptr="*i32", N="i32", K="i32")
     for n, k in shapes:
         cands = gemv_mma.candidates(n, sms)
         for group in (128, 64):
@@ -175,8 +176,8 @@ def cases(all_configs: bool):
                 for cfg in (cands if all_configs else cands[:1]):
                     consts = dict(GROUP=group, HAS_BIAS=True, HAS_RES=True, ACT_SILU_MUL=act, E=cfg["E"],
                                   SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], PDL=True, AHEAD=cfg["AHEAD"])
-                    yield (f"gemv_mma {n}x{k} g{group} act={act} {cfg}", gemv_mma.gemv_mma_kernel, mma_types, consts,
-                           dict(N=n, K=k), cfg["num_warps"], 2)
+                    yield (f"gemv_mma {n}x{k} g{group} act={act} {cfg}", gemv_mma.gemv_mma_kernel, GEMV_MMA_TYPES,
+                           consts, dict(N=n, K=k), cfg["num_warps"], 2)
 
     for k, group in ((4096, None), (14336, None), (4096, 64), (4096, 128)):
         for dt in ("fp16", "fp32"):

@@ -744,7 +744,7 @@ def _gemv(x, pw: PackedWeight, res, act, out, config, pdl: bool = False):
 
     def launch(cfg, pw=pw, out=out):
         if cfg.get("MMA"):
-            if not _gemv_mma_ready(pw, half2):
+            if not mma:  # (a copy of the weight for the PDL chain carries the words exactly when pw does)
                 raise ValueError("MMA needs a weight that carries the tensor-core GEMV's words (gemv_mma.attach) "
                                  "and one fp16 activation row")
             from qcompile.runtime.triton import gemv_mma
