@@ -130,12 +130,14 @@ def cases(all_configs: bool):
                     # the first candidate also as a programmatic dependent launch, with and without the first
                     # tile read before the wait, and on column bands (bench variants, fp16 int4)
                     pdl = ([dict(cands[0], PDL=True), dict(cands[0], PDL=True, PREFETCH=True),
+                            dict(cands[0], PDL=True, PREFETCH=True, L2PF=True),
                             dict(cands[0], BAND=cands[0]["BLOCK_N"])]
                            if act_dt == "fp16" and bits == 4 else [])
                     if act_dt == "fp16" and bits == 4 and m == 1:
                         # the runtime's default decode here is row pairs (every candidate: wq_matmul.gemv_row_pairs);
                         # the per-word decode (QCOMPILE_GEMV_PAIRS=0) through the first candidate, as above
-                        pdl += [dict(cands[0], PAIRS=True, PDL=True, PREFETCH=True)]
+                        pdl += [dict(cands[0], PAIRS=True, PDL=True, PREFETCH=True),
+                                dict(cands[0], PAIRS=True, PDL=True, PREFETCH=True, L2PF=True)]
                         cands = [dict(c, PAIRS=True) for c in cands] + [cands[0]]
                     for cfg in (cands if all_configs else cands[:1]) + pdl:
                         meta = {kk: v for kk, v in cfg.items() if kk not in ("num_warps", "num_stages")}
