@@ -7,9 +7,10 @@ nothing: before the wait each program issues ``cp.async.bulk.prefetch.L2`` for t
 zero points), so the slice streams from HBM into L2 during the kernel before, and after the wait the GEMV's loop
 reads it from L2. This script times every tuner candidate of the runtime's GEMV at the Llama-3-8B shapes as PDL
 chains with and without ``L2PF`` (the outputs must be bit-identical: the same arithmetic), beside the tuned default
-and the copy peak of the same run.
+and the copy peak of the same run; ``--mma`` the same for the tensor-core GEMV's candidates.
 
     python bench/triton_gemv_l2.py --out bench/results/triton_gemv_l2.json
+    python bench/triton_gemv_l2.py --mma --out bench/results/triton_gemv_l2_mma.json
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("QCOMPILE_TUNE_CACHE", "0")
 
 from bench.triton_kernels import SHAPES, copies_for, graph_time, peak_copy_bandwidth, random_int_weight  # noqa: E402
+from qcompile.runtime.triton import gemv_mma  # noqa: E402
 from qcompile.runtime.triton._tune import num_sms  # noqa: E402
 from qcompile.runtime.triton.packing import pack_from_export  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import copy_weight, gemv_candidates, wq_linear  # noqa: E402
@@ -35,8 +37,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/triton_gemv_l2.json")
     ap.add_argument("--shapes", default="all", help="'all' or e.g. 4096x4096 (N x K)")
+    ap.add_argument("--mma", action="store_true",
+                    help="the tensor-core GEMV's candidates instead (weights carrying its words, gemv_mma.attach)")
     args = ap.parse_args()
-    res = {"device": torch.cuda.get_device_name(), "peak_copy": peak_copy_bandwidth(), "shapes": []}
+    res = {"device": torch.cuda.get_device_name(), "peak_copy": peak_copy_bandwidth(), "mma": args.mma, "shapes": []}
     peak = res["peak_copy"]["tb_per_s"]
     print(f"peak copy {peak:.2f} TB/s", flush=True)
     shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -44,6 +48,8 @@ def main() -> None:
     for n, k in shapes:
         q, scale, zero = random_int_weight(n, k, 4, False, 128, gen)
         base = pack_from_export(q, scale, zero, bits=4, dtype=torch.float16).to("cuda")
+        if args.mma:
+            base = gemv_mma.attach(base)
         packed = [base] + [copy_weight(base) for _ in range(copies_for(base.nbytes) - 1)]
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in packed]
@@ -57,8 +63,10 @@ def main() -> None:
         shape = {"N": n, "K": k, "tuned_pdl_us": t_tuned * 1e6, "tuned_pdl_fraction": nbytes / t_tuned / 1e12 / peak,
                  "configs": []}
         print(f"{n}x{k}: tuned PDL chain {t_tuned * 1e6:.2f} us ({shape['tuned_pdl_fraction']:.0%})", flush=True)
-        for cfg in gemv_candidates(1, n, k, 4, num_sms(x.device)):
-            l2 = dict(cfg, L2PF=True, PF_ROWS=32 * cfg["num_warps"])
+        cands = (gemv_mma.candidates(n, num_sms(x.device)) if args.mma
+                 else gemv_candidates(1, n, k, 4, num_sms(x.device)))
+        for cfg in cands:
+            l2 = dict(cfg, L2PF=True) if args.mma else dict(cfg, L2PF=True, PF_ROWS=32 * cfg["num_warps"])
             y0 = wq_linear(x, base, config=cfg, pdl=True)
             y1 = wq_linear(x, base, config=l2, pdl=True)
             row = {"config": cfg, "identical": bool(torch.equal(y0, y1))}

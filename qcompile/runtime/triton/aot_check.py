@@ -175,9 +175,11 @@ def cases(all_configs: bool):
         cands = gemv_mma.candidates(n, sms)
         for group in (128, 64):
             for act in (False, True):
-                for cfg in (cands if all_configs else cands[:1]):
+                # (and the first with the rest of its slice asked of L2 before the wait)
+                for cfg in (cands if all_configs else cands[:1]) + [dict(cands[0], L2PF=True)]:
                     consts = dict(GROUP=group, HAS_BIAS=True, HAS_RES=True, ACT_SILU_MUL=act, E=cfg["E"],
-                                  SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], PDL=True, AHEAD=cfg["AHEAD"])
+                                  SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], PDL=True, AHEAD=cfg["AHEAD"],
+                                  L2PF=cfg.get("L2PF", False))
                     yield (f"gemv_mma {n}x{k} g{group} act={act} {cfg}", gemv_mma.gemv_mma_kernel, GEMV_MMA_TYPES,
                            consts, dict(N=n, K=k), cfg["num_warps"], 2)
 
