@@ -10,8 +10,7 @@ decode at all:
   one dependent step (release, grid completion, the activations from L2, the store);
 - ``words=before``: the same after reading the program's whole slice of the 4096 x 4096 int4 words (XOR) before
   the wait: an ideal GEMV whose decode cost nothing;
-- ``words=after``: the words read only after the wait;
-- ``words=l2``: the words asked of L2 before the wait (``cp.async.bulk.prefetch.L2``, nothing held), read after it.
+- ``words=after``: the words read only after the wait.
 
 Each as ``PDL`` launches and as plain launches, over a few grids. The fraction is over the GEMV's bytes, as in the
 other GEMV benchmarks.
@@ -34,9 +33,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.triton_kernels import copies_for, graph_time, peak_copy_bandwidth  # noqa: E402
-from qcompile.runtime.triton._jit import prefetch_rows_l2  # noqa: E402
 
-WORDS = {"none": 0, "before": 1, "after": 2, "l2": 3}
+WORDS = {"none": 0, "before": 1, "after": 2}
 
 
 @triton.jit
@@ -49,11 +47,9 @@ def _step_kernel(w_ptr, x_ptr, y_ptr, N, K, rows, BLOCK_R: tl.constexpr, BLOCK_N
     if WORDS == 1:
         for r0 in range(0, rows, BLOCK_R):
             acc ^= tl.load(w_ptr + (r0 + tl.arange(0, BLOCK_R))[:, None] * N + offs_n[None, :])
-    if WORDS == 3:
-        prefetch_rows_l2(w_ptr + tl.program_id(0) * BLOCK_N, 0, rows, N, BLOCK_N * 4, 128)
     if PDL:
         gdc_wait()
-    if WORDS >= 2:
+    if WORDS == 2:
         for r0 in range(0, rows, BLOCK_R):
             acc ^= tl.load(w_ptr + (r0 + tl.arange(0, BLOCK_R))[:, None] * N + offs_n[None, :])
     # everything below needs the previous kernel's output: all of it, as a GEMV's products do

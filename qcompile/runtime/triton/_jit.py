@@ -43,18 +43,3 @@ def tile_rows(ptr, m0, offs_m, stride):
     int64 (M x N outputs may pass 2^31: all of a long prompt's logits over a large vocabulary; so may M x K
     activations, see ``row_ptr``), the rows within the tile in int32."""
     return ptr + tl.cast(m0, tl.int64) * stride + (offs_m - m0)[:, None] * stride
-
-
-@triton.jit
-def prefetch_rows_l2(ptr, r_lo, r_hi, stride, nbytes, ROWS: tl.constexpr):
-    """Ask L2 for rows ``[r_lo, r_hi)`` of a row-major tensor, ``nbytes`` from ``ptr`` in each (a multiple of 16,
-    16-byte aligned; 0 asks nothing): one ``cp.async.bulk.prefetch.L2`` per row, ROWS rows per step, no completion
-    to wait for and no registers held. A programmatic dependent launch issues it for its whole slice of weights
-    before waiting on the kernel before, so that the slice streams from HBM during that kernel and is read from L2
-    after the wait (sm_90+)."""
-    for r0 in range(r_lo, r_hi, ROWS):
-        rows = tl.minimum(r0 + tl.arange(0, ROWS), r_hi - 1)  # past the end: the last row again (harmless)
-        addr = (ptr + tl.cast(rows, tl.int64) * stride).to(tl.int64, bitcast=True)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [addr, tl.full([ROWS], nbytes, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)

@@ -130,14 +130,12 @@ def cases(all_configs: bool):
                     # the first candidate also as a programmatic dependent launch, with and without the first
                     # tile read before the wait, and on column bands (bench variants, fp16 int4)
                     pdl = ([dict(cands[0], PDL=True), dict(cands[0], PDL=True, PREFETCH=True),
-                            dict(cands[0], PDL=True, PREFETCH=True, L2PF=True),
                             dict(cands[0], BAND=cands[0]["BLOCK_N"])]
                            if act_dt == "fp16" and bits == 4 else [])
                     if act_dt == "fp16" and bits == 4 and m == 1:
                         # the runtime's default decode here is row pairs (every candidate: wq_matmul.gemv_row_pairs);
                         # the per-word decode (QCOMPILE_GEMV_PAIRS=0) through the first candidate, as above
-                        pdl += [dict(cands[0], PAIRS=True, PDL=True, PREFETCH=True),
-                                dict(cands[0], PAIRS=True, PDL=True, PREFETCH=True, L2PF=True)]
+                        pdl += [dict(cands[0], PAIRS=True, PDL=True, PREFETCH=True)]
                         cands = [dict(c, PAIRS=True) for c in cands] + [cands[0]]
                     for cfg in (cands if all_configs else cands[:1]) + pdl:
                         meta = {kk: v for kk, v in cfg.items() if kk not in ("num_warps", "num_stages")}
@@ -175,11 +173,9 @@ def cases(all_configs: bool):
         cands = gemv_mma.candidates(n, sms)
         for group in (128, 64):
             for act in (False, True):
-                # (and the first with the rest of its slice asked of L2 before the wait)
-                for cfg in (cands if all_configs else cands[:1]) + [dict(cands[0], L2PF=True)]:
+                for cfg in (cands if all_configs else cands[:1]):
                     consts = dict(GROUP=group, HAS_BIAS=True, HAS_RES=True, ACT_SILU_MUL=act, E=cfg["E"],
-                                  SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], PDL=True, AHEAD=cfg["AHEAD"],
-                                  L2PF=cfg.get("L2PF", False))
+                                  SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], PDL=True, AHEAD=cfg["AHEAD"])
                     yield (f"gemv_mma {n}x{k} g{group} act={act} {cfg}", gemv_mma.gemv_mma_kernel, GEMV_MMA_TYPES,
                            consts, dict(N=n, K=k), cfg["num_warps"], 2)
 

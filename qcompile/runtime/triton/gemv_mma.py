@@ -137,15 +137,6 @@ def _gdc_launch_dependents():
 
 
 @gluon.jit
-def _prefetch_l2(addr, nbytes):
-    """``cp.async.bulk.prefetch.L2`` of ``nbytes`` (a multiple of 16; 0: none) at each address (int64): no
-    registers held, no completion to wait for."""
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [addr, nbytes], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _mma_group8(w, x, zz, mz):
     """One lane's eight words of a group of 128 (one 16-row block) and its sixteen activation pairs: eight
     mma.sync chained from zero, the group's C fragment (c0..c3)."""
@@ -235,17 +226,14 @@ def _finish(y, b_ptr, r_ptr, out_ptr, rows, mask, HAS_BIAS: gl.constexpr, HAS_RE
 def gemv_mma_kernel(xw_ptr, x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lock_ptr, N, K,
                     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
                     ACT_SILU_MUL: gl.constexpr, E: gl.constexpr, SPLIT_K: gl.constexpr,
-                    num_warps: gl.constexpr, PDL: gl.constexpr = False, AHEAD: gl.constexpr = 2,
-                    L2PF: gl.constexpr = False):
+                    num_warps: gl.constexpr, PDL: gl.constexpr = False, AHEAD: gl.constexpr = 2):
     """``act(x) @ W (+ bias) (+ residual)``, one fp16 row. xw: x [K] viewed as int32 pairs (``ACT_SILU_MUL``: x
     [2K] = gate | up, read as fp16 through ``x_ptr``); words ``pack_mma``; scale [K/G, N] fp16, zero [K/G, N]
     uint8; out [N] fp16. Each warp owns E blocks of 16 rows; programs split K by groups, the last to arrive (an
     arrival counter per program column) summing the fp32 partials in split order: deterministic, one launch.
     Everything a group reads is loaded ``AHEAD`` (1 or 2) groups before its decode, in registers; with ``PDL`` the
     first ``AHEAD`` groups' words, zero points and scales are loaded, and the next kernel released, before waiting
-    for the kernel before (whose output x is); with ``L2PF`` also the rest of each row block's words (one
-    contiguous run), scales and zero points are asked of L2 there, so that they stream from HBM during the kernel
-    before and the loop reads L2 after the wait."""
+    for the kernel before (whose output x is)."""
     STEPS: gl.constexpr = GROUP // 16  # k16 steps (words) per lane per group
     XP: gl.constexpr = GROUP // 8  # activation pairs per lane per group (lanes 0-3)
     L: gl.constexpr = gl.BlockedLayout([1, 1, 1, STEPS], [1, 1, 32, 1], [num_warps, 1, 1, 1], [3, 2, 1, 0])
@@ -290,13 +278,6 @@ def gemv_mma_kernel(xw_ptr, x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, p
                                           g_lo + 1 < g_hi, STEPS)
     if PDL:  # weights, scales and zero points are constants, not the kernel before's output; x is its output
         _gdc_launch_dependents()
-        if L2PF:
-            first = g_lo + AHEAD
-            run = gl.where(rb_ok, gl.maximum(g_hi - first, 0) * (32 * STEPS * 4), 0)
-            _prefetch_l2((w_ptr + (rb * n_groups + first) * (32 * STEPS)).to(gl.int64, bitcast=True), run)
-            for grp in range(first, g_hi):  # a group's 16 rows: 32 bytes of scales, 16 of zero points
-                _prefetch_l2((s_ptr + grp * N + rb * 16).to(gl.int64, bitcast=True), gl.where(rb_ok, 32, 0))
-                _prefetch_l2((z_ptr + grp * N + rb * 16).to(gl.int64, bitcast=True), gl.where(rb_ok, 16, 0))
         _gdc_wait()
     x0, u0 = _fetch_x(xw_ptr, x_ptr, p_off, s_off, K, g_lo, g_lo < g_hi, GROUP, XP, ACT_SILU_MUL)
     if AHEAD == 2:
@@ -419,5 +400,5 @@ def launch(x, pw, res, act, out, cfg: dict, pdl: bool = False):
         pw.bias if pw.bias is not None else out, res if res is not None else out, out, part, lock, n, k,
         GROUP=pw.group_size, HAS_BIAS=pw.bias is not None, HAS_RES=res is not None,
         ACT_SILU_MUL=act == "silu_mul", E=cfg["E"], SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], PDL=pdl,
-        AHEAD=cfg["AHEAD"], L2PF=pdl and cfg.get("L2PF", False),
+        AHEAD=cfg["AHEAD"],
         **({"launch_pdl": True} if pdl else {}))

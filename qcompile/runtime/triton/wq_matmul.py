@@ -49,7 +49,7 @@ from qcompile.runtime.triton.packing import PackedWeight
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
-from qcompile.runtime.triton._jit import grouped_tile, prefetch_rows_l2, tile_rows  # noqa: E402
+from qcompile.runtime.triton._jit import grouped_tile, tile_rows  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 GEMV_MAX_M = 8
@@ -389,25 +389,6 @@ def _load_tile(w_ptr, r0, r_hi, offs_n, n_mask, N, n_rows, BLOCK_R: tl.constexpr
 
 
 @triton.jit
-def _prefetch_slice_l2(w_ptr, s_ptr, z_ptr, r_lo, r_hi, n0, N, PACK: tl.constexpr, GROUP: tl.constexpr,
-                       HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, PF_ROWS: tl.constexpr):
-    """``L2PF``: the rest of the program's slice (word rows ``[r_lo, r_hi)``, its columns from ``n0``) and the
-    scale and zero-point rows of its groups asked of L2 before the PDL wait. Bulk prefetches need 16-byte runs:
-    only whole runs are asked for (a column tile past N, or N not a multiple of 16, asks less or nothing)."""
-    cols = tl.minimum(BLOCK_N, N - n0)
-    aligned = (N % 16) == 0
-    W_BYTES: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-    S_BYTES: tl.constexpr = s_ptr.dtype.element_ty.primitive_bitwidth // 8
-    Z_BYTES: tl.constexpr = z_ptr.dtype.element_ty.primitive_bitwidth // 8
-    prefetch_rows_l2(w_ptr + n0, r_lo, r_hi, N, tl.where(aligned, cols * W_BYTES // 16 * 16, 0), PF_ROWS)
-    g_lo = r_lo * PACK // GROUP
-    g_hi = tl.cdiv(r_hi * PACK, GROUP)
-    prefetch_rows_l2(s_ptr + n0, g_lo, g_hi, N, tl.where(aligned, cols * S_BYTES // 16 * 16, 0), PF_ROWS)
-    if HAS_ZERO:
-        prefetch_rows_l2(z_ptr + n0, g_lo, g_hi, N, tl.where(aligned, cols * Z_BYTES // 16 * 16, 0), PF_ROWS)
-
-
-@triton.jit
 def _load_pair_tiles(w_ptr, r0, r_hi, offs_n, n_mask, N, BLOCK_R: tl.constexpr):
     """The step at word row ``r0`` as two ``[BLOCK_R / 2, BLOCK_N]`` tiles: the even rows and the odd rows (each
     row still one coalesced run along N); steps and splits start on even rows, and K / 8 is even (groups of 16+)."""
@@ -427,7 +408,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
                  HAS_RES: tl.constexpr, ACT_SILU_MUL: tl.constexpr, HALF2: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
                  PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, BAND: tl.constexpr = 0,
-                 PAIRS: tl.constexpr = False, L2PF: tl.constexpr = False, PF_ROWS: tl.constexpr = 128):
+                 PAIRS: tl.constexpr = False):
     PACK: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -453,9 +434,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
             if PDL:
                 gdc_launch_dependents()
             we, wo, offs_p, p_mask, wp_mask = _load_pair_tiles(w_ptr, r_lo, r_hi, offs_n, n_mask, N, BLOCK_R)
-            if PDL and L2PF:
-                _prefetch_slice_l2(w_ptr, s_ptr, z_ptr, r_lo + BLOCK_R, r_hi, pid_n * BLOCK_N, N, PACK, GROUP,
-                                   HAS_ZERO, BLOCK_N, PF_ROWS)
             if PDL:
                 gdc_wait()
             acc += _pairs_step(x_ptr, s_ptr, z_ptr, we, wo, tl.minimum(r_lo, n_rows - 2), offs_p, offs_n, p_mask,
@@ -473,10 +451,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lo
         if PDL:
             gdc_launch_dependents()
         words, offs_r, r_mask, w_mask = _load_tile(w_ptr, r_lo, r_hi, offs_n, n_mask, N, n_rows, BLOCK_R, BAND)
-        if PDL and L2PF:
-            tl.static_assert(BAND == 0, "L2PF prefetches row-major words")
-            _prefetch_slice_l2(w_ptr, s_ptr, z_ptr, r_lo + BLOCK_R, r_hi, pid_n * BLOCK_N, N, PACK, GROUP, HAS_ZERO,
-                               BLOCK_N, PF_ROWS)
         if PDL:
             gdc_wait()
         # an empty split (r_lo >= r_hi) still takes this step, its codes and activations masked to 0: the half2

@@ -214,15 +214,12 @@ def test_gemv_under_cuda_graph():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("extra", [dict(PDL=True), dict(PDL=True, PREFETCH=True),
-                                   dict(PDL=True, PREFETCH=True, L2PF=True, PF_ROWS=128)],
-                         ids=["pdl", "pdl-prefetch", "pdl-l2pf"])
+@pytest.mark.parametrize("extra", [dict(PDL=True), dict(PDL=True, PREFETCH=True)], ids=["pdl", "pdl-prefetch"])
 def test_gemv_pdl_chain_under_cuda_graph(extra):
     """Three split-K GEMVs, each reading the one before's output and sharing its split-K workspace, launched as
     programmatic dependents inside a CUDA graph: bit-identical to the same chain launched plainly, so each kernel's
     gdc_wait holds its reads of x and its workspace writes until the kernel before has finished (with PREFETCH the
-    next kernel is released at once and reads weights before its wait; with L2PF it also asks L2 for the rest of
-    its slice there)."""
+    next kernel is released at once and reads weights before its wait)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     pws = [packed(4096, 4096, 4, False, 128, "cuda", torch.float16, seed=s) for s in range(3)]
     for pw in pws:  # W / 64: each output stays of the input's size (sqrt(4096) = 64), far from fp16's range
@@ -272,7 +269,7 @@ def test_gemv_prefetch_empty_split():
     plain = wq_linear(x, pw, config=cfg)
     assert plain.isfinite().all()
     check(plain.float(), R.wq_linear_ref(x.float(), pw.to(dtype=torch.float32)), 2e-3)
-    for extra in ({"PREFETCH": True}, {"PREFETCH": True, "PDL": True}, {"PREFETCH": True, "PDL": True, "L2PF": True}):
+    for extra in ({"PREFETCH": True}, {"PREFETCH": True, "PDL": True}):
         if extra.get("PDL") and not supports_pdl("cuda"):
             continue
         assert torch.equal(wq_linear(x, pw, config={**cfg, **extra}), plain), extra
