@@ -32,7 +32,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.triton_kernels import copies_for, graph_time, peak_copy_bandwidth  # noqa: E402
+from bench.triton_kernels import graph_time, peak_copy_bandwidth  # noqa: E402
+from bench.triton_read_floor import word_copies  # noqa: E402
 
 WORDS = {"none": 0, "before": 1, "after": 2}
 
@@ -77,11 +78,8 @@ def main() -> None:
     peak = res["peak_copy"]["tb_per_s"]
     print(f"peak copy {peak:.2f} TB/s", flush=True)
     n = k = 4096
-    rows = k // 8
-    gemv_bytes = rows * n * 4 + (k // 128) * n * 3 + k * 2 + n * 2  # words, fp16 scales, uint8 zeros, x, y
-    words = torch.randint(-2**31, 2**31 - 1, (rows, n), dtype=torch.int32, device="cuda")
-    copies = copies_for(words.numel() * 4)
-    ws = [words] + [words.clone() for _ in range(copies - 1)]
+    ws, gemv_bytes = word_copies(n, k)
+    copies = len(ws)
     xs = [torch.randn(k, device="cuda").half() for _ in range(copies + 1)]
     for cfg in ({"BLOCK_N": 32, "BLOCK_R": 64, "num_warps": 4}, {"BLOCK_N": 32, "BLOCK_R": 32, "num_warps": 8},
                 {"BLOCK_N": 16, "BLOCK_R": 64, "num_warps": 4}, {"BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 8},

@@ -53,6 +53,16 @@ def _read_kernel(w_ptr, out_ptr, N, n_rows, BLOCK_R: tl.constexpr, BLOCK_N: tl.c
     tl.store(out_ptr + pid_k * N + offs_n, y, mask=n_mask)
 
 
+def word_copies(n: int, k: int) -> tuple[list, int]:
+    """Random int4 words of an N x K GEMV (``[K / 8, N]`` int32) in enough copies to stream from HBM, and the bytes
+    the GEMV itself reads (words, fp16 scales and uint8 zero points in groups of 128, x, y): what the floors'
+    fractions are taken over."""
+    rows = k // 8
+    words = torch.randint(-2**31, 2**31 - 1, (rows, n), dtype=torch.int32, device="cuda")
+    copies = copies_for(words.numel() * 4)
+    return [words] + [words.clone() for _ in range(copies - 1)], rows * n * 4 + (k // 128) * n * 3 + k * 2 + n * 2
+
+
 def read_all(w, out, cfg, pdl):
     rows, n = w.shape
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
@@ -69,12 +79,8 @@ def main() -> None:
     print(f"peak copy {peak:.2f} TB/s", flush=True)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for n, k in SHAPES:
-        rows = k // 8
-        words = torch.randint(-2**31, 2**31 - 1, (rows, n), dtype=torch.int32, device="cuda")
-        gemv_bytes = rows * n * 4 + (k // 128) * n * 3 + k * 2 + n * 2  # words, fp16 scales, uint8 zeros, x, y
-        copies = copies_for(words.numel() * 4)
-        ws = [words] + [words.clone() for _ in range(copies - 1)]
-        shape = {"N": n, "K": k, "words_bytes": rows * n * 4, "gemv_bytes": gemv_bytes, "tilings": []}
+        ws, gemv_bytes = word_copies(n, k)
+        shape = {"N": n, "K": k, "words_bytes": ws[0].numel() * 4, "gemv_bytes": gemv_bytes, "tilings": []}
         for cfg in gemv_candidates(1, n, k, 4, sms):
             cfg = {key: cfg[key] for key in ("BLOCK_R", "BLOCK_N", "SPLIT_K", "num_warps")}
             outs = [torch.empty(cfg["SPLIT_K"], n, dtype=torch.int32, device="cuda") for _ in ws]
