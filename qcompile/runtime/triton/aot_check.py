@@ -326,6 +326,15 @@ def cases(all_configs: bool):
                         eps="fp32"),
                    dict(HAS_W=True, BLOCK=1 << (n - 1).bit_length(), PDL=pdl), dict(N=n, stride_x=n, stride_y=n), 4,
                    2)
+    # the persistent GEMV chain (gemv_chain): its default (BLOCK_N 32, 16 warps) must hold two 64 KiB slices
+    # without spills; 8 warps is the bench's other configuration
+    from qcompile.runtime.triton import gemv_chain
+
+    for warps, has_zero in ((16, True), (16, False)) + (((8, True),) if all_configs else ()):
+        yield (f"gemv_chain 4096 BN=32 warps {warps} zero={has_zero}", gemv_chain._chain_kernel,
+               dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", sync_ptr="*i32", first="i32",
+                    last="i32", N="i32"),
+               dict(K=4096, GROUP=128, HAS_ZERO=has_zero, BLOCK_N=32, PAIRS=True, SYNC=True), dict(N=4096), warps, 1)
 
 
 def small_cases():

@@ -1,0 +1,126 @@
+"""The batch-1 int4 GEMV as a step of a dependent chain: the persistent chain kernel vs a launch per GEMV.
+
+Issue 7 asks the 4096 x 4096 int4 GEMV for >= 75 % of the peak copy bandwidth and >= 2.5x torch fp16. A decode
+step is a chain: each GEMV needs the whole output of the one before. This script times, in one run, chains of
+``L`` distinct 4096 x 4096 int4 weights (asymmetric, groups of 128, fp16 activations; every step's input is the
+step before's output):
+
+- ``persistent``: ``gemv_chain`` (qcompile.runtime.triton.gemv_chain), one launch for the chain, a grid barrier
+  between steps, each program's slice of the next weight in registers before it waits; per configuration, and
+  once with ``AHEAD=False`` (each slice read after the wait: the same kernel without its point);
+- ``runtime PDL``: ``wq_linear(..., pdl=True)`` per step, the tuner's pick, in one CUDA graph (how the runner's
+  decode step launches its GEMVs);
+- ``fp16``: ``F.linear`` per step on fp16 weights of the same shape (cuBLAS), in one CUDA graph;
+
+and the peak device-to-device copy. Time per step is the launch's (or graph's) time over ``L``, at two chain
+lengths (the difference gives the marginal step, free of the one launch). Fractions are over the GEMV's bytes
+(words, scales, zero points, x and y), as in ``bench/triton_kernels.py``. The chain's last output is checked
+against ``wq_linear`` applied step by step to the chain's own inputs.
+
+    python bench/triton_gemv_chain.py --out bench/results/triton_gemv_chain.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("QCOMPILE_TUNE_CACHE", "0")
+
+from bench.triton_kernels import graph_time, peak_copy_bandwidth, random_int_weight  # noqa: E402
+from qcompile.runtime.triton.gemv_chain import chain_config, gemv_chain, stack_chain  # noqa: E402
+from qcompile.runtime.triton.packing import pack_from_export  # noqa: E402
+from qcompile.runtime.triton.wq_matmul import wq_linear  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results/triton_gemv_chain.json")
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--layers", default="8,32", help="chain lengths (comma-separated)")
+    args = ap.parse_args()
+    n = args.n
+    lengths = [int(v) for v in args.layers.split(",")]
+    res = {"device": torch.cuda.get_device_name(), "peak_copy": peak_copy_bandwidth(), "N": n, "K": n, "rows": []}
+    peak = res["peak_copy"]["tb_per_s"]
+    print(f"{res['device']}: peak copy {peak:.2f} TB/s", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    weights = []
+    for _ in range(max(lengths)):
+        q, scale, zero = random_int_weight(n, n, 4, False, 128, gen)
+        # scales * 0.2: a step's gain near 1 (codes - zeros have std ~6.5, scales mean ~0.011, 64 = sqrt(4096)),
+        # so 32 steps stay in fp16's normal range
+        weights.append(pack_from_export(q, scale * 0.2, zero, bits=4, dtype=torch.float16).to("cuda"))
+    step_bytes = weights[0].nbytes + n * 2 + n * 2
+    need_us = step_bytes / (0.75 * peak * 1e12) * 1e6
+    print(f"{n}x{n} int4 step reads {step_bytes / 1e6:.2f} MB; 75 % of peak needs {need_us:.2f} us a step", flush=True)
+    x = torch.randn(n, device="cuda", dtype=torch.float16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    configs = [chain_config(n, "cuda"), {"BLOCK_N": 32, "num_warps": 8}]
+    if n // 64 <= sms:
+        configs.append({"BLOCK_N": 64, "num_warps": 16})
+    configs = [c for i, c in enumerate(configs) if c not in configs[:i] and n // c["BLOCK_N"] <= sms]
+    # the ablation: each layer's slice read only after the barrier (what a launch per GEMV must do)
+    configs.append(dict(configs[0], AHEAD=False))
+    w16 = [torch.randn(n, n, device="cuda", dtype=torch.float16) / n**0.5 for _ in range(max(lengths))]
+    for length in lengths:
+        cw = stack_chain(weights[:length])
+        out = torch.empty(length + 1, n, device="cuda", dtype=torch.float16)
+        out[0].copy_(x)
+        x0 = out[0]  # the chain's input in place: the timed graph holds the chain's launch alone
+        row = {"layers": length, "persistent": []}
+        for cfg in configs:
+            gemv_chain(x0, cw, out=out, config=cfg)
+            torch.cuda.synchronize()
+            # every step against the runtime GEMV on the chain's own input to that step
+            errs = []
+            for layer in range(length):
+                step = wq_linear(out[layer].reshape(1, -1), weights[layer]).reshape(-1).float()
+                errs.append(((out[layer + 1].float() - step).abs().max() / step.abs().max()).item())
+            t = graph_time([lambda cfg=cfg, cw=cw: gemv_chain(x0, cw, out=out, config=cfg)])
+            row["last_output_abs_max"] = out[-1].float().abs().max().item()
+            entry = {"config": cfg, "us_per_step": t / length * 1e6, "launch_us": t * 1e6,
+                     "fraction_of_peak_copy": step_bytes / (t / length) / 1e12 / peak,
+                     "max_rel_diff_vs_wq_linear": max(errs)}
+            row["persistent"].append(entry)
+            print(f"L={length} persistent {cfg}: {entry['us_per_step']:.2f} us a step = "
+                  f"{entry['fraction_of_peak_copy']:.0%} of peak (launch {t * 1e6:.1f} us); max rel diff vs "
+                  f"wq_linear {max(errs):.1e}", flush=True)
+        del cw
+        bufs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in range(length + 1)]
+        bufs[0].copy_(x.reshape(1, -1))
+        t_pdl = graph_time([lambda i=i: wq_linear(bufs[i], weights[i], out=bufs[i + 1], pdl=True)
+                            for i in range(length)])
+        t_16 = graph_time([lambda i=i: torch.matmul(bufs[i], w16[i].t(), out=bufs[i + 1]) for i in range(length)])
+        row["runtime_pdl_us_per_step"] = t_pdl * 1e6
+        row["runtime_pdl_fraction_of_peak_copy"] = step_bytes / t_pdl / 1e12 / peak
+        row["fp16_us_per_step"] = t_16 * 1e6
+        best = min(e["us_per_step"] for e in row["persistent"])
+        row["best_persistent_speedup_vs_fp16"] = t_16 * 1e6 / best
+        row["best_persistent_speedup_vs_runtime_pdl"] = t_pdl * 1e6 / best
+        print(f"L={length} runtime PDL chain {t_pdl * 1e6:.2f} us a step = "
+              f"{row['runtime_pdl_fraction_of_peak_copy']:.0%}"
+              f"; fp16 {t_16 * 1e6:.2f} us; best persistent {best:.2f} us: {t_16 * 1e6 / best:.2f}x fp16, "
+              f"{t_pdl * 1e6 / best:.2f}x the runtime's PDL chain", flush=True)
+        res["rows"].append(row)
+    if len(lengths) >= 2:
+        lo, hi = res["rows"][0], res["rows"][-1]
+        for a, b in zip(lo["persistent"], hi["persistent"]):
+            marginal = (b["launch_us"] - a["launch_us"]) / (hi["layers"] - lo["layers"])
+            b["marginal_us_per_step"] = marginal
+            b["marginal_fraction_of_peak_copy"] = step_bytes / (marginal * 1e-6) / 1e12 / peak
+            print(f"marginal step {b['config']}: {marginal:.2f} us = {b['marginal_fraction_of_peak_copy']:.0%}",
+                  flush=True)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
