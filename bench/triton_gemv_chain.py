@@ -7,7 +7,8 @@ step before's output):
 
 - ``persistent``: ``gemv_chain`` (qcompile.runtime.triton.gemv_chain), one launch for the chain, a grid barrier
   between steps, each program's slice of the next weight in registers before it waits; per configuration, and
-  once with ``AHEAD=False`` (each slice read after the wait: the same kernel without its point);
+  once with ``AHEAD=False`` (each slice read after the wait: the same kernel without its point) and once with
+  ``NO_BARRIER`` (no grid barrier: wrong results by design, the barrier's cost);
 - ``runtime PDL``: ``wq_linear(..., pdl=True)`` per step, the tuner's pick, in one CUDA graph (how the runner's
   decode step launches its GEMVs);
 - ``fp16``: ``F.linear`` per step on fp16 weights of the same shape (cuBLAS), in one CUDA graph;
@@ -68,6 +69,8 @@ def main() -> None:
     configs = [c for i, c in enumerate(configs) if c not in configs[:i] and n // c["BLOCK_N"] <= sms]
     # the ablation: each layer's slice read only after the barrier (what a launch per GEMV must do)
     configs.append(dict(configs[0], AHEAD=False))
+    # and without the grid barrier (wrong results by design, not checked): what the barrier costs
+    configs.append(dict(configs[0], NO_BARRIER=True))
     w16 = [torch.randn(n, n, device="cuda", dtype=torch.float16) / n**0.5 for _ in range(max(lengths))]
     for length in lengths:
         cw = stack_chain(weights[:length])
@@ -80,18 +83,18 @@ def main() -> None:
             torch.cuda.synchronize()
             # every step against the runtime GEMV on the chain's own input to that step
             errs = []
-            for layer in range(length):
+            for layer in range(0 if cfg.get("NO_BARRIER") else length):
                 step = wq_linear(out[layer].reshape(1, -1), weights[layer]).reshape(-1).float()
                 errs.append(((out[layer + 1].float() - step).abs().max() / step.abs().max()).item())
             t = graph_time([lambda cfg=cfg, cw=cw: gemv_chain(x0, cw, out=out, config=cfg)])
-            row["last_output_abs_max"] = out[-1].float().abs().max().item()
-            entry = {"config": cfg, "us_per_step": t / length * 1e6, "launch_us": t * 1e6,
+            entry = {"config": cfg, "last_output_abs_max": out[-1].float().abs().max().item(),
+                     "us_per_step": t / length * 1e6, "launch_us": t * 1e6,
                      "fraction_of_peak_copy": step_bytes / (t / length) / 1e12 / peak,
-                     "max_rel_diff_vs_wq_linear": max(errs)}
+                     "max_rel_diff_vs_wq_linear": max(errs, default=None)}
             row["persistent"].append(entry)
             print(f"L={length} persistent {cfg}: {entry['us_per_step']:.2f} us a step = "
                   f"{entry['fraction_of_peak_copy']:.0%} of peak (launch {t * 1e6:.1f} us); max rel diff vs "
-                  f"wq_linear {max(errs):.1e}", flush=True)
+                  f"wq_linear {max(errs, default=float('nan')):.1e}", flush=True)
         del cw
         bufs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in range(length + 1)]
         bufs[0].copy_(x.reshape(1, -1))
@@ -101,7 +104,7 @@ def main() -> None:
         row["runtime_pdl_us_per_step"] = t_pdl * 1e6
         row["runtime_pdl_fraction_of_peak_copy"] = step_bytes / t_pdl / 1e12 / peak
         row["fp16_us_per_step"] = t_16 * 1e6
-        best = min(e["us_per_step"] for e in row["persistent"])
+        best = min(e["us_per_step"] for e in row["persistent"] if not e["config"].get("NO_BARRIER"))
         row["best_persistent_speedup_vs_fp16"] = t_16 * 1e6 / best
         row["best_persistent_speedup_vs_runtime_pdl"] = t_pdl * 1e6 / best
         print(f"L={length} runtime PDL chain {t_pdl * 1e6:.2f} us a step = "

@@ -230,7 +230,8 @@ def gemv_chain(x: torch.Tensor, cw: ChainWeights, out: torch.Tensor | None = Non
     elif interpreting():  # one program: the whole chain in one launch needs no barrier (the loop's prefetch runs)
         _chain_kernel[(1,)](out, cw.qweight, cw.scale, zero, _sync_counter(x.device), 0, layers, k, SYNC=False,
                             **meta)
-    else:
+    else:  # ("NO_BARRIER": the benchmark's ablation, wrong results by design: what the barrier costs)
         _chain_kernel[(programs,)](out, cw.qweight, cw.scale, zero, _sync_counter(x.device), 0, layers, k,
-                                   SYNC=True, num_warps=cfg.get("num_warps", 16), num_stages=1, **meta)
+                                   SYNC=not cfg.get("NO_BARRIER", False), num_warps=cfg.get("num_warps", 16),
+                                   num_stages=1, **meta)
     return out
