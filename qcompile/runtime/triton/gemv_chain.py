@@ -16,7 +16,8 @@ kernel off the multiprocessors); one persistent kernel can:
   arithmetic of this one;
 * the grid barrier is one int32 counter: ``atomic_add`` with release after a CTA barrier (every thread's stores
   first), spinning on an acquire read until ``(l - first) * programs`` arrivals; the program that makes the last
-  arrival of the launch resets it to 0, so a CUDA graph can replay the launch;
+  arrival of the launch resets it to 0, so a CUDA graph can replay the launch (one counter a device: one chain in
+  flight a device at a time, as on one stream);
 * the decode is the runtime GEMV's row pairs (``wq_matmul._pairs_step``: half2 codes, scale per group in fp32),
   so a chain step computes exactly what ``wq_linear`` computes for the same weight.
 
