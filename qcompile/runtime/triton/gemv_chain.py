@@ -79,7 +79,7 @@ def _chain_kernel(x_ptr, w_ptr, s_ptr, z_ptr, sync_ptr, first, last, N,
     s_layer = tl.cast(K // GROUP, tl.int64) * N
     offs_p = 2 * tl.arange(0, ROWS // 2)
     offs_r = tl.arange(0, ROWS)
-    cur_a, cur_b = _load_slice(w_ptr + first * w_layer, ROWS, offs_n, n_mask, N, ROWS, PAIRS)
+    cur_a, cur_b = _load_slice(w_ptr + first * w_layer, ROWS if AHEAD else 0, offs_n, n_mask, N, ROWS, PAIRS)
     arrived = 0
     for layer in range(first, last):
         if AHEAD:  # the next layer's slice first: weights are constants, so their stream overlaps the wait below
