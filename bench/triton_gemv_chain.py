@@ -11,12 +11,12 @@ step before's output):
   ``NO_BARRIER`` (no grid barrier: wrong results by design, the barrier's cost);
 - ``runtime PDL``: ``wq_linear(..., pdl=True)`` per step, the tuner's pick, in one CUDA graph (how the runner's
   decode step launches its GEMVs);
-- ``fp16``: ``F.linear`` per step on fp16 weights of the same shape (cuBLAS), in one CUDA graph;
+- ``fp16``: ``torch.matmul`` per step on fp16 weights of the same shape (cuBLAS), in one CUDA graph;
 
 and the peak device-to-device copy. Time per step is the launch's (or graph's) time over ``L``, at two chain
 lengths (the difference gives the marginal step, free of the one launch). Fractions are over the GEMV's bytes
-(words, scales, zero points, x and y), as in ``bench/triton_kernels.py``. The chain's last output is checked
-against ``wq_linear`` applied step by step to the chain's own inputs.
+(words, scales, zero points, x and y), as in ``bench/triton_kernels.py``. Every step's output is checked against
+``wq_linear`` applied to the chain's own input to that step.
 
     python bench/triton_gemv_chain.py --out bench/results/triton_gemv_chain.json
 """

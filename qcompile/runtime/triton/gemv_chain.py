@@ -19,7 +19,7 @@ kernel off the multiprocessors); one persistent kernel can:
   arrival of the launch resets it to 0, so a CUDA graph can replay the launch (one counter a device: one chain in
   flight a device at a time, as on one stream);
 * the decode is the runtime GEMV's row pairs (``wq_matmul._pairs_step``: half2 codes, scale per group in fp32),
-  so a chain step computes exactly what ``wq_linear`` computes for the same weight.
+  so a chain step rounds as ``wq_linear`` does for the same weight, up to the order its fp32 partials are summed.
 
 The interpreter runs a grid's programs one after another, so a grid barrier would never open there: under
 ``TRITON_INTERPRET=1`` the same kernel runs without it (``SYNC=False``) and with the float decode (``_gemv_step``):
@@ -142,11 +142,6 @@ class ChainWeights:
     def features(self) -> int:
         return self.qweight.shape[2]
 
-    @property
-    def nbytes_per_layer(self) -> int:
-        n = self.qweight[0].numel() * 4 + self.scale[0].numel() * self.scale.element_size()
-        return n + (0 if self.zero is None else self.zero[0].numel())
-
 
 def stack_chain(weights: list[PackedWeight]) -> ChainWeights:
     """Stack ``PackedWeight``s of one square shape (int4, same group size and symmetry) for ``gemv_chain``."""
@@ -224,15 +219,14 @@ def gemv_chain(x: torch.Tensor, cw: ChainWeights, out: torch.Tensor | None = Non
     zero = cw.zero if cw.zero is not None else cw.scale  # never read without HAS_ZERO
     meta = dict(K=k, GROUP=cw.group_size, HAS_ZERO=cw.zero is not None, BLOCK_N=block_n, PAIRS=pairs,
                 AHEAD=cfg.get("AHEAD", True))
-    if interpreting() and programs > 1:  # programs run one after another there: a launch per layer, no barrier
-        for layer in range(layers):
-            _chain_kernel[(programs,)](out, cw.qweight, cw.scale, zero, _sync_counter(x.device), layer, layer + 1, k,
-                                       SYNC=False, **meta)
-    elif interpreting():  # one program: the whole chain in one launch needs no barrier (the loop's prefetch runs)
-        _chain_kernel[(1,)](out, cw.qweight, cw.scale, zero, _sync_counter(x.device), 0, layers, k, SYNC=False,
-                            **meta)
+    if interpreting():  # programs run one after another there, so no barrier: a launch per layer where there are
+        # several programs; one program runs the whole chain in one launch (the loop and its slice read ahead run)
+        spans = [(layer, layer + 1) for layer in range(layers)] if programs > 1 else [(0, layers)]
+        sync, opts = False, {}
     else:  # ("NO_BARRIER": the benchmark's ablation, wrong results by design: what the barrier costs)
-        _chain_kernel[(programs,)](out, cw.qweight, cw.scale, zero, _sync_counter(x.device), 0, layers, k,
-                                   SYNC=not cfg.get("NO_BARRIER", False), num_warps=cfg.get("num_warps", 16),
-                                   num_stages=1, **meta)
+        spans = [(0, layers)]
+        sync, opts = not cfg.get("NO_BARRIER", False), {"num_warps": cfg.get("num_warps", 16), "num_stages": 1}
+    for first, last in spans:
+        _chain_kernel[(programs,)](out, cw.qweight, cw.scale, zero, _sync_counter(x.device), first, last, k,
+                                   SYNC=sync, **meta, **opts)
     return out

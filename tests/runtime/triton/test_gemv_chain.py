@@ -67,10 +67,10 @@ def test_chain_rejects_what_it_cannot_run(device):
 @pytest.mark.cuda
 @pytest.mark.parametrize("sym", [False, True])
 def test_chain_on_gpu_matches_runtime_gemv(sym):
-    """At 4096 x 4096 over 6 layers, with the grid barrier: every layer bit-identical to ``wq_linear`` with row
-    pairs applied to the chain's own input of that layer (same decode, same per-column summation order is not
-    promised, so within fp16 rounding), and to the float reference within the pair decode's rounding; twice
-    (the barrier's counter is reset by the launch's last arrival) and under a CUDA graph."""
+    """At 4096 x 4096 over 6 layers, with the grid barrier: every layer matches ``wq_linear`` (row pairs, the same
+    decode) applied to the chain's own input of that layer within fp16 rounding (the fp32 partials are summed in
+    another order), and the float reference within the pair decode's rounding; a second launch is bit-identical
+    (the barrier's counter is reset by the launch's last arrival), and so are CUDA-graph replays."""
     weights = chain_weights(4096, 6, sym, 128, "cuda", torch.float16, seed=1)
     cw = stack_chain(weights)
     x = torch.randn(4096, device="cuda", dtype=torch.float16)
