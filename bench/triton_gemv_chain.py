@@ -71,6 +71,13 @@ def main() -> None:
     configs.append(dict(configs[0], AHEAD=False))
     # and without the grid barrier (wrong results by design, not checked): what the barrier costs
     configs.append(dict(configs[0], NO_BARRIER=True))
+    # synchronised through the activations themselves (each 8-byte word carries the launch's epoch: no counter,
+    # no fence), the next slice issued before or after x arrives; and without waiting (wrong by design)
+    for warps in (16, 8):
+        for x_first in (False, True):
+            configs.append({"BLOCK_N": 32, "num_warps": warps, "SYNC": "tags", "X_FIRST": x_first})
+    configs.append({"BLOCK_N": 32, "num_warps": 8, "SYNC": "tags", "NO_BARRIER": True})
+    configs.append({"BLOCK_N": 32, "num_warps": 8, "SYNC": "tags", "X_FIRST": True, "NO_BARRIER": True})
     w16 = [torch.randn(n, n, device="cuda", dtype=torch.float16) / n**0.5 for _ in range(max(lengths))]
     for length in lengths:
         cw = stack_chain(weights[:length])

@@ -47,10 +47,13 @@ triton = require_triton()
 import triton.language as tl  # noqa: E402
 
 from qcompile.runtime.triton.wq_matmul import (  # noqa: E402
+    _dot16_half2,
     _gemv_step,
+    _half2_consts,
     _load_pair_tiles,
     _load_tile,
     _pairs_step,
+    _scale_pairs_32,
 )
 
 
@@ -124,6 +127,169 @@ def _chain_kernel(x_ptr, w_ptr, s_ptr, z_ptr, sync_ptr, first, last, N,
             tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
 
 
+@triton.jit
+def _half2_word(xh, j: tl.constexpr, mask):
+    lo = tl.load(xh + j, mask=mask, other=0).to(tl.int32) & 0xFFFF
+    return lo | (tl.load(xh + j + 4, mask=mask, other=0).to(tl.int32) << 16)
+
+
+@triton.jit
+def _fp16_pairs(x_ptr, rows, mask):
+    """The half2 words (x_j, x_{j+4}), j = 0..3, of word rows ``rows`` of an fp16 vector, as int32."""
+    xh = x_ptr.to(tl.pointer_type(tl.int16)) + rows * 8
+    p0 = _half2_word(xh, 0, mask)
+    p1 = _half2_word(xh, 1, mask)
+    p2 = _half2_word(xh, 2, mask)
+    p3 = _half2_word(xh, 3, mask)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _tagged_pairs(t_ptr, rows, mask, epoch):
+    """The half2 words (x_j, x_{j+4}) of word rows ``rows`` from the tagged buffer (int64: the pair in the low 32
+    bits, the launch's epoch in the high 32), and how many of the eight loaded words are not yet of this epoch."""
+    tp = t_ptr + rows * 4
+    w0 = tl.load(tp + 0, mask=mask, other=0, volatile=True)
+    w1 = tl.load(tp + 1, mask=mask, other=0, volatile=True)
+    w2 = tl.load(tp + 2, mask=mask, other=0, volatile=True)
+    w3 = tl.load(tp + 3, mask=mask, other=0, volatile=True)
+    e = epoch.to(tl.int64)
+    stale = (((w0 >> 32) != e) | ((w1 >> 32) != e) | ((w2 >> 32) != e) | ((w3 >> 32) != e)) & mask
+    return w0.to(tl.int32), w1.to(tl.int32), w2.to(tl.int32), w3.to(tl.int32), stale.to(tl.int32)
+
+
+@triton.jit
+def _half(pair, HI: tl.constexpr):
+    """One fp16 half of a half2 word, as fp32 (the interpreter's float decode)."""
+    bits = (pair >> 16) if HI else pair
+    return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _float_dot16(we, wo, xe0, xe1, xe2, xe3, xo0, xo1, xo2, xo3, z):
+    """``sum_j x_j (c_j - z)`` over a row pair's sixteen codes in fp32 (the interpreter's decode; on the GPU
+    ``_dot16_half2`` does it in half2): code j of a word in bits 4j..4j+3, its activation in half j // 4 of pair
+    word j % 4."""
+    zf = z.to(tl.float32)
+    acc = tl.zeros(we.shape, tl.float32)
+    acc += (((we >> 0) & 15).to(tl.float32) - zf) * _half(xe0, False)[:, None]
+    acc += (((we >> 4) & 15).to(tl.float32) - zf) * _half(xe1, False)[:, None]
+    acc += (((we >> 8) & 15).to(tl.float32) - zf) * _half(xe2, False)[:, None]
+    acc += (((we >> 12) & 15).to(tl.float32) - zf) * _half(xe3, False)[:, None]
+    acc += (((we >> 16) & 15).to(tl.float32) - zf) * _half(xe0, True)[:, None]
+    acc += (((we >> 20) & 15).to(tl.float32) - zf) * _half(xe1, True)[:, None]
+    acc += (((we >> 24) & 15).to(tl.float32) - zf) * _half(xe2, True)[:, None]
+    acc += (((we >> 28) & 15).to(tl.float32) - zf) * _half(xe3, True)[:, None]
+    acc += (((wo >> 0) & 15).to(tl.float32) - zf) * _half(xo0, False)[:, None]
+    acc += (((wo >> 4) & 15).to(tl.float32) - zf) * _half(xo1, False)[:, None]
+    acc += (((wo >> 8) & 15).to(tl.float32) - zf) * _half(xo2, False)[:, None]
+    acc += (((wo >> 12) & 15).to(tl.float32) - zf) * _half(xo3, False)[:, None]
+    acc += (((wo >> 16) & 15).to(tl.float32) - zf) * _half(xo0, True)[:, None]
+    acc += (((wo >> 20) & 15).to(tl.float32) - zf) * _half(xo1, True)[:, None]
+    acc += (((wo >> 24) & 15).to(tl.float32) - zf) * _half(xo2, True)[:, None]
+    acc += (((wo >> 28) & 15).to(tl.float32) - zf) * _half(xo3, True)[:, None]
+    return acc
+
+
+@triton.jit
+def _load_layer(w_ptr, s_ptr, z_ptr, layer, hi, offs_p, offs_g, offs_n, n_mask, N, dep,
+                K: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """A program's whole slice of layer ``layer``: even and odd word rows, and its scales and zero points per
+    group (compact, [K / GROUP, BLOCK_N]); rows from ``hi`` on masked (no traffic). ``dep`` (0 at run time) ties
+    the addresses to a value, so the loads cannot be issued before that value is known."""
+    ROWS: tl.constexpr = K // 8
+    w_l = w_ptr + tl.cast(layer, tl.int64) * (ROWS * N) + dep
+    s_off = tl.cast(layer, tl.int64) * ((K // GROUP) * N) + offs_g[:, None] * N + offs_n[None, :] + dep
+    p_mask = offs_p < hi
+    wp_mask = p_mask[:, None] & n_mask[None, :]
+    off = offs_p[:, None] * N + offs_n[None, :]
+    we = tl.load(w_l + off, mask=wp_mask, other=0)
+    wo = tl.load(w_l + off + N, mask=wp_mask, other=0)
+    g_mask = (offs_g < hi // (GROUP // 8))[:, None] & n_mask[None, :]
+    sc = tl.load(s_ptr + s_off, mask=g_mask, other=0.0)
+    if HAS_ZERO:
+        zp = tl.load(z_ptr + s_off, mask=g_mask, other=0)
+    else:
+        zp = tl.full(sc.shape, 8, tl.uint8)
+    return we, wo, sc, zp
+
+
+@triton.jit(do_not_specialize=["zero"])
+def _tagged_chain_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, epoch_ptr, zero, first, last, N,
+                         K: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HALF2: tl.constexpr, SYNC: tl.constexpr, X_FIRST: tl.constexpr):
+    ROWS: tl.constexpr = K // 8
+    R2: tl.constexpr = ROWS // 2
+    GROUPS: tl.constexpr = K // GROUP
+    PPG: tl.constexpr = GROUP // 16  # row pairs a group
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_p = 2 * tl.arange(0, R2)
+    offs_g = tl.arange(0, GROUPS)
+    offs_q = tl.arange(0, BLOCK_N // 8)  # this program's word rows of the next x (8 outputs a word row)
+    p_mask = offs_p < ROWS
+    epoch = tl.load(epoch_ptr)
+    cur_e, cur_o, cur_s, cur_z = _load_layer(w_ptr, s_ptr, z_ptr, first, ROWS, offs_p, offs_g, offs_n, n_mask, N, 0,
+                                             K, GROUP, HAS_ZERO)
+    for layer in range(first, last):
+        more = layer + 1 < last
+        nxt = tl.minimum(layer + 1, last - 1)
+        if not X_FIRST:  # the next layer's slice before the wait for x_layer
+            nxt_e, nxt_o, nxt_s, nxt_z = _load_layer(w_ptr, s_ptr, z_ptr, nxt, tl.where(more, ROWS, 0), offs_p, offs_g,
+                                                     offs_n, n_mask, N, 0, K, GROUP, HAS_ZERO)
+        if layer == first:  # the chain's input: written before the launch
+            xe0, xe1, xe2, xe3 = _fp16_pairs(x_ptr + layer * K, offs_p, p_mask)
+            xo0, xo1, xo2, xo3 = _fp16_pairs(x_ptr + layer * K, offs_p + 1, p_mask)
+            waited = tl.full((), 0, tl.int32)
+        else:  # x_layer from the tagged buffer: every word carries the epoch of the launch that wrote it
+            t_l = t_ptr + tl.cast(layer, tl.int64) * (K // 2)
+            xe0, xe1, xe2, xe3, se = _tagged_pairs(t_l, offs_p, p_mask, epoch)
+            xo0, xo1, xo2, xo3, so = _tagged_pairs(t_l, offs_p + 1, p_mask, epoch)
+            waited = tl.sum(se + so)
+            if SYNC:
+                while waited > 0:
+                    xe0, xe1, xe2, xe3, se = _tagged_pairs(t_l, offs_p, p_mask, epoch)
+                    xo0, xo1, xo2, xo3, so = _tagged_pairs(t_l, offs_p + 1, p_mask, epoch)
+                    waited = tl.sum(se + so)
+        if X_FIRST:  # the next layer's slice once x_layer is here (its loads cannot queue ahead of x's)
+            nxt_e, nxt_o, nxt_s, nxt_z = _load_layer(w_ptr, s_ptr, z_ptr, nxt, tl.where(more, ROWS, 0), offs_p, offs_g,
+                                                     offs_n, n_mask, N, waited * zero, K, GROUP, HAS_ZERO)
+        # the group's scale and zero point for every row pair (compact tiles loaded a step ahead, expanded here)
+        scale = tl.reshape(tl.broadcast_to(cur_s[:, None, :], (GROUPS, PPG, BLOCK_N)), (R2, BLOCK_N)).to(tl.float32)
+        z = tl.reshape(tl.broadcast_to(cur_z[:, None, :], (GROUPS, PPG, BLOCK_N)), (R2, BLOCK_N))
+        if HALF2:
+            xe0, xe1, xe2, xe3 = _scale_pairs_32(xe0, xe1, xe2, xe3)
+            xo0, xo1, xo2, xo3 = _scale_pairs_32(xo0, xo1, xo2, xo3)
+            _s2, zz, mz = _half2_consts(tl.zeros(z.shape, tl.float16), z)
+            shape: tl.constexpr = (R2, BLOCK_N)
+            part = _dot16_half2(cur_e, cur_o, tl.broadcast_to(xe0[:, None], shape),
+                                tl.broadcast_to(xe1[:, None], shape), tl.broadcast_to(xe2[:, None], shape),
+                                tl.broadcast_to(xe3[:, None], shape), tl.broadcast_to(xo0[:, None], shape),
+                                tl.broadcast_to(xo1[:, None], shape), tl.broadcast_to(xo2[:, None], shape),
+                                tl.broadcast_to(xo3[:, None], shape), zz, mz)
+            y = tl.sum(part * scale, axis=0) * 32.0
+        else:
+            y = tl.sum(_float_dot16(cur_e, cur_o, xe0, xe1, xe2, xe3, xo0, xo1, xo2, xo3, z) * scale, axis=0)
+        yh = y.to(tl.float16)
+        tl.store(x_ptr + (layer + 1) * K + offs_n, yh, mask=n_mask)
+        if more:  # x_{layer+1} is read in this launch: its pairs with this launch's epoch, 8 bytes a store
+            bits = yh.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            lo, hi = tl.split(tl.permute(tl.reshape(bits, (BLOCK_N // 8, 2, 4)), (0, 2, 1)))
+            word = (lo | (hi << 16)).to(tl.uint32, bitcast=True).to(tl.int64) | (epoch.to(tl.int64) << 32)
+            t_next = t_ptr + tl.cast(layer + 1, tl.int64) * (K // 2) + pid * (BLOCK_N // 2)
+            tl.store(t_next + offs_q[:, None] * 4 + tl.arange(0, 4)[None, :], word,
+                     mask=(pid * (BLOCK_N // 8) + offs_q < ROWS)[:, None])
+        cur_e = nxt_e
+        cur_o = nxt_o
+        cur_s = nxt_s
+        cur_z = nxt_z
+    if (pid == 0) & (last - first >= 2):
+        # program 0 has read x_{last-1}, so every program has started (and read the epoch): the next launch's
+        # words get the next epoch
+        tl.store(epoch_ptr, epoch + 1)
+
+
 @dataclass
 class ChainWeights:
     """``L`` square int4 weights stacked for ``gemv_chain``: ``qweight`` int32 [L, K/8, N], ``scale`` [L, K/G, N]
@@ -176,6 +342,22 @@ def _sync_counter(device) -> torch.Tensor:
     return _SYNC[key]
 
 
+_TAGS: dict = {}
+
+
+def _tag_state(device, words: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tagged activation buffer (int64, zero-filled, grown as chains grow) and the launch epoch (int32, from 1)
+    of a device: one chain in flight a device at a time, as on one stream."""
+    key = str(device)
+    buf, epoch = _TAGS.get(key, (None, None))
+    if buf is None or buf.numel() < words:
+        if epoch is None:
+            epoch = torch.ones(1, dtype=torch.int32, device=device)
+        buf = torch.zeros(words, dtype=torch.int64, device=device)
+        _TAGS[key] = (buf, epoch)
+    return buf, epoch
+
+
 def chain_config(n: int, device) -> dict:
     """BLOCK_N and warps: the fewest columns a program that still leaves every program resident (one a
     multiprocessor); 16 warps keep two slices (64 KiB each at K = 4096) in registers without spills."""
@@ -217,6 +399,22 @@ def gemv_chain(x: torch.Tensor, cw: ChainWeights, out: torch.Tensor | None = Non
         raise ValueError(f"gemv_chain: BLOCK_N={block_n} gives {k / block_n:g} programs; all must be resident "
                          f"(at most {num_sms(x.device)}, one a multiprocessor)")
     zero = cw.zero if cw.zero is not None else cw.scale  # never read without HAS_ZERO
+    if cfg.get("SYNC") == "tags":
+        if x.dtype != torch.float16:
+            raise ValueError(f"gemv_chain with SYNC='tags' passes fp16 activations, got {x.dtype}")
+        tags, epoch = _tag_state(x.device, (layers + 1) * k // 2)
+        if interpreting():
+            spans = [(layer, layer + 1) for layer in range(layers)] if programs > 1 else [(0, layers)]
+            sync, opts = False, {}
+        else:
+            spans = [(0, layers)]
+            sync, opts = not cfg.get("NO_BARRIER", False), {"num_warps": cfg.get("num_warps", 16), "num_stages": 1}
+        for first, last in spans:
+            _tagged_chain_kernel[(programs,)](out, tags, cw.qweight, cw.scale, zero, epoch, 0, first, last, k, K=k,
+                                              GROUP=cw.group_size, HAS_ZERO=cw.zero is not None, BLOCK_N=block_n,
+                                              HALF2=not interpreting(), SYNC=sync,
+                                              X_FIRST=cfg.get("X_FIRST", False), **opts)
+        return out
     meta = dict(K=k, GROUP=cw.group_size, HAS_ZERO=cw.zero is not None, BLOCK_N=block_n, PAIRS=pairs,
                 AHEAD=cfg.get("AHEAD", True))
     if interpreting():  # programs run one after another there, so no barrier: a launch per layer where there are

@@ -275,6 +275,12 @@ def _dot16_half2(we, wo, xe04, xe15, xe26, xe37, xo04, xo15, xo26, xo37, zz, mz)
 def _x_pairs_scaled(x_ptr, offs_r, r_mask, K, ACT_SILU_MUL: tl.constexpr):
     """``_x_pairs_half2`` times 1/32 (exact: a power of two, down to fp16's subnormals)."""
     x04, x15, x26, x37 = _x_pairs_half2(x_ptr, offs_r, r_mask, K, ACT_SILU_MUL)
+    return _scale_pairs_32(x04, x15, x26, x37)
+
+
+@triton.jit
+def _scale_pairs_32(x04, x15, x26, x37):
+    """Four half2 activation pairs times 1/32 (``_dot16_half2``'s input)."""
     return tl.inline_asm_elementwise(
         asm="""
         {

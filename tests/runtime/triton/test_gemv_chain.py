@@ -65,8 +65,9 @@ def test_chain_rejects_what_it_cannot_run(device):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("sync", ["counter", "tags", "tags-x-first"])
 @pytest.mark.parametrize("sym", [False, True])
-def test_chain_on_gpu_matches_runtime_gemv(sym):
+def test_chain_on_gpu_matches_runtime_gemv(sym, sync):
     """At 4096 x 4096 over 6 layers, with the grid barrier: every layer matches ``wq_linear`` (row pairs, the same
     decode) applied to the chain's own input of that layer within fp16 rounding (the fp32 partials are summed in
     another order), and the float reference within the pair decode's rounding; a second launch is bit-identical
@@ -74,7 +75,10 @@ def test_chain_on_gpu_matches_runtime_gemv(sym):
     weights = chain_weights(4096, 6, sym, 128, "cuda", torch.float16, seed=1)
     cw = stack_chain(weights)
     x = torch.randn(4096, device="cuda", dtype=torch.float16)
-    out = gemv_chain(x, cw)
+    cfg = {"BLOCK_N": 32, "num_warps": 16}
+    if sync != "counter":
+        cfg.update(SYNC="tags", X_FIRST=sync == "tags-x-first")
+    out = gemv_chain(x, cw, config=cfg)
     torch.cuda.synchronize()
     for layer, pw in enumerate(weights):
         step = wq_linear(out[layer].reshape(1, -1), pw).reshape(-1).float()
@@ -82,12 +86,12 @@ def test_chain_on_gpu_matches_runtime_gemv(sym):
         scale = ref.abs().max().item()
         assert (out[layer + 1].float() - step).abs().max().item() <= 2e-3 * scale, layer
         assert (out[layer + 1].float() - ref).abs().max().item() <= 5e-3 * scale, layer
-    again = gemv_chain(x, cw)
+    again = gemv_chain(x, cw, config=cfg)
     assert torch.equal(again, out)
     buf = torch.empty_like(out)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        gemv_chain(x, cw, out=buf)
+        gemv_chain(x, cw, out=buf, config=cfg)
     for _ in range(3):
         buf.zero_()
         g.replay()
