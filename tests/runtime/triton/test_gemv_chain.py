@@ -48,6 +48,39 @@ def test_chain_matches_layer_by_layer_reference(device, sym, group, block_n):
         assert err <= 1e-4 * ref[layer].abs().max().item(), (layer, err)
 
 
+@pytest.mark.parametrize("block_n", [16, 128], ids=["8-programs", "1-program"])
+@pytest.mark.parametrize("x_first", [False, True], ids=["slice-first", "x-first"])
+@pytest.mark.parametrize("sym,group", [(False, 32), (True, 64), (False, 128)])
+def test_tagged_chain_matches_reference(device, sym, group, block_n, x_first):
+    """SYNC='tags' (fp16 activations): each layer within fp16 rounding of the float reference (rounded to fp16 per
+    layer). With one program the whole chain runs in one launch, so the layers after the first read x from the
+    tagged buffer: its words decode to the stored outputs, carry the launch's epoch, and the epoch moves on."""
+    if device == "cuda":
+        pytest.skip("the GPU case runs at a real shape below")
+    from qcompile.runtime.triton import gemv_chain as gc
+
+    weights = chain_weights(128, 3, sym, group, device, torch.float32, seed=group)
+    x = torch.randn(128, device=device).half()
+    tags, epoch = gc._tag_state(x.device, 4 * 64)
+    before = int(epoch.item())
+    out = gemv_chain(x, stack_chain(weights), config={"BLOCK_N": block_n, "SYNC": "tags", "X_FIRST": x_first})
+    ref = reference_chain(x, weights)
+    assert torch.equal(out[0], x)
+    for layer in range(1, 4):
+        err = (out[layer].float() - ref[layer].float()).abs().max().item()
+        assert err <= 2e-3 * ref[layer].float().abs().max().item(), (layer, err)
+    if block_n == 128:
+        assert int(epoch.item()) == before + 1
+        for layer in (1, 2):  # x_1 and x_2 are read inside the launch; x_3 (the last) is not tagged
+            words = tags[layer * 64:(layer + 1) * 64]
+            assert torch.all((words >> 32) == before)
+            lo = (words & 0xFFFF).to(torch.int16).view(torch.float16).reshape(16, 4)
+            hi = ((words >> 16) & 0xFFFF).to(torch.int16).view(torch.float16).reshape(16, 4)
+            assert torch.equal(torch.cat([lo, hi], dim=1).reshape(-1), out[layer])
+    else:  # a launch a layer: nothing read inside a launch, nothing tagged, the epoch stays
+        assert int(epoch.item()) == before
+
+
 def test_chain_rejects_what_it_cannot_run(device):
     dt = torch.float16 if device == "cuda" else torch.float32
     square = chain_weights(64, 1, False, 32, device, dt)
