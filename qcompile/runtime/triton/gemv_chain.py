@@ -145,14 +145,25 @@ def _fp16_pairs(x_ptr, rows, mask):
 
 
 @triton.jit
-def _tagged_pairs(t_ptr, rows, mask, epoch):
+def _load_relaxed(ptr, mask, ASM: tl.constexpr):
+    """An 8-byte word read at L2 every time (a relaxed load at GPU scope: Triton's ``volatile`` would be system
+    scope); rows are never masked off on the GPU (the mask only serves the interpreter, which has no inline asm)."""
+    if ASM:
+        return tl.inline_asm_elementwise("ld.relaxed.gpu.global.b64 $0, [$1];", "=l,l", [ptr], dtype=tl.int64,
+                                         is_pure=False, pack=1)
+    else:
+        return tl.load(ptr, mask=mask, other=0, volatile=True)
+
+
+@triton.jit
+def _tagged_pairs(t_ptr, rows, mask, epoch, HALF2: tl.constexpr):
     """The half2 words (x_j, x_{j+4}) of word rows ``rows`` from the tagged buffer (int64: the pair in the low 32
     bits, the launch's epoch in the high 32), and how many of the eight loaded words are not yet of this epoch."""
     tp = t_ptr + rows * 4
-    w0 = tl.load(tp + 0, mask=mask, other=0, volatile=True)
-    w1 = tl.load(tp + 1, mask=mask, other=0, volatile=True)
-    w2 = tl.load(tp + 2, mask=mask, other=0, volatile=True)
-    w3 = tl.load(tp + 3, mask=mask, other=0, volatile=True)
+    w0 = _load_relaxed(tp + 0, mask, HALF2)
+    w1 = _load_relaxed(tp + 1, mask, HALF2)
+    w2 = _load_relaxed(tp + 2, mask, HALF2)
+    w3 = _load_relaxed(tp + 3, mask, HALF2)
     e = epoch.to(tl.int64)
     stale = (((w0 >> 32) != e) | ((w1 >> 32) != e) | ((w2 >> 32) != e) | ((w3 >> 32) != e)) & mask
     return w0.to(tl.int32), w1.to(tl.int32), w2.to(tl.int32), w3.to(tl.int32), stale.to(tl.int32)
@@ -192,23 +203,22 @@ def _float_dot16(we, wo, xe0, xe1, xe2, xe3, xo0, xo1, xo2, xo3, z):
 
 
 @triton.jit
-def _load_layer(w_ptr, s_ptr, z_ptr, layer, hi, offs_p, offs_g, offs_n, n_mask, N, dep,
+def _load_layer(w_ptr, s_ptr, z_ptr, layer, hi, offs_p, offs_n, n_mask, N, dep,
                 K: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
-    """A program's whole slice of layer ``layer``: even and odd word rows, and its scales and zero points per
-    group (compact, [K / GROUP, BLOCK_N]); rows from ``hi`` on masked (no traffic). ``dep`` (0 at run time) ties
-    the addresses to a value, so the loads cannot be issued before that value is known."""
+    """A program's whole slice of layer ``layer``: even and odd word rows, and each row pair's scale and zero
+    point (loaded in the words' layout, so nothing is rearranged after the wait); rows from ``hi`` on masked (no
+    traffic). ``dep`` (0 at run time) ties the addresses to a value, so the loads cannot issue before it is known."""
     ROWS: tl.constexpr = K // 8
     w_l = w_ptr + tl.cast(layer, tl.int64) * (ROWS * N) + dep
-    s_off = tl.cast(layer, tl.int64) * ((K // GROUP) * N) + offs_g[:, None] * N + offs_n[None, :] + dep
     p_mask = offs_p < hi
     wp_mask = p_mask[:, None] & n_mask[None, :]
     off = offs_p[:, None] * N + offs_n[None, :]
     we = tl.load(w_l + off, mask=wp_mask, other=0)
     wo = tl.load(w_l + off + N, mask=wp_mask, other=0)
-    g_mask = (offs_g < hi // (GROUP // 8))[:, None] & n_mask[None, :]
-    sc = tl.load(s_ptr + s_off, mask=g_mask, other=0.0)
+    s_off = tl.cast(layer, tl.int64) * ((K // GROUP) * N) + (offs_p // (GROUP // 8))[:, None] * N + offs_n[None, :]
+    sc = tl.load(s_ptr + s_off + dep, mask=wp_mask, other=0.0)
     if HAS_ZERO:
-        zp = tl.load(z_ptr + s_off, mask=g_mask, other=0)
+        zp = tl.load(z_ptr + s_off + dep, mask=wp_mask, other=0)
     else:
         zp = tl.full(sc.shape, 8, tl.uint8)
     return we, wo, sc, zp
@@ -220,44 +230,40 @@ def _tagged_chain_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, epoch_ptr, zero, fir
                          HALF2: tl.constexpr, SYNC: tl.constexpr, X_FIRST: tl.constexpr):
     ROWS: tl.constexpr = K // 8
     R2: tl.constexpr = ROWS // 2
-    GROUPS: tl.constexpr = K // GROUP
-    PPG: tl.constexpr = GROUP // 16  # row pairs a group
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_p = 2 * tl.arange(0, R2)
-    offs_g = tl.arange(0, GROUPS)
     offs_q = tl.arange(0, BLOCK_N // 8)  # this program's word rows of the next x (8 outputs a word row)
     p_mask = offs_p < ROWS
     epoch = tl.load(epoch_ptr)
-    cur_e, cur_o, cur_s, cur_z = _load_layer(w_ptr, s_ptr, z_ptr, first, ROWS, offs_p, offs_g, offs_n, n_mask, N, 0,
+    cur_e, cur_o, cur_s, cur_z = _load_layer(w_ptr, s_ptr, z_ptr, first, ROWS, offs_p, offs_n, n_mask, N, 0,
                                              K, GROUP, HAS_ZERO)
     for layer in range(first, last):
         more = layer + 1 < last
         nxt = tl.minimum(layer + 1, last - 1)
         if not X_FIRST:  # the next layer's slice before the wait for x_layer
-            nxt_e, nxt_o, nxt_s, nxt_z = _load_layer(w_ptr, s_ptr, z_ptr, nxt, tl.where(more, ROWS, 0), offs_p, offs_g,
-                                                     offs_n, n_mask, N, 0, K, GROUP, HAS_ZERO)
+            nxt_e, nxt_o, nxt_s, nxt_z = _load_layer(w_ptr, s_ptr, z_ptr, nxt, tl.where(more, ROWS, 0), offs_p, offs_n,
+                                                     n_mask, N, 0, K, GROUP, HAS_ZERO)
         if layer == first:  # the chain's input: written before the launch
             xe0, xe1, xe2, xe3 = _fp16_pairs(x_ptr + layer * K, offs_p, p_mask)
             xo0, xo1, xo2, xo3 = _fp16_pairs(x_ptr + layer * K, offs_p + 1, p_mask)
             waited = tl.full((), 0, tl.int32)
         else:  # x_layer from the tagged buffer: every word carries the epoch of the launch that wrote it
             t_l = t_ptr + tl.cast(layer, tl.int64) * (K // 2)
-            xe0, xe1, xe2, xe3, se = _tagged_pairs(t_l, offs_p, p_mask, epoch)
-            xo0, xo1, xo2, xo3, so = _tagged_pairs(t_l, offs_p + 1, p_mask, epoch)
+            xe0, xe1, xe2, xe3, se = _tagged_pairs(t_l, offs_p, p_mask, epoch, HALF2)
+            xo0, xo1, xo2, xo3, so = _tagged_pairs(t_l, offs_p + 1, p_mask, epoch, HALF2)
             waited = tl.sum(se + so)
             if SYNC:
                 while waited > 0:
-                    xe0, xe1, xe2, xe3, se = _tagged_pairs(t_l, offs_p, p_mask, epoch)
-                    xo0, xo1, xo2, xo3, so = _tagged_pairs(t_l, offs_p + 1, p_mask, epoch)
+                    xe0, xe1, xe2, xe3, se = _tagged_pairs(t_l, offs_p, p_mask, epoch, HALF2)
+                    xo0, xo1, xo2, xo3, so = _tagged_pairs(t_l, offs_p + 1, p_mask, epoch, HALF2)
                     waited = tl.sum(se + so)
         if X_FIRST:  # the next layer's slice once x_layer is here (its loads cannot queue ahead of x's)
-            nxt_e, nxt_o, nxt_s, nxt_z = _load_layer(w_ptr, s_ptr, z_ptr, nxt, tl.where(more, ROWS, 0), offs_p, offs_g,
-                                                     offs_n, n_mask, N, waited * zero, K, GROUP, HAS_ZERO)
-        # the group's scale and zero point for every row pair (compact tiles loaded a step ahead, expanded here)
-        scale = tl.reshape(tl.broadcast_to(cur_s[:, None, :], (GROUPS, PPG, BLOCK_N)), (R2, BLOCK_N)).to(tl.float32)
-        z = tl.reshape(tl.broadcast_to(cur_z[:, None, :], (GROUPS, PPG, BLOCK_N)), (R2, BLOCK_N))
+            nxt_e, nxt_o, nxt_s, nxt_z = _load_layer(w_ptr, s_ptr, z_ptr, nxt, tl.where(more, ROWS, 0), offs_p, offs_n,
+                                                     n_mask, N, waited * zero, K, GROUP, HAS_ZERO)
+        scale = cur_s.to(tl.float32)
+        z = cur_z
         if HALF2:
             xe0, xe1, xe2, xe3 = _scale_pairs_32(xe0, xe1, xe2, xe3)
             xo0, xo1, xo2, xo3 = _scale_pairs_32(xo0, xo1, xo2, xo3)
