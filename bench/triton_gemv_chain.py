@@ -36,6 +36,7 @@ os.environ.setdefault("QCOMPILE_TUNE_CACHE", "0")
 
 from bench.triton_kernels import graph_time, peak_copy_bandwidth, random_int_weight  # noqa: E402
 from qcompile.runtime.triton.gemv_chain import chain_config, gemv_chain, stack_chain  # noqa: E402
+from qcompile.runtime.triton.gemv_chain_staged import gemv_chain_staged, stage_chain  # noqa: E402
 from qcompile.runtime.triton.packing import pack_from_export  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import wq_linear  # noqa: E402
 
@@ -78,15 +79,25 @@ def main() -> None:
             configs.append({"BLOCK_N": 32, "num_warps": warps, "SYNC": "tags", "X_FIRST": x_first})
     configs.append({"BLOCK_N": 32, "num_warps": 8, "SYNC": "tags", "NO_BARRIER": True})
     configs.append({"BLOCK_N": 32, "num_warps": 8, "SYNC": "tags", "X_FIRST": True, "NO_BARRIER": True})
+    # the slices staged in shared memory by TMA, STAGES layers ahead (gemv_chain_staged, Gluon), tags as above
+    for stages in (3, 2):
+        configs.append({"STAGED": True, "STAGES": stages})
+    configs.append({"STAGED": True, "STAGES": 3, "NO_BARRIER": True})
     w16 = [torch.randn(n, n, device="cuda", dtype=torch.float16) / n**0.5 for _ in range(max(lengths))]
     for length in lengths:
         cw = stack_chain(weights[:length])
+        staged = stage_chain(cw)
+
+        def run(cfg, cw=cw, staged=staged):
+            if cfg.get("STAGED"):
+                return gemv_chain_staged(x0, staged, out=out, stages=cfg["STAGES"], sync=not cfg.get("NO_BARRIER"))
+            return gemv_chain(x0, cw, out=out, config=cfg)
         out = torch.empty(length + 1, n, device="cuda", dtype=torch.float16)
         out[0].copy_(x)
         x0 = out[0]  # the chain's input in place: the timed graph holds the chain's launch alone
         row = {"layers": length, "persistent": []}
         for cfg in configs:  # timings first (printed as they come), the checks after
-            t = graph_time([lambda cfg=cfg, cw=cw: gemv_chain(x0, cw, out=out, config=cfg)])
+            t = graph_time([lambda cfg=cfg: run(cfg)])
             entry = {"config": cfg, "us_per_step": t / length * 1e6, "launch_us": t * 1e6,
                      "fraction_of_peak_copy": step_bytes / (t / length) / 1e12 / peak}
             row["persistent"].append(entry)
@@ -94,7 +105,7 @@ def main() -> None:
                   f"{entry['fraction_of_peak_copy']:.0%} of peak (launch {t * 1e6:.1f} us)", flush=True)
         for entry in row["persistent"]:
             cfg = entry["config"]
-            gemv_chain(x0, cw, out=out, config=cfg)
+            run(cfg)
             torch.cuda.synchronize()
             entry["last_output_abs_max"] = out[-1].float().abs().max().item()
             if cfg.get("NO_BARRIER"):
@@ -107,7 +118,7 @@ def main() -> None:
             entry["max_rel_diff_vs_wq_linear"] = max(errs)
             print(f"L={length} persistent {cfg}: max rel diff vs wq_linear over the steps {max(errs):.1e}, "
                   f"|last output| max {entry['last_output_abs_max']:.3g}", flush=True)
-        del cw
+        del cw, staged
         bufs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in range(length + 1)]
         bufs[0].copy_(x.reshape(1, -1))
         t_pdl = graph_time([lambda i=i: wq_linear(bufs[i], weights[i], out=bufs[i + 1], pdl=True)

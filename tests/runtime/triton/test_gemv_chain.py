@@ -130,3 +130,48 @@ def test_chain_on_gpu_matches_runtime_gemv(sym, sync):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(buf, out)
+
+
+def test_staged_repack_pairs_adjacent_inputs():
+    """``gemv_chain_staged``'s re-packing: nibbles j and j + 4 of each new word hold the codes of inputs 2j and
+    2j + 1 of its eight (the half2 decode pairs nibbles j and j + 4 against the adjacent activations)."""
+    from qcompile.runtime.triton.gemv_chain_staged import _repack
+
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (5, 8, 3), generator=gen, dtype=torch.int32)  # [rows, input of the eight, cols]
+    words = torch.zeros(5, 3, dtype=torch.int32)
+    for i in range(8):
+        words |= codes[:, i] << (4 * i)
+    new = _repack(words)
+    for j in range(4):
+        assert torch.equal((new >> (4 * j)) & 15, codes[:, 2 * j])
+        assert torch.equal((new >> (4 * (j + 4))) & 15, codes[:, 2 * j + 1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("sym", [False, True])
+def test_staged_chain_on_gpu_matches_runtime_gemv(sym, stages):
+    """The TMA-staged chain (Gluon) at 4096 x 4096 over 6 layers: every layer within fp16 rounding of ``wq_linear``
+    on the chain's own input to it; a relaunch and CUDA-graph replays bit-identical (the epoch moves on)."""
+    from qcompile.runtime.triton.gemv_chain_staged import gemv_chain_staged, stage_chain
+
+    weights = chain_weights(4096, 6, sym, 128, "cuda", torch.float16, seed=2)
+    sc = stage_chain(stack_chain(weights))
+    x = torch.randn(4096, device="cuda", dtype=torch.float16)
+    out = gemv_chain_staged(x, sc, stages=stages)
+    torch.cuda.synchronize()
+    for layer, pw in enumerate(weights):
+        step = wq_linear(out[layer].reshape(1, -1), pw).reshape(-1).float()
+        scale = step.abs().max().item()
+        assert (out[layer + 1].float() - step).abs().max().item() <= 2e-3 * scale, layer
+    assert torch.equal(gemv_chain_staged(x, sc, stages=stages), out)
+    buf = torch.empty_like(out)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gemv_chain_staged(x, sc, out=buf, stages=stages)
+    for _ in range(3):
+        buf.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(buf, out)
