@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/triton_gemv_chain.json")
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--layers", default="8,32", help="chain lengths (comma-separated)")
+    ap.add_argument("--skip-staged", action="store_true", help="leave out the TMA-staged kernel (gemv_chain_staged)")
     args = ap.parse_args()
     n = args.n
     lengths = [int(v) for v in args.layers.split(",")]
@@ -80,9 +81,10 @@ def main() -> None:
     configs.append({"BLOCK_N": 32, "num_warps": 8, "SYNC": "tags", "NO_BARRIER": True})
     configs.append({"BLOCK_N": 32, "num_warps": 8, "SYNC": "tags", "X_FIRST": True, "NO_BARRIER": True})
     # the slices staged in shared memory by TMA, STAGES layers ahead (gemv_chain_staged, Gluon), tags as above
-    for stages in (3, 2):
-        configs.append({"STAGED": True, "STAGES": stages})
-    configs.append({"STAGED": True, "STAGES": 3, "NO_BARRIER": True})
+    if not args.skip_staged:
+        for stages in (3, 2):
+            configs.append({"STAGED": True, "STAGES": stages})
+        configs.append({"STAGED": True, "STAGES": 3, "NO_BARRIER": True})
     w16 = [torch.randn(n, n, device="cuda", dtype=torch.float16) / n**0.5 for _ in range(max(lengths))]
     for length in lengths:
         cw = stack_chain(weights[:length])
