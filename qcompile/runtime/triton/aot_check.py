@@ -342,6 +342,19 @@ def cases(all_configs: bool):
                     zero="i32", first="i32", last="i32", N="i32"),
                dict(K=4096, GROUP=128, HAS_ZERO=True, BLOCK_N=32, HALF2=True, SYNC=True, X_FIRST=x_first),
                dict(N=4096), warps, 1)
+    # the TMA-staged chain (Gluon): 2 and 3 stages of 67 KiB must fit the 227 KiB a block may use
+    from triton.experimental.gluon import language as gl
+
+    from qcompile.runtime.triton import gemv_chain_staged
+
+    def desc(ty, rows, bits):
+        return f"tensordesc<{ty}[{rows}, 32],{gl.NVMMASharedLayout(0, bits, 2)!r}>"
+
+    for stages in (2, 3):
+        yield (f"gemv_chain_staged 4096 stages {stages}", gemv_chain_staged._staged_chain_kernel,
+               dict(w_desc=desc("i32", 256, 32), s_desc=desc("fp16", 32, 16), z_desc=desc("u8", 32, 8),
+                    x_ptr="*fp16", t_ptr="*i64", epoch_ptr="*i32", first="i32", last="i32"),
+               dict(K=4096, GROUP=128, BLOCK_N=32, STAGES=stages, SYNC=True, num_warps=8), {}, 8, 1)
 
 
 def small_cases():
