@@ -27,6 +27,17 @@ one launch per layer where there are several programs, the whole chain in one la
 columns (so the loop, the slice read a step ahead and its masking at the last step run there too); the barrier and
 the half2 decode are checked on the GPU (``tests/runtime/triton/test_gemv_chain.py``, marked cuda).
 
+``config={"SYNC": "tags"}`` (``_tagged_chain_kernel``) synchronises without a counter or a fence, as NCCL's
+low-latency protocol does: a step writes its outputs, when the launch reads them again, as 8-byte words (the half2
+(x_j, x_{j+4}) the decode takes, and the launch's 32-bit epoch above it), and the next step re-reads the vector
+until every word carries this launch's epoch. The epoch lives on the device (``_tag_state``; program 0 advances
+it at the end of a launch of two or more layers, when every program has read it), so CUDA graphs replay; a word
+left from 2^32 launches earlier could pass for a fresh one. The scales and zero points are read with the slice,
+a step ahead; ``X_FIRST`` issues the next slice only once x has arrived. fp16 activations in the interpreter too.
+(Measured on the H100 on 2026-12-07, the counter version streams at 45 %, below the runtime's PDL chain, because
+each program keeps one slice in flight: docs/BENCHMARKS.md, twenty-first session. The tagged variant and
+``gemv_chain_staged``, which stages slices in shared memory, were not yet timed.)
+
 Scope: square int4 weights (N = K, so each output is the next input), fp16 activations on the GPU, groups along K
 that divide K, N a multiple of ``BLOCK_N``. It is the batch-1 GEMV measured as a chain step
 (``bench/triton_gemv_chain.py``); the runner still launches a ``wq_linear`` per linear (its linears are separated by
