@@ -9,6 +9,7 @@ Modules (each kernel module has its pure-torch reference in ``reference``):
 * ``reference``    pure-torch reference of every kernel (what the tests compare against);
 * ``wq_matmul``    weight-only int4/int8 split-K GEMV (decode) and tiled GEMM (prefill);
 * ``gemv_chain``   a chain of dependent square int4 GEMVs in one persistent launch (a benchmark kernel so far);
+* ``gemv_chain_staged``  the same chain with slices staged in shared memory by TMA (Gluon; an experiment);
 * ``w8a8``         per-token activation quantization and int8 tensor-core GEMM (W8A8, W4A4);
 * ``hadamard``     online Walsh-Hadamard transform, 2^k and m*2^k orders;
 * ``act_quant``    per-token fake quantization of activations (the graph's quantizer, bit for bit);
