@@ -22,6 +22,20 @@ def chain_weights(n, layers, sym, group, device, dtype, seed=0):
     return out
 
 
+def assert_graph_replays_equal(launch, out):
+    """``launch(buf)`` captured in a CUDA graph: three replays into a zeroed buffer each reproduce ``out`` exactly
+    (the chain's device-side state, counter or epoch, is left ready for the next launch)."""
+    buf = torch.empty_like(out)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        launch(buf)
+    for _ in range(3):
+        buf.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(buf, out)
+
+
 def reference_chain(x, weights):
     rows = [x.reshape(1, -1)]
     for pw in weights:
@@ -121,15 +135,7 @@ def test_chain_on_gpu_matches_runtime_gemv(sym, sync):
         assert (out[layer + 1].float() - ref).abs().max().item() <= 5e-3 * scale, layer
     again = gemv_chain(x, cw, config=cfg)
     assert torch.equal(again, out)
-    buf = torch.empty_like(out)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        gemv_chain(x, cw, out=buf, config=cfg)
-    for _ in range(3):
-        buf.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(buf, out)
+    assert_graph_replays_equal(lambda buf: gemv_chain(x, cw, out=buf, config=cfg), out)
 
 
 def test_staged_repack_pairs_adjacent_inputs():
@@ -166,12 +172,4 @@ def test_staged_chain_on_gpu_matches_runtime_gemv(sym, stages):
         scale = step.abs().max().item()
         assert (out[layer + 1].float() - step).abs().max().item() <= 2e-3 * scale, layer
     assert torch.equal(gemv_chain_staged(x, sc, stages=stages), out)
-    buf = torch.empty_like(out)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        gemv_chain_staged(x, sc, out=buf, stages=stages)
-    for _ in range(3):
-        buf.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(buf, out)
+    assert_graph_replays_equal(lambda buf: gemv_chain_staged(x, sc, out=buf, stages=stages), out)
