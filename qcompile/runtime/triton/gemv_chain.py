@@ -239,6 +239,9 @@ def _load_layer(w_ptr, s_ptr, z_ptr, layer, hi, offs_p, offs_n, n_mask, N, dep,
 def _tagged_chain_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, epoch_ptr, zero, first, last, N,
                          K: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
                          HALF2: tl.constexpr, SYNC: tl.constexpr, X_FIRST: tl.constexpr):
+    """``_chain_kernel`` synchronised through tagged activations (module docstring): ``t_ptr`` holds x_1 ..
+    x_{L-1} as int64 words, ``zero`` is 0 at run time (it ties the next slice's addresses to x for ``X_FIRST``);
+    ``HALF2`` False is the interpreter's float decode."""
     ROWS: tl.constexpr = K // 8
     R2: tl.constexpr = ROWS // 2
     pid = tl.program_id(0)
