@@ -304,10 +304,11 @@ def _tagged_chain_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, epoch_ptr, zero, fir
         cur_o = nxt_o
         cur_s = nxt_s
         cur_z = nxt_z
-    if (pid == 0) & (last - first >= 2):
-        # program 0 has read x_{last-1}, so every program has started (and read the epoch): the next launch's
-        # words get the next epoch
-        tl.store(epoch_ptr, epoch + 1)
+    if SYNC:  # (not in the no-wait ablation: there a late program could still read the epoch after the store)
+        if (pid == 0) & (last - first >= 2):
+            # program 0 has read x_{last-1}, so every program has started (and read the epoch): the next launch's
+            # words get the next epoch
+            tl.store(epoch_ptr, epoch + 1)
 
 
 @dataclass
@@ -369,13 +370,14 @@ def _tag_state(device, words: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The tagged activation buffer (int64, zero-filled, grown as chains grow) and the launch epoch (int32, from 1)
     of a device: one chain in flight a device at a time, as on one stream."""
     key = str(device)
-    buf, epoch = _TAGS.get(key, (None, None))
-    if buf is None or buf.numel() < words:
+    bufs, epoch = _TAGS.get(key, ([], None))
+    if not bufs or bufs[-1].numel() < words:
         if epoch is None:
             epoch = torch.ones(1, dtype=torch.int32, device=device)
-        buf = torch.zeros(words, dtype=torch.int64, device=device)
-        _TAGS[key] = (buf, epoch)
-    return buf, epoch
+        # smaller buffers stay allocated: a CUDA graph captured on one keeps its address
+        bufs = bufs + [torch.zeros(words, dtype=torch.int64, device=device)]
+        _TAGS[key] = (bufs, epoch)
+    return bufs[-1], epoch
 
 
 def chain_config(n: int, device) -> dict:
@@ -423,9 +425,9 @@ def gemv_chain(x: torch.Tensor, cw: ChainWeights, out: torch.Tensor | None = Non
         if x.dtype != torch.float16:
             raise ValueError(f"gemv_chain with SYNC='tags' passes fp16 activations, got {x.dtype}")
         tags, epoch = _tag_state(x.device, (layers + 1) * k // 2)
-        if interpreting():
+        if interpreting():  # one program: the whole chain in one launch, its own words polled (already fresh)
             spans = [(layer, layer + 1) for layer in range(layers)] if programs > 1 else [(0, layers)]
-            sync, opts = False, {}
+            sync, opts = programs == 1, {}
         else:
             spans = [(0, layers)]
             sync, opts = not cfg.get("NO_BARRIER", False), {"num_warps": cfg.get("num_warps", 16), "num_stages": 1}

@@ -153,8 +153,9 @@ def _staged_chain_kernel(w_desc, s_desc, z_desc, x_ptr, t_ptr, epoch_ptr, first,
             gl.store(t_ptr + (layer + 1) * HALF + n0 // 2 + offs_w, word)
     for b in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(b))
-    if (pid == 0) & (last - first >= 2):  # every program has read the epoch (see gemv_chain)
-        gl.store(epoch_ptr, epoch + 1)
+    if SYNC:  # every program has read the epoch (see gemv_chain); not so in the no-wait ablation
+        if (pid == 0) & (last - first >= 2):
+            gl.store(epoch_ptr, epoch + 1)
 
 
 @dataclass
@@ -213,8 +214,13 @@ def gemv_chain_staged(x: torch.Tensor, sc: StagedChain, out: torch.Tensor | None
     k = sc.features
     if x.dtype != torch.float16 or x.numel() != k or not x.is_cuda:
         raise ValueError(f"gemv_chain_staged takes an fp16 CUDA vector of {k} values")
+    if x.device != sc.qweight.device:
+        raise ValueError(f"gemv_chain_staged: x is on {x.device}, the weights on {sc.qweight.device}")
     if out is None:
         out = torch.empty(sc.layers + 1, k, dtype=x.dtype, device=x.device)
+    if out.shape != (sc.layers + 1, k) or out.dtype != x.dtype or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"gemv_chain_staged: out must be a contiguous [{sc.layers + 1}, {k}] fp16 tensor on "
+                         f"{x.device}")
     if x.data_ptr() != out.data_ptr():
         out[0].copy_(x.reshape(-1))
     programs = k // BLOCK_N

@@ -67,7 +67,7 @@ def test_chain_matches_layer_by_layer_reference(device, sym, group, block_n):
 @pytest.mark.parametrize("sym,group", [(False, 32), (True, 64), (False, 128)])
 def test_tagged_chain_matches_reference(device, sym, group, block_n, x_first):
     """SYNC='tags' (fp16 activations): each layer within fp16 rounding of the float reference (rounded to fp16 per
-    layer). With one program the whole chain runs in one launch, so the layers after the first read x from the
+    layer). With one program the whole chain runs in one launch, so the layers after the first poll x in the
     tagged buffer: its words decode to the stored outputs, carry the launch's epoch, and the epoch moves on."""
     if device == "cuda":
         pytest.skip("the GPU case runs at a real shape below")
