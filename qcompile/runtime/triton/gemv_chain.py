@@ -188,29 +188,26 @@ def _half(pair, HI: tl.constexpr):
 
 
 @triton.jit
-def _float_dot16(we, wo, xe0, xe1, xe2, xe3, xo0, xo1, xo2, xo3, z):
-    """``sum_j x_j (c_j - z)`` over a row pair's sixteen codes in fp32 (the interpreter's decode; on the GPU
-    ``_dot16_half2`` does it in half2): code j of a word in bits 4j..4j+3, its activation in half j // 4 of pair
-    word j % 4."""
-    zf = z.to(tl.float32)
-    acc = tl.zeros(we.shape, tl.float32)
-    acc += (((we >> 0) & 15).to(tl.float32) - zf) * _half(xe0, False)[:, None]
-    acc += (((we >> 4) & 15).to(tl.float32) - zf) * _half(xe1, False)[:, None]
-    acc += (((we >> 8) & 15).to(tl.float32) - zf) * _half(xe2, False)[:, None]
-    acc += (((we >> 12) & 15).to(tl.float32) - zf) * _half(xe3, False)[:, None]
-    acc += (((we >> 16) & 15).to(tl.float32) - zf) * _half(xe0, True)[:, None]
-    acc += (((we >> 20) & 15).to(tl.float32) - zf) * _half(xe1, True)[:, None]
-    acc += (((we >> 24) & 15).to(tl.float32) - zf) * _half(xe2, True)[:, None]
-    acc += (((we >> 28) & 15).to(tl.float32) - zf) * _half(xe3, True)[:, None]
-    acc += (((wo >> 0) & 15).to(tl.float32) - zf) * _half(xo0, False)[:, None]
-    acc += (((wo >> 4) & 15).to(tl.float32) - zf) * _half(xo1, False)[:, None]
-    acc += (((wo >> 8) & 15).to(tl.float32) - zf) * _half(xo2, False)[:, None]
-    acc += (((wo >> 12) & 15).to(tl.float32) - zf) * _half(xo3, False)[:, None]
-    acc += (((wo >> 16) & 15).to(tl.float32) - zf) * _half(xo0, True)[:, None]
-    acc += (((wo >> 20) & 15).to(tl.float32) - zf) * _half(xo1, True)[:, None]
-    acc += (((wo >> 24) & 15).to(tl.float32) - zf) * _half(xo2, True)[:, None]
-    acc += (((wo >> 28) & 15).to(tl.float32) - zf) * _half(xo3, True)[:, None]
+def _float_dot8(w, x0, x1, x2, x3, zf):
+    """``sum_j x_j (c_j - z)`` over one word's eight codes in fp32: code j in bits 4j..4j+3, its activation in
+    half j // 4 of pair word j % 4."""
+    acc = (((w >> 0) & 15).to(tl.float32) - zf) * _half(x0, False)[:, None]
+    acc += (((w >> 4) & 15).to(tl.float32) - zf) * _half(x1, False)[:, None]
+    acc += (((w >> 8) & 15).to(tl.float32) - zf) * _half(x2, False)[:, None]
+    acc += (((w >> 12) & 15).to(tl.float32) - zf) * _half(x3, False)[:, None]
+    acc += (((w >> 16) & 15).to(tl.float32) - zf) * _half(x0, True)[:, None]
+    acc += (((w >> 20) & 15).to(tl.float32) - zf) * _half(x1, True)[:, None]
+    acc += (((w >> 24) & 15).to(tl.float32) - zf) * _half(x2, True)[:, None]
+    acc += (((w >> 28) & 15).to(tl.float32) - zf) * _half(x3, True)[:, None]
     return acc
+
+
+@triton.jit
+def _float_dot16(we, wo, xe0, xe1, xe2, xe3, xo0, xo1, xo2, xo3, z):
+    """A row pair's sixteen codes in fp32 (the interpreter's decode; on the GPU ``_dot16_half2`` does it in
+    half2)."""
+    zf = z.to(tl.float32)
+    return _float_dot8(we, xe0, xe1, xe2, xe3, zf) + _float_dot8(wo, xo0, xo1, xo2, xo3, zf)
 
 
 @triton.jit
@@ -421,22 +418,28 @@ def gemv_chain(x: torch.Tensor, cw: ChainWeights, out: torch.Tensor | None = Non
         raise ValueError(f"gemv_chain: BLOCK_N={block_n} gives {k / block_n:g} programs; all must be resident "
                          f"(at most {num_sms(x.device)}, one a multiprocessor)")
     zero = cw.zero if cw.zero is not None else cw.scale  # never read without HAS_ZERO
-    if cfg.get("SYNC") == "tags":
-        if x.dtype != torch.float16:
-            raise ValueError(f"gemv_chain with SYNC='tags' passes fp16 activations, got {x.dtype}")
-        tags, epoch = _tag_state(x.device, (layers + 1) * k // 2)
-        if interpreting():  # one program: the whole chain in one launch, its own words polled (already fresh)
-            spans = [(layer, layer + 1) for layer in range(layers)] if programs > 1 else [(0, layers)]
-            sync, opts = programs == 1, {}
-        else:
-            spans = [(0, layers)]
-            sync, opts = not cfg.get("NO_BARRIER", False), {"num_warps": cfg.get("num_warps", 16), "num_stages": 1}
+    tags = cfg.get("SYNC") == "tags"
+    if tags and x.dtype != torch.float16:
+        raise ValueError(f"gemv_chain with SYNC='tags' passes fp16 activations, got {x.dtype}")
+    if interpreting():  # programs run one after another there, so no barrier: a launch per layer where there are
+        # several programs; one program runs the whole chain in one launch (the loop and its slice read ahead run),
+        # and with tags polls its own words (already fresh there)
+        spans = [(layer, layer + 1) for layer in range(layers)] if programs > 1 else [(0, layers)]
+        sync, opts = tags and programs == 1, {}
+    else:  # ("NO_BARRIER": the benchmark's ablation, wrong results by design: what the barrier costs)
+        spans = [(0, layers)]
+        sync, opts = not cfg.get("NO_BARRIER", False), {"num_warps": cfg.get("num_warps", 16), "num_stages": 1}
+    meta = dict(K=k, GROUP=cw.group_size, HAS_ZERO=cw.zero is not None, BLOCK_N=block_n, SYNC=sync, **opts)
+    if tags:
+        buf, epoch = _tag_state(x.device, (layers + 1) * k // 2)
         for first, last in spans:
-            _tagged_chain_kernel[(programs,)](out, tags, cw.qweight, cw.scale, zero, epoch, 0, first, last, k, K=k,
-                                              GROUP=cw.group_size, HAS_ZERO=cw.zero is not None, BLOCK_N=block_n,
-                                              HALF2=not interpreting(), SYNC=sync,
-                                              X_FIRST=cfg.get("X_FIRST", False), **opts)
-        return out
+            _tagged_chain_kernel[(programs,)](out, buf, cw.qweight, cw.scale, zero, epoch, 0, first, last, k,
+                                              HALF2=pairs, X_FIRST=cfg.get("X_FIRST", False), **meta)
+    else:
+        for first, last in spans:
+            _chain_kernel[(programs,)](out, cw.qweight, cw.scale, zero, _sync_counter(x.device), first, last, k,
+                                       PAIRS=pairs, AHEAD=cfg.get("AHEAD", True), **meta)
+    return out
     meta = dict(K=k, GROUP=cw.group_size, HAS_ZERO=cw.zero is not None, BLOCK_N=block_n, PAIRS=pairs,
                 AHEAD=cfg.get("AHEAD", True))
     if interpreting():  # programs run one after another there, so no barrier: a launch per layer where there are
