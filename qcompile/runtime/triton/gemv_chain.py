@@ -167,6 +167,14 @@ def _load_relaxed(ptr, mask, ASM: tl.constexpr):
 
 
 @triton.jit
+def _store_relaxed(ptr, word, mask):
+    """Tagged words stored at GPU scope, relaxed: the pair of ``_load_relaxed`` (a plain store racing with the poll
+    is a data race under the PTX memory model). An atomic exchange, not inline asm: Triton stores a replicated
+    element from one thread only for its own memory ops, inline asm would store it from every thread."""
+    tl.atomic_xchg(ptr, word, mask=mask, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _tagged_pairs(t_ptr, rows, mask, epoch, HALF2: tl.constexpr):
     """The half2 words (x_j, x_{j+4}) of word rows ``rows`` from the tagged buffer (int64: the pair in the low 32
     bits, the launch's epoch in the high 32), and how many of the eight loaded words are not yet of this epoch."""
@@ -295,8 +303,8 @@ def _tagged_chain_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, epoch_ptr, zero, fir
             lo, hi = tl.split(tl.permute(tl.reshape(bits, (BLOCK_N // 8, 2, 4)), (0, 2, 1)))
             word = (lo | (hi << 16)).to(tl.uint32, bitcast=True).to(tl.int64) | (epoch.to(tl.int64) << 32)
             t_next = t_ptr + tl.cast(layer + 1, tl.int64) * (K // 2) + pid * (BLOCK_N // 2)
-            tl.store(t_next + offs_q[:, None] * 4 + tl.arange(0, 4)[None, :], word,
-                     mask=(pid * (BLOCK_N // 8) + offs_q < ROWS)[:, None])
+            row_ok = tl.broadcast_to((pid * (BLOCK_N // 8) + offs_q < ROWS)[:, None], word.shape)
+            _store_relaxed(t_next + offs_q[:, None] * 4 + tl.arange(0, 4)[None, :], word, row_ok)
         cur_e = nxt_e
         cur_o = nxt_o
         cur_s = nxt_s

@@ -150,7 +150,8 @@ def _staged_chain_kernel(w_desc, s_desc, z_desc, x_ptr, t_ptr, epoch_ptr, first,
             lo, hi = gl.split(gl.reshape(bits, [BLOCK_N // 2, 2]))
             word = (lo | (hi << 16)).to(gl.uint32, bitcast=True).to(gl.int64) | (epoch.to(gl.int64) << 32)
             offs_w = gl.arange(0, BLOCK_N // 2, layout=lo.type.layout)
-            gl.store(t_ptr + (layer + 1) * HALF + n0 // 2 + offs_w, word)
+            # relaxed at GPU scope, as gemv_chain's tagged words (the poll is a relaxed load)
+            gl.atomic_xchg(t_ptr + (layer + 1) * HALF + n0 // 2 + offs_w, word, sem="relaxed", scope="gpu")
     for b in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(b))
     if SYNC:  # every program has read the epoch (see gemv_chain); not so in the no-wait ablation
