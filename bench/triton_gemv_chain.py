@@ -87,6 +87,9 @@ def main() -> None:
         for stages in (3, 2):
             configs.append({"STAGED": True, "STAGES": stages})
         configs.append({"STAGED": True, "STAGES": 3, "NO_BARRIER": True})
+        # a launch a layer (PDL), each issuing its slice's TMA loads before waiting for the one before: the shape
+        # a per-linear GEMV of the runner would have
+        configs.append({"STAGED": True, "PER_LAYER": True})
     if args.new_first:  # (a short device call: what earlier runs did not measure, then the reference)
         configs = [c for c in configs if c.get("STAGED")] + [c for c in configs if c.get("SYNC") == "tags"] \
             + configs[:1]
@@ -100,7 +103,8 @@ def main() -> None:
 
         def run(cfg, cw=cw, staged=staged, x0=x0, out=out):
             if cfg.get("STAGED"):
-                return gemv_chain_staged(x0, staged, out=out, stages=cfg["STAGES"], sync=not cfg.get("NO_BARRIER"))
+                return gemv_chain_staged(x0, staged, out=out, stages=cfg.get("STAGES", 1),
+                                         sync=not cfg.get("NO_BARRIER"), per_layer=cfg.get("PER_LAYER", False))
             return gemv_chain(x0, cw, out=out, config=cfg)
         row = {"layers": length, "persistent": []}
         for cfg in configs:  # timings first (printed as they come), the checks after

@@ -54,6 +54,8 @@ def compile_one(fn, types: dict, consts: dict, ints: dict | None = None, num_war
     from triton.compiler import ASTSource
 
     ints = ints or {}
+    consts = dict(consts)
+    maxnreg = consts.pop("maxnreg", None)  # a launch option (register cap), not a kernel parameter
     # constexpr parameters left out take their defaults, as a launch would
     consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
     sig, attrs = {}, {}
@@ -73,6 +75,8 @@ def compile_one(fn, types: dict, consts: dict, ints: dict | None = None, num_war
     else:
         src = ASTSource(fn=fn, signature=sig, constexprs=dict(consts), attrs=attrs)
         options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     regs, spills = _ptxas_stats(k.asm["ptx"], arch)
     out = {"shared": k.metadata.shared, "regs": regs, "spills": spills}
@@ -355,6 +359,11 @@ def cases(all_configs: bool):
                dict(w_desc=desc("i32", 256, 32), s_desc=desc("fp16", 32, 16), z_desc=desc("u8", 32, 8),
                     x_ptr="*fp16", t_ptr="*i64", epoch_ptr="*i32", first="i32", last="i32"),
                dict(K=4096, GROUP=128, BLOCK_N=32, STAGES=stages, SYNC=True, num_warps=8), {}, 8, 1)
+    # one launch a layer: two programs a multiprocessor (the next launch's beside this one's) need <= 128 registers
+    yield ("gemv_chain_staged 4096 per layer (PDL)", gemv_chain_staged._staged_chain_kernel,
+           dict(w_desc=desc("i32", 256, 32), s_desc=desc("fp16", 32, 16), z_desc=desc("u8", 32, 8),
+                x_ptr="*fp16", t_ptr="*i64", epoch_ptr="*i32", first="i32", last="i32"),
+           dict(K=4096, GROUP=128, BLOCK_N=32, STAGES=1, SYNC=True, num_warps=8, PDL=True, maxnreg=128), {}, 8, 1)
 
 
 def small_cases():

@@ -57,6 +57,19 @@ def _times_1_32(pairs):
 
 
 @gluon.jit
+def _gdc_launch_dependents():
+    """``griddepcontrol.launch_dependents`` (Triton's ``gdc_launch_dependents`` is not callable from Gluon)."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gdc_wait():
+    """``griddepcontrol.wait``: returns when the grid this one depends on has finished and its writes are visible."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _issue(w_desc, s_desc, z_desc, bar, w_buf, s_buf, z_buf, layer, n0, ok,
            ROWS: gl.constexpr, BOX: gl.constexpr, G: gl.constexpr):
     nbytes: gl.constexpr = (ROWS // BOX) * w_desc.block_type.nbytes + s_desc.block_type.nbytes \
@@ -71,7 +84,7 @@ def _issue(w_desc, s_desc, z_desc, bar, w_buf, s_buf, z_buf, layer, n0, ok,
 @gluon.jit
 def _staged_chain_kernel(w_desc, s_desc, z_desc, x_ptr, t_ptr, epoch_ptr, first, last,
                          K: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                         SYNC: gl.constexpr, num_warps: gl.constexpr):
+                         SYNC: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr = False):
     ROWS: gl.constexpr = K // 8
     BOX: gl.constexpr = w_desc.block_type.shape[0]
     G: gl.constexpr = K // GROUP
@@ -98,6 +111,10 @@ def _staged_chain_kernel(w_desc, s_desc, z_desc, x_ptr, t_ptr, epoch_ptr, first,
     for b in gl.static_range(STAGES):
         _issue(w_desc, s_desc, z_desc, bars.index(b), w_bufs.index(b), s_bufs.index(b), z_bufs.index(b), first + b,
                n0, first + b < last, ROWS, BOX, G)
+    if PDL:  # a launch per layer: the slice is on its way before waiting for the launch before (weights are
+        # constants), and the next launch may start issuing its own
+        _gdc_launch_dependents()
+        _gdc_wait()
     epoch = gl.load(epoch_ptr)
     offs_x = gl.arange(0, HALF, layout=X1)
     offs_y = gl.arange(0, BLOCK_N, layout=YL)
@@ -209,9 +226,12 @@ def stage_chain(cw: ChainWeights) -> StagedChain:
 
 
 def gemv_chain_staged(x: torch.Tensor, sc: StagedChain, out: torch.Tensor | None = None, stages: int = 3,
-                      sync: bool = True) -> torch.Tensor:
+                      sync: bool = True, per_layer: bool = False) -> torch.Tensor:
     """As ``gemv_chain`` (row l + 1 of ``out`` is layer l's output), fp16 on an sm_90 GPU. ``sync=False`` is the
-    benchmark's ablation (no waiting for the step before: wrong results by design)."""
+    benchmark's ablation (no waiting for the step before: wrong results by design). ``per_layer``: one launch a
+    layer instead of one persistent launch, each a programmatic dependent (PDL) of the one before that issues its
+    slice's TMA loads before waiting for it: the shape a per-linear GEMV in the runner would have (``stages``
+    unused; the weight stream overlaps the launch before's tail rather than the layers ahead)."""
     k = sc.features
     if x.dtype != torch.float16 or x.numel() != k or not x.is_cuda:
         raise ValueError(f"gemv_chain_staged takes an fp16 CUDA vector of {k} values")
@@ -228,6 +248,13 @@ def gemv_chain_staged(x: torch.Tensor, sc: StagedChain, out: torch.Tensor | None
     if programs > num_sms(x.device):
         raise ValueError(f"gemv_chain_staged: {programs} programs must all be resident ({num_sms(x.device)} SMs)")
     tags, epoch = _tag_state(x.device, (sc.layers + 1) * k // 2)
+    if per_layer:  # each launch reads the fp16 row its predecessor wrote: no tags, no epoch advance; at most 128
+        # registers, so that the next launch's programs fit beside this one's (186 uncapped: one a multiprocessor)
+        for layer in range(sc.layers):
+            _staged_chain_kernel[(programs,)](*sc.descs, out, tags, epoch, layer, layer + 1, K=k,
+                                              GROUP=sc.group_size, BLOCK_N=BLOCK_N, STAGES=1, SYNC=sync,
+                                              num_warps=WARPS, PDL=True, launch_pdl=True, maxnreg=128)
+        return out
     _staged_chain_kernel[(programs,)](*sc.descs, out, tags, epoch, 0, sc.layers, K=k, GROUP=sc.group_size,
                                       BLOCK_N=BLOCK_N, STAGES=stages, SYNC=sync, num_warps=WARPS)
     return out

@@ -155,21 +155,23 @@ def test_staged_repack_pairs_adjacent_inputs():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("stages", [2, 3, "per_layer"])
 @pytest.mark.parametrize("sym", [False, True])
 def test_staged_chain_on_gpu_matches_runtime_gemv(sym, stages):
-    """The TMA-staged chain (Gluon) at 4096 x 4096 over 6 layers: every layer within fp16 rounding of ``wq_linear``
-    on the chain's own input to it; a relaunch and CUDA-graph replays bit-identical (the epoch moves on)."""
+    """The TMA-staged chain (Gluon) at 4096 x 4096 over 6 layers, persistent (2, 3 stages) or a PDL launch a layer:
+    every layer within fp16 rounding of ``wq_linear`` on the chain's own input to it; a relaunch and CUDA-graph
+    replays bit-identical (the epoch moves on)."""
     from qcompile.runtime.triton.gemv_chain_staged import gemv_chain_staged, stage_chain
 
     weights = chain_weights(4096, 6, sym, 128, "cuda", torch.float16, seed=2)
     sc = stage_chain(stack_chain(weights))
     x = torch.randn(4096, device="cuda", dtype=torch.float16)
-    out = gemv_chain_staged(x, sc, stages=stages)
+    opts = {"per_layer": True} if stages == "per_layer" else {"stages": stages}
+    out = gemv_chain_staged(x, sc, **opts)
     torch.cuda.synchronize()
     for layer, pw in enumerate(weights):
         step = wq_linear(out[layer].reshape(1, -1), pw).reshape(-1).float()
         scale = step.abs().max().item()
         assert (out[layer + 1].float() - step).abs().max().item() <= 2e-3 * scale, layer
-    assert torch.equal(gemv_chain_staged(x, sc, stages=stages), out)
-    assert_graph_replays_equal(lambda buf: gemv_chain_staged(x, sc, out=buf, stages=stages), out)
+    assert torch.equal(gemv_chain_staged(x, sc, **opts), out)
+    assert_graph_replays_equal(lambda buf: gemv_chain_staged(x, sc, out=buf, **opts), out)
