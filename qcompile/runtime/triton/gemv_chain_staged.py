@@ -27,7 +27,7 @@ import torch
 from qcompile.runtime.triton._env import require_triton
 from qcompile.runtime.triton._tune import num_sms
 from qcompile.runtime.triton.gemv_chain import ChainWeights, _tag_state
-from qcompile.runtime.triton.wq_matmul import _DOT16_PTX
+from qcompile.runtime.triton.wq_matmul import _DOT16_PTX, _TIMES_1_32_PTX
 
 triton = require_triton()
 from triton.experimental import gluon  # noqa: E402
@@ -36,6 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma  # no
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 
 _DOT16: gl.constexpr = gl.constexpr(_DOT16_PTX.value)
+_TIMES_1_32: gl.constexpr = gl.constexpr(_TIMES_1_32_PTX.value)
 
 
 @gluon.jit
@@ -52,7 +53,7 @@ def _dot16(we, wo, x0, x1, x2, x3, y0, y1, y2, y3, zz, mz):
 def _times_1_32(pairs):
     """half2 words times 1/32 (exact), as ``_dot16`` expects its activations."""
     return gl.inline_asm_elementwise(
-        asm="{ .reg .b32 k; mov.b32 k, 0x28002800; mul.rn.f16x2 $0, $1, k; }", constraints="=r,r",
+        asm=_TIMES_1_32, constraints="=r,r",
         args=[pairs], dtype=gl.int32, is_pure=True, pack=1)
 
 

@@ -278,22 +278,20 @@ def _x_pairs_scaled(x_ptr, offs_r, r_mask, K, ACT_SILU_MUL: tl.constexpr):
     return _scale_pairs_32(x04, x15, x26, x37)
 
 
+# a half2 word times 1/32 (exact): the activations as ``_dot16_half2`` takes them (also gemv_chain_staged's Gluon)
+_TIMES_1_32_PTX = tl.constexpr("{ .reg .b32 k; mov.b32 k, 0x28002800; mul.rn.f16x2 $0, $1, k; }")
+
+
+@triton.jit
+def _times_1_32(pair):
+    return tl.inline_asm_elementwise(asm=_TIMES_1_32_PTX, constraints="=r,r", args=[pair], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
 @triton.jit
 def _scale_pairs_32(x04, x15, x26, x37):
     """Four half2 activation pairs times 1/32 (``_dot16_half2``'s input)."""
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 k;
-        mov.b32 k, 0x28002800;
-        mul.rn.f16x2 $0, $4, k;
-        mul.rn.f16x2 $1, $5, k;
-        mul.rn.f16x2 $2, $6, k;
-        mul.rn.f16x2 $3, $7, k;
-        }
-        """,
-        constraints="=r,=r,=r,=r,r,r,r,r", args=[x04, x15, x26, x37], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-        is_pure=True, pack=1)
+    return _times_1_32(x04), _times_1_32(x15), _times_1_32(x26), _times_1_32(x37)
 
 
 @triton.jit
