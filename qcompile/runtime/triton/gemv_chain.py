@@ -16,8 +16,8 @@ kernel off the multiprocessors); one persistent kernel can:
   arithmetic of this one;
 * the grid barrier is one int32 counter: ``atomic_add`` with release after a CTA barrier (every thread's stores
   first), spinning on an acquire read until ``(l - first) * programs`` arrivals; the program that makes the last
-  arrival of the launch resets it to 0, so a CUDA graph can replay the launch (one counter a device and stream:
-  one chain in flight a stream at a time);
+  arrival of the launch resets it to 0, so a CUDA graph can replay the launch (one counter a device: one chain in
+  flight a device at a time, as on one stream);
 * the decode is the runtime GEMV's row pairs (``wq_matmul._pairs_step``: half2 codes, scale per group in fp32),
   so a chain step rounds as ``wq_linear`` does for the same weight, up to the order its fp32 partials are summed.
 
@@ -361,16 +361,8 @@ def stack_chain(weights: list[PackedWeight]) -> ChainWeights:
 _SYNC: dict = {}
 
 
-def _stream_key(device) -> tuple:
-    """Synchronisation state is kept per device and stream: chains on two streams may run at once, one stream runs
-    its chains in order (a CUDA graph keeps the state of the stream it was captured on)."""
-    if torch.device(device).type != "cuda":  # the interpreter: one chain at a time
-        return (str(device), None)
-    return (str(device), torch.cuda.current_stream(device).cuda_stream)
-
-
 def _sync_counter(device) -> torch.Tensor:
-    key = _stream_key(device)
+    key = str(device)
     if key not in _SYNC:
         _SYNC[key] = torch.zeros(1, dtype=torch.int32, device=device)
     return _SYNC[key]
@@ -381,8 +373,8 @@ _TAGS: dict = {}
 
 def _tag_state(device, words: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The tagged activation buffer (int64, zero-filled, grown as chains grow) and the launch epoch (int32, from 1)
-    of a device and stream (``_stream_key``)."""
-    key = _stream_key(device)
+    of a device: one chain in flight a device at a time, as on one stream."""
+    key = str(device)
     bufs, epoch = _TAGS.get(key, ([], None))
     if not bufs or bufs[-1].numel() < words:
         if epoch is None:

@@ -175,19 +175,3 @@ def test_staged_chain_on_gpu_matches_runtime_gemv(sym, stages):
         assert (out[layer + 1].float() - step).abs().max().item() <= 2e-3 * scale, layer
     assert torch.equal(gemv_chain_staged(x, sc, **opts), out)
     assert_graph_replays_equal(lambda buf: gemv_chain_staged(x, sc, out=buf, **opts), out)
-
-
-@pytest.mark.cuda
-def test_sync_state_is_per_stream():
-    """Two streams get their own barrier counter and tagged buffer / epoch (chains on both may run at once); one
-    stream keeps its own across calls."""
-    from qcompile.runtime.triton.gemv_chain import _sync_counter, _tag_state
-
-    side = torch.cuda.Stream()
-    main_tags, main_epoch = _tag_state("cuda:0", 1024)
-    with torch.cuda.stream(side):
-        side_tags, side_epoch = _tag_state("cuda:0", 1024)
-        side_counter = _sync_counter("cuda:0")
-    assert side_tags.data_ptr() != main_tags.data_ptr() and side_epoch.data_ptr() != main_epoch.data_ptr()
-    assert side_counter.data_ptr() != _sync_counter("cuda:0").data_ptr()
-    assert _tag_state("cuda:0", 1024)[0].data_ptr() == main_tags.data_ptr()
