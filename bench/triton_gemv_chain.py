@@ -145,8 +145,8 @@ def main() -> None:
         row["runtime_pdl_us_per_step"] = t_pdl * 1e6
         row["runtime_pdl_fraction_of_peak_copy"] = step_bytes / t_pdl / 1e12 / peak
         row["fp16_us_per_step"] = t_16 * 1e6
-        best = min(e["us_per_step"] for e in row["persistent"]
-                   if not e["config"].get("NO_BARRIER") and "error" not in e)
+        best = min((e["us_per_step"] for e in row["persistent"]
+                    if not e["config"].get("NO_BARRIER") and "error" not in e), default=float("nan"))
         row["best_persistent_speedup_vs_fp16"] = t_16 * 1e6 / best
         row["best_persistent_speedup_vs_runtime_pdl"] = t_pdl * 1e6 / best
         print(f"L={length} runtime PDL chain {t_pdl * 1e6:.2f} us a step = "

@@ -31,7 +31,8 @@ the half2 decode are checked on the GPU (``tests/runtime/triton/test_gemv_chain.
 low-latency protocol does: a step writes its outputs, when the launch reads them again, as 8-byte words (the half2
 (x_j, x_{j+4}) the decode takes, and the launch's 32-bit epoch above it), and the next step re-reads the vector
 until every word carries this launch's epoch. The epoch lives on the device (``_tag_state``; program 0 advances
-it at the end of a launch of two or more layers, when every program has read it), so CUDA graphs replay; a word
+it at the end of a launch of two or more layers, when every program has read it; after the no-barrier ablation,
+which must not, the host does: ``retire_epoch``), so CUDA graphs replay; a word
 left from 2^32 launches earlier could pass for a fresh one. The scales and zero points are read with the slice,
 a step ahead; ``X_FIRST`` issues the next slice only once x has arrived. fp16 activations in the interpreter too.
 (Measured on the H100 on 2026-12-07, the counter version streams at 45 %, below the runtime's PDL chain, because
@@ -385,6 +386,12 @@ def _tag_state(device, words: int) -> tuple[torch.Tensor, torch.Tensor]:
     return bufs[-1], epoch
 
 
+def retire_epoch(epoch: torch.Tensor) -> None:
+    """After a launch that wrote tagged words without waiting (the benchmark's no-barrier ablation, which does not
+    advance the epoch in the kernel): move the epoch on, so the next waiting launch cannot take those words."""
+    epoch.add_(1)
+
+
 def chain_config(n: int, device) -> dict:
     """BLOCK_N and warps: the fewest columns a program that still leaves every program resident (one a
     multiprocessor); 16 warps keep two slices (64 KiB each at K = 4096) in registers without spills."""
@@ -443,21 +450,10 @@ def gemv_chain(x: torch.Tensor, cw: ChainWeights, out: torch.Tensor | None = Non
         for first, last in spans:
             _tagged_chain_kernel[(programs,)](out, buf, cw.qweight, cw.scale, zero, epoch, 0, first, last, k,
                                               HALF2=pairs, X_FIRST=cfg.get("X_FIRST", False), **meta)
+        if not sync and not interpreting():
+            retire_epoch(epoch)
     else:
         for first, last in spans:
             _chain_kernel[(programs,)](out, cw.qweight, cw.scale, zero, _sync_counter(x.device), first, last, k,
                                        PAIRS=pairs, AHEAD=cfg.get("AHEAD", True), **meta)
-    return out
-    meta = dict(K=k, GROUP=cw.group_size, HAS_ZERO=cw.zero is not None, BLOCK_N=block_n, PAIRS=pairs,
-                AHEAD=cfg.get("AHEAD", True))
-    if interpreting():  # programs run one after another there, so no barrier: a launch per layer where there are
-        # several programs; one program runs the whole chain in one launch (the loop and its slice read ahead run)
-        spans = [(layer, layer + 1) for layer in range(layers)] if programs > 1 else [(0, layers)]
-        sync, opts = False, {}
-    else:  # ("NO_BARRIER": the benchmark's ablation, wrong results by design: what the barrier costs)
-        spans = [(0, layers)]
-        sync, opts = not cfg.get("NO_BARRIER", False), {"num_warps": cfg.get("num_warps", 16), "num_stages": 1}
-    for first, last in spans:
-        _chain_kernel[(programs,)](out, cw.qweight, cw.scale, zero, _sync_counter(x.device), first, last, k,
-                                   SYNC=sync, **meta, **opts)
     return out
