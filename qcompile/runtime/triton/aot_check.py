@@ -354,16 +354,13 @@ def cases(all_configs: bool):
     def desc(ty, rows, bits):
         return f"tensordesc<{ty}[{rows}, 32],{gl.NVMMASharedLayout(0, bits, 2)!r}>"
 
-    for stages in (2, 3):
-        yield (f"gemv_chain_staged 4096 stages {stages}", gemv_chain_staged._staged_chain_kernel,
+    # one launch a layer: two programs a multiprocessor (the next launch's beside this one's) need <= 128 registers
+    for label, extra in (("stages 2", dict(STAGES=2)), ("stages 3", dict(STAGES=3)),
+                         ("per layer (PDL)", dict(STAGES=1, PDL=True, maxnreg=128))):
+        yield (f"gemv_chain_staged 4096 {label}", gemv_chain_staged._staged_chain_kernel,
                dict(w_desc=desc("i32", 256, 32), s_desc=desc("fp16", 32, 16), z_desc=desc("u8", 32, 8),
                     x_ptr="*fp16", t_ptr="*i64", epoch_ptr="*i32", first="i32", last="i32"),
-               dict(K=4096, GROUP=128, BLOCK_N=32, STAGES=stages, SYNC=True, num_warps=8), {}, 8, 1)
-    # one launch a layer: two programs a multiprocessor (the next launch's beside this one's) need <= 128 registers
-    yield ("gemv_chain_staged 4096 per layer (PDL)", gemv_chain_staged._staged_chain_kernel,
-           dict(w_desc=desc("i32", 256, 32), s_desc=desc("fp16", 32, 16), z_desc=desc("u8", 32, 8),
-                x_ptr="*fp16", t_ptr="*i64", epoch_ptr="*i32", first="i32", last="i32"),
-           dict(K=4096, GROUP=128, BLOCK_N=32, STAGES=1, SYNC=True, num_warps=8, PDL=True, maxnreg=128), {}, 8, 1)
+               dict(K=4096, GROUP=128, BLOCK_N=32, SYNC=True, num_warps=8, **extra), {}, 8, 1)
 
 
 def small_cases():

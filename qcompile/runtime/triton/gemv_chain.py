@@ -31,8 +31,8 @@ the half2 decode are checked on the GPU (``tests/runtime/triton/test_gemv_chain.
 low-latency protocol does: a step writes its outputs, when the launch reads them again, as 8-byte words (the half2
 (x_j, x_{j+4}) the decode takes, and the launch's 32-bit epoch above it), and the next step re-reads the vector
 until every word carries this launch's epoch. The epoch lives on the device (``_tag_state``; program 0 advances
-it at the end of a launch of two or more layers, when every program has read it; after the no-barrier ablation,
-which must not, the host does: ``retire_epoch``), so CUDA graphs replay; a word
+it at the end of a launch of two or more layers, when every program has read it; the no-barrier ablation, which
+cannot, stamps its words with epoch 0, which no waiting launch takes), so CUDA graphs replay; a word
 left from 2^32 launches earlier could pass for a fresh one. The scales and zero points are read with the slice,
 a step ahead; ``X_FIRST`` issues the next slice only once x has arrived. fp16 activations in the interpreter too.
 (Measured on the H100 on 2026-12-07, the counter version streams at 45 %, below the runtime's PDL chain, because
@@ -257,6 +257,11 @@ def _tagged_chain_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, epoch_ptr, zero, fir
     offs_q = tl.arange(0, BLOCK_N // 8)  # this program's word rows of the next x (8 outputs a word row)
     p_mask = offs_p < ROWS
     epoch = tl.load(epoch_ptr)
+    # the epoch this launch's words carry; the no-wait ablation cannot advance the epoch safely, so its words carry 0,
+    # which no waiting launch takes (epochs start at 1 and the buffer starts zero-filled)
+    stamp = epoch
+    if not SYNC:
+        stamp = epoch * 0
     cur_e, cur_o, cur_s, cur_z = _load_layer(w_ptr, s_ptr, z_ptr, first, ROWS, offs_p, offs_n, n_mask, N, 0,
                                              K, GROUP, HAS_ZERO)
     for layer in range(first, last):
@@ -302,7 +307,7 @@ def _tagged_chain_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, epoch_ptr, zero, fir
         if more:  # x_{layer+1} is read in this launch: its pairs with this launch's epoch, 8 bytes a store
             bits = yh.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             lo, hi = tl.split(tl.permute(tl.reshape(bits, (BLOCK_N // 8, 2, 4)), (0, 2, 1)))
-            word = (lo | (hi << 16)).to(tl.uint32, bitcast=True).to(tl.int64) | (epoch.to(tl.int64) << 32)
+            word = (lo | (hi << 16)).to(tl.uint32, bitcast=True).to(tl.int64) | (stamp.to(tl.int64) << 32)
             t_next = t_ptr + tl.cast(layer + 1, tl.int64) * (K // 2) + pid * (BLOCK_N // 2)
             row_ok = tl.broadcast_to((pid * (BLOCK_N // 8) + offs_q < ROWS)[:, None], word.shape)
             _store_relaxed(t_next + offs_q[:, None] * 4 + tl.arange(0, 4)[None, :], word, row_ok)
@@ -386,12 +391,6 @@ def _tag_state(device, words: int) -> tuple[torch.Tensor, torch.Tensor]:
     return bufs[-1], epoch
 
 
-def retire_epoch(epoch: torch.Tensor) -> None:
-    """After a launch that wrote tagged words without waiting (the benchmark's no-barrier ablation, which does not
-    advance the epoch in the kernel): move the epoch on, so the next waiting launch cannot take those words."""
-    epoch.add_(1)
-
-
 def chain_config(n: int, device) -> dict:
     """BLOCK_N and warps: the fewest columns a program that still leaves every program resident (one a
     multiprocessor); 16 warps keep two slices (64 KiB each at K = 4096) in registers without spills."""
@@ -450,8 +449,6 @@ def gemv_chain(x: torch.Tensor, cw: ChainWeights, out: torch.Tensor | None = Non
         for first, last in spans:
             _tagged_chain_kernel[(programs,)](out, buf, cw.qweight, cw.scale, zero, epoch, 0, first, last, k,
                                               HALF2=pairs, X_FIRST=cfg.get("X_FIRST", False), **meta)
-        if not sync and not interpreting():
-            retire_epoch(epoch)
     else:
         for first, last in spans:
             _chain_kernel[(programs,)](out, cw.qweight, cw.scale, zero, _sync_counter(x.device), first, last, k,

@@ -26,7 +26,7 @@ import torch
 
 from qcompile.runtime.triton._env import require_triton
 from qcompile.runtime.triton._tune import num_sms
-from qcompile.runtime.triton.gemv_chain import ChainWeights, _tag_state, retire_epoch
+from qcompile.runtime.triton.gemv_chain import ChainWeights, _tag_state
 from qcompile.runtime.triton.wq_matmul import _DOT16_PTX, _TIMES_1_32_PTX
 
 triton = require_triton()
@@ -117,6 +117,9 @@ def _staged_chain_kernel(w_desc, s_desc, z_desc, x_ptr, t_ptr, epoch_ptr, first,
         _gdc_launch_dependents()
         _gdc_wait()
     epoch = gl.load(epoch_ptr)
+    stamp = epoch  # the epoch this launch's words carry: 0 in the no-wait ablation (see gemv_chain's kernel)
+    if not SYNC:
+        stamp = epoch * 0
     offs_x = gl.arange(0, HALF, layout=X1)
     offs_y = gl.arange(0, BLOCK_N, layout=YL)
     for layer in range(first, last):
@@ -166,7 +169,7 @@ def _staged_chain_kernel(w_desc, s_desc, z_desc, x_ptr, t_ptr, epoch_ptr, first,
         if layer + 1 < last:  # read in this launch: the adjacent pairs with this launch's epoch
             bits = yh.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
             lo, hi = gl.split(gl.reshape(bits, [BLOCK_N // 2, 2]))
-            word = (lo | (hi << 16)).to(gl.uint32, bitcast=True).to(gl.int64) | (epoch.to(gl.int64) << 32)
+            word = (lo | (hi << 16)).to(gl.uint32, bitcast=True).to(gl.int64) | (stamp.to(gl.int64) << 32)
             offs_w = gl.arange(0, BLOCK_N // 2, layout=lo.type.layout)
             # relaxed at GPU scope, as gemv_chain's tagged words (the poll is a volatile load: relaxed, system scope)
             gl.atomic_xchg(t_ptr + (layer + 1) * HALF + n0 // 2 + offs_w, word, sem="relaxed", scope="gpu")
@@ -258,6 +261,4 @@ def gemv_chain_staged(x: torch.Tensor, sc: StagedChain, out: torch.Tensor | None
         return out
     _staged_chain_kernel[(programs,)](*sc.descs, out, tags, epoch, 0, sc.layers, K=k, GROUP=sc.group_size,
                                       BLOCK_N=BLOCK_N, STAGES=stages, SYNC=sync, num_warps=WARPS)
-    if not sync:
-        retire_epoch(epoch)
     return out
