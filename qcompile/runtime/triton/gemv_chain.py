@@ -32,9 +32,10 @@ low-latency protocol does: a step writes its outputs, when the launch reads them
 (x_j, x_{j+4}) the decode takes, and the launch's 32-bit epoch above it), and the next step re-reads the vector
 until every word carries this launch's epoch. The epoch lives on the device (``_tag_state``; program 0 advances
 it at the end of a launch of two or more layers, when every program has read it; the no-barrier ablation, which
-cannot, stamps its words with epoch 0, which no waiting launch takes), so CUDA graphs replay; a word
-left from 2^32 launches earlier could pass for a fresh one. The scales and zero points are read with the slice,
-a step ahead; ``X_FIRST`` issues the next slice only once x has arrived. fp16 activations in the interpreter too.
+cannot, stamps its words with epoch 0, which no waiting launch takes; the advance skips 0 when the 32 bits wrap),
+so CUDA graphs replay; a word left from 2^32 - 1 launches earlier could pass for a fresh one. The scales and zero
+points are read with the slice, a step ahead; ``X_FIRST`` issues the next slice only once x has arrived. fp16
+activations in the interpreter too.
 (Measured on the H100 on 2026-12-07, the counter version streams at 45 %, below the runtime's PDL chain, because
 each program keeps one slice in flight: docs/BENCHMARKS.md, twenty-first session. The tagged variant and
 ``gemv_chain_staged``, which stages slices in shared memory, were not yet timed.)
@@ -318,8 +319,9 @@ def _tagged_chain_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, epoch_ptr, zero, fir
     if SYNC:  # (not in the no-wait ablation: there a late program could still read the epoch after the store)
         if (pid == 0) & (last - first >= 2):
             # program 0 has read x_{last-1}, so every program has started (and read the epoch): the next launch's
-            # words get the next epoch
-            tl.store(epoch_ptr, epoch + 1)
+            # words get the next epoch; 0 is skipped on wrap-around (it marks zero-filled and no-wait words)
+            nxt = epoch + 1
+            tl.store(epoch_ptr, nxt + (nxt == 0).to(tl.int32))
 
 
 @dataclass

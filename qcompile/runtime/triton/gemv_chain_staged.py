@@ -177,7 +177,8 @@ def _staged_chain_kernel(w_desc, s_desc, z_desc, x_ptr, t_ptr, epoch_ptr, first,
         mbarrier.invalidate(bars.index(b))
     if SYNC:  # every program has read the epoch (see gemv_chain); not so in the no-wait ablation
         if (pid == 0) & (last - first >= 2):
-            gl.store(epoch_ptr, epoch + 1)
+            nxt = epoch + 1  # 0 skipped on wrap-around, as in gemv_chain
+            gl.store(epoch_ptr, nxt + (nxt == 0).to(gl.int32))
 
 
 @dataclass

@@ -95,6 +95,28 @@ def test_tagged_chain_matches_reference(device, sym, group, block_n, x_first):
         assert int(epoch.item()) == before
 
 
+def test_tagged_chain_epoch_skips_zero_on_wrap(device):
+    """At the last 32-bit epoch (-1 as int32) the launch's words carry it and the advance goes to 1, not 0: 0 marks
+    the zero-filled buffer and the no-wait ablation's words, which a waiting launch must never take as fresh."""
+    if device == "cuda":
+        pytest.skip("interpreter case; the GPU runs the chain at a real shape below")
+    from qcompile.runtime.triton import gemv_chain as gc
+
+    weights = chain_weights(128, 3, False, 32, device, torch.float32, seed=7)
+    x = torch.randn(128, device=device).half()
+    tags, epoch = gc._tag_state(x.device, 4 * 64)
+    saved = epoch.clone()
+    epoch.fill_(-1)
+    try:
+        out = gemv_chain(x, stack_chain(weights), config={"BLOCK_N": 128, "SYNC": "tags"})
+        assert int(epoch.item()) == 1
+        assert torch.all((tags[64:192] >> 32) == -1)
+    finally:
+        epoch.copy_(saved)
+    ref = reference_chain(x, weights)
+    err = (out[3].float() - ref[3].float()).abs().max().item()
+    assert err <= 2e-3 * ref[3].float().abs().max().item(), err
+
 def test_chain_rejects_what_it_cannot_run(device):
     dt = torch.float16 if device == "cuda" else torch.float32
     square = chain_weights(64, 1, False, 32, device, dt)
