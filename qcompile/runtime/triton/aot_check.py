@@ -339,13 +339,6 @@ def cases(all_configs: bool):
                dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", sync_ptr="*i32", first="i32",
                     last="i32", N="i32"),
                dict(K=4096, GROUP=128, HAS_ZERO=has_zero, BLOCK_N=32, PAIRS=True, SYNC=True), dict(N=4096), warps, 1)
-    # the chain synchronised through tagged activations (SYNC="tags"), slices issued before / after x arrives
-    for warps, x_first in ((16, False), (16, True), (8, False), (8, True)):
-        yield (f"gemv_chain tags 4096 BN=32 warps {warps} x_first={x_first}", gemv_chain._tagged_chain_kernel,
-               dict(x_ptr="*fp16", t_ptr="*i64", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", epoch_ptr="*i32",
-                    zero="i32", first="i32", last="i32", N="i32"),
-               dict(K=4096, GROUP=128, HAS_ZERO=True, BLOCK_N=32, HALF2=True, SYNC=True, X_FIRST=x_first),
-               dict(N=4096), warps, 1)
     # the TMA-staged chain (Gluon): 2 and 3 stages of 67 KiB must fit the 227 KiB a block may use
     from triton.experimental.gluon import language as gl
 

@@ -1,17 +1,26 @@
 """The persistent int4 GEMV chain with each layer's weights staged in shared memory, ``STAGES`` layers ahead (Gluon).
 
 Why: ``gemv_chain``'s register-resident kernel keeps one slice in flight per program: the next layer's loads are
-issued when this layer's arrive, so every step exposes the memory's latency once on top of its stream, and the
-H100 measured 4.6 µs a step at 4096 x 4096 even with no synchronisation at all (2026-12-07). Here each program's
+issued when this layer's arrive, so every step exposes the memory's latency once on top of its stream (the H100
+measured 4.6-4.9 µs a step at 4096 x 4096 even with no synchronisation at all, 2026-12-07). Here each program's
 slice of layer ``l + STAGES`` (64 KiB of words at K = 4096, BLOCK_N = 32, plus its scales and zero points) is asked
 of the TMA engine as soon as layer ``l``'s slice has been read out of shared memory, so ``STAGES`` slices are in
 flight at all times and the weight stream does not drain between steps.
 
-Synchronisation is the tagged activations of ``gemv_chain``'s ``SYNC='tags'``: each step writes its outputs as
-8-byte words (an fp16 pair in the low half, the launch's epoch in the high half) and the next step reads the whole
-vector until every word carries this launch's epoch (no counter, no fence). The words are re-packed for this kernel
-(``stage_chain``) so that the half2 decode's code pair j / j + 4 of a word multiplies the adjacent activations
-(x_{2j}, x_{2j+1}): the pairs a program writes are then adjacent outputs of its own.
+Synchronisation is through tagged activations, as NCCL's low-latency protocol does it: each step writes its
+outputs as 8-byte words (an fp16 pair in the low half, the launch's 32-bit epoch in the high half, stored as relaxed
+GPU-scope atomics) and the next step reads the whole vector until every word carries this launch's epoch (no
+counter, no fence). The epoch lives on the device (``_tag_state``): program 0 advances it at the end of a launch of
+two or more layers, when every program has read it, skipping 0 when the 32 bits wrap; the no-wait ablation, which
+cannot advance it safely, stamps its words with 0, which no waiting launch takes (epochs start at 1, the buffer
+zero-filled), so CUDA graphs replay; a word left from 2^32 - 1 launches earlier could pass for a fresh one. The
+words are re-packed for this kernel (``stage_chain``) so that the half2 decode's code pair j / j + 4 of a word
+multiplies the adjacent activations (x_{2j}, x_{2j+1}): the pairs a program writes are then adjacent outputs of its
+own.
+
+Measured on the H100 (2026-12-07, docs/BENCHMARKS.md, twenty-third session): 6.5-7.0 µs a step at 4096 x 4096
+(42-45 % of the copy peak) with 2 or 3 stages, slower than the runtime's PDL chain (5.9-6.1 µs); 5.3-5.9 µs without
+waits (the ablation); ``per_layer`` 5.5-6.0 µs (49-53 %), 1.02-1.06x the runtime's PDL chain.
 
 Layout (8 warps, BLOCK_N = 32, K / GROUP = 32 groups: a thread holds one group's 8 row pairs x 4 columns, so the
 scale is applied after a reduction inside the thread). GPU only (Gluon has no interpreter); checked on CUDA by
@@ -26,7 +35,7 @@ import torch
 
 from qcompile.runtime.triton._env import require_triton
 from qcompile.runtime.triton._tune import num_sms
-from qcompile.runtime.triton.gemv_chain import ChainWeights, _tag_state
+from qcompile.runtime.triton.gemv_chain import ChainWeights
 from qcompile.runtime.triton.wq_matmul import _DOT16_PTX, _TIMES_1_32_PTX
 
 triton = require_triton()
@@ -117,7 +126,7 @@ def _staged_chain_kernel(w_desc, s_desc, z_desc, x_ptr, t_ptr, epoch_ptr, first,
         _gdc_launch_dependents()
         _gdc_wait()
     epoch = gl.load(epoch_ptr)
-    stamp = epoch  # the epoch this launch's words carry: 0 in the no-wait ablation (see gemv_chain's kernel)
+    stamp = epoch  # the epoch this launch's words carry: 0 in the no-wait ablation (module docstring)
     if not SYNC:
         stamp = epoch * 0
     offs_x = gl.arange(0, HALF, layout=X1)
@@ -171,13 +180,13 @@ def _staged_chain_kernel(w_desc, s_desc, z_desc, x_ptr, t_ptr, epoch_ptr, first,
             lo, hi = gl.split(gl.reshape(bits, [BLOCK_N // 2, 2]))
             word = (lo | (hi << 16)).to(gl.uint32, bitcast=True).to(gl.int64) | (stamp.to(gl.int64) << 32)
             offs_w = gl.arange(0, BLOCK_N // 2, layout=lo.type.layout)
-            # relaxed at GPU scope, as gemv_chain's tagged words (the poll is a volatile load: relaxed, system scope)
+            # relaxed at GPU scope: a plain store racing with the poll (a volatile load) is a data race in PTX's model
             gl.atomic_xchg(t_ptr + (layer + 1) * HALF + n0 // 2 + offs_w, word, sem="relaxed", scope="gpu")
     for b in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(b))
-    if SYNC:  # every program has read the epoch (see gemv_chain); not so in the no-wait ablation
+    if SYNC:  # program 0 has read x_{last-1}: every program has started and read the epoch (not so without waits)
         if (pid == 0) & (last - first >= 2):
-            nxt = epoch + 1  # 0 skipped on wrap-around, as in gemv_chain
+            nxt = epoch + 1  # 0 skipped on wrap-around
             gl.store(epoch_ptr, nxt + (nxt == 0).to(gl.int32))
 
 
@@ -228,6 +237,23 @@ def stage_chain(cw: ChainWeights) -> StagedChain:
 
     return StagedChain(qweight, scale, zero, layers, k, cw.group_size,
                        (desc(qweight, box, 32), desc(scale, g, 16), desc(zero, g, 8)))
+
+
+_TAGS: dict = {}
+
+
+def _tag_state(device, words: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tagged activation buffer (int64, zero-filled, grown as chains grow) and the launch epoch (int32, from 1)
+    of a device: one chain in flight a device at a time, as on one stream."""
+    key = str(device)
+    bufs, epoch = _TAGS.get(key, ([], None))
+    if not bufs or bufs[-1].numel() < words:
+        if epoch is None:
+            epoch = torch.ones(1, dtype=torch.int32, device=device)
+        # smaller buffers stay allocated: a CUDA graph captured on one keeps its address
+        bufs = bufs + [torch.zeros(words, dtype=torch.int64, device=device)]
+        _TAGS[key] = (bufs, epoch)
+    return bufs[-1], epoch
 
 
 def gemv_chain_staged(x: torch.Tensor, sc: StagedChain, out: torch.Tensor | None = None, stages: int = 3,

@@ -62,61 +62,6 @@ def test_chain_matches_layer_by_layer_reference(device, sym, group, block_n):
         assert err <= 1e-4 * ref[layer].abs().max().item(), (layer, err)
 
 
-@pytest.mark.parametrize("block_n", [16, 128], ids=["8-programs", "1-program"])
-@pytest.mark.parametrize("x_first", [False, True], ids=["slice-first", "x-first"])
-@pytest.mark.parametrize("sym,group", [(False, 32), (True, 64), (False, 128)])
-def test_tagged_chain_matches_reference(device, sym, group, block_n, x_first):
-    """SYNC='tags' (fp16 activations): each layer within fp16 rounding of the float reference (rounded to fp16 per
-    layer). With one program the whole chain runs in one launch, so the layers after the first poll x in the
-    tagged buffer: its words decode to the stored outputs, carry the launch's epoch, and the epoch moves on."""
-    if device == "cuda":
-        pytest.skip("the GPU case runs at a real shape below")
-    from qcompile.runtime.triton import gemv_chain as gc
-
-    weights = chain_weights(128, 3, sym, group, device, torch.float32, seed=group)
-    x = torch.randn(128, device=device).half()
-    tags, epoch = gc._tag_state(x.device, 4 * 64)
-    before = int(epoch.item())
-    out = gemv_chain(x, stack_chain(weights), config={"BLOCK_N": block_n, "SYNC": "tags", "X_FIRST": x_first})
-    ref = reference_chain(x, weights)
-    assert torch.equal(out[0], x)
-    for layer in range(1, 4):
-        err = (out[layer].float() - ref[layer].float()).abs().max().item()
-        assert err <= 2e-3 * ref[layer].float().abs().max().item(), (layer, err)
-    if block_n == 128:
-        assert int(epoch.item()) == before + 1
-        for layer in (1, 2):  # x_1 and x_2 are read inside the launch; x_3 (the last) is not tagged
-            words = tags[layer * 64:(layer + 1) * 64]
-            assert torch.all((words >> 32) == before)
-            lo = (words & 0xFFFF).to(torch.int16).view(torch.float16).reshape(16, 4)
-            hi = ((words >> 16) & 0xFFFF).to(torch.int16).view(torch.float16).reshape(16, 4)
-            assert torch.equal(torch.cat([lo, hi], dim=1).reshape(-1), out[layer])
-    else:  # a launch a layer: nothing read inside a launch, nothing tagged, the epoch stays
-        assert int(epoch.item()) == before
-
-
-def test_tagged_chain_epoch_skips_zero_on_wrap(device):
-    """At the last 32-bit epoch (-1 as int32) the launch's words carry it and the advance goes to 1, not 0: 0 marks
-    the zero-filled buffer and the no-wait ablation's words, which a waiting launch must never take as fresh."""
-    if device == "cuda":
-        pytest.skip("interpreter case; the GPU runs the chain at a real shape below")
-    from qcompile.runtime.triton import gemv_chain as gc
-
-    weights = chain_weights(128, 3, False, 32, device, torch.float32, seed=7)
-    x = torch.randn(128, device=device).half()
-    tags, epoch = gc._tag_state(x.device, 4 * 64)
-    saved = epoch.clone()
-    epoch.fill_(-1)
-    try:
-        out = gemv_chain(x, stack_chain(weights), config={"BLOCK_N": 128, "SYNC": "tags"})
-        assert int(epoch.item()) == 1
-        assert torch.all((tags[64:192] >> 32) == -1)
-    finally:
-        epoch.copy_(saved)
-    ref = reference_chain(x, weights)
-    err = (out[3].float() - ref[3].float()).abs().max().item()
-    assert err <= 2e-3 * ref[3].float().abs().max().item(), err
-
 def test_chain_rejects_what_it_cannot_run(device):
     dt = torch.float16 if device == "cuda" else torch.float32
     square = chain_weights(64, 1, False, 32, device, dt)
@@ -131,12 +76,13 @@ def test_chain_rejects_what_it_cannot_run(device):
         gemv_chain(torch.zeros(32, device=device, dtype=dt), cw)
     with pytest.raises(ValueError, match="resident"):
         gemv_chain(torch.zeros(64, device=device, dtype=dt), cw, config={"BLOCK_N": 7})
+    with pytest.raises(ValueError, match=r"unknown config keys \['SYNC'\]"):
+        gemv_chain(torch.zeros(64, device=device, dtype=dt), cw, config={"BLOCK_N": 16, "SYNC": "tags"})
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("sync", ["counter", "tags", "tags-x-first"])
 @pytest.mark.parametrize("sym", [False, True])
-def test_chain_on_gpu_matches_runtime_gemv(sym, sync):
+def test_chain_on_gpu_matches_runtime_gemv(sym):
     """At 4096 x 4096 over 6 layers, with the grid barrier: every layer matches ``wq_linear`` (row pairs, the same
     decode) applied to the chain's own input of that layer within fp16 rounding (the fp32 partials are summed in
     another order), and the float reference within the pair decode's rounding; a second launch is bit-identical
@@ -145,8 +91,6 @@ def test_chain_on_gpu_matches_runtime_gemv(sym, sync):
     cw = stack_chain(weights)
     x = torch.randn(4096, device="cuda", dtype=torch.float16)
     cfg = {"BLOCK_N": 32, "num_warps": 16}
-    if sync != "counter":
-        cfg.update(SYNC="tags", X_FIRST=sync == "tags-x-first")
     out = gemv_chain(x, cw, config=cfg)
     torch.cuda.synchronize()
     for layer, pw in enumerate(weights):
@@ -197,3 +141,31 @@ def test_staged_chain_on_gpu_matches_runtime_gemv(sym, stages):
         assert (out[layer + 1].float() - step).abs().max().item() <= 2e-3 * scale, layer
     assert torch.equal(gemv_chain_staged(x, sc, **opts), out)
     assert_graph_replays_equal(lambda buf: gemv_chain_staged(x, sc, out=buf, **opts), out)
+
+
+@pytest.mark.cuda
+def test_staged_chain_epoch_skips_zero_on_wrap():
+    """At the last 32-bit epoch (-1 as int32) the persistent staged chain's words carry it, its result is right, and
+    the advance goes to 1, not 0 (0 marks the zero-filled buffer and the no-wait ablation's words, which a waiting
+    launch must never take as fresh); the next launch, at epoch 1, is right too."""
+    from qcompile.runtime.triton.gemv_chain_staged import _tag_state, gemv_chain_staged, stage_chain
+
+    weights = chain_weights(4096, 3, False, 128, "cuda", torch.float16, seed=3)
+    sc = stage_chain(stack_chain(weights))
+    x = torch.randn(4096, device="cuda", dtype=torch.float16)
+    tags, epoch = _tag_state(x.device, 4 * 2048)
+    saved = epoch.clone()
+    epoch.fill_(-1)
+    try:
+        out = gemv_chain_staged(x, sc, stages=2)
+        torch.cuda.synchronize()
+        assert int(epoch.item()) == 1
+        assert torch.all((tags[2048:3 * 2048] >> 32) == -1)
+        again = gemv_chain_staged(x, sc, stages=2)
+        assert int(epoch.item()) == 2
+    finally:
+        epoch.copy_(saved)
+    for layer, pw in enumerate(weights):
+        step = wq_linear(out[layer].reshape(1, -1), pw).reshape(-1).float()
+        assert (out[layer + 1].float() - step).abs().max().item() <= 2e-3 * step.abs().max().item(), layer
+    assert torch.equal(again, out)
