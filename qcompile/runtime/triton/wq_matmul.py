@@ -628,9 +628,13 @@ def gemm_candidates(m: int, n: int, k: int, group: int, is_fp32: bool, bits: int
 
 
 class _Workspace:
-    """Split-K partials and per-tile arrival counters, one pair per device, grown before (never during) capture."""
+    """Split-K partials and per-tile arrival counters, one pair per device, grown before (never during) capture.
+    Outgrown pairs stay allocated: a CUDA graph captured on one keeps its addresses, and if the caching allocator
+    handed that memory to another tensor, the graph's replays would count arrivals in it and read back garbage
+    (seen on the H100: NaN logits from a captured decode step after a prefill grew the workspace)."""
 
     buffers: dict = {}
+    retired: list = []
 
     @classmethod
     def get(cls, device, part_numel: int, lock_numel: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -641,6 +645,8 @@ class _Workspace:
                 raise RuntimeError("split-K workspace must be sized before CUDA-graph capture (run once eagerly)")
             part_numel = max(part_numel, 0 if part is None else part.numel())
             lock_numel = max(lock_numel, 0 if lock is None else lock.numel())
+            if part is not None:
+                cls.retired.append((part, lock))
             part = torch.empty(part_numel, dtype=torch.float32, device=device)
             lock = torch.zeros(lock_numel, dtype=torch.int32, device=device)
             cls.buffers[key] = (part, lock)

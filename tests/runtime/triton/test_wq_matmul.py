@@ -49,6 +49,29 @@ def test_gemv_split_k_and_partial_tiles(device, split):
     assert torch.equal(y1, wq_linear(x, pw, config=cfg))  # counters were reset; same summation order
 
 
+
+def test_gemv_outgrown_workspace_stays_allocated(device):
+    """When a wider split-K needs a bigger workspace, the outgrown partials and counters stay allocated: a CUDA graph
+    captured on them keeps their addresses (freed, the allocator could hand them to another tensor; on the H100 the
+    runner's captured decode step then gave NaN logits after a short prompt's prefill, whose M = 5..8 GEMVs grew
+    the workspace: ``test_runner.py::test_gpu_cuda_graph_decode_equals_eager`` run after the other GPU tests)."""
+    import gc
+    import weakref
+
+    from qcompile.runtime.triton.wq_matmul import _Workspace
+
+    pw = packed(24, 64, 4, False, 32, device, torch.float32, seed=1)
+    x = torch.randn(2, 64, device=device)
+    cfg = dict(BLOCK_M=2, BLOCK_N=16, BLOCK_R=2, SPLIT_K=2)
+    y = wq_linear(x, pw, config=cfg)
+    part, lock = _Workspace.buffers[str(x.device)]
+    old = weakref.ref(part), weakref.ref(lock)
+    _Workspace.get(x.device, part.numel() + 1, lock.numel() + 1)
+    del part, lock
+    gc.collect()
+    assert old[0]() is not None and old[1]() is not None
+    assert torch.equal(wq_linear(x, pw, config=cfg), y)
+
 @pytest.mark.parametrize("extra", [dict(PDL=True), dict(PREFETCH=True), dict(PDL=True, PREFETCH=True)],
                          ids=["pdl", "prefetch", "pdl-prefetch"])
 @pytest.mark.parametrize("m", [1, 2])
@@ -211,6 +234,7 @@ def test_gemv_under_cuda_graph():
         g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, eager)
+
 
 
 @pytest.mark.cuda
