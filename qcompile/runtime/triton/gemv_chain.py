@@ -181,7 +181,6 @@ def _sync_counter(device) -> torch.Tensor:
     return _SYNC[key]
 
 
-
 def chain_config(n: int, device) -> dict:
     """BLOCK_N and warps: the fewest columns a program that still leaves every program resident (one a
     multiprocessor); 16 warps keep two slices (64 KiB each at K = 4096) in registers without spills."""
@@ -214,18 +213,18 @@ def gemv_chain(x: torch.Tensor, cw: ChainWeights, out: torch.Tensor | None = Non
         out = torch.empty(layers + 1, k, dtype=x.dtype, device=x.device)
     if out.shape != (layers + 1, k) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"gemv_chain: out must be a contiguous [{layers + 1}, {k}] {x.dtype} tensor")
+    cfg = dict(config or chain_config(k, x.device))
+    unknown = set(cfg) - {"BLOCK_N", "num_warps", "AHEAD", "NO_BARRIER"}
+    if unknown:
+        raise ValueError(f"gemv_chain: unknown config keys {sorted(unknown)}")
     if x.data_ptr() != out.data_ptr():  # (x may already be out[0]: then the call is the chain's launch alone)
         out[0].copy_(x.reshape(-1))
-    cfg = dict(config or chain_config(k, x.device))
     block_n = cfg["BLOCK_N"]
     programs = k // block_n
     if k % block_n or (not interpreting() and programs > num_sms(x.device)):
         raise ValueError(f"gemv_chain: BLOCK_N={block_n} gives {k / block_n:g} programs; all must be resident "
                          f"(at most {num_sms(x.device)}, one a multiprocessor)")
     zero = cw.zero if cw.zero is not None else cw.scale  # never read without HAS_ZERO
-    unknown = set(cfg) - {"BLOCK_N", "num_warps", "AHEAD", "NO_BARRIER"}
-    if unknown:
-        raise ValueError(f"gemv_chain: unknown config keys {sorted(unknown)}")
     if interpreting():  # programs run one after another there, so no barrier: a launch per layer where there are
         # several programs; one program runs the whole chain in one launch (the loop and its slice read ahead run)
         spans = [(layer, layer + 1) for layer in range(layers)] if programs > 1 else [(0, layers)]

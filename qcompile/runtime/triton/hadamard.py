@@ -187,7 +187,7 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache  # never evicted: a CUDA graph captured on a plan's matrices keeps their addresses (few plans a model)
 def _plan(n: int, left_key, dtype: torch.dtype, device: str):
     left = left_matrix(split_order(n)) if left_key is None else torch.tensor(left_key, dtype=torch.float64)
     m = left.shape[0]

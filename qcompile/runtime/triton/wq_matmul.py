@@ -631,7 +631,8 @@ class _Workspace:
     """Split-K partials and per-tile arrival counters, one pair per device, grown before (never during) capture.
     Outgrown pairs stay allocated: a CUDA graph captured on one keeps its addresses, and if the caching allocator
     handed that memory to another tensor, the graph's replays would count arrivals in it and read back garbage
-    (seen on the H100: NaN logits from a captured decode step after a prefill grew the workspace)."""
+    (seen on the H100: NaN logits from a captured decode step after a prefill grew the workspace). They are kept for
+    the life of the process: a few split-K partials of one output row each."""
 
     buffers: dict = {}
     retired: list = []

@@ -84,3 +84,22 @@ def test_real_sizes_on_gpu(n):
     ref = R.hadamard_ref(x.float(), left_matrix(m).float() if m > 1 else None)
     y = hadamard_transform(x)
     torch.testing.assert_close(y.float(), ref.float(), rtol=0, atol=3e-3 * ref.abs().max().item())
+
+
+def test_plans_are_never_evicted():
+    """A plan's matrices stay allocated however many other plans are made: a CUDA graph captured on them (the
+    runner's online rotations) keeps their addresses (an LRU cache of 64 would free the first of these 80)."""
+    import gc
+    import weakref
+
+    from qcompile.runtime.triton.hadamard import _plan
+
+    _, first, _ = _plan(12, None, torch.float32, "cpu")  # (not among the 80 below)
+    alive = weakref.ref(first)
+    del first
+    for n in (2 ** k for k in range(1, 11)):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            for left in (None, ((1.0,),)):
+                _plan(n, left, dtype, "cpu")
+    gc.collect()
+    assert alive() is not None

@@ -49,7 +49,6 @@ def test_gemv_split_k_and_partial_tiles(device, split):
     assert torch.equal(y1, wq_linear(x, pw, config=cfg))  # counters were reset; same summation order
 
 
-
 def test_gemv_outgrown_workspace_stays_allocated(device):
     """When a wider split-K needs a bigger workspace, the outgrown partials and counters stay allocated: a CUDA graph
     captured on them keeps their addresses (freed, the allocator could hand them to another tensor; on the H100 the
@@ -71,6 +70,7 @@ def test_gemv_outgrown_workspace_stays_allocated(device):
     gc.collect()
     assert old[0]() is not None and old[1]() is not None
     assert torch.equal(wq_linear(x, pw, config=cfg), y)
+
 
 @pytest.mark.parametrize("extra", [dict(PDL=True), dict(PREFETCH=True), dict(PDL=True, PREFETCH=True)],
                          ids=["pdl", "prefetch", "pdl-prefetch"])
@@ -234,7 +234,6 @@ def test_gemv_under_cuda_graph():
         g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, eager)
-
 
 
 @pytest.mark.cuda
