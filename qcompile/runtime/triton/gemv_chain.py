@@ -27,10 +27,10 @@ one launch per layer where there are several programs, the whole chain in one la
 columns (so the loop, the slice read a step ahead and its masking at the last step run there too); the barrier and
 the half2 decode are checked on the GPU (``tests/runtime/triton/test_gemv_chain.py``, marked cuda).
 
-(Measured on the H100 on 2026-12-07: the counter version streams at 44-45 %, below the runtime's PDL chain, because
+(Measured on the H100 on 2026-12-07: the counter version streams at 40-45 %, below the runtime's PDL chain, because
 each program keeps one slice in flight: docs/BENCHMARKS.md, twenty-first and twenty-third sessions.
 ``gemv_chain_staged`` stages slices in shared memory instead. A variant synchronised through tagged activations
-was 1.5-2.6x slower than this one and failed its GPU check; it was removed, see the twenty-third session.)
+was 1.3-2.7x slower than this one and failed its GPU check; it was removed, see the twenty-third session.)
 
 Scope: square int4 weights (N = K, so each output is the next input), fp16 activations on the GPU, groups along K
 that divide K, N a multiple of ``BLOCK_N``. It is the batch-1 GEMV measured as a chain step
