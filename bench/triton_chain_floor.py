@@ -10,7 +10,13 @@ decode at all:
   one dependent step (release, grid completion, the activations from L2, the store);
 - ``words=before``: the same after reading the program's whole slice of the 4096 x 4096 int4 words (XOR) before
   the wait: an ideal GEMV whose decode cost nothing;
-- ``words=after``: the words read only after the wait.
+- ``words=after``: the words read only after the wait;
+- ``words=held`` / ``held3`` / ``held12``: the program's whole slice loaded into registers before the wait (one
+  load of ``K / 8 x BLOCK_N`` words, 64 registers a thread in these grids) and used only after it, with 1, 3 or 12
+  integer instructions a word that depend on the kernel before's output (about what a decode on the int8 tensor
+  cores would spend after the wait, and what the half2 decode spends): whether a kernel that *holds* its words
+  across the wait, rather than consuming them, keeps the ``before`` floor, and what each instruction a word after
+  the wait costs.
 
 Each as ``PDL`` launches and as plain launches, over a few grids. The fraction is over the GEMV's bytes, as in the
 other GEMV benchmarks.
@@ -35,12 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.triton_kernels import graph_time, peak_copy_bandwidth  # noqa: E402
 from bench.triton_read_floor import word_copies  # noqa: E402
 
-WORDS = {"none": 0, "before": 1, "after": 2}
+WORDS = {"none": 0, "before": 1, "after": 2, "held": 3, "held3": 4, "held12": 5}
+HELD_ROUNDS = {3: 0, 4: 1, 5: 4}  # rounds of three instructions a word after the wait, beside the add and the xor
 
 
 @triton.jit
 def _step_kernel(w_ptr, x_ptr, y_ptr, N, K, rows, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, WORDS: tl.constexpr, PDL: tl.constexpr):
+                 BLOCK_K: tl.constexpr, WORDS: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr = 512,
+                 ROUNDS: tl.constexpr = 0):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PDL:
         gdc_launch_dependents()
@@ -48,6 +56,8 @@ def _step_kernel(w_ptr, x_ptr, y_ptr, N, K, rows, BLOCK_R: tl.constexpr, BLOCK_N
     if WORDS == 1:
         for r0 in range(0, rows, BLOCK_R):
             acc ^= tl.load(w_ptr + (r0 + tl.arange(0, BLOCK_R))[:, None] * N + offs_n[None, :])
+    if WORDS >= 3:  # the whole slice in registers, one load (ROWS = rows)
+        held = tl.load(w_ptr + tl.arange(0, ROWS)[:, None] * N + offs_n[None, :])
     if PDL:
         gdc_wait()
     if WORDS == 2:
@@ -58,7 +68,15 @@ def _step_kernel(w_ptr, x_ptr, y_ptr, N, K, rows, BLOCK_R: tl.constexpr, BLOCK_N
     for k0 in range(0, K, BLOCK_K):
         s += tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
     total = tl.sum(s, axis=0)
-    bits = (tl.xor_sum(acc, axis=0) & 1).to(tl.float32)
+    if WORDS >= 3:  # the held words used only now, through a value of the kernel before's output
+        xi = tl.load(x_ptr + offs_n).to(tl.int16, bitcast=True).to(tl.int32)
+        h = held + xi[None, :]
+        for _ in tl.static_range(ROUNDS):
+            h = (h ^ (h >> 3)) + xi[None, :]
+        # a wrapping sum into the output (its float depends on every bit, so no instruction can be dropped)
+        bits = tl.sum(h, axis=0).to(tl.float32) * 1e-6
+    else:
+        bits = (tl.xor_sum(acc, axis=0) & 1).to(tl.float32)
     y = tl.load(x_ptr + offs_n).to(tl.float32) * 0.5 + total * 1e-6 + bits * 1e-9
     tl.store(y_ptr + offs_n, y.to(tl.float16))
 
@@ -67,13 +85,19 @@ def step(w, x, y, cfg, words, pdl):
     rows, n = w.shape
     _step_kernel[(n // cfg["BLOCK_N"],)](w, x, y, n, x.numel(), rows, BLOCK_R=cfg["BLOCK_R"],
                                          BLOCK_N=cfg["BLOCK_N"], BLOCK_K=1024, WORDS=WORDS[words], PDL=pdl,
-                                         num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
+                                         num_warps=cfg["num_warps"], ROWS=rows, ROUNDS=HELD_ROUNDS.get(WORDS[words], 0),
+                                         **({"launch_pdl": True} if pdl else {}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/triton_chain_floor.json")
+    ap.add_argument("--words", default=",".join(WORDS), help="comma-separated subset of " + ", ".join(WORDS))
+    ap.add_argument("--grids", default="all", help="'held': only the grids whose slice is 64 registers a thread")
     args = ap.parse_args()
+    kinds = args.words.split(",")
+    if any(w not in WORDS for w in kinds):
+        ap.error(f"--words takes {', '.join(WORDS)}")
     res = {"device": torch.cuda.get_device_name(), "peak_copy": peak_copy_bandwidth(), "rows": []}
     peak = res["peak_copy"]["tb_per_s"]
     print(f"peak copy {peak:.2f} TB/s", flush=True)
@@ -81,10 +105,13 @@ def main() -> None:
     ws, gemv_bytes = word_copies(n, k)
     copies = len(ws)
     xs = [torch.randn(k, device="cuda").half() for _ in range(copies + 1)]
-    for cfg in ({"BLOCK_N": 32, "BLOCK_R": 64, "num_warps": 4}, {"BLOCK_N": 32, "BLOCK_R": 32, "num_warps": 8},
-                {"BLOCK_N": 16, "BLOCK_R": 64, "num_warps": 4}, {"BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 8},
-                {"BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 8}):
-        for w in WORDS:
+    grids = [{"BLOCK_N": 32, "BLOCK_R": 64, "num_warps": 4}, {"BLOCK_N": 32, "BLOCK_R": 32, "num_warps": 8},
+             {"BLOCK_N": 16, "BLOCK_R": 64, "num_warps": 4}, {"BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 8},
+             {"BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 8}, {"BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 16}]
+    if args.grids == "held":  # K / 8 x BLOCK_N words over 32 x warps threads = 64 registers each
+        grids = [c for c in grids if (k // 8) * c["BLOCK_N"] // (32 * c["num_warps"]) == 64]
+    for cfg in grids:
+        for w in kinds:
             row = {"config": cfg, "words": w}
             y = torch.empty_like(xs[0])
             step(ws[0], xs[0], y, cfg, w, True)
