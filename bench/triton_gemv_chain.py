@@ -11,6 +11,9 @@ step before's output):
   ``NO_BARRIER`` (no grid barrier: wrong results by design, the barrier's cost);
 - ``runtime PDL``: ``wq_linear(..., pdl=True)`` per step, the tuner's pick, in one CUDA graph (how the runner's
   decode step launches its GEMVs);
+- ``digits``: ``gemv_digits_chain`` (qcompile.runtime.triton.gemv_digits), a PDL launch per step, each program's
+  words held in registers across the wait, the products on the int8 tensor cores with the activations as int8
+  digit planes (exact); its output is checked like the others;
 - ``fp16``: ``torch.matmul`` per step on fp16 weights of the same shape (cuBLAS), in one CUDA graph;
 
 and the peak device-to-device copy. Time per step is the launch's (or graph's) time over ``L``, at two chain
@@ -37,6 +40,7 @@ os.environ.setdefault("QCOMPILE_TUNE_CACHE", "0")
 from bench.triton_kernels import graph_time, peak_copy_bandwidth, random_int_weight  # noqa: E402
 from qcompile.runtime.triton.gemv_chain import chain_config, gemv_chain, stack_chain  # noqa: E402
 from qcompile.runtime.triton.gemv_chain_staged import gemv_chain_staged, stage_chain  # noqa: E402
+from qcompile.runtime.triton.gemv_digits import digit_planes, gemv_digits_chain, stack_digits  # noqa: E402
 from qcompile.runtime.triton.packing import pack_from_export  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import wq_linear  # noqa: E402
 
@@ -49,6 +53,9 @@ def main() -> None:
     ap.add_argument("--skip-staged", action="store_true", help="leave out the TMA-staged kernel (gemv_chain_staged)")
     ap.add_argument("--new-first", action="store_true",
                     help="time the staged kernel first, and of the counter-barrier kernel its default only")
+    ap.add_argument("--digits", action="store_true",
+                    help="only the digit-plane kernel, the staged per-layer kernel and the counter default (with "
+                         "the runtime's PDL chain and fp16, as always)")
     args = ap.parse_args()
     n = args.n
     lengths = [int(v) for v in args.layers.split(",")]
@@ -84,17 +91,31 @@ def main() -> None:
         # a launch a layer (PDL), each issuing its slice's TMA loads before waiting for the one before: the shape
         # a per-linear GEMV of the runner would have
         configs.append({"STAGED": True, "PER_LAYER": True})
+    # the digit-plane kernel: everything in registers, or only the words (scales, zero points and digits through
+    # shared memory: three programs a multiprocessor); and the latter without waiting (wrong by design)
+    digit_cfgs = [{"DIGITS": True, "SMEM": False}, {"DIGITS": True, "SMEM": False, "MAXNREG": 168},
+                  {"DIGITS": True, "SMEM": True}, {"DIGITS": True, "SMEM": False, "NO_BARRIER": True},
+                  {"DIGITS": True, "SMEM": False, "MAXNREG": 168, "NO_BARRIER": True}]
+    configs += digit_cfgs
     if args.new_first:  # (a short device call: what earlier runs did not measure, then the reference)
-        configs = [c for c in configs if c.get("STAGED")] + configs[:1]
+        configs = [c for c in configs if c.get("STAGED") or c.get("DIGITS")] + configs[:1]
+    if args.digits:
+        configs = digit_cfgs + ([] if args.skip_staged else [{"STAGED": True, "PER_LAYER": True}]) + configs[:1]
     w16 = [torch.randn(n, n, device="cuda", dtype=torch.float16) / n**0.5 for _ in range(max(lengths))]
     for length in lengths:
         cw = stack_chain(weights[:length])
         staged = None if args.skip_staged else stage_chain(cw)
+        digits = stack_digits(cw)
         out = torch.empty(length + 1, n, device="cuda", dtype=torch.float16)
         out[0].copy_(x)
         x0 = out[0]  # the chain's input in place: the timed graph holds the chain's launch alone
+        planes = torch.zeros(length + 1, 8, n, device="cuda", dtype=torch.int8)
+        planes[0] = digit_planes(x)  # the digit kernel's input (each launch writes the next layer's planes)
 
-        def run(cfg, cw=cw, staged=staged, x0=x0, out=out):
+        def run(cfg, cw=cw, staged=staged, x0=x0, out=out, digits=digits, planes=planes):
+            if cfg.get("DIGITS"):
+                return gemv_digits_chain(planes, digits, out, smem=cfg["SMEM"], wait=not cfg.get("NO_BARRIER"),
+                                         maxnreg=cfg.get("MAXNREG"))
             if cfg.get("STAGED"):
                 return gemv_chain_staged(x0, staged, out=out, stages=cfg.get("STAGES", 1),
                                          sync=not cfg.get("NO_BARRIER"), per_layer=cfg.get("PER_LAYER", False))
@@ -129,7 +150,7 @@ def main() -> None:
             entry["max_rel_diff_vs_wq_linear"] = max(errs)
             print(f"L={length} persistent {cfg}: max rel diff vs wq_linear over the steps {max(errs):.1e}, "
                   f"|last output| max {entry['last_output_abs_max']:.3g}", flush=True)
-        del cw, staged
+        del cw, staged, digits
         bufs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in range(length + 1)]
         bufs[0].copy_(x.reshape(1, -1))
         t_pdl = graph_time([lambda i=i: wq_linear(bufs[i], weights[i], out=bufs[i + 1], pdl=True)

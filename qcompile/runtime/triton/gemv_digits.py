@@ -1,0 +1,467 @@
+"""The batch-1 int4 GEMV on the int8 tensor cores, exact, with each program's words held in registers across the PDL
+wait: activations as six int8 digit planes (Gluon, sm_90).
+
+Why: a dependent GEMV step can only be fast if its weights are read before it waits for the step before, and if
+little work is left after the wait. ``bench/triton_chain_floor.py`` measured both on the H100 (4096 x 4096,
+2026-12-07, docs/BENCHMARKS.md, twenty-fourth session): a kernel that loads its whole slice into registers (128
+words a thread, 128 programs of 4 warps) before the wait and uses it after takes 3.45 µs a step with about two
+integer instructions a word after the wait, 3.99 µs with about five, 5.16 µs with about fourteen; 75 % of the copy
+peak needs 3.89 µs. The half2 and fp16-mma decodes spend 10-25 instructions a word. Here the codes go to the int8
+tensor cores nearly as they are stored:
+
+* **Activations as digits.** An fp16 value is an integer multiple of 2^-24 below 2^16 in magnitude, so
+  ``X = x * 2^24`` is an integer of at most 41 bits, with six balanced base-256 digits ``d_p`` in [-128, 127]
+  (``X = sum_p d_p 256^p``). The step before writes them (``digit_planes`` on the host for the chain's input): plane
+  ``p`` is column ``p`` of the mma's B operand (``m16n8k32``, eight columns, six used), so one mma multiplies 16
+  rows x 32 inputs by all six planes at once, and every product and every group sum is an exact integer.
+* **Codes as bytes, one instruction a word.** Each byte of a word holds the codes of two rows, ``c_P + 16 c_P'``
+  (rows ``r`` and ``r + 16`` of the program's 32, same input). The mma reads the raw word as u8 (``C_raw = C_P + 16
+  C_P'``) and the word AND 0x0F0F0F0F (``C_P``), so ``16 C_P' = C_raw - C_P``: one LOP3 a word and half an mma.
+* **The zero point from a third mma**: A all ones gives the group's digit sums ``D_p``; ``sum (c - z) d = C - z D``.
+* **Per group of 128** (four k32 steps) a lane folds its two planes (``C_2t + 256 C_2t+1``: exact in int32),
+  subtracts the zero point's term, converts to fp32 and multiplies by the scale: about 1.7 instructions a word.
+  At the end, plane weights ``2^(16 t - 24)``, the lanes' and the warps' sums, the fp16 output and its digits.
+
+So a step computes ``fp16(sum_g s_g sum_k (c - z) x)`` with exact products and group sums (fp32 only in the
+scale products and the final sums), and writes both the fp16 output and its digit planes for the next step.
+
+Layout (``pack_digits``): program ``q`` owns rows ``32 q .. 32 q + 31``; its ``W`` warps split K (``S = K / 32 W``
+k32 steps a warp); lane ``(g, t) = (lane // 4, lane % 4)`` holds, for each step ``s``, the four words of its A
+fragments: word ``i``, byte ``j`` = the codes of rows ``g + 8 (i % 2)`` (low nibble) and ``g + 8 (i % 2) + 16`` (high
+nibble) at input ``32 s + 4 t + j + 16 (i // 2)`` of the warp's range (PTX ISA, ``mma.m16n8k32`` fragments for
+.u8/.s8). Words ``[N / 32, W, S, 32, 4]`` int32 (a warp's loads of one step are one 512-byte run); scales
+``[N / 32, W, K / 128 W, 8, 4]`` fp16 and negated zero points (int8) the same, for rows ``g, g + 8, g + 16, g + 24``.
+Digit planes ``[8, K]`` int8 (rows 6, 7 zero), each 64-input block permuted so that lane ``(g, t)`` reads plane
+``g``'s B registers of two steps as one 16-byte load.
+
+Scope: a benchmark kernel for dependent chains of square int4 weights with groups of 128
+(``bench/triton_gemv_chain.py``); the runner's GEMVs take fp16 activations from norms, attention and SwiGLU, which
+would have to write digit planes to use it. Non-finite activations are not representable. GPU only (Gluon has no
+interpreter): ``emulate`` computes what the kernel does from the fragments' definitions, in torch, and is checked
+against the plain GEMV on the CPU (``tests/runtime/triton/test_gemv_digits.py``); the kernel itself on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qcompile.runtime.triton._env import require_triton
+
+triton = require_triton()
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.ampere import async_copy  # noqa: E402
+
+PLANES = 6  # digits of an fp16 value times 2^24
+ROWS = 32  # a program's output rows: two mma row blocks, one in each nibble of a byte
+GROUP = 128
+WARPS = 4
+_OFFSET = sum(128 << (8 * p) for p in range(PLANES))  # makes every balanced digit a byte 0..255
+
+
+def plane_positions(k: int) -> torch.Tensor:
+    """Where input ``k`` sits in a plane: in each 64-input block, lane t's B registers of steps 2 sp and 2 sp + 1
+    (inputs 32 s + 4 t + j + 16 b) are bytes ``64 sp + 16 t + 8 (s % 2) + 4 b + j``."""
+    if k % 64:
+        raise ValueError(f"digit planes need K a multiple of 64, got {k}")
+    kk = torch.arange(k)
+    s, r = kk // 32, kk % 32
+    b, t, j = r // 16, (r % 16) // 4, r % 4
+    return (s // 2) * 64 + t * 16 + (s % 2) * 8 + b * 4 + j
+
+
+def digit_planes(x: torch.Tensor) -> torch.Tensor:
+    """fp16 ``x`` [K] -> int8 [8, K]: the balanced base-256 digits of ``x * 2^24`` (exact), plane p in row p (rows 6
+    and 7 zero), positions as ``plane_positions``."""
+    if x.dtype != torch.float16:
+        raise ValueError(f"digit planes are defined for fp16 activations, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError("digit planes: the activations hold inf or NaN")
+    k = x.numel()
+    big = (x.reshape(-1).double() * 2.0**24).to(torch.int64) + _OFFSET  # exact: 41 bits
+    shifts = 8 * torch.arange(PLANES, device=x.device)
+    digits = ((big[None, :] >> shifts[:, None]) & 255) - 128
+    out = torch.zeros(8, k, dtype=torch.int8, device=x.device)
+    out[:PLANES, plane_positions(k).to(x.device)] = digits.to(torch.int8)
+    return out
+
+
+def planes_to_values(planes: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``digit_planes``, as float64 [K] (for checks)."""
+    k = planes.shape[1]
+    digits = planes[:PLANES, plane_positions(k).to(planes.device)].to(torch.int64)
+    weights = torch.tensor([256**p for p in range(PLANES)], dtype=torch.int64, device=planes.device)
+    return (digits * weights[:, None]).sum(0).double() / 2.0**24
+
+
+@dataclass
+class DigitWeight:
+    """One square or rectangular int4 weight (``N`` outputs, ``K`` inputs, groups of 128) in this kernel's layout."""
+
+    words: torch.Tensor  # int32 [N / 32, W, S, 32, 4]
+    scale: torch.Tensor  # fp16 [N / 32, W, K / 128 W, 8, 4]
+    nzero: torch.Tensor  # int8, the same: minus the zero point
+    out_features: int
+    in_features: int
+    warps: int
+
+
+def pack_digits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, warps: int = WARPS
+                ) -> DigitWeight:
+    """``codes`` [K, N] (0..15), ``scale`` [K / 128, N], ``zero`` [K / 128, N] (None: symmetric, zero point 8) ->
+    the layout of the module docstring."""
+    k, n = codes.shape
+    groups = k // (GROUP * warps)  # a warp's: a power of two (the kernel halves its registers to find one)
+    if n % ROWS or k % (GROUP * warps) or groups & (groups - 1) or scale.shape != (k // GROUP, n):
+        raise ValueError(f"gemv_digits takes N a multiple of {ROWS} and K {GROUP} x {warps} warps x a power of two, "
+                         f"with scales [K / {GROUP}, N]; got codes {tuple(codes.shape)}, scales {tuple(scale.shape)}")
+    if zero is None:
+        zero = torch.full_like(scale, 8, dtype=torch.uint8)
+    dev = codes.device
+    steps = k // (32 * warps)
+    q = torch.arange(n // ROWS, device=dev).view(-1, 1, 1, 1, 1, 1)
+    w = torch.arange(warps, device=dev).view(1, -1, 1, 1, 1, 1)
+    s = torch.arange(steps, device=dev).view(1, 1, -1, 1, 1, 1)
+    lane = torch.arange(32, device=dev).view(1, 1, 1, -1, 1, 1)
+    i = torch.arange(4, device=dev).view(1, 1, 1, 1, -1, 1)
+    j = torch.arange(4, device=dev).view(1, 1, 1, 1, 1, -1)
+    g, t = lane // 4, lane % 4
+    kk = w * (k // warps) + 32 * s + 4 * t + j + 16 * (i // 2)
+    row = ROWS * q + g + 8 * (i % 2)
+    c = codes.to(torch.int64)
+    byte = c[kk, row] + 16 * c[kk, row + 16]  # [N/32, W, S, 32, 4, 4]
+    words = (byte << (8 * j)).sum(-1)
+    words = (words - ((words >> 31) << 32)).to(torch.int32)  # as signed 32-bit
+    gw = k // (GROUP * warps)
+    qq = torch.arange(n // ROWS, device=dev).view(-1, 1, 1, 1, 1)
+    ww = torch.arange(warps, device=dev).view(1, -1, 1, 1, 1)
+    gi = torch.arange(gw, device=dev).view(1, 1, -1, 1, 1)
+    gg = torch.arange(8, device=dev).view(1, 1, 1, -1, 1)
+    r = torch.arange(4, device=dev).view(1, 1, 1, 1, -1)
+    grp = ww * gw + gi
+    rows = ROWS * qq + gg + 8 * r  # r = 0..3: rows g, g + 8, g + 16, g + 24
+    return DigitWeight(words.contiguous(), scale[grp, rows].to(torch.float16).contiguous(),
+                       (-zero[grp, rows].to(torch.int16)).to(torch.int8).contiguous(), n, k, warps)
+
+
+def emulate(dw: DigitWeight, planes: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes (before its fp16 rounding), in torch from the fragments' definitions: lane (g, t)
+    holds A rows g and g + 8 at columns 4t + (0..3) and 16 + 4t + (0..3), B column g at rows 4t + (0..3) and
+    16 + 4t + (0..3), C rows g and g + 8 at columns 2t and 2t + 1 (PTX ISA, m16n8k32 .u8/.s8). float64 [N]."""
+    n, k, warps = dw.out_features, dw.in_features, dw.warps
+    steps = k // (32 * warps)
+    gw = steps // 4
+    pos = plane_positions(k).to(planes.device)
+    xb = planes.to(torch.int64)  # [8, K] permuted
+    wd = dw.words.to(torch.int64) & 0xFFFFFFFF
+    byte = torch.stack([(wd >> (8 * j)) & 255 for j in range(4)], -1)  # [q, w, s, lane, i, j]
+    lane = torch.arange(32)
+    g, t = lane // 4, lane % 4
+    y = torch.zeros(n, dtype=torch.float64)
+    for q in range(n // ROWS):
+        for w in range(warps):
+            for grp in range(gw):
+                c_raw = torch.zeros(16, 8, dtype=torch.int64)
+                c_lo = torch.zeros(16, 8, dtype=torch.int64)
+                d = torch.zeros(8, dtype=torch.int64)
+                for so in range(4):
+                    s = 4 * grp + so
+                    a = torch.zeros(16, 32, dtype=torch.int64)  # A as the lanes' fragments define it
+                    for i in range(4):
+                        for jj in range(4):
+                            a[g + 8 * (i % 2), 4 * t + jj + 16 * (i // 2)] = byte[q, w, s, :, i, jj]
+                    b = torch.zeros(32, 8, dtype=torch.int64)  # B column g from plane g at the lane's bytes
+                    base = w * (k // warps) + 32 * s  # the step's first input
+                    for bb in range(2):
+                        for jj in range(4):
+                            kin = base + 4 * t + jj + 16 * bb
+                            b[4 * t + jj + 16 * bb, g] = xb[g, pos[kin]]
+                    c_raw += a @ b
+                    c_lo += (a & 15) @ b
+                    d += b.sum(0)
+                weights = torch.tensor([2.0 ** (8 * p - 24) for p in range(8)], dtype=torch.float64)
+                for half, c in ((0, c_lo), (1, (c_raw - c_lo) // 16)):
+                    rows = ROWS * q + 16 * half + torch.arange(16)
+                    r_slot = 2 * half + torch.arange(16) // 8  # 0..3: rows g, g + 8, g + 16, g + 24
+                    gg = torch.arange(16) % 8
+                    nz = dw.nzero[q, w, grp, gg, r_slot].to(torch.int64)
+                    sc = dw.scale[q, w, grp, gg, r_slot].double()
+                    v = c + nz[:, None] * d[None, :]  # sum (c - z) d per plane, exact
+                    y[rows] += sc * (v.double() * weights).sum(1)
+    return y
+
+
+@gluon.jit
+def _halves(v):
+    """[A, B, 2n] -> the first and the last n of the last dimension (a relabelling of each lane's registers)."""
+    n: gl.constexpr = v.shape[2] // 2
+    a, b = gl.split(gl.permute(gl.reshape(v, [v.shape[0], v.shape[1], 2, n]), [0, 1, 3, 2]))
+    return a, b
+
+
+@gluon.jit
+def _chunk(v, i: gl.constexpr, LEVELS: gl.constexpr):
+    """Chunk ``i`` of ``2^LEVELS`` along the last dimension."""
+    cur = v
+    for lvl in gl.static_range(LEVELS):
+        a, b = _halves(cur)
+        if (i >> (LEVELS - 1 - lvl)) & 1:
+            cur = b
+        else:
+            cur = a
+    return cur
+
+
+@gluon.jit
+def _four(v, L2: gl.constexpr):
+    """[A, B, 4] -> its four elements as [A, B] tensors in ``L2``."""
+    a, b = _halves(v)
+    e0, e1 = gl.split(a)
+    e2, e3 = gl.split(b)
+    return (gl.convert_layout(e0, L2), gl.convert_layout(e1, L2), gl.convert_layout(e2, L2),
+            gl.convert_layout(e3, L2))
+
+
+@gluon.jit
+def _eight(v, L2: gl.constexpr):
+    a, b = _halves(v)
+    a0, a1, a2, a3 = _four(a, L2)
+    b0, b1, b2, b3 = _four(b, L2)
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+_STEP = """
+    and.b32 l0, ${w0}, 0x0F0F0F0F;
+    and.b32 l1, ${w1}, 0x0F0F0F0F;
+    and.b32 l2, ${w2}, 0x0F0F0F0F;
+    and.b32 l3, ${w3}, 0x0F0F0F0F;
+    mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{$0, $1, $2, $3}}, {{l0, l1, l2, l3}}, {{${b0}, ${b1}}}, {cl};
+    mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{$4, $5, $6, $7}}, {{${w0}, ${w1}, ${w2}, ${w3}}},
+        {{${b0}, ${b1}}}, {cr};
+    mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{$8, $9, e2, e3}}, {{one, one, one, one}}, {{${b0}, ${b1}}},
+        {cd};"""
+
+
+def _group_ptx() -> str:
+    """A group's four k32 steps: outputs $0-$3 (C of the low nibbles), $4-$7 (C of the raw bytes), $8-$9 (the
+    digit sums of the lane's two planes); inputs $10-$25 the words (step-major), $26-$33 the B registers."""
+    body = ""
+    for so in range(4):
+        zero = "{zr, zr, zr, zr}"
+        body += _STEP.format(w0=10 + 4 * so, w1=11 + 4 * so, w2=12 + 4 * so, w3=13 + 4 * so, b0=26 + 2 * so,
+                             b1=27 + 2 * so, cl=zero if so == 0 else "{$0, $1, $2, $3}",
+                             cr=zero if so == 0 else "{$4, $5, $6, $7}",
+                             cd=zero if so == 0 else "{$8, $9, e2, e3}")
+    return """
+    {
+    .reg .b32 l0, l1, l2, l3, e2, e3, one, zr;
+    mov.b32 one, 0x01010101;
+    mov.b32 zr, 0;""" + body + """
+    }
+"""
+
+
+_GROUP_PTX = gl.constexpr(_group_ptx())
+_GROUP_CONSTRAINTS = gl.constexpr("=r," * 10 + ",".join(["r"] * 24))
+
+
+@gluon.jit
+def _group_mma(w, x):
+    """One lane's 16 words and 8 B registers of a group -> (C_P 4, C_raw 4, D 2), int32."""
+    return gl.inline_asm_elementwise(
+        asm=_GROUP_PTX, constraints=_GROUP_CONSTRAINTS,
+        args=[w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], w[11], w[12], w[13], w[14], w[15],
+              x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]],
+        dtype=(gl.int32,) * 10, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _gdc_launch_dependents():
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gdc_wait():
+    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.constexpr, LEV_W: gl.constexpr,
+                   num_warps: gl.constexpr, PDL: gl.constexpr, SMEM: gl.constexpr = False,
+                   WAIT: gl.constexpr = True):
+    """One layer: 32 output rows a program. ``SMEM``: scales and zero points copied to shared memory before the
+    wait and the digit planes after it (cp.async, each thread its own bytes), read a group at a time, so that only
+    the words stay in registers across the wait (fewer registers: three programs a multiprocessor, two of them
+    loading ahead); otherwise everything is held in registers. ``WAIT=False`` is the benchmark's ablation (no wait
+    for the layer before: wrong results by design)."""
+    W: gl.constexpr = num_warps
+    S: gl.constexpr = K // (32 * W)  # k32 steps a warp
+    GW: gl.constexpr = S // 4  # groups of 128 a warp: 2^LEV_W
+    L4: gl.constexpr = gl.BlockedLayout([1, 1, S, 4], [1, 32, 1, 1], [W, 1, 1, 1], [3, 2, 1, 0])
+    LG: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [1, W, 1, 1], [3, 2, 1, 0])  # [GW, W, 32, 4]
+    LG3: gl.constexpr = gl.SliceLayout(0, LG)  # [W, 32, 4]: a group's four values a lane
+    LX5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 32, 1], [1, W, 1, 1, 1], [4, 3, 2, 1, 0])
+    LX4: gl.constexpr = gl.SliceLayout(0, LX5)  # [W, 2, 32, 4]: a group's B registers a lane
+    L2: gl.constexpr = gl.SliceLayout(2, LG3)  # [W, 32]: one value a lane
+    pid = gl.program_id(0)
+
+    # the program's words: constants, loaded before the wait and held in registers
+    w4 = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+    l4 = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+    s4 = gl.arange(0, S, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
+    i4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+    w_off = (((pid * W + w4) * (S * 128))[:, None, None, None] + (l4 * 4)[None, :, None, None]
+             + (s4 * 128)[None, None, :, None] + i4[None, None, None, :])
+    words = gl.reshape(gl.load(w_ptr + w_off), [W, 32, 4 * S])
+    # scales and zero points [GW, W, 32, 4]: group gi, rows g, g + 8, g + 16, g + 24 of lane (g, t)
+    gG = gl.arange(0, GW, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LG))))
+    wG = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LG))))
+    lG = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LG))))
+    rG = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LG))))
+    sz_off = ((((pid * W + wG)[None, :, None, None] * GW + gG[:, None, None, None]) * 8
+               + (lG // 4)[None, None, :, None]) * 4 + rG[None, None, None, :])
+    # the B registers [GW, W, 2, 32, 4]: lane (g, t) reads plane g; group gi, half h = steps 2h and 2h + 1
+    gX = gl.arange(0, GW, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, LX5)))))
+    wX = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, LX5)))))
+    hX = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, LX5)))))
+    lX = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, LX5)))))
+    jX = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LX5)))))
+    x_off = (((lX // 4) * (K // 4))[None, None, None, :, None]
+             + ((wX * (S // 2))[None, :, None, None, None] + (2 * gX)[:, None, None, None, None]
+                + hX[None, None, :, None, None]) * 16
+             + ((lX % 4) * 4)[None, None, None, :, None] + jX[None, None, None, None, :])
+    x_ptrs = p_in_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + x_off
+    if SMEM:
+        # row-major, unswizzled (each thread reads back its own run); the views of a layout of one rank less are
+        # what .index(gi) takes (as in gemv_chain_staged)
+        PLAIN3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+        PLAIN4: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
+        PLAIN5: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
+        s_smem = gl.allocate_shared_memory(gl.float16, [GW, W, 32, 4], PLAIN4)
+        z_smem = gl.allocate_shared_memory(gl.int8, [GW, W, 32, 4], PLAIN4)
+        x_smem = gl.allocate_shared_memory(gl.int32, [GW, W, 2, 32, 4], PLAIN5)
+        s_view = s_smem._reinterpret(gl.float16, [GW, W, 32, 4], PLAIN3)
+        z_view = z_smem._reinterpret(gl.int8, [GW, W, 32, 4], PLAIN3)
+        x_view = x_smem._reinterpret(gl.int32, [GW, W, 2, 32, 4], PLAIN4)
+        async_copy.async_copy_global_to_shared(s_smem, s_ptr + sz_off)
+        async_copy.async_copy_global_to_shared(z_smem, z_ptr + sz_off)
+        async_copy.commit_group()
+    else:  # [W, 32, GW * 4]: group gi's four values a lane are elements 4 gi .. 4 gi + 3
+        scales = gl.reshape(gl.permute(gl.load(s_ptr + sz_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
+        nzero = gl.reshape(gl.permute(gl.load(z_ptr + sz_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
+    if PDL:  # the next layer's programs may start loading their own constants; x is the layer before's output
+        _gdc_launch_dependents()
+        if WAIT:
+            _gdc_wait()
+    if SMEM:
+        async_copy.async_copy_global_to_shared(x_smem, x_ptrs)
+        async_copy.commit_group()
+        async_copy.wait_group(0)
+        # a CTA barrier: the reads below are not all of the thread's own copies (the compiler reads the scales
+        # with ldmatrix, which gathers other lanes' rows; without it the GPU test failed, 2026-12-07)
+        gl.thread_barrier()
+    else:  # [W, 32, GW * 8]: group gi's B registers a lane are elements 8 gi + 4 h + j
+        xw = gl.reshape(gl.permute(gl.load(x_ptrs), [1, 3, 0, 2, 4]), [W, 32, 8 * GW])
+
+    acc0 = gl.zeros([W, 32], gl.float32, L2)  # rows g, g + 8 (x1) and g + 16, g + 24 (x16), one plane pair
+    acc1 = gl.zeros([W, 32], gl.float32, L2)
+    acc2 = gl.zeros([W, 32], gl.float32, L2)
+    acc3 = gl.zeros([W, 32], gl.float32, L2)
+    for gi in gl.static_range(GW):
+        wc = _chunk(words, gi, LEV_W)  # [W, 32, 16]
+        wa, wb = _halves(wc)
+        w_g = _eight(wa, L2) + _eight(wb, L2)
+        if SMEM:
+            x_g8 = gl.reshape(gl.permute(x_view.index(gi).load(LX4), [0, 2, 1, 3]), [W, 32, 8])  # 4 h + j
+            s_gi = s_view.index(gi).load(LG3)
+            z_gi = z_view.index(gi).load(LG3)
+        else:
+            x_g8 = _chunk(xw, gi, LEV_W)
+            s_gi = _chunk(scales, gi, LEV_W)
+            z_gi = _chunk(nzero, gi, LEV_W)
+        x_g = _eight(x_g8, L2)
+        s0, s1, s2, s3 = _four(s_gi, L2)
+        z0, z1, z2, z3 = _four(z_gi, L2)
+        cl0, cl1, cl2, cl3, cr0, cr1, cr2, cr3, d0, d1 = _group_mma(w_g, x_g)
+        dc = d0 + (d1 << 8)  # the lane's two planes folded: plane 2t + 256 x plane 2t + 1 (exact in int32)
+        lo_g = cl0 + (cl1 << 8)
+        lo_g8 = cl2 + (cl3 << 8)
+        hi_g = (cr0 + (cr1 << 8)) - lo_g  # 16 x the high nibbles' sums
+        hi_g8 = (cr2 + (cr3 << 8)) - lo_g8
+        acc0 += (lo_g + z0.to(gl.int32) * dc).to(gl.float32) * s0.to(gl.float32)
+        acc1 += (lo_g8 + z1.to(gl.int32) * dc).to(gl.float32) * s1.to(gl.float32)
+        acc2 += (hi_g + z2.to(gl.int32) * (dc << 4)).to(gl.float32) * s2.to(gl.float32)
+        acc3 += (hi_g8 + z3.to(gl.int32) * (dc << 4)).to(gl.float32) * s3.to(gl.float32)
+
+    # plane weights 2^(16 t - 24), the high rows' 1/16; then the sums over t (lanes) and warps
+    lS = gl.arange(0, 32, layout=gl.SliceLayout(0, L2))
+    t_w = gl.exp2((16 * (lS % 4) - 24).to(gl.float32))[None, :]
+    rows01 = gl.join(acc0 * t_w, acc1 * t_w)  # [W, 32, 2]: slot m -> row g + 8 m
+    rows23 = gl.join(acc2 * (t_w * 0.0625), acc3 * (t_w * 0.0625))
+    both = gl.join(rows01, rows23)  # [W, 32, 2, 2]: (m, n) -> row g + 8 m + 16 n
+    per_g = gl.sum(gl.reshape(both, [W, 8, 4, 2, 2]), axis=2)  # over t
+    y = gl.sum(per_g, axis=0)  # over warps: [8, 2, 2]
+    LY: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [8, 2, 2, 1], [1, 1, 1, W], [3, 2, 1, 0])
+    Y3: gl.constexpr = gl.SliceLayout(3, LY)
+    y = gl.convert_layout(y, Y3)
+    g3 = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, Y3)))[:, None, None]
+    m3 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, Y3)))[None, :, None]
+    n3 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, Y3)))[None, None, :]
+    row = g3 + 8 * m3 + 16 * n3
+    yh = y.to(gl.float16)
+    gl.store(y_ptr + pid * 32 + row, yh)
+    # the output's digit planes for the next step (input k = 32 pid + row: step pid, b = n, t' = (g + 8 m) // 4)
+    big = (yh.to(gl.float32) * 16777216.0).to(gl.int64) + 0x808080808080
+    p4 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LY))))[None, None, None, :]
+    digit = (((gl.expand_dims(big, 3) >> (8 * p4)) & 255) - 128).to(gl.int8)
+    pos = (pid // 2) * 64 + ((g3 + 8 * m3) // 4) * 16 + (pid % 2) * 8 + n3 * 4 + g3 % 4
+    gl.store(p_out_ptr + p4 * K + gl.expand_dims(pos, 3), digit, mask=p4 < 6)
+
+
+@dataclass
+class DigitChain:
+    """``L`` weights of one square shape for ``gemv_digits_chain``."""
+
+    layers: list
+    features: int
+
+
+def stack_digits(cw) -> DigitChain:
+    """A ``gemv_chain.ChainWeights`` (int4, groups of 128) re-packed for this kernel, layer by layer."""
+    from qcompile.runtime.triton.gemv_chain import ChainWeights
+
+    if not isinstance(cw, ChainWeights) or cw.group_size != GROUP:
+        raise ValueError(f"gemv_digits takes a ChainWeights with groups of {GROUP}")
+    layers = []
+    for layer in range(cw.layers):
+        words = cw.qweight[layer]
+        k = words.shape[0] * 8
+        shifts = (torch.arange(8, device=words.device) * 4).view(1, -1, 1)
+        codes = ((words.unsqueeze(1) >> shifts) & 15).reshape(k, -1)
+        zero = None if cw.zero is None else cw.zero[layer]
+        layers.append(pack_digits(codes, cw.scale[layer], zero))
+    return DigitChain(layers, cw.features)
+
+
+def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, pdl: bool = True,
+                      smem: bool = False, wait: bool = True, maxnreg: int | None = None) -> torch.Tensor:
+    """Run the chain: ``planes`` int8 [L + 1, 8, K] (row 0 the input's ``digit_planes``, the rest written here, rows
+    6-7 of each zero), ``out`` fp16 [L + 1, K] (row l + 1 layer l's output). One launch a layer, each a programmatic
+    dependent of the one before (``pdl``); ``smem``: scales, zero points and digits through shared memory (the
+    kernel's ``SMEM``); ``wait=False``: the benchmark's no-wait ablation (wrong results by design); ``maxnreg``: a
+    register cap (168 lets three programs share a multiprocessor, at a few bytes of spills)."""
+    k = dc.features
+    n_layers = len(dc.layers)
+    if planes.shape != (n_layers + 1, 8, k) or planes.dtype != torch.int8 or not planes.is_cuda:
+        raise ValueError(f"gemv_digits_chain: planes must be an int8 CUDA tensor [{n_layers + 1}, 8, {k}]")
+    if out.shape != (n_layers + 1, k) or out.dtype != torch.float16 or out.device != planes.device:
+        raise ValueError(f"gemv_digits_chain: out must be an fp16 tensor [{n_layers + 1}, {k}] on {planes.device}")
+    for layer, dw in enumerate(dc.layers):
+        _digits_kernel[(dw.out_features // ROWS,)](
+            dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], K=k,
+            LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1, num_warps=dw.warps, PDL=pdl, SMEM=smem, WAIT=wait,
+            **({"launch_pdl": True} if pdl else {}), **({"maxnreg": maxnreg} if maxnreg else {}))
+    return out
