@@ -354,6 +354,13 @@ def cases(all_configs: bool):
                dict(w_desc=desc("i32", 256, 32), s_desc=desc("fp16", 32, 16), z_desc=desc("u8", 32, 8),
                     x_ptr="*fp16", t_ptr="*i64", epoch_ptr="*i32", first="i32", last="i32"),
                dict(K=4096, GROUP=128, BLOCK_N=32, SYNC=True, num_warps=8, **extra), {}, 8, 1)
+    # the digit-plane GEMV (Gluon): 128 words a thread held across the wait; two programs a multiprocessor need
+    # <= 255 registers without spills (226 when written)
+    from qcompile.runtime.triton import gemv_digits
+
+    yield ("gemv_chain digits 4096 (PDL)", gemv_digits._digits_kernel,
+           dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*i8", p_in_ptr="*i8", p_out_ptr="*i8", y_ptr="*fp16"),
+           dict(K=4096, LEV_W=3, PDL=True, num_warps=gemv_digits.WARPS), {}, gemv_digits.WARPS, 1)
 
 
 def small_cases():

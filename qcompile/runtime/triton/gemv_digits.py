@@ -7,7 +7,7 @@ little work is left after the wait. ``bench/triton_chain_floor.py`` measured bot
 words a thread, 128 programs of 4 warps) before the wait and uses it after takes 3.45 µs a step with about two
 integer instructions a word after the wait, 3.99 µs with about five, 5.16 µs with about fourteen; 75 % of the copy
 peak needs 3.89 µs. The half2 and fp16-mma decodes spend 10-25 instructions a word. Here the codes go to the int8
-tensor cores nearly as they are stored:
+tensor cores nearly as they are stored (about 4.8 SASS instructions a word after the wait, all told):
 
 * **Activations as digits.** An fp16 value is an integer multiple of 2^-24 below 2^16 in magnitude, so
   ``X = x * 2^24`` is an integer of at most 41 bits, with six balanced base-256 digits ``d_p`` in [-128, 127]
@@ -24,6 +24,15 @@ tensor cores nearly as they are stored:
 
 So a step computes ``fp16(sum_g s_g sum_k (c - z) x)`` with exact products and group sums (fp32 only in the
 scale products and the final sums), and writes both the fp16 output and its digit planes for the next step.
+
+Measured on the H100 (2026-12-07, docs/BENCHMARKS.md, twenty-fourth session; ``bench/triton_gemv_chain.py
+--digits``): 5.06 / 4.92 µs a step in chains of 8 / 32, 4.88 µs marginal (58-60 % of the copy peak; 3.1x fp16,
+1.20x the runtime's PDL chain, 1.12x the staged per-layer kernel): the fastest checked chain step so far, short of
+75 %. Without the wait (the ablation) the same kernel takes 3.24 µs marginal (90 %), so what is left is the
+dependent path after the wait (the digits' round trip to L2, the arithmetic, the sums, the store), about 1.6 µs.
+Tried and not kept (same run): scales, zero points and digits through shared memory (165 registers, three
+programs a multiprocessor) 5.29 µs marginal, and it failed one GPU case even with a CTA barrier after its copies;
+a cap of 168 registers on this kernel (36 bytes of spills) 6.25 µs.
 
 Layout (``pack_digits``): program ``q`` owns rows ``32 q .. 32 q + 31``; its ``W`` warps split K (``S = K / 32 W``
 k32 steps a warp); lane ``(g, t) = (lane // 4, lane % 4)`` holds, for each step ``s``, the four words of its A
@@ -52,7 +61,6 @@ from qcompile.runtime.triton._env import require_triton
 triton = require_triton()
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
-from triton.experimental.gluon.language.nvidia.ampere import async_copy  # noqa: E402
 
 PLANES = 6  # digits of an fp16 value times 2^24
 ROWS = 32  # a program's output rows: two mma row blocks, one in each nibble of a byte
@@ -290,22 +298,17 @@ def _gdc_wait():
 
 @gluon.jit
 def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.constexpr, LEV_W: gl.constexpr,
-                   num_warps: gl.constexpr, PDL: gl.constexpr, SMEM: gl.constexpr = False,
-                   WAIT: gl.constexpr = True):
-    """One layer: 32 output rows a program. ``SMEM``: scales and zero points copied to shared memory before the
-    wait and the digit planes after it (cp.async, each thread its own bytes), read a group at a time, so that only
-    the words stay in registers across the wait (fewer registers: three programs a multiprocessor, two of them
-    loading ahead); otherwise everything is held in registers. ``WAIT=False`` is the benchmark's ablation (no wait
-    for the layer before: wrong results by design)."""
+                   num_warps: gl.constexpr, PDL: gl.constexpr, WAIT: gl.constexpr = True):
+    """One layer: 32 output rows a program, everything in registers (226 at K = 4096: two programs a
+    multiprocessor, this layer's and the next's). ``WAIT=False`` is the benchmark's ablation (no wait for the layer
+    before: wrong results by design)."""
     W: gl.constexpr = num_warps
     S: gl.constexpr = K // (32 * W)  # k32 steps a warp
     GW: gl.constexpr = S // 4  # groups of 128 a warp: 2^LEV_W
     L4: gl.constexpr = gl.BlockedLayout([1, 1, S, 4], [1, 32, 1, 1], [W, 1, 1, 1], [3, 2, 1, 0])
     LG: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [1, W, 1, 1], [3, 2, 1, 0])  # [GW, W, 32, 4]
-    LG3: gl.constexpr = gl.SliceLayout(0, LG)  # [W, 32, 4]: a group's four values a lane
     LX5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 32, 1], [1, W, 1, 1, 1], [4, 3, 2, 1, 0])
-    LX4: gl.constexpr = gl.SliceLayout(0, LX5)  # [W, 2, 32, 4]: a group's B registers a lane
-    L2: gl.constexpr = gl.SliceLayout(2, LG3)  # [W, 32]: one value a lane
+    L2: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(0, LG))  # [W, 32]: one value a lane
     pid = gl.program_id(0)
 
     # the program's words: constants, loaded before the wait and held in registers
@@ -334,37 +337,15 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.conste
                 + hX[None, None, :, None, None]) * 16
              + ((lX % 4) * 4)[None, None, None, :, None] + jX[None, None, None, None, :])
     x_ptrs = p_in_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + x_off
-    if SMEM:
-        # row-major, unswizzled (each thread reads back its own run); the views of a layout of one rank less are
-        # what .index(gi) takes (as in gemv_chain_staged)
-        PLAIN3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-        PLAIN4: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
-        PLAIN5: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
-        s_smem = gl.allocate_shared_memory(gl.float16, [GW, W, 32, 4], PLAIN4)
-        z_smem = gl.allocate_shared_memory(gl.int8, [GW, W, 32, 4], PLAIN4)
-        x_smem = gl.allocate_shared_memory(gl.int32, [GW, W, 2, 32, 4], PLAIN5)
-        s_view = s_smem._reinterpret(gl.float16, [GW, W, 32, 4], PLAIN3)
-        z_view = z_smem._reinterpret(gl.int8, [GW, W, 32, 4], PLAIN3)
-        x_view = x_smem._reinterpret(gl.int32, [GW, W, 2, 32, 4], PLAIN4)
-        async_copy.async_copy_global_to_shared(s_smem, s_ptr + sz_off)
-        async_copy.async_copy_global_to_shared(z_smem, z_ptr + sz_off)
-        async_copy.commit_group()
-    else:  # [W, 32, GW * 4]: group gi's four values a lane are elements 4 gi .. 4 gi + 3
-        scales = gl.reshape(gl.permute(gl.load(s_ptr + sz_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
-        nzero = gl.reshape(gl.permute(gl.load(z_ptr + sz_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
+    # [W, 32, GW * 4]: group gi's four values a lane are elements 4 gi .. 4 gi + 3
+    scales = gl.reshape(gl.permute(gl.load(s_ptr + sz_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
+    nzero = gl.reshape(gl.permute(gl.load(z_ptr + sz_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
     if PDL:  # the next layer's programs may start loading their own constants; x is the layer before's output
         _gdc_launch_dependents()
         if WAIT:
             _gdc_wait()
-    if SMEM:
-        async_copy.async_copy_global_to_shared(x_smem, x_ptrs)
-        async_copy.commit_group()
-        async_copy.wait_group(0)
-        # a CTA barrier: the reads below are not all of the thread's own copies (the compiler reads the scales
-        # with ldmatrix, which gathers other lanes' rows; without it the GPU test failed, 2026-12-07)
-        gl.thread_barrier()
-    else:  # [W, 32, GW * 8]: group gi's B registers a lane are elements 8 gi + 4 h + j
-        xw = gl.reshape(gl.permute(gl.load(x_ptrs), [1, 3, 0, 2, 4]), [W, 32, 8 * GW])
+    # [W, 32, GW * 8]: group gi's B registers a lane are elements 8 gi + 4 h + j
+    xw = gl.reshape(gl.permute(gl.load(x_ptrs), [1, 3, 0, 2, 4]), [W, 32, 8 * GW])
 
     acc0 = gl.zeros([W, 32], gl.float32, L2)  # rows g, g + 8 (x1) and g + 16, g + 24 (x16), one plane pair
     acc1 = gl.zeros([W, 32], gl.float32, L2)
@@ -374,17 +355,9 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.conste
         wc = _chunk(words, gi, LEV_W)  # [W, 32, 16]
         wa, wb = _halves(wc)
         w_g = _eight(wa, L2) + _eight(wb, L2)
-        if SMEM:
-            x_g8 = gl.reshape(gl.permute(x_view.index(gi).load(LX4), [0, 2, 1, 3]), [W, 32, 8])  # 4 h + j
-            s_gi = s_view.index(gi).load(LG3)
-            z_gi = z_view.index(gi).load(LG3)
-        else:
-            x_g8 = _chunk(xw, gi, LEV_W)
-            s_gi = _chunk(scales, gi, LEV_W)
-            z_gi = _chunk(nzero, gi, LEV_W)
-        x_g = _eight(x_g8, L2)
-        s0, s1, s2, s3 = _four(s_gi, L2)
-        z0, z1, z2, z3 = _four(z_gi, L2)
+        x_g = _eight(_chunk(xw, gi, LEV_W), L2)
+        s0, s1, s2, s3 = _four(_chunk(scales, gi, LEV_W), L2)
+        z0, z1, z2, z3 = _four(_chunk(nzero, gi, LEV_W), L2)
         cl0, cl1, cl2, cl3, cr0, cr1, cr2, cr3, d0, d1 = _group_mma(w_g, x_g)
         dc = d0 + (d1 << 8)  # the lane's two planes folded: plane 2t + 256 x plane 2t + 1 (exact in int32)
         lo_g = cl0 + (cl1 << 8)
@@ -447,12 +420,11 @@ def stack_digits(cw) -> DigitChain:
 
 
 def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, pdl: bool = True,
-                      smem: bool = False, wait: bool = True, maxnreg: int | None = None) -> torch.Tensor:
+                      wait: bool = True) -> torch.Tensor:
     """Run the chain: ``planes`` int8 [L + 1, 8, K] (row 0 the input's ``digit_planes``, the rest written here, rows
     6-7 of each zero), ``out`` fp16 [L + 1, K] (row l + 1 layer l's output). One launch a layer, each a programmatic
-    dependent of the one before (``pdl``); ``smem``: scales, zero points and digits through shared memory (the
-    kernel's ``SMEM``); ``wait=False``: the benchmark's no-wait ablation (wrong results by design); ``maxnreg``: a
-    register cap (168 lets three programs share a multiprocessor, at a few bytes of spills)."""
+    dependent of the one before (``pdl``); ``wait=False``: the benchmark's no-wait ablation (wrong results by
+    design)."""
     k = dc.features
     n_layers = len(dc.layers)
     if planes.shape != (n_layers + 1, 8, k) or planes.dtype != torch.int8 or not planes.is_cuda:
@@ -462,6 +434,6 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
     for layer, dw in enumerate(dc.layers):
         _digits_kernel[(dw.out_features // ROWS,)](
             dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], K=k,
-            LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1, num_warps=dw.warps, PDL=pdl, SMEM=smem, WAIT=wait,
-            **({"launch_pdl": True} if pdl else {}), **({"maxnreg": maxnreg} if maxnreg else {}))
+            LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1, num_warps=dw.warps, PDL=pdl, WAIT=wait,
+            **({"launch_pdl": True} if pdl else {}))
     return out
