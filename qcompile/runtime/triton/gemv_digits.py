@@ -26,13 +26,14 @@ So a step computes ``fp16(sum_g s_g sum_k (c - z) x)`` with exact products and g
 scale products and the final sums), and writes both the fp16 output and its digit planes for the next step.
 
 Measured on the H100 (2026-12-07, docs/BENCHMARKS.md, twenty-fourth session; ``bench/triton_gemv_chain.py
---digits``): 5.06 / 4.92 µs a step in chains of 8 / 32, 4.88 µs marginal (58-60 % of the copy peak; 3.1x fp16,
-1.20x the runtime's PDL chain, 1.12x the staged per-layer kernel): the fastest checked chain step so far, short of
-75 %. Without the wait (the ablation) the same kernel takes 3.24 µs marginal (90 %), so what is left is the
-dependent path after the wait (the digits' round trip to L2, the arithmetic, the sums, the store), about 1.6 µs.
-Tried and not kept (same run): scales, zero points and digits through shared memory (165 registers, three
-programs a multiprocessor) 5.29 µs marginal, and it failed one GPU case even with a CTA barrier after its copies;
-a cap of 168 registers on this kernel (36 bytes of spills) 6.25 µs.
+--digits``): 4.72 / 4.40 µs a step in chains of 8 / 32, 4.30 µs marginal (62-68 % of the copy peak; 3.46x fp16,
+1.34x the runtime's PDL chain, 1.27x the staged per-layer kernel at the margin): the fastest checked chain step so
+far, short of 75 % (3.89 µs). Loading the two zero planes as well cost 0.5 µs a step (4.87 µs marginal): every
+program reads the digits whole, so they are most of the L2 traffic after the wait. Without the wait (the ablation,
+zero planes loaded) 3.19 µs marginal (92 %): what is left is the dependent path after the wait. Tried and not kept
+(same runs): releasing the next layer before this one's loads (no gain: 4.36 µs); scales, zero points and digits
+through shared memory (165 registers, three programs a multiprocessor; 5.29 µs, and it failed one GPU case in each
+of two runs, not examined further); a cap of 168 registers (36 bytes of spills; 6.25 µs).
 
 Layout (``pack_digits``): program ``q`` owns rows ``32 q .. 32 q + 31``; its ``W`` warps split K (``S = K / 32 W``
 k32 steps a warp); lane ``(g, t) = (lane // 4, lane % 4)`` holds, for each step ``s``, the four words of its A
@@ -344,8 +345,11 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.conste
         _gdc_launch_dependents()
         if WAIT:
             _gdc_wait()
-    # [W, 32, GW * 8]: group gi's B registers a lane are elements 8 gi + 4 h + j
-    xw = gl.reshape(gl.permute(gl.load(x_ptrs), [1, 3, 0, 2, 4]), [W, 32, 8 * GW])
+    # [W, 32, GW * 8]: group gi's B registers a lane are elements 8 gi + 4 h + j. Lanes g = 6, 7 feed B's unused
+    # columns and load nothing: every program reads the digits whole, so they are most of the L2 traffic after
+    # the wait (0.5 µs a step less than loading the zero planes, on the H100)
+    xv = gl.load(x_ptrs, mask=(lX // 4 < 6)[None, None, None, :, None], other=0)  # (PLANES)
+    xw = gl.reshape(gl.permute(xv, [1, 3, 0, 2, 4]), [W, 32, 8 * GW])
 
     acc0 = gl.zeros([W, 32], gl.float32, L2)  # rows g, g + 8 (x1) and g + 16, g + 24 (x16), one plane pair
     acc1 = gl.zeros([W, 32], gl.float32, L2)
