@@ -10,6 +10,7 @@ Modules (each kernel module has its pure-torch reference in ``reference``):
 * ``wq_matmul``    weight-only int4/int8 split-K GEMV (decode) and tiled GEMM (prefill);
 * ``gemv_chain``   a chain of dependent square int4 GEMVs in one persistent launch (a benchmark kernel so far);
 * ``gemv_chain_staged``  the same chain with slices staged in shared memory by TMA (Gluon; an experiment);
+* ``gemv_digits``  an exact int4 GEMV on the int8 tensor cores, activations as int8 digit planes (Gluon; chains);
 * ``w8a8``         per-token activation quantization and int8 tensor-core GEMM (W8A8, W4A4);
 * ``hadamard``     online Walsh-Hadamard transform, 2^k and m*2^k orders;
 * ``act_quant``    per-token fake quantization of activations (the graph's quantizer, bit for bit);
