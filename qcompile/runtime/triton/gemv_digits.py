@@ -63,6 +63,8 @@ triton = require_triton()
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 
+from qcompile.runtime.triton.gemv_mma import _gdc_launch_dependents, _gdc_wait  # noqa: E402
+
 PLANES = 6  # digits of an fp16 value times 2^24
 ROWS = 32  # a program's output rows: two mma row blocks, one in each nibble of a byte
 GROUP = 128
@@ -284,17 +286,6 @@ def _group_mma(w, x):
         args=[w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], w[11], w[12], w[13], w[14], w[15],
               x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]],
         dtype=(gl.int32,) * 10, is_pure=True, pack=1)
-
-
-@gluon.jit
-def _gdc_launch_dependents():
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)
-
-
-@gluon.jit
-def _gdc_wait():
-    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
