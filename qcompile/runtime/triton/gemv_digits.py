@@ -130,6 +130,11 @@ def pack_digits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
                          f"with scales [K / {GROUP}, N]; got codes {tuple(codes.shape)}, scales {tuple(scale.shape)}")
     if zero is None:
         zero = torch.full_like(scale, 8, dtype=torch.uint8)
+    # two codes share a byte, and the kernel's int32 bounds assume 4-bit codes and zero points
+    if codes.numel() and (codes.min() < 0 or codes.max() > 15):
+        raise ValueError(f"gemv_digits takes 4-bit codes 0..15, got {int(codes.min())}..{int(codes.max())}")
+    if zero.shape != scale.shape or (zero.numel() and (zero.min() < 0 or zero.max() > 15)):
+        raise ValueError(f"gemv_digits takes zero points 0..15 shaped like the scales {tuple(scale.shape)}")
     dev = codes.device
     steps = k // (32 * warps)
     q = torch.arange(n // ROWS, device=dev).view(-1, 1, 1, 1, 1, 1)
@@ -188,7 +193,8 @@ def emulate(dw: DigitWeight, planes: torch.Tensor) -> torch.Tensor:
                     for bb in range(2):
                         for jj in range(4):
                             kin = base + 4 * t + jj + 16 * bb
-                            b[4 * t + jj + 16 * bb, g] = xb[g, pos[kin]]
+                            # lanes g = 6, 7 load nothing (columns 6 and 7 are zero whatever planes 6, 7 hold)
+                            b[4 * t + jj + 16 * bb, g] = torch.where(g < PLANES, xb[g, pos[kin]], 0)
                     c_raw += a @ b
                     c_lo += (a & 15) @ b
                     d += b.sum(0)
@@ -416,16 +422,21 @@ def stack_digits(cw) -> DigitChain:
 
 def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, pdl: bool = True,
                       wait: bool = True) -> torch.Tensor:
-    """Run the chain: ``planes`` int8 [L + 1, 8, K] (row 0 the input's ``digit_planes``, the rest written here, rows
-    6-7 of each zero), ``out`` fp16 [L + 1, K] (row l + 1 layer l's output). One launch a layer, each a programmatic
-    dependent of the one before (``pdl``); ``wait=False``: the benchmark's no-wait ablation (wrong results by
-    design)."""
+    """Run the chain: ``planes`` int8 [L + 1, 8, K] (row 0 the input's ``digit_planes``, the rest written here; rows
+    6 and 7 of each are neither read nor written), ``out`` fp16 [L + 1, K] (row l + 1 layer l's output). One launch a
+    layer, each a programmatic dependent of the one before (``pdl``); ``wait=False``: the benchmark's no-wait
+    ablation (wrong results by design)."""
     k = dc.features
     n_layers = len(dc.layers)
-    if planes.shape != (n_layers + 1, 8, k) or planes.dtype != torch.int8 or not planes.is_cuda:
-        raise ValueError(f"gemv_digits_chain: planes must be an int8 CUDA tensor [{n_layers + 1}, 8, {k}]")
-    if out.shape != (n_layers + 1, k) or out.dtype != torch.float16 or out.device != planes.device:
-        raise ValueError(f"gemv_digits_chain: out must be an fp16 tensor [{n_layers + 1}, {k}] on {planes.device}")
+    if (planes.shape != (n_layers + 1, 8, k) or planes.dtype != torch.int8 or not planes.is_cuda
+            or not planes.is_contiguous()):
+        raise ValueError(f"gemv_digits_chain: planes must be a contiguous int8 CUDA tensor [{n_layers + 1}, 8, {k}]")
+    if (out.shape != (n_layers + 1, k) or out.dtype != torch.float16 or out.device != planes.device
+            or not out.is_contiguous()):
+        raise ValueError(f"gemv_digits_chain: out must be a contiguous fp16 tensor [{n_layers + 1}, {k}] on "
+                         f"{planes.device}")
+    if any(dw.words.device != planes.device or dw.out_features != k for dw in dc.layers):
+        raise ValueError(f"gemv_digits_chain: every layer must be {k} x {k} on {planes.device}")
     for layer, dw in enumerate(dc.layers):
         _digits_kernel[(dw.out_features // ROWS,)](
             dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], K=k,

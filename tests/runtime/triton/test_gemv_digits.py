@@ -72,6 +72,25 @@ def test_emulation_sees_a_misplaced_code():
     assert (gd.emulate(dw, gd.digit_planes(x)) - ref).abs().max() > 1e-3
 
 
+def test_emulation_ignores_planes_six_and_seven():
+    """The kernel's lanes g = 6, 7 load nothing, so whatever rows 6 and 7 of the planes hold changes nothing."""
+    _, codes, scale, zero = quantized(32, 512, False, seed=4)
+    x = torch.randn(512, generator=torch.Generator().manual_seed(5)).to(torch.float16)
+    dw = gd.pack_digits(codes, scale, zero)
+    planes = gd.digit_planes(x)
+    noisy = planes.clone()
+    noisy[gd.PLANES:] = torch.randint(-128, 128, noisy[gd.PLANES:].shape, dtype=torch.int8)
+    assert torch.equal(gd.emulate(dw, noisy), gd.emulate(dw, planes))
+
+
+def test_pack_rejects_values_that_are_not_4_bit():
+    _, codes, scale, zero = quantized(32, 512, False)
+    with pytest.raises(ValueError, match="codes 0..15"):
+        gd.pack_digits(codes * 2, scale, zero)
+    with pytest.raises(ValueError, match="zero points 0..15"):
+        gd.pack_digits(codes, scale, zero + 16)
+
+
 def test_pack_rejects_shapes_the_kernel_cannot_take():
     _, codes, scale, zero = quantized(32, 512, False)
     with pytest.raises(ValueError, match="multiple of 32"):
