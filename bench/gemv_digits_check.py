@@ -34,33 +34,27 @@ def main() -> None:
     wd = [dequantize_packed(pw).double() for pw in pws]  # [K, N] float64 (fp16 scales)
     dc = gd.stack_digits(stack_chain([pw.to("cuda") for pw in pws]))
     x = torch.randn(n, generator=gen).to(torch.float16).cuda()
-    variants = {"gemv_digits_chain": {}}
-    results = {}
-    for name, kw in variants.items():
-        runs = []
-        for _ in range(5):
-            planes = torch.zeros(layers + 1, 8, n, dtype=torch.int8, device="cuda")
-            planes[0] = gd.digit_planes(x)
-            out = torch.zeros(layers + 1, n, dtype=torch.float16, device="cuda")
-            out[0] = x
-            gd.gemv_digits_chain(planes, dc, out, **kw)
-            torch.cuda.synchronize()
-            runs.append(out.cpu())
-        same = all(torch.equal(r, runs[0]) for r in runs)
-        results[name] = runs[0]
-        line = f"{name}: 5 runs bitwise equal {same}"
-        for layer in range(layers):
-            xin = runs[0][layer].double()
-            ref = xin @ wd[layer]
-            mag = xin.abs() @ wd[layer].abs()  # the terms' size at each output
-            got = runs[0][layer + 1].double()
-            ulp = torch.finfo(torch.float16).eps * ref.abs().clamp_min(2.0**-14)
-            e = (got - ref).abs() / ulp
-            i = int(e.argmax())
-            line += (f" | L{layer}: max {e.max():.2f} ulp (ref {ref[i]:.3g}, terms {mag[i]:.3g}), "
-                     f">1.01 ulp at {int((e > 1.01).sum())}")
-        print(line, flush=True)
-
+    runs = []
+    for _ in range(5):
+        planes = torch.zeros(layers + 1, 8, n, dtype=torch.int8, device="cuda")
+        planes[0] = gd.digit_planes(x)
+        out = torch.zeros(layers + 1, n, dtype=torch.float16, device="cuda")
+        out[0] = x
+        gd.gemv_digits_chain(planes, dc, out)
+        torch.cuda.synchronize()
+        runs.append(out.cpu())
+    line = f"gemv_digits_chain: 5 runs bitwise equal {all(torch.equal(r, runs[0]) for r in runs)}"
+    for layer in range(layers):
+        xin = runs[0][layer].double()
+        ref = xin @ wd[layer]
+        mag = xin.abs() @ wd[layer].abs()  # the terms' size at each output
+        got = runs[0][layer + 1].double()
+        ulp = torch.finfo(torch.float16).eps * ref.abs().clamp_min(2.0**-14)
+        e = (got - ref).abs() / ulp
+        i = int(e.argmax())
+        line += (f" | L{layer}: max {e.max():.2f} ulp (ref {ref[i]:.3g}, terms {mag[i]:.3g}), "
+                 f">1.01 ulp at {int((e > 1.01).sum())}")
+    print(line, flush=True)
 
 if __name__ == "__main__":
     main()

@@ -12,11 +12,11 @@ decode at all:
   the wait: an ideal GEMV whose decode cost nothing;
 - ``words=after``: the words read only after the wait;
 - ``words=held`` / ``held3`` / ``held12``: the program's whole slice loaded into registers before the wait (one
-  load of ``K / 8 x BLOCK_N`` words, 64 registers a thread in these grids) and used only after it, with 1, 3 or 12
-  integer instructions a word that depend on the kernel before's output (about what a decode on the int8 tensor
-  cores would spend after the wait, and what the half2 decode spends): whether a kernel that *holds* its words
-  across the wait, rather than consuming them, keeps the ``before`` floor, and what each instruction a word after
-  the wait costs.
+  load of ``K / 8 x BLOCK_N`` words: 64-256 registers a thread in these grids) and used only after it, through
+  integer work that depends on the kernel before's output: an add and a sum, plus 0, 1 or 4 rounds of shift, xor
+  and add (about 2, 5 and 14 SASS instructions a word, counted in the sm_90 compile on the CPU machine): whether a
+  kernel that *holds* its words across the wait, rather than consuming them, keeps the ``before`` floor, and what
+  each instruction a word after the wait costs.
 
 Each as ``PDL`` launches and as plain launches, over a few grids. The fraction is over the GEMV's bytes, as in the
 other GEMV benchmarks.

@@ -23,7 +23,8 @@ tensor cores nearly as they are stored (about 4.8 SASS instructions a word after
   At the end, plane weights ``2^(16 t - 24)``, the lanes' and the warps' sums, the fp16 output and its digits.
 
 So a step computes ``fp16(sum_g s_g sum_k (c - z) x)`` with exact products and group sums (fp32 only in the
-scale products and the final sums), and writes both the fp16 output and its digit planes for the next step.
+conversion of each group's folded sum, the scale products and the final sums), and writes both the fp16 output and
+its digit planes for the next step (an output that overflows fp16 gets meaningless digits).
 
 Measured on the H100 (2026-12-07, docs/BENCHMARKS.md, twenty-fourth session; ``bench/triton_gemv_chain.py
 --digits``): 4.72 / 4.40 µs a step in chains of 8 / 32, 4.30 µs marginal (62-68 % of the copy peak; 3.46x fp16,
@@ -41,7 +42,8 @@ fragments: word ``i``, byte ``j`` = the codes of rows ``g + 8 (i % 2)`` (low nib
 nibble) at input ``32 s + 4 t + j + 16 (i // 2)`` of the warp's range (PTX ISA, ``mma.m16n8k32`` fragments for
 .u8/.s8). Words ``[N / 32, W, S, 32, 4]`` int32 (a warp's loads of one step are one 512-byte run); scales
 ``[N / 32, W, K / 128 W, 8, 4]`` fp16 and negated zero points (int8) the same, for rows ``g, g + 8, g + 16, g + 24``.
-Digit planes ``[8, K]`` int8 (rows 6, 7 zero), each 64-input block permuted so that lane ``(g, t)`` reads plane
+Digit planes ``[8, K]`` int8 (rows 6 and 7 unused: ``digit_planes`` writes zeros there, the kernel neither reads
+nor writes them), each 64-input block permuted so that lane ``(g, t)`` reads plane
 ``g``'s B registers of two steps as one 16-byte load.
 
 Scope: a benchmark kernel for dependent chains of square int4 weights with groups of 128
@@ -70,6 +72,8 @@ ROWS = 32  # a program's output rows: two mma row blocks, one in each nibble of 
 GROUP = 128
 WARPS = 4
 _OFFSET = sum(128 << (8 * p) for p in range(PLANES))  # makes every balanced digit a byte 0..255
+_PLANES: gl.constexpr = gl.constexpr(PLANES)  # (jitted code reads a global only as a constexpr)
+_OFFSET_C: gl.constexpr = gl.constexpr(_OFFSET)
 
 
 def plane_positions(k: int) -> torch.Tensor:
@@ -109,7 +113,8 @@ def planes_to_values(planes: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DigitWeight:
-    """One square or rectangular int4 weight (``N`` outputs, ``K`` inputs, groups of 128) in this kernel's layout."""
+    """One int4 weight (``N`` outputs, ``K`` inputs, groups of 128) in this kernel's layout (the chain kernel takes
+    square ones: its output is the next layer's input, and it strides the planes it writes by K)."""
 
     words: torch.Tensor  # int32 [N / 32, W, S, 32, 4]
     scale: torch.Tensor  # fp16 [N / 32, W, K / 128 W, 8, 4]
@@ -124,10 +129,18 @@ def pack_digits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     """``codes`` [K, N] (0..15), ``scale`` [K / 128, N], ``zero`` [K / 128, N] (None: symmetric, zero point 8) ->
     the layout of the module docstring."""
     k, n = codes.shape
+    if warps < 1 or warps & (warps - 1):
+        raise ValueError(f"gemv_digits: warps must be a power of two, got {warps}")
     groups = k // (GROUP * warps)  # a warp's: a power of two (the kernel halves its registers to find one)
     if n % ROWS or k % (GROUP * warps) or groups & (groups - 1) or scale.shape != (k // GROUP, n):
         raise ValueError(f"gemv_digits takes N a multiple of {ROWS} and K {GROUP} x {warps} warps x a power of two, "
                          f"with scales [K / {GROUP}, N]; got codes {tuple(codes.shape)}, scales {tuple(scale.shape)}")
+    if k > 1024 * warps:  # K / 32 words a thread, held in registers: 128 is what a thread can hold beside the rest
+        raise ValueError(f"gemv_digits: K = {k} needs more than {warps} warps (at most 1024 inputs a warp)")
+    if scale.dtype != torch.float16:
+        raise ValueError(f"gemv_digits takes fp16 scales (the kernel reads them as such), got {scale.dtype}")
+    if scale.device != codes.device or (zero is not None and zero.device != codes.device):
+        raise ValueError("gemv_digits: codes, scales and zero points must be on one device")
     if zero is None:
         zero = torch.full_like(scale, 8, dtype=torch.uint8)
     # two codes share a byte, and the kernel's int32 bounds assume 4-bit codes and zero points
@@ -165,7 +178,9 @@ def pack_digits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
 def emulate(dw: DigitWeight, planes: torch.Tensor) -> torch.Tensor:
     """What the kernel computes (before its fp16 rounding), in torch from the fragments' definitions: lane (g, t)
     holds A rows g and g + 8 at columns 4t + (0..3) and 16 + 4t + (0..3), B column g at rows 4t + (0..3) and
-    16 + 4t + (0..3), C rows g and g + 8 at columns 2t and 2t + 1 (PTX ISA, m16n8k32 .u8/.s8). float64 [N]."""
+    16 + 4t + (0..3), C rows g and g + 8 at columns 2t and 2t + 1 (PTX ISA, m16n8k32 .u8/.s8). float64 [N]. It
+    checks the layouts, not the kernel's arithmetic: it sums in int64 and float64, so the kernel's int32 folds and
+    fp32 steps are checked only on the GPU (``test_kernel_chain_on_gpu``)."""
     n, k, warps = dw.out_features, dw.in_features, dw.warps
     steps = k // (32 * warps)
     gw = steps // 4
@@ -345,7 +360,7 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.conste
     # [W, 32, GW * 8]: group gi's B registers a lane are elements 8 gi + 4 h + j. Lanes g = 6, 7 feed B's unused
     # columns and load nothing: every program reads the digits whole, so they are most of the L2 traffic after
     # the wait (0.5 µs a step less than loading the zero planes, on the H100)
-    xv = gl.load(x_ptrs, mask=(lX // 4 < 6)[None, None, None, :, None], other=0)  # (PLANES)
+    xv = gl.load(x_ptrs, mask=(lX // 4 < _PLANES)[None, None, None, :, None], other=0)
     xw = gl.reshape(gl.permute(xv, [1, 3, 0, 2, 4]), [W, 32, 8 * GW])
 
     acc0 = gl.zeros([W, 32], gl.float32, L2)  # rows g, g + 8 (x1) and g + 16, g + 24 (x16), one plane pair
@@ -388,11 +403,11 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.conste
     yh = y.to(gl.float16)
     gl.store(y_ptr + pid * 32 + row, yh)
     # the output's digit planes for the next step (input k = 32 pid + row: step pid, b = n, t' = (g + 8 m) // 4)
-    big = (yh.to(gl.float32) * 16777216.0).to(gl.int64) + 0x808080808080
+    big = (yh.to(gl.float32) * 16777216.0).to(gl.int64) + _OFFSET_C
     p4 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LY))))[None, None, None, :]
     digit = (((gl.expand_dims(big, 3) >> (8 * p4)) & 255) - 128).to(gl.int8)
     pos = (pid // 2) * 64 + ((g3 + 8 * m3) // 4) * 16 + (pid % 2) * 8 + n3 * 4 + g3 % 4
-    gl.store(p_out_ptr + p4 * K + gl.expand_dims(pos, 3), digit, mask=p4 < 6)
+    gl.store(p_out_ptr + p4 * K + gl.expand_dims(pos, 3), digit, mask=p4 < _PLANES)
 
 
 @dataclass
@@ -435,8 +450,11 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
             or not out.is_contiguous()):
         raise ValueError(f"gemv_digits_chain: out must be a contiguous fp16 tensor [{n_layers + 1}, {k}] on "
                          f"{planes.device}")
-    if any(dw.words.device != planes.device or dw.out_features != k for dw in dc.layers):
+    if any(dw.words.device != planes.device or dw.scale.device != planes.device or dw.nzero.device != planes.device
+           or (dw.out_features, dw.in_features) != (k, k) for dw in dc.layers):
         raise ValueError(f"gemv_digits_chain: every layer must be {k} x {k} on {planes.device}")
+    if torch.cuda.get_device_capability(planes.device)[0] < 9:
+        raise ValueError("gemv_digits_chain needs an sm_90 GPU or newer (programmatic dependent launches)")
     for layer, dw in enumerate(dc.layers):
         _digits_kernel[(dw.out_features // ROWS,)](
             dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], K=k,
