@@ -190,6 +190,9 @@ def emulate(dw: DigitWeight, planes: torch.Tensor) -> torch.Tensor:
     byte = torch.stack([(wd >> (8 * j)) & 255 for j in range(4)], -1)  # [q, w, s, lane, i, j]
     lane = torch.arange(32)
     g, t = lane // 4, lane % 4
+    weights = torch.tensor([2.0 ** (8 * p - 24) for p in range(8)], dtype=torch.float64)  # plane p's
+    r_slot = torch.arange(16) // 8  # a block's rows 0-7 / 8-15: rows g / g + 8 (slots 0 / 1, +2 for the high block)
+    gg = torch.arange(16) % 8
     y = torch.zeros(n, dtype=torch.float64)
     for q in range(n // ROWS):
         for w in range(warps):
@@ -213,13 +216,10 @@ def emulate(dw: DigitWeight, planes: torch.Tensor) -> torch.Tensor:
                     c_raw += a @ b
                     c_lo += (a & 15) @ b
                     d += b.sum(0)
-                weights = torch.tensor([2.0 ** (8 * p - 24) for p in range(8)], dtype=torch.float64)
                 for half, c in ((0, c_lo), (1, (c_raw - c_lo) // 16)):
                     rows = ROWS * q + 16 * half + torch.arange(16)
-                    r_slot = 2 * half + torch.arange(16) // 8  # 0..3: rows g, g + 8, g + 16, g + 24
-                    gg = torch.arange(16) % 8
-                    nz = dw.nzero[q, w, grp, gg, r_slot].to(torch.int64)
-                    sc = dw.scale[q, w, grp, gg, r_slot].double()
+                    nz = dw.nzero[q, w, grp, gg, 2 * half + r_slot].to(torch.int64)
+                    sc = dw.scale[q, w, grp, gg, 2 * half + r_slot].double()
                     v = c + nz[:, None] * d[None, :]  # sum (c - z) d per plane, exact
                     y[rows] += sc * (v.double() * weights).sum(1)
     return y
@@ -415,7 +415,10 @@ class DigitChain:
     """``L`` weights of one square shape for ``gemv_digits_chain``."""
 
     layers: list
-    features: int
+
+    @property
+    def features(self) -> int:
+        return self.layers[0].in_features
 
 
 def stack_digits(cw) -> DigitChain:
@@ -424,15 +427,10 @@ def stack_digits(cw) -> DigitChain:
 
     if not isinstance(cw, ChainWeights) or cw.group_size != GROUP:
         raise ValueError(f"gemv_digits takes a ChainWeights with groups of {GROUP}")
-    layers = []
-    for layer in range(cw.layers):
-        words = cw.qweight[layer]
-        k = words.shape[0] * 8
-        shifts = (torch.arange(8, device=words.device) * 4).view(1, -1, 1)
-        codes = ((words.unsqueeze(1) >> shifts) & 15).reshape(k, -1)
-        zero = None if cw.zero is None else cw.zero[layer]
-        layers.append(pack_digits(codes, cw.scale[layer], zero))
-    return DigitChain(layers, cw.features)
+    from qcompile.runtime.triton.reference import unpack_words
+
+    return DigitChain([pack_digits(unpack_words(cw.qweight[layer], 4), cw.scale[layer],
+                                   None if cw.zero is None else cw.zero[layer]) for layer in range(cw.layers)])
 
 
 def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, pdl: bool = True,

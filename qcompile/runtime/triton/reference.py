@@ -18,11 +18,16 @@ MIN_SCALE = 1e-8  # qcompile.quant.activations.MIN_SCALE
 # -- weight-only ------------------------------------------------------------------------------------------------
 
 
+def unpack_words(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [K, N] unsigned codes from words [K / (32 / bits), N] (code j of a word in bits j*b .. j*b + b - 1)."""
+    shifts = (torch.arange(32 // bits, device=qweight.device) * bits).view(1, -1, 1)
+    codes = (qweight.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1, qweight.shape[-1])
+
+
 def unpack_codes(pw: PackedWeight) -> torch.Tensor:
     """int32 [K, N] unsigned codes from the packed words."""
-    shifts = (torch.arange(pw.pack, device=pw.qweight.device) * pw.bits).view(1, -1, 1)
-    codes = (pw.qweight.unsqueeze(1) >> shifts) & ((1 << pw.bits) - 1)
-    return codes.reshape(pw.in_features, pw.out_features)
+    return unpack_words(pw.qweight, pw.bits).reshape(pw.in_features, pw.out_features)
 
 
 def dequantize_packed(pw: PackedWeight) -> torch.Tensor:

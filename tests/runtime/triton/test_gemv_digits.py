@@ -7,7 +7,7 @@ import torch
 from qcompile.quant.grid import QuantizedWeight, QuantSpec
 from qcompile.runtime.triton import gemv_digits as gd
 from qcompile.runtime.triton.packing import pack_from_export
-from qcompile.runtime.triton.reference import unpack_codes
+from qcompile.runtime.triton.reference import dequantize_packed, unpack_codes
 
 
 def quantized(n, k, sym, seed=0):
@@ -20,11 +20,10 @@ def quantized(n, k, sym, seed=0):
     return pw, unpack_codes(pw), pw.scale, pw.zero
 
 
-def dequantized_gemv(codes, scale, zero, x, magnitudes=False):
-    """float64 sum_k scale * (code - zero) * x, the weights' own fp16 scales (``magnitudes``: of the terms'
-    absolute values, the size an fp32 rounding is relative to)."""
-    z = torch.full_like(scale, 8, dtype=torch.uint8) if zero is None else zero
-    w = (codes.double() - z.double().repeat_interleave(128, 0)) * scale.double().repeat_interleave(128, 0)
+def dequantized_gemv(pw, x, magnitudes=False):
+    """float64 ``x @ W`` of the dequantized weight (exact: ``dequantize_packed``'s fp32 products of 4-bit codes and
+    fp16 scales are exact); ``magnitudes``: of the terms' absolute values, the size an fp32 rounding is relative to."""
+    w = dequantize_packed(pw).double()
     return x.double().abs() @ w.abs() if magnitudes else x.double() @ w
 
 
@@ -54,20 +53,20 @@ def test_digit_planes_reject_non_finite_and_odd_sizes():
 def test_emulated_kernel_equals_the_dequantized_gemv(n, k, sym):
     """The packed words, scales and zero points and the digit planes, multiplied as the mma fragments define it,
     give the GEMV of the dequantized weight (float64, so to rounding only)."""
-    _, codes, scale, zero = quantized(n, k, sym, seed=k + n)
+    pw, codes, scale, zero = quantized(n, k, sym, seed=k + n)
     x = (torch.randn(k, generator=torch.Generator().manual_seed(1)) * 4).to(torch.float16)
     dw = gd.pack_digits(codes, scale, zero)
     got = gd.emulate(dw, gd.digit_planes(x))
-    ref = dequantized_gemv(codes, scale, zero, x)
+    ref = dequantized_gemv(pw, x)
     assert torch.allclose(got, ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
 
 
 def test_emulation_sees_a_flipped_code():
     """One code changed in the packed words changes the emulated result (the check above can fail)."""
-    _, codes, scale, zero = quantized(32, 512, False, seed=3)
+    pw, codes, scale, zero = quantized(32, 512, False, seed=3)
     x = torch.randn(512, generator=torch.Generator().manual_seed(2)).to(torch.float16)
     dw = gd.pack_digits(codes, scale, zero)
-    ref = dequantized_gemv(codes, scale, zero, x)
+    ref = dequantized_gemv(pw, x)
     dw.words[0, 0, 0, 5, 0] = dw.words[0, 0, 0, 5, 0] ^ 0x0000000F  # lane 5, step 0: one low nibble flipped
     assert (gd.emulate(dw, gd.digit_planes(x)) - ref).abs().max() > 1e-3
 
@@ -144,8 +143,8 @@ def test_kernel_chain_on_gpu(n, layers, sym):
 
     ws, pws = [], []
     for layer in range(layers):
-        pw, codes, scale, zero = quantized(n, n, sym, seed=layer)
-        ws.append((codes, scale, zero))
+        pw, _, _, _ = quantized(n, n, sym, seed=layer)
+        ws.append(pw)
         pws.append(pw.to("cuda"))
     dc = gd.stack_digits(stack_chain(pws))
     gen = torch.Generator().manual_seed(n + layers)
@@ -162,10 +161,10 @@ def test_kernel_chain_on_gpu(n, layers, sym):
         outs.append(out.cpu())
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(planes[:, gd.PLANES:], noise[:, gd.PLANES:])
-    for layer, (codes, scale, zero) in enumerate(ws):
+    for layer, pw in enumerate(ws):
         xin = out[layer].cpu()
-        ref = dequantized_gemv(codes, scale, zero, xin)
-        terms = dequantized_gemv(codes, scale, zero, xin, magnitudes=True)
+        ref = dequantized_gemv(pw, xin)
+        terms = dequantized_gemv(pw, xin, magnitudes=True)
         got = out[layer + 1].cpu().double()
         bound = 0.5 * fp16_ulp(torch.maximum(ref.abs(), got.abs())) + terms * 2.0**-18
         assert ((got - ref).abs() <= bound).all(), (layer, ((got - ref).abs() / bound).max().item())
