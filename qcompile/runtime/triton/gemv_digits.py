@@ -65,7 +65,7 @@ triton = require_triton()
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 
-from qcompile.runtime.triton.gemv_mma import _gdc_launch_dependents, _gdc_wait  # noqa: E402
+from qcompile.runtime.triton.gemv_mma import _gdc_launch_dependents, _gdc_wait, _split4, _split8  # noqa: E402
 
 PLANES = 6  # digits of an fp16 value times 2^24
 ROWS = 32  # a program's output rows: two mma row blocks, one in each nibble of a byte
@@ -246,24 +246,6 @@ def _chunk(v, i: gl.constexpr, LEVELS: gl.constexpr):
     return cur
 
 
-@gluon.jit
-def _four(v, L2: gl.constexpr):
-    """[A, B, 4] -> its four elements as [A, B] tensors in ``L2``."""
-    a, b = _halves(v)
-    e0, e1 = gl.split(a)
-    e2, e3 = gl.split(b)
-    return (gl.convert_layout(e0, L2), gl.convert_layout(e1, L2), gl.convert_layout(e2, L2),
-            gl.convert_layout(e3, L2))
-
-
-@gluon.jit
-def _eight(v, L2: gl.constexpr):
-    a, b = _halves(v)
-    a0, a1, a2, a3 = _four(a, L2)
-    b0, b1, b2, b3 = _four(b, L2)
-    return a0, a1, a2, a3, b0, b1, b2, b3
-
-
 _STEP = """
     and.b32 l0, ${w0}, 0x0F0F0F0F;
     and.b32 l1, ${w1}, 0x0F0F0F0F;
@@ -370,10 +352,10 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.conste
     for gi in gl.static_range(GW):
         wc = _chunk(words, gi, LEV_W)  # [W, 32, 16]
         wa, wb = _halves(wc)
-        w_g = _eight(wa, L2) + _eight(wb, L2)
-        x_g = _eight(_chunk(xw, gi, LEV_W), L2)
-        s0, s1, s2, s3 = _four(_chunk(scales, gi, LEV_W), L2)
-        z0, z1, z2, z3 = _four(_chunk(nzero, gi, LEV_W), L2)
+        w_g = _split8(wa, L2) + _split8(wb, L2)
+        x_g = _split8(_chunk(xw, gi, LEV_W), L2)
+        s0, s1, s2, s3 = _split4(_chunk(scales, gi, LEV_W), L2)
+        z0, z1, z2, z3 = _split4(_chunk(nzero, gi, LEV_W), L2)
         cl0, cl1, cl2, cl3, cr0, cr1, cr2, cr3, d0, d1 = _group_mma(w_g, x_g)
         dc = d0 + (d1 << 8)  # the lane's two planes folded: plane 2t + 256 x plane 2t + 1 (exact in int32)
         lo_g = cl0 + (cl1 << 8)

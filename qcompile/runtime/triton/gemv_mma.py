@@ -158,8 +158,9 @@ def _mma_group4(w, x, zz, mz):
 
 @gluon.jit
 def _split4(v, L3: gl.constexpr):
-    """[.., 4] -> four [..] tensors in layout L3, element i = v[.., i] (a relabelling of each lane's registers)."""
-    a, b = gl.split(gl.reshape(v, [v.shape[0], v.shape[1], v.shape[2], 2, 2]))  # i = 2 m + d
+    """[.., 4] -> four [..] tensors in layout L3, element i = v[.., i] (a relabelling of each lane's registers; any
+    rank: ``gemv_digits`` uses it too)."""
+    a, b = gl.split(gl.reshape(v, v.shape[:-1] + [2, 2]))  # i = 2 m + d
     e0, e2 = gl.split(a)
     e1, e3 = gl.split(b)
     return (gl.convert_layout(e0, L3), gl.convert_layout(e1, L3), gl.convert_layout(e2, L3),
@@ -169,9 +170,9 @@ def _split4(v, L3: gl.constexpr):
 @gluon.jit
 def _split8(v, L3: gl.constexpr):
     """[.., 8] -> eight [..] tensors in layout L3, element i = v[.., i]."""
-    a, b = gl.split(gl.reshape(v, [v.shape[0], v.shape[1], v.shape[2], 4, 2]))  # i = 2 m + d
-    a0, a1 = gl.split(gl.reshape(a, [v.shape[0], v.shape[1], v.shape[2], 2, 2]))  # m = 2 u + c
-    b0, b1 = gl.split(gl.reshape(b, [v.shape[0], v.shape[1], v.shape[2], 2, 2]))
+    a, b = gl.split(gl.reshape(v, v.shape[:-1] + [4, 2]))  # i = 2 m + d
+    a0, a1 = gl.split(gl.reshape(a, v.shape[:-1] + [2, 2]))  # m = 2 u + c
+    b0, b1 = gl.split(gl.reshape(b, v.shape[:-1] + [2, 2]))
     e0, e4 = gl.split(a0)
     e2, e6 = gl.split(a1)
     e1, e5 = gl.split(b0)
