@@ -103,6 +103,17 @@ def digit_planes(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def digit_sums(planes: torch.Tensor) -> torch.Tensor:
+    """int8 planes [8, K] (``digit_planes``) -> int32 [4, K / 32]: for each k32 step s, ``F[t, s] = D_2t + 256
+    D_2t+1`` with ``D_p`` the sum of plane p's digits over the step (planes 6 and 7 count as zero). What each
+    layer's kernel writes for the next (``DSRC=1``), and the zero-point term's input."""
+    k = planes.shape[1]
+    digits = planes[:PLANES, plane_positions(k).to(planes.device)].to(torch.int32)  # [6, K] in input order
+    d = torch.zeros(8, k // 32, dtype=torch.int32, device=planes.device)
+    d[:PLANES] = digits.view(PLANES, k // 32, 32).sum(-1)
+    return (d[0::2] + 256 * d[1::2]).contiguous()
+
+
 def planes_to_values(planes: torch.Tensor) -> torch.Tensor:
     """The inverse of ``digit_planes``, as float64 [K] (for checks)."""
     k = planes.shape[1]
@@ -253,21 +264,24 @@ _STEP = """
     and.b32 l3, ${w3}, 0x0F0F0F0F;
     mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{$0, $1, $2, $3}}, {{l0, l1, l2, l3}}, {{${b0}, ${b1}}}, {cl};
     mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{$4, $5, $6, $7}}, {{${w0}, ${w1}, ${w2}, ${w3}}},
-        {{${b0}, ${b1}}}, {cr};
+        {{${b0}, ${b1}}}, {cr};"""
+_ONES = """
     mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{$8, $9, e2, e3}}, {{one, one, one, one}}, {{${b0}, ${b1}}},
         {cd};"""
 
 
-def _group_ptx() -> str:
-    """A group's four k32 steps: outputs $0-$3 (C of the low nibbles), $4-$7 (C of the raw bytes), $8-$9 (the
-    digit sums of the lane's two planes); inputs $10-$25 the words (step-major), $26-$33 the B registers."""
+def _group_ptx(ones: bool = True) -> str:
+    """A group's four k32 steps: outputs $0-$3 (C of the low nibbles), $4-$7 (C of the raw bytes) and, with
+    ``ones``, $8-$9 (the digit sums of the lane's two planes); then the inputs: the 16 words (step-major) and the 8
+    B registers."""
+    w_at = 10 if ones else 8
     body = ""
     for so in range(4):
         zero = "{zr, zr, zr, zr}"
-        body += _STEP.format(w0=10 + 4 * so, w1=11 + 4 * so, w2=12 + 4 * so, w3=13 + 4 * so, b0=26 + 2 * so,
-                             b1=27 + 2 * so, cl=zero if so == 0 else "{$0, $1, $2, $3}",
-                             cr=zero if so == 0 else "{$4, $5, $6, $7}",
-                             cd=zero if so == 0 else "{$8, $9, e2, e3}")
+        body += (_STEP + (_ONES if ones else "")).format(
+            w0=w_at + 4 * so, w1=w_at + 1 + 4 * so, w2=w_at + 2 + 4 * so, w3=w_at + 3 + 4 * so,
+            b0=w_at + 16 + 2 * so, b1=w_at + 17 + 2 * so, cl=zero if so == 0 else "{$0, $1, $2, $3}",
+            cr=zero if so == 0 else "{$4, $5, $6, $7}", cd=zero if so == 0 else "{$8, $9, e2, e3}")
     return """
     {
     .reg .b32 l0, l1, l2, l3, e2, e3, one, zr;
@@ -279,6 +293,8 @@ def _group_ptx() -> str:
 
 _GROUP_PTX = gl.constexpr(_group_ptx())
 _GROUP_CONSTRAINTS = gl.constexpr("=r," * 10 + ",".join(["r"] * 24))
+_GROUP8_PTX = gl.constexpr(_group_ptx(False))
+_GROUP8_CONSTRAINTS = gl.constexpr("=r," * 8 + ",".join(["r"] * 24))
 
 
 @gluon.jit
@@ -292,8 +308,21 @@ def _group_mma(w, x):
 
 
 @gluon.jit
-def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.constexpr, LEV_W: gl.constexpr,
-                   num_warps: gl.constexpr, PDL: gl.constexpr, WAIT: gl.constexpr = True):
+def _group_mma8(w, x):
+    """``_group_mma`` without the digit sums: (C_P 4, C_raw 4)."""
+    return gl.inline_asm_elementwise(
+        asm=_GROUP8_PTX, constraints=_GROUP8_CONSTRAINTS,
+        args=[w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], w[11], w[12], w[13], w[14], w[15],
+              x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]],
+        dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, f_in_ptr, f_out_ptr, K: gl.constexpr,
+                   LEV_W: gl.constexpr, DSRC: gl.constexpr,
+                   num_warps: gl.constexpr, PDL: gl.constexpr, WAIT: gl.constexpr = True,
+                   LOAD_PLANES: gl.constexpr = _PLANES, X_EARLY: gl.constexpr = False, COPIES: gl.constexpr = 1,
+                   SHARE3: gl.constexpr = False, PACE: gl.constexpr = 1, nil_ptr=None):
     """One layer: 32 output rows a program, everything in registers (226 at K = 4096: two programs a
     multiprocessor, this layer's and the next's). ``WAIT=False`` is the benchmark's ablation (no wait for the layer
     before: wrong results by design)."""
@@ -313,7 +342,34 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.conste
     i4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
     w_off = (((pid * W + w4) * (S * 128))[:, None, None, None] + (l4 * 4)[None, :, None, None]
              + (s4 * 128)[None, None, :, None] + i4[None, None, None, :])
-    words = gl.reshape(gl.load(w_ptr + w_off), [W, 32, 4 * S])
+    if PACE == 1:
+        words = gl.reshape(gl.load(w_ptr + w_off), [W, 32, 4 * S])
+    else:  # PACE batches, each issued after the one before arrived (a data dependency through nil = 0)
+        SP: gl.constexpr = S // PACE
+        L4P: gl.constexpr = gl.BlockedLayout([1, 1, SP, 4], [1, 32, 1, 1], [W, 1, 1, 1], [3, 2, 1, 0])
+        LD: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4P))
+        w4p = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4P))))
+        l4p = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4P))))
+        s4p = gl.arange(0, SP, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4P))))
+        i4p = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4P))))
+        off0 = (((pid * W + w4p) * (S * 128))[:, None, None, None] + (l4p * 4)[None, :, None, None]
+                + (s4p * 128)[None, None, :, None] + i4p[None, None, None, :])
+        LEVP: gl.constexpr = (4 * SP).bit_length() - 1
+        nil = gl.load(nil_ptr)  # 0, opaque to the compilers
+        p0 = gl.load(w_ptr + off0)
+        dep = gl.convert_layout(gl.reshape(_chunk(gl.reshape(p0, [W, 32, 4 * SP]), 4 * SP - 1, LEVP), [W, 32]), LD)
+        p1 = gl.load(w_ptr + off0 + (SP * 128) + ((dep * nil) << 2)[:, :, None, None])
+        if PACE == 2:
+            words = gl.reshape(gl.permute(gl.join(p0, p1), [0, 1, 4, 2, 3]), [W, 32, 4 * S])
+        else:
+            dep = gl.convert_layout(gl.reshape(_chunk(gl.reshape(p1, [W, 32, 4 * SP]), 4 * SP - 1, LEVP), [W, 32]),
+                                    LD)
+            p2 = gl.load(w_ptr + off0 + (2 * SP * 128) + ((dep * nil) << 2)[:, :, None, None])
+            dep = gl.convert_layout(gl.reshape(_chunk(gl.reshape(p2, [W, 32, 4 * SP]), 4 * SP - 1, LEVP), [W, 32]),
+                                    LD)
+            p3 = gl.load(w_ptr + off0 + (3 * SP * 128) + ((dep * nil) << 2)[:, :, None, None])
+            words = gl.reshape(gl.permute(gl.join(gl.join(p0, p1), gl.join(p2, p3)), [0, 1, 5, 4, 2, 3]),
+                               [W, 32, 4 * S])
     # scales and zero points [GW, W, 32, 4]: group gi, rows g, g + 8, g + 16, g + 24 of lane (g, t)
     gG = gl.arange(0, GW, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LG))))
     wG = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LG))))
@@ -331,10 +387,17 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.conste
              + ((wX * (S // 2))[None, :, None, None, None] + (2 * gX)[:, None, None, None, None]
                 + hX[None, None, :, None, None]) * 16
              + ((lX % 4) * 4)[None, None, None, :, None] + jX[None, None, None, None, :])
-    x_ptrs = p_in_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + x_off
+    if SHARE3:
+        x_off = x_off + (((lX // 4) % 3 - lX // 4) * (K // 4))[None, None, None, :, None]
+    x_ptrs = p_in_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + x_off + (pid % COPIES) * (2 * K)
+    if X_EARLY:  # ablation: the digits read before the wait (stale: wrong results by design)
+        xv = gl.load(x_ptrs, mask=(lX // 4 < LOAD_PLANES)[None, None, None, :, None], other=0)
     # [W, 32, GW * 4]: group gi's four values a lane are elements 4 gi .. 4 gi + 3
     scales = gl.reshape(gl.permute(gl.load(s_ptr + sz_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
     nzero = gl.reshape(gl.permute(gl.load(z_ptr + sz_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
+    # the step-wise folded digit sums the step before wrote: lane (g, t)'s [4, K / 32] row t, steps 4 gi + r
+    f_off = (((lG % 4) * (K // 32))[None, None, :, None] + (wG * S)[None, :, None, None]
+             + (4 * gG)[:, None, None, None] + rG[None, None, None, :])
     if PDL:  # the next layer's programs may start loading their own constants; x is the layer before's output
         _gdc_launch_dependents()
         if WAIT:
@@ -342,8 +405,11 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.conste
     # [W, 32, GW * 8]: group gi's B registers a lane are elements 8 gi + 4 h + j. Lanes g = 6, 7 feed B's unused
     # columns and load nothing: every program reads the digits whole, so they are most of the L2 traffic after
     # the wait (0.5 µs a step less than loading the zero planes, on the H100)
-    xv = gl.load(x_ptrs, mask=(lX // 4 < _PLANES)[None, None, None, :, None], other=0)
+    if not X_EARLY:
+        xv = gl.load(x_ptrs, mask=(lX // 4 < LOAD_PLANES)[None, None, None, :, None], other=0)
     xw = gl.reshape(gl.permute(xv, [1, 3, 0, 2, 4]), [W, 32, 8 * GW])
+    if DSRC == 1:
+        fsum = gl.reshape(gl.permute(gl.load(f_in_ptr + f_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
 
     acc0 = gl.zeros([W, 32], gl.float32, L2)  # rows g, g + 8 (x1) and g + 16, g + 24 (x16), one plane pair
     acc1 = gl.zeros([W, 32], gl.float32, L2)
@@ -356,8 +422,16 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.conste
         x_g = _split8(_chunk(xw, gi, LEV_W), L2)
         s0, s1, s2, s3 = _split4(_chunk(scales, gi, LEV_W), L2)
         z0, z1, z2, z3 = _split4(_chunk(nzero, gi, LEV_W), L2)
-        cl0, cl1, cl2, cl3, cr0, cr1, cr2, cr3, d0, d1 = _group_mma(w_g, x_g)
-        dc = d0 + (d1 << 8)  # the lane's two planes folded: plane 2t + 256 x plane 2t + 1 (exact in int32)
+        if DSRC == 0:
+            cl0, cl1, cl2, cl3, cr0, cr1, cr2, cr3, d0, d1 = _group_mma(w_g, x_g)
+            dc = d0 + (d1 << 8)  # the lane's two planes folded: plane 2t + 256 x plane 2t + 1 (exact in int32)
+        else:
+            cl0, cl1, cl2, cl3, cr0, cr1, cr2, cr3 = _group_mma8(w_g, x_g)
+            if DSRC == 1:
+                f0, f1, f2, f3 = _split4(_chunk(fsum, gi, LEV_W), L2)
+                dc = (f0 + f1) + (f2 + f3)
+            else:  # ablation: no zero-point term (wrong results by design)
+                dc = gl.zeros([W, 32], gl.int32, L2)
         lo_g = cl0 + (cl1 << 8)
         lo_g8 = cl2 + (cl3 << 8)
         hi_g = (cr0 + (cr1 << 8)) - lo_g  # 16 x the high nibbles' sums
@@ -389,7 +463,13 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, K: gl.conste
     p4 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LY))))[None, None, None, :]
     digit = (((gl.expand_dims(big, 3) >> (8 * p4)) & 255) - 128).to(gl.int8)
     pos = (pid // 2) * 64 + ((g3 + 8 * m3) // 4) * 16 + (pid % 2) * 8 + n3 * 4 + g3 % 4
-    gl.store(p_out_ptr + p4 * K + gl.expand_dims(pos, 3), digit, mask=p4 < _PLANES)
+    for c in gl.static_range(COPIES):
+        gl.store(p_out_ptr + c * (8 * K) + p4 * K + gl.expand_dims(pos, 3), digit, mask=p4 < _PLANES)
+    if DSRC == 1:  # this step's digit sums, two planes folded (F_t = D_2t + 256 D_2t+1), for the next layer
+        d_lo, d_hi = gl.split(gl.reshape(gl.where(p4 < _PLANES, digit.to(gl.int32), 0), [8, 2, 2, 4, 2]))
+        fsum = gl.sum(gl.sum(gl.sum(d_lo + (d_hi << 8), axis=0), axis=0), axis=0)  # folded first: half the sums
+        t4 = gl.arange(0, 4, layout=fsum.type.layout)
+        gl.store(f_out_ptr + t4 * (K // 32) + pid, fsum)
 
 
 @dataclass
@@ -437,7 +517,7 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
         raise ValueError("gemv_digits_chain needs an sm_90 GPU or newer (programmatic dependent launches)")
     for layer, dw in enumerate(dc.layers):
         _digits_kernel[(dw.out_features // ROWS,)](
-            dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], K=k,
+            dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], planes, planes, K=k, DSRC=0,
             LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1, num_warps=dw.warps, PDL=pdl, WAIT=wait,
             **({"launch_pdl": True} if pdl else {}))
     return out
