@@ -13,7 +13,8 @@ step before's output):
   decode step launches its GEMVs);
 - ``digits``: ``gemv_digits_chain`` (qcompile.runtime.triton.gemv_digits), a PDL launch per step, each program's
   words held in registers across the wait, the products on the int8 tensor cores with the activations as int8
-  digit planes (exact); its output is checked like the others;
+  digit planes (exact); its output is checked like the others. Its word loads are paced in ``PACE`` (4) batches; the
+  rows ``PACE`` 1 (one batch), 2 and 8 time the other paces (same bits), and ``NO_BARRIER`` its no-wait ablation;
 - ``fp16``: ``torch.matmul`` per step on fp16 weights of the same shape (cuBLAS), in one CUDA graph;
 
 and the peak device-to-device copy. Time per step is the launch's (or graph's) time over ``L``, at two chain
@@ -40,7 +41,7 @@ os.environ.setdefault("QCOMPILE_TUNE_CACHE", "0")
 from bench.triton_kernels import graph_time, peak_copy_bandwidth, random_int_weight  # noqa: E402
 from qcompile.runtime.triton.gemv_chain import chain_config, gemv_chain, stack_chain  # noqa: E402
 from qcompile.runtime.triton.gemv_chain_staged import gemv_chain_staged, stage_chain  # noqa: E402
-from qcompile.runtime.triton.gemv_digits import digit_planes, gemv_digits_chain, stack_digits  # noqa: E402
+from qcompile.runtime.triton.gemv_digits import PACE, digit_planes, gemv_digits_chain, stack_digits  # noqa: E402
 from qcompile.runtime.triton.packing import pack_from_export  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import wq_linear  # noqa: E402
 
@@ -93,7 +94,9 @@ def main() -> None:
         configs.append({"STAGED": True, "PER_LAYER": True})
     # the digit-plane kernel, and without waiting for the layer before (wrong by design): what the wait costs
     # (its four warps hold K / 32 words a thread: K up to 4096)
-    digit_cfgs = [{"DIGITS": True}, {"DIGITS": True, "NO_BARRIER": True}] if n <= 4096 else []
+    # (PACE 1: the word loads in one batch, as before the twenty-fifth session; the default paces them in 4)
+    digit_cfgs = ([{"DIGITS": True}] + [{"DIGITS": True, "PACE": p} for p in (1, 2, 8) if p != PACE]
+                  + [{"DIGITS": True, "NO_BARRIER": True}] if n <= 4096 else [])
     configs += digit_cfgs
     if args.new_first:  # (a short device call: what earlier runs did not measure, then the reference)
         configs = [c for c in configs if c.get("STAGED") or c.get("DIGITS")] + configs[:1]
@@ -112,7 +115,8 @@ def main() -> None:
 
         def run(cfg, cw=cw, staged=staged, x0=x0, out=out, digits=digits, planes=planes):
             if cfg.get("DIGITS"):
-                return gemv_digits_chain(planes, digits, out, wait=not cfg.get("NO_BARRIER"))
+                return gemv_digits_chain(planes, digits, out, wait=not cfg.get("NO_BARRIER"),
+                                         pace=cfg.get("PACE", PACE))
             if cfg.get("STAGED"):
                 return gemv_chain_staged(x0, staged, out=out, stages=cfg.get("STAGES", 1),
                                          sync=not cfg.get("NO_BARRIER"), per_layer=cfg.get("PER_LAYER", False))

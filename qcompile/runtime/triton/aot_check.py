@@ -358,9 +358,11 @@ def cases(all_configs: bool):
     # <= 255 registers without spills (226 when written)
     from qcompile.runtime.triton import gemv_digits
 
-    yield ("gemv_chain digits 4096 (PDL)", gemv_digits._digits_kernel,
-           dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*i8", p_in_ptr="*i8", p_out_ptr="*i8", y_ptr="*fp16"),
-           dict(K=4096, LEV_W=3, PDL=True, num_warps=gemv_digits.WARPS), {}, gemv_digits.WARPS, 1)
+    for pace in (1, 2, 4, 8):
+        yield (f"gemv_chain digits 4096 (PDL, pace {pace})", gemv_digits._digits_kernel,
+               dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*i8", p_in_ptr="*i8", p_out_ptr="*i8", y_ptr="*fp16",
+                    nil="i32"),
+               dict(K=4096, LEV_W=3, PDL=True, PACE=pace, num_warps=gemv_digits.WARPS), {}, gemv_digits.WARPS, 1)
 
 
 def small_cases():

@@ -26,15 +26,28 @@ So a step computes ``fp16(sum_g s_g sum_k (c - z) x)`` with exact products and g
 conversion of each group's folded sum, the scale products and the final sums), and writes both the fp16 output and
 its digit planes for the next step (an output that overflows fp16 gets meaningless digits).
 
-Measured on the H100 (2026-12-07, docs/BENCHMARKS.md, twenty-fourth session; ``bench/triton_gemv_chain.py
---digits``): 4.72 / 4.40 µs a step in chains of 8 / 32, 4.30 µs marginal (62-68 % of the copy peak; 3.46x fp16,
-1.34x the runtime's PDL chain, 1.27x the staged per-layer kernel at the margin): the fastest checked chain step so
-far, short of 75 % (3.89 µs). Loading the two zero planes as well cost 0.5 µs a step (4.87 µs marginal): every
-program reads the digits whole, so they are most of the L2 traffic after the wait. Without the wait (the ablation,
-zero planes loaded) 3.19 µs marginal (92 %): what is left is the dependent path after the wait. Tried and not kept
-(same runs): releasing the next layer before this one's loads (no gain: 4.36 µs); scales, zero points and digits
-through shared memory (165 registers, three programs a multiprocessor; 5.29 µs, and it failed one GPU case in each
-of two runs, not examined further); a cap of 168 registers (36 bytes of spills; 6.25 µs).
+**Paced word loads** (``PACE``, twenty-fifth session). Each program issues its words in four batches, each batch
+only once a word of the batch before has arrived (an address term times ``nil``, a zero the compilers cannot see);
+the output is the same bits. Why it helps, as we read the measurements (not observed directly): with two programs a
+multiprocessor, the program of layer l + 2 starts when layer l's exits, at about the moment layer l + 1 is released
+from its wait, and unpaced it asks for its whole slice at once, 8.8 MB of loads queued just as layer l + 1's
+dependent path (its digit loads, its stores, the grid's completion) needs the same memory system. Paced, fewer
+bytes wait ahead of that path, and the slice still arrives in time. Consistent with it: the variant with three
+programs a multiprocessor (more slices in flight) was slower, and so was eight batches.
+
+Measured on the H100 (2026-12-07, docs/BENCHMARKS.md, twenty-fifth session; ``bench/triton_gemv_chain.py --digits``
+in two runs and the experiment's sweep in a third): **3.72-3.81 / 3.31-3.37 µs a step in chains of 8 / 32, 3.17-3.23
+µs marginal (77-79 / 87-89 / 91-93 % of the copy peak; 75 % needs 3.90 µs), 4.1-4.6x fp16, 1.6-1.8x the runtime's
+PDL chain**. Unpaced (one batch, the twenty-fourth session's kernel) 4.71-4.74 / 4.42-4.43 / 4.32-4.34 µs (62 / 66 /
+68 %); 2 batches 4.02-4.03 µs marginal, 8 batches 4.33 µs (each batch adds a dependent round trip; likely the slice
+then arrives too late, not measured). Where the time was not (sweeps of the same day,
+bench/results/device_2026-12-07_s25/calls.md): loading 2-5 digit planes instead of 6 (4.24-4.32 µs), copies of the
+planes (4.36-4.42), 8 or 16 warps a program (5.24 / 4.76), and a third of the mma (the digit sums written by the
+step before instead: 4.34 µs, the same bits). Without the wait (the ablation, wrong by design) the unpaced kernel
+streams at 3.23-3.25 µs marginal and the paced one at 3.59-3.65: pacing costs streaming speed and buys back far more
+on the dependent path. The twenty-fourth session's figures and what it tried: 4.30 µs marginal unpaced; loading the
+two zero planes as well 4.87; releasing the next layer before the loads 4.36; scales, zero points and digits through
+shared memory 5.29 (and one failed GPU case in each of two runs, not examined further); a cap of 168 registers 6.25.
 
 Layout (``pack_digits``): program ``q`` owns rows ``32 q .. 32 q + 31``; its ``W`` warps split K (``S = K / 32 W``
 k32 steps a warp); lane ``(g, t) = (lane // 4, lane % 4)`` holds, for each step ``s``, the four words of its A
@@ -46,7 +59,7 @@ Digit planes ``[8, K]`` int8 (rows 6 and 7 unused: ``digit_planes`` writes zeros
 nor writes them), each 64-input block permuted so that lane ``(g, t)`` reads plane
 ``g``'s B registers of two steps as one 16-byte load.
 
-Scope: a benchmark kernel for dependent chains of square int4 weights with groups of 128
+Scope: a benchmark kernel for dependent chains of square int4 weights with groups of 128 and K <= 4096
 (``bench/triton_gemv_chain.py``); the runner's GEMVs take fp16 activations from norms, attention and SwiGLU, which
 would have to write digit planes to use it. Non-finite activations are not representable. GPU only (Gluon has no
 interpreter): ``emulate`` computes what the kernel does from the fragments' definitions, in torch, and is checked
@@ -71,6 +84,7 @@ PLANES = 6  # digits of an fp16 value times 2^24
 ROWS = 32  # a program's output rows: two mma row blocks, one in each nibble of a byte
 GROUP = 128
 WARPS = 4
+PACE = 4  # batches of a program's word loads (see the module docstring: 4 was the fastest of 1, 2, 4 on the H100)
 _OFFSET = sum(128 << (8 * p) for p in range(PLANES))  # makes every balanced digit a byte 0..255
 _PLANES: gl.constexpr = gl.constexpr(PLANES)  # (jitted code reads a global only as a constexpr)
 _OFFSET_C: gl.constexpr = gl.constexpr(_OFFSET)
@@ -101,17 +115,6 @@ def digit_planes(x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(8, k, dtype=torch.int8, device=x.device)
     out[:PLANES, plane_positions(k).to(x.device)] = digits.to(torch.int8)
     return out
-
-
-def digit_sums(planes: torch.Tensor) -> torch.Tensor:
-    """int8 planes [8, K] (``digit_planes``) -> int32 [4, K / 32]: for each k32 step s, ``F[t, s] = D_2t + 256
-    D_2t+1`` with ``D_p`` the sum of plane p's digits over the step (planes 6 and 7 count as zero). What each
-    layer's kernel writes for the next (``DSRC=1``), and the zero-point term's input."""
-    k = planes.shape[1]
-    digits = planes[:PLANES, plane_positions(k).to(planes.device)].to(torch.int32)  # [6, K] in input order
-    d = torch.zeros(8, k // 32, dtype=torch.int32, device=planes.device)
-    d[:PLANES] = digits.view(PLANES, k // 32, 32).sum(-1)
-    return (d[0::2] + 256 * d[1::2]).contiguous()
 
 
 def planes_to_values(planes: torch.Tensor) -> torch.Tensor:
@@ -264,24 +267,21 @@ _STEP = """
     and.b32 l3, ${w3}, 0x0F0F0F0F;
     mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{$0, $1, $2, $3}}, {{l0, l1, l2, l3}}, {{${b0}, ${b1}}}, {cl};
     mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{$4, $5, $6, $7}}, {{${w0}, ${w1}, ${w2}, ${w3}}},
-        {{${b0}, ${b1}}}, {cr};"""
-_ONES = """
+        {{${b0}, ${b1}}}, {cr};
     mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{$8, $9, e2, e3}}, {{one, one, one, one}}, {{${b0}, ${b1}}},
         {cd};"""
 
 
-def _group_ptx(ones: bool = True) -> str:
-    """A group's four k32 steps: outputs $0-$3 (C of the low nibbles), $4-$7 (C of the raw bytes) and, with
-    ``ones``, $8-$9 (the digit sums of the lane's two planes); then the inputs: the 16 words (step-major) and the 8
-    B registers."""
-    w_at = 10 if ones else 8
+def _group_ptx() -> str:
+    """A group's four k32 steps: outputs $0-$3 (C of the low nibbles), $4-$7 (C of the raw bytes), $8-$9 (the
+    digit sums of the lane's two planes); inputs $10-$25 the words (step-major), $26-$33 the B registers."""
     body = ""
     for so in range(4):
         zero = "{zr, zr, zr, zr}"
-        body += (_STEP + (_ONES if ones else "")).format(
-            w0=w_at + 4 * so, w1=w_at + 1 + 4 * so, w2=w_at + 2 + 4 * so, w3=w_at + 3 + 4 * so,
-            b0=w_at + 16 + 2 * so, b1=w_at + 17 + 2 * so, cl=zero if so == 0 else "{$0, $1, $2, $3}",
-            cr=zero if so == 0 else "{$4, $5, $6, $7}", cd=zero if so == 0 else "{$8, $9, e2, e3}")
+        body += _STEP.format(w0=10 + 4 * so, w1=11 + 4 * so, w2=12 + 4 * so, w3=13 + 4 * so, b0=26 + 2 * so,
+                             b1=27 + 2 * so, cl=zero if so == 0 else "{$0, $1, $2, $3}",
+                             cr=zero if so == 0 else "{$4, $5, $6, $7}",
+                             cd=zero if so == 0 else "{$8, $9, e2, e3}")
     return """
     {
     .reg .b32 l0, l1, l2, l3, e2, e3, one, zr;
@@ -293,8 +293,6 @@ def _group_ptx(ones: bool = True) -> str:
 
 _GROUP_PTX = gl.constexpr(_group_ptx())
 _GROUP_CONSTRAINTS = gl.constexpr("=r," * 10 + ",".join(["r"] * 24))
-_GROUP8_PTX = gl.constexpr(_group_ptx(False))
-_GROUP8_CONSTRAINTS = gl.constexpr("=r," * 8 + ",".join(["r"] * 24))
 
 
 @gluon.jit
@@ -308,68 +306,68 @@ def _group_mma(w, x):
 
 
 @gluon.jit
-def _group_mma8(w, x):
-    """``_group_mma`` without the digit sums: (C_P 4, C_raw 4)."""
-    return gl.inline_asm_elementwise(
-        asm=_GROUP8_PTX, constraints=_GROUP8_CONSTRAINTS,
-        args=[w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], w[11], w[12], w[13], w[14], w[15],
-              x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]],
-        dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+def _last_word(p, LD: gl.constexpr):
+    """A batch's words [W, 32, SP, 4] -> each lane's last one, [W, 32] in layout LD (a relabelling: no data moves)."""
+    v = gl.reshape(p, [p.shape[0], p.shape[1], p.shape[2] * 4])
+    LEV: gl.constexpr = v.shape[2].bit_length() - 1
+    return gl.convert_layout(gl.reshape(_chunk(v, v.shape[2] - 1, LEV), [p.shape[0], p.shape[1]]), LD)
 
 
 @gluon.jit
-def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, f_in_ptr, f_out_ptr, K: gl.constexpr,
-                   LEV_W: gl.constexpr, DSRC: gl.constexpr,
-                   num_warps: gl.constexpr, PDL: gl.constexpr, WAIT: gl.constexpr = True,
-                   LOAD_PLANES: gl.constexpr = _PLANES, X_EARLY: gl.constexpr = False, COPIES: gl.constexpr = 1,
-                   SHARE3: gl.constexpr = False, PACE: gl.constexpr = 1, nil_ptr=None):
+def _paced_words(w_ptr, pid, nil, S: gl.constexpr, W: gl.constexpr, PACE: gl.constexpr):
+    """The program's words [W, 32, 4 S] (as one load would give them) in ``PACE`` batches of steps, each batch's
+    addresses depending on the last word of the batch before through ``nil`` (0, unknown to the compilers), so a
+    batch is issued only once the one before has begun to arrive."""
+    SP: gl.constexpr = S // PACE
+    L4: gl.constexpr = gl.BlockedLayout([1, 1, SP, 4], [1, 32, 1, 1], [W, 1, 1, 1], [3, 2, 1, 0])
+    LD: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4))
+    w4 = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+    l4 = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+    s4 = gl.arange(0, SP, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
+    i4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+    off = (((pid * W + w4) * (S * 128))[:, None, None, None] + (l4 * 4)[None, :, None, None]
+           + (s4 * 128)[None, None, :, None] + i4[None, None, None, :])
+    p0 = gl.load(w_ptr + off)
+    if PACE == 1:
+        words = gl.reshape(p0, [W, 32, 4 * S])
+    else:
+        # (dep * nil) << 2 is 0, and a multiple of 4 words to the compilers: the loads stay 16-byte
+        p1 = gl.load(w_ptr + off + SP * 128 + ((_last_word(p0, LD) * nil) << 2)[:, :, None, None])
+        if PACE == 2:
+            words = gl.reshape(gl.permute(gl.join(p0, p1), [0, 1, 4, 2, 3]), [W, 32, 4 * S])
+        else:
+            p2 = gl.load(w_ptr + off + 2 * SP * 128 + ((_last_word(p1, LD) * nil) << 2)[:, :, None, None])
+            p3 = gl.load(w_ptr + off + 3 * SP * 128 + ((_last_word(p2, LD) * nil) << 2)[:, :, None, None])
+            if PACE == 4:  # join's new dimension is the last: batch b's bit i is dimension 4 + i
+                words = gl.reshape(gl.permute(gl.join(gl.join(p0, p1), gl.join(p2, p3)), [0, 1, 5, 4, 2, 3]),
+                                   [W, 32, 4 * S])
+            else:
+                p4 = gl.load(w_ptr + off + 4 * SP * 128 + ((_last_word(p3, LD) * nil) << 2)[:, :, None, None])
+                p5 = gl.load(w_ptr + off + 5 * SP * 128 + ((_last_word(p4, LD) * nil) << 2)[:, :, None, None])
+                p6 = gl.load(w_ptr + off + 6 * SP * 128 + ((_last_word(p5, LD) * nil) << 2)[:, :, None, None])
+                p7 = gl.load(w_ptr + off + 7 * SP * 128 + ((_last_word(p6, LD) * nil) << 2)[:, :, None, None])
+                j = gl.join(gl.join(gl.join(p0, p1), gl.join(p2, p3)), gl.join(gl.join(p4, p5), gl.join(p6, p7)))
+                words = gl.reshape(gl.permute(j, [0, 1, 6, 5, 4, 2, 3]), [W, 32, 4 * S])
+    return words
+
+
+@gluon.jit(do_not_specialize=["nil"])
+def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, nil, K: gl.constexpr, LEV_W: gl.constexpr,
+                   num_warps: gl.constexpr, PDL: gl.constexpr, WAIT: gl.constexpr = True, PACE: gl.constexpr = 4):
     """One layer: 32 output rows a program, everything in registers (226 at K = 4096: two programs a
-    multiprocessor, this layer's and the next's). ``WAIT=False`` is the benchmark's ablation (no wait for the layer
-    before: wrong results by design)."""
+    multiprocessor, this layer's and the next's). ``nil`` is 0 (``_paced_words``); ``PACE`` 1, 2 or 4 batches of
+    word loads. ``WAIT=False`` is the benchmark's ablation (no wait for the layer before: wrong results by
+    design)."""
     W: gl.constexpr = num_warps
     S: gl.constexpr = K // (32 * W)  # k32 steps a warp
     GW: gl.constexpr = S // 4  # groups of 128 a warp: 2^LEV_W
-    L4: gl.constexpr = gl.BlockedLayout([1, 1, S, 4], [1, 32, 1, 1], [W, 1, 1, 1], [3, 2, 1, 0])
     LG: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [1, W, 1, 1], [3, 2, 1, 0])  # [GW, W, 32, 4]
     LX5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 32, 1], [1, W, 1, 1, 1], [4, 3, 2, 1, 0])
     L2: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(0, LG))  # [W, 32]: one value a lane
     pid = gl.program_id(0)
 
-    # the program's words: constants, loaded before the wait and held in registers
-    w4 = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
-    l4 = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
-    s4 = gl.arange(0, S, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
-    i4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
-    w_off = (((pid * W + w4) * (S * 128))[:, None, None, None] + (l4 * 4)[None, :, None, None]
-             + (s4 * 128)[None, None, :, None] + i4[None, None, None, :])
-    if PACE == 1:
-        words = gl.reshape(gl.load(w_ptr + w_off), [W, 32, 4 * S])
-    else:  # PACE batches, each issued after the one before arrived (a data dependency through nil = 0)
-        SP: gl.constexpr = S // PACE
-        L4P: gl.constexpr = gl.BlockedLayout([1, 1, SP, 4], [1, 32, 1, 1], [W, 1, 1, 1], [3, 2, 1, 0])
-        LD: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4P))
-        w4p = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4P))))
-        l4p = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4P))))
-        s4p = gl.arange(0, SP, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4P))))
-        i4p = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4P))))
-        off0 = (((pid * W + w4p) * (S * 128))[:, None, None, None] + (l4p * 4)[None, :, None, None]
-                + (s4p * 128)[None, None, :, None] + i4p[None, None, None, :])
-        LEVP: gl.constexpr = (4 * SP).bit_length() - 1
-        nil = gl.load(nil_ptr)  # 0, opaque to the compilers
-        p0 = gl.load(w_ptr + off0)
-        dep = gl.convert_layout(gl.reshape(_chunk(gl.reshape(p0, [W, 32, 4 * SP]), 4 * SP - 1, LEVP), [W, 32]), LD)
-        p1 = gl.load(w_ptr + off0 + (SP * 128) + ((dep * nil) << 2)[:, :, None, None])
-        if PACE == 2:
-            words = gl.reshape(gl.permute(gl.join(p0, p1), [0, 1, 4, 2, 3]), [W, 32, 4 * S])
-        else:
-            dep = gl.convert_layout(gl.reshape(_chunk(gl.reshape(p1, [W, 32, 4 * SP]), 4 * SP - 1, LEVP), [W, 32]),
-                                    LD)
-            p2 = gl.load(w_ptr + off0 + (2 * SP * 128) + ((dep * nil) << 2)[:, :, None, None])
-            dep = gl.convert_layout(gl.reshape(_chunk(gl.reshape(p2, [W, 32, 4 * SP]), 4 * SP - 1, LEVP), [W, 32]),
-                                    LD)
-            p3 = gl.load(w_ptr + off0 + (3 * SP * 128) + ((dep * nil) << 2)[:, :, None, None])
-            words = gl.reshape(gl.permute(gl.join(gl.join(p0, p1), gl.join(p2, p3)), [0, 1, 5, 4, 2, 3]),
-                               [W, 32, 4 * S])
+    # the program's words: constants, loaded before the wait and held in registers, in PACE batches
+    words = _paced_words(w_ptr, pid, nil, S, W, PACE)
     # scales and zero points [GW, W, 32, 4]: group gi, rows g, g + 8, g + 16, g + 24 of lane (g, t)
     gG = gl.arange(0, GW, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LG))))
     wG = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LG))))
@@ -387,17 +385,10 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, f_in_ptr, f_
              + ((wX * (S // 2))[None, :, None, None, None] + (2 * gX)[:, None, None, None, None]
                 + hX[None, None, :, None, None]) * 16
              + ((lX % 4) * 4)[None, None, None, :, None] + jX[None, None, None, None, :])
-    if SHARE3:
-        x_off = x_off + (((lX // 4) % 3 - lX // 4) * (K // 4))[None, None, None, :, None]
-    x_ptrs = p_in_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + x_off + (pid % COPIES) * (2 * K)
-    if X_EARLY:  # ablation: the digits read before the wait (stale: wrong results by design)
-        xv = gl.load(x_ptrs, mask=(lX // 4 < LOAD_PLANES)[None, None, None, :, None], other=0)
+    x_ptrs = p_in_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + x_off
     # [W, 32, GW * 4]: group gi's four values a lane are elements 4 gi .. 4 gi + 3
     scales = gl.reshape(gl.permute(gl.load(s_ptr + sz_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
     nzero = gl.reshape(gl.permute(gl.load(z_ptr + sz_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
-    # the step-wise folded digit sums the step before wrote: lane (g, t)'s [4, K / 32] row t, steps 4 gi + r
-    f_off = (((lG % 4) * (K // 32))[None, None, :, None] + (wG * S)[None, :, None, None]
-             + (4 * gG)[:, None, None, None] + rG[None, None, None, :])
     if PDL:  # the next layer's programs may start loading their own constants; x is the layer before's output
         _gdc_launch_dependents()
         if WAIT:
@@ -405,11 +396,8 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, f_in_ptr, f_
     # [W, 32, GW * 8]: group gi's B registers a lane are elements 8 gi + 4 h + j. Lanes g = 6, 7 feed B's unused
     # columns and load nothing: every program reads the digits whole, so they are most of the L2 traffic after
     # the wait (0.5 µs a step less than loading the zero planes, on the H100)
-    if not X_EARLY:
-        xv = gl.load(x_ptrs, mask=(lX // 4 < LOAD_PLANES)[None, None, None, :, None], other=0)
+    xv = gl.load(x_ptrs, mask=(lX // 4 < _PLANES)[None, None, None, :, None], other=0)
     xw = gl.reshape(gl.permute(xv, [1, 3, 0, 2, 4]), [W, 32, 8 * GW])
-    if DSRC == 1:
-        fsum = gl.reshape(gl.permute(gl.load(f_in_ptr + f_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
 
     acc0 = gl.zeros([W, 32], gl.float32, L2)  # rows g, g + 8 (x1) and g + 16, g + 24 (x16), one plane pair
     acc1 = gl.zeros([W, 32], gl.float32, L2)
@@ -422,16 +410,8 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, f_in_ptr, f_
         x_g = _split8(_chunk(xw, gi, LEV_W), L2)
         s0, s1, s2, s3 = _split4(_chunk(scales, gi, LEV_W), L2)
         z0, z1, z2, z3 = _split4(_chunk(nzero, gi, LEV_W), L2)
-        if DSRC == 0:
-            cl0, cl1, cl2, cl3, cr0, cr1, cr2, cr3, d0, d1 = _group_mma(w_g, x_g)
-            dc = d0 + (d1 << 8)  # the lane's two planes folded: plane 2t + 256 x plane 2t + 1 (exact in int32)
-        else:
-            cl0, cl1, cl2, cl3, cr0, cr1, cr2, cr3 = _group_mma8(w_g, x_g)
-            if DSRC == 1:
-                f0, f1, f2, f3 = _split4(_chunk(fsum, gi, LEV_W), L2)
-                dc = (f0 + f1) + (f2 + f3)
-            else:  # ablation: no zero-point term (wrong results by design)
-                dc = gl.zeros([W, 32], gl.int32, L2)
+        cl0, cl1, cl2, cl3, cr0, cr1, cr2, cr3, d0, d1 = _group_mma(w_g, x_g)
+        dc = d0 + (d1 << 8)  # the lane's two planes folded: plane 2t + 256 x plane 2t + 1 (exact in int32)
         lo_g = cl0 + (cl1 << 8)
         lo_g8 = cl2 + (cl3 << 8)
         hi_g = (cr0 + (cr1 << 8)) - lo_g  # 16 x the high nibbles' sums
@@ -463,13 +443,7 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, f_in_ptr, f_
     p4 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LY))))[None, None, None, :]
     digit = (((gl.expand_dims(big, 3) >> (8 * p4)) & 255) - 128).to(gl.int8)
     pos = (pid // 2) * 64 + ((g3 + 8 * m3) // 4) * 16 + (pid % 2) * 8 + n3 * 4 + g3 % 4
-    for c in gl.static_range(COPIES):
-        gl.store(p_out_ptr + c * (8 * K) + p4 * K + gl.expand_dims(pos, 3), digit, mask=p4 < _PLANES)
-    if DSRC == 1:  # this step's digit sums, two planes folded (F_t = D_2t + 256 D_2t+1), for the next layer
-        d_lo, d_hi = gl.split(gl.reshape(gl.where(p4 < _PLANES, digit.to(gl.int32), 0), [8, 2, 2, 4, 2]))
-        fsum = gl.sum(gl.sum(gl.sum(d_lo + (d_hi << 8), axis=0), axis=0), axis=0)  # folded first: half the sums
-        t4 = gl.arange(0, 4, layout=fsum.type.layout)
-        gl.store(f_out_ptr + t4 * (K // 32) + pid, fsum)
+    gl.store(p_out_ptr + p4 * K + gl.expand_dims(pos, 3), digit, mask=p4 < _PLANES)
 
 
 @dataclass
@@ -496,13 +470,20 @@ def stack_digits(cw) -> DigitChain:
 
 
 def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, pdl: bool = True,
-                      wait: bool = True) -> torch.Tensor:
+                      wait: bool = True, pace: int = PACE) -> torch.Tensor:
     """Run the chain: ``planes`` int8 [L + 1, 8, K] (row 0 the input's ``digit_planes``, the rest written here; rows
     6 and 7 of each are neither read nor written), ``out`` fp16 [L + 1, K] (row l + 1 layer l's output). One launch a
-    layer, each a programmatic dependent of the one before (``pdl``); ``wait=False``: the benchmark's no-wait
-    ablation (wrong results by design)."""
+    layer, each a programmatic dependent of the one before (``pdl``); each program issues its word loads in ``pace``
+    batches (1, 2 or 4; the result is the same bits); ``wait=False``: the benchmark's no-wait ablation (wrong
+    results by design)."""
+    if pace not in (1, 2, 4, 8):
+        raise ValueError(f"gemv_digits_chain: pace must be 1, 2, 4 or 8 batches, got {pace}")
+    if not dc.layers:
+        raise ValueError("gemv_digits_chain: the chain has no layers")
     k = dc.features
     n_layers = len(dc.layers)
+    if any((k // (32 * dw.warps)) % pace for dw in dc.layers):
+        raise ValueError(f"gemv_digits_chain: {pace} batches do not divide the k32 steps a warp ({k} inputs)")
     if (planes.shape != (n_layers + 1, 8, k) or planes.dtype != torch.int8 or not planes.is_cuda
             or not planes.is_contiguous()):
         raise ValueError(f"gemv_digits_chain: planes must be a contiguous int8 CUDA tensor [{n_layers + 1}, 8, {k}]")
@@ -517,7 +498,7 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
         raise ValueError("gemv_digits_chain needs an sm_90 GPU or newer (programmatic dependent launches)")
     for layer, dw in enumerate(dc.layers):
         _digits_kernel[(dw.out_features // ROWS,)](
-            dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], planes, planes, K=k, DSRC=0,
-            LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1, num_warps=dw.warps, PDL=pdl, WAIT=wait,
+            dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], 0, K=k,
+            LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1, num_warps=dw.warps, PDL=pdl, WAIT=wait, PACE=pace,
             **({"launch_pdl": True} if pdl else {}))
     return out

@@ -132,13 +132,27 @@ def fp16_ulp(v):
     return torch.exp2(e - 10)
 
 
+def test_chain_rejects_a_pace_it_cannot_issue_and_an_empty_chain():
+    planes, out = torch.zeros(2, 8, 512, dtype=torch.int8), torch.zeros(2, 512, dtype=torch.float16)
+    with pytest.raises(ValueError, match="pace must be 1, 2, 4 or 8"):
+        gd.gemv_digits_chain(planes, gd.DigitChain([]), out, pace=3)
+    with pytest.raises(ValueError, match="no layers"):
+        gd.gemv_digits_chain(planes, gd.DigitChain([]), out)
+    _, codes, scale, zero = quantized(512, 512, False)
+    with pytest.raises(ValueError, match="do not divide"):  # 512 inputs: 4 steps a warp
+        gd.gemv_digits_chain(planes, gd.DigitChain([gd.pack_digits(codes, scale, zero)]), out, pace=8)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("n,layers,sym", [(512, 2, False), (4096, 3, False), (4096, 2, True)])
-def test_kernel_chain_on_gpu(n, layers, sym):
+@pytest.mark.parametrize("n,layers,sym,pace", [(512, 2, False, 4), (4096, 3, False, 4), (4096, 2, True, 4),
+                                               (4096, 3, False, 1), (4096, 2, False, 2), (1024, 2, False, 8),
+                                               (4096, 2, False, 8)])
+def test_kernel_chain_on_gpu(n, layers, sym, pace):
     """Each layer's fp16 output is the dequantized GEMV of the layer's own input, rounded to fp16 after the
     kernel's fp32 steps: within half an fp16 ulp plus 2^-18 of the size of the terms (a bound on about a dozen fp32
     roundings of partial sums up to a few times that size); the same bits on a second run; its digit planes are
-    ``digit_planes`` of it, all six written and rows 6-7 neither read nor written (the buffers start as noise)."""
+    ``digit_planes`` of it, all six written and rows 6-7 neither read nor written (the buffers start as noise).
+    Each pace of the word loads (batches issued one after another) is checked the same way."""
     from qcompile.runtime.triton.gemv_chain import stack_chain
 
     ws, pws = [], []
@@ -156,7 +170,7 @@ def test_kernel_chain_on_gpu(n, layers, sym):
         planes[0, :gd.PLANES] = gd.digit_planes(x)[:gd.PLANES]
         out = torch.zeros(layers + 1, n, dtype=torch.float16, device="cuda")
         out[0] = x
-        gd.gemv_digits_chain(planes, dc, out)
+        gd.gemv_digits_chain(planes, dc, out, pace=pace)
         torch.cuda.synchronize()
         outs.append(out.cpu())
     assert torch.equal(outs[0], outs[1])
