@@ -85,13 +85,12 @@ def with_words(codes, scale, zero, group: int = 128, bias=None):
     return replace(pw, mma=MmaWeight(pack_mma(codes, group).cuda(), zero.cuda()))
 
 
-def launch(x, pw, out, e: int, warps: int, split: int, ahead: int, pdl: bool = False, res=None, act: bool = False,
-           pace: bool = False):
+def launch(x, pw, out, e: int, warps: int, split: int, ahead: int, pdl: bool = False, res=None, act: bool = False):
     """One configuration of the mma kernel through the runtime's launcher (``gemv_mma.launch``)."""
     from qcompile.runtime.triton import gemv_mma
 
     gemv_mma.launch(x, pw, res, "silu_mul" if act else None, out,
-                    dict(E=e, num_warps=warps, SPLIT_K=split, AHEAD=ahead, PACE=pace), pdl=pdl)
+                    dict(E=e, num_warps=warps, SPLIT_K=split, AHEAD=ahead), pdl=pdl)
 
 
 def gpu(configs) -> dict:

@@ -26,7 +26,7 @@ import tempfile
 SHARED_LIMIT = 232448  # bytes of shared memory one block may opt into on H100 (227 KiB)
 # argument types of the tensor-core GEMV (gemv_mma.gemv_mma_kernel), fp16 activations
 GEMV_MMA_TYPES = dict(xw_ptr="*i32", x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", b_ptr="*fp16",
-                      r_ptr="*fp16", out_ptr="*fp16", part_ptr="*fp32", lock_ptr="*i32", N="i32", K="i32", nil="i32")
+                      r_ptr="*fp16", out_ptr="*fp16", part_ptr="*fp32", lock_ptr="*i32", N="i32", K="i32")
 
 
 def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:

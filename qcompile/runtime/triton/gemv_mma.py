@@ -223,12 +223,11 @@ def _finish(y, b_ptr, r_ptr, out_ptr, rows, mask, HAS_BIAS: gl.constexpr, HAS_RE
     gl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@gluon.jit(do_not_specialize=["nil"])
+@gluon.jit
 def gemv_mma_kernel(xw_ptr, x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, part_ptr, lock_ptr, N, K,
                     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
                     ACT_SILU_MUL: gl.constexpr, E: gl.constexpr, SPLIT_K: gl.constexpr,
-                    num_warps: gl.constexpr, PDL: gl.constexpr = False, AHEAD: gl.constexpr = 2,
-                    PACE: gl.constexpr = False, nil=0):
+                    num_warps: gl.constexpr, PDL: gl.constexpr = False, AHEAD: gl.constexpr = 2):
     """``act(x) @ W (+ bias) (+ residual)``, one fp16 row. xw: x [K] viewed as int32 pairs (``ACT_SILU_MUL``: x
     [2K] = gate | up, read as fp16 through ``x_ptr``); words ``pack_mma``; scale [K/G, N] fp16, zero [K/G, N]
     uint8; out [N] fp16. Each warp owns E blocks of 16 rows; programs split K by groups, the last to arrive (an
@@ -276,10 +275,7 @@ def gemv_mma_kernel(xw_ptr, x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, out_ptr, p
     w0, za0, zb0, sa0, sb0 = _fetch_w(w_ptr, s_ptr, z_ptr, w_off, w_mask, row, rb_ok, t0, N, g_lo, g_lo < g_hi,
                                       STEPS)
     if AHEAD == 2:
-        w1_off = w_off
-        if PACE:  # the second group's loads only once the first's have arrived (nil is 0; see gemv_digits)
-            w1_off = w_off + ((gl.sum(w0, axis=3) * nil) << 2)[:, :, :, None]
-        w1, za1, zb1, sa1, sb1 = _fetch_w(w_ptr, s_ptr, z_ptr, w1_off, w_mask, row, rb_ok, t0, N, g_lo + 1,
+        w1, za1, zb1, sa1, sb1 = _fetch_w(w_ptr, s_ptr, z_ptr, w_off, w_mask, row, rb_ok, t0, N, g_lo + 1,
                                           g_lo + 1 < g_hi, STEPS)
     if PDL:  # weights, scales and zero points are constants, not the kernel before's output; x is its output
         _gdc_launch_dependents()
@@ -405,5 +401,5 @@ def launch(x, pw, res, act, out, cfg: dict, pdl: bool = False):
         pw.bias if pw.bias is not None else out, res if res is not None else out, out, part, lock, n, k,
         GROUP=pw.group_size, HAS_BIAS=pw.bias is not None, HAS_RES=res is not None,
         ACT_SILU_MUL=act == "silu_mul", E=cfg["E"], SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], PDL=pdl,
-        AHEAD=cfg["AHEAD"], PACE=cfg.get("PACE", False),
+        AHEAD=cfg["AHEAD"],
         **({"launch_pdl": True} if pdl else {}))
