@@ -55,8 +55,8 @@ def main() -> None:
     ap.add_argument("--new-first", action="store_true",
                     help="time the staged kernel first, and of the counter-barrier kernel its default only")
     ap.add_argument("--digits", action="store_true",
-                    help="only the digit-plane kernel (and its no-wait ablation), the staged per-layer kernel and "
-                         "the counter default (with the runtime's PDL chain and fp16, as always)")
+                    help="only the digit-plane kernel (its other paces and its no-wait ablation), the staged per-layer "
+                         "kernel and the counter default (with the runtime's PDL chain and fp16, as always)")
     args = ap.parse_args()
     n = args.n
     lengths = [int(v) for v in args.layers.split(",")]
@@ -95,7 +95,8 @@ def main() -> None:
     # the digit-plane kernel, and without waiting for the layer before (wrong by design): what the wait costs
     # (its four warps hold K / 32 words a thread: K up to 4096)
     # (PACE 1: the word loads in one batch, as before the twenty-fifth session; the default paces them in 4)
-    digit_cfgs = ([{"DIGITS": True}] + [{"DIGITS": True, "PACE": p} for p in (1, 2, 8) if p != PACE]
+    # (8 batches need 8 k32 steps a warp: K >= 1024)
+    digit_cfgs = ([{"DIGITS": True}] + [{"DIGITS": True, "PACE": p} for p in (1, 2, 8) if p != PACE and n >= 32 * p * 4]
                   + [{"DIGITS": True, "NO_BARRIER": True}] if n <= 4096 else [])
     configs += digit_cfgs
     if args.new_first:  # (a short device call: what earlier runs did not measure, then the reference)

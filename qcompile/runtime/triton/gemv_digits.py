@@ -27,27 +27,29 @@ conversion of each group's folded sum, the scale products and the final sums), a
 its digit planes for the next step (an output that overflows fp16 gets meaningless digits).
 
 **Paced word loads** (``PACE``, twenty-fifth session). Each program issues its words in four batches, each batch
-only once a word of the batch before has arrived (an address term times ``nil``, a zero the compilers cannot see);
-the output is the same bits. Why it helps, as we read the measurements (not observed directly): with two programs a
-multiprocessor, the program of layer l + 2 starts when layer l's exits, at about the moment layer l + 1 is released
-from its wait, and unpaced it asks for its whole slice at once, 8.8 MB of loads queued just as layer l + 1's
-dependent path (its digit loads, its stores, the grid's completion) needs the same memory system. Paced, fewer
-bytes wait ahead of that path, and the slice still arrives in time. Consistent with it: the variant with three
-programs a multiprocessor (more slices in flight) was slower, and so was eight batches.
+after a word of the batch before has arrived (its addresses carry that word times ``nil``, a zero the compilers
+cannot see); the output is the same bits (checked at paces 1, 2, 4 and 8). Why it helps, as we read the measurements
+(not observed directly): with two programs a multiprocessor, the program of layer l + 2 starts when layer l's exits,
+at about the moment layer l + 1 is released from its wait, and unpaced every program asks for its whole slice at
+once (64 KiB each, 8.8 MB over the grid) just as layer l + 1's dependent path (its digit loads, its stores, the
+grid's completion) needs the same memory system. Paced, fewer bytes wait ahead of that path, and the slice still
+arrives in time. Consistent with it: the variant with three programs a multiprocessor (more slices in flight) was
+slower, and so was eight batches.
 
 Measured on the H100 (2026-12-07, docs/BENCHMARKS.md, twenty-fifth session; ``bench/triton_gemv_chain.py --digits``
-in two runs and the experiment's sweep in a third): **3.72-3.81 / 3.31-3.37 µs a step in chains of 8 / 32, 3.17-3.23
-µs marginal (77-79 / 87-89 / 91-93 % of the copy peak; 75 % needs 3.90 µs), 4.1-4.6x fp16, 1.6-1.8x the runtime's
-PDL chain**. Unpaced (one batch, the twenty-fourth session's kernel) 4.71-4.74 / 4.42-4.43 / 4.32-4.34 µs (62 / 66 /
-68 %); 2 batches 4.02-4.03 µs marginal, 8 batches 4.33 µs (each batch adds a dependent round trip; likely the slice
-then arrives too late, not measured). Where the time was not (sweeps of the same day,
-bench/results/device_2026-12-07_s25/calls.md): loading 2-5 digit planes instead of 6 (4.24-4.32 µs), copies of the
-planes (4.36-4.42), 8 or 16 warps a program (5.24 / 4.76), and a third of the mma (the digit sums written by the
-step before instead: 4.34 µs, the same bits). Without the wait (the ablation, wrong by design) the unpaced kernel
-streams at 3.23-3.25 µs marginal and the paced one at 3.59-3.65: pacing costs streaming speed and buys back far more
-on the dependent path. The twenty-fourth session's figures and what it tried: 4.30 µs marginal unpaced; loading the
-two zero planes as well 4.87; releasing the next layer before the loads 4.36; scales, zero points and digits through
-shared memory 5.29 (and one failed GPU case in each of two runs, not examined further); a cap of 168 registers 6.25.
+in two runs and the experiment's sweep in a third, whose build read ``nil`` from memory): **3.72-3.81 / 3.31-3.37 µs
+a step in chains of 8 / 32, 3.17-3.23 µs marginal (77-79 / 87-89 / 91-93 % of the copy peak; 75 % needs 3.90 µs),
+4.1-4.6x fp16, 1.6-1.8x the runtime's PDL chain**. Unpaced (one batch, the twenty-fourth session's kernel) 4.71-4.74
+/ 4.42-4.43 / 4.32-4.34 µs (62 / 66 / 68 %); 2 batches 4.02-4.03 µs marginal, 8 batches 4.33 µs (each batch adds a
+dependent round trip; likely the slice then arrives too late, not measured). Where the time was not (sweeps of the
+same day, bench/results/device_2026-12-07_s25/calls.md): loading 2-5 digit planes instead of 6 (4.24-4.32 µs),
+copies of the planes (4.36-4.42), 8 or 16 warps a program (5.24 / 4.76), and a third of the mma (the digit sums
+written by the step before instead: 4.34 µs, the same bits). Without the wait (the ablation, wrong by design) the
+unpaced kernel streams at 3.23-3.25 µs marginal and the paced one at 3.59-3.65: pacing costs streaming speed and
+buys back far more on the dependent path. The twenty-fourth session's figures and what it tried: 4.30 µs marginal
+unpaced; loading the two zero planes as well 4.87; releasing the next layer before the loads 4.36; scales, zero
+points and digits through shared memory 5.29 (and one failed GPU case in each of two runs, not examined further); a
+cap of 168 registers 6.25.
 
 Layout (``pack_digits``): program ``q`` owns rows ``32 q .. 32 q + 31``; its ``W`` warps split K (``S = K / 32 W``
 k32 steps a warp); lane ``(g, t) = (lane // 4, lane % 4)`` holds, for each step ``s``, the four words of its A
@@ -84,7 +86,7 @@ PLANES = 6  # digits of an fp16 value times 2^24
 ROWS = 32  # a program's output rows: two mma row blocks, one in each nibble of a byte
 GROUP = 128
 WARPS = 4
-PACE = 4  # batches of a program's word loads (see the module docstring: 4 was the fastest of 1, 2, 4 on the H100)
+PACE = 4  # batches of a program's word loads (the module docstring: 4 was the fastest of 1, 2, 4, 8 on the H100)
 _OFFSET = sum(128 << (8 * p) for p in range(PLANES))  # makes every balanced digit a byte 0..255
 _PLANES: gl.constexpr = gl.constexpr(PLANES)  # (jitted code reads a global only as a constexpr)
 _OFFSET_C: gl.constexpr = gl.constexpr(_OFFSET)
@@ -318,6 +320,8 @@ def _paced_words(w_ptr, pid, nil, S: gl.constexpr, W: gl.constexpr, PACE: gl.con
     """The program's words [W, 32, 4 S] (as one load would give them) in ``PACE`` batches of steps, each batch's
     addresses depending on the last word of the batch before through ``nil`` (0, unknown to the compilers), so a
     batch is issued only once the one before has begun to arrive."""
+    gl.static_assert((PACE == 1) | (PACE == 2) | (PACE == 4) | (PACE == 8), "PACE must be 1, 2, 4 or 8")
+    gl.static_assert(S % PACE == 0, "PACE must divide the steps a warp")
     SP: gl.constexpr = S // PACE
     L4: gl.constexpr = gl.BlockedLayout([1, 1, SP, 4], [1, 32, 1, 1], [W, 1, 1, 1], [3, 2, 1, 0])
     LD: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4))
@@ -355,7 +359,7 @@ def _paced_words(w_ptr, pid, nil, S: gl.constexpr, W: gl.constexpr, PACE: gl.con
 def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, nil, K: gl.constexpr, LEV_W: gl.constexpr,
                    num_warps: gl.constexpr, PDL: gl.constexpr, WAIT: gl.constexpr = True, PACE: gl.constexpr = 4):
     """One layer: 32 output rows a program, everything in registers (226 at K = 4096: two programs a
-    multiprocessor, this layer's and the next's). ``nil`` is 0 (``_paced_words``); ``PACE`` 1, 2 or 4 batches of
+    multiprocessor, this layer's and the next's). ``nil`` is 0 (``_paced_words``); ``PACE`` 1, 2, 4 or 8 batches of
     word loads. ``WAIT=False`` is the benchmark's ablation (no wait for the layer before: wrong results by
     design)."""
     W: gl.constexpr = num_warps
@@ -474,7 +478,7 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
     """Run the chain: ``planes`` int8 [L + 1, 8, K] (row 0 the input's ``digit_planes``, the rest written here; rows
     6 and 7 of each are neither read nor written), ``out`` fp16 [L + 1, K] (row l + 1 layer l's output). One launch a
     layer, each a programmatic dependent of the one before (``pdl``); each program issues its word loads in ``pace``
-    batches (1, 2 or 4; the result is the same bits); ``wait=False``: the benchmark's no-wait ablation (wrong
+    batches (1, 2, 4 or 8; the result is the same bits); ``wait=False``: the benchmark's no-wait ablation (wrong
     results by design)."""
     if pace not in (1, 2, 4, 8):
         raise ValueError(f"gemv_digits_chain: pace must be 1, 2, 4 or 8 batches, got {pace}")
