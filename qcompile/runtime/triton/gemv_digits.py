@@ -26,15 +26,15 @@ So a step computes ``fp16(sum_g s_g sum_k (c - z) x)`` with exact products and g
 conversion of each group's folded sum, the scale products and the final sums), and writes both the fp16 output and
 its digit planes for the next step (an output that overflows fp16 gets meaningless digits).
 
-**Paced word loads** (``PACE``, twenty-fifth session). Each program issues its words in four batches, each batch
-after a word of the batch before has arrived (its addresses carry that word times ``nil``, a zero the compilers
-cannot see); the output is the same bits (checked at paces 1, 2, 4 and 8). Why it helps, as we read the measurements
-(not observed directly): with two programs a multiprocessor, the program of layer l + 2 starts when layer l's exits,
-at about the moment layer l + 1 is released from its wait, and unpaced every program asks for its whole slice at
-once (64 KiB each, 8.8 MB over the grid) just as layer l + 1's dependent path (its digit loads, its stores, the
-grid's completion) needs the same memory system. Paced, fewer bytes wait ahead of that path, and the slice still
-arrives in time. Consistent with it: the variant with three programs a multiprocessor (more slices in flight) was
-slower, and so was eight batches.
+**Paced word loads** (``PACE``, twenty-fifth session). Each program issues its words in ``PACE`` batches (4 by
+default), each batch after a word of the batch before has arrived (its addresses carry that word times ``nil``, a
+zero the compilers cannot see); the output is the same bits (checked at paces 1, 2, 4 and 8). Why it helps, as we
+read the measurements (not observed directly): with two programs a multiprocessor, the program of layer l + 2 starts
+when layer l's exits, at about the moment layer l + 1 is released from its wait, and unpaced every program asks for
+its whole slice at once (64 KiB each, 8.8 MB over the grid) just as layer l + 1's dependent path (its digit loads,
+its stores, the grid's completion) needs the same memory system. Paced, fewer bytes wait ahead of that path, and the
+slice still arrives in time. Consistent with it: the variant with three programs a multiprocessor (more slices in
+flight) was slower, and so was eight batches.
 
 Measured on the H100 (2026-12-07, docs/BENCHMARKS.md, twenty-fifth session; ``bench/triton_gemv_chain.py --digits``
 in two runs and the experiment's sweep in a third, whose build read ``nil`` from memory): **3.72-3.81 / 3.31-3.37 µs
