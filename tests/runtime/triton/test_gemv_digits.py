@@ -143,6 +143,55 @@ def test_chain_rejects_a_pace_it_cannot_issue_and_an_empty_chain():
         gd.gemv_digits_chain(planes, gd.DigitChain([gd.pack_digits(codes, scale, zero)]), out, pace=8)
 
 
+def _sm90_sass(pace, tmp_path):
+    """The kernel compiled for sm_90 on this machine (Triton's ptxas and cuobjdump): SASS lines and spills."""
+    import subprocess
+
+    from triton import knobs
+
+    from qcompile.runtime.triton.aot_check import compile_one
+
+    types = dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*i8", p_in_ptr="*i8", p_out_ptr="*i8", y_ptr="*fp16",
+                 nil="i32")
+    res = compile_one(gd._digits_kernel, types, dict(K=4096, LEV_W=3, PDL=True, PACE=pace, num_warps=gd.WARPS),
+                      num_warps=gd.WARPS, keep_cubin=True)
+    path = tmp_path / f"digits{pace}.cubin"
+    path.write_bytes(res["cubin"])
+    text = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    return [ln.split(";")[0].split("*/")[-1].strip() for ln in text.splitlines() if ";" in ln], res["spills"]
+
+
+def _word_loads_issued_after_a_word_is_read(lines):
+    """Before the PDL wait (ACQBULK): the 16-byte loads, and how many of them are issued after the first
+    instruction that reads a register an earlier one wrote (the pacing's dependency: the thread stalls there until
+    that word is in)."""
+    import re
+
+    end = next(i for i, ln in enumerate(lines) if "ACQBULK" in ln)
+    loaded, used, after, words = set(), False, 0, 0
+    for ln in lines[:end]:
+        m = re.match(r"(?:@!?U?P\w+ )?LDG\.E\.128 R(\d+),", ln)
+        if m:
+            words += 1
+            after += used
+            loaded |= {int(m.group(1)) + i for i in range(4)}
+        elif "," in ln and {int(r) for r in re.findall(r"\bR(\d+)\b", ln.split(",", 1)[1])} & loaded:
+            used = True
+    return words, after
+
+
+@pytest.mark.parametrize("pace,paced", [(1, 0), (4, 24), (8, 28)])
+def test_paced_word_loads_wait_for_the_batch_before_in_the_sm90_code(pace, paced, tmp_path):
+    """The pacing is a data dependency the compilers must keep: in the sm_90 code, the 32 word loads a thread
+    (16 bytes each) go out before the wait, and with PACE batches all but the first batch's go out only after an
+    instruction that reads a word already loaded (unpaced: none)."""
+    lines, spills = _sm90_sass(pace, tmp_path)
+    words, after = _word_loads_issued_after_a_word_is_read(lines)
+    assert (words, spills) == (32, 0)
+    assert after >= paced if pace > 1 else after == 0
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("n,layers,sym,pace", [(512, 2, False, 4), (4096, 3, False, 4), (4096, 2, True, 4),
                                                (4096, 3, False, 1), (4096, 2, False, 2), (1024, 2, False, 8),
