@@ -43,9 +43,7 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -513,13 +511,9 @@ def quant_loop(cubin: bytes) -> tuple[int, collections.Counter]:
     """The quantized loop's instruction mix: ``loop_mix``'s parsing, but of the LAST loop (backward branch) holding
     HMMA, since in these kernels the float-prefix loop comes first and, with permuted (gathered) columns, can be
     the longer one."""
-    from triton import knobs
+    from qcompile.runtime.triton.aot_check import sass_text
 
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    text = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True,
-                          check=True).stdout
-    os.unlink(f.name)
+    text = sass_text(cubin)
     ins = [(int(m.group(1), 16), m.group(2)) for m in
            re.finditer(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\d\s+)?([A-Z0-9_.]+)([^;]*);", text)]
     best = None

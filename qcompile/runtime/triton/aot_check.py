@@ -45,6 +45,20 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
     return regs, spills
 
 
+def sass_text(cubin: bytes) -> str:
+    """``cuobjdump -sass`` of a cubin (``compile_one(..., keep_cubin=True)``), with Triton's bundled cuobjdump."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(path)
+
+
 def compile_one(fn, types: dict, consts: dict, ints: dict | None = None, num_warps: int = 4, num_stages: int = 2,
                 arch: int = 90, keep_cubin: bool = False) -> dict:
     """Compile ``fn`` with argument ``types`` ('*fp16', 'i32', ...) and constexpr ``consts``; ints in ``ints``
@@ -80,7 +94,7 @@ def compile_one(fn, types: dict, consts: dict, ints: dict | None = None, num_war
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     regs, spills = _ptxas_stats(k.asm["ptx"], arch)
     out = {"shared": k.metadata.shared, "regs": regs, "spills": spills}
-    if keep_cubin:  # for SASS inspection (bench/triton_gemv_sass.py)
+    if keep_cubin:  # for SASS inspection (``sass_text``)
         out["cubin"] = k.asm["cubin"]
     return out
 

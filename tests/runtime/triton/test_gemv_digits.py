@@ -143,22 +143,15 @@ def test_chain_rejects_a_pace_it_cannot_issue_and_an_empty_chain():
         gd.gemv_digits_chain(planes, gd.DigitChain([gd.pack_digits(codes, scale, zero)]), out, pace=8)
 
 
-def _sm90_sass(pace, tmp_path):
+def _sm90_sass(pace):
     """The kernel compiled for sm_90 on this machine (Triton's ptxas and cuobjdump): SASS lines and spills."""
-    import subprocess
-
-    from triton import knobs
-
-    from qcompile.runtime.triton.aot_check import compile_one
+    from qcompile.runtime.triton.aot_check import compile_one, sass_text
 
     types = dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*i8", p_in_ptr="*i8", p_out_ptr="*i8", y_ptr="*fp16",
                  nil="i32")
     res = compile_one(gd._digits_kernel, types, dict(K=4096, LEV_W=3, PDL=True, PACE=pace, num_warps=gd.WARPS),
                       num_warps=gd.WARPS, keep_cubin=True)
-    path = tmp_path / f"digits{pace}.cubin"
-    path.write_bytes(res["cubin"])
-    text = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(path)], capture_output=True, text=True,
-                          check=True).stdout
+    text = sass_text(res["cubin"])
     return [ln.split(";")[0].split("*/")[-1].strip() for ln in text.splitlines() if ";" in ln], res["spills"]
 
 
@@ -182,11 +175,11 @@ def _word_loads_issued_after_a_word_is_read(lines):
 
 
 @pytest.mark.parametrize("pace,paced", [(1, 0), (4, 24), (8, 28)])
-def test_paced_word_loads_wait_for_the_batch_before_in_the_sm90_code(pace, paced, tmp_path):
+def test_paced_word_loads_wait_for_the_batch_before_in_the_sm90_code(pace, paced):
     """The pacing is a data dependency the compilers must keep: in the sm_90 code, the 32 word loads a thread
     (16 bytes each) go out before the wait, and with PACE batches all but the first batch's go out only after an
     instruction that reads a word already loaded (unpaced: none)."""
-    lines, spills = _sm90_sass(pace, tmp_path)
+    lines, spills = _sm90_sass(pace)
     words, after = _word_loads_issued_after_a_word_is_read(lines)
     assert (words, spills) == (32, 0)
     assert after >= paced if pace > 1 else after == 0
