@@ -41,7 +41,13 @@ os.environ.setdefault("QCOMPILE_TUNE_CACHE", "0")
 from bench.triton_kernels import graph_time, peak_copy_bandwidth, random_int_weight  # noqa: E402
 from qcompile.runtime.triton.gemv_chain import chain_config, gemv_chain, stack_chain  # noqa: E402
 from qcompile.runtime.triton.gemv_chain_staged import gemv_chain_staged, stage_chain  # noqa: E402
-from qcompile.runtime.triton.gemv_digits import PACE, digit_planes, gemv_digits_chain, stack_digits  # noqa: E402
+from qcompile.runtime.triton.gemv_digits import (  # noqa: E402
+    PACE,
+    WARPS,
+    digit_planes,
+    gemv_digits_chain,
+    stack_digits,
+)
 from qcompile.runtime.triton.packing import pack_from_export  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import wq_linear  # noqa: E402
 
@@ -95,8 +101,9 @@ def main() -> None:
     # the digit-plane kernel, and without waiting for the layer before (wrong by design): what the wait costs
     # (its four warps hold K / 32 words a thread: K up to 4096)
     # (PACE 1: the word loads in one batch, as before the twenty-fifth session; the default paces them in 4)
-    # (8 batches need 8 k32 steps a warp: K >= 1024)
-    digit_cfgs = ([{"DIGITS": True}] + [{"DIGITS": True, "PACE": p} for p in (1, 2, 8) if p != PACE and n >= 32 * p * 4]
+    # (a pace must divide the k32 steps a warp: 8 batches need K >= 1024)
+    digit_cfgs = ([{"DIGITS": True}] + [{"DIGITS": True, "PACE": p} for p in (1, 2, 8)
+                                        if p != PACE and (n // (32 * WARPS)) % p == 0]
                   + [{"DIGITS": True, "NO_BARRIER": True}] if n <= 4096 else [])
     configs += digit_cfgs
     if args.new_first:  # (a short device call: what earlier runs did not measure, then the reference)

@@ -308,11 +308,14 @@ def _group_mma(w, x):
 
 
 @gluon.jit
-def _last_word(p, LD: gl.constexpr):
-    """A batch's words [W, 32, SP, 4] -> each lane's last one, [W, 32] in layout LD (a relabelling: no data moves)."""
-    v = gl.reshape(p, [p.shape[0], p.shape[1], p.shape[2] * 4])
+def _batch_after(w_ptr, off, b: gl.constexpr, SP: gl.constexpr, before, nil, LD: gl.constexpr):
+    """Batch ``b`` of a program's words (steps b SP .. b SP + SP - 1), its addresses tied to the last word a lane
+    holds of the batch ``before`` (times ``nil``, 0: the load goes out once that word is in). The term is a
+    multiple of 4 words to the compilers, so the loads stay 16-byte."""
+    v = gl.reshape(before, [before.shape[0], before.shape[1], before.shape[2] * 4])
     LEV: gl.constexpr = v.shape[2].bit_length() - 1
-    return gl.convert_layout(gl.reshape(_chunk(v, v.shape[2] - 1, LEV), [p.shape[0], p.shape[1]]), LD)
+    last = gl.convert_layout(gl.reshape(_chunk(v, v.shape[2] - 1, LEV), [before.shape[0], before.shape[1]]), LD)
+    return gl.load(w_ptr + off + b * SP * 128 + ((last * nil) << 2)[:, :, None, None])
 
 
 @gluon.jit
@@ -335,21 +338,21 @@ def _paced_words(w_ptr, pid, nil, S: gl.constexpr, W: gl.constexpr, PACE: gl.con
     if PACE == 1:
         words = gl.reshape(p0, [W, 32, 4 * S])
     else:
-        # (dep * nil) << 2 is 0, and a multiple of 4 words to the compilers: the loads stay 16-byte
-        p1 = gl.load(w_ptr + off + SP * 128 + ((_last_word(p0, LD) * nil) << 2)[:, :, None, None])
+        # join's new dimension is the last: bit i of the batch index ends up in dimension 4 + i
+        p1 = _batch_after(w_ptr, off, 1, SP, p0, nil, LD)
         if PACE == 2:
             words = gl.reshape(gl.permute(gl.join(p0, p1), [0, 1, 4, 2, 3]), [W, 32, 4 * S])
         else:
-            p2 = gl.load(w_ptr + off + 2 * SP * 128 + ((_last_word(p1, LD) * nil) << 2)[:, :, None, None])
-            p3 = gl.load(w_ptr + off + 3 * SP * 128 + ((_last_word(p2, LD) * nil) << 2)[:, :, None, None])
-            if PACE == 4:  # join's new dimension is the last: batch b's bit i is dimension 4 + i
+            p2 = _batch_after(w_ptr, off, 2, SP, p1, nil, LD)
+            p3 = _batch_after(w_ptr, off, 3, SP, p2, nil, LD)
+            if PACE == 4:
                 words = gl.reshape(gl.permute(gl.join(gl.join(p0, p1), gl.join(p2, p3)), [0, 1, 5, 4, 2, 3]),
                                    [W, 32, 4 * S])
             else:
-                p4 = gl.load(w_ptr + off + 4 * SP * 128 + ((_last_word(p3, LD) * nil) << 2)[:, :, None, None])
-                p5 = gl.load(w_ptr + off + 5 * SP * 128 + ((_last_word(p4, LD) * nil) << 2)[:, :, None, None])
-                p6 = gl.load(w_ptr + off + 6 * SP * 128 + ((_last_word(p5, LD) * nil) << 2)[:, :, None, None])
-                p7 = gl.load(w_ptr + off + 7 * SP * 128 + ((_last_word(p6, LD) * nil) << 2)[:, :, None, None])
+                p4 = _batch_after(w_ptr, off, 4, SP, p3, nil, LD)
+                p5 = _batch_after(w_ptr, off, 5, SP, p4, nil, LD)
+                p6 = _batch_after(w_ptr, off, 6, SP, p5, nil, LD)
+                p7 = _batch_after(w_ptr, off, 7, SP, p6, nil, LD)
                 j = gl.join(gl.join(gl.join(p0, p1), gl.join(p2, p3)), gl.join(gl.join(p4, p5), gl.join(p6, p7)))
                 words = gl.reshape(gl.permute(j, [0, 1, 6, 5, 4, 2, 3]), [W, 32, 4 * S])
     return words
