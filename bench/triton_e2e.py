@@ -11,8 +11,9 @@
   Runtime on five chat prompts.
 * On sm_90+, the 16-bit-cache runner again with its decode step's Triton kernels as programmatic dependent launches
   (``pdl=True``: each may launch while the kernel before drains; the GEMVs read their first weight tile then),
-  beside the plain launches of the same run; and once more with the tensor-core int4 GEMV among the GEMV tuner's
-  candidates (``mma_gemv=True``).
+  beside the plain launches of the same run; once more with the tensor-core int4 GEMV among the GEMV tuner's
+  candidates (``mma_gemv=True``); and once with q|k|v and gate|up on the digit-plane GEMV (``digit_gemv=True``:
+  ``gemv_digits`` reading planes their RMSNorm writes).
 
     python bench/triton_e2e.py --out bench/results/triton_e2e.json [--smollm2 out/smollm2-w4]
 """
@@ -141,11 +142,13 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
     # (``pdl``), then those with the tensor-core GEMV among the tuner's candidates (``mma_gemv``), where the GPU has
     # them (sm_90+)
     pdl_ok = supports_pdl("cuda")
-    for kv_bits, pdl, mma in (((16, False, False),) + (((16, True, False), (16, True, True)) if pdl_ok else ())
-                              + ((8, False, False), (4, False, False))):
+    for kv_bits, pdl, mma, digits in (((16, False, False, False),)
+                                      + (((16, True, False, False), (16, True, True, False), (16, True, False, True))
+                                         if pdl_ok else ())
+                                      + ((8, False, False, False), (4, False, False, False))):
         t0 = time.time()
         runner = TritonCausalLM(weights, dtype=torch.float16, kv_bits=kv_bits, max_seq_len=args.prompt_len +
-                                args.new_tokens + 16, pdl=pdl, mma_gemv=mma)
+                                args.new_tokens + 16, pdl=pdl, mma_gemv=mma, digit_gemv=digits)
         setup = time.time() - t0
         r = decode_rate(runner.generate, ids, args.new_tokens, args.repeats)
         r["setup_s"] = round(setup, 1)
@@ -162,9 +165,21 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
             r["speedup_vs_plain_launches"] = r["tokens_per_s"] / res[f"triton_int4_kv{kv_bits}"]["tokens_per_s"]
         if mma:
             r["speedup_vs_pdl_without_mma"] = r["tokens_per_s"] / res[f"triton_int4_kv{kv_bits}_pdl"]["tokens_per_s"]
-        res[f"triton_int4_kv{kv_bits}" + ("_pdl" if pdl else "") + ("_mma" if mma else "")] = r
+        if digits:
+            pdl_row = res[f"triton_int4_kv{kv_bits}_pdl"]
+            r["speedup_vs_pdl_pointer_gemv"] = r["tokens_per_s"] / pdl_row["tokens_per_s"]
+            r["linears_on_digits"] = sum(lin.digits is not None for layer in runner.layers
+                                         for lin in (layer.qkv, layer.gate_up))
+            r["notes"] = runner.notes
+            # the same greedy tokens as the PDL row's runner (fp16 both, other roundings: a near tie may flip)
+            r["decode_tokens_equal_pdl_pointer_gemv"] = runner.generate(ids, 32) == pdl_row["tokens_32"]
+        if kv_bits == 16 and pdl and not mma and not digits:
+            r["tokens_32"] = runner.generate(ids, 32)
+        res[f"triton_int4_kv{kv_bits}" + ("_pdl" if pdl else "") + ("_mma" if mma else "")
+            + ("_digits" if digits else "")] = r
         save(res)
-        print(f"qcompile Triton int4, KV {kv_bits}-bit{', PDL step' if pdl else ''}{', mma GEMV' if mma else ''}: "
+        print(f"qcompile Triton int4, KV {kv_bits}-bit{', PDL step' if pdl else ''}{', mma GEMV' if mma else ''}"
+              f"{', digit GEMV' if digits else ''}: "
               f"{r['tokens_per_s']:.1f} tok/s "
               f"({r['speedup_vs_hf_fp16']:.2f}x HF fp16)", flush=True)
         del runner

@@ -267,14 +267,16 @@ def _run_folder(model_dir: str, args) -> int:
     if args.pdl is not None and args.device != "cuda":
         raise QCompileError("--pdl / --no-pdl set how the Triton runtime launches its kernels (--device cuda); ONNX "
                             "Runtime on the CPU has no such launches")
-    if args.mma_gemv and args.device != "cuda":
-        raise QCompileError("--mma-gemv picks the Triton runtime's int4 GEMV (--device cuda); ONNX Runtime on the CPU "
-                            "runs its own")
+    for flag, on in (("--mma-gemv", args.mma_gemv), ("--digit-gemv", args.digit_gemv)):
+        if on and args.device != "cuda":
+            raise QCompileError(f"{flag} picks the Triton runtime's int4 GEMV (--device cuda); ONNX Runtime on the "
+                                "CPU runs its own")
     tok = _export_tokenizer(model_dir)
     if args.device == "cuda":  # qcompile's Triton kernels (qcompile/runtime/triton); ONNX Runtime otherwise
         from qcompile.runtime.triton.runner import TritonCausalLM, system_prefix_length
 
-        runner = TritonCausalLM.from_dir(model_dir, kv_bits=args.kv_bits, pdl=args.pdl, mma_gemv=args.mma_gemv)
+        runner = TritonCausalLM.from_dir(model_dir, kv_bits=args.kv_bits, pdl=args.pdl, mma_gemv=args.mma_gemv,
+                                         digit_gemv=args.digit_gemv)
     else:
         runner = OrtCausalLM.from_dir(model_dir, accuracy_level=args.accuracy_level, threads=args.threads)
     if tok.chat_template and not args.raw:
@@ -440,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --device cuda on sm_90+: also keep int4 weights (groups of 64 or 128) in the tensor-core "
                         "GEMV's layout, twice their int4 memory; the decode's GEMV tuner keeps whichever kernel is "
                         "faster per shape")
+    p.add_argument("--digit-gemv", action="store_true",
+                   help="with --device cuda on sm_90+: the decode's q|k|v and gate|up GEMVs run the exact int4 GEMV "
+                        "on the int8 tensor cores (gemv_digits), reading digit planes their RMSNorm writes; for int4 "
+                        "weights in groups of 128 with 512 to 4096 inputs, kept a second time in its layout")
     common_ort(p)
     p.set_defaults(func=cmd_run)
 

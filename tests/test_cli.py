@@ -318,6 +318,7 @@ def test_empty_graph_and_damaged_files_are_named_in_the_users_folder(tiny_model_
     (["run", "{export}", "hi", "--pdl"], "--device cuda"),
     (["run", "{export}", "hi", "--no-pdl"], "--device cuda"),
     (["run", "{export}", "hi", "--mma-gemv"], "--device cuda"),
+    (["run", "{export}", "hi", "--digit-gemv"], "--device cuda"),
     (["run", "{export}", "hi", "--max-new-tokens", "100000"], "exceed the model's"),
     (["package", "{export}", "-o", "{new}.zip", "--format", "tar.gz"], "make them agree"),
 ])

@@ -340,8 +340,8 @@ def cases(all_configs: bool):
                            _combine_types(dt), dict(SP=256, D=d, DC=min(dc, d), PDL=pdl), {}, w, 2)
         for n, pdl in ((576, False), (4096, False), (4096, True)):
             yield (f"rms_norm {dt} N={n} PDL={pdl}", norm._rms_norm_kernel,
-                   dict(x_ptr=_ptr(dt), w_ptr=_ptr(dt), y_ptr=_ptr(dt), N="i32", stride_x="i32", stride_y="i32",
-                        eps="fp32"),
+                   dict(x_ptr=_ptr(dt), w_ptr=_ptr(dt), y_ptr=_ptr(dt), p_ptr="*i8", N="i32", stride_x="i32",
+                        stride_y="i32", eps="fp32"),
                    dict(HAS_W=True, BLOCK=1 << (n - 1).bit_length(), PDL=pdl), dict(N=n, stride_x=n, stride_y=n), 4,
                    2)
     # the persistent GEMV chain (gemv_chain): its default (BLOCK_N 32, 16 warps) must hold two 64 KiB slices
@@ -373,10 +373,18 @@ def cases(all_configs: bool):
     from qcompile.runtime.triton import gemv_digits
 
     for pace in (1, 2, 4, 8):
-        yield (f"gemv_chain digits 4096 (PDL, pace {pace})", gemv_digits._digits_kernel,
-               dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*i8", p_in_ptr="*i8", p_out_ptr="*i8", y_ptr="*fp16",
-                    nil="i32"),
+        yield (f"gemv_chain digits 4096 (PDL, pace {pace})", gemv_digits._digits_kernel, DIGITS_TYPES,
                dict(K=4096, LEV_W=3, PDL=True, PACE=pace, num_warps=gemv_digits.WARPS), {}, gemv_digits.WARPS, 1)
+    # the runner's decode GEMV on digit planes (q|k|v, gate|up): fp16 output only, with and without bias
+    for k, bias in ((4096, False), (4096, True), (2048, False)):
+        yield (f"gemv_digits K={k} bias={bias} (runner, PDL)", gemv_digits._digits_kernel, DIGITS_TYPES,
+               dict(K=k, LEV_W=(k // 512).bit_length() - 1, PDL=True, PACE=gemv_digits.PACE, HAS_BIAS=bias,
+                    DIGITS_OUT=False, num_warps=gemv_digits.WARPS), {}, gemv_digits.WARPS, 1)
+
+
+# gemv_digits._digits_kernel's pointer and scalar arguments (here and in its SASS test)
+DIGITS_TYPES = dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*i8", p_in_ptr="*i8", p_out_ptr="*i8", y_ptr="*fp16",
+                    b_ptr="*fp16", nil="i32")
 
 
 def small_cases():

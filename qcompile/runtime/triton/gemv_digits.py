@@ -77,6 +77,7 @@ import torch
 from qcompile.runtime.triton._env import require_triton
 
 triton = require_triton()
+import triton.language as tl  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 
@@ -90,6 +91,7 @@ PACE = 4  # batches of a program's word loads (the module docstring: 4 was the f
 _OFFSET = sum(128 << (8 * p) for p in range(PLANES))  # makes every balanced digit a byte 0..255
 _PLANES: gl.constexpr = gl.constexpr(PLANES)  # (jitted code reads a global only as a constexpr)
 _OFFSET_C: gl.constexpr = gl.constexpr(_OFFSET)
+_OFFSET_TL = tl.constexpr(_OFFSET)
 
 
 def plane_positions(k: int) -> torch.Tensor:
@@ -117,6 +119,19 @@ def digit_planes(x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(8, k, dtype=torch.int8, device=x.device)
     out[:PLANES, plane_positions(k).to(x.device)] = digits.to(torch.int8)
     return out
+
+
+@triton.jit
+def store_digit_planes(p_ptr, offs, y, mask, K):
+    """A producer's epilogue (Triton): the digit planes of its fp16 output ``y`` at inputs ``offs`` (``mask``) into
+    ``p_ptr`` int8 [8, K] (rows 6 and 7 untouched), as ``digit_planes`` writes them: the next GEMV
+    (``gemv_digits``) reads them instead of ``y``. ``K`` a multiple of 64."""
+    big = (y.to(tl.float16).to(tl.float32) * 16777216.0).to(tl.int64) + _OFFSET_TL  # exact: 41 bits
+    s = offs // 32
+    r = offs % 32
+    pos = (s // 2) * 64 + ((r % 16) // 4) * 16 + (s % 2) * 8 + (r // 16) * 4 + r % 4  # plane_positions
+    for p in tl.static_range(PLANES):
+        tl.store(p_ptr + p * K + pos, (((big >> (8 * p)) & 255) - 128).to(tl.int8), mask=mask)
 
 
 def planes_to_values(planes: torch.Tensor) -> torch.Tensor:
@@ -359,12 +374,14 @@ def _paced_words(w_ptr, pid, nil, S: gl.constexpr, W: gl.constexpr, PACE: gl.con
 
 
 @gluon.jit(do_not_specialize=["nil"])
-def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, nil, K: gl.constexpr, LEV_W: gl.constexpr,
-                   num_warps: gl.constexpr, PDL: gl.constexpr, WAIT: gl.constexpr = True, PACE: gl.constexpr = 4):
+def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, b_ptr, nil, K: gl.constexpr,
+                   LEV_W: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr, WAIT: gl.constexpr = True,
+                   PACE: gl.constexpr = 4, HAS_BIAS: gl.constexpr = False, DIGITS_OUT: gl.constexpr = True):
     """One layer: 32 output rows a program, everything in registers (226 at K = 4096: two programs a
     multiprocessor, this layer's and the next's). ``nil`` is 0 (``_paced_words``); ``PACE`` 1, 2, 4 or 8 batches of
     word loads. ``WAIT=False`` is the benchmark's ablation (no wait for the layer before: wrong results by
-    design)."""
+    design). ``HAS_BIAS``: adds ``b_ptr``'s fp16 [N] before the rounding; ``DIGITS_OUT=False``: the fp16 output
+    only (a GEMV whose output feeds no other ``gemv_digits``, e.g. the runner's q|k|v and gate|up)."""
     W: gl.constexpr = num_warps
     S: gl.constexpr = K // (32 * W)  # k32 steps a warp
     GW: gl.constexpr = S // 4  # groups of 128 a warp: 2^LEV_W
@@ -443,14 +460,17 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, nil, K: gl.c
     m3 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, Y3)))[None, :, None]
     n3 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, Y3)))[None, None, :]
     row = g3 + 8 * m3 + 16 * n3
+    if HAS_BIAS:
+        y = y + gl.load(b_ptr + pid * 32 + row).to(gl.float32)
     yh = y.to(gl.float16)
     gl.store(y_ptr + pid * 32 + row, yh)
-    # the output's digit planes for the next step (input k = 32 pid + row: step pid, b = n, t' = (g + 8 m) // 4)
-    big = (yh.to(gl.float32) * 16777216.0).to(gl.int64) + _OFFSET_C
-    p4 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LY))))[None, None, None, :]
-    digit = (((gl.expand_dims(big, 3) >> (8 * p4)) & 255) - 128).to(gl.int8)
-    pos = (pid // 2) * 64 + ((g3 + 8 * m3) // 4) * 16 + (pid % 2) * 8 + n3 * 4 + g3 % 4
-    gl.store(p_out_ptr + p4 * K + gl.expand_dims(pos, 3), digit, mask=p4 < _PLANES)
+    if DIGITS_OUT:
+        # the output's digit planes for the next step (input k = 32 pid + row: step pid, b = n, t' = (g + 8 m) // 4)
+        big = (yh.to(gl.float32) * 16777216.0).to(gl.int64) + _OFFSET_C
+        p4 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LY))))[None, None, None, :]
+        digit = (((gl.expand_dims(big, 3) >> (8 * p4)) & 255) - 128).to(gl.int8)
+        pos = (pid // 2) * 64 + ((g3 + 8 * m3) // 4) * 16 + (pid % 2) * 8 + n3 * 4 + g3 % 4
+        gl.store(p_out_ptr + p4 * K + gl.expand_dims(pos, 3), digit, mask=p4 < _PLANES)
 
 
 @dataclass
@@ -505,7 +525,43 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
         raise ValueError("gemv_digits_chain needs an sm_90 GPU or newer (programmatic dependent launches)")
     for layer, dw in enumerate(dc.layers):
         _digits_kernel[(dw.out_features // ROWS,)](
-            dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], 0, K=k,
+            dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], out[layer + 1], 0, K=k,
             LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1, num_warps=dw.warps, PDL=pdl, WAIT=wait, PACE=pace,
             **({"launch_pdl": True} if pdl else {}))
+    return out
+
+
+def digit_weight(pw) -> DigitWeight:
+    """A ``packing.PackedWeight`` (int4, groups of 128; K 512, 1024, 2048 or 4096; N a multiple of 32) re-packed for
+    ``gemv_digits``; ValueError naming what does not fit."""
+    from qcompile.runtime.triton.reference import unpack_words
+
+    if pw.bits != 4 or pw.group_size != GROUP:
+        raise ValueError(f"gemv_digits takes int4 weights in groups of {GROUP}, got {pw.bits}-bit codes in groups "
+                         f"of {pw.group_size}")
+    if pw.scale.dtype != torch.float16:
+        raise ValueError(f"gemv_digits computes in float16, got {pw.scale.dtype} scales")
+    return pack_digits(unpack_words(pw.qweight, 4), pw.scale, pw.zero)
+
+
+def gemv_digits(planes: torch.Tensor, dw: DigitWeight, *, bias: torch.Tensor | None = None, pdl: bool = False,
+                pace: int = PACE) -> torch.Tensor:
+    """One GEMV on digit planes: ``planes`` int8 [8, K] (``digit_planes``, or a producer's ``store_digit_planes``)
+    -> fp16 [1, N] = ``fp16(sum_g s_g sum_k (c - z) x (+ bias))``; ``pdl``: launched as a programmatic dependent (its
+    words loaded before it waits for the planes' producer)."""
+    n, k = dw.out_features, dw.in_features
+    if pace not in (1, 2, 4, 8) or (k // (32 * dw.warps)) % pace:
+        raise ValueError(f"gemv_digits: pace must be 1, 2, 4 or 8 batches dividing the k32 steps a warp, got {pace}")
+    if planes.shape != (8, k) or planes.dtype != torch.int8 or not planes.is_cuda or not planes.is_contiguous():
+        raise ValueError(f"gemv_digits: planes must be a contiguous int8 CUDA tensor [8, {k}], got "
+                         f"{planes.dtype} {tuple(planes.shape)} on {planes.device}")
+    if dw.words.device != planes.device:
+        raise ValueError(f"gemv_digits: the weight is on {dw.words.device}, the planes on {planes.device}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != torch.float16 or bias.device != planes.device):
+        raise ValueError(f"gemv_digits: bias must be fp16 [{n}] on {planes.device}")
+    out = torch.empty(1, n, dtype=torch.float16, device=planes.device)
+    _digits_kernel[(n // ROWS,)](
+        dw.words, dw.scale, dw.nzero, planes, planes, out, bias if bias is not None else out, 0, K=k,
+        LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1, num_warps=dw.warps, PDL=pdl, PACE=pace,
+        HAS_BIAS=bias is not None, DIGITS_OUT=False, **({"launch_pdl": True} if pdl else {}))
     return out

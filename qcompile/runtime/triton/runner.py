@@ -583,6 +583,7 @@ class _Linear:
         self.pdl = pdl
         self.packed = None
         self.int_packed = None
+        self.digits = None  # the weight in gemv_digits' layout too (``use_digits``): decode reads digit planes
         self.prologue = _Prologue(steps)
         self.out_features = sum(p.shape[1] for p in parts)
         same = len({(p.bits, p.group_size, p.zero is None, p.shape[0]) for p in parts}) == 1
@@ -623,6 +624,25 @@ class _Linear:
         biased = any(p.bias is not None for p in parts)
         self.bias = None if not biased else torch.from_numpy(np.concatenate(
             [p.bias if p.bias is not None else np.zeros(p.shape[1], np.float32) for p in parts])).to(device, dtype)
+
+    def use_digits(self, name: str, notes: list[str]) -> None:
+        """Also keep the int4 weight in ``gemv_digits``' layout (another copy of its int4 memory): the decode step
+        then hands this linear its input as digit planes, written by the RMSNorm before it (``from_planes``)."""
+        from qcompile.runtime.triton.gemv_digits import digit_weight
+
+        if self.packed is None or self.prologue:
+            notes.append(f"{name}: not a plain weight-only linear; its decode GEMV stays the pointer GEMV")
+            return
+        try:
+            self.digits = digit_weight(self.packed)
+        except ValueError as e:
+            notes.append(f"{name}: {e}; its decode GEMV stays the pointer GEMV")
+
+    def from_planes(self, planes: torch.Tensor) -> torch.Tensor:
+        """The batch-1 output [1, N] from the input's digit planes (int8 [8, K], ``use_digits``)."""
+        from qcompile.runtime.triton.gemv_digits import gemv_digits
+
+        return gemv_digits(planes, self.digits, bias=self.packed.bias, pdl=self.pdl)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, act: str | None = None):
         if self.prologue:
@@ -691,11 +711,16 @@ class TritonCausalLM:
     ``mma_gemv`` (sm_90+): int4 weights in groups of 64 or 128 also kept in the tensor-core GEMV's layout
     (``gemv_mma``; twice their int4 memory), which the batch-1 GEMV's tuner then times beside the pointer GEMV, keeping
     the faster per shape (on the H100, a 7-10 % faster PDL chain at 4096 x 14336; docs/BENCHMARKS.md).
+    ``digit_gemv`` (sm_90+, float16): the decode step's q|k|v and gate|up GEMVs run ``gemv_digits`` (the exact int4
+    GEMV on the int8 tensor cores) on digit planes their RMSNorm writes beside its output, where the weight fits it
+    (int4 in groups of 128, K of 512 to 4096, no input rewrites; the others are listed in ``notes``); those weights
+    are kept a second time in its layout.
     """
 
     def __init__(self, weights: ModelWeights, *, device="cuda", dtype: torch.dtype = torch.float16,
                  kv_bits: int | None = None, prefix_capacity: int = 1024, max_seq_len: int | None = None,
-                 cuda_graph: bool = True, pdl: bool | None = None, mma_gemv: bool = False):
+                 cuda_graph: bool = True, pdl: bool | None = None, mma_gemv: bool = False,
+                 digit_gemv: bool = False):
         require_triton()
         check_device(device)
         from qcompile.runtime.triton._tune import supports_pdl
@@ -711,6 +736,9 @@ class TritonCausalLM:
         if mma_gemv and not (supports_pdl(device) and not interpreting()):  # sm_90+ as PDL, compiled kernels
             raise QCompileError("mma_gemv (the tensor-core int4 GEMV) needs an sm_90 or newer GPU and compiled kernels")
         self.mma_gemv = mma_gemv
+        if digit_gemv and (dtype != torch.float16 or not supports_pdl(device) or interpreting()):
+            raise QCompileError(f"digit_gemv (the int4 GEMV on digit planes) needs float16 ({dtype} asked), an sm_90 "
+                                "or newer GPU and compiled kernels")
 
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise QCompileError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
@@ -761,6 +789,17 @@ class TritonCausalLM:
                 k_norm=t(lw.k_norm) if lw.k_norm is not None else unit if w.has_qk_norm else None,
                 r3=_Prologue((lw.r3,)) if lw.r3 is not None else None,
             ))
+        self._planes = None  # digit_gemv: the RMSNorm's digit planes of its output, read by the next GEMV
+        if digit_gemv:
+            for i, layer in enumerate(self.layers):
+                for role in ("qkv", "gate_up"):
+                    lin = getattr(layer, role)
+                    if isinstance(lin, _Linear):
+                        lin.use_digits(f"layers.{i}.{role}", self.notes)
+                    else:
+                        self.notes.append(f"layers.{i}.{role}: parts with their own input rewrites; its decode "
+                                          "GEMV stays the pointer GEMV")
+            self._planes = torch.zeros(8, w.hidden_size, dtype=torch.int8, device=self.device)
         q_out = self.layers[0].qkv.out_features if self.layers else 0
         if q_out != (w.num_heads + 2 * w.num_kv_heads) * w.head_dim:
             raise QCompileError(f"q/k/v weights have {q_out} outputs, the config says "
@@ -828,6 +867,16 @@ class TritonCausalLM:
 
         return rms_norm(x, w, self.w.rms_eps, pdl=self.pdl)
 
+    def _norm_linear(self, h: torch.Tensor, w, linear):
+        """``linear(norm(h))`` for one decode token; a linear that reads digit planes (``digit_gemv``) gets them
+        from the norm instead of its fp16 output."""
+        if getattr(linear, "digits", None) is None:
+            return linear(self._norm(h, w))
+        from qcompile.runtime.triton.norm import rms_norm
+
+        rms_norm(h, w, self.w.rms_eps, pdl=self.pdl, planes=self._planes)
+        return linear.from_planes(self._planes)
+
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         x = self._norm(h, self.final_norm)
         if self.lm_head is not None:
@@ -860,12 +909,12 @@ class TritonCausalLM:
         nh, d = self.num_heads, self.head_dim
         h = self.embed.index_select(0, self._tok)
         for layer, cache in zip(self.layers, self.caches):
-            qkv = layer.qkv(self._norm(h, layer.input_norm))
+            qkv = self._norm_linear(h, layer.input_norm, layer.qkv)
             q = self._qkv_rope(layer, cache, qkv, self._pos, 1, out_kv=False)
             attn = decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, window=self.window,
                                     pdl=self.pdl)
             h = layer.o(attn.view(1, nh * d), residual=h)
-            h = layer.down(layer.gate_up(self._norm(h, layer.post_attn_norm)), act="silu_mul", residual=h)
+            h = layer.down(self._norm_linear(h, layer.post_attn_norm, layer.gate_up), act="silu_mul", residual=h)
         self._logits = self._head(h)
         self._next = torch.argmax(self._logits[0]).view(1)
         self._tok.copy_(self._next)
@@ -923,7 +972,7 @@ class TritonCausalLM:
             mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
         h = self.embed.index_select(0, ids)
         for layer, cache in zip(self.layers, self.caches):
-            qkv = layer.qkv(self._norm(h, layer.input_norm))
+            qkv = self._norm_linear(h, layer.input_norm, layer.qkv)
             q, k, v = self._qkv_rope(layer, cache, qkv, pos, t, out_kv=True)
             if spec is not None:  # what the cache holds: fake-quantized from position P on
                 kq, vq = (fake_quantize(x, spec.bits, spec.symmetric, spec.group_size, spec.clip_ratio) for x in (k, v))
@@ -935,7 +984,7 @@ class TritonCausalLM:
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                   scale=1.0 / math.sqrt(d), enable_gqa=nh != nkv)
             h = layer.o(attn.transpose(1, 2).reshape(t, nh * d), residual=h)
-            h = layer.down(layer.gate_up(self._norm(h, layer.post_attn_norm)), act="silu_mul", residual=h)
+            h = layer.down(self._norm_linear(h, layer.post_attn_norm, layer.gate_up), act="silu_mul", residual=h)
         logits = self._head(h if all_logits else h[-1:]).float()
         self._pos.fill_(t)
         self._lens.fill_(t + 1)

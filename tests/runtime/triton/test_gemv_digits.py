@@ -143,16 +143,40 @@ def test_chain_rejects_a_pace_it_cannot_issue_and_an_empty_chain():
         gd.gemv_digits_chain(planes, gd.DigitChain([gd.pack_digits(codes, scale, zero)]), out, pace=8)
 
 
-def _sm90_sass(pace):
-    """The kernel compiled for sm_90 on this machine (Triton's ptxas and cuobjdump): SASS lines and spills."""
-    from qcompile.runtime.triton.aot_check import compile_one, sass_text
+_SASS_CHILD = """
+import json, sys
+from qcompile.runtime.triton import gemv_digits as gd
+from qcompile.runtime.triton.aot_check import DIGITS_TYPES, compile_one, sass_text
+out = {}
+for pace in map(int, sys.argv[1:]):
+    res = compile_one(gd._digits_kernel, DIGITS_TYPES, dict(K=4096, LEV_W=3, PDL=True, PACE=pace,
+                      num_warps=gd.WARPS), num_warps=gd.WARPS, keep_cubin=True)
+    lines = [ln.split(";")[0].split("*/")[-1].strip() for ln in sass_text(res["cubin"]).splitlines() if ";" in ln]
+    out[pace] = (lines, res["spills"])
+print(json.dumps(out))
+"""
 
-    types = dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*i8", p_in_ptr="*i8", p_out_ptr="*i8", y_ptr="*fp16",
-                 nil="i32")
-    res = compile_one(gd._digits_kernel, types, dict(K=4096, LEV_W=3, PDL=True, PACE=pace, num_warps=gd.WARPS),
-                      num_warps=gd.WARPS, keep_cubin=True)
-    text = sass_text(res["cubin"])
-    return [ln.split(";")[0].split("*/")[-1].strip() for ln in text.splitlines() if ";" in ln], res["spills"]
+
+@pytest.fixture(scope="module")
+def sm90_sass():
+    """pace -> (SASS lines, spill bytes) of the kernel compiled for sm_90 on this machine (Triton's ptxas and
+    cuobjdump), in a child process without the interpreter: this folder's conftest turns it on for CPU machines,
+    and then Triton's own library functions (the reductions' combine functions) cannot be compiled."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import qcompile
+
+    root = str(Path(qcompile.__file__).resolve().parents[1])
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _SASS_CHILD, "1", "4", "8"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {int(k): v for k, v in json.loads(proc.stdout.splitlines()[-1]).items()}
 
 
 def _word_loads_issued_after_a_word_is_read(lines):
@@ -175,11 +199,11 @@ def _word_loads_issued_after_a_word_is_read(lines):
 
 
 @pytest.mark.parametrize("pace,paced", [(1, 0), (4, 24), (8, 28)])
-def test_paced_word_loads_wait_for_the_batch_before_in_the_sm90_code(pace, paced):
+def test_paced_word_loads_wait_for_the_batch_before_in_the_sm90_code(sm90_sass, pace, paced):
     """The pacing is a data dependency the compilers must keep: in the sm_90 code, the 32 word loads a thread
     (16 bytes each) go out before the wait, and with PACE batches all but the first batch's go out only after an
     instruction that reads a word already loaded (unpaced: none)."""
-    lines, spills = _sm90_sass(pace)
+    lines, spills = sm90_sass[pace]
     words, after = _word_loads_issued_after_a_word_is_read(lines)
     assert (words, spills) == (32, 0)
     assert after >= paced if pace > 1 else after == 0
@@ -225,3 +249,48 @@ def test_kernel_chain_on_gpu(n, layers, sym, pace):
         bound = 0.5 * fp16_ulp(torch.maximum(ref.abs(), got.abs())) + terms * 2.0**-18
         assert ((got - ref).abs() <= bound).all(), (layer, ((got - ref).abs() / bound).max().item())
         assert torch.equal(planes[layer + 1, :gd.PLANES].cpu(), gd.digit_planes(out[layer + 1].cpu())[:gd.PLANES])
+
+
+def test_digit_weight_repacks_the_runtimes_packed_weight():
+    """``digit_weight`` of a non-square PackedWeight (96 outputs, 1024 inputs) gives, through the emulation, the
+    dequantized GEMV; weights outside the kernel's scope are refused with what does not fit."""
+    pw, _, _, _ = quantized(96, 1024, True, seed=7)
+    x = (torch.randn(1024, generator=torch.Generator().manual_seed(8)) * 3).to(torch.float16)
+    got = gd.emulate(gd.digit_weight(pw), gd.digit_planes(x))
+    ref = dequantized_gemv(pw, x)
+    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
+    qw = QuantizedWeight.from_float(torch.randn(32, 512), QuantSpec(bits=4, symmetric=False, group_size=64))
+    with pytest.raises(ValueError, match="groups of 128"):
+        gd.digit_weight(pack_from_export(qw.qweight, qw.scale, qw.zero, bits=4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="float16"):
+        gd.digit_weight(pack_from_export(*quantized_weight_parts(32, 512), bits=4, dtype=torch.float32))
+    with pytest.raises(ValueError, match="power of two"):  # K = 1536: 3 groups a warp
+        gd.digit_weight(pack_from_export(*quantized_weight_parts(32, 1536), bits=4, dtype=torch.float16))
+
+
+def quantized_weight_parts(n, k):
+    qw = QuantizedWeight.from_float(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)),
+                                    QuantSpec(bits=4, symmetric=False, group_size=128))
+    return qw.qweight, qw.scale, qw.zero
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k,biased,pdl", [(3072, 2048, False, False), (16384, 2048, True, True),
+                                            (6144, 4096, True, True), (1024, 512, False, True)])
+def test_single_gemv_on_gpu(n, k, biased, pdl):
+    """One launch, N != K (the runner's q|k|v and gate|up): the fp16 output within half an ulp plus 2^-18 of the
+    terms of the dequantized GEMV (plus the bias), the same bits twice."""
+    pw, _, _, _ = quantized(n, k, False, seed=n + k)
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(k, generator=gen).to(torch.float16)
+    bias = (torch.randn(n, generator=gen) * 0.1).to(torch.float16) if biased else None
+    dw = gd.digit_weight(pw.to("cuda"))
+    planes = gd.digit_planes(x.cuda())
+    outs = [gd.gemv_digits(planes, dw, bias=None if bias is None else bias.cuda(), pdl=pdl) for _ in range(2)]
+    torch.cuda.synchronize()
+    assert outs[0].shape == (1, n) and torch.equal(outs[0], outs[1])
+    ref = dequantized_gemv(pw, x) + (0 if bias is None else bias.double())
+    terms = dequantized_gemv(pw, x, magnitudes=True) + (0 if bias is None else bias.double().abs())
+    got = outs[0][0].cpu().double()
+    bound = 0.5 * fp16_ulp(torch.maximum(ref.abs(), got.abs())) + terms * 2.0**-18
+    assert ((got - ref).abs() <= bound).all(), ((got - ref).abs() / bound).max().item()

@@ -129,6 +129,18 @@ def test_mma_gemv_refused_off_float16(exported):
         runner(exported["llama"], mma_gemv=True, dtype=torch.float32)
 
 
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9, reason="checks the refusal")
+def test_digit_gemv_refused_where_it_cannot_run(exported):
+    """The digit-plane GEMV is a Gluon kernel for sm_90+ (no interpreter): asked for elsewhere, a clear refusal."""
+    with pytest.raises(QCompileError, match="digit_gemv .* needs float16 .* sm_90"):
+        runner(exported["llama"], digit_gemv=True, dtype=torch.float16)
+
+
+def test_digit_gemv_refused_off_float16(exported):
+    with pytest.raises(QCompileError, match=r"digit_gemv .* needs float16 \(torch.float32 asked\)"):
+        runner(exported["llama"], digit_gemv=True, dtype=torch.float32)
+
+
 def test_pdl_defaults_to_what_the_device_supports(exported):
     """``pdl=None`` (the default) turns programmatic dependent launches on exactly where ``supports_pdl`` says
     the device runs them (sm_90+, compiled kernels): off under the interpreter and below Hopper, on an H100."""
@@ -219,9 +231,9 @@ def test_cli_refuses_cuda_without_gpu(exported, capsys):
     assert "needs an NVIDIA GPU" in capsys.readouterr().err
 
 
-def test_cli_hands_pdl_mma_gemv_and_kv_bits_to_the_runner(exported, capsys, monkeypatch):
-    """``qcompile run --device cuda --pdl --mma-gemv --kv-bits 8`` builds the runner with those settings (the
-    runner is stopped right there: this machine may have no GPU)."""
+def test_cli_hands_pdl_gemv_choices_and_kv_bits_to_the_runner(exported, capsys, monkeypatch):
+    """``qcompile run --device cuda --pdl --mma-gemv --digit-gemv --kv-bits 8`` builds the runner with those
+    settings (the runner is stopped right there: this machine may have no GPU)."""
     from qcompile.cli import main
 
     seen = {}
@@ -232,12 +244,13 @@ def test_cli_hands_pdl_mma_gemv_and_kv_bits_to_the_runner(exported, capsys, monk
 
     monkeypatch.setattr(TritonCausalLM, "from_dir", staticmethod(from_dir))
     folder = str(exported["llama"])
-    assert main(["run", folder, "hi", "--device", "cuda", "--raw", "--pdl", "--mma-gemv", "--kv-bits", "8"]) == 2
+    assert main(["run", folder, "hi", "--device", "cuda", "--raw", "--pdl", "--mma-gemv", "--digit-gemv",
+                 "--kv-bits", "8"]) == 2
     assert "stopped after from_dir" in capsys.readouterr().err
-    assert seen == {"folder": folder, "kv_bits": 8, "pdl": True, "mma_gemv": True}
+    assert seen == {"folder": folder, "kv_bits": 8, "pdl": True, "mma_gemv": True, "digit_gemv": True}
     assert main(["run", folder, "hi", "--device", "cuda", "--raw"]) == 2
     assert seen["pdl"] is None and seen["kv_bits"] is None  # the runner's default: on where the GPU supports it
-    assert seen["mma_gemv"] is False
+    assert seen["mma_gemv"] is False and seen["digit_gemv"] is False
     assert main(["run", folder, "hi", "--device", "cuda", "--raw", "--no-pdl"]) == 2
     assert seen["pdl"] is False  # (both flags without --device cuda: refused, tests/test_cli.py)
 
@@ -319,6 +332,43 @@ def test_gpu_pdl_decode_step_in_the_captured_step(larger_exports):
             torch.testing.assert_close(pdl.prefill(ids), plain.prefill(ids), rtol=0, atol=0)
             for t in [5, 77, 300, 12] * 6:
                 torch.testing.assert_close(pdl.decode(t), plain.decode(t), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def digit_export(tmp_path_factory):
+    """A Llama-shaped model whose q|k|v and gate|up fit ``gemv_digits`` (hidden 512: K = 512, int4 in groups of
+    128), its down projection (K = 1024) and o (K = 512, fed by attention) left to the pointer GEMV."""
+    from tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("digits")
+    src = make_tiny_model("llama", root / "src", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+    return {sym: export(src, root / f"w4-g128-{sym}", bits=4, group_size=128, symmetric=sym) for sym in (False, True)}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9, reason="digit_gemv needs sm_90+")
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("pdl", [True, False], ids=["pdl", "plain"])
+def test_gpu_digit_gemv_decode(digit_export, sym, pdl):
+    """``digit_gemv``: the decode step's q|k|v and gate|up run on digit planes written by their RMSNorm (both
+    layers' four linears take it, nothing else does); its captured decode steps give the eager pointer-GEMV
+    runner's logits to fp16 rounding, and ORT's greedy tokens as the default fp16 runner does."""
+    folder = digit_export[sym]
+    base = runner(folder, dtype=torch.float16, max_seq_len=256, pdl=pdl)
+    dig = runner(folder, dtype=torch.float16, max_seq_len=256, pdl=pdl, digit_gemv=True)
+    assert dig.notes == []
+    assert [lin.digits is not None for layer in dig.layers for lin in (layer.qkv, layer.o, layer.gate_up,
+                                                                          layer.down)] == [True, False, True, False] * 2
+    assert dig._graph is not None
+    for ids in prompt_set(320, seed=4)[:3]:
+        torch.testing.assert_close(dig.prefill(ids), base.prefill(ids), rtol=0, atol=0)  # prefill: no digits
+        for t in (5, 77, 300, 12, 9, 41):
+            a, b = dig.decode(t), base.decode(t)
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * b.abs().max().item())
+    ort = OrtCausalLM.from_dir(folder, accuracy_level=1)
+    matched = [same_greedy(ort, dig, ids, 24, 3e-2) for ids in prompt_set(320, seed=5)]
+    assert sum(matched) >= len(matched) - 1
 
 
 @pytest.mark.cuda
