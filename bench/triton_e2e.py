@@ -12,8 +12,8 @@
 * On sm_90+, the 16-bit-cache runner again with its decode step's Triton kernels as programmatic dependent launches
   (``pdl=True``: each may launch while the kernel before drains; the GEMVs read their first weight tile then),
   beside the plain launches of the same run; once more with the tensor-core int4 GEMV among the GEMV tuner's
-  candidates (``mma_gemv=True``); and once with q|k|v and gate|up on the digit-plane GEMV (``digit_gemv=True``:
-  ``gemv_digits`` reading planes their RMSNorm writes).
+  candidates (``mma_gemv=True``); and once with q|k|v, o and gate|up on the digit-plane GEMV (``digit_gemv=True``:
+  ``gemv_digits`` reading planes the RMSNorm or the attention before them writes).
 
     python bench/triton_e2e.py --out bench/results/triton_e2e.json [--smollm2 out/smollm2-w4]
 """
@@ -169,7 +169,7 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
             pdl_row = res[f"triton_int4_kv{kv_bits}_pdl"]
             r["speedup_vs_pdl_pointer_gemv"] = r["tokens_per_s"] / pdl_row["tokens_per_s"]
             r["linears_on_digits"] = sum(lin.digits is not None for layer in runner.layers
-                                         for lin in (layer.qkv, layer.gate_up))
+                                         for lin in (layer.qkv, layer.o, layer.gate_up))
             r["notes"] = runner.notes
             # the same greedy tokens as the PDL row's runner (fp16 both, other roundings: a near tie may flip)
             r["decode_tokens_equal_pdl_pointer_gemv"] = runner.generate(ids, 32) == pdl_row["tokens_32"]

@@ -443,9 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "GEMV's layout, twice their int4 memory; the decode's GEMV tuner keeps whichever kernel is "
                         "faster per shape")
     p.add_argument("--digit-gemv", action="store_true",
-                   help="with --device cuda on sm_90+: the decode's q|k|v and gate|up GEMVs run the exact int4 GEMV "
-                        "on the int8 tensor cores (gemv_digits), reading digit planes their RMSNorm writes; for int4 "
-                        "weights in groups of 128 with 512 to 4096 inputs, kept a second time in its layout")
+                   help="with --device cuda on sm_90+: the decode's q|k|v, o and gate|up GEMVs run the exact int4 "
+                        "GEMV on the int8 tensor cores (gemv_digits), reading digit planes that the RMSNorm or the "
+                        "attention before them writes; for int4 weights in groups of 128 with 512 to 4096 inputs, "
+                        "kept a second time in its layout")
     common_ort(p)
     p.set_defaults(func=cmd_run)
 

@@ -128,7 +128,7 @@ def _decode_types(dt):
 
 def _combine_types(dt):
     """``kv_attention._combine_kernel``'s argument types for output dtype ``dt``."""
-    return dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_ptr(dt), NUM_SPLITS="i32")
+    return dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=_ptr(dt), p_ptr="*i8", NUM_SPLITS="i32")
 
 
 def cases(all_configs: bool):
@@ -333,6 +333,9 @@ def cases(all_configs: bool):
             yield (f"combine D={d} {dt}", kv_attention._combine_kernel,
                    _combine_types(dt),
                    dict(SP=64, D=d, DC=d), {}, 4, 2)
+            if dt == "fp16":  # with the output's digit planes (the runner's digit_gemv)
+                yield (f"combine D={d} {dt} planes PDL", kv_attention._combine_kernel, _combine_types(dt),
+                       dict(SP=64, D=d, DC=d, PDL=True, PLANES=True), {}, 4, 2)
             if all_configs:  # 256 split rows: 4 warps spill, the 8-warp bench variant does not; with PDL; in
                 # chunks of D (COMBINE_DC)
                 for w, pdl, dc in ((4, False, d), (8, False, d), (8, True, d), (4, True, 32), (8, True, 64)):
@@ -344,6 +347,12 @@ def cases(all_configs: bool):
                         stride_y="i32", eps="fp32"),
                    dict(HAS_W=True, BLOCK=1 << (n - 1).bit_length(), PDL=pdl), dict(N=n, stride_x=n, stride_y=n), 4,
                    2)
+        # with the output's digit planes (the runner's digit_gemv): 8 warps from 4096 features (4 spill there)
+        for n, w in ((2048, 4), (4096, 8)) if dt == "fp16" else ():
+            yield (f"rms_norm fp16 N={n} PDL planes", norm._rms_norm_kernel,
+                   dict(x_ptr="*fp16", w_ptr="*fp16", y_ptr="*fp16", p_ptr="*i8", N="i32", stride_x="i32",
+                        stride_y="i32", eps="fp32"),
+                   dict(HAS_W=True, BLOCK=n, PDL=True, PLANES=True), dict(N=n, stride_x=n, stride_y=n), w, 2)
     # the persistent GEMV chain (gemv_chain): its default (BLOCK_N 32, 16 warps) must hold two 64 KiB slices
     # without spills; 8 warps is the bench's other configuration
     from qcompile.runtime.triton import gemv_chain
@@ -375,16 +384,18 @@ def cases(all_configs: bool):
     for pace in (1, 2, 4, 8):
         yield (f"gemv_chain digits 4096 (PDL, pace {pace})", gemv_digits._digits_kernel, DIGITS_TYPES,
                dict(K=4096, LEV_W=3, PDL=True, PACE=pace, num_warps=gemv_digits.WARPS), {}, gemv_digits.WARPS, 1)
-    # the runner's decode GEMV on digit planes (q|k|v, gate|up): fp16 output only, with and without bias
-    for k, bias in ((4096, False), (4096, True), (2048, False)):
-        yield (f"gemv_digits K={k} bias={bias} (runner, PDL)", gemv_digits._digits_kernel, DIGITS_TYPES,
-               dict(K=k, LEV_W=(k // 512).bit_length() - 1, PDL=True, PACE=gemv_digits.PACE, HAS_BIAS=bias,
-                    DIGITS_OUT=False, num_warps=gemv_digits.WARPS), {}, gemv_digits.WARPS, 1)
+    # the runner's decode GEMV on digit planes (q|k|v and gate|up with or without bias, o with the residual): fp16
+    # output only
+    for k, bias, res in ((4096, False, False), (4096, True, False), (4096, False, True), (2048, False, False)):
+        yield (f"gemv_digits K={k} bias={bias} residual={res} (runner, PDL)", gemv_digits._digits_kernel,
+               DIGITS_TYPES, dict(K=k, LEV_W=(k // 512).bit_length() - 1, PDL=True, PACE=gemv_digits.PACE,
+                                  HAS_BIAS=bias, HAS_RES=res, DIGITS_OUT=False, num_warps=gemv_digits.WARPS), {},
+               gemv_digits.WARPS, 1)
 
 
 # gemv_digits._digits_kernel's pointer and scalar arguments (here and in its SASS test)
 DIGITS_TYPES = dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*i8", p_in_ptr="*i8", p_out_ptr="*i8", y_ptr="*fp16",
-                    b_ptr="*fp16", nil="i32")
+                    b_ptr="*fp16", r_ptr="*fp16", nil="i32")
 
 
 def small_cases():

@@ -61,11 +61,15 @@ Digit planes ``[8, K]`` int8 (rows 6 and 7 unused: ``digit_planes`` writes zeros
 nor writes them), each 64-input block permuted so that lane ``(g, t)`` reads plane
 ``g``'s B registers of two steps as one 16-byte load.
 
-Scope: a benchmark kernel for dependent chains of square int4 weights with groups of 128 and K <= 4096
-(``bench/triton_gemv_chain.py``); the runner's GEMVs take fp16 activations from norms, attention and SwiGLU, which
-would have to write digit planes to use it. Non-finite activations are not representable. GPU only (Gluon has no
-interpreter): ``emulate`` computes what the kernel does from the fragments' definitions, in torch, and is checked
-against the plain GEMV on the CPU (``tests/runtime/triton/test_gemv_digits.py``); the kernel itself on CUDA.
+Scope: int4 weights with groups of 128, N a multiple of 32 and K of 512, 1024, 2048 or 4096. Two uses:
+dependent chains of square weights, each step writing the next one's planes (``gemv_digits_chain``,
+``bench/triton_gemv_chain.py``); and one GEMV whose planes a producer wrote (``gemv_digits``: the runner's
+``digit_gemv``, where the RMSNorm before q|k|v and gate|up and the attention before o write them with
+``store_digit_planes``; the output is fp16 only). SwiGLU writes none (down reads gate|up through the pointer GEMV's
+prologue), so down keeps the pointer GEMV. Non-finite activations are
+not representable. GPU only (Gluon has no interpreter): ``emulate`` computes what the kernel does from the
+fragments' definitions, in torch, and is checked against the plain GEMV on the CPU
+(``tests/runtime/triton/test_gemv_digits.py``); the kernel itself on CUDA.
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ def store_digit_planes(p_ptr, offs, y, mask, K):
     s = offs // 32
     r = offs % 32
     pos = (s // 2) * 64 + ((r % 16) // 4) * 16 + (s % 2) * 8 + (r // 16) * 4 + r % 4  # plane_positions
-    for p in tl.static_range(PLANES):
+    for p in tl.static_range(_PLANES):
         tl.store(p_ptr + p * K + pos, (((big >> (8 * p)) & 255) - 128).to(tl.int8), mask=mask)
 
 
@@ -374,14 +378,16 @@ def _paced_words(w_ptr, pid, nil, S: gl.constexpr, W: gl.constexpr, PACE: gl.con
 
 
 @gluon.jit(do_not_specialize=["nil"])
-def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, b_ptr, nil, K: gl.constexpr,
+def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, b_ptr, r_ptr, nil, K: gl.constexpr,
                    LEV_W: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr, WAIT: gl.constexpr = True,
-                   PACE: gl.constexpr = 4, HAS_BIAS: gl.constexpr = False, DIGITS_OUT: gl.constexpr = True):
+                   PACE: gl.constexpr = 4, HAS_BIAS: gl.constexpr = False, HAS_RES: gl.constexpr = False,
+                   DIGITS_OUT: gl.constexpr = True):
     """One layer: 32 output rows a program, everything in registers (226 at K = 4096: two programs a
     multiprocessor, this layer's and the next's). ``nil`` is 0 (``_paced_words``); ``PACE`` 1, 2, 4 or 8 batches of
     word loads. ``WAIT=False`` is the benchmark's ablation (no wait for the layer before: wrong results by
-    design). ``HAS_BIAS``: adds ``b_ptr``'s fp16 [N] before the rounding; ``DIGITS_OUT=False``: the fp16 output
-    only (a GEMV whose output feeds no other ``gemv_digits``, e.g. the runner's q|k|v and gate|up)."""
+    design). ``HAS_BIAS`` / ``HAS_RES``: adds ``b_ptr``'s / ``r_ptr``'s fp16 [N] (in fp32, in that order, as the
+    pointer GEMV does) before the rounding; ``DIGITS_OUT=False``: the fp16 output only (a GEMV whose output feeds no
+    other ``gemv_digits``, e.g. the runner's)."""
     W: gl.constexpr = num_warps
     S: gl.constexpr = K // (32 * W)  # k32 steps a warp
     GW: gl.constexpr = S // 4  # groups of 128 a warp: 2^LEV_W
@@ -462,6 +468,8 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, b_ptr, nil, 
     row = g3 + 8 * m3 + 16 * n3
     if HAS_BIAS:
         y = y + gl.load(b_ptr + pid * 32 + row).to(gl.float32)
+    if HAS_RES:
+        y = y + gl.load(r_ptr + pid * 32 + row).to(gl.float32)
     yh = y.to(gl.float16)
     gl.store(y_ptr + pid * 32 + row, yh)
     if DIGITS_OUT:
@@ -525,7 +533,8 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
         raise ValueError("gemv_digits_chain needs an sm_90 GPU or newer (programmatic dependent launches)")
     for layer, dw in enumerate(dc.layers):
         _digits_kernel[(dw.out_features // ROWS,)](
-            dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], out[layer + 1], 0, K=k,
+            dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], out[layer + 1],
+            out[layer + 1], 0, K=k,
             LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1, num_warps=dw.warps, PDL=pdl, WAIT=wait, PACE=pace,
             **({"launch_pdl": True} if pdl else {}))
     return out
@@ -544,11 +553,11 @@ def digit_weight(pw) -> DigitWeight:
     return pack_digits(unpack_words(pw.qweight, 4), pw.scale, pw.zero)
 
 
-def gemv_digits(planes: torch.Tensor, dw: DigitWeight, *, bias: torch.Tensor | None = None, pdl: bool = False,
-                pace: int = PACE) -> torch.Tensor:
+def gemv_digits(planes: torch.Tensor, dw: DigitWeight, *, bias: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None, pdl: bool = False, pace: int = PACE) -> torch.Tensor:
     """One GEMV on digit planes: ``planes`` int8 [8, K] (``digit_planes``, or a producer's ``store_digit_planes``)
-    -> fp16 [1, N] = ``fp16(sum_g s_g sum_k (c - z) x (+ bias))``; ``pdl``: launched as a programmatic dependent (its
-    words loaded before it waits for the planes' producer)."""
+    -> fp16 [1, N] = ``fp16(sum_g s_g sum_k (c - z) x (+ bias) (+ residual))`` (``residual`` fp16 [1, N]); ``pdl``:
+    launched as a programmatic dependent (its words loaded before it waits for the planes' producer)."""
     n, k = dw.out_features, dw.in_features
     if pace not in (1, 2, 4, 8) or (k // (32 * dw.warps)) % pace:
         raise ValueError(f"gemv_digits: pace must be 1, 2, 4 or 8 batches dividing the k32 steps a warp, got {pace}")
@@ -557,11 +566,14 @@ def gemv_digits(planes: torch.Tensor, dw: DigitWeight, *, bias: torch.Tensor | N
                          f"{planes.dtype} {tuple(planes.shape)} on {planes.device}")
     if dw.words.device != planes.device:
         raise ValueError(f"gemv_digits: the weight is on {dw.words.device}, the planes on {planes.device}")
-    if bias is not None and (bias.shape != (n,) or bias.dtype != torch.float16 or bias.device != planes.device):
-        raise ValueError(f"gemv_digits: bias must be fp16 [{n}] on {planes.device}")
+    for name, t in (("bias", bias), ("residual", residual)):
+        if t is not None and (t.numel() != n or t.dtype != torch.float16 or t.device != planes.device
+                              or not t.is_contiguous()):
+            raise ValueError(f"gemv_digits: {name} must be a contiguous fp16 tensor of {n} on {planes.device}")
     out = torch.empty(1, n, dtype=torch.float16, device=planes.device)
     _digits_kernel[(n // ROWS,)](
-        dw.words, dw.scale, dw.nzero, planes, planes, out, bias if bias is not None else out, 0, K=k,
-        LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1, num_warps=dw.warps, PDL=pdl, PACE=pace,
-        HAS_BIAS=bias is not None, DIGITS_OUT=False, **({"launch_pdl": True} if pdl else {}))
+        dw.words, dw.scale, dw.nzero, planes, planes, out, bias if bias is not None else out,
+        residual if residual is not None else out, 0, K=k, LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1,
+        num_warps=dw.warps, PDL=pdl, PACE=pace, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        DIGITS_OUT=False, **({"launch_pdl": True} if pdl else {}))
     return out

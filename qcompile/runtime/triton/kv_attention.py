@@ -39,6 +39,7 @@ triton = require_triton()
 import triton.language as tl  # noqa: E402
 
 from qcompile.runtime.triton._jit import MIN_SCALE, round_half_even, row_ptr  # noqa: E402
+from qcompile.runtime.triton.gemv_digits import store_digit_planes  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 LOG2E = 1.4426950408889634
@@ -419,9 +420,10 @@ def _decode_kernel(q_ptr, kf_ptr, vf_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr
 
 
 @triton.jit
-def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, NUM_SPLITS, SP: tl.constexpr, D: tl.constexpr,
-                    DC: tl.constexpr, PDL: tl.constexpr = False):
-    """One query row's ``DC`` output columns (``program_id(1)``-th chunk of D) from the splits' partials."""
+def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, p_ptr, NUM_SPLITS, SP: tl.constexpr, D: tl.constexpr,
+                    DC: tl.constexpr, PDL: tl.constexpr = False, PLANES: tl.constexpr = False):
+    """One query row's ``DC`` output columns (``program_id(1)``-th chunk of D) from the splits' partials;
+    ``PLANES``: also their digit planes into ``p_ptr`` [8, rows x D] (one sequence: ``gemv_digits``' input)."""
     row = tl.program_id(0)
     if PDL:  # launched early (programmatic dependent launch): wait for the decode kernel's partials
         gdc_wait()
@@ -434,7 +436,10 @@ def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, NUM_SPLITS, SP: tl.constexp
     w = tl.where(smask & (l_s > 0), w, 0.0)
     o = tl.load(po_ptr + (row * NUM_SPLITS + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
     y = tl.sum(w[:, None] * o, axis=0) / tl.sum(w * l_s, axis=0)
-    tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty))
+    y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * D + d, y)
+    if PLANES:
+        store_digit_planes(p_ptr, row * D + d, y, d < D, tl.num_programs(0) * D)
 
 
 # -- entry points --------------------------------------------------------------------------------------------
@@ -559,14 +564,22 @@ def decode_candidates(batch: int, kv_heads: int, max_len: int, device, fp32: boo
 
 def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix: torch.Tensor, *,
                      num_splits: int | None = None, window: int = 0, sm_scale: float | None = None,
-                     block_s: int | None = None, config: dict | None = None, pdl: bool = False) -> torch.Tensor:
+                     block_s: int | None = None, config: dict | None = None, pdl: bool = False,
+                     planes: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] against ``cache`` holding ``lens[b]`` positions (int32 device
     tensors ``lens`` and ``prefix``, [B]); a sliding ``window`` > 0 keeps only the last ``window`` positions.
     The split count, block size, warps, stages and launch variants (``decode_candidates``) are tuned once per
     shape on the GPU (``num_splits``/``block_s`` or ``config`` force them). fp16 caches with quantized parts attend
     on the codes directly (``_attend_codes``). ``pdl``: both kernels launched as programmatic dependents whatever
-    the tuner picks (sm_90+; a plain launch under the interpreter)."""
+    the tuner picks (sm_90+; a plain launch under the interpreter). ``planes``: int8 [8, Hq x D] that also receives
+    the fp16 output's digit planes (one sequence; ``gemv_digits``, the o projection's input)."""
     b, hq, d = q.shape
+    if planes is not None and (q.dtype != torch.float16 or b != 1 or (hq * d) % 64 or planes.shape != (8, hq * d)
+                               or planes.dtype != torch.int8 or not planes.is_contiguous()
+                               or planes.device != q.device):
+        raise ValueError(f"decode_attention: digit planes are written for one fp16 sequence of a multiple of 64 "
+                         f"outputs into int8 [8, Hq x D]; got q {q.dtype} {tuple(q.shape)}, planes {planes.dtype} "
+                         f"{tuple(planes.shape)}")
     hkv = cache.kv_heads
     if hq % hkv or d != cache.head_dim:
         raise ValueError(f"q [{b}, {hq}, {d}] does not fit a cache of {hkv} heads of {cache.head_dim}")
@@ -613,8 +626,9 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
             NKV=hkv, G=g, GP=rows, D=d, KV_BITS=cache.bits, BLOCK_S=meta["BLOCK_S"], USE_DOT=use_dot, IEEE=fp32,
             ON_CODES=on_codes, QK_I8=qk_i8, PDL=as_dependents, **opts, **popts)
         copts = {} if interpreting() else {"num_warps": meta.get("COMBINE_WARPS", 4)}
-        _combine_kernel[(b * hq, d // dc)](po, pm, pl, out, splits, SP=triton.next_power_of_2(splits), D=d, DC=dc,
-                                           PDL=as_dependents, **copts, **popts)
+        _combine_kernel[(b * hq, d // dc)](po, pm, pl, out, planes if planes is not None else out, splits,
+                                           SP=triton.next_power_of_2(splits), D=d, DC=dc, PDL=as_dependents,
+                                           PLANES=planes is not None, **copts, **popts)
 
     key = (b, hq, hkv, d, cache.bits, cache.max_len, q.dtype, win < 2**30)
     _DECODE.run(key, decode_candidates(b, hkv, cache.max_len, q.device, fp32, d, group=g, on_codes=on_codes), launch,

@@ -57,7 +57,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, pdl: b
     block = triton.next_power_of_2(n)
     if block > 65536:
         raise ValueError(f"rms_norm rows of {n} features exceed one tile (65536)")
-    opts = {} if interpreting() else {"num_warps": 4 if block <= 4096 else 8}
+    # 8 warps past 4096 features, and from 4096 with digit planes (their 64-bit digits spill 4 warps' registers)
+    opts = {} if interpreting() else {"num_warps": 4 if block < 4096 or (block == 4096 and planes is None) else 8}
     pdl, launch = pdl_flag(pdl, x.device)
     _rms_norm_kernel[(x2.shape[0],)](x2, weight if weight is not None else x2, y, planes if planes is not None else y,
                                      n, x2.stride(0), y.stride(0), float(eps), HAS_W=weight is not None, BLOCK=block,

@@ -638,11 +638,12 @@ class _Linear:
         except ValueError as e:
             notes.append(f"{name}: {e}; its decode GEMV stays the pointer GEMV")
 
-    def from_planes(self, planes: torch.Tensor) -> torch.Tensor:
-        """The batch-1 output [1, N] from the input's digit planes (int8 [8, K], ``use_digits``)."""
+    def from_planes(self, planes: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch-1 output [1, N] (plus ``residual``) from the input's digit planes (int8 [8, K],
+        ``use_digits``)."""
         from qcompile.runtime.triton.gemv_digits import gemv_digits
 
-        return gemv_digits(planes, self.digits, bias=self.packed.bias, pdl=self.pdl)
+        return gemv_digits(planes, self.digits, bias=self.packed.bias, residual=residual, pdl=self.pdl)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, act: str | None = None):
         if self.prologue:
@@ -711,10 +712,11 @@ class TritonCausalLM:
     ``mma_gemv`` (sm_90+): int4 weights in groups of 64 or 128 also kept in the tensor-core GEMV's layout
     (``gemv_mma``; twice their int4 memory), which the batch-1 GEMV's tuner then times beside the pointer GEMV, keeping
     the faster per shape (on the H100, a 7-10 % faster PDL chain at 4096 x 14336; docs/BENCHMARKS.md).
-    ``digit_gemv`` (sm_90+, float16): the decode step's q|k|v and gate|up GEMVs run ``gemv_digits`` (the exact int4
-    GEMV on the int8 tensor cores) on digit planes their RMSNorm writes beside its output, where the weight fits it
-    (int4 in groups of 128, K of 512 to 4096, no input rewrites; the others are listed in ``notes``); those weights
-    are kept a second time in its layout.
+    ``digit_gemv`` (sm_90+, float16): the decode step's q|k|v, o and gate|up GEMVs run ``gemv_digits`` (the exact
+    int4 GEMV on the int8 tensor cores) on digit planes that the RMSNorm or the attention before them writes beside
+    its output, where the weight fits it (int4 in groups of 128, K of 512 to 4096, no input rewrites; the others are
+    listed in ``notes``); those weights are kept a second time in its layout. down keeps the pointer GEMV (its input
+    is SwiGLU's, computed in the GEMV's prologue).
     """
 
     def __init__(self, weights: ModelWeights, *, device="cuda", dtype: torch.dtype = torch.float16,
@@ -789,10 +791,11 @@ class TritonCausalLM:
                 k_norm=t(lw.k_norm) if lw.k_norm is not None else unit if w.has_qk_norm else None,
                 r3=_Prologue((lw.r3,)) if lw.r3 is not None else None,
             ))
-        self._planes = None  # digit_gemv: the RMSNorm's digit planes of its output, read by the next GEMV
+        # digit_gemv: the digit planes of the RMSNorms' outputs and of the attention's, read by the next GEMV
+        self._planes = self._attn_planes = None
         if digit_gemv:
             for i, layer in enumerate(self.layers):
-                for role in ("qkv", "gate_up"):
+                for role in ("qkv", "o", "gate_up"):
                     lin = getattr(layer, role)
                     if isinstance(lin, _Linear):
                         lin.use_digits(f"layers.{i}.{role}", self.notes)
@@ -800,6 +803,7 @@ class TritonCausalLM:
                         self.notes.append(f"layers.{i}.{role}: parts with their own input rewrites; its decode "
                                           "GEMV stays the pointer GEMV")
             self._planes = torch.zeros(8, w.hidden_size, dtype=torch.int8, device=self.device)
+            self._attn_planes = torch.zeros(8, w.num_heads * w.head_dim, dtype=torch.int8, device=self.device)
         q_out = self.layers[0].qkv.out_features if self.layers else 0
         if q_out != (w.num_heads + 2 * w.num_kv_heads) * w.head_dim:
             raise QCompileError(f"q/k/v weights have {q_out} outputs, the config says "
@@ -911,9 +915,14 @@ class TritonCausalLM:
         for layer, cache in zip(self.layers, self.caches):
             qkv = self._norm_linear(h, layer.input_norm, layer.qkv)
             q = self._qkv_rope(layer, cache, qkv, self._pos, 1, out_kv=False)
-            attn = decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, window=self.window,
-                                    pdl=self.pdl)
-            h = layer.o(attn.view(1, nh * d), residual=h)
+            if layer.o.digits is None:
+                attn = decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, window=self.window,
+                                        pdl=self.pdl)
+                h = layer.o(attn.view(1, nh * d), residual=h)
+            else:  # o reads the attention's digit planes
+                decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, window=self.window, pdl=self.pdl,
+                                 planes=self._attn_planes)
+                h = layer.o.from_planes(self._attn_planes, residual=h)
             h = layer.down(self._norm_linear(h, layer.post_attn_norm, layer.gate_up), act="silu_mul", residual=h)
         self._logits = self._head(h)
         self._next = torch.argmax(self._logits[0]).view(1)

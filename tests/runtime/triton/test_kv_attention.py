@@ -280,6 +280,28 @@ def test_decode_attention_combine_in_column_chunks(device, dc):
             decode_attention(q, cache, lens, prefix, config={**cfg, "COMBINE_DC": bad})
 
 
+@pytest.mark.parametrize("dc", [32, 8])
+def test_decode_attention_writes_the_outputs_digit_planes(device, dc):
+    """``planes``: one sequence's output [Hq x D] also as ``gemv_digits.digit_planes`` (rows 0-5; 6 and 7 left as
+    they were), whole rows or in column chunks of the combine; the output itself unchanged. Refused for two
+    sequences or float32."""
+    from qcompile.runtime.triton.gemv_digits import PLANES, digit_planes
+
+    q, cache, lens, prefix, _, _ = decode_case(device, 8, 32, torch.float16, seed=5)
+    q, lens, prefix = q[:1].contiguous(), lens[:1], prefix[:1]  # 6 heads x 32 = 192 outputs
+    cache1 = KVCache.allocate(1, 2, 32, 40, 8, prefix_capacity=8, dtype=torch.float16, device=device)
+    fill_cache(cache1, prefix)
+    noise = torch.randint(-128, 128, (8, 192), generator=torch.Generator().manual_seed(6), dtype=torch.int8)
+    planes = noise.to(device)
+    cfg = dict(BLOCK_S=16, SPLITS=3, COMBINE_DC=dc)
+    out = decode_attention(q, cache1, lens, prefix, config=cfg, planes=planes)
+    assert torch.equal(out, decode_attention(q, cache1, lens, prefix, config=cfg))
+    assert torch.equal(planes[:PLANES].cpu(), digit_planes(out.reshape(-1).cpu())[:PLANES])
+    assert torch.equal(planes[PLANES:].cpu(), noise[PLANES:])
+    with pytest.raises(ValueError, match="one fp16 sequence"):
+        decode_attention(q.float(), cache, lens, prefix, config=cfg, planes=planes)
+
+
 @pytest.mark.parametrize("pdl", [False, True])
 def test_decode_candidates_offer_unpadded_rows_where_the_attention_runs_on_codes(monkeypatch, pdl):
     """The tuner's candidates as a compiled run sees them: on codes with a group below 16 rows, the unpadded
