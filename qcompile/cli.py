@@ -445,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digit-gemv", action="store_true",
                    help="with --device cuda on sm_90+: the decode's q|k|v, o and gate|up GEMVs run the exact int4 "
                         "GEMV on the int8 tensor cores (gemv_digits), reading digit planes that the RMSNorm or the "
-                        "attention before them writes; for int4 weights in groups of 128 with 512 to 4096 inputs, "
-                        "kept a second time in its layout")
+                        "attention before them writes; for int4 weights in groups of 128 with 512, 1024, 2048 or "
+                        "4096 inputs, kept a second time in its layout")
     common_ort(p)
     p.set_defaults(func=cmd_run)
 

@@ -714,9 +714,9 @@ class TritonCausalLM:
     the faster per shape (on the H100, a 7-10 % faster PDL chain at 4096 x 14336; docs/BENCHMARKS.md).
     ``digit_gemv`` (sm_90+, float16): the decode step's q|k|v, o and gate|up GEMVs run ``gemv_digits`` (the exact
     int4 GEMV on the int8 tensor cores) on digit planes that the RMSNorm or the attention before them writes beside
-    its output, where the weight fits it (int4 in groups of 128, K of 512 to 4096, no input rewrites; the others are
-    listed in ``notes``); those weights are kept a second time in its layout. down keeps the pointer GEMV (its input
-    is SwiGLU's, computed in the GEMV's prologue).
+    its output, where the weight fits it (int4 in groups of 128, K of 512, 1024, 2048 or 4096, no input rewrites;
+    the others are listed in ``notes``); those weights are kept a second time in its layout. down keeps the pointer
+    GEMV (its input is SwiGLU's, computed in the GEMV's prologue). Prefill never uses it.
     """
 
     def __init__(self, weights: ModelWeights, *, device="cuda", dtype: torch.dtype = torch.float16,
@@ -872,8 +872,8 @@ class TritonCausalLM:
         return rms_norm(x, w, self.w.rms_eps, pdl=self.pdl)
 
     def _norm_linear(self, h: torch.Tensor, w, linear):
-        """``linear(norm(h))`` for one decode token; a linear that reads digit planes (``digit_gemv``) gets them
-        from the norm instead of its fp16 output."""
+        """``linear(norm(h))`` for one decode token (not prefill: the planes hold one row); a linear that reads digit
+        planes (``digit_gemv``) gets them from the norm instead of its fp16 output."""
         if getattr(linear, "digits", None) is None:
             return linear(self._norm(h, w))
         from qcompile.runtime.triton.norm import rms_norm
@@ -981,7 +981,7 @@ class TritonCausalLM:
             mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
         h = self.embed.index_select(0, ids)
         for layer, cache in zip(self.layers, self.caches):
-            qkv = self._norm_linear(h, layer.input_norm, layer.qkv)
+            qkv = layer.qkv(self._norm(h, layer.input_norm))
             q, k, v = self._qkv_rope(layer, cache, qkv, pos, t, out_kv=True)
             if spec is not None:  # what the cache holds: fake-quantized from position P on
                 kq, vq = (fake_quantize(x, spec.bits, spec.symmetric, spec.group_size, spec.clip_ratio) for x in (k, v))
@@ -993,7 +993,7 @@ class TritonCausalLM:
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                   scale=1.0 / math.sqrt(d), enable_gqa=nh != nkv)
             h = layer.o(attn.transpose(1, 2).reshape(t, nh * d), residual=h)
-            h = layer.down(self._norm_linear(h, layer.post_attn_norm, layer.gate_up), act="silu_mul", residual=h)
+            h = layer.down(layer.gate_up(self._norm(h, layer.post_attn_norm)), act="silu_mul", residual=h)
         logits = self._head(h if all_logits else h[-1:]).float()
         self._pos.fill_(t)
         self._lens.fill_(t + 1)

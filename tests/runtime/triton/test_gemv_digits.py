@@ -275,22 +275,27 @@ def quantized_weight_parts(n, k):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("n,k,biased,pdl", [(3072, 2048, False, False), (16384, 2048, True, True),
-                                            (6144, 4096, True, True), (1024, 512, False, True)])
-def test_single_gemv_on_gpu(n, k, biased, pdl):
-    """One launch, N != K (the runner's q|k|v and gate|up): the fp16 output within half an ulp plus 2^-18 of the
-    terms of the dequantized GEMV (plus the bias), the same bits twice."""
+@pytest.mark.parametrize("n,k,biased,res,pdl", [(3072, 2048, False, False, False), (16384, 2048, True, False, True),
+                                                (6144, 4096, True, True, True), (4096, 4096, False, True, True),
+                                                (1024, 512, False, False, True)])
+def test_single_gemv_on_gpu(n, k, biased, res, pdl):
+    """One launch, N != K (the runner's q|k|v and gate|up; o with the residual): the fp16 output within half an ulp
+    plus 2^-18 of the terms of the dequantized GEMV (plus the bias and the residual), the same bits twice."""
     pw, _, _, _ = quantized(n, k, False, seed=n + k)
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(k, generator=gen).to(torch.float16)
     bias = (torch.randn(n, generator=gen) * 0.1).to(torch.float16) if biased else None
+    resid = (torch.randn(1, n, generator=gen) * 3).to(torch.float16) if res else None
     dw = gd.digit_weight(pw.to("cuda"))
     planes = gd.digit_planes(x.cuda())
-    outs = [gd.gemv_digits(planes, dw, bias=None if bias is None else bias.cuda(), pdl=pdl) for _ in range(2)]
+    outs = [gd.gemv_digits(planes, dw, bias=None if bias is None else bias.cuda(),
+                           residual=None if resid is None else resid.cuda(), pdl=pdl) for _ in range(2)]
     torch.cuda.synchronize()
     assert outs[0].shape == (1, n) and torch.equal(outs[0], outs[1])
-    ref = dequantized_gemv(pw, x) + (0 if bias is None else bias.double())
-    terms = dequantized_gemv(pw, x, magnitudes=True) + (0 if bias is None else bias.double().abs())
+    extra = sum(t.double().view(-1) for t in (bias, resid) if t is not None)
+    ref = dequantized_gemv(pw, x) + extra
+    terms = dequantized_gemv(pw, x, magnitudes=True) + sum(t.double().abs().view(-1) for t in (bias, resid)
+                                                           if t is not None)
     got = outs[0][0].cpu().double()
     bound = 0.5 * fp16_ulp(torch.maximum(ref.abs(), got.abs())) + terms * 2.0**-18
     assert ((got - ref).abs() <= bound).all(), ((got - ref).abs() / bound).max().item()

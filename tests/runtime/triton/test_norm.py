@@ -24,7 +24,7 @@ def test_rms_norm_reads_rows_past_two_to_the_31_elements(device):
 @pytest.mark.parametrize("n", [64, 576, 2048])
 def test_rms_norm_writes_the_outputs_digit_planes(device, n):
     """With ``planes``, the kernel also writes ``gemv_digits.digit_planes`` of its own fp16 output (rows 0-5; rows
-    6 and 7 left as they were), over values from fp16's subnormals to its largest."""
+    6 and 7 left as they were), over outputs from fp16's subnormals to the thousands."""
     from qcompile.runtime.triton.gemv_digits import PLANES, digit_planes
 
     gen = torch.Generator().manual_seed(n)

@@ -346,6 +346,39 @@ def digit_export(tmp_path_factory):
     return {sym: export(src, root / f"w4-g128-{sym}", bits=4, group_size=128, symmetric=sym) for sym in (False, True)}
 
 
+def test_digit_gemv_wiring_on_the_interpreter(digit_export, monkeypatch):
+    """The runner's ``digit_gemv`` wiring without the Gluon kernel (no interpreter for it): its GEMV replaced by
+    "decode the planes (exact), then the pointer GEMV on them", the runner must compute bit for bit what the plain
+    fp16 runner does, through a multi-token prefill (no planes there) and decode steps in which q|k|v, o and gate|up
+    of both layers read planes written by the RMSNorm and the attention's combine (and o adds the residual)."""
+    from qcompile.runtime.triton import _tune, gemv_digits, runner as runner_mod
+
+    if HAS_CUDA:
+        pytest.skip("checks the wiring under the interpreter; the GPU test runs the kernel")
+    monkeypatch.setattr(_tune, "supports_pdl", lambda device: True)  # let the constructor take digit_gemv
+    monkeypatch.setattr(runner_mod, "interpreting", lambda: False)
+    calls = []
+
+    def from_planes(self, planes, residual=None):
+        calls.append(planes.shape[1])
+        x = gemv_digits.planes_to_values(planes).to(torch.float16).view(1, -1)  # exact: planes hold fp16 values
+        return self(x, residual=residual)
+
+    monkeypatch.setattr(runner_mod._Linear, "from_planes", from_planes)
+    folder = digit_export[False]
+    dig = runner(folder, dtype=torch.float16, pdl=False, digit_gemv=True, cuda_graph=False)
+    monkeypatch.undo()  # the plain runner built as usual
+    monkeypatch.setattr(runner_mod._Linear, "from_planes", from_planes)
+    base = runner(folder, dtype=torch.float16)
+    assert dig.notes == []
+    ids = [1, 200, 201, 3, 9]
+    torch.testing.assert_close(dig.prefill(ids), base.prefill(ids), rtol=0, atol=0)
+    assert calls == []
+    for t in (5, 77):
+        torch.testing.assert_close(dig.decode(t), base.decode(t), rtol=0, atol=0)
+    assert calls == [512, 512, 512] * 4  # q|k|v, o, gate|up (K = 512) of two layers, two steps
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9, reason="digit_gemv needs sm_90+")
 @pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
