@@ -422,7 +422,7 @@ def variant_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefi
         KV_BITS=cache.bits, BLOCK_S=cfg["BLOCK_S"], UNPACK=unpack, PREFETCH=prefetch, ASM=not interpreting(),
         **multipliers(unpack, cache.bits), **opts)
     out = torch.empty_like(q)
-    _combine_kernel[(b * hq, 1)](po, pm, pl, out, splits, SP=triton.next_power_of_2(splits), D=d, DC=d,
+    _combine_kernel[(b * hq, 1)](po, pm, pl, out, out, splits, SP=triton.next_power_of_2(splits), D=d, DC=d,
                                   **({} if interpreting() else {"num_warps": 4}))
     return out
 
