@@ -1,4 +1,6 @@
-"""Device helpers shared by the kernels."""
+"""Device helpers shared by the kernels (and the host checks that go with them)."""
+
+import torch
 
 from qcompile.runtime.triton._env import require_triton
 
@@ -43,3 +45,33 @@ def tile_rows(ptr, m0, offs_m, stride):
     int64 (M x N outputs may pass 2^31: all of a long prompt's logits over a large vocabulary; so may M x K
     activations, see ``row_ptr``), the rows within the tile in int32."""
     return ptr + tl.cast(m0, tl.int64) * stride + (offs_m - m0)[:, None] * stride
+
+
+# gemv_digits' activations: the six balanced base-256 digits of an fp16 value times 2^24 (the format is defined in
+# gemv_digits' docstring; producers write it with ``store_digit_planes``, kept here so that they need no Gluon)
+DIGIT_PLANES = 6
+DIGIT_OFFSET = sum(128 << (8 * p) for p in range(DIGIT_PLANES))  # makes every balanced digit a byte 0..255
+_DIGIT_PLANES_C = tl.constexpr(DIGIT_PLANES)
+_DIGIT_OFFSET_C = tl.constexpr(DIGIT_OFFSET)
+
+
+@triton.jit
+def store_digit_planes(p_ptr, offs, y, mask, K):
+    """A producer's epilogue: the digit planes of its fp16 output ``y`` at inputs ``offs`` (``mask``) into ``p_ptr``
+    int8 [8, K] (rows 6 and 7 untouched), as ``gemv_digits.digit_planes`` writes them: the next GEMV
+    (``gemv_digits``) reads them instead of ``y``. ``K`` a multiple of 64."""
+    big = (y.to(tl.float16).to(tl.float32) * 16777216.0).to(tl.int64) + _DIGIT_OFFSET_C  # exact: 41 bits
+    s = offs // 32
+    r = offs % 32
+    pos = (s // 2) * 64 + ((r % 16) // 4) * 16 + (s % 2) * 8 + (r // 16) * 4 + r % 4  # plane_positions
+    for p in tl.static_range(_DIGIT_PLANES_C):
+        tl.store(p_ptr + p * K + pos, (((big >> (8 * p)) & 255) - 128).to(tl.int8), mask=mask)
+
+
+def check_planes(planes: torch.Tensor, k: int, device, who: str) -> None:
+    """The digit planes of ``k`` inputs a producer writes and ``gemv_digits`` reads: a contiguous int8 tensor
+    [8, k] on ``device``, ``k`` a multiple of 64 (the planes' 64-input blocks)."""
+    if (k % 64 or planes.shape != (8, k) or planes.dtype != torch.int8 or not planes.is_contiguous()
+            or planes.device != torch.device(device)):
+        raise ValueError(f"{who}: digit planes are a contiguous int8 tensor [8, K] on {device}, K a multiple of 64; "
+                         f"got {planes.dtype} {tuple(planes.shape)} on {planes.device} for K = {k}")

@@ -65,7 +65,7 @@ Scope: int4 weights with groups of 128, N a multiple of 32 and K of 512, 1024, 2
 dependent chains of square weights, each step writing the next one's planes (``gemv_digits_chain``,
 ``bench/triton_gemv_chain.py``); and one GEMV whose planes a producer wrote (``gemv_digits``: the runner's
 ``digit_gemv``, where the RMSNorm before q|k|v and gate|up and the attention before o write them with
-``store_digit_planes``; the output is fp16 only). SwiGLU writes none (down reads gate|up through the pointer GEMV's
+``_jit.store_digit_planes``; the output is fp16 only). SwiGLU writes none (down reads gate|up through the pointer GEMV's
 prologue), so down keeps the pointer GEMV. Non-finite activations are
 not representable. GPU only (Gluon has no interpreter): ``emulate`` computes what the kernel does from the
 fragments' definitions, in torch, and is checked against the plain GEMV on the CPU
@@ -81,21 +81,20 @@ import torch
 from qcompile.runtime.triton._env import require_triton
 
 triton = require_triton()
-import triton.language as tl  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 
+from qcompile.runtime.triton._jit import DIGIT_OFFSET, DIGIT_PLANES, check_planes  # noqa: E402
 from qcompile.runtime.triton.gemv_mma import _gdc_launch_dependents, _gdc_wait, _split4, _split8  # noqa: E402
 
-PLANES = 6  # digits of an fp16 value times 2^24
+PLANES = DIGIT_PLANES  # digits of an fp16 value times 2^24
 ROWS = 32  # a program's output rows: two mma row blocks, one in each nibble of a byte
 GROUP = 128
 WARPS = 4
 PACE = 4  # batches of a program's word loads (the module docstring: 4 was the fastest of 1, 2, 4, 8 on the H100)
-_OFFSET = sum(128 << (8 * p) for p in range(PLANES))  # makes every balanced digit a byte 0..255
+_OFFSET = DIGIT_OFFSET  # makes every balanced digit a byte 0..255
 _PLANES: gl.constexpr = gl.constexpr(PLANES)  # (jitted code reads a global only as a constexpr)
 _OFFSET_C: gl.constexpr = gl.constexpr(_OFFSET)
-_OFFSET_TL = tl.constexpr(_OFFSET)
 
 
 def plane_positions(k: int) -> torch.Tensor:
@@ -123,19 +122,6 @@ def digit_planes(x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(8, k, dtype=torch.int8, device=x.device)
     out[:PLANES, plane_positions(k).to(x.device)] = digits.to(torch.int8)
     return out
-
-
-@triton.jit
-def store_digit_planes(p_ptr, offs, y, mask, K):
-    """A producer's epilogue (Triton): the digit planes of its fp16 output ``y`` at inputs ``offs`` (``mask``) into
-    ``p_ptr`` int8 [8, K] (rows 6 and 7 untouched), as ``digit_planes`` writes them: the next GEMV
-    (``gemv_digits``) reads them instead of ``y``. ``K`` a multiple of 64."""
-    big = (y.to(tl.float16).to(tl.float32) * 16777216.0).to(tl.int64) + _OFFSET_TL  # exact: 41 bits
-    s = offs // 32
-    r = offs % 32
-    pos = (s // 2) * 64 + ((r % 16) // 4) * 16 + (s % 2) * 8 + (r // 16) * 4 + r % 4  # plane_positions
-    for p in tl.static_range(_PLANES):
-        tl.store(p_ptr + p * K + pos, (((big >> (8 * p)) & 255) - 128).to(tl.int8), mask=mask)
 
 
 def planes_to_values(planes: torch.Tensor) -> torch.Tensor:
@@ -555,17 +541,13 @@ def digit_weight(pw) -> DigitWeight:
 
 def gemv_digits(planes: torch.Tensor, dw: DigitWeight, *, bias: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, pdl: bool = False, pace: int = PACE) -> torch.Tensor:
-    """One GEMV on digit planes: ``planes`` int8 [8, K] (``digit_planes``, or a producer's ``store_digit_planes``)
+    """One GEMV on digit planes: ``planes`` int8 [8, K] (``digit_planes``, or a producer's ``_jit.store_digit_planes``)
     -> fp16 [1, N] = ``fp16(sum_g s_g sum_k (c - z) x (+ bias) (+ residual))`` (``residual`` fp16 [1, N]); ``pdl``:
     launched as a programmatic dependent (its words loaded before it waits for the planes' producer)."""
     n, k = dw.out_features, dw.in_features
     if pace not in (1, 2, 4, 8) or (k // (32 * dw.warps)) % pace:
         raise ValueError(f"gemv_digits: pace must be 1, 2, 4 or 8 batches dividing the k32 steps a warp, got {pace}")
-    if planes.shape != (8, k) or planes.dtype != torch.int8 or not planes.is_cuda or not planes.is_contiguous():
-        raise ValueError(f"gemv_digits: planes must be a contiguous int8 CUDA tensor [8, {k}], got "
-                         f"{planes.dtype} {tuple(planes.shape)} on {planes.device}")
-    if dw.words.device != planes.device:
-        raise ValueError(f"gemv_digits: the weight is on {dw.words.device}, the planes on {planes.device}")
+    check_planes(planes, k, dw.words.device, "gemv_digits")
     for name, t in (("bias", bias), ("residual", residual)):
         if t is not None and (t.numel() != n or t.dtype != torch.float16 or t.device != planes.device
                               or not t.is_contiguous()):

@@ -38,8 +38,8 @@ from qcompile.runtime.triton._tune import Tuner, launch_opts, pdl_flag, supports
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
-from qcompile.runtime.triton._jit import MIN_SCALE, round_half_even, row_ptr  # noqa: E402
-from qcompile.runtime.triton.gemv_digits import store_digit_planes  # noqa: E402
+from qcompile.runtime.triton._jit import MIN_SCALE, check_planes, round_half_even, row_ptr  # noqa: E402
+from qcompile.runtime.triton._jit import store_digit_planes  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 LOG2E = 1.4426950408889634
@@ -574,12 +574,11 @@ def decode_attention(q: torch.Tensor, cache: KVCache, lens: torch.Tensor, prefix
     the tuner picks (sm_90+; a plain launch under the interpreter). ``planes``: int8 [8, Hq x D] that also receives
     the fp16 output's digit planes (one sequence; ``gemv_digits``, the o projection's input)."""
     b, hq, d = q.shape
-    if planes is not None and (q.dtype != torch.float16 or b != 1 or (hq * d) % 64 or planes.shape != (8, hq * d)
-                               or planes.dtype != torch.int8 or not planes.is_contiguous()
-                               or planes.device != q.device):
-        raise ValueError(f"decode_attention: digit planes are written for one fp16 sequence of a multiple of 64 "
-                         f"outputs into int8 [8, Hq x D]; got q {q.dtype} {tuple(q.shape)}, planes {planes.dtype} "
-                         f"{tuple(planes.shape)}")
+    if planes is not None:
+        if q.dtype != torch.float16 or b != 1:
+            raise ValueError(f"decode_attention: digit planes are written for one fp16 sequence, got q {q.dtype} "
+                             f"{tuple(q.shape)}")
+        check_planes(planes, hq * d, q.device, "decode_attention")
     hkv = cache.kv_heads
     if hq % hkv or d != cache.head_dim:
         raise ValueError(f"q [{b}, {hq}, {d}] does not fit a cache of {hkv} heads of {cache.head_dim}")

@@ -14,8 +14,7 @@ from qcompile.runtime.triton._tune import pdl_flag
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
-from qcompile.runtime.triton._jit import row_ptr  # noqa: E402
-from qcompile.runtime.triton.gemv_digits import store_digit_planes  # noqa: E402
+from qcompile.runtime.triton._jit import check_planes, row_ptr, store_digit_planes  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 
@@ -47,12 +46,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, pdl: b
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if planes is not None and (x.dtype != torch.float16 or x2.shape[0] != 1 or n % 64
-                               or planes.shape != (8, n) or planes.dtype != torch.int8
-                               or not planes.is_contiguous() or planes.device != x.device):
-        raise ValueError(f"rms_norm: digit planes are written for one fp16 row of a multiple of 64 features into "
-                         f"int8 [8, N]; got x {x.dtype} {tuple(x.shape)}, planes {planes.dtype} "
-                         f"{tuple(planes.shape)}")
+    if planes is not None:
+        if x.dtype != torch.float16 or x2.shape[0] != 1:
+            raise ValueError(f"rms_norm: digit planes are written for one fp16 row, got x {x.dtype} "
+                             f"{tuple(x.shape)}")
+        check_planes(planes, n, x.device, "rms_norm")
     y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(n)
     if block > 65536:

@@ -866,19 +866,17 @@ class TritonCausalLM:
                     raise QCompileError(f"online {pro.steps[0].describe()}: {e}") from e
 
     # -- forward pieces ------------------------------------------------------------------------------------
-    def _norm(self, x, w):
+    def _norm(self, x, w, planes=None):
         from qcompile.runtime.triton.norm import rms_norm
 
-        return rms_norm(x, w, self.w.rms_eps, pdl=self.pdl)
+        return rms_norm(x, w, self.w.rms_eps, pdl=self.pdl, planes=planes)
 
     def _norm_linear(self, h: torch.Tensor, w, linear):
         """``linear(norm(h))`` for one decode token (not prefill: the planes hold one row); a linear that reads digit
         planes (``digit_gemv``) gets them from the norm instead of its fp16 output."""
         if getattr(linear, "digits", None) is None:
             return linear(self._norm(h, w))
-        from qcompile.runtime.triton.norm import rms_norm
-
-        rms_norm(h, w, self.w.rms_eps, pdl=self.pdl, planes=self._planes)
+        self._norm(h, w, planes=self._planes)
         return linear.from_planes(self._planes)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
@@ -915,14 +913,11 @@ class TritonCausalLM:
         for layer, cache in zip(self.layers, self.caches):
             qkv = self._norm_linear(h, layer.input_norm, layer.qkv)
             q = self._qkv_rope(layer, cache, qkv, self._pos, 1, out_kv=False)
-            if layer.o.digits is None:
-                attn = decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, window=self.window,
-                                        pdl=self.pdl)
-                h = layer.o(attn.view(1, nh * d), residual=h)
-            else:  # o reads the attention's digit planes
-                decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, window=self.window, pdl=self.pdl,
-                                 planes=self._attn_planes)
-                h = layer.o.from_planes(self._attn_planes, residual=h)
+            planes = self._attn_planes if layer.o.digits is not None else None  # o reads the attention's planes
+            attn = decode_attention(q.view(1, nh, d), cache, self._lens, self._prefix, window=self.window,
+                                    pdl=self.pdl, planes=planes)
+            h = (layer.o(attn.view(1, nh * d), residual=h) if planes is None
+                 else layer.o.from_planes(planes, residual=h))
             h = layer.down(self._norm_linear(h, layer.post_attn_norm, layer.gate_up), act="silu_mul", residual=h)
         self._logits = self._head(h)
         self._next = torch.argmax(self._logits[0]).view(1)
