@@ -98,6 +98,16 @@ def random_int_weight(n, k, bits, sym, group, gen):
     return q, scale, zero
 
 
+def fp16_gemv_time(x: torch.Tensor, n: int) -> float:
+    """Seconds of torch's fp16 GEMV (cuBLAS) of ``x`` [1, K] by an [n, K] weight, over copies of the weight."""
+    w16 = torch.randn(n, x.shape[-1], device="cuda", dtype=torch.float16)
+    ws = [w16] + [w16.clone() for _ in range(copies_for(w16.numel() * 2, cap=16) - 1)]
+    t = graph_time([lambda w=w: F.linear(x, w) for w in ws])
+    del ws, w16
+    torch.cuda.empty_cache()
+    return t
+
+
 def bench_gemv(peak: float, bits: int, group: int = 128, mma: bool = False) -> list[dict]:
     """``mma``: the weights also carry the tensor-core GEMV's words (the runner's ``mma_gemv``), so the tuner
     times that kernel beside the pointer GEMV and keeps the faster (int4 only)."""
@@ -125,12 +135,7 @@ def bench_gemv(peak: float, bits: int, group: int = 128, mma: bool = False) -> l
         t_pdl = (graph_time([lambda p=p, o=o: wq_linear(x, p, out=o, pdl=True) for p, o in zip(packed, outs)])
                  if supports_pdl("cuda") else None)  # sm_90+
         del packed
-        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        c16 = copies_for(w16.numel() * 2, cap=16)
-        ws = [w16] + [w16.clone() for _ in range(c16 - 1)]
-        t_16 = graph_time([lambda w=w: F.linear(x, w) for w in ws])
-        del ws, w16
-        torch.cuda.empty_cache()
+        t_16 = fp16_gemv_time(x, n)
         bytes_read = wbytes + x.numel() * 2 + n * 2
         bw = bytes_read / t_q / 1e12
         rows.append({
@@ -180,11 +185,7 @@ def bench_gemv_digits(peak: float) -> list[dict]:
         err = ((gemv_digits(planes, dw, pdl=True).float() - ref).abs().max() / ref.abs().max()).item()
         t_d = graph_time([lambda d=d: gemv_digits(planes, d, pdl=True) for d in dws])
         del dws
-        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        ws = [w16] + [w16.clone() for _ in range(copies_for(w16.numel() * 2, cap=16) - 1)]
-        t_16 = graph_time([lambda w=w: F.linear(x, w) for w in ws])
-        del ws, w16
-        torch.cuda.empty_cache()
+        t_16 = fp16_gemv_time(x, n)
         bytes_read = wbytes + PLANES * k + n * 2
         frac = bytes_read / t_d / 1e12 / peak
         rows.append({"N": n, "K": k, "pdl_chain_us": t_d * 1e6, "pdl_chain_fraction_of_peak_copy": frac,
