@@ -425,8 +425,9 @@ def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, p_ptr, NUM_SPLITS, SP: tl.c
     """One query row's ``DC`` output columns (``program_id(1)``-th chunk of D) from the splits' partials;
     ``PLANES``: also their digit planes into ``p_ptr`` [8, rows x D] (one sequence: ``gemv_digits``' input)."""
     row = tl.program_id(0)
-    if PDL:  # launched early (programmatic dependent launch): wait for the decode kernel's partials
-        gdc_wait()
+    if PDL:  # launched early (programmatic dependent launch): let the next kernel (o's GEMV) launch and read its
+        gdc_launch_dependents()  # first weights now (its own wait still waits for this grid), then wait for the
+        gdc_wait()  # decode kernel's partials
     s = tl.arange(0, SP)
     smask = s < NUM_SPLITS
     d = tl.program_id(1) * DC + tl.arange(0, DC)
