@@ -106,6 +106,11 @@ def decode_rate(generate, prompt, new_tokens: int, repeats: int) -> dict:
     return {"tokens_per_s": (new_tokens - 1) / (t_full - t_one), "generate_s": t_full, "prefill_s": t_one}
 
 
+# the runner rows (key suffix -> KV bits, PDL, mma GEMV, digit GEMV); the PDL rows only on sm_90+
+VARIANTS = {"plain": (16, False, False, False), "pdl": (16, True, False, False), "pdl_mma": (16, True, True, False),
+            "pdl_digits": (16, True, False, True), "kv8": (8, False, False, False), "kv4": (4, False, False, False)}
+
+
 def bench_synthetic(args, save=lambda part: None) -> dict:
     from transformers import GenerationConfig
 
@@ -142,10 +147,8 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
     # (``pdl``), then those with the tensor-core GEMV among the tuner's candidates (``mma_gemv``), where the GPU has
     # them (sm_90+)
     pdl_ok = supports_pdl("cuda")
-    for kv_bits, pdl, mma, digits in (((16, False, False, False),)
-                                      + (((16, True, False, False), (16, True, True, False), (16, True, False, True))
-                                         if pdl_ok else ())
-                                      + ((8, False, False, False), (4, False, False, False))):
+    runners = [v for v in VARIANTS if v in args.variants and (pdl_ok or not VARIANTS[v][1])]
+    for kv_bits, pdl, mma, digits in (VARIANTS[v] for v in runners):
         t0 = time.time()
         runner = TritonCausalLM(weights, dtype=torch.float16, kv_bits=kv_bits, max_seq_len=args.prompt_len +
                                 args.new_tokens + 16, pdl=pdl, mma_gemv=mma, digit_gemv=digits)
@@ -161,16 +164,17 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
             r["logits_max_abs"] = hf.abs().max().item()
             r["argmax_agreement_vs_hf"] = (ours.argmax(-1) == hf.argmax(-1)).float().mean().item()
             r["decode_tokens_equal_hf"] = runner.generate(ids, 32) == hf_generate(ids, 32)
-        if pdl:
-            r["speedup_vs_plain_launches"] = r["tokens_per_s"] / res[f"triton_int4_kv{kv_bits}"]["tokens_per_s"]
-        if mma:
-            r["speedup_vs_pdl_without_mma"] = r["tokens_per_s"] / res[f"triton_int4_kv{kv_bits}_pdl"]["tokens_per_s"]
+        plain_row, pdl_row = res.get(f"triton_int4_kv{kv_bits}"), res.get(f"triton_int4_kv{kv_bits}_pdl")
+        if pdl and plain_row:
+            r["speedup_vs_plain_launches"] = r["tokens_per_s"] / plain_row["tokens_per_s"]
+        if mma and pdl_row:
+            r["speedup_vs_pdl_without_mma"] = r["tokens_per_s"] / pdl_row["tokens_per_s"]
         if digits:
-            pdl_row = res[f"triton_int4_kv{kv_bits}_pdl"]
-            r["speedup_vs_pdl_pointer_gemv"] = r["tokens_per_s"] / pdl_row["tokens_per_s"]
             r["linears_on_digits"] = sum(lin.digits is not None for layer in runner.layers
                                          for lin in (layer.qkv, layer.o, layer.gate_up))
             r["notes"] = runner.notes
+        if digits and pdl_row:
+            r["speedup_vs_pdl_pointer_gemv"] = r["tokens_per_s"] / pdl_row["tokens_per_s"]
             # the same greedy tokens as the PDL row's runner (fp16 both, other roundings: a near tie may flip)
             r["decode_tokens_equal_pdl_pointer_gemv"] = runner.generate(ids, 32) == pdl_row["tokens_32"]
         if kv_bits == 16 and pdl and not mma and not digits:
@@ -259,10 +263,16 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", type=lambda v: v.split(","), default=list(VARIANTS),
+                    help=f"runner rows to time, comma-separated (default all: {','.join(VARIANTS)}); the ratios "
+                         "between rows are written where both ran")
     ap.add_argument("--hf-static", action="store_true", help="also HF with a static cache + torch.compile")
     ap.add_argument("--smollm2", default=None, help="exported SmolLM2 folder: greedy tokens vs ONNX Runtime")
     ap.add_argument("--skip-synthetic", action="store_true", help="only the SmolLM2 check (with --smollm2)")
     args = ap.parse_args()
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown --variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if not torch.cuda.is_available():
         sys.exit("triton_e2e: needs a CUDA GPU")
     import transformers
@@ -283,7 +293,7 @@ def main() -> None:
     if args.smollm2:
         res["smollm2"] = bench_smollm2(args.smollm2, 32)
         save()
-    if not args.skip_synthetic:
+    if not args.skip_synthetic and "triton_int4_kv16" in res["llama_1b_random"]:
         syn = res["llama_1b_random"]
         res["targets"] = {"decode_speedup_vs_hf_fp16 (>= 2)": syn["triton_int4_kv16"]["speedup_vs_hf_fp16"],
                           "decode_tokens_per_s": syn["triton_int4_kv16"]["tokens_per_s"],
