@@ -111,6 +111,23 @@ VARIANTS = {"plain": (16, False, False, False), "pdl": (16, True, False, False),
             "pdl_digits": (16, True, False, True), "kv8": (8, False, False, False), "kv4": (4, False, False, False)}
 
 
+def step_time_us(runner, prompt, steps: int, repeats: int) -> dict:
+    """The decode step alone: after a prefill, ``steps`` steps back to back on the GPU (``greedy_steps``: each fed
+    its own argmax, no host round trip), timed with CUDA events; median over ``repeats``. Unlike tokens/s of
+    ``generate`` this leaves out the prefill and the host's per-token wait, which a slow host inflates."""
+    times, tokens = [], None
+    for _ in range(repeats):
+        first = int(torch.argmax(runner.prefill(prompt)))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = runner.greedy_steps(first, steps)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / steps)
+        tokens = [first] + out.tolist()
+    return {"decode_step_us": statistics.median(times), "decode_step_us_all": times, "greedy_steps_tokens": tokens}
+
+
 def bench_synthetic(args, save=lambda part: None) -> dict:
     from transformers import GenerationConfig
 
@@ -155,6 +172,10 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
         setup = time.time() - t0
         r = decode_rate(runner.generate, ids, args.new_tokens, args.repeats)
         r["setup_s"] = round(setup, 1)
+        steps = step_time_us(runner, ids, args.new_tokens - 1, max(3, args.repeats))
+        # the same tokens as generate's (the same steps, fed on the device instead of from the host)
+        steps["greedy_steps_equal_generate"] = steps.pop("greedy_steps_tokens") == runner.generate(ids, args.new_tokens)
+        r.update(steps)
         r["speedup_vs_hf_fp16"] = r["tokens_per_s"] / res["hf_fp16"]["tokens_per_s"]
         if kv_bits == 16 and not pdl:  # the same function: compare prompt logits with HF on the dequantized weights
             with torch.inference_mode():
@@ -175,6 +196,7 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
             r["notes"] = runner.notes
         if digits and pdl_row:
             r["speedup_vs_pdl_pointer_gemv"] = r["tokens_per_s"] / pdl_row["tokens_per_s"]
+            r["step_speedup_vs_pdl_pointer_gemv"] = pdl_row["decode_step_us"] / r["decode_step_us"]
             # the same greedy tokens as the PDL row's runner (fp16 both, other roundings: a near tie may flip)
             r["decode_tokens_equal_pdl_pointer_gemv"] = runner.generate(ids, 32) == pdl_row["tokens_32"]
         if kv_bits == 16 and pdl and not mma and not digits:
@@ -185,7 +207,7 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
         print(f"qcompile Triton int4, KV {kv_bits}-bit{', PDL step' if pdl else ''}{', mma GEMV' if mma else ''}"
               f"{', digit GEMV' if digits else ''}: "
               f"{r['tokens_per_s']:.1f} tok/s "
-              f"({r['speedup_vs_hf_fp16']:.2f}x HF fp16)", flush=True)
+              f"({r['speedup_vs_hf_fp16']:.2f}x HF fp16); decode step {r['decode_step_us']:.1f} us", flush=True)
         del runner
         torch.cuda.empty_cache()
     return res

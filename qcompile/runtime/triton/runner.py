@@ -1010,6 +1010,28 @@ class TritonCausalLM:
         return self._logits[0].to(torch.float32, copy=True)
 
     @torch.inference_mode()
+    def greedy_steps(self, token: int, steps: int) -> torch.Tensor:
+        """``steps`` greedy decode steps after the current position, the first fed ``token``, with no host round trip
+        between them: the step itself feeds its argmax to the next (as the captured step does). Returns the tokens
+        it chose [steps] (int64, on the device; reading them is the one synchronization): those that ``decode``
+        and an argmax of each step's logits give, without waiting for each token on the host."""
+        if steps < 1:
+            raise QCompileError(f"steps must be at least 1, got {steps}")
+        if self._host_pos + steps > self.max_seq_len:
+            raise QCompileError(f"{steps} steps after position {self._host_pos} exceed the {self.max_seq_len}-token "
+                                "cache (max_seq_len)")
+        out = torch.empty(steps, dtype=torch.long, device=self.device)
+        self._tok.fill_(int(token))
+        for i in range(steps):
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self._step()
+            out[i:i + 1].copy_(self._next)
+        self._host_pos += steps
+        return out
+
+    @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, eos_token_id=None, on_token=None,
                  float_prefix: int = 0) -> list[int]:

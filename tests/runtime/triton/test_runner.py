@@ -81,6 +81,24 @@ def test_decode_logits_match_ort_along_its_tokens(exported):
     assert len({s.data_ptr() for s in steps}) == len(steps)
 
 
+def test_greedy_steps_choose_what_generate_does(exported):
+    """``greedy_steps`` (each step fed its own argmax on the device) gives ``generate``'s greedy tokens after the
+    first, continues from where ``decode`` left off, and refuses a cache overrun or no steps."""
+    r = runner(exported["llama"])
+    ids = PROMPTS[0]
+    want = r.generate(ids, 9)
+    first = int(torch.argmax(r.prefill(ids)))
+    assert first == want[0]
+    assert r.greedy_steps(first, 8).tolist() == want[1:]
+    r.prefill(ids)
+    r.decode(first)
+    assert r.greedy_steps(want[1], 7).tolist() == want[2:]
+    with pytest.raises(QCompileError, match="exceed the 64-token cache"):
+        r.greedy_steps(want[-1], 64)
+    with pytest.raises(QCompileError, match="at least 1"):
+        r.greedy_steps(want[-1], 0)
+
+
 def test_pdl_decode_step_computes_the_same(exported, monkeypatch):
     """``pdl=True`` (the decode step's RMSNorms, RoPE/cache stores, attention and GEMVs as programmatic dependents;
     the GEMVs read their first weight tile before waiting) changes when kernels run, not what they compute: the
