@@ -6,7 +6,9 @@
   and handed to ``TritonCausalLM`` in the layout the exported graph carries; lm_head stays fp16, as in the recipes.
   Batch 1, greedy, prompt of --prompt-len tokens, --new-tokens decoded; decode tokens/s = (new - 1) / (time of the
   whole generate minus the time of a 1-token generate), the same for both. The HF model holds the dequantized
-  weights, so the logits of both are compared too (a check that the runner computes the same function).
+  weights, so the logits of both are compared too (a check that the runner computes the same function). Each
+  runner row also times its decode step alone (``decode_step_us``: ``greedy_steps`` back to back after a prefill,
+  CUDA events), which neither the prefill nor the host's per-token wait enters; --variants picks the rows.
 * SmolLM2 correctness (--smollm2 FOLDER, an exported folder): greedy tokens of the runner (fp16 and fp32) vs ONNX
   Runtime on five chat prompts.
 * On sm_90+, the 16-bit-cache runner again with its decode step's Triton kernels as programmatic dependent launches
@@ -15,7 +17,7 @@
   candidates (``mma_gemv=True``); and once with q|k|v, o and gate|up on the digit-plane GEMV (``digit_gemv=True``:
   ``gemv_digits`` reading planes the RMSNorm or the attention before them writes).
 
-    python bench/triton_e2e.py --out bench/results/triton_e2e.json [--smollm2 out/smollm2-w4]
+    python bench/triton_e2e.py --out bench/results/triton_e2e.json [--variants pdl,pdl_digits] [--smollm2 DIR]
 """
 
 from __future__ import annotations
