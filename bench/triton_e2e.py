@@ -127,7 +127,9 @@ def step_time_us(runner, prompt, steps: int, repeats: int) -> dict:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / steps)
         tokens = [first] + out.tolist()
-    return {"decode_step_us": statistics.median(times), "decode_step_us_all": times, "greedy_steps_tokens": tokens}
+    # the same tokens as generate's (the same steps, fed on the device instead of from the host)
+    return {"decode_step_us": statistics.median(times), "decode_step_us_all": times,
+            "greedy_steps_equal_generate": tokens == runner.generate(prompt, steps + 1)}
 
 
 def bench_synthetic(args, save=lambda part: None) -> dict:
@@ -174,10 +176,7 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
         setup = time.time() - t0
         r = decode_rate(runner.generate, ids, args.new_tokens, args.repeats)
         r["setup_s"] = round(setup, 1)
-        steps = step_time_us(runner, ids, args.new_tokens - 1, max(3, args.repeats))
-        # the same tokens as generate's (the same steps, fed on the device instead of from the host)
-        steps["greedy_steps_equal_generate"] = steps.pop("greedy_steps_tokens") == runner.generate(ids, args.new_tokens)
-        r.update(steps)
+        r.update(step_time_us(runner, ids, args.new_tokens - 1, max(3, args.repeats)))
         r["speedup_vs_hf_fp16"] = r["tokens_per_s"] / res["hf_fp16"]["tokens_per_s"]
         if kv_bits == 16 and not pdl:  # the same function: compare prompt logits with HF on the dequantized weights
             with torch.inference_mode():

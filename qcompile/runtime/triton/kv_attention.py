@@ -38,8 +38,8 @@ from qcompile.runtime.triton._tune import Tuner, launch_opts, pdl_flag, supports
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
-from qcompile.runtime.triton._jit import MIN_SCALE, check_planes, round_half_even, row_ptr  # noqa: E402
-from qcompile.runtime.triton._jit import store_digit_planes  # noqa: E402
+from qcompile.runtime.triton._jit import (MIN_SCALE, check_planes, round_half_even, row_ptr,  # noqa: E402
+                                          store_digit_planes)
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 LOG2E = 1.4426950408889634

@@ -1003,11 +1003,15 @@ class TritonCausalLM:
             raise QCompileError(f"the {self.max_seq_len}-token cache is full")
         self._host_pos += 1
         self._tok.fill_(int(token))
+        self._advance()
+        return self._logits[0].to(torch.float32, copy=True)
+
+    def _advance(self) -> None:
+        """One decode step from the state on the device: the captured graph where there is one, else eager."""
         if self._graph is not None:
             self._graph.replay()
         else:
             self._step()
-        return self._logits[0].to(torch.float32, copy=True)
 
     @torch.inference_mode()
     def greedy_steps(self, token: int, steps: int) -> torch.Tensor:
@@ -1023,10 +1027,7 @@ class TritonCausalLM:
         out = torch.empty(steps, dtype=torch.long, device=self.device)
         self._tok.fill_(int(token))
         for i in range(steps):
-            if self._graph is not None:
-                self._graph.replay()
-            else:
-                self._step()
+            self._advance()
             out[i:i + 1].copy_(self._next)
         self._host_pos += steps
         return out
