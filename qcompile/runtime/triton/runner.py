@@ -54,6 +54,9 @@ from qcompile.runtime.triton.rewrites import FloatPrefix, Hadamard, Rewrites, St
 
 MODEL_FILE = "model.onnx"
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+# greedy generate's device-fed steps between host reads: a streamed token shows at most this many steps late, and
+# at most this many - 1 steps run past an eos
+GREEDY_CHUNK = 16
 # every op the exporter (export.onnx_builder) and the weight pass (graph.weight_qdq) write; the run-time rewrites
 # of graph.runtime_quant (online Hadamard, activation and KV fake quantization, the KV float prefix) are matched
 # node by node (runtime.triton.rewrites) and mapped; any other node is refused
@@ -1036,7 +1039,8 @@ class TritonCausalLM:
     def generate(self, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, eos_token_id=None, on_token=None,
                  float_prefix: int = 0) -> list[int]:
-        """New tokens after the prompt (eos included when reached), as ``OrtCausalLM.generate``."""
+        """New tokens after the prompt (eos included when reached), as ``OrtCausalLM.generate``. Greedy decoding runs
+        its steps in device-fed chunks (``greedy_steps``), so ``on_token`` hears of them a chunk at a time."""
         ids = list(input_ids)
         if len(ids) + max_new_tokens > self.max_seq_len:
             raise QCompileError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the {self.max_seq_len}-"
@@ -1045,6 +1049,8 @@ class TritonCausalLM:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         out: list[int] = []
         logits = self.prefill(ids, float_prefix)
+        if not (do_sample and temperature > 0):
+            return self._generate_greedy(int(torch.argmax(logits).item()), max_new_tokens, eos, on_token)
         for i in range(max_new_tokens):
             if do_sample and temperature > 0:
                 token = _sample(logits, temperature, top_p, gen)
@@ -1056,6 +1062,22 @@ class TritonCausalLM:
             if token in eos or i == max_new_tokens - 1:
                 break
             logits = self.decode(token)
+        return out
+
+    def _generate_greedy(self, first: int, max_new_tokens: int, eos: set, on_token) -> list[int]:
+        """``first`` and the greedy tokens after it, in chunks of ``GREEDY_CHUNK`` device-fed steps (``greedy_steps``):
+        the host waits once a chunk instead of once a token. A chunk may run a few steps past an eos; those are
+        dropped."""
+        out: list[int] = []
+        chunk = [first] if max_new_tokens > 0 else []
+        while chunk:
+            for token in chunk:
+                out.append(token)
+                if on_token is not None:
+                    on_token(token)
+                if token in eos or len(out) == max_new_tokens:
+                    return out
+            chunk = self.greedy_steps(out[-1], min(GREEDY_CHUNK, max_new_tokens - len(out))).tolist()
         return out
 
 

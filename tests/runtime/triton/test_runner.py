@@ -81,12 +81,20 @@ def test_decode_logits_match_ort_along_its_tokens(exported):
     assert len({s.data_ptr() for s in steps}) == len(steps)
 
 
-def test_greedy_steps_choose_what_generate_does(exported):
-    """``greedy_steps`` (each step fed its own argmax on the device) gives ``generate``'s greedy tokens after the
+def host_fed_greedy(r, ids, n):
+    """The reference greedy loop: each step's argmax read on the host and fed to ``decode``."""
+    out = [int(torch.argmax(r.prefill(ids)))]
+    while len(out) < n:
+        out.append(int(torch.argmax(r.decode(out[-1]))))
+    return out
+
+
+def test_greedy_steps_choose_what_the_host_fed_loop_does(exported):
+    """``greedy_steps`` (each step fed its own argmax on the device) gives the host-fed loop's tokens after the
     first, continues from where ``decode`` left off, and refuses a cache overrun or no steps."""
     r = runner(exported["llama"])
     ids = PROMPTS[0]
-    want = r.generate(ids, 9)
+    want = host_fed_greedy(r, ids, 9)
     first = int(torch.argmax(r.prefill(ids)))
     assert first == want[0]
     assert r.greedy_steps(first, 8).tolist() == want[1:]
@@ -97,6 +105,23 @@ def test_greedy_steps_choose_what_generate_does(exported):
         r.greedy_steps(want[-1], 64)
     with pytest.raises(QCompileError, match="at least 1"):
         r.greedy_steps(want[-1], 0)
+
+
+def test_greedy_generate_runs_in_chunks_and_stops_at_eos(exported, monkeypatch):
+    """Greedy ``generate`` runs ``greedy_steps`` chunks: across chunk borders it gives the host-fed loop's tokens,
+    streams each to ``on_token`` in order, and stops at an eos inside a chunk (the steps run past it dropped)."""
+    from qcompile.runtime.triton import runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "GREEDY_CHUNK", 3)
+    r = runner(exported["llama"])
+    ids = PROMPTS[1]
+    want = host_fed_greedy(r, ids, 8)
+    heard = []
+    assert r.generate(ids, 8, on_token=heard.append) == want == heard  # 1 + chunks of 3, 3, 1
+    eos = want[5]
+    assert want.index(eos) == 5  # first seen mid-chunk (chunks 1-3, 4-6)
+    assert r.generate(ids, 8, eos_token_id=[999_999, eos]) == want[:6]
+    assert r.generate(ids, 0) == []
 
 
 def test_pdl_decode_step_computes_the_same(exported, monkeypatch):
