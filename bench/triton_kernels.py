@@ -161,38 +161,45 @@ def bench_gemv(peak: float, bits: int, group: int = 128, mma: bool = False) -> l
 
 
 def bench_gemv_digits(peak: float) -> list[dict]:
-    """The digit-plane int4 GEMV (``gemv_digits``, the runner's ``digit_gemv``) at the shapes it takes (K <= 4096),
-    timed as the pointer GEMV's PDL rows are: copies of the weight, one input (its digit planes), each launch a
-    programmatic dependent of the one before; bytes counted are the weight's words, scales and zero points (the
-    same int4 bytes as the pointer GEMV's), the planes and the fp16 output."""
-    from qcompile.runtime.triton.gemv_digits import PLANES, digit_planes, digit_weight, gemv_digits
+    """The digit-plane int4 GEMV (``gemv_digits``, the runner's ``digit_gemv``) at the three shapes, timed as the
+    pointer GEMV's PDL rows are: copies of the weight, one input (its digit planes), each launch a programmatic
+    dependent of the one before; bytes counted are the weight's words, scales and zero points (the same int4 bytes
+    as the pointer GEMV's), the planes and the fp16 output. K = 14336 runs in 7 slices of 2048 (``default_splits``;
+    the slices' fp32 partials, 8 bytes an output a slice, are not counted), at 4 warps a program (the default) and
+    at 2 (a row ``"warps": 2``; the summary's figures are the default's)."""
+    from dataclasses import replace
+
+    from qcompile.runtime.triton.gemv_digits import PLANES, WARPS, digit_planes, gemv_digits, pack_digits
+    from qcompile.runtime.triton.reference import unpack_words
 
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n, k in SHAPES:
-        if k > 4096:
-            continue
         q, scale, zero = random_int_weight(n, k, 4, False, 128, gen)
         base = pack_from_export(q, scale, zero, bits=4, dtype=torch.float16).to("cuda")
-        dw = digit_weight(base)
-        wbytes = dw.words.numel() * 4 + dw.scale.numel() * 2 + dw.nzero.numel()
-        copies = copies_for(wbytes)
-        dws = [dw] + [type(dw)(dw.words.clone(), dw.scale.clone(), dw.nzero.clone(), n, k, dw.warps)
-                      for _ in range(copies - 1)]
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         planes = digit_planes(x[0])
         ref = R.wq_linear_ref(x.float(), base.to(dtype=torch.float32))
-        err = ((gemv_digits(planes, dw, pdl=True).float() - ref).abs().max() / ref.abs().max()).item()
-        t_d = graph_time([lambda d=d: gemv_digits(planes, d, pdl=True) for d in dws])
-        del dws
         t_16 = fp16_gemv_time(x, n)
-        bytes_read = wbytes + PLANES * k + n * 2
-        frac = bytes_read / t_d / 1e12 / peak
-        rows.append({"N": n, "K": k, "pdl_chain_us": t_d * 1e6, "pdl_chain_fraction_of_peak_copy": frac,
-                     "fp16_us": t_16 * 1e6, "pdl_chain_speedup_vs_fp16": t_16 / t_d, "max_rel_err_vs_reference": err,
-                     "weight_copies": copies})
-        print(f"int4 digit-plane GEMV {n}x{k}: PDL chain {t_d * 1e6:.2f} us = {frac:.0%} of copy peak; fp16 "
-              f"{t_16 * 1e6:.2f} us -> {t_16 / t_d:.2f}x (max rel err {err:.1e})", flush=True)
+        for warps in (WARPS, 2) if k > 1024 * WARPS else (WARPS,):
+            dw = pack_digits(unpack_words(base.qweight, 4), base.scale, base.zero, warps=warps)
+            wbytes = dw.words.numel() * 4 + dw.scale.numel() * 2 + dw.nzero.numel()
+            copies = copies_for(wbytes)
+            dws = [dw] + [replace(dw, words=dw.words.clone(), scale=dw.scale.clone(), nzero=dw.nzero.clone())
+                          for _ in range(copies - 1)]
+            err = ((gemv_digits(planes, dw, pdl=True).float() - ref).abs().max() / ref.abs().max()).item()
+            t_d = graph_time([lambda d=d: gemv_digits(planes, d, pdl=True) for d in dws])
+            del dws
+            bytes_read = wbytes + PLANES * k + n * 2
+            frac = bytes_read / t_d / 1e12 / peak
+            rows.append({"N": n, "K": k, "splits": dw.splits, "warps": warps, "default_warps": warps == WARPS,
+                         "pdl_chain_us": t_d * 1e6,
+                         "pdl_chain_fraction_of_peak_copy": frac, "fp16_us": t_16 * 1e6,
+                         "pdl_chain_speedup_vs_fp16": t_16 / t_d, "max_rel_err_vs_reference": err,
+                         "weight_copies": copies})
+            print(f"int4 digit-plane GEMV {n}x{k} ({dw.splits} slice(s), {warps} warps): PDL chain {t_d * 1e6:.2f} "
+                  f"us = {frac:.0%} of copy peak; fp16 {t_16 * 1e6:.2f} us -> {t_16 / t_d:.2f}x (max rel err "
+                  f"{err:.1e})", flush=True)
     return rows
 
 
@@ -326,8 +333,8 @@ def main() -> None:
                     help="also time the int4 GEMV with the tensor-core kernel among the tuner's candidates "
                          "(the runner's mma_gemv), sm_90+")
     ap.add_argument("--digit-gemv", action="store_true",
-                    help="also time the digit-plane int4 GEMV (gemv_digits, the runner's digit_gemv) at the shapes "
-                         "with K <= 4096, sm_90+")
+                    help="also time the digit-plane int4 GEMV (gemv_digits, the runner's digit_gemv; K = 14336 in "
+                         "7 slices), sm_90+")
     ap.add_argument("--jobs", type=int, default=1,
                     help="processes that compile the int4 GEMV's candidates before the tuner times them")
     args = ap.parse_args()
@@ -367,6 +374,7 @@ def main() -> None:
         res["decode_attention"] = bench_attention()
     g4 = [r for r in res.get("gemv", []) if r["bits"] == 4 and not r["mma_gemv"]]
     g4m = [r for r in res.get("gemv", []) if r["mma_gemv"]]
+    digits = [r for r in res.get("gemv_digits", []) if r["default_warps"]]
     w8 = [r for r in res.get("int_gemm", []) if r["weights"] == "W8A8"]
     w4 = [r for r in res.get("int_gemm", []) if r["weights"] == "W4A4"]
     att = {r["context"]: r for r in res.get("decode_attention", [])}
@@ -381,8 +389,11 @@ def main() -> None:
                                                             default=None),
         "int4_gemv_mma_pdl_chain_min_speedup_vs_fp16": min((r["pdl_chain_speedup_vs_fp16"] or 0 for r in g4m),
                                                            default=None),
+        # the default (4 warps a program) at every shape
         "int4_gemv_digits_pdl_chain_min_fraction_of_peak": min(
-            (r["pdl_chain_fraction_of_peak_copy"] for r in res.get("gemv_digits", [])), default=None),
+            (r["pdl_chain_fraction_of_peak_copy"] for r in digits), default=None),
+        "int4_gemv_digits_pdl_chain_min_speedup_vs_fp16": min(
+            (r["pdl_chain_speedup_vs_fp16"] for r in digits), default=None),
         "w8a8_min_speedup_gemm (>= 1.6)": min((r["speedup_gemm"] for r in w8), default=None),
         "w8a8_min_speedup_with_quant": min((r["speedup_with_quant"] for r in w8), default=None),
         "w4a4_min_speedup_gemm": min((r["speedup_gemm"] for r in w4), default=None),

@@ -391,11 +391,19 @@ def cases(all_configs: bool):
                DIGITS_TYPES, dict(K=k, LEV_W=(k // 512).bit_length() - 1, PDL=True, PACE=gemv_digits.PACE,
                                   HAS_BIAS=bias, HAS_RES=res, DIGITS_OUT=False, num_warps=gemv_digits.WARPS), {},
                gemv_digits.WARPS, 1)
+    # K in slices (the 4096 x 14336 down projection of Llama-3-8B: 7 of 2048), fp32 partials summed by the last
+    for k, splits, warps, bias, res in ((14336, 7, 4, False, False), (14336, 7, 2, False, False),
+                                        (1536, 3, 4, True, True)):
+        ks = k // splits
+        yield (f"gemv_digits K={k} in {splits} slices, {warps} warps, bias={bias} residual={res} (PDL)",
+               gemv_digits._digits_kernel, DIGITS_TYPES,
+               dict(K=k, LEV_W=(ks // (gemv_digits.GROUP * warps)).bit_length() - 1, PDL=True, PACE=gemv_digits.PACE,
+                    HAS_BIAS=bias, HAS_RES=res, DIGITS_OUT=False, SPLIT=splits, num_warps=warps), {}, warps, 1)
 
 
 # gemv_digits._digits_kernel's pointer and scalar arguments (here and in its SASS test)
 DIGITS_TYPES = dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*i8", p_in_ptr="*i8", p_out_ptr="*i8", y_ptr="*fp16",
-                    b_ptr="*fp16", r_ptr="*fp16", nil="i32")
+                    b_ptr="*fp16", r_ptr="*fp16", part_ptr="*fp32", lock_ptr="*i32", nil="i32")
 
 
 def small_cases():

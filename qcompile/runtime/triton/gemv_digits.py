@@ -137,21 +137,54 @@ class DigitWeight:
     """One int4 weight (``N`` outputs, ``K`` inputs, groups of 128) in this kernel's layout (the chain kernel takes
     square ones: its output is the next layer's input, and it strides the planes it writes by K)."""
 
-    words: torch.Tensor  # int32 [N / 32, W, S, 32, 4]
-    scale: torch.Tensor  # fp16 [N / 32, W, K / 128 W, 8, 4]
+    words: torch.Tensor  # int32 [N / 32, W, S, 32, 4]; split: [splits, N / 32, W, S, 32, 4], S of one slice
+    scale: torch.Tensor  # fp16 [N / 32, W, K / 128 W, 8, 4] (split: [splits, ...], K of one slice)
     nzero: torch.Tensor  # int8, the same: minus the zero point
     out_features: int
     in_features: int
     warps: int
+    splits: int = 1  # K in this many equal slices, one program each (K / splits <= 1024 warps)
+
+    @property
+    def slice_features(self) -> int:
+        return self.in_features // self.splits
 
 
-def pack_digits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, warps: int = WARPS
-                ) -> DigitWeight:
+def _slice_fits(ks: int, warps: int) -> bool:
+    """K slice ``ks`` in one program: groups of 128 a warp a power of two, at most 1024 inputs a warp."""
+    groups = ks // (GROUP * warps)
+    return ks % (GROUP * warps) == 0 and groups > 0 and not groups & (groups - 1) and ks <= 1024 * warps
+
+
+def default_splits(k: int, warps: int = WARPS) -> int:
+    """The fewest equal K slices that one program each can hold (1 where K fits; 7 for K = 14336 at 4 warps: 2048
+    inputs a slice); 0 where none does."""
+    return next((sp for sp in range(1, k // (GROUP * warps) + 1) if k % sp == 0 and _slice_fits(k // sp, warps)), 0)
+
+
+def pack_digits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, warps: int = WARPS,
+                splits: int | None = None) -> DigitWeight:
     """``codes`` [K, N] (0..15), ``scale`` [K / 128, N], ``zero`` [K / 128, N] (None: symmetric, zero point 8) ->
-    the layout of the module docstring."""
+    the layout of the module docstring. ``splits`` (default: ``default_splits``): K in that many equal slices,
+    each packed as a weight of its own (programs ``(N / 32, splits)``, the last of a column to finish summing their
+    fp32 partials)."""
     k, n = codes.shape
     if warps < 1 or warps & (warps - 1):
         raise ValueError(f"gemv_digits: warps must be a power of two, got {warps}")
+    if splits is None:
+        splits = default_splits(k, warps) or 1  # 1: the checks below name what does not fit
+    if splits < 1 or k % splits or (splits > 1 and not _slice_fits(k // splits, warps)):
+        raise ValueError(f"gemv_digits: K = {k} does not split into {splits} slices of 128 x {warps} warps x a "
+                         f"power of two, at most {1024 * warps}, inputs")
+    if splits > 1:
+        if scale.shape != (k // GROUP, n) or (zero is not None and zero.shape != scale.shape):
+            raise ValueError(f"gemv_digits takes scales and zero points [K / {GROUP}, N] = [{k // GROUP}, {n}], got "
+                             f"{tuple(scale.shape)}")
+        ks, gs = k // splits, k // splits // GROUP
+        parts = [pack_digits(codes[i * ks:(i + 1) * ks], scale[i * gs:(i + 1) * gs],
+                             None if zero is None else zero[i * gs:(i + 1) * gs], warps, 1) for i in range(splits)]
+        return DigitWeight(torch.stack([p.words for p in parts]), torch.stack([p.scale for p in parts]),
+                           torch.stack([p.nzero for p in parts]), n, k, warps, splits)
     groups = k // (GROUP * warps)  # a warp's: a power of two (the kernel halves its registers to find one)
     if n % ROWS or k % (GROUP * warps) or groups & (groups - 1) or scale.shape != (k // GROUP, n):
         raise ValueError(f"gemv_digits takes N a multiple of {ROWS} and K {GROUP} x {warps} warps x a power of two, "
@@ -201,7 +234,12 @@ def emulate(dw: DigitWeight, planes: torch.Tensor) -> torch.Tensor:
     holds A rows g and g + 8 at columns 4t + (0..3) and 16 + 4t + (0..3), B column g at rows 4t + (0..3) and
     16 + 4t + (0..3), C rows g and g + 8 at columns 2t and 2t + 1 (PTX ISA, m16n8k32 .u8/.s8). float64 [N]. It
     checks the layouts, not the kernel's arithmetic: it sums in int64 and float64, so the kernel's int32 folds and
-    fp32 steps are checked only on the GPU (``test_kernel_chain_on_gpu``)."""
+    fp32 steps are checked only on the GPU (``test_kernel_chain_on_gpu``). A split weight: the sum of its slices'
+    (each slice's inputs a contiguous run of the planes: positions permute only within blocks of 64)."""
+    if dw.splits > 1:
+        ks = dw.slice_features
+        return sum(emulate(DigitWeight(dw.words[i], dw.scale[i], dw.nzero[i], dw.out_features, ks, dw.warps),
+                           planes[:, i * ks:(i + 1) * ks]) for i in range(dw.splits))
     n, k, warps = dw.out_features, dw.in_features, dw.warps
     steps = k // (32 * warps)
     gw = steps // 4
@@ -363,33 +401,52 @@ def _paced_words(w_ptr, pid, nil, S: gl.constexpr, W: gl.constexpr, PACE: gl.con
     return words
 
 
+@gluon.jit
+def _store_out(y, row, pid, y_ptr, b_ptr, r_ptr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr):
+    """fp32 rows ``32 pid + row`` (+ bias) (+ residual) -> fp16 in ``y_ptr``; returns the fp16 values."""
+    if HAS_BIAS:
+        y = y + gl.load(b_ptr + pid * 32 + row).to(gl.float32)
+    if HAS_RES:
+        y = y + gl.load(r_ptr + pid * 32 + row).to(gl.float32)
+    yh = y.to(gl.float16)
+    gl.store(y_ptr + pid * 32 + row, yh)
+    return yh
+
+
 @gluon.jit(do_not_specialize=["nil"])
-def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, b_ptr, r_ptr, nil, K: gl.constexpr,
-                   LEV_W: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr, WAIT: gl.constexpr = True,
-                   PACE: gl.constexpr = 4, HAS_BIAS: gl.constexpr = False, HAS_RES: gl.constexpr = False,
-                   DIGITS_OUT: gl.constexpr = True):
+def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, b_ptr, r_ptr, part_ptr, lock_ptr, nil,
+                   K: gl.constexpr, LEV_W: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr,
+                   WAIT: gl.constexpr = True, PACE: gl.constexpr = 4, HAS_BIAS: gl.constexpr = False,
+                   HAS_RES: gl.constexpr = False, DIGITS_OUT: gl.constexpr = True, SPLIT: gl.constexpr = 1):
     """One layer: 32 output rows a program, everything in registers (226 at K = 4096: two programs a
     multiprocessor, this layer's and the next's). ``nil`` is 0 (``_paced_words``); ``PACE`` 1, 2, 4 or 8 batches of
     word loads. ``WAIT=False`` is the benchmark's ablation (no wait for the layer before: wrong results by
     design). ``HAS_BIAS`` / ``HAS_RES``: adds ``b_ptr``'s / ``r_ptr``'s fp16 [N] (in fp32, in that order, as the
     pointer GEMV does) before the rounding; ``DIGITS_OUT=False``: the fp16 output only (a GEMV whose output feeds no
-    other ``gemv_digits``, e.g. the runner's)."""
+    other ``gemv_digits``, e.g. the runner's). ``SPLIT`` > 1 (fp16 output only): program (q, sp) takes slice sp of
+    K's ``SPLIT`` equal slices, writes its fp32 partial to ``part_ptr`` [SPLIT, N] and counts its arrival in
+    ``lock_ptr`` [N / 32]; the last of a column to arrive sums the partials in slice order (deterministic) and
+    finishes the output."""
+    gl.static_assert((SPLIT == 1) | (not DIGITS_OUT), "a split GEMV writes the fp16 output only")
     W: gl.constexpr = num_warps
-    S: gl.constexpr = K // (32 * W)  # k32 steps a warp
+    KS: gl.constexpr = K // SPLIT  # the program's inputs
+    S: gl.constexpr = KS // (32 * W)  # k32 steps a warp
     GW: gl.constexpr = S // 4  # groups of 128 a warp: 2^LEV_W
     LG: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [1, W, 1, 1], [3, 2, 1, 0])  # [GW, W, 32, 4]
     LX5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 1, 32, 1], [1, W, 1, 1, 1], [4, 3, 2, 1, 0])
     L2: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(0, LG))  # [W, 32]: one value a lane
     pid = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    wpid = pid_k * gl.num_programs(0) + pid  # the program's block of words, scales and zero points
 
     # the program's words: constants, loaded before the wait and held in registers, in PACE batches
-    words = _paced_words(w_ptr, pid, nil, S, W, PACE)
+    words = _paced_words(w_ptr, wpid, nil, S, W, PACE)
     # scales and zero points [GW, W, 32, 4]: group gi, rows g, g + 8, g + 16, g + 24 of lane (g, t)
     gG = gl.arange(0, GW, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LG))))
     wG = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LG))))
     lG = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LG))))
     rG = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LG))))
-    sz_off = ((((pid * W + wG)[None, :, None, None] * GW + gG[:, None, None, None]) * 8
+    sz_off = ((((wpid * W + wG)[None, :, None, None] * GW + gG[:, None, None, None]) * 8
                + (lG // 4)[None, None, :, None]) * 4 + rG[None, None, None, :])
     # the B registers [GW, W, 2, 32, 4]: lane (g, t) reads plane g; group gi, half h = steps 2h and 2h + 1
     gX = gl.arange(0, GW, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, LX5)))))
@@ -401,7 +458,8 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, b_ptr, r_ptr
              + ((wX * (S // 2))[None, :, None, None, None] + (2 * gX)[:, None, None, None, None]
                 + hX[None, None, :, None, None]) * 16
              + ((lX % 4) * 4)[None, None, None, :, None] + jX[None, None, None, None, :])
-    x_ptrs = p_in_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + x_off
+    # (a slice's inputs are a contiguous run of the planes: positions permute only within blocks of 64)
+    x_ptrs = p_in_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + pid_k * (KS // 4) + x_off
     # [W, 32, GW * 4]: group gi's four values a lane are elements 4 gi .. 4 gi + 3
     scales = gl.reshape(gl.permute(gl.load(s_ptr + sz_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
     nzero = gl.reshape(gl.permute(gl.load(z_ptr + sz_off), [1, 2, 0, 3]), [W, 32, 4 * GW])
@@ -452,12 +510,19 @@ def _digits_kernel(w_ptr, s_ptr, z_ptr, p_in_ptr, p_out_ptr, y_ptr, b_ptr, r_ptr
     m3 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, Y3)))[None, :, None]
     n3 = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, Y3)))[None, None, :]
     row = g3 + 8 * m3 + 16 * n3
-    if HAS_BIAS:
-        y = y + gl.load(b_ptr + pid * 32 + row).to(gl.float32)
-    if HAS_RES:
-        y = y + gl.load(r_ptr + pid * 32 + row).to(gl.float32)
-    yh = y.to(gl.float16)
-    gl.store(y_ptr + pid * 32 + row, yh)
+    if SPLIT > 1:
+        n_out = gl.num_programs(0) * 32
+        gl.store(part_ptr + pid_k * n_out + pid * 32 + row, y)
+        gl.thread_barrier()  # every thread's partial is written before the (release) arrival below
+        arrived = gl.atomic_add(lock_ptr + pid, 1)
+        if arrived == SPLIT - 1:  # last to arrive: the partials in slice order
+            total = gl.zeros([8, 2, 2], gl.float32, Y3)
+            for sp in gl.static_range(SPLIT):  # unrolled: the loads go out together
+                total += gl.load(part_ptr + sp * n_out + pid * 32 + row, cache_modifier=".cg")
+            _store_out(total, row, pid, y_ptr, b_ptr, r_ptr, HAS_BIAS, HAS_RES)
+            gl.atomic_xchg(lock_ptr + pid, 0)  # ready for the next launch (and CUDA-graph replays)
+    else:
+        yh = _store_out(y, row, pid, y_ptr, b_ptr, r_ptr, HAS_BIAS, HAS_RES)
     if DIGITS_OUT:
         # the output's digit planes for the next step (input k = 32 pid + row: step pid, b = n, t' = (g + 8 m) // 4)
         big = (yh.to(gl.float32) * 16777216.0).to(gl.int64) + _OFFSET_C
@@ -520,15 +585,16 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
     for layer, dw in enumerate(dc.layers):
         _digits_kernel[(dw.out_features // ROWS,)](
             dw.words, dw.scale, dw.nzero, planes[layer], planes[layer + 1], out[layer + 1], out[layer + 1],
-            out[layer + 1], 0, K=k,
+            out[layer + 1], out[layer + 1], out[layer + 1], 0, K=k,
             LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1, num_warps=dw.warps, PDL=pdl, WAIT=wait, PACE=pace,
             **({"launch_pdl": True} if pdl else {}))
     return out
 
 
-def digit_weight(pw) -> DigitWeight:
-    """A ``packing.PackedWeight`` (int4, groups of 128; K 512, 1024, 2048 or 4096; N a multiple of 32) re-packed for
-    ``gemv_digits``; ValueError naming what does not fit."""
+def digit_weight(pw, splits: int | None = None) -> DigitWeight:
+    """A ``packing.PackedWeight`` (int4, groups of 128; N a multiple of 32; K 512, 1024, 2048 or 4096, or with
+    ``splits`` (default ``default_splits``) equal slices of those) re-packed for ``gemv_digits``; ValueError naming
+    what does not fit."""
     from qcompile.runtime.triton.reference import unpack_words
 
     if pw.bits != 4 or pw.group_size != GROUP:
@@ -536,7 +602,7 @@ def digit_weight(pw) -> DigitWeight:
                          f"of {pw.group_size}")
     if pw.scale.dtype != torch.float16:
         raise ValueError(f"gemv_digits computes in float16, got {pw.scale.dtype} scales")
-    return pack_digits(unpack_words(pw.qweight, 4), pw.scale, pw.zero)
+    return pack_digits(unpack_words(pw.qweight, 4), pw.scale, pw.zero, splits=splits)
 
 
 def gemv_digits(planes: torch.Tensor, dw: DigitWeight, *, bias: torch.Tensor | None = None,
@@ -544,8 +610,8 @@ def gemv_digits(planes: torch.Tensor, dw: DigitWeight, *, bias: torch.Tensor | N
     """One GEMV on digit planes: ``planes`` int8 [8, K] (``digit_planes``, or a producer's ``_jit.store_digit_planes``)
     -> fp16 [1, N] = ``fp16(sum_g s_g sum_k (c - z) x (+ bias) (+ residual))`` (``residual`` fp16 [1, N]); ``pdl``:
     launched as a programmatic dependent (its words loaded before it waits for the planes' producer)."""
-    n, k = dw.out_features, dw.in_features
-    if pace not in (1, 2, 4, 8) or (k // (32 * dw.warps)) % pace:
+    n, k, ks = dw.out_features, dw.in_features, dw.slice_features
+    if pace not in (1, 2, 4, 8) or (ks // (32 * dw.warps)) % pace:
         raise ValueError(f"gemv_digits: pace must be 1, 2, 4 or 8 batches dividing the k32 steps a warp, got {pace}")
     check_planes(planes, k, dw.words.device, "gemv_digits")
     for name, t in (("bias", bias), ("residual", residual)):
@@ -553,9 +619,15 @@ def gemv_digits(planes: torch.Tensor, dw: DigitWeight, *, bias: torch.Tensor | N
                               or not t.is_contiguous()):
             raise ValueError(f"gemv_digits: {name} must be a contiguous fp16 tensor of {n} on {planes.device}")
     out = torch.empty(1, n, dtype=torch.float16, device=planes.device)
-    _digits_kernel[(n // ROWS,)](
+    part = lock = out
+    if dw.splits > 1:  # the pointer GEMV's split-K workspace (sized before any capture: the first call is eager)
+        from qcompile.runtime.triton.wq_matmul import _Workspace
+
+        part, lock = _Workspace.get(planes.device, dw.splits * n, n // ROWS)
+    _digits_kernel[(n // ROWS, dw.splits)](
         dw.words, dw.scale, dw.nzero, planes, planes, out, bias if bias is not None else out,
-        residual if residual is not None else out, 0, K=k, LEV_W=(k // (GROUP * dw.warps)).bit_length() - 1,
-        num_warps=dw.warps, PDL=pdl, PACE=pace, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        DIGITS_OUT=False, **({"launch_pdl": True} if pdl else {}))
+        residual if residual is not None else out, part, lock, 0, K=k,
+        LEV_W=(ks // (GROUP * dw.warps)).bit_length() - 1, num_warps=dw.warps, PDL=pdl, PACE=pace,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, DIGITS_OUT=False, SPLIT=dw.splits,
+        **({"launch_pdl": True} if pdl else {}))
     return out

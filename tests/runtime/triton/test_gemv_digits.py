@@ -116,14 +116,36 @@ def test_pack_rejects_shapes_the_kernel_cannot_take():
         gd.pack_digits(codes, scale, zero, warps=3)
     with pytest.raises(ValueError, match="fp16 scales"):
         gd.pack_digits(codes, scale.float(), zero)
-    _, codes8, scale8, zero8 = quantized(32, 8192, False)  # 256 words a thread with 4 warps
+    _, codes8, scale8, zero8 = quantized(32, 8192, False)  # 256 words a thread with 4 warps in one slice
     with pytest.raises(ValueError, match="more than 4 warps"):
-        gd.pack_digits(codes8, scale8, zero8)
+        gd.pack_digits(codes8, scale8, zero8, splits=1)
+    with pytest.raises(ValueError, match="does not split into 3 slices"):
+        gd.pack_digits(codes8, scale8, zero8, splits=3)
     with pytest.raises(ValueError, match="multiple of 32"):
         gd.pack_digits(codes[:, :16], scale[:, :16], zero[:, :16])
-    _, codes3, scale3, zero3 = quantized(32, 1536, False)  # 3 groups a warp: not a power of two
+    _, codes3, scale3, zero3 = quantized(32, 1536, False)  # 3 groups a warp in one slice: not a power of two
     with pytest.raises(ValueError, match="power of two"):
-        gd.pack_digits(codes3, scale3, zero3)
+        gd.pack_digits(codes3, scale3, zero3, splits=1)
+
+
+def test_default_splits_are_the_fewest_slices_a_program_holds():
+    assert [gd.default_splits(k) for k in (512, 4096, 8192, 1536, 14336)] == [1, 1, 2, 3, 7]
+    assert gd.default_splits(4096, warps=2) == 2 and gd.default_splits(640) == 0  # 640: 5 groups, no slice fits
+
+
+@pytest.mark.parametrize("n,k,splits", [(32, 1536, None), (64, 1024, 2), (32, 3584, None)])
+def test_split_weight_emulates_the_dequantized_gemv(n, k, splits):
+    """K in equal slices (1536: 3 of 512 by default; 1024 in 2; 3584: 7 of 512), each packed as a weight of its
+    own and read from its run of the planes: the sum of the slices' products is the dequantized GEMV."""
+    pw, codes, scale, zero = quantized(n, k, False, seed=n + k)
+    x = (torch.randn(k, generator=torch.Generator().manual_seed(9)) * 2).to(torch.float16)
+    dw = gd.pack_digits(codes, scale, zero, splits=splits)
+    assert dw.splits == (splits or gd.default_splits(k)) > 1
+    assert dw.words.shape[:2] == (dw.splits, n // gd.ROWS) and dw.slice_features * dw.splits == k
+    ref = dequantized_gemv(pw, x)
+    assert torch.allclose(gd.emulate(dw, gd.digit_planes(x)), ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
+    dw.words[dw.splits - 1, 0, 0, 0, 5, 0] ^= 0x0000000F  # a code of the last slice flipped: seen
+    assert (gd.emulate(dw, gd.digit_planes(x)) - ref).abs().max() > 1e-3
 
 
 def fp16_ulp(v):
@@ -264,8 +286,10 @@ def test_digit_weight_repacks_the_runtimes_packed_weight():
         gd.digit_weight(pack_from_export(qw.qweight, qw.scale, qw.zero, bits=4, dtype=torch.float16))
     with pytest.raises(ValueError, match="float16"):
         gd.digit_weight(pack_from_export(*quantized_weight_parts(32, 512), bits=4, dtype=torch.float32))
-    with pytest.raises(ValueError, match="power of two"):  # K = 1536: 3 groups a warp
-        gd.digit_weight(pack_from_export(*quantized_weight_parts(32, 1536), bits=4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="power of two"):  # K = 1536 in one slice: 3 groups a warp
+        gd.digit_weight(pack_from_export(*quantized_weight_parts(32, 1536), bits=4, dtype=torch.float16), splits=1)
+    assert gd.digit_weight(pack_from_export(*quantized_weight_parts(32, 1536), bits=4,
+                                            dtype=torch.float16)).splits == 3
 
 
 def quantized_weight_parts(n, k):
@@ -277,10 +301,12 @@ def quantized_weight_parts(n, k):
 @pytest.mark.cuda
 @pytest.mark.parametrize("n,k,biased,res,pdl", [(3072, 2048, False, False, False), (16384, 2048, True, False, True),
                                                 (6144, 4096, True, True, True), (4096, 4096, False, True, True),
-                                                (1024, 512, False, False, True)])
+                                                (1024, 512, False, False, True), (4096, 14336, False, False, True),
+                                                (96, 1536, True, True, True), (2048, 8192, False, True, False)])
 def test_single_gemv_on_gpu(n, k, biased, res, pdl):
-    """One launch, N != K (the runner's q|k|v and gate|up; o with the residual): the fp16 output within half an ulp
-    plus 2^-18 of the terms of the dequantized GEMV (plus the bias and the residual), the same bits twice."""
+    """One launch, N != K (the runner's q|k|v and gate|up; o with the residual; K in 7, 3 and 2 slices for the last
+    three): the fp16 output within half an ulp plus 2^-18 of the terms of the dequantized GEMV (plus the bias and
+    the residual), the same bits twice (a split's arrival counters back at zero after each launch)."""
     pw, _, _, _ = quantized(n, k, False, seed=n + k)
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(k, generator=gen).to(torch.float16)
