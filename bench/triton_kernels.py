@@ -164,12 +164,13 @@ def bench_gemv_digits(peak: float) -> list[dict]:
     """The digit-plane int4 GEMV (``gemv_digits``, the runner's ``digit_gemv``) at the three shapes, timed as the
     pointer GEMV's PDL rows are: copies of the weight, one input (its digit planes), each launch a programmatic
     dependent of the one before; bytes counted are the weight's words, scales and zero points (the same int4 bytes
-    as the pointer GEMV's), the planes and the fp16 output. K = 14336 runs in 7 slices of 2048 (``default_splits``;
-    the slices' fp32 partials, 8 bytes an output a slice, are not counted), at 4 warps a program (the default) and
-    at 2 (a row ``"warps": 2``; the summary's figures are the default's)."""
+    as the pointer GEMV's), the planes and the fp16 output. K = 14336 runs in 7 slices of 2048 (the slices' fp32
+    partials, 8 bytes an output a slice, are not counted), at 2 warps a program (``default_layout``) and at 4; the
+    summary's figures are the default's."""
     from dataclasses import replace
 
-    from qcompile.runtime.triton.gemv_digits import PLANES, WARPS, digit_planes, gemv_digits, pack_digits
+    from qcompile.runtime.triton.gemv_digits import (PLANES, WARPS, default_layout, digit_planes, gemv_digits,
+                                                     pack_digits)
     from qcompile.runtime.triton.reference import unpack_words
 
     gen = torch.Generator().manual_seed(0)
@@ -192,7 +193,8 @@ def bench_gemv_digits(peak: float) -> list[dict]:
             del dws
             bytes_read = wbytes + PLANES * k + n * 2
             frac = bytes_read / t_d / 1e12 / peak
-            rows.append({"N": n, "K": k, "splits": dw.splits, "warps": warps, "default_warps": warps == WARPS,
+            rows.append({"N": n, "K": k, "splits": dw.splits, "warps": warps,
+                         "default_warps": warps == default_layout(k)[1],
                          "pdl_chain_us": t_d * 1e6,
                          "pdl_chain_fraction_of_peak_copy": frac, "fp16_us": t_16 * 1e6,
                          "pdl_chain_speedup_vs_fp16": t_16 / t_d, "max_rel_err_vs_reference": err,

@@ -162,13 +162,30 @@ def default_splits(k: int, warps: int = WARPS) -> int:
     return next((sp for sp in range(1, k // (GROUP * warps) + 1) if k % sp == 0 and _slice_fits(k // sp, warps)), 0)
 
 
-def pack_digits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, warps: int = WARPS,
+def default_layout(k: int) -> tuple[int, int]:
+    """(splits, warps) for K inputs: one slice at ``WARPS`` warps where K fits it; otherwise slices of 1024 inputs a
+    warp (128 words a thread, as one slice of 4096 at 4 warps), the most warps that allow them (K = 14336: 7 slices of
+    2048 at 2 warps, 80 % of the copy peak on the H100 as a PDL chain, against 68 % for 7 slices at 4 warps,
+    2026-12-07, docs/BENCHMARKS.md); else the fewest slices at ``WARPS`` warps."""
+    if _slice_fits(k, WARPS):
+        return 1, WARPS
+    for warps in (WARPS, 2, 1):
+        if k % (1024 * warps) == 0:
+            return k // (1024 * warps), warps
+    return default_splits(k, WARPS) or 1, WARPS
+
+
+def pack_digits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, warps: int | None = None,
                 splits: int | None = None) -> DigitWeight:
     """``codes`` [K, N] (0..15), ``scale`` [K / 128, N], ``zero`` [K / 128, N] (None: symmetric, zero point 8) ->
-    the layout of the module docstring. ``splits`` (default: ``default_splits``): K in that many equal slices,
-    each packed as a weight of its own (programs ``(N / 32, splits)``, the last of a column to finish summing their
-    fp32 partials)."""
+    the layout of the module docstring. ``splits``: K in that many equal slices, each packed as a weight of its own
+    (programs ``(N / 32, splits)``, the last of a column to finish summing their fp32 partials). Defaults: both
+    given by ``default_layout``; ``warps`` alone: the fewest slices at it (``default_splits``); ``splits`` alone: at
+    ``WARPS`` warps."""
     k, n = codes.shape
+    if warps is None and splits is None:
+        splits, warps = default_layout(k)
+    warps = WARPS if warps is None else warps
     if warps < 1 or warps & (warps - 1):
         raise ValueError(f"gemv_digits: warps must be a power of two, got {warps}")
     if splits is None:

@@ -131,16 +131,21 @@ def test_pack_rejects_shapes_the_kernel_cannot_take():
 def test_default_splits_are_the_fewest_slices_a_program_holds():
     assert [gd.default_splits(k) for k in (512, 4096, 8192, 1536, 14336)] == [1, 1, 2, 3, 7]
     assert gd.default_splits(4096, warps=2) == 2 and gd.default_splits(640) == 0  # 640: 5 groups, no slice fits
+    # the default packing: 1024 inputs a warp where slices of that size divide K (14336: 7 of 2048 at 2 warps)
+    assert [gd.default_layout(k) for k in (4096, 2048, 8192, 14336, 1536)] == [(1, 4), (1, 4), (2, 4), (7, 2), (3, 4)]
+    _, codes, scale, zero = quantized(32, 3584, False)
+    assert (gd.pack_digits(codes, scale, zero).splits, gd.pack_digits(codes, scale, zero).warps) == (7, 4)  # 512s
 
 
 @pytest.mark.parametrize("n,k,splits", [(32, 1536, None), (64, 1024, 2), (32, 3584, None)])
 def test_split_weight_emulates_the_dequantized_gemv(n, k, splits):
-    """K in equal slices (1536: 3 of 512 by default; 1024 in 2; 3584: 7 of 512), each packed as a weight of its
-    own and read from its run of the planes: the sum of the slices' products is the dequantized GEMV."""
+    """K in equal slices (1536: 3 of 512 by default; 1024 in 2; 3584: 7 of 512), each packed as a
+    weight of its own and read from its run of the planes: the sum of the slices' products is the dequantized
+    GEMV."""
     pw, codes, scale, zero = quantized(n, k, False, seed=n + k)
     x = (torch.randn(k, generator=torch.Generator().manual_seed(9)) * 2).to(torch.float16)
     dw = gd.pack_digits(codes, scale, zero, splits=splits)
-    assert dw.splits == (splits or gd.default_splits(k)) > 1
+    assert dw.splits == (splits or gd.default_layout(k)[0]) > 1
     assert dw.words.shape[:2] == (dw.splits, n // gd.ROWS) and dw.slice_features * dw.splits == k
     ref = dequantized_gemv(pw, x)
     assert torch.allclose(gd.emulate(dw, gd.digit_planes(x)), ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
