@@ -61,12 +61,23 @@ Digit planes ``[8, K]`` int8 (rows 6 and 7 unused: ``digit_planes`` writes zeros
 nor writes them), each 64-input block permuted so that lane ``(g, t)`` reads plane
 ``g``'s B registers of two steps as one 16-byte load.
 
-Scope: int4 weights with groups of 128, N a multiple of 32 and K of 512, 1024, 2048 or 4096. Two uses:
+**K in slices** (``splits``, twenty-eighth session). A K that one program cannot hold (more than 1024 inputs a warp,
+or groups a warp not a power of two) runs in equal slices, each packed as a weight of its own (``[splits, N / 32,
+...]``) and read from its contiguous run of the planes (positions permute only within blocks of 64): program (q, sp)
+computes slice sp's fp32 partial of rows 32 q .. 32 q + 31, writes it to the split-K workspace the pointer GEMV uses
+and counts its arrival; the last of the column to arrive sums the partials in slice order (deterministic) and
+writes the fp16 output. ``default_layout`` prefers slices of 1024 inputs a warp (128 words a thread, as one slice of
+4096 at 4 warps): K = 14336 in 7 slices of 2048 at 2 warps took the 4096 x 14336 PDL chain to 12.73 µs, **80 % of
+the copy peak, 3.35x fp16**, against 15.05 µs (68 %) at 4 warps (96 registers: room for five programs a multiprocessor) in
+the same H100 run; 4096 x 4096 and 14336 x 4096 were 87 % and 89 % in it (docs/BENCHMARKS.md).
+
+Scope: int4 weights with groups of 128, N a multiple of 32 and K of 512, 1024, 2048 or 4096, or equal slices of
+those (fp16 output only). Two uses:
 dependent chains of square weights, each step writing the next one's planes (``gemv_digits_chain``,
 ``bench/triton_gemv_chain.py``); and one GEMV whose planes a producer wrote (``gemv_digits``: the runner's
 ``digit_gemv``, where the RMSNorm before q|k|v and gate|up and the attention before o write them with
-``_jit.store_digit_planes``; the output is fp16 only). SwiGLU writes none (down reads gate|up through the pointer GEMV's
-prologue), so down keeps the pointer GEMV. Non-finite activations are
+``_jit.store_digit_planes``; the output is fp16 only; the runner keeps one slice). SwiGLU writes none (down reads
+gate|up through the pointer GEMV's prologue), so down keeps the pointer GEMV. Non-finite activations are
 not representable. GPU only (Gluon has no interpreter): ``emulate`` computes what the kernel does from the
 fragments' definitions, in torch, and is checked against the plain GEMV on the CPU
 (``tests/runtime/triton/test_gemv_digits.py``); the kernel itself on CUDA.
