@@ -68,8 +68,8 @@ computes slice sp's fp32 partial of rows 32 q .. 32 q + 31, writes it to the spl
 and counts its arrival; the last of the column to arrive sums the partials in slice order (deterministic) and
 writes the fp16 output. ``default_layout`` prefers slices of 1024 inputs a warp (128 words a thread, as one slice of
 4096 at 4 warps): K = 14336 in 7 slices of 2048 at 2 warps took the 4096 x 14336 PDL chain to 12.73 µs, **80 % of
-the copy peak, 3.35x fp16**, against 15.05 µs (68 %) at 4 warps (96 registers: room for five programs a multiprocessor) in
-the same H100 run; 4096 x 4096 and 14336 x 4096 were 87 % and 89 % in it (docs/BENCHMARKS.md).
+the copy peak, 3.35x fp16**, against 15.05 µs (68 %) at 4 warps (96 registers: room for five programs a
+multiprocessor) in the same H100 run; 4096 x 4096 and 14336 x 4096 were 87 % and 89 % in it (docs/BENCHMARKS.md).
 
 Scope: int4 weights with groups of 128, N a multiple of 32 and K of 512, 1024, 2048 or 4096, or equal slices of
 those (fp16 output only). Two uses:
@@ -594,6 +594,8 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
         raise ValueError(f"gemv_digits_chain: pace must be 1, 2, 4 or 8 batches, got {pace}")
     if not dc.layers:
         raise ValueError("gemv_digits_chain: the chain has no layers")
+    if any(dw.splits != 1 for dw in dc.layers):  # each step writes the next one's planes: one program a row block
+        raise ValueError("gemv_digits_chain takes weights packed in one slice (splits=1)")
     k = dc.features
     n_layers = len(dc.layers)
     if any((k // (32 * dw.warps)) % pace for dw in dc.layers):
@@ -621,8 +623,8 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
 
 def digit_weight(pw, splits: int | None = None) -> DigitWeight:
     """A ``packing.PackedWeight`` (int4, groups of 128; N a multiple of 32; K 512, 1024, 2048 or 4096, or with
-    ``splits`` (default ``default_splits``) equal slices of those) re-packed for ``gemv_digits``; ValueError naming
-    what does not fit."""
+    ``splits`` (default: ``default_layout``'s) equal slices of those) re-packed for ``gemv_digits``; ValueError
+    naming what does not fit."""
     from qcompile.runtime.triton.reference import unpack_words
 
     if pw.bits != 4 or pw.group_size != GROUP:

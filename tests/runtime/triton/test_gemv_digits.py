@@ -168,6 +168,8 @@ def test_chain_rejects_a_pace_it_cannot_issue_and_an_empty_chain():
     _, codes, scale, zero = quantized(512, 512, False)
     with pytest.raises(ValueError, match="do not divide"):  # 512 inputs: 4 steps a warp
         gd.gemv_digits_chain(planes, gd.DigitChain([gd.pack_digits(codes, scale, zero)]), out, pace=8)
+    with pytest.raises(ValueError, match="one slice"):
+        gd.gemv_digits_chain(planes, gd.DigitChain([gd.pack_digits(codes, scale, zero, warps=2, splits=2)]), out)
 
 
 _SASS_CHILD = """
