@@ -1053,10 +1053,7 @@ class TritonCausalLM:
         if not (do_sample and temperature > 0):
             return self._generate_greedy(int(torch.argmax(logits).item()), max_new_tokens, eos, on_token)
         for i in range(max_new_tokens):
-            if do_sample and temperature > 0:
-                token = _sample(logits, temperature, top_p, gen)
-            else:
-                token = int(torch.argmax(logits).item())
+            token = _sample(logits, temperature, top_p, gen)
             out.append(token)
             if on_token is not None:
                 on_token(token)

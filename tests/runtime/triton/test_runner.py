@@ -124,6 +124,17 @@ def test_greedy_generate_runs_in_chunks_and_stops_at_eos(exported, monkeypatch):
     assert r.generate(ids, 0) == []
 
 
+def test_sampling_generate_is_seeded_and_temperature_zero_is_greedy(exported):
+    """Sampling takes the host-fed path: one seed gives one sequence, another seed (almost surely) another; a
+    temperature of 0 is the greedy path's tokens."""
+    r = runner(exported["llama"])
+    ids = PROMPTS[0]
+    a = r.generate(ids, 6, do_sample=True, temperature=5.0, seed=1)
+    assert len(a) == 6 and r.generate(ids, 6, do_sample=True, temperature=5.0, seed=1) == a
+    assert r.generate(ids, 6, do_sample=True, temperature=5.0, seed=2) != a
+    assert r.generate(ids, 6, do_sample=True, temperature=0.0) == r.generate(ids, 6)
+
+
 def test_pdl_decode_step_computes_the_same(exported, monkeypatch):
     """``pdl=True`` (the decode step's RMSNorms, RoPE/cache stores, attention and GEMVs as programmatic dependents;
     the GEMVs read their first weight tile before waiting) changes when kernels run, not what they compute: the
