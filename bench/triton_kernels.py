@@ -391,7 +391,7 @@ def main() -> None:
                                                             default=None),
         "int4_gemv_mma_pdl_chain_min_speedup_vs_fp16": min((r["pdl_chain_speedup_vs_fp16"] or 0 for r in g4m),
                                                            default=None),
-        # the default (4 warps a program) at every shape
+        # the default layout's row at every shape (default_layout: 2 warps a program at K = 14336, else 4)
         "int4_gemv_digits_pdl_chain_min_fraction_of_peak": min(
             (r["pdl_chain_fraction_of_peak_copy"] for r in digits), default=None),
         "int4_gemv_digits_pdl_chain_min_speedup_vs_fp16": min(

@@ -1047,11 +1047,11 @@ class TritonCausalLM:
             raise QCompileError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the {self.max_seq_len}-"
                                 "token cache (max_seq_len)")
         eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        out: list[int] = []
         logits = self.prefill(ids, float_prefix)
         if not (do_sample and temperature > 0):
             return self._generate_greedy(int(torch.argmax(logits).item()), max_new_tokens, eos, on_token)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        out: list[int] = []
         for i in range(max_new_tokens):
             token = _sample(logits, temperature, top_p, gen)
             out.append(token)
