@@ -46,6 +46,9 @@ from qcompile.runtime.triton.wq_matmul import _GEMV as GEMV_TUNER  # noqa: E402
 from qcompile.runtime.triton.wq_matmul import copy_weight, gemv_tuning_key, half2_gemv, wq_linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N out, K in): q/o_proj, gate/up_proj, down_proj
+# --decode-shapes: the decode GEMVs of bench/triton_e2e.py's 1.2B Llama (hidden 2048, 32/8 heads of 64, MLP 8192):
+# q|k|v, o, gate|up (the runner's digit_gemv linears) and down
+DECODE_SHAPES = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)]
 L2_BYTES = 50 * 2**20
 
 
@@ -108,12 +111,12 @@ def fp16_gemv_time(x: torch.Tensor, n: int) -> float:
     return t
 
 
-def bench_gemv(peak: float, bits: int, group: int = 128, mma: bool = False) -> list[dict]:
+def bench_gemv(peak: float, bits: int, group: int = 128, mma: bool = False, shapes=SHAPES) -> list[dict]:
     """``mma``: the weights also carry the tensor-core GEMV's words (the runner's ``mma_gemv``), so the tuner
     times that kernel beside the pointer GEMV and keeps the faster (int4 only)."""
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for n, k in SHAPES:
+    for n, k in shapes:
         q, scale, zero = random_int_weight(n, k, bits, False, group, gen)
         base = pack_from_export(q, scale, zero, bits=bits, dtype=torch.float16).to("cuda")
         if mma:
@@ -160,30 +163,46 @@ def bench_gemv(peak: float, bits: int, group: int = 128, mma: bool = False) -> l
     return rows
 
 
-def bench_gemv_digits(peak: float) -> list[dict]:
-    """The digit-plane int4 GEMV (``gemv_digits``, the runner's ``digit_gemv``) at the three shapes, timed as the
-    pointer GEMV's PDL rows are: copies of the weight, one input (its digit planes), each launch a programmatic
-    dependent of the one before; bytes counted are the weight's words, scales and zero points (the same int4 bytes
-    as the pointer GEMV's), the planes and the fp16 output. K = 14336 runs in 7 slices of 2048 (the slices' fp32
-    partials, 8 bytes an output a slice, are not counted), at 2 warps a program (``default_layout``) and at 4; the
-    summary's figures are the default's."""
+def digit_layouts(n: int, k: int, sweep: bool) -> list[tuple[int, int]]:
+    """(splits, warps) to time: ``default_layout``'s, at K = 14336 also 7 slices at 4 warps, and
+    ``decode_layout``'s (the runner's: more slices where N / 32 programs leave multiprocessors idle); ``sweep``:
+    also the fewest three slicings at 2 and at 4 warps."""
+    from qcompile.runtime.triton.gemv_digits import WARPS, decode_layout, default_layout, split_layouts
+
+    out = [default_layout(k)]
+    if k > 1024 * WARPS:
+        out.append((next(iter(split_layouts(k, WARPS)), 1), WARPS))
+    out.append(decode_layout(n, k, torch.cuda.get_device_properties(0).multi_processor_count))
+    if sweep:
+        out += [(sp, w) for w in (WARPS, 2) for sp in split_layouts(k, w)[:3]]
+    return list(dict.fromkeys(out))
+
+
+def bench_gemv_digits(peak: float, shapes=SHAPES, sweep: bool = False) -> list[dict]:
+    """The digit-plane int4 GEMV (``gemv_digits``, the runner's ``digit_gemv``), timed as the pointer GEMV's PDL
+    rows are: copies of the weight, one input (its digit planes), each launch a programmatic dependent of the one
+    before; bytes counted are the weight's words, scales and zero points (the same int4 bytes as the pointer
+    GEMV's), the planes and the fp16 output (a split weight's fp32 partials, 8 bytes an output a slice, are not
+    counted). Each shape in the layouts of ``digit_layouts``; the summary's figures are ``default_layout``'s (K =
+    14336: 7 slices of 2048 at 2 warps)."""
     from dataclasses import replace
 
-    from qcompile.runtime.triton.gemv_digits import (PLANES, WARPS, default_layout, digit_planes, gemv_digits,
-                                                     pack_digits)
+    from qcompile.runtime.triton.gemv_digits import (PLANES, decode_layout, default_layout, digit_planes,
+                                                     gemv_digits, pack_digits)
     from qcompile.runtime.triton.reference import unpack_words
 
     gen = torch.Generator().manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    for n, k in SHAPES:
+    for n, k in shapes:
         q, scale, zero = random_int_weight(n, k, 4, False, 128, gen)
         base = pack_from_export(q, scale, zero, bits=4, dtype=torch.float16).to("cuda")
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         planes = digit_planes(x[0])
         ref = R.wq_linear_ref(x.float(), base.to(dtype=torch.float32))
         t_16 = fp16_gemv_time(x, n)
-        for warps in (WARPS, 2) if k > 1024 * WARPS else (WARPS,):
-            dw = pack_digits(unpack_words(base.qweight, 4), base.scale, base.zero, warps=warps)
+        for splits, warps in digit_layouts(n, k, sweep):
+            dw = pack_digits(unpack_words(base.qweight, 4), base.scale, base.zero, warps=warps, splits=splits)
             wbytes = dw.words.numel() * 4 + dw.scale.numel() * 2 + dw.nzero.numel()
             copies = copies_for(wbytes)
             dws = [dw] + [replace(dw, words=dw.words.clone(), scale=dw.scale.clone(), nzero=dw.nzero.clone())
@@ -194,7 +213,8 @@ def bench_gemv_digits(peak: float) -> list[dict]:
             bytes_read = wbytes + PLANES * k + n * 2
             frac = bytes_read / t_d / 1e12 / peak
             rows.append({"N": n, "K": k, "splits": dw.splits, "warps": warps,
-                         "default_warps": warps == default_layout(k)[1],
+                         "default_layout": (splits, warps) == default_layout(k),
+                         "decode_layout": (splits, warps) == decode_layout(n, k, sms),
                          "pdl_chain_us": t_d * 1e6,
                          "pdl_chain_fraction_of_peak_copy": frac, "fp16_us": t_16 * 1e6,
                          "pdl_chain_speedup_vs_fp16": t_16 / t_d, "max_rel_err_vs_reference": err,
@@ -337,6 +357,9 @@ def main() -> None:
     ap.add_argument("--digit-gemv", action="store_true",
                     help="also time the digit-plane int4 GEMV (gemv_digits, the runner's digit_gemv; K = 14336 in "
                          "7 slices), sm_90+")
+    ap.add_argument("--decode-shapes", action="store_true",
+                    help="also time the int4 GEMVs (pointer, and with --digit-gemv the digit-plane one in every "
+                         "layout of its sweep) at bench/triton_e2e.py's 1.2B Llama decode shapes")
     ap.add_argument("--jobs", type=int, default=1,
                     help="processes that compile the int4 GEMV's candidates before the tuner times them")
     args = ap.parse_args()
@@ -369,6 +392,11 @@ def main() -> None:
         if args.digit_gemv:
             res["gemv_digits"] = bench_gemv_digits(peak)
         save()
+        if args.decode_shapes:
+            res["gemv_decode_shapes"] = bench_gemv(peak, 4, shapes=DECODE_SHAPES)
+            if args.digit_gemv:
+                res["gemv_digits_decode_shapes"] = bench_gemv_digits(peak, DECODE_SHAPES[:3], sweep=True)
+            save()
     if "gemm" not in skip:
         res["int_gemm"] = bench_int_gemm()
         save()
@@ -376,7 +404,7 @@ def main() -> None:
         res["decode_attention"] = bench_attention()
     g4 = [r for r in res.get("gemv", []) if r["bits"] == 4 and not r["mma_gemv"]]
     g4m = [r for r in res.get("gemv", []) if r["mma_gemv"]]
-    digits = [r for r in res.get("gemv_digits", []) if r["default_warps"]]
+    digits = [r for r in res.get("gemv_digits", []) if r["default_layout"]]
     w8 = [r for r in res.get("int_gemm", []) if r["weights"] == "W8A8"]
     w4 = [r for r in res.get("int_gemm", []) if r["weights"] == "W4A4"]
     att = {r["context"]: r for r in res.get("decode_attention", [])}
@@ -391,7 +419,7 @@ def main() -> None:
                                                             default=None),
         "int4_gemv_mma_pdl_chain_min_speedup_vs_fp16": min((r["pdl_chain_speedup_vs_fp16"] or 0 for r in g4m),
                                                            default=None),
-        # the default layout's row at every shape (default_layout: 2 warps a program at K = 14336, else 4)
+        # the default layout's row at every shape (default_layout: 7 slices at 2 warps a program at K = 14336)
         "int4_gemv_digits_pdl_chain_min_fraction_of_peak": min(
             (r["pdl_chain_fraction_of_peak_copy"] for r in digits), default=None),
         "int4_gemv_digits_pdl_chain_min_speedup_vs_fp16": min(

@@ -391,9 +391,11 @@ def cases(all_configs: bool):
                DIGITS_TYPES, dict(K=k, LEV_W=(k // 512).bit_length() - 1, PDL=True, PACE=gemv_digits.PACE,
                                   HAS_BIAS=bias, HAS_RES=res, DIGITS_OUT=False, num_warps=gemv_digits.WARPS), {},
                gemv_digits.WARPS, 1)
-    # K in slices (the 4096 x 14336 down projection of Llama-3-8B: 7 of 2048), fp32 partials summed by the last
+    # K in slices (the 4096 x 14336 down projection of Llama-3-8B: 7 of 2048), fp32 partials summed by the last;
+    # the runner's decode_layout at the 1.2B Llama's K = 2048 (o with the residual in 4 slices, q|k|v in 2)
     for k, splits, warps, bias, res in ((14336, 7, 4, False, False), (14336, 7, 2, False, False),
-                                        (1536, 3, 4, True, True)):
+                                        (1536, 3, 4, True, True), (2048, 4, 4, False, True),
+                                        (2048, 2, 4, True, False)):
         ks = k // splits
         yield (f"gemv_digits K={k} in {splits} slices, {warps} warps, bias={bias} residual={res} (PDL)",
                gemv_digits._digits_kernel, DIGITS_TYPES,

@@ -186,6 +186,25 @@ def default_layout(k: int) -> tuple[int, int]:
     return default_splits(k, WARPS) or 1, WARPS
 
 
+def split_layouts(k: int, warps: int = WARPS) -> list[int]:
+    """Every number of equal K slices that one program each can hold at ``warps`` warps, fewest first."""
+    return [sp for sp in range(1, k // (GROUP * warps) + 1) if k % sp == 0 and _slice_fits(k // sp, warps)]
+
+
+def decode_layout(n: int, k: int, programs: int) -> tuple[int, int]:
+    """(splits, warps) for a decode GEMV of ``n`` outputs on a GPU of ``programs`` multiprocessors:
+    ``default_layout``'s, with K cut into more slices (at its warps) while the grid, ``n / 32`` programs a slice,
+    would leave multiprocessors idle. At the 1.2B Llama's K = 2048, o (N = 2048) has 64 columns of programs and
+    q|k|v (N = 3072) 96, on the H100's 132 multiprocessors."""
+    splits, warps = default_layout(k)
+    for sp in split_layouts(k, warps):
+        if (n // ROWS) * splits >= programs:
+            break
+        if sp > splits:
+            splits = sp
+    return splits, warps
+
+
 def pack_digits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, warps: int | None = None,
                 splits: int | None = None) -> DigitWeight:
     """``codes`` [K, N] (0..15), ``scale`` [K / 128, N], ``zero`` [K / 128, N] (None: symmetric, zero point 8) ->
@@ -621,10 +640,10 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
     return out
 
 
-def digit_weight(pw, splits: int | None = None) -> DigitWeight:
+def digit_weight(pw, splits: int | None = None, warps: int | None = None) -> DigitWeight:
     """A ``packing.PackedWeight`` (int4, groups of 128; N a multiple of 32; K 512, 1024, 2048 or 4096, or with
-    ``splits`` (default: ``default_layout``'s) equal slices of those) re-packed for ``gemv_digits``; ValueError
-    naming what does not fit."""
+    ``splits`` equal slices of those; ``splits`` and ``warps`` as ``pack_digits`` takes them) re-packed for
+    ``gemv_digits``; ValueError naming what does not fit."""
     from qcompile.runtime.triton.reference import unpack_words
 
     if pw.bits != 4 or pw.group_size != GROUP:
@@ -632,7 +651,7 @@ def digit_weight(pw, splits: int | None = None) -> DigitWeight:
                          f"of {pw.group_size}")
     if pw.scale.dtype != torch.float16:
         raise ValueError(f"gemv_digits computes in float16, got {pw.scale.dtype} scales")
-    return pack_digits(unpack_words(pw.qweight, 4), pw.scale, pw.zero, splits=splits)
+    return pack_digits(unpack_words(pw.qweight, 4), pw.scale, pw.zero, warps=warps, splits=splits)
 
 
 def gemv_digits(planes: torch.Tensor, dw: DigitWeight, *, bias: torch.Tensor | None = None,

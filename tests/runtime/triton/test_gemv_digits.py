@@ -137,6 +137,21 @@ def test_default_splits_are_the_fewest_slices_a_program_holds():
     assert (gd.pack_digits(codes, scale, zero).splits, gd.pack_digits(codes, scale, zero).warps) == (7, 4)  # 512s
 
 
+def test_decode_layout_slices_k_until_the_grid_fills_the_gpu():
+    """The runner's layout: ``default_layout``, with K cut into more slices (at its warps) while N / 32 programs a
+    slice leave some of the GPU's multiprocessors idle; never more slices than one program can hold."""
+    assert gd.split_layouts(2048) == [1, 2, 4] and gd.split_layouts(14336, 2) == [7, 14, 28, 56]
+    assert gd.split_layouts(640) == []
+    # the 1.2B Llama's decode GEMVs on 132 multiprocessors: o (64 columns of programs) in 4 slices, q|k|v (96) in 2
+    assert [gd.decode_layout(n, 2048, 132) for n in (2048, 3072, 16384)] == [(4, 4), (2, 4), (1, 4)]
+    assert gd.decode_layout(2048, 2048, 64) == (1, 4)  # 64 programs fill 64 multiprocessors
+    assert gd.decode_layout(4096, 4096, 132) == (2, 4) and gd.decode_layout(4096, 4096, 128) == (1, 4)
+    assert gd.decode_layout(4096, 14336, 132) == (7, 2)  # already 7 x 128 programs
+    assert gd.decode_layout(32, 2048, 10_000) == (4, 4)  # at most the slices a program of 4 warps can hold
+    assert gd.decode_layout(32, 1536, 132) == (3, 4)  # the only slicing there is
+    assert gd.decode_layout(32, 640, 132) == gd.default_layout(640)  # none fits: pack_digits names why
+
+
 @pytest.mark.parametrize("n,k,splits", [(32, 1536, None), (64, 1024, 2), (32, 3584, None)])
 def test_split_weight_emulates_the_dequantized_gemv(n, k, splits):
     """K in equal slices (1536: 3 of 512 by default; 1024 in 2; 3584: 7 of 512), each packed as a
@@ -306,20 +321,22 @@ def quantized_weight_parts(n, k):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("n,k,biased,res,pdl", [(3072, 2048, False, False, False), (16384, 2048, True, False, True),
-                                                (6144, 4096, True, True, True), (4096, 4096, False, True, True),
-                                                (1024, 512, False, False, True), (4096, 14336, False, False, True),
-                                                (96, 1536, True, True, True), (2048, 8192, False, True, False)])
-def test_single_gemv_on_gpu(n, k, biased, res, pdl):
-    """One launch, N != K (the runner's q|k|v and gate|up; o with the residual; K in 7, 3 and 2 slices for the last
-    three): the fp16 output within half an ulp plus 2^-18 of the terms of the dequantized GEMV (plus the bias and
-    the residual), the same bits twice (a split's arrival counters back at zero after each launch)."""
+@pytest.mark.parametrize("n,k,biased,res,pdl,splits", [
+    (3072, 2048, False, False, False, None), (16384, 2048, True, False, True, None),
+    (6144, 4096, True, True, True, None), (4096, 4096, False, True, True, None), (1024, 512, False, False, True, None),
+    (4096, 14336, False, False, True, None), (96, 1536, True, True, True, None), (2048, 8192, False, True, False, None),
+    (2048, 2048, False, True, True, 4), (3072, 2048, True, False, True, 2)])
+def test_single_gemv_on_gpu(n, k, biased, res, pdl, splits):
+    """One launch, N != K (the runner's q|k|v and gate|up; o with the residual; K in 7, 3 and 2 slices by default
+    for 14336, 1536 and 8192; the 1.2B Llama's o and q|k|v in ``decode_layout``'s 4 and 2 slices of 2048): the fp16
+    output within half an ulp plus 2^-18 of the terms of the dequantized GEMV (plus the bias and the residual), the
+    same bits twice (a split's arrival counters back at zero after each launch)."""
     pw, _, _, _ = quantized(n, k, False, seed=n + k)
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(k, generator=gen).to(torch.float16)
     bias = (torch.randn(n, generator=gen) * 0.1).to(torch.float16) if biased else None
     resid = (torch.randn(1, n, generator=gen) * 3).to(torch.float16) if res else None
-    dw = gd.digit_weight(pw.to("cuda"))
+    dw = gd.digit_weight(pw.to("cuda"), splits=splits)
     planes = gd.digit_planes(x.cuda())
     outs = [gd.gemv_digits(planes, dw, bias=None if bias is None else bias.cuda(),
                            residual=None if resid is None else resid.cuda(), pdl=pdl) for _ in range(2)]
