@@ -139,6 +139,27 @@ def step_time_us(runner, prompt, steps: int, repeats: int) -> dict:
             "greedy_steps_equal_host_fed": tokens == host}
 
 
+def kernel_profile(runner, prompt, steps: int = 16) -> dict:
+    """The GPU time of each kernel of a decode step (torch.profiler, CUPTI), summed by kernel name and divided by
+    ``steps``: for a runner built with plain launches and no CUDA graph, so that each kernel's time is its own
+    (a programmatic dependent's would include its wait for the kernel before)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    first = int(torch.argmax(runner.prefill(prompt)))
+    runner.greedy_steps(first, 2)  # warm-up: tuning, workspaces
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.greedy_steps(first, steps)
+        torch.cuda.synchronize()
+    avgs = prof.key_averages()
+    rows = sorted(((a.key, a.self_device_time_total / steps, a.count // steps) for a in avgs
+                   if a.device_type == torch.autograd.DeviceType.CUDA and a.self_device_time_total > 0),
+                  key=lambda r: -r[1])
+    return {"kernel_us_per_step": round(sum(r[1] for r in rows), 1),
+            "kernels": [{"name": n[:120], "us_per_step": round(t, 2), "launches_per_step": c} for n, t, c in rows],
+            "table": avgs.table(sort_by="self_device_time_total", row_limit=30)}
+
+
 def bench_synthetic(args, save=lambda part: None) -> dict:
     from transformers import GenerationConfig
 
@@ -224,6 +245,17 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
               f"({r['speedup_vs_hf_fp16']:.2f}x HF fp16); decode step {r['decode_step_us']:.1f} us", flush=True)
         del runner
         torch.cuda.empty_cache()
+        if args.profile:  # the same row's kernels, each timed alone: plain launches, no CUDA graph
+            with one_slice if digits == "one_slice" else contextlib.nullcontext():
+                eager = TritonCausalLM(weights, dtype=torch.float16, kv_bits=kv_bits, max_seq_len=args.prompt_len +
+                                       64, pdl=False, cuda_graph=False, mma_gemv=mma, digit_gemv=bool(digits))
+            r["profile_plain_launches"] = prof = kernel_profile(eager, ids)
+            save(res)
+            print(f"  kernels of a step, each alone: {prof['kernel_us_per_step']:.1f} us; "
+                  + "; ".join(f"{k['name'][:48]} {k['us_per_step']:.1f} us x{k['launches_per_step']}"
+                              for k in prof["kernels"][:8]), flush=True)
+            del eager
+            torch.cuda.empty_cache()
     return res
 
 
@@ -302,6 +334,9 @@ def main() -> None:
     ap.add_argument("--variants", type=lambda v: v.split(","), default=list(VARIANTS),
                     help=f"runner rows to time, comma-separated (default all: {','.join(VARIANTS)}); the ratios "
                          "between rows are written where both ran")
+    ap.add_argument("--profile", action="store_true",
+                    help="also each row's kernels of a decode step, each timed alone (torch.profiler; plain launches, "
+                         "no CUDA graph)")
     ap.add_argument("--hf-static", action="store_true", help="also HF with a static cache + torch.compile")
     ap.add_argument("--smollm2", default=None, help="exported SmolLM2 folder: greedy tokens vs ONNX Runtime")
     ap.add_argument("--skip-synthetic", action="store_true", help="only the SmolLM2 check (with --smollm2)")
