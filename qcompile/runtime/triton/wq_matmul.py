@@ -632,7 +632,12 @@ class _Workspace:
     Outgrown pairs stay allocated: a CUDA graph captured on one keeps its addresses, and if the caching allocator
     handed that memory to another tensor, the graph's replays would count arrivals in it and read back garbage
     (seen on the H100: NaN logits from a captured decode step after a prefill grew the workspace). They are kept for
-    the life of the process: a few split-K partials of one output row each."""
+    the life of the process: a few split-K partials of one output row each.
+
+    One pair serves every split-K GEMV (this module's, ``gemv_mma``'s and ``gemv_digits``'), also next to each other
+    in a decode step. That is safe because each kernel touches the partials and the counters only after its PDL wait
+    (a plain launch: after the kernel before has ended), i.e. once the kernel before has finished, and its last
+    arriving program sets its counter back to zero."""
 
     buffers: dict = {}
     retired: list = []
