@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -109,12 +108,9 @@ def decode_rate(generate, prompt, new_tokens: int, repeats: int) -> dict:
     return {"tokens_per_s": (new_tokens - 1) / (t_full - t_one), "generate_s": t_full, "prefill_s": t_one}
 
 
-# the runner rows (key suffix -> KV bits, PDL, mma GEMV, digit GEMV); the PDL rows only on sm_90+. "one_slice": the
-# digit GEMV with every weight in one K slice (the twenty-eighth session's runner), against ``decode_layout``'s
-# slices that fill the GPU
+# the runner rows (key suffix -> KV bits, PDL, mma GEMV, digit GEMV); the PDL rows only on sm_90+
 VARIANTS = {"plain": (16, False, False, False), "pdl": (16, True, False, False), "pdl_mma": (16, True, True, False),
-            "pdl_digits": (16, True, False, True), "pdl_digits_one_slice": (16, True, False, "one_slice"),
-            "kv8": (8, False, False, False), "kv4": (4, False, False, False)}
+            "pdl_digits": (16, True, False, True), "kv8": (8, False, False, False), "kv4": (4, False, False, False)}
 
 
 def step_time_us(runner, prompt, steps: int, repeats: int) -> dict:
@@ -199,12 +195,8 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
     runners = [v for v in VARIANTS if v in args.variants and (pdl_ok or not VARIANTS[v][1])]
     for kv_bits, pdl, mma, digits in (VARIANTS[v] for v in runners):
         t0 = time.time()
-        from qcompile.runtime.triton import gemv_digits
-
-        one_slice = mock.patch.object(gemv_digits, "decode_layout", lambda n, k, programs: (1, gemv_digits.WARPS))
-        with one_slice if digits == "one_slice" else contextlib.nullcontext():
-            runner = TritonCausalLM(weights, dtype=torch.float16, kv_bits=kv_bits, max_seq_len=args.prompt_len +
-                                    args.new_tokens + 16, pdl=pdl, mma_gemv=mma, digit_gemv=bool(digits))
+        runner = TritonCausalLM(weights, dtype=torch.float16, kv_bits=kv_bits, max_seq_len=args.prompt_len +
+                                args.new_tokens + 16, pdl=pdl, mma_gemv=mma, digit_gemv=digits)
         setup = time.time() - t0
         r = decode_rate(runner.generate, ids, args.new_tokens, args.repeats)
         r["setup_s"] = round(setup, 1)
@@ -237,18 +229,17 @@ def bench_synthetic(args, save=lambda part: None) -> dict:
         if kv_bits == 16 and pdl and not mma and not digits:
             r["tokens_32"] = runner.generate(ids, 32)
         res[f"triton_int4_kv{kv_bits}" + ("_pdl" if pdl else "") + ("_mma" if mma else "")
-            + ("_digits" if digits else "") + ("_one_slice" if digits == "one_slice" else "")] = r
+            + ("_digits" if digits else "")] = r
         save(res)
         print(f"qcompile Triton int4, KV {kv_bits}-bit{', PDL step' if pdl else ''}{', mma GEMV' if mma else ''}"
-              f"{', digit GEMV' if digits else ''}{' (one slice)' if digits == 'one_slice' else ''}: "
+              f"{', digit GEMV' if digits else ''}: "
               f"{r['tokens_per_s']:.1f} tok/s "
               f"({r['speedup_vs_hf_fp16']:.2f}x HF fp16); decode step {r['decode_step_us']:.1f} us", flush=True)
         del runner
         torch.cuda.empty_cache()
         if args.profile:  # the same row's kernels, each timed alone: plain launches, no CUDA graph
-            with one_slice if digits == "one_slice" else contextlib.nullcontext():
-                eager = TritonCausalLM(weights, dtype=torch.float16, kv_bits=kv_bits, max_seq_len=args.prompt_len +
-                                       64, pdl=False, cuda_graph=False, mma_gemv=mma, digit_gemv=bool(digits))
+            eager = TritonCausalLM(weights, dtype=torch.float16, kv_bits=kv_bits, max_seq_len=args.prompt_len + 64,
+                                   pdl=False, cuda_graph=False, mma_gemv=mma, digit_gemv=digits)
             r["profile_plain_launches"] = prof = kernel_profile(eager, ids)
             save(res)
             print(f"  kernels of a step, each alone: {prof['kernel_us_per_step']:.1f} us; "

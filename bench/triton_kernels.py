@@ -163,16 +163,14 @@ def bench_gemv(peak: float, bits: int, group: int = 128, mma: bool = False, shap
     return rows
 
 
-def digit_layouts(n: int, k: int, sweep: bool) -> list[tuple[int, int]]:
-    """(splits, warps) to time: ``default_layout``'s, at K = 14336 also 7 slices at 4 warps, and
-    ``decode_layout``'s (the runner's: more slices where N / 32 programs leave multiprocessors idle); ``sweep``:
-    also the fewest three slicings at 2 and at 4 warps."""
-    from qcompile.runtime.triton.gemv_digits import WARPS, decode_layout, default_layout, split_layouts
+def digit_layouts(k: int, sweep: bool) -> list[tuple[int, int]]:
+    """(splits, warps) to time: ``default_layout``'s, at K = 14336 also 7 slices at 4 warps; ``sweep``: also the
+    fewest three slicings at 4 and at 2 warps."""
+    from qcompile.runtime.triton.gemv_digits import WARPS, default_layout, split_layouts
 
     out = [default_layout(k)]
     if k > 1024 * WARPS:
         out.append((next(iter(split_layouts(k, WARPS)), 1), WARPS))
-    out.append(decode_layout(n, k, torch.cuda.get_device_properties(0).multi_processor_count))
     if sweep:
         out += [(sp, w) for w in (WARPS, 2) for sp in split_layouts(k, w)[:3]]
     return list(dict.fromkeys(out))
@@ -187,12 +185,10 @@ def bench_gemv_digits(peak: float, shapes=SHAPES, sweep: bool = False) -> list[d
     14336: 7 slices of 2048 at 2 warps)."""
     from dataclasses import replace
 
-    from qcompile.runtime.triton.gemv_digits import (PLANES, decode_layout, default_layout, digit_planes,
-                                                     gemv_digits, pack_digits)
+    from qcompile.runtime.triton.gemv_digits import PLANES, default_layout, digit_planes, gemv_digits, pack_digits
     from qcompile.runtime.triton.reference import unpack_words
 
     gen = torch.Generator().manual_seed(0)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for n, k in shapes:
         q, scale, zero = random_int_weight(n, k, 4, False, 128, gen)
@@ -201,7 +197,7 @@ def bench_gemv_digits(peak: float, shapes=SHAPES, sweep: bool = False) -> list[d
         planes = digit_planes(x[0])
         ref = R.wq_linear_ref(x.float(), base.to(dtype=torch.float32))
         t_16 = fp16_gemv_time(x, n)
-        for splits, warps in digit_layouts(n, k, sweep):
+        for splits, warps in digit_layouts(k, sweep):
             dw = pack_digits(unpack_words(base.qweight, 4), base.scale, base.zero, warps=warps, splits=splits)
             wbytes = dw.words.numel() * 4 + dw.scale.numel() * 2 + dw.nzero.numel()
             copies = copies_for(wbytes)
@@ -214,7 +210,6 @@ def bench_gemv_digits(peak: float, shapes=SHAPES, sweep: bool = False) -> list[d
             frac = bytes_read / t_d / 1e12 / peak
             rows.append({"N": n, "K": k, "splits": dw.splits, "warps": warps,
                          "default_layout": (splits, warps) == default_layout(k),
-                         "decode_layout": (splits, warps) == decode_layout(n, k, sms),
                          "pdl_chain_us": t_d * 1e6,
                          "pdl_chain_fraction_of_peak_copy": frac, "fp16_us": t_16 * 1e6,
                          "pdl_chain_speedup_vs_fp16": t_16 / t_d, "max_rel_err_vs_reference": err,

@@ -392,7 +392,7 @@ def cases(all_configs: bool):
                                   HAS_BIAS=bias, HAS_RES=res, DIGITS_OUT=False, num_warps=gemv_digits.WARPS), {},
                gemv_digits.WARPS, 1)
     # K in slices (the 4096 x 14336 down projection of Llama-3-8B: 7 of 2048), fp32 partials summed by the last;
-    # the runner's decode_layout at the 1.2B Llama's K = 2048 (o with the residual in 4 slices, q|k|v in 2)
+    # the 1.2B Llama's K = 2048 in 4 and 2 slices (o with the residual, q|k|v with a bias: the GPU test's cases)
     for k, splits, warps, bias, res in ((14336, 7, 4, False, False), (14336, 7, 2, False, False),
                                         (1536, 3, 4, True, True), (2048, 4, 4, False, True),
                                         (2048, 2, 4, True, False)):

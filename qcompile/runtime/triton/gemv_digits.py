@@ -167,10 +167,15 @@ def _slice_fits(ks: int, warps: int) -> bool:
     return ks % (GROUP * warps) == 0 and groups > 0 and not groups & (groups - 1) and ks <= 1024 * warps
 
 
+def split_layouts(k: int, warps: int = WARPS) -> list[int]:
+    """Every number of equal K slices that one program each can hold at ``warps`` warps, fewest first."""
+    return [sp for sp in range(1, k // (GROUP * warps) + 1) if k % sp == 0 and _slice_fits(k // sp, warps)]
+
+
 def default_splits(k: int, warps: int = WARPS) -> int:
     """The fewest equal K slices that one program each can hold (1 where K fits; 7 for K = 14336 at 4 warps: 2048
     inputs a slice); 0 where none does."""
-    return next((sp for sp in range(1, k // (GROUP * warps) + 1) if k % sp == 0 and _slice_fits(k // sp, warps)), 0)
+    return next(iter(split_layouts(k, warps)), 0)
 
 
 def default_layout(k: int) -> tuple[int, int]:
@@ -184,25 +189,6 @@ def default_layout(k: int) -> tuple[int, int]:
         if k % (1024 * warps) == 0:
             return k // (1024 * warps), warps
     return default_splits(k, WARPS) or 1, WARPS
-
-
-def split_layouts(k: int, warps: int = WARPS) -> list[int]:
-    """Every number of equal K slices that one program each can hold at ``warps`` warps, fewest first."""
-    return [sp for sp in range(1, k // (GROUP * warps) + 1) if k % sp == 0 and _slice_fits(k // sp, warps)]
-
-
-def decode_layout(n: int, k: int, programs: int) -> tuple[int, int]:
-    """(splits, warps) for a decode GEMV of ``n`` outputs on a GPU of ``programs`` multiprocessors:
-    ``default_layout``'s, with K cut into more slices (at its warps) while the grid, ``n / 32`` programs a slice,
-    would leave multiprocessors idle. At the 1.2B Llama's K = 2048, o (N = 2048) has 64 columns of programs and
-    q|k|v (N = 3072) 96, on the H100's 132 multiprocessors."""
-    splits, warps = default_layout(k)
-    for sp in split_layouts(k, warps):
-        if (n // ROWS) * splits >= programs:
-            break
-        if sp > splits:
-            splits = sp
-    return splits, warps
 
 
 def pack_digits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, warps: int | None = None,

@@ -631,17 +631,16 @@ class _Linear:
     def use_digits(self, name: str, notes: list[str]) -> None:
         """Also keep the int4 weight in ``gemv_digits``' layout (another copy of its int4 memory): the decode step
         then hands this linear its input as digit planes, written by the RMSNorm before it (``from_planes``)."""
-        from qcompile.runtime.triton import gemv_digits
-        from qcompile.runtime.triton._tune import num_sms
+        from qcompile.runtime.triton.gemv_digits import digit_weight
 
         if self.packed is None or self.prologue:
             notes.append(f"{name}: not a plain weight-only linear; its decode GEMV stays the pointer GEMV")
             return
         try:
-            # K in more slices where N / 32 programs would leave multiprocessors idle (decode_layout)
-            splits, warps = gemv_digits.decode_layout(self.out_features, self.packed.in_features,
-                                                      num_sms(self.packed.qweight.device))
-            self.digits = gemv_digits.digit_weight(self.packed, splits=splits, warps=warps)
+            # one slice: more slices made the 1.2B Llama's K = 2048 GEMVs slower in PDL chains on the H100, also
+            # where N / 32 programs leave multiprocessors idle (3072 x 2048: 2.82 µs, in 2 slices 4.27 µs;
+            # docs/BENCHMARKS.md, twenty-ninth session)
+            self.digits = digit_weight(self.packed, splits=1)
         except ValueError as e:
             notes.append(f"{name}: {e}; its decode GEMV stays the pointer GEMV")
 

@@ -129,27 +129,14 @@ def test_pack_rejects_shapes_the_kernel_cannot_take():
 
 
 def test_default_splits_are_the_fewest_slices_a_program_holds():
+    assert gd.split_layouts(2048) == [1, 2, 4] and gd.split_layouts(14336, 2) == [7, 14, 28, 56]
+    assert gd.split_layouts(640) == []
     assert [gd.default_splits(k) for k in (512, 4096, 8192, 1536, 14336)] == [1, 1, 2, 3, 7]
     assert gd.default_splits(4096, warps=2) == 2 and gd.default_splits(640) == 0  # 640: 5 groups, no slice fits
     # the default packing: 1024 inputs a warp where slices of that size divide K (14336: 7 of 2048 at 2 warps)
     assert [gd.default_layout(k) for k in (4096, 2048, 8192, 14336, 1536)] == [(1, 4), (1, 4), (2, 4), (7, 2), (3, 4)]
     _, codes, scale, zero = quantized(32, 3584, False)
     assert (gd.pack_digits(codes, scale, zero).splits, gd.pack_digits(codes, scale, zero).warps) == (7, 4)  # 512s
-
-
-def test_decode_layout_slices_k_until_the_grid_fills_the_gpu():
-    """The runner's layout: ``default_layout``, with K cut into more slices (at its warps) while N / 32 programs a
-    slice leave some of the GPU's multiprocessors idle; never more slices than one program can hold."""
-    assert gd.split_layouts(2048) == [1, 2, 4] and gd.split_layouts(14336, 2) == [7, 14, 28, 56]
-    assert gd.split_layouts(640) == []
-    # the 1.2B Llama's decode GEMVs on 132 multiprocessors: o (64 columns of programs) in 4 slices, q|k|v (96) in 2
-    assert [gd.decode_layout(n, 2048, 132) for n in (2048, 3072, 16384)] == [(4, 4), (2, 4), (1, 4)]
-    assert gd.decode_layout(2048, 2048, 64) == (1, 4)  # 64 programs fill 64 multiprocessors
-    assert gd.decode_layout(4096, 4096, 132) == (2, 4) and gd.decode_layout(4096, 4096, 128) == (1, 4)
-    assert gd.decode_layout(4096, 14336, 132) == (7, 2)  # already 7 x 128 programs
-    assert gd.decode_layout(32, 2048, 10_000) == (4, 4)  # at most the slices a program of 4 warps can hold
-    assert gd.decode_layout(32, 1536, 132) == (3, 4)  # the only slicing there is
-    assert gd.decode_layout(32, 640, 132) == gd.default_layout(640)  # none fits: pack_digits names why
 
 
 @pytest.mark.parametrize("n,k,splits", [(32, 1536, None), (64, 1024, 2), (32, 3584, None)])
@@ -328,9 +315,9 @@ def quantized_weight_parts(n, k):
     (2048, 2048, False, True, True, 4), (3072, 2048, True, False, True, 2)])
 def test_single_gemv_on_gpu(n, k, biased, res, pdl, splits):
     """One launch, N != K (the runner's q|k|v and gate|up; o with the residual; K in 7, 3 and 2 slices by default
-    for 14336, 1536 and 8192; the 1.2B Llama's o and q|k|v in ``decode_layout``'s 4 and 2 slices of 2048): the fp16
-    output within half an ulp plus 2^-18 of the terms of the dequantized GEMV (plus the bias and the residual), the
-    same bits twice (a split's arrival counters back at zero after each launch)."""
+    for 14336, 1536 and 8192; the 1.2B Llama's o and q|k|v shapes also in 4 and 2 slices of 2048): the fp16 output
+    within half an ulp plus 2^-18 of the terms of the dequantized GEMV (plus the bias and the residual), the same
+    bits twice (a split's arrival counters back at zero after each launch)."""
     pw, _, _, _ = quantized(n, k, False, seed=n + k)
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(k, generator=gen).to(torch.float16)
