@@ -626,10 +626,10 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
     return out
 
 
-def digit_weight(pw, splits: int | None = None, warps: int | None = None) -> DigitWeight:
+def digit_weight(pw, splits: int | None = None) -> DigitWeight:
     """A ``packing.PackedWeight`` (int4, groups of 128; N a multiple of 32; K 512, 1024, 2048 or 4096, or with
-    ``splits`` equal slices of those; ``splits`` and ``warps`` as ``pack_digits`` takes them) re-packed for
-    ``gemv_digits``; ValueError naming what does not fit."""
+    ``splits`` (default: ``default_layout``'s) equal slices of those) re-packed for ``gemv_digits``; ValueError
+    naming what does not fit."""
     from qcompile.runtime.triton.reference import unpack_words
 
     if pw.bits != 4 or pw.group_size != GROUP:
@@ -637,7 +637,7 @@ def digit_weight(pw, splits: int | None = None, warps: int | None = None) -> Dig
                          f"of {pw.group_size}")
     if pw.scale.dtype != torch.float16:
         raise ValueError(f"gemv_digits computes in float16, got {pw.scale.dtype} scales")
-    return pack_digits(unpack_words(pw.qweight, 4), pw.scale, pw.zero, warps=warps, splits=splits)
+    return pack_digits(unpack_words(pw.qweight, 4), pw.scale, pw.zero, splits=splits)
 
 
 def gemv_digits(planes: torch.Tensor, dw: DigitWeight, *, bias: torch.Tensor | None = None,
