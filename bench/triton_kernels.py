@@ -166,11 +166,11 @@ def bench_gemv(peak: float, bits: int, group: int = 128, mma: bool = False, shap
 def digit_layouts(k: int, sweep: bool) -> list[tuple[int, int]]:
     """(splits, warps) to time: ``default_layout``'s, at K = 14336 also 7 slices at 4 warps; ``sweep``: also the
     fewest three slicings at 4 and at 2 warps."""
-    from qcompile.runtime.triton.gemv_digits import WARPS, default_layout, split_layouts
+    from qcompile.runtime.triton.gemv_digits import WARPS, default_layout, default_splits, split_layouts
 
     out = [default_layout(k)]
     if k > 1024 * WARPS:
-        out.append((next(iter(split_layouts(k, WARPS)), 1), WARPS))
+        out.append((default_splits(k) or 1, WARPS))
     if sweep:
         out += [(sp, w) for w in (WARPS, 2) for sp in split_layouts(k, w)[:3]]
     return list(dict.fromkeys(out))
@@ -197,8 +197,9 @@ def bench_gemv_digits(peak: float, shapes=SHAPES, sweep: bool = False) -> list[d
         planes = digit_planes(x[0])
         ref = R.wq_linear_ref(x.float(), base.to(dtype=torch.float32))
         t_16 = fp16_gemv_time(x, n)
+        codes = unpack_words(base.qweight, 4)
         for splits, warps in digit_layouts(k, sweep):
-            dw = pack_digits(unpack_words(base.qweight, 4), base.scale, base.zero, warps=warps, splits=splits)
+            dw = pack_digits(codes, base.scale, base.zero, warps=warps, splits=splits)
             wbytes = dw.words.numel() * 4 + dw.scale.numel() * 2 + dw.nzero.numel()
             copies = copies_for(wbytes)
             dws = [dw] + [replace(dw, words=dw.words.clone(), scale=dw.scale.clone(), nzero=dw.nzero.clone())

@@ -397,12 +397,19 @@ def digit_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     src = make_tiny_model("llama", root / "src", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                           num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
-    out = {sym: export(src, root / f"w4-g128-{sym}", bits=4, group_size=128, symmetric=sym) for sym in (False, True)}
-    # hidden 1024: more programs a linear (q|k|v 48 of 32 rows, o 32, gate|up 128), K = 1024 (256 inputs a warp)
-    wide = make_tiny_model("llama", root / "wide", hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
-                           num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=True)
-    out["wide"] = export(wide, root / "w4-g128-wide", bits=4, group_size=128, symmetric=False)
-    return out
+    return {sym: export(src, root / f"w4-g128-{sym}", bits=4, group_size=128, symmetric=sym) for sym in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def digit_export_wide(tmp_path_factory):
+    """Hidden 1024 (GPU test only): more programs a linear (q|k|v 48 of 32 rows, o 32, gate|up 128), K = 1024 (256
+    inputs a warp)."""
+    from tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("digits_wide")
+    src = make_tiny_model("llama", root / "src", hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+                          num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=True)
+    return export(src, root / "w4-g128", bits=4, group_size=128, symmetric=False)
 
 
 def test_digit_gemv_wiring_on_the_interpreter(digit_export, monkeypatch):
@@ -442,11 +449,11 @@ def test_digit_gemv_wiring_on_the_interpreter(digit_export, monkeypatch):
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9, reason="digit_gemv needs sm_90+")
 @pytest.mark.parametrize("sym", [False, True, "wide"], ids=["asym", "sym", "wide"])
 @pytest.mark.parametrize("pdl", [True, False], ids=["pdl", "plain"])
-def test_gpu_digit_gemv_decode(digit_export, sym, pdl):
+def test_gpu_digit_gemv_decode(digit_export, digit_export_wide, sym, pdl):
     """``digit_gemv``: the decode step's q|k|v, o and gate|up run on digit planes written by the RMSNorm or the
     attention before them (all three in both layers, down not), each in one K slice; its captured decode steps give
     the pointer-GEMV runner's logits to fp16 rounding, and ORT's greedy tokens up to near ties."""
-    folder = digit_export[sym]
+    folder = digit_export_wide if sym == "wide" else digit_export[sym]
     base = runner(folder, dtype=torch.float16, max_seq_len=256, pdl=pdl)
     dig = runner(folder, dtype=torch.float16, max_seq_len=256, pdl=pdl, digit_gemv=True)
     assert dig.notes == []
