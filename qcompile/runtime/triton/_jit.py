@@ -68,6 +68,20 @@ def store_digit_planes(p_ptr, offs, y, mask, K):
         tl.store(p_ptr + p * K + pos, (((big >> (8 * p)) & 255) - 128).to(tl.int8), mask=mask)
 
 
+@triton.jit
+def store_row_digit_planes(p_ptr, y, N, BLOCK: tl.constexpr):
+    """``store_digit_planes`` for a producer that holds a whole row: ``y`` its fp16 outputs 0..BLOCK-1 (BLOCK a
+    power of two >= 64; outputs from ``N``, a multiple of 64, masked). The row is permuted into plane order in
+    registers first, so that each plane goes out as contiguous bytes (16-byte stores) instead of one byte at a time
+    at scattered positions: on the H100 the scattered stores made the 1.2B model's RMSNorm 46 us a step slower.
+    Input 64 blk + 32 h + 16 a + 4 c + d sits at byte 64 blk + 16 c + 8 h + 4 a + d (``plane_positions``)."""
+    yp = tl.reshape(tl.permute(tl.reshape(y, (BLOCK // 64, 2, 2, 4, 4)), (0, 3, 1, 2, 4)), (BLOCK,))
+    big = (yp.to(tl.float16).to(tl.float32) * 16777216.0).to(tl.int64) + _DIGIT_OFFSET_C  # exact: 41 bits
+    q = tl.arange(0, BLOCK)
+    for p in tl.static_range(_DIGIT_PLANES_C):
+        tl.store(p_ptr + p * N + q, (((big >> (8 * p)) & 255) - 128).to(tl.int8), mask=q < N)
+
+
 def check_planes(planes: torch.Tensor, k: int, device, who: str) -> None:
     """The digit planes of ``k`` inputs a producer writes and ``gemv_digits`` reads: a contiguous int8 tensor
     [8, k] on ``device``, ``k`` a multiple of 64 (the planes' 64-input blocks)."""

@@ -14,7 +14,7 @@ from qcompile.runtime.triton._tune import pdl_flag
 triton = require_triton()
 import triton.language as tl  # noqa: E402
 
-from qcompile.runtime.triton._jit import check_planes, row_ptr, store_digit_planes  # noqa: E402
+from qcompile.runtime.triton._jit import check_planes, row_ptr, store_row_digit_planes  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, p_ptr, N, stride_x, stride_y, eps, HAS
     y = y.to(y_ptr.dtype.element_ty)
     tl.store(row_ptr(y_ptr, row, stride_y) + offs, y, mask=mask)
     if PLANES:
-        store_digit_planes(p_ptr, offs, y, mask, N)
+        store_row_digit_planes(p_ptr, y, N, BLOCK)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, pdl: bool = False,
