@@ -179,15 +179,16 @@ def default_splits(k: int, warps: int = WARPS) -> int:
 
 
 def default_layout(k: int) -> tuple[int, int]:
-    """(splits, warps) for K inputs: one slice at ``WARPS`` warps where K fits it; otherwise slices of 1024 inputs a
-    warp (128 words a thread, as one slice of 4096 at 4 warps), the most warps that allow them (K = 14336: 7 slices of
-    2048 at 2 warps, 80 % of the copy peak on the H100 as a PDL chain, against 68 % for 7 slices at 4 warps,
-    2026-12-07, docs/BENCHMARKS.md); else the fewest slices at ``WARPS`` warps."""
-    if _slice_fits(k, WARPS):
-        return 1, WARPS
-    for warps in (WARPS, 2, 1):
+    """(splits, warps) for K inputs: slices of 1024 inputs a warp (128 words a thread), at the most warps (4 or 2)
+    that allow them; else one slice at ``WARPS`` warps where K fits it; else the fewest slices at ``WARPS`` warps.
+    On the H100 as PDL chains (2026-12-07, docs/BENCHMARKS.md): K = 14336 in 7 slices of 2048 at 2 warps reached 80 %
+    of the copy peak against 68 % at 4 warps, and K = 2048 in one slice at 2 warps took 2.23-2.36 us at the 1.2B
+    model's o and q|k|v against 2.75-2.82 at 4 warps."""
+    for warps in (WARPS, 2):
         if k % (1024 * warps) == 0:
             return k // (1024 * warps), warps
+    if _slice_fits(k, WARPS):
+        return 1, WARPS
     return default_splits(k, WARPS) or 1, WARPS
 
 
@@ -197,11 +198,11 @@ def pack_digits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     the layout of the module docstring. ``splits``: K in that many equal slices, each packed as a weight of its own
     (programs ``(N / 32, splits)``, the last of a column to finish summing their fp32 partials). Defaults: both
     given by ``default_layout``; ``warps`` alone: the fewest slices at it (``default_splits``); ``splits`` alone: at
-    ``WARPS`` warps."""
+    ``default_layout``'s warps where it gives that many slices, else at ``WARPS`` warps."""
     k, n = codes.shape
-    if warps is None and splits is None:
-        splits, warps = default_layout(k)
-    warps = WARPS if warps is None else warps
+    if warps is None:
+        default_sp, default_warps = default_layout(k)
+        splits, warps = (default_sp, default_warps) if splits in (None, default_sp) else (splits, WARPS)
     if warps < 1 or warps & (warps - 1):
         raise ValueError(f"gemv_digits: warps must be a power of two, got {warps}")
     if splits is None:
@@ -628,8 +629,8 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
 
 def digit_weight(pw, splits: int | None = None) -> DigitWeight:
     """A ``packing.PackedWeight`` (int4, groups of 128; N a multiple of 32; K 512, 1024, 2048 or 4096, or with
-    ``splits`` (default: ``default_layout``'s) equal slices of those) re-packed for ``gemv_digits``; ValueError
-    naming what does not fit."""
+    ``splits`` (default: ``default_layout``'s) equal slices of those, at the warps ``pack_digits`` picks) re-packed
+    for ``gemv_digits``; ValueError naming what does not fit."""
     from qcompile.runtime.triton.reference import unpack_words
 
     if pw.bits != 4 or pw.group_size != GROUP:

@@ -637,9 +637,10 @@ class _Linear:
             notes.append(f"{name}: not a plain weight-only linear; its decode GEMV stays the pointer GEMV")
             return
         try:
-            # one slice: more slices made the 1.2B Llama's K = 2048 GEMVs slower in PDL chains on the H100, also
-            # where N / 32 programs leave multiprocessors idle (3072 x 2048: 2.82 µs, in 2 slices 4.27 µs;
-            # docs/BENCHMARKS.md, twenty-ninth session)
+            # one slice (at default_layout's warps where it gives one: K = 2048 at 2): more slices made the 1.2B
+            # Llama's K = 2048 GEMVs slower in PDL chains on the H100, also where N / 32 programs leave
+            # multiprocessors idle (3072 x 2048 at 4 warps: 2.82 µs, in 2 slices 4.27 µs; docs/BENCHMARKS.md,
+            # twenty-ninth session)
             self.digits = digit_weight(self.packed, splits=1)
         except ValueError as e:
             notes.append(f"{name}: {e}; its decode GEMV stays the pointer GEMV")

@@ -402,14 +402,22 @@ def digit_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digit_export_wide(tmp_path_factory):
-    """Hidden 1024 (GPU test only): more programs a linear (q|k|v 48 of 32 rows, o 32, gate|up 128), K = 1024 (256
-    inputs a warp)."""
+    """Wider models for the GPU test only, exported on first use, by hidden size: 1024 (q|k|v 48 programs of 32 rows,
+    o 32, gate|up 128; K = 1024, one slice at 4 warps) and 2048 (the 1.2B Llama's K, one slice at 2 warps)."""
     from tiny_models import make_tiny_model
 
-    root = tmp_path_factory.mktemp("digits_wide")
-    src = make_tiny_model("llama", root / "src", hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
-                          num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=True)
-    return export(src, root / "w4-g128", bits=4, group_size=128, symmetric=False)
+    built = {}
+
+    def get(hidden: int):
+        if hidden not in built:
+            root = tmp_path_factory.mktemp(f"digits_{hidden}")
+            src = make_tiny_model("llama", root / "src", hidden_size=hidden, intermediate_size=2 * hidden,
+                                  num_hidden_layers=2, num_attention_heads=hidden // 64,
+                                  num_key_value_heads=hidden // 256, tie_word_embeddings=True)
+            built[hidden] = export(src, root / "w4-g128", bits=4, group_size=128, symmetric=False)
+        return built[hidden]
+
+    return get
 
 
 def test_digit_gemv_wiring_on_the_interpreter(digit_export, monkeypatch):
@@ -447,19 +455,24 @@ def test_digit_gemv_wiring_on_the_interpreter(digit_export, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9, reason="digit_gemv needs sm_90+")
-@pytest.mark.parametrize("sym", [False, True, "wide"], ids=["asym", "sym", "wide"])
+@pytest.mark.parametrize("sym", [False, True, 1024, 2048], ids=["asym", "sym", "wide1024", "wide2048"])
 @pytest.mark.parametrize("pdl", [True, False], ids=["pdl", "plain"])
 def test_gpu_digit_gemv_decode(digit_export, digit_export_wide, sym, pdl):
     """``digit_gemv``: the decode step's q|k|v, o and gate|up run on digit planes written by the RMSNorm or the
-    attention before them (all three in both layers, down not), each in one K slice; its captured decode steps give
-    the pointer-GEMV runner's logits to fp16 rounding, and ORT's greedy tokens up to near ties."""
-    folder = digit_export_wide if sym == "wide" else digit_export[sym]
+    attention before them (all three in both layers, down not), each in one K slice at ``default_layout``'s warps
+    (2 at K = 2048); its captured decode steps give the pointer-GEMV runner's logits to fp16 rounding, and ORT's
+    greedy tokens up to near ties."""
+    from qcompile.runtime.triton.gemv_digits import WARPS
+
+    folder = digit_export_wide(sym) if isinstance(sym, int) and not isinstance(sym, bool) else digit_export[sym]
     base = runner(folder, dtype=torch.float16, max_seq_len=256, pdl=pdl)
     dig = runner(folder, dtype=torch.float16, max_seq_len=256, pdl=pdl, digit_gemv=True)
     assert dig.notes == []
     assert [lin.digits is not None for layer in dig.layers for lin in (layer.qkv, layer.o, layer.gate_up,
                                                                           layer.down)] == [True, True, True, False] * 2
-    assert {lin.digits.splits for layer in dig.layers for lin in (layer.qkv, layer.o, layer.gate_up)} == {1}
+    layouts = {(lin.digits.splits, lin.digits.warps) for layer in dig.layers for lin in (layer.qkv, layer.o,
+                                                                                         layer.gate_up)}
+    assert layouts == {(1, 2 if sym == 2048 else WARPS)}
     assert dig._graph is not None
     for ids in prompt_set(320, seed=4)[:3]:
         torch.testing.assert_close(dig.prefill(ids), base.prefill(ids), rtol=0, atol=0)  # prefill: no digits
