@@ -829,7 +829,7 @@ class TritonCausalLM:
         self._lens = torch.ones(1, dtype=torch.int32, device=self.device)
         self._prefix = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._logits = None
-        self._next = None
+        self._next = torch.zeros(1, dtype=torch.long, device=self.device)  # the step's argmax
         self._graph = None
         self._host_pos = 0
         if cuda_graph and self.device.type == "cuda":
@@ -913,6 +913,7 @@ class TritonCausalLM:
 
     def _step(self) -> None:
         """One decode token: reads ``_tok``/``_pos``/``_lens``, writes ``_logits``/``_next``, advances the state."""
+        from qcompile.runtime.triton.argmax import argmax
         from qcompile.runtime.triton.kv_attention import decode_attention
 
         nh, d = self.num_heads, self.head_dim
@@ -927,7 +928,7 @@ class TritonCausalLM:
                  else layer.o.from_planes(planes, residual=h))
             h = layer.down(self._norm_linear(h, layer.post_attn_norm, layer.gate_up), act="silu_mul", residual=h)
         self._logits = self._head(h)
-        self._next = torch.argmax(self._logits[0]).view(1)
+        argmax(self._logits[0], out=self._next)  # torch's pick, in one launch of ~128 programs (argmax.py)
         self._tok.copy_(self._next)
         self._pos.add_(1)
         self._lens.add_(1)

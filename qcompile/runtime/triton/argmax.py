@@ -1,0 +1,84 @@
+"""Greedy decoding's argmax over one row of logits, as ``torch.argmax`` picks it, in one launch.
+
+torch's reduction over one row of 128256 logits took 36.8 µs of every decode step of the 1.2B Llama on the H100
+(5 % of the step; docs/BENCHMARKS.md, twenty-ninth session): one reduction kernel, mostly idle multiprocessors.
+Here ``cdiv(V, CHUNK)`` programs each reduce a chunk to its largest value and that value's first index, store the
+pair in the split-K workspace (``wq_matmul._Workspace``) and count their arrival; the last to arrive reduces the
+pairs in chunk order and writes the index (the pattern of the split-K GEMV's epilogue).
+
+The pick is torch's: the first index of the largest value; NaN above everything (the first NaN wins, as in
+torch); -0.0 equal to +0.0. Values are compared as int32 keys that order floats totally (sign-magnitude bits
+turned two's complement), with every NaN mapped to the largest key, so that ties and NaN need no float rules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.runtime.triton._env import interpreting, require_triton
+
+triton = require_triton()
+import triton.language as tl  # noqa: E402
+
+_NAN_KEY = tl.constexpr(2**31 - 1)  # above +inf's key (0x7F800000)
+_NO_INDEX = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def _argmax_kernel(x_ptr, part_ptr, lock_ptr, out_ptr, N, CHUNK: tl.constexpr, PROGRAMS: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    v = tl.load(x_ptr + offs, mask=offs < N, other=float("-inf")).to(tl.float32)
+    v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0: equal, as torch compares them
+    bits = v.to(tl.int32, bitcast=True)
+    key = tl.where(v != v, _NAN_KEY, bits ^ ((bits >> 31) & 0x7FFFFFFF))  # float order as int order; NaN on top
+    best = tl.max(key, axis=0)
+    # the chunk's first index of its best key (a masked tail is -inf, after every real entry of the last chunk)
+    first = tl.min(tl.where(key == best, offs, _NO_INDEX), axis=0)
+    tl.store(part_ptr + pid, best.to(tl.float32, bitcast=True))  # raw 32-bit pairs in the fp32 workspace
+    tl.store(part_ptr + PROGRAMS + pid, first.to(tl.float32, bitcast=True))
+    tl.debug_barrier()  # the pair is written before the (release) arrival below
+    arrived = tl.atomic_add(lock_ptr, 1)
+    if arrived == tl.num_programs(0) - 1:  # last to arrive: the first chunk holding the largest key wins
+        p = tl.arange(0, PROGRAMS)
+        pmask = p < tl.num_programs(0)
+        keys = tl.load(part_ptr + p, mask=pmask, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
+        idx = tl.load(part_ptr + PROGRAMS + p, mask=pmask, other=0.0, cache_modifier=".cg").to(tl.int32,
+                                                                                                bitcast=True)
+        keys = tl.where(pmask, keys, -_NAN_KEY - 1)
+        top = tl.max(keys, axis=0)
+        tl.store(out_ptr, tl.min(tl.where(keys == top, idx, _NO_INDEX), axis=0).to(tl.int64))
+        tl.atomic_xchg(lock_ptr, 0)  # ready for the next launch (and for CUDA-graph replays)
+
+
+def chunk_size(n: int) -> int:
+    """Logits a program reduces: about 128 programs for any vocabulary (the H100 has 132 multiprocessors), at least
+    256 a program."""
+    return max(256, triton.next_power_of_2(triton.cdiv(n, 128)))
+
+
+def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The index of the largest entry of the 1-D ``x`` (float16/bfloat16/float32, at most 2^31 - 1 entries) as
+    ``torch.argmax`` gives it: int64 [1], written into ``out`` when given (an int64 tensor of one element on x's
+    device)."""
+    from qcompile.runtime.triton.wq_matmul import _Workspace
+
+    if x.dim() != 1 or x.numel() == 0 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"argmax takes a non-empty 1-D float16/bfloat16/float32 tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    if x.numel() >= 2**31:
+        raise ValueError(f"argmax: {x.numel()} entries exceed int32 indices")
+    if out is None:
+        out = torch.empty(1, dtype=torch.int64, device=x.device)
+    elif out.dtype != torch.int64 or out.numel() != 1 or out.device != x.device:
+        raise ValueError(f"argmax: out must be one int64 element on {x.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    x = x.contiguous()
+    n = x.numel()
+    chunk = chunk_size(n)
+    programs = triton.cdiv(n, chunk)
+    part, lock = _Workspace.get(x.device, 2 * triton.next_power_of_2(programs), 1)
+    opts = {} if interpreting() else {"num_warps": 4}
+    _argmax_kernel[(programs,)](x, part, lock, out, n, CHUNK=chunk, PROGRAMS=triton.next_power_of_2(programs),
+                                **opts)
+    return out
