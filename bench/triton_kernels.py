@@ -3,6 +3,8 @@
 1. peak device-to-device copy bandwidth (read + write), the reference for "effective bandwidth";
 2. int4 (and int8) weight-only GEMV at Llama-3-8B shapes, batch 1: effective bandwidth (bytes the kernel must
    read / time) as a fraction of the peak copy bandwidth, and speedup over torch fp16 GEMV (cuBLAS);
+2b. the decode step's small kernels at the 1.2B Llama's sizes (``step``): the argmax over 128256 logits against
+   ``torch.argmax``, and the RMSNorm with and without ``digit_gemv``'s digit planes;
 3. W8A8 and W4A4 GEMM (per-token activation quantization + int8 tensor cores) vs fp16 ``torch.matmul`` at M >= 1024,
    GEMM alone and with the quantization kernel included, GPU time under CUDA-graph replay for all three (the
    Python launch of the quantize + GEMM pair is reported beside it);
@@ -232,6 +234,34 @@ def do_bench(fn) -> float:
     return tb(fn, warmup=25, rep=200) / 1e3
 
 
+def bench_step_kernels(vocab: int = 128256, hidden: int = 2048) -> dict:
+    """The decode step's small kernels at bench/triton_e2e.py's 1.2B Llama sizes, each against what it replaces,
+    side by side: the argmax over one row of fp16 logits (``argmax.argmax`` vs ``torch.argmax``), and the RMSNorm of
+    one fp16 row with and without the digit planes that ``digit_gemv`` reads. Operands stay in L2, as in the step
+    (the logits and the row were just written); 64 calls a graph."""
+    from qcompile.runtime.triton.argmax import argmax
+    from qcompile.runtime.triton.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(vocab, generator=gen) * 4).to("cuda", torch.float16)
+    out = torch.empty(1, dtype=torch.int64, device="cuda")
+    assert argmax(logits, out=out).item() == torch.argmax(logits).item()
+    t_ours = graph_time([lambda: argmax(logits, out=out)] * 64)
+    t_torch = graph_time([lambda: torch.argmax(logits)] * 64)
+    x = torch.randn(1, hidden, generator=gen).to("cuda", torch.float16)
+    w = (torch.rand(hidden, generator=gen) + 0.5).to("cuda", torch.float16)
+    planes = torch.zeros(8, hidden, dtype=torch.int8, device="cuda")
+    t_norm = graph_time([lambda: rms_norm(x, w, 1e-5)] * 64)
+    t_planes = graph_time([lambda: rms_norm(x, w, 1e-5, planes=planes)] * 64)
+    res = {"vocab": vocab, "hidden": hidden, "argmax_us": t_ours * 1e6, "torch_argmax_us": t_torch * 1e6,
+           "argmax_speedup_vs_torch": t_torch / t_ours, "rms_norm_us": t_norm * 1e6,
+           "rms_norm_planes_us": t_planes * 1e6, "planes_cost_us": (t_planes - t_norm) * 1e6}
+    print(f"argmax over {vocab} fp16 logits: {t_ours * 1e6:.2f} us, torch.argmax {t_torch * 1e6:.2f} us -> "
+          f"{t_torch / t_ours:.1f}x; RMSNorm of {hidden}: {t_norm * 1e6:.2f} us, with digit planes "
+          f"{t_planes * 1e6:.2f} us", flush=True)
+    return res
+
+
 def bench_int_gemm(ms=(1024, 2048, 4096)) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     rows = []
@@ -345,7 +375,7 @@ def _tables(length, d):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/triton_kernels.json")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: gemv,gemm,attention")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: gemv,step,gemm,attention")
     ap.add_argument("--gemv-bits", default="4,8", help="GEMV code widths (comma-separated: 4, 8)")
     ap.add_argument("--mma-gemv", action="store_true",
                     help="also time the int4 GEMV with the tensor-core kernel among the tuner's candidates "
@@ -393,6 +423,9 @@ def main() -> None:
             if args.digit_gemv:
                 res["gemv_digits_decode_shapes"] = bench_gemv_digits(peak, DECODE_SHAPES[:3], sweep=True)
             save()
+    if "step" not in skip:
+        res["step_kernels"] = bench_step_kernels()
+        save()
     if "gemm" not in skip:
         res["int_gemm"] = bench_int_gemm()
         save()
