@@ -2,9 +2,9 @@
 
 torch's reduction over one row of 128256 logits took 36.8 µs of every decode step of the 1.2B Llama on the H100
 (5 % of the step; docs/BENCHMARKS.md, twenty-ninth session): one reduction kernel, mostly idle multiprocessors.
-Here ``cdiv(V, CHUNK)`` programs each reduce a chunk to its largest value and that value's first index, store the
-pair in the split-K workspace (``wq_matmul._Workspace``) and count their arrival; the last to arrive reduces the
-pairs in chunk order and writes the index (the pattern of the split-K GEMV's epilogue).
+Here about one program per multiprocessor each reduces a chunk to its largest value and that value's first index,
+stores the pair in the split-K workspace (``wq_matmul._Workspace``) and counts its arrival; the last to arrive
+reduces the pairs in chunk order and writes the index (the pattern of the split-K GEMV's epilogue).
 
 The pick is torch's: the first index of the largest value; NaN above everything (the first NaN wins, as in
 torch); -0.0 equal to +0.0. Values are compared as int32 keys that order floats totally (sign-magnitude bits
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from qcompile.runtime.triton._env import interpreting, require_triton
+from qcompile.runtime.triton._tune import num_sms
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402
@@ -51,10 +52,11 @@ def _argmax_kernel(x_ptr, part_ptr, lock_ptr, out_ptr, N, CHUNK: tl.constexpr, P
         tl.atomic_xchg(lock_ptr, 0)  # ready for the next launch (and for CUDA-graph replays)
 
 
-def chunk_size(n: int) -> int:
-    """Logits a program reduces: about 128 programs for any vocabulary (the H100 has 132 multiprocessors), at least
-    256 a program."""
-    return max(256, triton.next_power_of_2(triton.cdiv(n, 128)))
+def chunk_size(n: int, device) -> int:
+    """Logits a program reduces: about a program per multiprocessor for any vocabulary (126 programs of 1024 for
+    128256 logits on the H100's 132), at least 256 a program. Under the interpreter (4 "multiprocessors"), whose
+    cost is per program, 4 programs."""
+    return max(256, triton.next_power_of_2(triton.cdiv(n, num_sms(device))))
 
 
 def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,7 +77,7 @@ def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
                          f"{tuple(out.shape)} on {out.device}")
     x = x.contiguous()
     n = x.numel()
-    chunk = chunk_size(n)
+    chunk = chunk_size(n, x.device)
     programs = triton.cdiv(n, chunk)
     part, lock = _Workspace.get(x.device, 2 * triton.next_power_of_2(programs), 1)
     opts = {} if interpreting() else {"num_warps": 4}

@@ -18,10 +18,10 @@ def test_argmax_equals_torch(device, dtype, n):
 
 def test_argmax_ties_take_the_first_index_within_and_across_chunks(device):
     n = 5000
-    chunk = chunk_size(n)
-    assert n > 3 * chunk  # the ties below sit in different programs
+    chunk = chunk_size(n, device)
+    assert n > 2 * chunk + 7  # the ties below sit in different programs
     x = torch.zeros(n, device=device)
-    for i in (3 * chunk + 7, chunk + 5, chunk + 9, 4 * chunk - 1):  # the first of them is in the second chunk
+    for i in (2 * chunk + 7, chunk + 5, chunk + 9, 2 * chunk - 1):  # the first of them is in the second chunk
         x[i] = 2.5
     assert argmax(x).item() == chunk + 5 == torch.argmax(x.cpu()).item()
     x[chunk + 5] = 2.0  # now the second tie of that chunk
