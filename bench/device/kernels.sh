@@ -6,6 +6,9 @@
 #   bash bench/device/kernels.sh            # each step capped; logs and JSON in $OUT
 #   STEPS="gputest e2e" bash bench/device/kernels.sh   # only those steps (default: the first four)
 #   STEPS=w8a8 bash bench/device/kernels.sh             # the W8A8 GEMM step (GPU tests, sweep, tuner's picks)
+#   STEPS="step_tests step_bench step_e2e" bash bench/device/kernels.sh   # the decode step's argmax, RMSNorm digit
+#                                                       # planes and 2-warp digit GEMV (thirtieth session; ~410 s)
+#   STEPS=step_runner bash bench/device/kernels.sh      # the runner's GPU tests of those (a second call, ~300 s)
 # Budget about 9.5 minutes on a fresh machine (compiling is most of it; the caps sum to 560 s, so use timeout_s
 # 600). A step cut by its cap leaves its log, and its JSON as far as it got where the script saves as it goes.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -33,3 +36,13 @@ step w8a8 330 bash -c "python3 -m pytest -q -m cuda $T/test_w8a8.py -k 'wgmma or
   $T/test_wq_matmul.py::test_gemm_output_past_two_to_the_31_elements && \
   python3 bench/triton_sweep.py --skip gemv,attention,attention_focus,gemm --out $O/gemm_focus.json && \
   python3 bench/triton_kernels.py --skip gemv,attention --out $O/kernels_gemm.json"
+# the decode step's small kernels (thirtieth session, not yet run on a GPU): the argmax against torch's, the RMSNorm's
+# contiguous digit-plane stores, the digit GEMV at 2 warps for K = 2048 (single launches, then in the runner with the
+# hidden-2048 model); the kernel bench's step section and decode shapes; the e2e decode step with its kernel profile
+step step_tests 120 python3 -m pytest -q -m cuda $T/test_argmax.py $T/test_norm.py $T/test_gemv_digits.py -k \
+  "argmax or rms_norm or single"
+step step_runner 300 python3 -m pytest -q -m cuda $T/test_runner.py -k "digit_gemv_decode or greedy or cuda_graph"
+step step_bench 120 python3 bench/triton_kernels.py --skip gemm,attention --gemv-bits 4 --digit-gemv --decode-shapes \
+  --out $O/kernels_step.json
+step step_e2e 170 python3 bench/triton_e2e.py --new-tokens 64 --repeats 1 --variants pdl,pdl_digits --profile \
+  --out $O/e2e_step.json
