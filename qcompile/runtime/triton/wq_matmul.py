@@ -569,7 +569,7 @@ def gemv_candidates(m: int, n: int, k: int, bits: int, sms: int) -> list[dict]:
     rows = k // pack
     bm = _pow2(m)
     if interpreting():  # few, large programs: the interpreter's cost is per operation, not per element
-        return [dict(BLOCK_M=bm, BLOCK_N=min(128, _pow2(n)), BLOCK_R=min(16, _pow2(rows)), SPLIT_K=1)]
+        return [dict(BLOCK_M=bm, BLOCK_N=min(512, _pow2(n)), BLOCK_R=min(64, _pow2(rows)), SPLIT_K=1)]
     short, long, longer = 64 // pack, 128 // pack, 256 // pack  # word rows per step: 64, 128 or 256 K-rows
     out = []
     for bn, br, warps in ((128, short, 4), (256, short, 8), (128, long, 4), (64, long, 4), (256, long, 8),
