@@ -393,13 +393,16 @@ def cases(all_configs: bool):
     for pace in (1, 2, 4, 8):
         yield (f"gemv_chain digits 4096 (PDL, pace {pace})", gemv_digits._digits_kernel, DIGITS_TYPES,
                dict(K=4096, LEV_W=3, PDL=True, PACE=pace, num_warps=gemv_digits.WARPS), {}, gemv_digits.WARPS, 1)
-    # the runner's decode GEMV on digit planes (q|k|v and gate|up with or without bias, o with the residual): fp16
-    # output only
-    for k, bias, res in ((4096, False, False), (4096, True, False), (4096, False, True), (2048, False, False)):
-        yield (f"gemv_digits K={k} bias={bias} residual={res} (runner, PDL)", gemv_digits._digits_kernel,
-               DIGITS_TYPES, dict(K=k, LEV_W=(k // 512).bit_length() - 1, PDL=True, PACE=gemv_digits.PACE,
-                                  HAS_BIAS=bias, HAS_RES=res, DIGITS_OUT=False, num_warps=gemv_digits.WARPS), {},
-               gemv_digits.WARPS, 1)
+    # the runner's decode GEMV on digit planes (q|k|v and gate|up with or without bias, o with the residual), one
+    # slice at default_layout's warps (K = 2048: 2): fp16 output only
+    for k, bias, res in ((4096, False, False), (4096, True, False), (4096, False, True), (2048, False, False),
+                         (2048, True, False), (2048, False, True)):
+        splits, warps = gemv_digits.default_layout(k)
+        assert splits == 1
+        yield (f"gemv_digits K={k} bias={bias} residual={res} (runner, PDL, {warps} warps)",
+               gemv_digits._digits_kernel, DIGITS_TYPES,
+               dict(K=k, LEV_W=(k // (gemv_digits.GROUP * warps)).bit_length() - 1, PDL=True, PACE=gemv_digits.PACE,
+                    HAS_BIAS=bias, HAS_RES=res, DIGITS_OUT=False, num_warps=warps), {}, warps, 1)
     # K in slices (the 4096 x 14336 down projection of Llama-3-8B: 7 of 2048), fp32 partials summed by the last;
     # the 1.2B Llama's K = 2048 in 4 and 2 slices (o with the residual, q|k|v with a bias: the GPU test's cases)
     for k, splits, warps, bias, res in ((14336, 7, 4, False, False), (14336, 7, 2, False, False),

@@ -133,10 +133,11 @@ def test_default_splits_are_the_fewest_slices_a_program_holds():
     assert gd.split_layouts(640) == []
     assert [gd.default_splits(k) for k in (512, 4096, 8192, 1536, 14336)] == [1, 1, 2, 3, 7]
     assert gd.default_splits(4096, warps=2) == 2 and gd.default_splits(640) == 0  # 640: 5 groups, no slice fits
-    # the default packing: 1024 inputs a warp where slices of that size divide K (2048: one slice at 2 warps;
-    # 14336: 7 of 2048 at 2 warps), else one slice at 4 warps, else the fewest slices at 4
-    assert [gd.default_layout(k) for k in (4096, 2048, 8192, 14336, 1024, 1536)] == [(1, 4), (1, 2), (2, 4), (7, 2),
-                                                                                   (1, 4), (3, 4)]
+    # the default packing: 1024 inputs a warp where slices of that size divide K at 4 or 2 warps (2048: one slice
+    # at 2 warps; 14336: 7 of 2048 at 2), else one slice at 4 warps, else slices of 1024 at one warp (3072), else
+    # the fewest slices at 4
+    assert [gd.default_layout(k) for k in (4096, 2048, 8192, 14336, 1024, 3072, 1536)] == [
+        (1, 4), (1, 2), (2, 4), (7, 2), (1, 4), (3, 1), (3, 4)]
     _, codes, scale, zero = quantized(32, 3584, False)
     assert (gd.pack_digits(codes, scale, zero).splits, gd.pack_digits(codes, scale, zero).warps) == (7, 4)  # 512s
 
