@@ -52,11 +52,14 @@ def _argmax_kernel(x_ptr, part_ptr, lock_ptr, out_ptr, N, CHUNK: tl.constexpr, P
         tl.atomic_xchg(lock_ptr, 0)  # ready for the next launch (and for CUDA-graph replays)
 
 
+MAX_CHUNK = 8192  # 64 values a thread at 4 warps; longer rows take more programs
+
+
 def chunk_size(n: int, device) -> int:
     """Logits a program reduces: about a program per multiprocessor for any vocabulary (126 programs of 1024 for
-    128256 logits on the H100's 132), at least 256 a program. Under the interpreter (4 "multiprocessors"), whose
-    cost is per program, 4 programs."""
-    return max(256, triton.next_power_of_2(triton.cdiv(n, num_sms(device))))
+    128256 logits on the H100's 132), at least 256 and at most ``MAX_CHUNK`` a program. Under the interpreter (4
+    "multiprocessors"), whose cost is per program, 4 programs up to 32768 logits."""
+    return min(MAX_CHUNK, max(256, triton.next_power_of_2(triton.cdiv(n, num_sms(device)))))
 
 
 def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

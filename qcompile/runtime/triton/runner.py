@@ -928,7 +928,7 @@ class TritonCausalLM:
                  else layer.o.from_planes(planes, residual=h))
             h = layer.down(self._norm_linear(h, layer.post_attn_norm, layer.gate_up), act="silu_mul", residual=h)
         self._logits = self._head(h)
-        argmax(self._logits[0], out=self._next)  # torch's pick, in one launch of ~128 programs (argmax.py)
+        argmax(self._logits[0], out=self._next)  # torch's pick, one launch of about a program per SM (argmax.py)
         self._tok.copy_(self._next)
         self._pos.add_(1)
         self._lens.add_(1)

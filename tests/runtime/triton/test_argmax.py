@@ -45,6 +45,19 @@ def test_argmax_follows_torch_on_nan_signed_zeros_and_infinities(device):
     assert argmax(x).item() == 5 == torch.argmax(x.cpu()).item()  # a NaN's sign does not matter
 
 
+def test_argmax_of_a_row_longer_than_a_program_per_multiprocessor_holds(device):
+    """Past MAX_CHUNK x multiprocessors the chunks stop growing and the programs multiply (the last one's reduction
+    of every program's pair included)."""
+    from qcompile.runtime.triton import argmax as argmax_mod
+    from qcompile.runtime.triton._tune import num_sms
+
+    n = argmax_mod.MAX_CHUNK * num_sms(device) * 3 + 5
+    assert chunk_size(n, device) == argmax_mod.MAX_CHUNK
+    x = torch.zeros(n, device=device, dtype=torch.float16)
+    x[n - 3] = x[n - 2] = 1.0  # in the last program
+    assert argmax(x).item() == n - 3
+
+
 def test_argmax_writes_into_out_and_runs_again(device):
     """A second launch must start from a reset arrival counter (the captured decode step replays it)."""
     out = torch.full((1,), -1, dtype=torch.int64, device=device)
