@@ -39,8 +39,9 @@ step w8a8 330 bash -c "python3 -m pytest -q -m cuda $T/test_w8a8.py -k 'wgmma or
 # the decode step's small kernels (thirtieth session, not yet run on a GPU): the argmax against torch's, the RMSNorm's
 # contiguous digit-plane stores, the digit GEMV at 2 warps for K = 2048 (single launches, then in the runner with the
 # hidden-2048 model); the kernel bench's step section and decode shapes; the e2e decode step with its kernel profile
-step step_tests 120 python3 -m pytest -q -m cuda $T/test_argmax.py $T/test_norm.py $T/test_gemv_digits.py -k \
-  "argmax or rms_norm or single"
+# (no -m cuda: the argmax and RMSNorm tests without the marker run compiled on a GPU too)
+step step_tests 120 python3 -m pytest -q $T/test_argmax.py $T/test_norm.py $T/test_gemv_digits.py -k \
+  "argmax or planes or single"
 step step_runner 300 python3 -m pytest -q -m cuda $T/test_runner.py -k "digit_gemv_decode or greedy or cuda_graph"
 step step_bench 120 python3 bench/triton_kernels.py --skip gemm,attention --gemv-bits 4 --digit-gemv --decode-shapes \
   --out $O/kernels_step.json
