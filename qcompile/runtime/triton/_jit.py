@@ -60,12 +60,10 @@ def store_digit_planes(p_ptr, offs, y, mask, K):
     """A producer's epilogue: the digit planes of its fp16 output ``y`` at inputs ``offs`` (``mask``) into ``p_ptr``
     int8 [8, K] (rows 6 and 7 untouched), as ``gemv_digits.digit_planes`` writes them: the next GEMV
     (``gemv_digits``) reads them instead of ``y``. ``K`` a multiple of 64."""
-    big = (y.to(tl.float16).to(tl.float32) * 16777216.0).to(tl.int64) + _DIGIT_OFFSET_C  # exact: 41 bits
     s = offs // 32
     r = offs % 32
     pos = (s // 2) * 64 + ((r % 16) // 4) * 16 + (s % 2) * 8 + (r // 16) * 4 + r % 4  # plane_positions
-    for p in tl.static_range(_DIGIT_PLANES_C):
-        tl.store(p_ptr + p * K + pos, (((big >> (8 * p)) & 255) - 128).to(tl.int8), mask=mask)
+    _store_planes_at(p_ptr, pos, y, mask, K)
 
 
 @triton.jit
@@ -76,10 +74,16 @@ def store_row_digit_planes(p_ptr, y, N, BLOCK: tl.constexpr):
     at scattered positions: on the H100 the scattered stores made the 1.2B model's RMSNorm 46 us a step slower.
     Input 64 blk + 32 h + 16 a + 4 c + d sits at byte 64 blk + 16 c + 8 h + 4 a + d (``plane_positions``)."""
     yp = tl.reshape(tl.permute(tl.reshape(y, (BLOCK // 64, 2, 2, 4, 4)), (0, 3, 1, 2, 4)), (BLOCK,))
-    big = (yp.to(tl.float16).to(tl.float32) * 16777216.0).to(tl.int64) + _DIGIT_OFFSET_C  # exact: 41 bits
     q = tl.arange(0, BLOCK)
+    _store_planes_at(p_ptr, q, yp, q < N, N)
+
+
+@triton.jit
+def _store_planes_at(p_ptr, pos, y, mask, K):
+    """The six digit planes of fp16 ``y`` at plane positions ``pos`` (``mask``) of ``p_ptr`` int8 [8, K]."""
+    big = (y.to(tl.float16).to(tl.float32) * 16777216.0).to(tl.int64) + _DIGIT_OFFSET_C  # exact: 41 bits
     for p in tl.static_range(_DIGIT_PLANES_C):
-        tl.store(p_ptr + p * N + q, (((big >> (8 * p)) & 255) - 128).to(tl.int8), mask=q < N)
+        tl.store(p_ptr + p * K + pos, (((big >> (8 * p)) & 255) - 128).to(tl.int8), mask=mask)
 
 
 def check_planes(planes: torch.Tensor, k: int, device, who: str) -> None:

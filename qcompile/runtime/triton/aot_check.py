@@ -358,7 +358,7 @@ def cases(all_configs: bool):
 
     for dt in ("fp16", "fp32"):
         for n in (128256, 300):
-            chunk = min(argmax.MAX_CHUNK, max(256, 1 << (-(-n // sms) - 1).bit_length()))  # chunk_size, 132 SMs
+            chunk = argmax.chunk_size(n, sms)
             yield (f"argmax {dt} N={n}", argmax._argmax_kernel,
                    dict(x_ptr=_ptr(dt), part_ptr="*fp32", lock_ptr="*i32", out_ptr="*i64", N="i32"),
                    dict(CHUNK=chunk, PROGRAMS=1 << (-(-n // chunk) - 1).bit_length()), dict(N=n), 4, 2)

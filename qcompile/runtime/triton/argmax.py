@@ -55,11 +55,11 @@ def _argmax_kernel(x_ptr, part_ptr, lock_ptr, out_ptr, N, CHUNK: tl.constexpr, P
 MAX_CHUNK = 8192  # 64 values a thread at 4 warps; longer rows take more programs
 
 
-def chunk_size(n: int, device) -> int:
-    """Logits a program reduces: about a program per multiprocessor for any vocabulary (126 programs of 1024 for
-    128256 logits on the H100's 132), at least 256 and at most ``MAX_CHUNK`` a program. Under the interpreter (4
-    "multiprocessors"), whose cost is per program, 4 programs up to 32768 logits."""
-    return min(MAX_CHUNK, max(256, triton.next_power_of_2(triton.cdiv(n, num_sms(device)))))
+def chunk_size(n: int, sms: int) -> int:
+    """Logits a program reduces on ``sms`` multiprocessors: about a program per multiprocessor for any vocabulary
+    (126 programs of 1024 for 128256 logits on the H100's 132), at least 256 and at most ``MAX_CHUNK`` a program.
+    Under the interpreter (``num_sms`` 4), whose cost is per program, 4 programs up to 32768 logits."""
+    return min(MAX_CHUNK, max(256, triton.next_power_of_2(triton.cdiv(n, sms))))
 
 
 def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,10 +80,10 @@ def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
                          f"{tuple(out.shape)} on {out.device}")
     x = x.contiguous()
     n = x.numel()
-    chunk = chunk_size(n, x.device)
+    chunk = chunk_size(n, num_sms(x.device))
     programs = triton.cdiv(n, chunk)
-    part, lock = _Workspace.get(x.device, 2 * triton.next_power_of_2(programs), 1)
+    padded = triton.next_power_of_2(programs)  # the last program's reduction over every program's pair
+    part, lock = _Workspace.get(x.device, 2 * padded, 1)
     opts = {} if interpreting() else {"num_warps": 4}
-    _argmax_kernel[(programs,)](x, part, lock, out, n, CHUNK=chunk, PROGRAMS=triton.next_power_of_2(programs),
-                                **opts)
+    _argmax_kernel[(programs,)](x, part, lock, out, n, CHUNK=chunk, PROGRAMS=padded, **opts)
     return out

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from qcompile.runtime.triton._tune import num_sms
 from qcompile.runtime.triton.argmax import argmax, chunk_size
 
 
@@ -18,7 +19,7 @@ def test_argmax_equals_torch(device, dtype, n):
 
 def test_argmax_ties_take_the_first_index_within_and_across_chunks(device):
     n = 5000
-    chunk = chunk_size(n, device)
+    chunk = chunk_size(n, num_sms(device))
     assert n > 2 * chunk + 7  # the ties below sit in different programs
     x = torch.zeros(n, device=device)
     for i in (2 * chunk + 7, chunk + 5, chunk + 9, 2 * chunk - 1):  # the first of them is in the second chunk
@@ -49,10 +50,9 @@ def test_argmax_of_a_row_longer_than_a_program_per_multiprocessor_holds(device):
     """Past MAX_CHUNK x multiprocessors the chunks stop growing and the programs multiply (the last one's reduction
     of every program's pair included)."""
     from qcompile.runtime.triton import argmax as argmax_mod
-    from qcompile.runtime.triton._tune import num_sms
 
     n = argmax_mod.MAX_CHUNK * num_sms(device) * 3 + 5
-    assert chunk_size(n, device) == argmax_mod.MAX_CHUNK
+    assert chunk_size(n, num_sms(device)) == argmax_mod.MAX_CHUNK
     x = torch.zeros(n, device=device, dtype=torch.float16)
     x[n - 3] = x[n - 2] = 1.0  # in the last program
     assert argmax(x).item() == n - 3
