@@ -89,11 +89,11 @@ from dataclasses import dataclass
 
 import torch
 
-from qcompile.runtime.triton._env import require_triton
+from qcompile.runtime.triton._env import interpreting, require_triton
 
 triton = require_triton()
-from triton.experimental import gluon  # noqa: E402
-from triton.experimental.gluon import language as gl  # noqa: E402
+from qcompile.runtime.triton._gluon import (  # noqa: E402
+    as_numpy, emulates, from_numpy, gl, gluon, lane_registers, mma_m16n8k32_u8_s8)
 
 from qcompile.runtime.triton._jit import DIGIT_OFFSET, DIGIT_PLANES, check_planes  # noqa: E402
 from qcompile.runtime.triton.gemv_mma import _gdc_launch_dependents, _gdc_wait, _split4, _split8  # noqa: E402
@@ -377,6 +377,22 @@ _GROUP_PTX = gl.constexpr(_group_ptx())
 _GROUP_CONSTRAINTS = gl.constexpr("=r," * 10 + ",".join(["r"] * 24))
 
 
+@emulates(_GROUP_PTX)
+def _group_ptx_emulated(*regs):
+    """``_GROUP_PTX`` under Triton's interpreter, instruction by instruction: the operands are [W, 32] (warp, lane),
+    as ``_digits_kernel``'s layout ``L2`` places them."""
+    regs, shape = lane_registers([as_numpy(r) for r in regs])
+    w, x = regs[:16], regs[16:]
+    ones = [w[0] * 0 + 0x01010101] * 4
+    low = raw = sums = None
+    for so in range(4):
+        words, b = w[4 * so: 4 * so + 4], x[2 * so: 2 * so + 2]
+        low = mma_m16n8k32_u8_s8([v & 0x0F0F0F0F for v in words], b, low)  # and.b32 l, w, 0x0F0F0F0F
+        raw = mma_m16n8k32_u8_s8(words, b, raw)
+        sums = mma_m16n8k32_u8_s8(ones, b, sums)
+    return tuple(from_numpy(v, gl.int32, shape) for v in low + raw + sums[:2])
+
+
 @gluon.jit
 def _group_mma(w, x):
     """One lane's 16 words and 8 B registers of a group -> (C_P 4, C_raw 4, D 2), int32."""
@@ -609,8 +625,8 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
     n_layers = len(dc.layers)
     if any((k // (32 * dw.warps)) % pace for dw in dc.layers):
         raise ValueError(f"gemv_digits_chain: {pace} batches do not divide the k32 steps a warp ({k} inputs)")
-    if (planes.shape != (n_layers + 1, 8, k) or planes.dtype != torch.int8 or not planes.is_cuda
-            or not planes.is_contiguous()):
+    if (planes.shape != (n_layers + 1, 8, k) or planes.dtype != torch.int8 or not planes.is_contiguous()
+            or not (planes.is_cuda or interpreting())):
         raise ValueError(f"gemv_digits_chain: planes must be a contiguous int8 CUDA tensor [{n_layers + 1}, 8, {k}]")
     if (out.shape != (n_layers + 1, k) or out.dtype != torch.float16 or out.device != planes.device
             or not out.is_contiguous()):
@@ -619,7 +635,7 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
     if any(dw.words.device != planes.device or dw.scale.device != planes.device or dw.nzero.device != planes.device
            or (dw.out_features, dw.in_features) != (k, k) for dw in dc.layers):
         raise ValueError(f"gemv_digits_chain: every layer must be {k} x {k} on {planes.device}")
-    if torch.cuda.get_device_capability(planes.device)[0] < 9:
+    if planes.is_cuda and torch.cuda.get_device_capability(planes.device)[0] < 9:
         raise ValueError("gemv_digits_chain needs an sm_90 GPU or newer (programmatic dependent launches)")
     for layer, dw in enumerate(dc.layers):
         _digits_kernel[(dw.out_features // ROWS,)](

@@ -29,8 +29,8 @@ import torch
 from qcompile.runtime.triton._env import interpreting, require_triton
 
 triton = require_triton()
-from triton.experimental import gluon  # noqa: E402
-from triton.experimental.gluon import language as gl  # noqa: E402
+from qcompile.runtime.triton._gluon import (  # noqa: E402
+    as_numpy, emulates, from_numpy, gl, gluon, halves, lane_registers, mma_m16n8k16_f16_f32, pack_halves)
 
 # nibble j of a word: (row offset 0 or 8, K offset within the lane's four) of its code
 _NIBBLE = ((0, 0), (8, 0), (0, 2), (8, 2), (0, 1), (8, 1), (0, 3), (8, 3))
@@ -123,6 +123,41 @@ def _group_ptx(steps: int) -> str:
 
 _MMA_PTX8 = gl.constexpr(_group_ptx(8))  # groups of 128; constexprs: jitted code may read a global only as one
 _MMA_PTX4 = gl.constexpr(_group_ptx(4))  # groups of 64
+
+
+def _group_ptx_emulated(*operands):
+    """``_group_ptx(steps)`` under Triton's interpreter, instruction by instruction, on operands laid out
+    [W, E, 32] (lane last, ``gemv_mma_kernel``'s ``L3``): words ``steps``, activation pairs ``2 steps``, zz, mz."""
+    regs, shape = lane_registers([as_numpy(r) for r in operands])
+    steps = (len(regs) - 2) // 3
+    words, x, (zz, mz) = regs[:steps], regs[steps: 3 * steps], regs[3 * steps:]
+    zz_h, mz_h = halves(zz), halves(mz)
+
+    def lop3(v, mask):  # lop3.b32 d, v, mask, 0x64006400, 0xEA: (v & mask) | 0x64006400
+        return (v & mask) | 0x64006400
+
+    def sub(v):  # sub.rn.f16x2 d, v, zz
+        return pack_halves(*[(h.astype("float64") - z).astype("float16") for h, z in zip(halves(v), zz_h)])
+
+    def fma(v):  # fma.rn.f16x2 d, v, k16 (1/16), mz: one rounding of the exact value
+        return pack_halves(*[(h.astype("float64") * 0.0625 + z).astype("float16") for h, z in zip(halves(v), mz_h)])
+
+    c = None
+    for ks in range(steps):
+        w, q = words[ks], words[ks] >> 8  # shr.b32: logical
+        a = [sub(lop3(w, 0x000F000F)), fma(lop3(w, 0x00F000F0)), sub(lop3(q, 0x000F000F)), fma(lop3(q, 0x00F000F0))]
+        c = mma_m16n8k16_f16_f32(a, x[2 * ks: 2 * ks + 2], c)
+    return tuple(from_numpy(v, gl.float32, shape) for v in c)
+
+
+emulates(_MMA_PTX8)(_group_ptx_emulated)
+emulates(_MMA_PTX4)(_group_ptx_emulated)
+
+
+@emulates("griddepcontrol.wait; // dummy $0")
+@emulates("griddepcontrol.launch_dependents; // dummy $0")
+def _gdc_emulated():
+    """Programmatic dependent launches order kernels on the GPU; the interpreter runs launches one after another."""
 
 
 @gluon.jit

@@ -745,9 +745,9 @@ class TritonCausalLM:
         if mma_gemv and not (supports_pdl(device) and not interpreting()):  # sm_90+ as PDL, compiled kernels
             raise QCompileError("mma_gemv (the tensor-core int4 GEMV) needs an sm_90 or newer GPU and compiled kernels")
         self.mma_gemv = mma_gemv
-        if digit_gemv and (dtype != torch.float16 or not supports_pdl(device) or interpreting()):
-            raise QCompileError(f"digit_gemv (the int4 GEMV on digit planes) needs float16 ({dtype} asked), an sm_90 "
-                                "or newer GPU and compiled kernels")
+        if digit_gemv and (dtype != torch.float16 or not (supports_pdl(device) or interpreting())):
+            raise QCompileError(f"digit_gemv (the int4 GEMV on digit planes) needs float16 ({dtype} asked) and an "
+                                "sm_90 or newer GPU (or Triton's interpreter)")
 
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise QCompileError(f"dtype must be float16, bfloat16 or float32, got {dtype}")

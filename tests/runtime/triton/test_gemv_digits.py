@@ -243,35 +243,39 @@ def test_paced_word_loads_wait_for_the_batch_before_in_the_sm90_code(sm90_sass, 
     assert after >= paced if pace > 1 else after == 0
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("n,layers,sym,pace", [(512, 2, False, 4), (4096, 3, False, 4), (4096, 2, True, 4),
-                                               (4096, 3, False, 1), (4096, 2, False, 2), (1024, 2, False, 8),
-                                               (4096, 2, False, 8)])
-def test_kernel_chain_on_gpu(n, layers, sym, pace):
+_GPU = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("n,layers,sym,pace", [
+    (512, 2, False, 4), (512, 2, True, 1), (1024, 2, False, 8),
+    pytest.param(4096, 3, False, 4, marks=_GPU), pytest.param(4096, 2, True, 4, marks=_GPU),
+    pytest.param(4096, 3, False, 1, marks=_GPU), pytest.param(4096, 2, False, 2, marks=_GPU),
+    pytest.param(4096, 2, False, 8, marks=_GPU)])
+def test_kernel_chain(n, layers, sym, pace, device):
     """Each layer's fp16 output is the dequantized GEMV of the layer's own input, rounded to fp16 after the
     kernel's fp32 steps: within half an fp16 ulp plus 2^-18 of the size of the terms (a bound on about a dozen fp32
     roundings of partial sums up to a few times that size); the same bits on a second run; its digit planes are
     ``digit_planes`` of it, all six written and rows 6-7 neither read nor written (the buffers start as noise).
-    Each pace of the word loads (batches issued one after another) is checked the same way."""
+    Each pace of the word loads (batches issued one after another) is checked the same way. On a CPU the Gluon
+    kernel runs under Triton's interpreter (``_gluon``: its mma PTX emulated lane by lane), at K up to 1024."""
     from qcompile.runtime.triton.gemv_chain import stack_chain
 
     ws, pws = [], []
     for layer in range(layers):
         pw, _, _, _ = quantized(n, n, sym, seed=layer)
         ws.append(pw)
-        pws.append(pw.to("cuda"))
+        pws.append(pw.to(device))
     dc = gd.stack_digits(stack_chain(pws))
     gen = torch.Generator().manual_seed(n + layers)
-    x = torch.randn(n, generator=gen).to(torch.float16).cuda()
-    noise = torch.randint(-128, 128, (layers + 1, 8, n), generator=gen, dtype=torch.int8).cuda()
+    x = torch.randn(n, generator=gen).to(torch.float16).to(device)
+    noise = torch.randint(-128, 128, (layers + 1, 8, n), generator=gen, dtype=torch.int8).to(device)
     outs = []
     for _ in range(2):
         planes = noise.clone()
         planes[0, :gd.PLANES] = gd.digit_planes(x)[:gd.PLANES]
-        out = torch.zeros(layers + 1, n, dtype=torch.float16, device="cuda")
+        out = torch.zeros(layers + 1, n, dtype=torch.float16, device=device)
         out[0] = x
         gd.gemv_digits_chain(planes, dc, out, pace=pace)
-        torch.cuda.synchronize()
         outs.append(out.cpu())
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(planes[:, gd.PLANES:], noise[:, gd.PLANES:])
@@ -310,27 +314,31 @@ def quantized_weight_parts(n, k):
     return qw.qweight, qw.scale, qw.zero
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("n,k,biased,res,pdl,splits", [
-    (3072, 2048, False, False, False, None), (16384, 2048, True, False, True, None),
-    (6144, 4096, True, True, True, None), (4096, 4096, False, True, True, None), (1024, 512, False, False, True, None),
-    (4096, 14336, False, False, True, None), (96, 1536, True, True, True, None), (2048, 8192, False, True, False, None),
-    (2048, 2048, False, True, True, 4), (3072, 2048, True, False, True, 2)])
-def test_single_gemv_on_gpu(n, k, biased, res, pdl, splits):
+    (64, 512, False, False, False, None), (96, 1536, True, True, True, None), (64, 2048, False, True, True, 2),
+    pytest.param(3072, 2048, False, False, False, None, marks=_GPU),
+    pytest.param(16384, 2048, True, False, True, None, marks=_GPU),
+    pytest.param(6144, 4096, True, True, True, None, marks=_GPU),
+    pytest.param(4096, 4096, False, True, True, None, marks=_GPU),
+    pytest.param(1024, 512, False, False, True, None, marks=_GPU),
+    pytest.param(4096, 14336, False, False, True, None, marks=_GPU),
+    pytest.param(2048, 8192, False, True, False, None, marks=_GPU),
+    pytest.param(2048, 2048, False, True, True, 4, marks=_GPU),
+    pytest.param(3072, 2048, True, False, True, 2, marks=_GPU)])
+def test_single_gemv(n, k, biased, res, pdl, splits, device):
     """One launch, N != K (the runner's q|k|v and gate|up; o with the residual; K in 7, 3 and 2 slices by default
     for 14336, 1536 and 8192; the 1.2B Llama's o and q|k|v shapes also in 4 and 2 slices of 2048): the fp16 output
     within half an ulp plus 2^-18 of the terms of the dequantized GEMV (plus the bias and the residual), the same
-    bits twice (a split's arrival counters back at zero after each launch)."""
+    bits twice (a split's arrival counters back at zero after each launch). On a CPU, under the interpreter."""
     pw, _, _, _ = quantized(n, k, False, seed=n + k)
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(k, generator=gen).to(torch.float16)
     bias = (torch.randn(n, generator=gen) * 0.1).to(torch.float16) if biased else None
     resid = (torch.randn(1, n, generator=gen) * 3).to(torch.float16) if res else None
-    dw = gd.digit_weight(pw.to("cuda"), splits=splits)
-    planes = gd.digit_planes(x.cuda())
-    outs = [gd.gemv_digits(planes, dw, bias=None if bias is None else bias.cuda(),
-                           residual=None if resid is None else resid.cuda(), pdl=pdl) for _ in range(2)]
-    torch.cuda.synchronize()
+    dw = gd.digit_weight(pw.to(device), splits=splits)
+    planes = gd.digit_planes(x.to(device))
+    outs = [gd.gemv_digits(planes, dw, bias=None if bias is None else bias.to(device),
+                           residual=None if resid is None else resid.to(device), pdl=pdl) for _ in range(2)]
     assert outs[0].shape == (1, n) and torch.equal(outs[0], outs[1])
     extra = sum(t.double().view(-1) for t in (bias, resid) if t is not None)
     ref = dequantized_gemv(pw, x) + extra

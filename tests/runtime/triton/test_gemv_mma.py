@@ -80,6 +80,42 @@ def test_tuner_times_it_beside_the_pointer_gemv(monkeypatch):
     assert not any(c.get("MMA") for c in seen["cands"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the kernel compiled")
+@pytest.mark.parametrize("group,sym,bias,act", [(128, False, False, None), (64, True, True, None),
+                                                (128, False, True, "silu_mul"), (64, False, False, "silu_mul")])
+def test_kernel_under_the_interpreter_matches_reference(group, sym, bias, act):
+    """The Gluon kernel itself under Triton's interpreter (``_gluon``: its decode-and-mma PTX emulated instruction
+    by instruction, lane by lane): every candidate for 64 outputs (splits of K and row blocks a warp that leave
+    programs with no rows or no groups included, and one split), plain and as a programmatic dependent, against the fp32
+    reference within fp16 rounding, the same bits when repeated; one flipped code moves the output."""
+    from dataclasses import replace
+
+    n, k = 64, 4 * group
+    pw = packed(n, k, sym, group, bias=bias)
+    pw = replace(pw, mma=gemv_mma.mma_weight(pw))
+    x = torch.randn(1, 2 * k if act else k, dtype=torch.float16)
+    res = torch.randn(1, n, dtype=torch.float16) if bias else None
+    ref = R.wq_linear_ref(x.float(), pw.to(dtype=torch.float32), residual=None if res is None else res.float(),
+                          act=act)
+
+    def run(w, cfg, pdl):
+        out = torch.empty(1, n, dtype=torch.float16)
+        gemv_mma.launch(x, w, res, act, out, cfg, pdl=pdl)
+        return out
+
+    cands = gemv_mma.candidates(n, 1)
+    cands += [dict(cands[0], SPLIT_K=1)]  # one program, no workspace
+    assert {c["SPLIT_K"] for c in cands} == {1, 2, 4, 8} and {c["E"] for c in cands} == {1, 2, 4}
+    for cfg in cands:
+        for pdl in (False, True):
+            y = run(pw, cfg, pdl)
+            assert (y.float() - ref).abs().max() <= 2e-3 * ref.abs().max(), (cfg, pdl)
+            assert torch.equal(y, run(pw, cfg, pdl)), (cfg, pdl)
+    flipped = pw.mma.words.clone()
+    flipped[0, 0, 0, 0] ^= 0x4  # one code of row 0 (nibble 0), two steps apart from its neighbours
+    assert (run(replace(pw, mma=replace(pw.mma, words=flipped)), cands[0], False).float() - ref).abs()[0, 0] > 1e-3
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not SM90, reason="the mma GEMV needs an sm_90 GPU")
 @pytest.mark.parametrize("group,sym,bias,act", [(128, False, False, None), (64, True, True, None),

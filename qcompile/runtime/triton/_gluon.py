@@ -1,0 +1,278 @@
+"""Gluon, compiled on the GPU or run by Triton's interpreter on the CPU (``TRITON_INTERPRET=1``).
+
+Triton's interpreter runs ``@triton.jit`` kernels with numpy but has no Gluon front end: ``gluon.jit`` always
+compiles. Gluon's language is Triton's plus where each value lives (layouts, shared memory) and inline PTX, and a
+layout never changes what a tensor holds, only which thread holds it. So under the interpreter this module gives the
+kernel modules a ``gluon`` / ``gl`` pair that runs the same kernel source through ``InterpretedFunction`` (the
+interpreter's own machinery):
+
+* each ``gl`` operation with a Triton twin calls it with the layout dropped (``gl.arange(0, n, layout=L)`` is
+  ``tl.arange(0, n)``; ``gl.convert_layout`` returns its input; layouts are inert records);
+* ``gl.inline_asm_elementwise`` looks its PTX up in a registry (``emulates``) where the kernel module that wrote it
+  registered a numpy emulation of those instructions. The emulation works on the logical tensors, so it must know
+  which lane holds which element: each is written for the layout its kernel gives the operands, and says which.
+
+What the interpreter cannot show: speed, register pressure, the layouts themselves (a wrong layout that the compiler
+accepts changes only speed, except where inline PTX reads lanes, which the emulations pin down), and memory-ordering
+between programs (they run one after another). Compiled, this module is the plain Gluon import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Callable
+
+from qcompile.runtime.triton._env import interpreting, require_triton
+
+triton = require_triton()
+
+# PTX text -> numpy emulation (args: the asm's operand tensors; returns what inline_asm_elementwise would)
+_ASM: dict[str, Callable] = {}
+
+
+def emulates(asm: str):
+    """Register ``fn`` as the interpreter's emulation of the inline PTX ``asm`` (no effect when compiling)."""
+    asm = getattr(asm, "value", asm)
+
+    def register(fn):
+        _ASM[asm] = fn
+        return fn
+
+    return register
+
+
+def as_numpy(t):
+    """An interpreter tensor's values (numpy)."""
+    return t.handle.data
+
+
+def from_numpy(a, dtype, shape=None):
+    """A numpy array (reshaped to ``shape``) as an interpreter tensor of ``dtype`` (a ``tl`` dtype; integers wrap to
+    its width as the GPU's registers do)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    a = np.asarray(a)
+    if np.issubdtype(a.dtype, np.integer) and dtype.is_int():
+        bits = dtype.primitive_bitwidth
+        a = a.astype(np.int64) & ((1 << bits) - 1)
+        a = a - ((a >> (bits - 1)) << bits) if dtype.is_int_signed() else a
+    a = np.ascontiguousarray(a.astype(_NUMPY[dtype.name]).reshape(a.shape if shape is None else shape))
+    return tl.tensor(TensorHandle(a, dtype), tl.block_type(dtype, list(a.shape)))
+
+
+_NUMPY = {"int8": "int8", "uint8": "uint8", "int16": "int16", "int32": "int32", "uint32": "uint32", "int64": "int64",
+          "fp16": "float16", "fp32": "float32"}
+
+
+# ---- warp-level mma.sync, as the PTX ISA defines its fragments ("Matrix Fragments for mma.m16n8k32" and
+# "... mma.m16n8k16"). An inline-asm operand is one register a lane; the kernels that use these lay their operands
+# out with the lane as the last dimension (32) and one mma per index of the leading ones (a warp, or a warp's row
+# block). Lane = 4 g + t.
+
+def lane_registers(regs):
+    """Operand tensors (broadcast together) -> int64 arrays [M, 32] of their 32-bit registers, and the shape."""
+    import numpy as np
+
+    arrays = np.broadcast_arrays(*[np.asarray(r) for r in regs])
+    if arrays[0].shape[-1] != 32:
+        raise ValueError(f"an mma operand's last dimension is the warp's 32 lanes, got shape {arrays[0].shape}")
+    return [a.reshape(-1, 32).view(np.uint32).astype(np.int64) if a.dtype.itemsize == 4
+            else a.reshape(-1, 32).astype(np.int64) & 0xFFFFFFFF for a in arrays], arrays[0].shape
+
+
+def _gt():
+    import numpy as np
+
+    lane = np.arange(32)
+    return lane // 4, lane % 4
+
+
+def _c_fragment(d, c):
+    """D [M, 16, 8] -> registers c0..c3 (row g + 8 (i // 2), column 2 t + i % 2) [M, 32], plus C's if given."""
+    g, t = _gt()
+    out = [d[:, g + 8 * (i // 2), 2 * t + i % 2] for i in range(4)]
+    return out if c is None else [o + ci for o, ci in zip(out, c)]
+
+
+def mma_m16n8k32_u8_s8(a, b, c=None):
+    """``mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32`` on [M, 32] int64 registers: A four of four u8
+    (register i, byte j: row g + 8 (i % 2), column 4 t + j + 16 (i // 2)), B two of four s8 (register i, byte j:
+    row 4 t + j + 16 i, column g), C / D four int32 (exact here in int64: the caller wraps)."""
+    import numpy as np
+
+    g, t = _gt()
+    A = np.zeros((a[0].shape[0], 16, 32), np.int64)
+    B = np.zeros((a[0].shape[0], 32, 8), np.int64)
+    for i in range(4):
+        for j in range(4):
+            A[:, g + 8 * (i % 2), 4 * t + j + 16 * (i // 2)] = (a[i] >> (8 * j)) & 0xFF
+    for i in range(2):
+        for j in range(4):
+            v = (b[i] >> (8 * j)) & 0xFF
+            B[:, 4 * t + j + 16 * i, g] = v - ((v >> 7) << 8)
+    return _c_fragment(A @ B, c)
+
+
+def halves(reg):
+    """32-bit registers (int64 arrays) -> their two f16 (low, high) as float32."""
+    import numpy as np
+
+    return [((reg >> s) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float32) for s in (0, 16)]
+
+
+def pack_halves(lo, hi):
+    """Two arrays rounded to f16 -> the 32-bit registers holding them (int64)."""
+    import numpy as np
+
+    bits = [np.asarray(v, np.float32).astype(np.float16).view(np.uint16).astype(np.int64) for v in (lo, hi)]
+    return bits[0] | (bits[1] << 16)
+
+
+def mma_m16n8k16_f16_f32(a, b, c=None):
+    """``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32`` on [M, 32] registers: A four of two f16 (register i,
+    half h: row g + 8 (i % 2), column 2 t + h + 8 (i // 2)), B two (register i, half h: row 2 t + h + 8 i, column
+    g), C / D four fp32. The f16 products are exact in fp32; they are summed here in float64 and rounded once (the
+    tensor core's order of fp32 additions is its own: results agree to fp32 rounding, not bit for bit)."""
+    import numpy as np
+
+    g, t = _gt()
+    A = np.zeros((a[0].shape[0], 16, 16), np.float64)
+    B = np.zeros((a[0].shape[0], 16, 8), np.float64)
+    for i in range(4):
+        for h, v in enumerate(halves(a[i])):
+            A[:, g + 8 * (i % 2), 2 * t + h + 8 * (i // 2)] = v
+    for i in range(2):
+        for h, v in enumerate(halves(b[i])):
+            B[:, 2 * t + h + 8 * i, g] = v
+    d = _c_fragment(A @ B, None)
+    return [x.astype(np.float32) for x in (d if c is None else [x + ci.astype(np.float64) for x, ci in zip(d, c)])]
+
+
+if not interpreting():
+    from triton.experimental import gluon  # noqa: F401
+    from triton.experimental.gluon import language as gl  # noqa: F401
+else:
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _TL = "_qcompile_interpreter_tl"  # the interpreter patches the tl it finds in a kernel's globals
+
+    class _Shape(list):
+        """A tensor's shape as Gluon code uses it, as the compiler's constexpr handling allows: Python ints
+        (``v.shape[2].bit_length()``), joined with lists (``v.shape[:-1] + [2, 2]``). A list, not a tuple:
+        ``tl.block_type`` takes lists or Triton's own tuples."""
+
+        def __getitem__(self, i):
+            got = super().__getitem__(i)
+            return _Shape(got) if isinstance(i, slice) else got
+
+        def __add__(self, other):
+            return _Shape(list(self) + list(other))
+
+        def __radd__(self, other):
+            return _Shape(list(other) + list(self))
+
+    @contextlib.contextmanager
+    def _gluon_shapes():
+        """While a Gluon kernel runs, tensors created hold ``_Shape``s (a data descriptor on ``tl.tensor`` takes
+        the assignment in its constructor); restored afterwards, so Triton kernels see their usual shapes."""
+
+        def get(self):
+            return self.__dict__["shape"]
+
+        def put(self, value):
+            self.__dict__["shape"] = _Shape(int(getattr(v, "value", v)) for v in value)
+
+        had = tl.tensor.__dict__.get("shape")
+        tl.tensor.shape = property(get, put)
+        try:
+            yield
+        finally:
+            if had is None:
+                del tl.tensor.shape
+            else:
+                tl.tensor.shape = had
+
+    class _InterpretedGluon(InterpretedFunction):
+        def run(self, *args, **kwargs):
+            with _gluon_shapes():
+                return super().run(*args, **kwargs)
+
+        def rewrite(self):
+            fn = super().rewrite()
+            # the interpreter passes parameters annotated ``tl.constexpr`` as Python values; ours say ``gl.``
+            fn.__annotations__ = {k: ("tl.constexpr" if str(v).strip() == "gl.constexpr" else v)
+                                  for k, v in fn.__annotations__.items()}
+            return fn
+
+    def _jit(fn=None, **kwargs):
+        def wrap(f):
+            f.__globals__.setdefault(_TL, tl)
+            return _InterpretedGluon(f, **{k: v for k, v in kwargs.items() if k in ("do_not_specialize", "noinline",
+                                                                                     "debug", "repr")})
+
+        return wrap(fn) if fn is not None else wrap
+
+    gluon = types.SimpleNamespace(jit=_jit)
+
+    class _Layout:
+        """A layout or shared-memory layout: where values live, which the interpreter does not model."""
+
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+
+        @classmethod
+        def get_default_for(cls, *args, **kwargs):
+            return cls(*args, **kwargs)
+
+    def _arange(start, end, layout=None):
+        return tl.arange(start, end)
+
+    def _zeros(shape, dtype, layout=None):
+        return tl.zeros(shape, dtype)
+
+    def _full(shape, value, dtype, layout=None):
+        return tl.full(shape, value, dtype)
+
+    def _same(name):
+        def op(*args, **kwargs):
+            return getattr(tl, name)(*args, **kwargs)
+
+        op.__name__ = name
+        return op
+
+    def _convert_layout(value, layout=None, assert_trivial=False):
+        return value
+
+    def _reshape(value, shape):
+        return tl.reshape(value, shape)
+
+    def thread_barrier():
+        """Programs run one at a time, each as one thread: nothing to wait for."""
+
+    def _inline_asm_elementwise(asm, constraints, args, dtype, is_pure, pack):
+        asm = getattr(asm, "value", asm)
+        if asm not in _ASM:
+            raise NotImplementedError(f"no interpreter emulation is registered for this inline PTX:\n{asm}")
+        return _ASM[asm](*args)
+
+    gl = types.ModuleType("qcompile_gluon_interpreted")
+    for _name in ("int1", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
+                  "bfloat16", "float32", "float64", "constexpr", "pointer_type", "dtype", "tensor"):
+        setattr(gl, _name, getattr(tl, _name))
+    gl.arange, gl.zeros, gl.full = _arange, _zeros, _full
+    for _name in ("load", "store", "atomic_add", "atomic_xchg", "atomic_cas", "permute", "join", "split",
+                  "expand_dims", "broadcast", "sum", "max", "min", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "fma",
+                  "floor", "ceil", "minimum", "maximum", "cdiv", "where",
+                  "static_range", "static_assert", "program_id", "num_programs", "cast", "abs"):
+        setattr(gl, _name, _same(_name))
+    for _name in ("BlockedLayout", "SliceLayout", "NVMMASharedLayout", "SwizzledSharedLayout",
+                  "NVMMADistributedLayout", "DotOperandLayout"):
+        setattr(gl, _name, type(_name, (_Layout,), {}))
+    gl.convert_layout = _convert_layout
+    gl.reshape = _reshape
+    gl.thread_barrier = thread_barrier
+    gl.inline_asm_elementwise = _inline_asm_elementwise
