@@ -18,7 +18,9 @@ Modules (each kernel module has its pure-torch reference in ``reference``):
 * ``rewrites``     the graph's run-time rewrites (online Hadamard, activation / KV quantization) read back;
 * ``runner``       ``TritonCausalLM``: an exported folder on the GPU, static KV cache, CUDA-graph decode.
 
-Triton is imported only by the kernel modules, so ``import qcompile`` (and the ORT runtime) never needs it.
+The Gluon kernels (``gemv_digits``, ``gemv_mma``, ``w8a8``'s wgmma GEMM) import Gluon through ``_gluon``, which under
+``TRITON_INTERPRET=1`` runs them with Triton's interpreter (except ``gemv_chain_staged``, whose programs wait on each
+other). Triton is imported only by the kernel modules, so ``import qcompile`` (and the ORT runtime) never needs it.
 """
 
 from qcompile.runtime.triton._env import interpreting, require_triton

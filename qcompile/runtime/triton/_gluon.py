@@ -1,20 +1,25 @@
 """Gluon, compiled on the GPU or run by Triton's interpreter on the CPU (``TRITON_INTERPRET=1``).
 
-Triton's interpreter runs ``@triton.jit`` kernels with numpy but has no Gluon front end: ``gluon.jit`` always
-compiles. Gluon's language is Triton's plus where each value lives (layouts, shared memory) and inline PTX, and a
-layout never changes what a tensor holds, only which thread holds it. So under the interpreter this module gives the
-kernel modules a ``gluon`` / ``gl`` pair that runs the same kernel source through ``InterpretedFunction`` (the
-interpreter's own machinery):
+Triton's interpreter runs ``@triton.jit`` kernels with numpy, but it has no Gluon front end: ``gluon.jit`` always
+compiles. Gluon's language is Triton's plus where each value lives (layouts, shared memory), sm_90's asynchronous
+operations and inline PTX, and a layout never changes what a tensor holds, only which thread holds it. So under
+the interpreter this module hands the kernel modules ``gluon`` / ``gl`` / ``hopper`` objects that run the same
+kernel source through the interpreter's own ``InterpretedFunction``:
 
 * each ``gl`` operation with a Triton twin calls it with the layout dropped (``gl.arange(0, n, layout=L)`` is
-  ``tl.arange(0, n)``; ``gl.convert_layout`` returns its input; layouts are inert records);
-* ``gl.inline_asm_elementwise`` looks its PTX up in a registry (``emulates``) where the kernel module that wrote it
-  registered a numpy emulation of those instructions. The emulation works on the logical tensors, so it must know
-  which lane holds which element: each is written for the layout its kernel gives the operands, and says which.
+  ``tl.arange(0, n)``, ``gl.convert_layout`` returns its input, layouts are inert records);
+* shared memory is a numpy array; a TMA copy is a descriptor load or store issued at once (so mbarriers, fences and
+  waits have nothing to do); ``warpgroup_mma`` is the product of its operands (int8 exactly, into the int32
+  accumulator);
+* ``gl.inline_asm_elementwise`` looks its PTX up in a registry (``emulates``) where the kernel module that wrote
+  it registered a numpy emulation of those instructions. An emulation sees logical tensors, so it relies on which
+  lane holds which element: the lane is the operands' last dimension (32), one mma per index of the others, as
+  the kernels' layouts place them (``mma_m16n8k32_u8_s8`` and ``mma_m16n8k16_f16_f32`` follow the PTX ISA's
+  fragment definitions).
 
-What the interpreter cannot show: speed, register pressure, the layouts themselves (a wrong layout that the compiler
-accepts changes only speed, except where inline PTX reads lanes, which the emulations pin down), and memory-ordering
-between programs (they run one after another). Compiled, this module is the plain Gluon import.
+What the interpreter cannot show: speed, register pressure, whether a layout is legal, and anything between
+programs running at once (they run one after another, so a kernel whose programs wait on each other, as
+``gemv_chain_staged``'s do, cannot run here). Compiled, this module is the plain Gluon import.
 """
 
 from __future__ import annotations
@@ -52,19 +57,16 @@ def from_numpy(a, dtype, shape=None):
     its width as the GPU's registers do)."""
     import numpy as np
     import triton.language as tl
-    from triton.runtime.interpreter import TensorHandle
+    from triton.runtime.interpreter import TensorHandle, _get_np_dtype
 
     a = np.asarray(a)
     if np.issubdtype(a.dtype, np.integer) and dtype.is_int():
         bits = dtype.primitive_bitwidth
         a = a.astype(np.int64) & ((1 << bits) - 1)
         a = a - ((a >> (bits - 1)) << bits) if dtype.is_int_signed() else a
-    a = np.ascontiguousarray(a.astype(_NUMPY[dtype.name]).reshape(a.shape if shape is None else shape))
+    a = np.ascontiguousarray(a.astype(_get_np_dtype(dtype)).reshape(a.shape if shape is None else shape))
     return tl.tensor(TensorHandle(a, dtype), tl.block_type(dtype, list(a.shape)))
 
-
-_NUMPY = {"int8": "int8", "uint8": "uint8", "int16": "int16", "int32": "int32", "uint32": "uint32", "int64": "int64",
-          "fp16": "float16", "fp32": "float32"}
 
 
 # ---- warp-level mma.sync, as the PTX ISA defines its fragments ("Matrix Fragments for mma.m16n8k32" and
@@ -154,11 +156,29 @@ def mma_m16n8k16_f16_f32(a, b, c=None):
 if not interpreting():
     from triton.experimental import gluon  # noqa: F401
     from triton.experimental.gluon import language as gl  # noqa: F401
+    from triton.experimental.gluon.language.nvidia import hopper as _hopper_language
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _HopperDescriptor
+
+    # sm_90's asynchronous operations (TMA copies, mbarriers, wgmma) and its host-side tensor descriptor
+    hopper = types.SimpleNamespace(
+        fence_async_shared=_hopper_language.fence_async_shared, mbarrier=_hopper_language.mbarrier,
+        tma=_hopper_language.tma, warpgroup_mma=_hopper_language.warpgroup_mma,
+        warpgroup_mma_wait=_hopper_language.warpgroup_mma_wait, TensorDescriptor=_HopperDescriptor)
 else:
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
     _TL = "_qcompile_interpreter_tl"  # the interpreter patches the tl it finds in a kernel's globals
+
+    class _Layout:
+        """A layout or shared-memory layout: where values live, which the interpreter does not model."""
+
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+
+        @classmethod
+        def get_default_for(cls, *args, **kwargs):
+            return cls(*args, **kwargs)
 
     class _Shape(list):
         """A tensor's shape as Gluon code uses it, as the compiler's constexpr handling allows: Python ints
@@ -176,9 +196,10 @@ else:
             return _Shape(list(other) + list(self))
 
     @contextlib.contextmanager
-    def _gluon_shapes():
-        """While a Gluon kernel runs, tensors created hold ``_Shape``s (a data descriptor on ``tl.tensor`` takes
-        the assignment in its constructor); restored afterwards, so Triton kernels see their usual shapes."""
+    def _gluon_values():
+        """While a Gluon kernel runs: tensors created hold ``_Shape``s (a data descriptor on ``tl.tensor`` takes
+        the assignment in its constructor), and tensor descriptors answer ``.layout`` (their shared-memory layout,
+        inert here). Restored afterwards, so Triton kernels see what they always do."""
 
         def get(self):
             return self.__dict__["shape"]
@@ -186,19 +207,23 @@ else:
         def put(self, value):
             self.__dict__["shape"] = _Shape(int(getattr(v, "value", v)) for v in value)
 
-        had = tl.tensor.__dict__.get("shape")
-        tl.tensor.shape = property(get, put)
+        patched = ((tl.tensor, "shape", property(get, put)),
+                   (tl.core.tensor_descriptor_base, "layout", property(lambda self: _Layout())))
+        saved = [(cls, name, cls.__dict__.get(name)) for cls, name, _ in patched]
+        for cls, name, value in patched:
+            setattr(cls, name, value)
         try:
             yield
         finally:
-            if had is None:
-                del tl.tensor.shape
-            else:
-                tl.tensor.shape = had
+            for cls, name, value in saved:
+                if value is None:
+                    delattr(cls, name)
+                else:
+                    setattr(cls, name, value)
 
     class _InterpretedGluon(InterpretedFunction):
         def run(self, *args, **kwargs):
-            with _gluon_shapes():
+            with _gluon_values():
                 return super().run(*args, **kwargs)
 
         def rewrite(self):
@@ -217,16 +242,6 @@ else:
         return wrap(fn) if fn is not None else wrap
 
     gluon = types.SimpleNamespace(jit=_jit)
-
-    class _Layout:
-        """A layout or shared-memory layout: where values live, which the interpreter does not model."""
-
-        def __init__(self, *args, **kwargs):
-            self.args, self.kwargs = args, kwargs
-
-        @classmethod
-        def get_default_for(cls, *args, **kwargs):
-            return cls(*args, **kwargs)
 
     def _arange(start, end, layout=None):
         return tl.arange(start, end)
@@ -276,3 +291,82 @@ else:
     gl.reshape = _reshape
     gl.thread_barrier = thread_barrier
     gl.inline_asm_elementwise = _inline_asm_elementwise
+
+    class _SharedMemory:
+        """A shared-memory buffer (or a view of one: ``index``, ``permute``) as a numpy array."""
+
+        def __init__(self, array, dtype):
+            self.array, self.dtype = array, dtype
+
+        @property
+        def shape(self):
+            return _Shape(self.array.shape)
+
+        def index(self, i):
+            return _SharedMemory(self.array[int(getattr(i, "value", i))], self.dtype)
+
+        def permute(self, order):
+            return _SharedMemory(self.array.transpose([int(getattr(o, "value", o)) for o in order]), self.dtype)
+
+        def store(self, value):
+            self.array[...] = as_numpy(value)
+
+        def load(self, layout=None):
+            return from_numpy(self.array.copy(), self.dtype)
+
+    def _allocate_shared_memory(element_ty, shape, layout, value=None):
+        import numpy as np
+        from triton.runtime.interpreter import _get_np_dtype
+
+        # the interpreter's own storage types (bfloat16 as its uint16 bits)
+        smem = _SharedMemory(np.zeros([int(getattr(d, "value", d)) for d in shape], _get_np_dtype(element_ty)),
+                             element_ty)
+        if value is not None:
+            smem.store(value)
+        return smem
+
+    gl.allocate_shared_memory = _allocate_shared_memory
+
+    def _nothing(*args, **kwargs):
+        """Barriers, fences and waits: the interpreter runs every copy and mma when it is issued."""
+
+    def _operand(v):
+        import numpy as np
+
+        a = v.array if isinstance(v, _SharedMemory) else as_numpy(v)
+        return a.astype(np.int64) if np.issubdtype(a.dtype, np.integer) else a.astype(np.float32)
+
+    def _warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise_acc=None, is_async=False):
+        """acc = a @ b (+ acc): int8 operands exactly (wrapped to the int32 accumulator), floats in fp32."""
+        prod = _operand(a) @ _operand(b)
+        if use_acc:
+            prod = prod + _operand(acc)
+        return from_numpy(prod, acc.dtype)
+
+    def _warpgroup_mma_wait(num_outstanding=0, deps=None):
+        return deps[0] if len(deps) == 1 else tuple(deps)
+
+    def _tma_load(desc, coord, barrier, result, pred=True):
+        if pred:
+            result.store(desc.load(coord))
+
+    def _tma_store(desc, coord, src):
+        desc.store(coord, src.load())
+
+    class _HostDescriptor:
+        """``gluon.nvidia.hopper.TensorDescriptor``: the interpreter's own (Triton's) descriptor; the layout is
+        inert."""
+
+        @staticmethod
+        def from_tensor(tensor, block_shape, layout):
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            return TensorDescriptor.from_tensor(tensor, list(block_shape))
+
+    hopper = types.SimpleNamespace(
+        fence_async_shared=_nothing, warpgroup_mma=_warpgroup_mma, warpgroup_mma_wait=_warpgroup_mma_wait,
+        mbarrier=types.SimpleNamespace(init=_nothing, expect=_nothing, wait=_nothing, arrive=_nothing,
+                                       invalidate=_nothing, MBarrierLayout=_Layout),
+        tma=types.SimpleNamespace(async_copy_global_to_shared=_tma_load, async_copy_shared_to_global=_tma_store,
+                                  store_wait=_nothing),
+        TensorDescriptor=_HostDescriptor)

@@ -23,8 +23,9 @@ Measured on the H100 (2026-12-07, docs/BENCHMARKS.md, twenty-third session): 6.5
 waits (the ablation); ``per_layer`` 5.5-6.0 µs (49-53 %), 1.02-1.06x the runtime's PDL chain.
 
 Layout (8 warps, BLOCK_N = 32, K / GROUP = 32 groups: a thread holds one group's 8 row pairs x 4 columns, so the
-scale is applied after a reduction inside the thread). GPU only (Gluon has no interpreter); checked on CUDA by
-``tests/runtime/triton/test_gemv_chain.py`` and timed by ``bench/triton_gemv_chain.py``.
+scale is applied after a reduction inside the thread). GPU only: its programs spin on each other's tagged words,
+which an interpreter running one program at a time cannot execute (``_gluon`` runs the other Gluon kernels on the
+CPU); checked on CUDA by ``tests/runtime/triton/test_gemv_chain.py`` and timed by ``bench/triton_gemv_chain.py``.
 """
 
 from __future__ import annotations

@@ -78,9 +78,9 @@ dependent chains of square weights, each step writing the next one's planes (``g
 ``digit_gemv``, where the RMSNorm before q|k|v and gate|up and the attention before o write them with
 ``_jit.store_digit_planes``; the output is fp16 only; the runner keeps one slice). SwiGLU writes none (down reads
 gate|up through the pointer GEMV's prologue), so down keeps the pointer GEMV. Non-finite activations are
-not representable. GPU only (Gluon has no interpreter): ``emulate`` computes what the kernel does from the
-fragments' definitions, in torch, and is checked against the plain GEMV on the CPU
-(``tests/runtime/triton/test_gemv_digits.py``); the kernel itself on CUDA.
+not representable. Tested (``tests/runtime/triton/test_gemv_digits.py``) on CUDA, and on the CPU under Triton's
+interpreter through ``_gluon`` (``_GROUP_PTX``'s mma emulated instruction by instruction, lane by lane), both against
+the dequantized GEMV; ``emulate`` computes what the kernel does from the fragments' definitions, in torch.
 """
 
 from __future__ import annotations

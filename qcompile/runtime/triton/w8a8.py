@@ -34,16 +34,11 @@ import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from qcompile.runtime.triton._jit import MIN_SCALE, grouped_tile, round_half_even, row_ptr, tile_rows  # noqa: E402
-from triton.experimental import gluon  # noqa: E402
-from triton.experimental.gluon import language as gl  # noqa: E402
-from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
-    fence_async_shared,
-    mbarrier,
-    tma,
-    warpgroup_mma,
-    warpgroup_mma_wait,
-)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor  # noqa: E402
+from qcompile.runtime.triton._gluon import gl, gluon, hopper  # noqa: E402
+
+fence_async_shared, mbarrier, tma = hopper.fence_async_shared, hopper.mbarrier, hopper.tma
+warpgroup_mma, warpgroup_mma_wait = hopper.warpgroup_mma, hopper.warpgroup_mma_wait
+GluonTensorDescriptor = hopper.TensorDescriptor
 
 
 @triton.jit
@@ -168,8 +163,9 @@ def _int8_wgmma_kernel(a_desc, b_desc, as_ptr, bs_ptr, bias_ptr, out_ptr, c_desc
     asynchronously and waited for one iteration later (``warpgroup_mma_wait(1)``), when its stage is refilled.
     One output tile per program, tiles in grouped order: a persistent version (a program's loads running one flat
     sequence of K-iterations over its tiles, the epilogue after each tile's K loop) measured 10-19 % slower on
-    the H100 at every shape (bench/results/device_2026-12-05_s7/call{3,4}_h100). Hopper only (wgmma); no interpreter:
-    the tests run it on the GPU against the Triton kernel, and ``aot_check`` compiles it for sm_90 anywhere.
+    the H100 at every shape (bench/results/device_2026-12-05_s7/call{3,4}_h100). Hopper only (wgmma): the tests run it
+    against the Triton kernel on the GPU and under Triton's interpreter (``_gluon``), and ``aot_check`` compiles it
+    for sm_90 anywhere.
 
     ``EPILOGUE`` moves the same output values three ways (Gluon does not re-layout a store by itself, as Triton's
     coalescing pass does): 0 stores straight from the wgmma accumulator layout (each thread two adjacent columns of
@@ -328,8 +324,8 @@ WGMMA_TILES = [(128, 256, 8, 4), (128, 128, 4, 3)]
 
 
 def wgmma_capable(device) -> bool:
-    """The Gluon wgmma kernel runs on sm_90 (Hopper) GPUs only: wgmma is not in other architectures, and Gluon
-    kernels have no interpreter."""
+    """The Gluon wgmma kernel runs on sm_90 (Hopper) GPUs only: wgmma is not in other architectures (the
+    interpreter runs it when a config names it, but timing it there means nothing, so the tuner never offers it)."""
     dev = torch.device(device)
     return not interpreting() and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] == 9
 

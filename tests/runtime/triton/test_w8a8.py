@@ -100,7 +100,8 @@ def test_tma_store_needs_aligned_float_rows():
 
 
 def test_wgmma_candidates_only_where_the_gluon_kernel_runs(monkeypatch):
-    """The Gluon wgmma kernel has no interpreter and needs sm_90: never a candidate on CPU or unless asked."""
+    """The Gluon wgmma kernel needs sm_90: never a tuning candidate on CPU (the interpreter runs it only when a
+    config asks for it, as the test below does) or unless asked."""
     assert not wgmma_capable("cpu")
     assert not any(c.get("WGMMA") for c in tma_candidates(1024, torch.float16))
     monkeypatch.setattr("qcompile.runtime.triton.w8a8.interpreting", lambda: False)
@@ -116,24 +117,30 @@ def test_wgmma_candidates_only_where_the_gluon_kernel_runs(monkeypatch):
     assert not any(c.get("EPILOGUE") == 2 for c in tma_candidates(1024, torch.float16, wgmma=True))
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                    reason="the Gluon wgmma kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("m,n,k", [(150, 80, 208), (150, 84, 208), (1000, 4000, 4096)])
-def test_wgmma_gemm_is_the_tma_kernel_bit_for_bit(m, n, k):
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9,
+                    reason="the Gluon wgmma kernel needs an sm_90 GPU (or Triton's interpreter)")
+@pytest.mark.parametrize("m,n,k", [(150, 80, 208), (150, 84, 208), pytest.param(1000, 4000, 4096,
+                                                                                marks=pytest.mark.cuda)])
+def test_wgmma_gemm_is_the_tma_kernel_bit_for_bit(m, n, k, device, monkeypatch):
     """Every tile and epilogue of the Gluon kernel (one wgmma in flight) against the Triton TMA kernel: the same
     int32 sums and the same epilogue arithmetic, so the same output bit for bit, with partial tiles in M, N and K
     (zero-filled by TMA, clipped by the TMA store), a bias, fp32, fp16 and bf16 outputs (the TMA store's shared
     layout differs per element type); N = 84 gives 16-bit rows that are not 16-byte aligned (no TMA-store
     candidate, and forcing one is refused). Each output is poisoned with NaN once checked, so the next candidate,
-    which the allocator hands the same memory, cannot pass by leaving it as it was."""
-    pw = int_weight(n, k, 8, True, None, "cuda", bias=True, seed=5)
-    x = torch.randn(m, k, device="cuda") * 3
+    which the allocator hands the same memory, cannot pass by leaving it as it was. On a CPU both kernels run under
+    Triton's interpreter (the Gluon one through ``_gluon``: TMA copies, shared memory and wgmma as numpy), with
+    the GPU's candidates."""
+    from qcompile.runtime.triton import w8a8
+
+    pw = int_weight(n, k, 8, True, None, device, bias=True, seed=5)
+    x = torch.randn(m, k, device=device) * 3
     xq, xs = quantize_rows(x, 8)
     for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
         aligned = n * torch.empty(0, dtype=out_dtype).element_size() % 16 == 0
-        assert _tma_storable(torch.empty(m, n, dtype=out_dtype, device="cuda")) == aligned
-        cands = tma_candidates(m, out_dtype, wgmma=True, tma_store=aligned)
+        assert _tma_storable(torch.empty(m, n, dtype=out_dtype, device=device)) == aligned
+        with monkeypatch.context() as gpu:  # the GPU's candidates, also under the interpreter
+            gpu.setattr(w8a8, "interpreting", lambda: False)
+            cands = tma_candidates(m, out_dtype, wgmma=True, tma_store=aligned)
         want = int_linear(xq, xs, pw, out_dtype, config=[c for c in cands if not c.get("WGMMA")][0], tma=True)
         ref = R.int_linear_ref(xq, xs, pw, torch.float32)
         torch.testing.assert_close(want.float(), ref, rtol=1e-5 if out_dtype == torch.float32 else 1e-2,
