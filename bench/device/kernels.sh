@@ -9,6 +9,8 @@
 #   STEPS="step_tests step_bench step_e2e" bash bench/device/kernels.sh   # the decode step's argmax, RMSNorm digit
 #                                                       # planes and 2-warp digit GEMV (thirtieth session; ~410 s)
 #   STEPS=step_runner bash bench/device/kernels.sh      # the runner's GPU tests of those (a second call, ~300 s)
+#   STEPS=gluon_tests bash bench/device/kernels.sh      # the Gluon kernels' tests compiled (thirty-first session:
+#                                                       # the same tests run them under the interpreter on CPUs)
 # Budget about 9.5 minutes on a fresh machine (compiling is most of it; the caps sum to 560 s, so use timeout_s
 # 600). A step cut by its cap leaves its log, and its JSON as far as it got where the script saves as it goes.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -47,3 +49,8 @@ step step_bench 120 python3 bench/triton_kernels.py --skip gemm,attention --gemv
   --out $O/kernels_step.json
 step step_e2e 170 python3 bench/triton_e2e.py --new-tokens 64 --repeats 1 --variants pdl,pdl_digits --profile \
   --out $O/e2e_step.json
+# the Gluon kernels' tests, which since the thirty-first session also run on CPUs under the interpreter (_gluon):
+# compiled here, every shape (the single digit GEMV and the chain at both sizes, every gemv_mma candidate, the wgmma
+# GEMM against the Triton one), the layout test kernel, and the runner's digit decode
+step gluon_tests 420 python3 -m pytest -q $T/test_gluon.py $T/test_gemv_digits.py $T/test_gemv_mma.py \
+  "$T/test_w8a8.py::test_wgmma_gemm_is_the_tma_kernel_bit_for_bit" "$T/test_runner.py::test_gpu_digit_gemv_decode"
