@@ -353,15 +353,19 @@ def cases(all_configs: bool):
                    dict(x_ptr="*fp16", w_ptr="*fp16", y_ptr="*fp16", p_ptr="*i8", N="i32", stride_x="i32",
                         stride_y="i32", eps="fp32"),
                    dict(HAS_W=True, BLOCK=n, PDL=True, PLANES=True), dict(N=n, stride_x=n, stride_y=n), w, 2)
-    # the decode step's argmax: the 1.2B Llama's vocabulary (126 programs) and a tiny model's
+    # the decode step's argmax: the 1.2B Llama's vocabulary (126 programs) and a tiny model's; with the step's tail
+    # (the pick fed back, position and length advanced) as the runner launches it, and without
     from qcompile.runtime.triton import argmax
 
     for dt in ("fp16", "fp32"):
         for n in (128256, 300):
             chunk = argmax.chunk_size(n, sms)
-            yield (f"argmax {dt} N={n}", argmax._argmax_kernel,
-                   dict(x_ptr=_ptr(dt), part_ptr="*fp32", lock_ptr="*i32", out_ptr="*i64", N="i32"),
-                   dict(CHUNK=chunk, PROGRAMS=1 << (-(-n // chunk) - 1).bit_length()), dict(N=n), 4, 2)
+            for tail in (False, True):
+                yield (f"argmax {dt} N={n}" + (" (step tail)" if tail else ""), argmax._argmax_kernel,
+                       dict(x_ptr=_ptr(dt), part_ptr="*fp32", lock_ptr="*i32", out_ptr="*i64", copy_ptr="*i64",
+                            a0_ptr="*i32", a1_ptr="*i32", N="i32"),
+                       dict(CHUNK=chunk, PROGRAMS=1 << (-(-n // chunk) - 1).bit_length(), COPY=tail,
+                            ADVANCE=2 if tail else 0), dict(N=n), 4, 2)
     # the persistent GEMV chain (gemv_chain): its default (BLOCK_N 32, 16 warps) must hold two 64 KiB slices
     # without spills; 8 warps is the bench's other configuration
     from qcompile.runtime.triton import gemv_chain

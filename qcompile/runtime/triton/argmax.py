@@ -26,7 +26,10 @@ _NO_INDEX = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
-def _argmax_kernel(x_ptr, part_ptr, lock_ptr, out_ptr, N, CHUNK: tl.constexpr, PROGRAMS: tl.constexpr):
+def _argmax_kernel(x_ptr, part_ptr, lock_ptr, out_ptr, copy_ptr, a0_ptr, a1_ptr, N, CHUNK: tl.constexpr,
+                   PROGRAMS: tl.constexpr, COPY: tl.constexpr = False, ADVANCE: tl.constexpr = 0):
+    """``COPY``: the index also into ``copy_ptr``; ``ADVANCE`` (0-2): ``a0_ptr`` (and ``a1_ptr``), int32 counters,
+    each advanced by one, by the last program (the decode step's tail, which would otherwise take three launches)."""
     pid = tl.program_id(0)
     offs = pid * CHUNK + tl.arange(0, CHUNK)
     v = tl.load(x_ptr + offs, mask=offs < N, other=float("-inf")).to(tl.float32)
@@ -48,7 +51,14 @@ def _argmax_kernel(x_ptr, part_ptr, lock_ptr, out_ptr, N, CHUNK: tl.constexpr, P
                                                                                                 bitcast=True)
         keys = tl.where(pmask, keys, -_NAN_KEY - 1)
         top = tl.max(keys, axis=0)
-        tl.store(out_ptr, tl.min(tl.where(keys == top, idx, _NO_INDEX), axis=0).to(tl.int64))
+        pick = tl.min(tl.where(keys == top, idx, _NO_INDEX), axis=0).to(tl.int64)
+        tl.store(out_ptr, pick)
+        if COPY:
+            tl.store(copy_ptr, pick)
+        if ADVANCE >= 1:
+            tl.store(a0_ptr, tl.load(a0_ptr) + 1)
+        if ADVANCE >= 2:
+            tl.store(a1_ptr, tl.load(a1_ptr) + 1)
         tl.atomic_xchg(lock_ptr, 0)  # ready for the next launch (and for CUDA-graph replays)
 
 
@@ -62,10 +72,13 @@ def chunk_size(n: int, sms: int) -> int:
     return min(MAX_CHUNK, max(256, triton.next_power_of_2(triton.cdiv(n, sms))))
 
 
-def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def argmax(x: torch.Tensor, out: torch.Tensor | None = None, *, copy_to: torch.Tensor | None = None,
+           advance: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """The index of the largest entry of the 1-D ``x`` (float16/bfloat16/float32, at most 2^31 - 1 entries) as
     ``torch.argmax`` gives it: int64 [1], written into ``out`` when given (an int64 tensor of one element on x's
-    device)."""
+    device). In the same launch, once the index is known: written into ``copy_to`` too (one int64), and each of
+    ``advance`` (at most two int32 tensors of one element) incremented: the decode step's next token, position and
+    length."""
     from qcompile.runtime.triton.wq_matmul import _Workspace
 
     if x.dim() != 1 or x.numel() == 0 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -78,6 +91,12 @@ def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     elif out.dtype != torch.int64 or out.numel() != 1 or out.device != x.device:
         raise ValueError(f"argmax: out must be one int64 element on {x.device}, got {out.dtype} "
                          f"{tuple(out.shape)} on {out.device}")
+    for name, t, dtype in [("copy_to", copy_to, torch.int64)] + [("advance", a, torch.int32) for a in advance]:
+        if t is not None and (t.dtype != dtype or t.numel() != 1 or t.device != x.device):
+            raise ValueError(f"argmax: {name} must be one {dtype} element on {x.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    if len(advance) > 2:
+        raise ValueError(f"argmax advances at most two counters, got {len(advance)}")
     x = x.contiguous()
     n = x.numel()
     chunk = chunk_size(n, num_sms(x.device))
@@ -85,5 +104,7 @@ def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     padded = triton.next_power_of_2(programs)  # the last program's reduction over every program's pair
     part, lock = _Workspace.get(x.device, 2 * padded, 1)
     opts = {} if interpreting() else {"num_warps": 4}
-    _argmax_kernel[(programs,)](x, part, lock, out, n, CHUNK=chunk, PROGRAMS=padded, **opts)
+    a0, a1 = (list(advance) + [out, out])[:2]  # unused pointers (ADVANCE says how many are read)
+    _argmax_kernel[(programs,)](x, part, lock, out, copy_to if copy_to is not None else out, a0, a1, n, CHUNK=chunk,
+                                PROGRAMS=padded, COPY=copy_to is not None, ADVANCE=len(advance), **opts)
     return out

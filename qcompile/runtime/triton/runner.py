@@ -928,10 +928,9 @@ class TritonCausalLM:
                  else layer.o.from_planes(planes, residual=h))
             h = layer.down(self._norm_linear(h, layer.post_attn_norm, layer.gate_up), act="silu_mul", residual=h)
         self._logits = self._head(h)
-        argmax(self._logits[0], out=self._next)  # torch's pick, one launch of about a program per SM (argmax.py)
-        self._tok.copy_(self._next)
-        self._pos.add_(1)
-        self._lens.add_(1)
+        # torch's pick, one launch of about a program per SM (argmax.py), whose last program also feeds the pick
+        # back as the next token and advances the position and the length
+        argmax(self._logits[0], out=self._next, copy_to=self._tok, advance=(self._pos, self._lens))
 
     def _capture(self) -> None:
         """Warm up (tunes every kernel for these shapes, sizes the workspaces), then capture one decode step."""

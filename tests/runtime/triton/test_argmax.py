@@ -67,6 +67,25 @@ def test_argmax_writes_into_out_and_runs_again(device):
         assert argmax(x, out=out) is out and out.item() == peak
 
 
+def test_argmax_feeds_the_pick_back_and_advances_counters_once_a_launch(device):
+    """The decode step's tail in the same launch: the pick also lands in ``copy_to`` and each ``advance`` counter
+    goes up by exactly one a launch (once, by the last program, however many programs there are); with neither,
+    they are untouched."""
+    tok = torch.full((1,), -1, dtype=torch.int64, device=device)
+    pos = torch.full((1,), 5, dtype=torch.int32, device=device)
+    lens = torch.full((1,), 6, dtype=torch.int32, device=device)
+    out = torch.empty(1, dtype=torch.int64, device=device)
+    for step, peak in enumerate((3, 9000, 17)):
+        x = torch.zeros(12000, device=device, dtype=torch.float16)  # several programs
+        x[peak] = 2
+        argmax(x, out=out, copy_to=tok, advance=(pos, lens))
+        assert (out.item(), tok.item(), pos.item(), lens.item()) == (peak, peak, 6 + step, 7 + step)
+    argmax(x, out=out, advance=(pos,))
+    assert (tok.item(), pos.item(), lens.item()) == (17, 9, 9)
+    argmax(x, out=out)
+    assert (tok.item(), pos.item(), lens.item()) == (17, 9, 9)
+
+
 def test_argmax_rejects_what_it_cannot_take(device):
     with pytest.raises(ValueError, match="1-D"):
         argmax(torch.zeros(2, 3, device=device))
@@ -76,6 +95,13 @@ def test_argmax_rejects_what_it_cannot_take(device):
         argmax(torch.zeros(8, dtype=torch.int32, device=device))
     with pytest.raises(ValueError, match="int64"):
         argmax(torch.zeros(8, device=device), out=torch.zeros(1, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="copy_to must be one torch.int64"):
+        argmax(torch.zeros(8, device=device), copy_to=torch.zeros(2, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="advance must be one torch.int32"):
+        argmax(torch.zeros(8, device=device), advance=(torch.zeros(1, dtype=torch.int64, device=device),))
+    one = torch.zeros(1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="at most two"):
+        argmax(torch.zeros(8, device=device), advance=(one, one, one))
 
 
 @pytest.mark.cuda
