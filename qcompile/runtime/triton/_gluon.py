@@ -17,14 +17,19 @@ kernel source through the interpreter's own ``InterpretedFunction``:
   the kernels' layouts place them (``mma_m16n8k32_u8_s8`` and ``mma_m16n8k16_f16_f32`` follow the PTX ISA's
   fragment definitions).
 
-What the interpreter cannot show: speed, register pressure, whether a layout is legal, and anything between
-programs running at once (they run one after another, so a kernel whose programs wait on each other, as
-``gemv_chain_staged``'s do, cannot run here). Compiled, this module is the plain Gluon import.
+What the interpreter cannot show: speed, register pressure, whether a layout is legal (beyond the lanes check
+below), asynchrony inside a program (TMA copies and wgmma complete when issued, so a wrong mbarrier phase, byte
+count, ``num_outstanding`` or a missing fence passes here), and anything between programs running at once (they
+run one after another, so a kernel whose programs wait on each other, as ``gemv_chain_staged``'s do, cannot run
+here). Inline PTX is checked for where its lanes are: every operand that went through ``gl.convert_layout`` must
+hold one value a thread along its last dimension, across one warp's 32 lanes, as the emulations read them.
+Compiled, this module is the plain Gluon import.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import types
 from typing import Callable
 
@@ -60,7 +65,7 @@ def from_numpy(a, dtype, shape=None):
     from triton.runtime.interpreter import TensorHandle, _get_np_dtype
 
     a = np.asarray(a)
-    if np.issubdtype(a.dtype, np.integer) and dtype.is_int():
+    if np.issubdtype(a.dtype, np.integer) and dtype.is_int() and dtype.primitive_bitwidth < 64:
         bits = dtype.primitive_bitwidth
         a = a.astype(np.int64) & ((1 << bits) - 1)
         a = a - ((a >> (bits - 1)) << bits) if dtype.is_int_signed() else a
@@ -75,7 +80,8 @@ def from_numpy(a, dtype, shape=None):
 # block). Lane = 4 g + t.
 
 def lane_registers(regs):
-    """Operand tensors (broadcast together) -> int64 arrays [M, 32] of their 32-bit registers, and the shape."""
+    """Operand tensors (broadcast together) -> int64 arrays [M, 32] of their 32-bit registers (a float by its bits,
+    as an ``r`` constraint passes it), and the shape."""
     import numpy as np
 
     arrays = np.broadcast_arrays(*[np.asarray(r) for r in regs])
@@ -169,6 +175,7 @@ else:
     from triton.runtime.interpreter import InterpretedFunction
 
     _TL = "_qcompile_interpreter_tl"  # the interpreter patches the tl it finds in a kernel's globals
+    _PATCH_LOCK = threading.Lock()
 
     class _Layout:
         """A layout or shared-memory layout: where values live, which the interpreter does not model."""
@@ -192,6 +199,17 @@ else:
         def __add__(self, other):
             return _Shape(list(self) + list(other))
 
+        def __eq__(self, other):  # equal to the same sizes in any sequence (a tuple, Triton's tuple, a list)
+            try:
+                return list(self) == [int(getattr(v, "value", v)) for v in other]
+            except TypeError:
+                return False
+
+        def __ne__(self, other):
+            return not self == other
+
+        __hash__ = None
+
         def __radd__(self, other):
             return _Shape(list(other) + list(self))
 
@@ -207,19 +225,20 @@ else:
         def put(self, value):
             self.__dict__["shape"] = _Shape(int(getattr(v, "value", v)) for v in value)
 
-        patched = ((tl.tensor, "shape", property(get, put)),
-                   (tl.core.tensor_descriptor_base, "layout", property(lambda self: _Layout())))
-        saved = [(cls, name, cls.__dict__.get(name)) for cls, name, _ in patched]
-        for cls, name, value in patched:
-            setattr(cls, name, value)
-        try:
-            yield
-        finally:
-            for cls, name, value in saved:
-                if value is None:
-                    delattr(cls, name)
-                else:
-                    setattr(cls, name, value)
+        with _PATCH_LOCK:  # one Gluon launch at a time (the interpreter's grid index is global anyway)
+            patched = ((tl.tensor, "shape", property(get, put)),
+                       (tl.core.tensor_descriptor_base, "layout", property(lambda self: _Layout())))
+            saved = [(cls, name, cls.__dict__.get(name)) for cls, name, _ in patched]
+            for cls, name, value in patched:
+                setattr(cls, name, value)
+            try:
+                yield
+            finally:
+                for cls, name, value in saved:
+                    if value is None:
+                        delattr(cls, name)
+                    else:
+                        setattr(cls, name, value)
 
     class _InterpretedGluon(InterpretedFunction):
         def run(self, *args, **kwargs):
@@ -260,7 +279,39 @@ else:
         return op
 
     def _convert_layout(value, layout=None, assert_trivial=False):
-        return value
+        """The same values, tagged with the layout (``_inline_asm_elementwise`` checks where its operands' lanes
+        are)."""
+        out = tl.tensor(value.handle, value.type)
+        out._qcompile_layout = layout
+        return out
+
+    def _dims(layout):
+        """(size per thread, threads per warp, warps) of each dimension of a Blocked layout or a slice of one;
+        None for layouts this check does not read."""
+        if type(layout).__name__ == "BlockedLayout":
+            a = list(layout.args) + [layout.kwargs.get(k) for k in ("size_per_thread", "threads_per_warp",
+                                                                     "warps_per_cta")][len(layout.args):]
+            return [tuple(int(getattr(v, "value", v)) for v in d) for d in zip(a[0], a[1], a[2])]
+        if type(layout).__name__ == "SliceLayout":
+            dim = int(getattr(layout.args[0], "value", layout.args[0]))
+            parent = _dims(layout.args[1])
+            return None if parent is None else parent[:dim] + parent[dim + 1:]
+        return None
+
+    def _check_lanes(args):
+        """The emulations read lane l of a warp at index l of the operands' last dimension: each operand whose
+        layout is known (a ``convert_layout``'s result) must hold one value a thread there, across the 32 lanes of
+        one warp; at least one operand must say so."""
+        known = [a for a in args if getattr(a, "_qcompile_layout", None) is not None]
+        if not known:
+            raise ValueError("inline PTX under the interpreter: no operand's layout is known; pass at least one "
+                             "through gl.convert_layout so that its lanes can be checked")
+        for a in known:
+            dims = _dims(a._qcompile_layout)
+            if dims is not None and dims[-1] != (1, 32, 1):
+                raise ValueError(f"inline PTX under the interpreter: an operand's last dimension has (size per "
+                                 f"thread, threads per warp, warps) {dims[-1]}, not (1, 32, 1): its emulation would "
+                                 "read the wrong lanes")
 
     def _reshape(value, shape):
         return tl.reshape(value, shape)
@@ -272,7 +323,17 @@ else:
         asm = getattr(asm, "value", asm)
         if asm not in _ASM:
             raise NotImplementedError(f"no interpreter emulation is registered for this inline PTX:\n{asm}")
-        return _ASM[asm](*args)
+        if int(getattr(pack, "value", pack)) != 1:
+            raise NotImplementedError(f"inline PTX under the interpreter: pack={pack} (the emulations take one "
+                                      "element a register)")
+        if args:
+            _check_lanes(args)
+        out = _ASM[asm](*args)
+        want = len(dtype) if isinstance(dtype, (tuple, list)) else 1
+        got = len(out) if isinstance(out, tuple) else (0 if out is None else 1)
+        if got != want and not (want == 1 and got == 0 and not args):  # the launch controls return nothing
+            raise ValueError(f"the emulation of this inline PTX returned {got} values, its dtype asks {want}")
+        return out
 
     gl = types.ModuleType("qcompile_gluon_interpreted")
     for _name in ("int1", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
@@ -309,7 +370,11 @@ else:
             return _SharedMemory(self.array.transpose([int(getattr(o, "value", o)) for o in order]), self.dtype)
 
         def store(self, value):
-            self.array[...] = as_numpy(value)
+            data = as_numpy(value)
+            if data.shape != self.array.shape or data.dtype != self.array.dtype:
+                raise ValueError(f"shared memory of {self.array.dtype} {self.array.shape} stored from "
+                                 f"{data.dtype} {data.shape}")
+            self.array[...] = data
 
         def load(self, layout=None):
             return from_numpy(self.array.copy(), self.dtype)
@@ -334,6 +399,8 @@ else:
         import numpy as np
 
         a = v.array if isinstance(v, _SharedMemory) else as_numpy(v)
+        if v.dtype == tl.bfloat16:  # the interpreter keeps bfloat16 as its 16 bits
+            return (a.astype(np.uint32) << 16).view(np.float32)
         return a.astype(np.int64) if np.issubdtype(a.dtype, np.integer) else a.astype(np.float32)
 
     def _warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise_acc=None, is_async=False):

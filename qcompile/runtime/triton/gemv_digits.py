@@ -271,7 +271,8 @@ def emulate(dw: DigitWeight, planes: torch.Tensor) -> torch.Tensor:
     holds A rows g and g + 8 at columns 4t + (0..3) and 16 + 4t + (0..3), B column g at rows 4t + (0..3) and
     16 + 4t + (0..3), C rows g and g + 8 at columns 2t and 2t + 1 (PTX ISA, m16n8k32 .u8/.s8). float64 [N]. It
     checks the layouts, not the kernel's arithmetic: it sums in int64 and float64, so the kernel's int32 folds and
-    fp32 steps are checked only on the GPU (``test_kernel_chain_on_gpu``). A split weight: the sum of its slices'
+    fp32 steps are checked by running the kernel itself (``test_kernel_chain``, ``test_single_gemv``: compiled on
+    the GPU, interpreted on the CPU). A split weight: the sum of its slices'
     (each slice's inputs a contiguous run of the planes: positions permute only within blocks of 64)."""
     if dw.splits > 1:
         ks = dw.slice_features
@@ -627,7 +628,8 @@ def gemv_digits_chain(planes: torch.Tensor, dc: DigitChain, out: torch.Tensor, p
         raise ValueError(f"gemv_digits_chain: {pace} batches do not divide the k32 steps a warp ({k} inputs)")
     if (planes.shape != (n_layers + 1, 8, k) or planes.dtype != torch.int8 or not planes.is_contiguous()
             or not (planes.is_cuda or interpreting())):
-        raise ValueError(f"gemv_digits_chain: planes must be a contiguous int8 CUDA tensor [{n_layers + 1}, 8, {k}]")
+        raise ValueError(f"gemv_digits_chain: planes must be a contiguous int8 CUDA tensor [{n_layers + 1}, 8, {k}] "
+                         "(a CPU tensor under TRITON_INTERPRET=1)")
     if (out.shape != (n_layers + 1, k) or out.dtype != torch.float16 or out.device != planes.device
             or not out.is_contiguous()):
         raise ValueError(f"gemv_digits_chain: out must be a contiguous fp16 tensor [{n_layers + 1}, {k}] on "

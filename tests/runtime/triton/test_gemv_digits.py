@@ -1,5 +1,6 @@
-"""The digit-plane int4 GEMV: the digit planes and the packing against plain arithmetic on the CPU (through
-``emulate``, which follows the mma fragments' definitions), the Gluon kernel on CUDA."""
+"""The digit-plane int4 GEMV: the digit planes and the packing against plain arithmetic (through ``emulate``, which
+follows the mma fragments' definitions), and the Gluon kernel against the dequantized GEMV: compiled on CUDA, under
+Triton's interpreter on the CPU (``_gluon``), the large shapes on the GPU only."""
 
 import pytest
 import torch

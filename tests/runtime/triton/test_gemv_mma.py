@@ -1,5 +1,6 @@
-"""The tensor-core GEMV (``gemv_mma``, the runner's ``mma_gemv``): its packing against a fragment-level emulation
-on CPU, and how the GEMV's tuner offers it; the kernel against the torch reference on an sm_90 GPU."""
+"""The tensor-core GEMV (``gemv_mma``, the runner's ``mma_gemv``): its packing against a fragment-level emulation,
+how the GEMV's tuner offers it, and the kernel against the torch reference: on an sm_90 GPU, and on the CPU under
+Triton's interpreter (``_gluon``)."""
 
 import pytest
 import torch

@@ -57,9 +57,43 @@ def test_inline_ptx_without_an_emulation_is_refused_by_name():
         _unknown_ptx_kernel[(1,)](torch.zeros(32, dtype=torch.int32))
 
 
+_IDENTITY_PTX = "mov.b32 $0, $1; // qcompile test: one register through"
+
+
+@_gluon.emulates(_IDENTITY_PTX)
+def _identity_emulated(x):
+    return _gluon.from_numpy(_gluon.as_numpy(x), gl.int32)
+
+
+@gluon.jit
+def _ptx_lanes_kernel(x_ptr, LANES_LAST: gl.constexpr):
+    """An inline-PTX operand laid out with the lanes on its last dimension, or (``LANES_LAST=False``) on the first."""
+    if LANES_LAST:
+        L: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])
+    else:
+        L: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, 1], [1, 0])
+    rows = gl.arange(0, 32, layout=gl.SliceLayout(1, L))
+    offs = rows[:, None] * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, L))[None, :]
+    v = gl.convert_layout(gl.load(x_ptr + offs), L)
+    w = gl.inline_asm_elementwise(_IDENTITY_PTX, "=r,r", [v], dtype=gl.int32, is_pure=True, pack=1)
+    gl.store(x_ptr + offs, w + 1)
+
+
+@INTERPRETED
+def test_inline_ptx_operands_must_hold_the_lanes_on_their_last_dimension():
+    """The emulations read lane l of a warp at index l of the last dimension: an operand laid out otherwise (a
+    layout change that would make the GPU's lanes hold other elements) is refused, not computed wrong."""
+    from triton.runtime.errors import InterpreterError
+
+    x = torch.zeros(32, 32, dtype=torch.int32)
+    _ptx_lanes_kernel[(1,)](x, LANES_LAST=True)
+    assert torch.equal(x, torch.ones_like(x))
+    with pytest.raises(InterpreterError, match=r"threads per warp, warps\) \(1, 1, 1\), not \(1, 32, 1\)"):
+        _ptx_lanes_kernel[(1,)](x, LANES_LAST=False)
+
+
 def test_mma_operands_must_put_the_lanes_last():
-    """An emulated mma reads lane l of a warp from index l of the operands' last dimension: anything else is a
-    kernel whose layout the emulation does not know, refused rather than computed wrong."""
+    """An emulated mma takes operands whose last dimension is a warp's 32 lanes (and broadcasts the others)."""
     import numpy as np
 
     regs, shape = _gluon.lane_registers([np.zeros((4, 32), np.int32), np.zeros((1, 32), np.int32)])
@@ -69,8 +103,9 @@ def test_mma_operands_must_put_the_lanes_last():
 
 
 def test_u8_s8_mma_sums_products_over_k():
-    """Independent of where the fragments put each element: A all ones gives, in every C register, B's column
-    sums (column 2t + i % 2 of lane (g, t)); B's bytes are read as signed, A's as unsigned."""
+    """Independent of where the fragments put each element along K: A all ones gives, in every C register, B's
+    column sums (column 2t + i % 2 of lane (g, t)), B all ones A's row sums; B's bytes are read as signed, A's as
+    unsigned."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -86,3 +121,40 @@ def test_u8_s8_mma_sums_products_over_k():
         assert np.array_equal(c[i], col_sums[:, 2 * (lane % 4) + i % 2])
     high = [np.full((3, 32), 0xFFFFFFFF, np.int64)] * 4  # A's bytes as u8: 255, not -1
     assert np.array_equal(_gluon.mma_m16n8k32_u8_s8(high, b)[0], 255 * c[0])
+    # B all ones: every C register holds A's row sums (row g + 8 (i // 2) of lane (g, t))
+    a = [rng.integers(0, 2**32, (3, 32)).astype(np.int64) for _ in range(4)]
+    c = _gluon.mma_m16n8k32_u8_s8(a, [np.full((3, 32), 0x01010101, np.int64)] * 2)
+    # row r of A: lanes with g = r % 8, registers i with i % 2 = r // 8
+    row_sums = np.stack([sum(((a[i] >> (8 * j)) & 0xFF)[:, 4 * (r % 8): 4 * (r % 8) + 4].sum(1)
+                             for i in range(4) if i % 2 == r // 8 for j in range(4)) for r in range(16)], axis=1)
+    for i in range(4):
+        assert np.array_equal(c[i], row_sums[:, lane // 4 + 8 * (i // 2)])
+
+
+def test_f16_mma_sums_products_over_k():
+    """The fp16 mma the same two ways: A all ones gives B's column sums, B all ones A's row sums (distinct
+    columns and rows, so a column or row read from the wrong lane changes the result)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    lane = np.arange(32)
+
+    def regs(n):
+        return [_gluon.pack_halves(rng.integers(-64, 64, (2, 32)) / 8, rng.integers(-64, 64, (2, 32)) / 8)
+                for _ in range(n)]
+
+    one = _gluon.pack_halves(np.ones((2, 32)), np.ones((2, 32)))
+    b = regs(2)
+    c = _gluon.mma_m16n8k16_f16_f32([one] * 4, b)
+    # column n of B: lanes with g = n, registers i, halves h (rows 2t + h + 8i)
+    col_sums = np.stack([sum(_gluon.halves(b[i])[h][:, 4 * n: 4 * n + 4].sum(1) for i in range(2) for h in range(2))
+                         for n in range(8)], axis=1)
+    for i in range(4):
+        assert np.array_equal(c[i], col_sums[:, 2 * (lane % 4) + i % 2].astype(np.float32))
+    a = regs(4)
+    c = _gluon.mma_m16n8k16_f16_f32(a, [one] * 2, c)  # and C accumulates
+    row_sums = np.stack([sum(_gluon.halves(a[i])[h][:, 4 * (r % 8): 4 * (r % 8) + 4].sum(1)
+                             for i in range(4) if i % 2 == r // 8 for h in range(2)) for r in range(16)], axis=1)
+    for i in range(4):
+        want = row_sums[:, lane // 4 + 8 * (i // 2)] + col_sums[:, 2 * (lane % 4) + i % 2]
+        assert np.allclose(c[i], want, rtol=0, atol=1e-6)
