@@ -53,7 +53,7 @@ step step_e2e 170 python3 bench/triton_e2e.py --new-tokens 64 --repeats 1 --vari
   --out $O/e2e_step.json
 # the Gluon kernels' tests, which since the thirty-first session also run on CPUs under the interpreter (_gluon):
 # compiled here, every shape (the single digit GEMV and the chain at both sizes, every gemv_mma candidate, the wgmma
-# GEMM against the Triton one), the layout test kernel, the runner's digit decode; and the argmax with the step's tail
+# GEMM against the Triton one), the layout test kernel; and the argmax with the step's tail
 # folded in, alone and in the runner's captured and greedy steps (the runner's digit decode is step_runner's)
 step gluon_tests 330 python3 -m pytest -q $T/test_gluon.py $T/test_gemv_digits.py $T/test_gemv_mma.py \
   "$T/test_w8a8.py::test_wgmma_gemm_is_the_tma_kernel_bit_for_bit" $T/test_argmax.py $T/test_runner.py \
