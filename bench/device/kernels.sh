@@ -55,6 +55,7 @@ step step_e2e 170 python3 bench/triton_e2e.py --new-tokens 64 --repeats 1 --vari
 # compiled here, every shape (the single digit GEMV and the chain at both sizes, every gemv_mma candidate, the wgmma
 # GEMM against the Triton one), the layout test kernel; and the argmax with the step's tail
 # folded in, alone and in the runner's captured and greedy steps (the runner's digit decode is step_runner's)
-step gluon_tests 330 python3 -m pytest -q $T/test_gluon.py $T/test_gemv_digits.py $T/test_gemv_mma.py \
-  "$T/test_w8a8.py::test_wgmma_gemm_is_the_tma_kernel_bit_for_bit" $T/test_argmax.py $T/test_runner.py \
+# (the changed code first: the argmax's tail and the runner's steps, then the test kernel, then the moved tests)
+step gluon_tests 300 python3 -m pytest -q $T/test_argmax.py $T/test_runner.py $T/test_gluon.py \
+  $T/test_gemv_digits.py $T/test_gemv_mma.py "$T/test_w8a8.py::test_wgmma_gemm_is_the_tma_kernel_bit_for_bit" \
   -k "not sm90_code and not digit_gemv_decode and (gluon or digit or mma or wgmma or argmax or cuda_graph or greedy)"
