@@ -23,7 +23,8 @@ count, ``num_outstanding`` or a missing fence passes here), and anything between
 run one after another, so a kernel whose programs wait on each other, as ``gemv_chain_staged``'s do, cannot run
 here). Inline PTX is checked for where its lanes are: every operand that went through ``gl.convert_layout`` must
 hold one value a thread along its last dimension, across one warp's 32 lanes, as the emulations read them.
-Compiled, this module is the plain Gluon import.
+Compiled, this module is the plain Gluon import. Under the interpreter it leans on Triton 3.6's interpreter
+(``InterpretedFunction``, its tensor handles and storage types), the version pyproject.toml pins.
 """
 
 from __future__ import annotations
