@@ -59,3 +59,7 @@ step step_e2e 170 python3 bench/triton_e2e.py --new-tokens 64 --repeats 1 --vari
 step gluon_tests 300 python3 -m pytest -q $T/test_argmax.py $T/test_runner.py $T/test_gluon.py \
   $T/test_gemv_digits.py $T/test_gemv_mma.py "$T/test_w8a8.py::test_wgmma_gemm_is_the_tma_kernel_bit_for_bit" \
   -k "not sm90_code and not digit_gemv_decode and (gluon or digit or mma or wgmma or argmax or cuda_graph or greedy)"
+# the smallest GPU check of this session's changed code (for a short device budget): the argmax with the step's tail,
+# the runner's captured and greedy steps that use it, the Gluon layout test kernel, the single digit GEMVs
+step tail_tests 200 python3 -m pytest -q $T/test_argmax.py $T/test_runner.py $T/test_gluon.py $T/test_gemv_digits.py \
+  -k "argmax or cuda_graph or greedy_steps or gluon or single_gemv"
