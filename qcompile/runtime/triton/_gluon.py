@@ -200,6 +200,9 @@ else:
         def __add__(self, other):
             return _Shape(list(self) + list(other))
 
+        def __radd__(self, other):
+            return _Shape(list(other) + list(self))
+
         def __eq__(self, other):  # equal to the same sizes in any sequence (a tuple, Triton's tuple, a list)
             try:
                 return list(self) == [int(getattr(v, "value", v)) for v in other]
@@ -210,9 +213,6 @@ else:
             return not self == other
 
         __hash__ = None
-
-        def __radd__(self, other):
-            return _Shape(list(other) + list(self))
 
     @contextlib.contextmanager
     def _gluon_values():
