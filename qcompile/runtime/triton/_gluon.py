@@ -60,16 +60,12 @@ def as_numpy(t):
 
 def from_numpy(a, dtype, shape=None):
     """A numpy array (reshaped to ``shape``) as an interpreter tensor of ``dtype`` (a ``tl`` dtype; integers wrap to
-    its width as the GPU's registers do)."""
+    its width as the GPU's registers do: numpy's integer casts wrap)."""
     import numpy as np
     import triton.language as tl
     from triton.runtime.interpreter import TensorHandle, _get_np_dtype
 
     a = np.asarray(a)
-    if np.issubdtype(a.dtype, np.integer) and dtype.is_int() and dtype.primitive_bitwidth < 64:
-        bits = dtype.primitive_bitwidth
-        a = a.astype(np.int64) & ((1 << bits) - 1)
-        a = a - ((a >> (bits - 1)) << bits) if dtype.is_int_signed() else a
     a = np.ascontiguousarray(a.astype(_get_np_dtype(dtype)).reshape(a.shape if shape is None else shape))
     return tl.tensor(TensorHandle(a, dtype), tl.block_type(dtype, list(a.shape)))
 
@@ -289,11 +285,11 @@ else:
     def _dims(layout):
         """(size per thread, threads per warp, warps) of each dimension of a Blocked layout or a slice of one;
         None for layouts this check does not read."""
-        if type(layout).__name__ == "BlockedLayout":
+        if isinstance(layout, gl.BlockedLayout):
             a = list(layout.args) + [layout.kwargs.get(k) for k in ("size_per_thread", "threads_per_warp",
                                                                      "warps_per_cta")][len(layout.args):]
             return [tuple(int(getattr(v, "value", v)) for v in d) for d in zip(a[0], a[1], a[2])]
-        if type(layout).__name__ == "SliceLayout":
+        if isinstance(layout, gl.SliceLayout):
             dim = int(getattr(layout.args[0], "value", layout.args[0]))
             parent = _dims(layout.args[1])
             return None if parent is None else parent[:dim] + parent[dim + 1:]
@@ -313,9 +309,6 @@ else:
                 raise ValueError(f"inline PTX under the interpreter: an operand's last dimension has (size per "
                                  f"thread, threads per warp, warps) {dims[-1]}, not (1, 32, 1): its emulation would "
                                  "read the wrong lanes")
-
-    def _reshape(value, shape):
-        return tl.reshape(value, shape)
 
     def thread_barrier():
         """Programs run one at a time, each as one thread: nothing to wait for."""
@@ -341,7 +334,7 @@ else:
                   "bfloat16", "float32", "float64", "constexpr", "pointer_type", "dtype", "tensor"):
         setattr(gl, _name, getattr(tl, _name))
     gl.arange, gl.zeros, gl.full = _arange, _zeros, _full
-    for _name in ("load", "store", "atomic_add", "atomic_xchg", "atomic_cas", "permute", "join", "split",
+    for _name in ("load", "store", "reshape", "atomic_add", "atomic_xchg", "atomic_cas", "permute", "join", "split",
                   "expand_dims", "broadcast", "sum", "max", "min", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "fma",
                   "floor", "ceil", "minimum", "maximum", "cdiv", "where",
                   "static_range", "static_assert", "program_id", "num_programs", "cast", "abs"):
@@ -350,7 +343,6 @@ else:
                   "NVMMADistributedLayout", "DotOperandLayout"):
         setattr(gl, _name, type(_name, (_Layout,), {}))
     gl.convert_layout = _convert_layout
-    gl.reshape = _reshape
     gl.thread_barrier = thread_barrier
     gl.inline_asm_elementwise = _inline_asm_elementwise
 
@@ -438,3 +430,27 @@ else:
         tma=types.SimpleNamespace(async_copy_global_to_shared=_tma_load, async_copy_shared_to_global=_tma_store,
                                   store_wait=_nothing),
         TensorDescriptor=_HostDescriptor)
+
+
+# Programmatic dependent launch from Gluon (Triton's ``gdc_wait`` / ``gdc_launch_dependents`` are not callable
+# there): one definition for every Gluon kernel, with its interpreter emulation (launches run one after another)
+_GDC_WAIT = gl.constexpr("griddepcontrol.wait; // dummy $0")
+_GDC_LAUNCH_DEPENDENTS = gl.constexpr("griddepcontrol.launch_dependents; // dummy $0")
+
+
+@emulates(_GDC_WAIT)
+@emulates(_GDC_LAUNCH_DEPENDENTS)
+def _gdc_emulated():
+    """Nothing to order: the interpreter finishes each launch before the next starts."""
+
+
+@gluon.jit
+def _gdc_wait():
+    """``griddepcontrol.wait``: returns when the grid this one depends on has finished and its writes are visible."""
+    gl.inline_asm_elementwise(_GDC_WAIT, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gdc_launch_dependents():
+    """``griddepcontrol.launch_dependents``: the next launch's programs may start."""
+    gl.inline_asm_elementwise(_GDC_LAUNCH_DEPENDENTS, "=r", [], dtype=gl.int32, is_pure=False, pack=1)

@@ -36,6 +36,7 @@ import torch
 
 from qcompile.runtime.triton._env import require_triton
 from qcompile.runtime.triton._tune import num_sms
+from qcompile.runtime.triton._gluon import _gdc_launch_dependents, _gdc_wait
 from qcompile.runtime.triton.gemv_chain import ChainWeights
 from qcompile.runtime.triton.wq_matmul import _DOT16_PTX, _TIMES_1_32_PTX
 
@@ -65,19 +66,6 @@ def _times_1_32(pairs):
     return gl.inline_asm_elementwise(
         asm=_TIMES_1_32, constraints="=r,r",
         args=[pairs], dtype=gl.int32, is_pure=True, pack=1)
-
-
-@gluon.jit
-def _gdc_launch_dependents():
-    """``griddepcontrol.launch_dependents`` (Triton's ``gdc_launch_dependents`` is not callable from Gluon)."""
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)
-
-
-@gluon.jit
-def _gdc_wait():
-    """``griddepcontrol.wait``: returns when the grid this one depends on has finished and its writes are visible."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit

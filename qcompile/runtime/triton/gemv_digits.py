@@ -93,10 +93,10 @@ from qcompile.runtime.triton._env import interpreting, require_triton
 
 triton = require_triton()
 from qcompile.runtime.triton._gluon import (  # noqa: E402
-    as_numpy, emulates, from_numpy, gl, gluon, lane_registers, mma_m16n8k32_u8_s8)
+    _gdc_launch_dependents, _gdc_wait, as_numpy, emulates, from_numpy, gl, gluon, lane_registers, mma_m16n8k32_u8_s8)
 
 from qcompile.runtime.triton._jit import DIGIT_OFFSET, DIGIT_PLANES, check_planes  # noqa: E402
-from qcompile.runtime.triton.gemv_mma import _gdc_launch_dependents, _gdc_wait, _split4, _split8  # noqa: E402
+from qcompile.runtime.triton.gemv_mma import _split4, _split8  # noqa: E402
 
 PLANES = DIGIT_PLANES  # digits of an fp16 value times 2^24
 ROWS = 32  # a program's output rows: two mma row blocks, one in each nibble of a byte

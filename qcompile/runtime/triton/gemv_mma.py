@@ -30,7 +30,8 @@ from qcompile.runtime.triton._env import interpreting, require_triton
 
 triton = require_triton()
 from qcompile.runtime.triton._gluon import (  # noqa: E402
-    as_numpy, emulates, from_numpy, gl, gluon, halves, lane_registers, mma_m16n8k16_f16_f32, pack_halves)
+    _gdc_launch_dependents, _gdc_wait, as_numpy, emulates, from_numpy, gl, gluon, halves, lane_registers,
+    mma_m16n8k16_f16_f32, pack_halves)
 
 # nibble j of a word: (row offset 0 or 8, K offset within the lane's four) of its code
 _NIBBLE = ((0, 0), (8, 0), (0, 2), (8, 2), (0, 1), (8, 1), (0, 3), (8, 3))
@@ -152,23 +153,6 @@ def _group_ptx_emulated(*operands):
 
 emulates(_MMA_PTX8)(_group_ptx_emulated)
 emulates(_MMA_PTX4)(_group_ptx_emulated)
-
-
-@emulates("griddepcontrol.wait; // dummy $0")
-@emulates("griddepcontrol.launch_dependents; // dummy $0")
-def _gdc_emulated():
-    """Programmatic dependent launches order kernels on the GPU; the interpreter runs launches one after another."""
-
-
-@gluon.jit
-def _gdc_wait():
-    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _gdc_launch_dependents():
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)
 
 
 @gluon.jit

@@ -81,9 +81,13 @@ def test_tuner_times_it_beside_the_pointer_gemv(monkeypatch):
     assert not any(c.get("MMA") for c in seen["cands"])
 
 
+# groups of 128 and 64, symmetric or not, bias (with a residual), SwiGLU in the prologue
+KERNEL_CASES = [(128, False, False, None), (64, True, True, None), (128, False, True, "silu_mul"),
+                (64, False, False, "silu_mul")]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the kernel compiled")
-@pytest.mark.parametrize("group,sym,bias,act", [(128, False, False, None), (64, True, True, None),
-                                                (128, False, True, "silu_mul"), (64, False, False, "silu_mul")])
+@pytest.mark.parametrize("group,sym,bias,act", KERNEL_CASES)
 def test_kernel_under_the_interpreter_matches_reference(group, sym, bias, act):
     """The Gluon kernel itself under Triton's interpreter (``_gluon``: its decode-and-mma PTX emulated instruction
     by instruction, lane by lane): every candidate for 64 outputs (splits of K and row blocks a warp that leave
@@ -119,8 +123,7 @@ def test_kernel_under_the_interpreter_matches_reference(group, sym, bias, act):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not SM90, reason="the mma GEMV needs an sm_90 GPU")
-@pytest.mark.parametrize("group,sym,bias,act", [(128, False, False, None), (64, True, True, None),
-                                                (128, False, True, "silu_mul"), (64, False, False, "silu_mul")])
+@pytest.mark.parametrize("group,sym,bias,act", KERNEL_CASES)
 def test_gpu_every_candidate_matches_reference(group, sym, bias, act):
     """Every candidate (splits included), plain and as a programmatic dependent launch, against the fp32
     reference within fp16 rounding, and bit-identical when repeated (split-K sums in a fixed order)."""
